@@ -1,0 +1,40 @@
+"""loomc: turn one iteration of an agent loop, ``fn(state) -> state``, into a resilient loop.
+
+Hard budget caps, a durable SQLite checkpoint after every step, resume with the
+budget intact, convergence detection, backtracking and stall detection, all as
+one composable policy value::
+
+    from loomc import loop, Budget, BestScore, Escalate, score_plateau, predicate
+
+    @loop(budget=Budget(usd=2.00, iterations=15, wall_clock="10m"),
+          converge_on=score_plateau(patience=3) | predicate(lambda h: (h[-1].score or 0) >= 1.0),
+          backtrack=BestScore(), on_stall=Escalate(after=3),
+          scorer=score, cost_fn=lambda s: 0.08)
+    def refine_report(state): ...
+
+Importing loomc is light: no torch, no model, no SDK is imported until used.
+"""
+
+from loomc.backtrack import Backtracker, BestScore, LastGood
+from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
+from loomc.detectors import ScorePlateau, score_plateau
+from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
+                          PolicyTypeError, RunAlreadyFinished, RunCancelled, RunError, RunLocked, RunNotFound,
+                          SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
+from loomc.history import History, Step
+from loomc.interpreter import CallbackWarning, Run, charge
+from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
+from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
+from loomc.stall import Escalate
+from loomc.stores import CheckpointStore, MemoryStore, SQLiteStore, open_store
+
+__all__ = [
+    "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted", "CallbackWarning",
+    "CheckpointDecodeError", "CheckpointStore", "ConfigError", "CorruptStore", "DEFAULT_BUDGET", "Decision",
+    "Escalate", "History", "LastGood", "LoomcError", "LoopRunner", "MemoryStore", "Outcome", "Policy",
+    "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunCancelled", "RunError", "RunLocked",
+    "RunNotFound", "SQLiteStore", "SchemaTooNew", "ScorePlateau", "Signal", "SpecChangedWarning",
+    "StallError", "StateEncodeError", "Step", "StepConflict", "StoreError", "__version__", "always",
+    "build_policy", "charge", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
+    "replay", "score_plateau",
+]

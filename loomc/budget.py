@@ -1,0 +1,147 @@
+"""Hard caps on dollars, calls and active time, checked before every call.
+
+    >>> b = Budget(usd=2.00, iterations=15, wall_clock="10m")
+    >>> b
+    Budget(usd=2.0, iterations=15, wall_clock='10m')
+
+- ``usd`` is predictive: the loop does not start a call when the dollars
+  spent plus the estimate for the next call would pass the cap. The estimate
+  is the largest step cost seen so far, or ``step_estimate`` when given (which
+  also guards the first call). Dollars are summed as Decimals, exactly.
+- ``iterations`` counts calls of ``fn``, failed calls included.
+- ``wall_clock`` counts the run's active time, across resumes.
+
+A loop given no budget at all runs under :data:`DEFAULT_BUDGET`
+(``Budget(iterations=100)``); ``Budget.unbounded()`` asks for no cap by name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from loomc.errors import ConfigError
+from loomc.history import History, to_decimal
+from loomc.policy import Outcome, Signal
+
+_DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"30s"``, ``"10m"``, ``"1h"``, ``"1h30m"``, a number of seconds or a timedelta.
+
+    >>> parse_duration("1h30m"), parse_duration(90), parse_duration(timedelta(minutes=2))
+    (5400.0, 90.0, 120.0)
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION.match(value.strip().replace(" ", "").lower())
+        if not value.strip() or m is None or not any(m.groupdict().values()):
+            raise ConfigError(
+                f"wall_clock={value!r} is not a duration; write it like '30s', '10m', '1h' or '1h30m', "
+                "or pass seconds as a number or a datetime.timedelta")
+        seconds = sum(float(m[unit] or 0) * mult for unit, mult in (("h", 3600), ("m", 60), ("s", 1)))
+    else:
+        raise ConfigError(f"wall_clock must be a string like '10m', seconds or a timedelta, got {value!r}")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"wall_clock must be a positive, finite duration, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True, repr=False, init=False)
+class Budget(Signal):
+    """Caps on USD, calls of ``fn`` and active wall-clock time. Fires when any cap is reached."""
+
+    usd: Decimal | None
+    iterations: int | None
+    wall_clock: float | None
+    step_estimate: Decimal | None
+    unbounded_: bool
+    wall_clock_text: str | None
+
+    kind = Outcome.BUDGET_EXHAUSTED
+
+    def __init__(self, usd: float | Decimal | str | None = None, iterations: int | None = None,
+                 wall_clock: str | float | timedelta | None = None, *,
+                 step_estimate: float | Decimal | str | None = None, _unbounded: bool = False) -> None:
+        s = object.__setattr__
+        try:
+            s(self, "usd", None if usd is None else to_decimal(usd, "Budget(usd=...)"))
+            s(self, "step_estimate", None if step_estimate is None
+              else to_decimal(step_estimate, "Budget(step_estimate=...)"))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                       or iterations < 1):
+            raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
+        s(self, "iterations", iterations)
+        s(self, "wall_clock", None if wall_clock is None else parse_duration(wall_clock))
+        s(self, "wall_clock_text", wall_clock if isinstance(wall_clock, str) else None)
+        s(self, "unbounded_", _unbounded)
+        if not _unbounded and usd is None and iterations is None and wall_clock is None:
+            raise ConfigError("Budget() needs at least one cap: usd=, iterations= or wall_clock=; "
+                              "write Budget.unbounded() to run with no cap at all")
+
+    @classmethod
+    def unbounded(cls) -> Budget:
+        """No cap at all: the loop runs until a detector, a stall or an error stops it."""
+        return cls(_unbounded=True)
+
+    @property
+    def is_unbounded(self) -> bool:
+        return self.unbounded_
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        if self.iterations is not None and len(history) >= self.iterations:
+            return f"iterations: {len(history)} of {self.iterations} calls made"
+        if self.usd is not None:
+            spent = history.total_cost
+            estimate = self.step_estimate if self.step_estimate is not None else history.max_cost
+            if spent + estimate > self.usd:
+                return (f"usd: ${spent:.4f} spent + ${estimate:.4f} for the next step "
+                        f"would pass the ${self.usd:.4f} cap")
+            if spent >= self.usd and spent > 0:
+                return f"usd: ${spent:.4f} spent of ${self.usd:.4f}"
+        if self.wall_clock is not None and elapsed >= self.wall_clock:
+            return f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
+        return None
+
+    def remaining_usd(self, history: History) -> Decimal | None:
+        return None if self.usd is None else self.usd - history.total_cost
+
+    def describe(self, history: History, elapsed: float = 0.0) -> str:
+        """``"$0.1500 of $2.0000 spent ($1.8500 left), 3 of 15 calls"``."""
+        out = []
+        if self.usd is not None:
+            spent = history.total_cost
+            out.append(f"${spent:.4f} of ${self.usd:.4f} spent (${self.usd - spent:.4f} left)")
+        if self.iterations is not None:
+            out.append(f"{len(history)} of {self.iterations} calls")
+        if self.wall_clock is not None:
+            out.append(f"{elapsed:.1f}s of {self.wall_clock:g}s active")
+        return ", ".join(out) or "no cap"
+
+    def __repr__(self) -> str:
+        if self.unbounded_:
+            return "Budget.unbounded()"
+        args = []
+        if self.usd is not None:
+            args.append(f"usd={float(self.usd)!r}")
+        if self.iterations is not None:
+            args.append(f"iterations={self.iterations}")
+        if self.wall_clock is not None:
+            args.append(f"wall_clock={self.wall_clock_text!r}" if self.wall_clock_text
+                        else f"wall_clock={self.wall_clock:g}")
+        if self.step_estimate is not None:
+            args.append(f"step_estimate={float(self.step_estimate)!r}")
+        return f"Budget({', '.join(args)})"
+
+
+#: The cap a loop gets when it is given no budget: 100 calls of ``fn``.
+DEFAULT_BUDGET = Budget(iterations=100)

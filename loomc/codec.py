@@ -1,0 +1,141 @@
+"""JSON state codec: states go to the store as JSON and come back as their type.
+
+No pickle, ever. A pydantic model, dataclass or TypedDict state is decoded with
+pydantic against the state type (from ``fn``'s annotation, or the type recorded
+with the run), so it comes back as that type, never as a plain dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+from typing import Any, get_type_hints
+
+import pydantic_core
+
+from loomc.errors import CheckpointDecodeError, ConfigError, StateEncodeError
+
+_PLAIN = (dict, list, str, int, float, bool, type(None))
+
+
+def type_path(tp: Any) -> str | None:
+    """``"module:qualname"`` for a class that can be imported again, else ``None``."""
+    if not isinstance(tp, type) or tp in _PLAIN or "<locals>" in tp.__qualname__:
+        return None
+    return f"{tp.__module__}:{tp.__qualname__}"
+
+
+def import_path(path: str) -> Any:
+    """The object named by ``"module:qualname"``."""
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def annotated_state_type(fn: Any) -> Any:
+    """The annotation of ``fn``'s first parameter, or ``None``."""
+    try:
+        hints = get_type_hints(fn)
+    except Exception:  # unresolvable forward references: fall back to the recorded type
+        return None
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_argcount == 0:
+        return None
+    return hints.get(code.co_varnames[0])
+
+
+def is_typed(tp: Any) -> bool:
+    """True when decoding needs pydantic (a model, dataclass, TypedDict, generic...)."""
+    return tp is not None and tp is not Any and tp not in _PLAIN
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(tp: Any) -> Any:
+    import pydantic
+    return pydantic.TypeAdapter(tp)
+
+
+def encode(state: Any) -> str:
+    """JSON text for ``state``; :class:`StateEncodeError` names the field that cannot be stored."""
+    try:
+        return pydantic_core.to_json(state, inf_nan_mode="constants").decode()
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
+        where, bad = _find_unencodable(state, "state")
+        raise StateEncodeError(
+            f"{where} is a {type(bad).__name__} ({_short(bad)}), which cannot be stored as JSON; "
+            "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
+            f"dataclasses), or convert it before returning ({e})") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _find_unencodable(value: Any, where: str) -> tuple[str, Any]:
+    """The path and value of the first part of ``value`` that pydantic cannot serialise."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return f"{where} key {k!r}", k
+            if not _encodes(v):
+                return _find_unencodable(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if not _encodes(v):
+                return _find_unencodable(v, f"{where}[{i}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if not _encodes(v):
+                return _find_unencodable(v, f"{where}.{f.name}")
+    elif hasattr(value, "__pydantic_fields__"):
+        for name in type(value).__pydantic_fields__:
+            v = getattr(value, name)
+            if not _encodes(v):
+                return _find_unencodable(v, f"{where}.{name}")
+    return where, value
+
+
+def _encodes(value: Any) -> bool:
+    try:
+        pydantic_core.to_json(value, inf_nan_mode="constants")
+        return True
+    except Exception:
+        return False
+
+
+def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
+    """The state stored as ``text``, validated as ``state_type`` when it has one."""
+    try:
+        if not is_typed(state_type):
+            return json.loads(text)
+        return _adapter(state_type).validate_json(text)
+    except Exception as e:
+        field = ""
+        errors = getattr(e, "errors", None)
+        if callable(errors):
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
+            field = f" at field {loc!r}: {first.get('msg')}"
+        name = getattr(state_type, "__name__", repr(state_type))
+        raise CheckpointDecodeError(
+            f"run {run_id} step {step}: the stored state no longer decodes as {name}{field}. "
+            "Make the field optional or give it a default, or resume with the old code") from None
+
+
+def resolve_state_type(annotated: Any, recorded: str | None) -> Any:
+    """The type to decode with: ``fn``'s annotation first, else the type recorded with the run."""
+    if is_typed(annotated):
+        return annotated
+    if recorded:
+        try:
+            return import_path(recorded)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"the run's state type {recorded} cannot be imported ({e}); "
+                              "annotate fn's state parameter with the type to decode into") from None
+    return None

@@ -1,0 +1,72 @@
+"""Convergence detectors: signals that say the loop is done.
+
+    >>> converge = score_plateau(patience=3) | predicate(lambda h: (h[-1].score or 0) >= 1.0)
+
+Detectors are pure: each reads the history (and the metrics the edge recorded
+on its steps), never a model or the clock, so a recorded run can be replayed
+against any detector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loomc.errors import ConfigError
+from loomc.history import History, Step
+from loomc.policy import Outcome, Signal, predicate
+
+__all__ = ["score_plateau", "ScorePlateau", "predicate"]
+
+# Differences this close to min_delta are float noise: 0.8 - 0.7 is not "more than 0.1".
+_NOISE = 1e-9
+
+
+@dataclass(frozen=True, repr=False)
+class ScorePlateau(Signal):
+    """Fires when the score has not improved by more than ``min_delta`` for ``patience`` scored steps.
+
+    The reference is the last score that counted as an improvement (the first
+    scored step is one), so slow but steady progress still resets the count.
+    An improvement of exactly ``min_delta`` is not one. A NaN score counts as
+    a step without improvement and never becomes the reference. Failed and
+    unscored steps are not counted.
+    """
+
+    patience: int = 3
+    min_delta: float = 0.01
+
+    kind = Outcome.CONVERGED
+    needs_score = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ConfigError(f"score_plateau(patience={self.patience!r}): patience must be a whole number >= 1")
+        if not isinstance(self.min_delta, (int, float)) or not math.isfinite(self.min_delta) or self.min_delta < 0:
+            raise ConfigError(f"score_plateau(min_delta={self.min_delta!r}): min_delta must be a finite number >= 0")
+
+    def _count(self, acc: tuple[float | None, int], step: Step) -> tuple[float | None, int]:
+        ref, wait = acc
+        if step.score is None or not step.ok:
+            return acc
+        score = step.score
+        if math.isnan(score):
+            return ref, wait + 1
+        if ref is None or (score - ref) - self.min_delta > _NOISE * max(1.0, abs(ref)):
+            return score, 0
+        return ref, wait + 1
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        ref, wait = history.fold(self, self._count, (None, 0))
+        if wait >= self.patience:
+            return (f"score_plateau: no improvement above {ref:g} by more than {self.min_delta:g} "
+                    f"in {wait} scored steps")
+        return None
+
+    def __repr__(self) -> str:
+        return f"score_plateau(patience={self.patience}, min_delta={self.min_delta:g})"
+
+
+def score_plateau(patience: int = 3, min_delta: float = 0.01) -> ScorePlateau:
+    """Converged when ``patience`` scored steps in a row brought no gain above ``min_delta``."""
+    return ScorePlateau(patience, min_delta)

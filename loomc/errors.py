@@ -1,0 +1,108 @@
+"""Every exception loomc raises subclasses :class:`LoomcError`.
+
+Run-level errors carry ``run_id``, the ``state`` the run ends with (chosen by the
+backtracker, if any) and the ``history`` of steps, so a caller can always keep
+the paid-for work::
+
+    try:
+        report = refine_report(draft)
+    except BudgetExhausted as e:
+        report = e.state          # the best state the budget bought
+        print(e.run_id, len(e.history), e.history.total_cost)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LoomcError(Exception):
+    """Base of every error loomc raises."""
+
+
+class ConfigError(LoomcError, ValueError):
+    """A policy, budget or decorator argument is wrong. Raised at construction."""
+
+
+class PolicyTypeError(LoomcError, TypeError):
+    """Policies were combined in a way that has no meaning (``BestScore() & x``)."""
+
+
+class RunError(LoomcError):
+    """A run ended without converging. Carries ``run_id``, ``state`` and ``history``."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, state: Any = None,
+                 history: Any = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.state = state
+        self.history = history
+        self.reason = reason
+
+
+class BudgetExhausted(RunError):
+    """A budget cap (USD, iterations or wall clock) stopped the run."""
+
+
+class StallError(RunError):
+    """A stall handler (``Escalate``) gave up on the run."""
+
+
+class RunCancelled(RunError):
+    """The run was cancelled (task cancellation). Committed steps are kept."""
+
+
+class StoreError(LoomcError):
+    """The checkpoint store refused an operation or is unusable."""
+
+
+class RunNotFound(StoreError, KeyError):
+    """No run with that id is in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "run not found"
+
+
+class RunAlreadyFinished(StoreError):
+    """Resume was asked of a run that already completed."""
+
+
+class RunLocked(StoreError):
+    """Another live process holds the lease on this run."""
+
+
+class StepConflict(StoreError):
+    """A step number was committed twice for one run."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer loomc."""
+
+
+class CorruptStore(StoreError):
+    """The database file is not a readable SQLite database."""
+
+
+class StateEncodeError(LoomcError, TypeError):
+    """``fn`` returned a state that cannot be stored as JSON."""
+
+
+class CheckpointDecodeError(LoomcError):
+    """A stored state no longer decodes into the state type."""
+
+
+def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any) -> BaseException:
+    """Mark an exception raised by user code with the run it ended.
+
+    The user's exception type is kept (callers catch their own errors); loomc
+    adds ``run_id``, ``state`` and ``history`` attributes and a note.
+    """
+    try:
+        exc.run_id = run_id  # type: ignore[attr-defined]
+        exc.state = state  # type: ignore[attr-defined]
+        exc.history = history  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # exceptions with __slots__
+        pass
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"loomc: run {run_id} failed; resume it with fn.resume({run_id!r})")
+    return exc

@@ -1,0 +1,305 @@
+"""Steps and the immutable, append-only History that policies read.
+
+A :class:`History` behaves like a tuple of :class:`Step` (``h[-1].score``,
+``len(h)``, ``h[:3]``, iteration) but appending is O(1): histories that extend
+one another share one spine, and ``h[:k]`` is a view, not a copy::
+
+    >>> h0 = History()
+    >>> h1 = h0.append(Step(n=0, state="a", score=0.5))
+    >>> h2 = h1.append(Step(n=1, state="b", score=0.7))
+    >>> len(h0), len(h1), len(h2), h2[-1].score, h2[:1] == h1
+    (0, 1, 2, 0.7, True)
+
+Derived values that policies need on every step (the best score so far, the
+total cost, the patience counter of a plateau detector) are folds over the
+steps. :meth:`History.fold` memoises them on the shared spine, so each step
+costs O(1) however long the run is, and the answer still depends on the
+steps alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from decimal import Decimal
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T")
+
+ZERO = Decimal(0)
+
+
+def to_decimal(amount: Any, what: str = "cost") -> Decimal:
+    """Turn a user-supplied amount of dollars into an exact Decimal.
+
+    Floats go through their shortest repr, so ``0.05`` is exactly ``Decimal("0.05")``.
+    """
+    if isinstance(amount, Decimal):
+        value = amount
+    elif isinstance(amount, bool) or not isinstance(amount, (int, float, str)):
+        raise TypeError(f"{what} must be a number of dollars, got {type(amount).__name__}: {amount!r}")
+    else:
+        try:
+            value = Decimal(repr(amount) if isinstance(amount, float) else str(amount))
+        except ArithmeticError:
+            raise TypeError(f"{what} must be a number of dollars, got {amount!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{what} must be a finite, non-negative number of dollars, got {amount!r}")
+    return value
+
+
+class Step:
+    """A frozen record of one call of ``fn``.
+
+    ``state`` is what ``fn`` returned (``None`` when the call failed), ``error``
+    is ``"TypeName: message"`` for a failed call, ``metrics`` holds values the
+    edge computed for the step (an embedding distance, a judge verdict) and
+    ``events`` the decisions taken after it (``"backtrack to step 2"``).
+    Steps loaded from a store decode their state only when it is read.
+    """
+
+    __slots__ = ("n", "_state", "_load", "cost", "score", "error", "started_at",
+                 "duration", "metrics", "events")
+
+    n: int
+    cost: Decimal
+    score: float | None
+    error: str | None
+    started_at: float
+    duration: float
+    metrics: Mapping[str, Any]
+    events: tuple[str, ...]
+
+    def __init__(self, n: int, state: Any = None, *, cost: Decimal | float | int = ZERO,
+                 score: float | None = None, error: str | None = None,
+                 started_at: float = 0.0, duration: float = 0.0,
+                 metrics: Mapping[str, Any] | None = None, events: Sequence[str] = (),
+                 load_state: Callable[[], Any] | None = None) -> None:
+        s = object.__setattr__
+        s(self, "n", n)
+        s(self, "_state", state)
+        s(self, "_load", load_state)
+        s(self, "cost", cost if type(cost) is Decimal else to_decimal(cost))
+        s(self, "score", None if score is None else float(score))
+        s(self, "error", error)
+        s(self, "started_at", started_at)
+        s(self, "duration", duration)
+        s(self, "metrics", dict(metrics) if metrics else {})
+        s(self, "events", tuple(events))
+
+    @property
+    def state(self) -> Any:
+        if self._load is not None:
+            object.__setattr__(self, "_state", self._load())
+            object.__setattr__(self, "_load", None)
+        return self._state
+
+    @property
+    def ok(self) -> bool:
+        """True when the call returned a state (did not raise)."""
+        return self.error is None
+
+    @property
+    def scored(self) -> bool:
+        """True when the step has a usable (non-NaN) score."""
+        return self.score is not None and not math.isnan(self.score)
+
+    def replace(self, **changes: Any) -> Step:
+        fields = dict(n=self.n, cost=self.cost, score=self.score, error=self.error,
+                      started_at=self.started_at, duration=self.duration,
+                      metrics=self.metrics, events=self.events)
+        if "state" not in changes:
+            if self._load is not None:
+                fields["load_state"] = self._load
+            else:
+                fields["state"] = self._state
+        fields.update(changes)
+        return Step(**fields)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Step is frozen; use step.replace({name}=...)")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Step):
+            return NotImplemented
+        return (self.n, self.cost, self.error, self.events) == (other.n, other.cost, other.error, other.events) \
+            and _same_score(self.score, other.score) and self.metrics == other.metrics \
+            and self.state == other.state
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        parts = [f"n={self.n}", f"cost={self.cost}"]
+        if self.score is not None:
+            parts.append(f"score={self.score:g}")
+        if self.error is not None:
+            parts.append(f"error={self.error!r}")
+        if self.events:
+            parts.append(f"events={list(self.events)!r}")
+        return f"Step({', '.join(parts)})"
+
+
+def _same_score(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+class _Spine:
+    """The shared, growing list behind every History of one run."""
+
+    __slots__ = ("steps", "memo")
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self.memo: dict[Hashable, list[Any]] = {}
+
+
+class History(Sequence[Step]):
+    """An immutable sequence of Steps, oldest first, with O(1) append."""
+
+    __slots__ = ("_spine", "_n")
+
+    def __init__(self, steps: Sequence[Step] = ()) -> None:
+        listed = list(steps)
+        for i, step in enumerate(listed):
+            if step.n != i:
+                raise ValueError(f"step numbers must run 0, 1, 2, ...; position {i} holds step {step.n}")
+        self._spine = _Spine(listed)
+        self._n = len(listed)
+
+    @classmethod
+    def _view(cls, spine: _Spine, n: int) -> History:
+        h = cls.__new__(cls)
+        h._spine = spine
+        h._n = n
+        return h
+
+    def append(self, step: Step) -> History:
+        """A new History with ``step`` at the end; this one is unchanged."""
+        if step.n != self._n:
+            raise ValueError(f"the next step must be number {self._n}, got {step.n}")
+        spine = self._spine
+        if len(spine.steps) != self._n:
+            # Someone already extended this prefix differently: branch off a copy.
+            old = spine
+            spine = _Spine(old.steps[: self._n])
+            spine.memo = {k: v[: self._n + 1] for k, v in old.memo.items()}
+        spine.steps.append(step)
+        return History._view(spine, self._n + 1)
+
+    def _replace_tip(self, step: Step) -> History:
+        """This history with its last step swapped for ``step`` (same number).
+
+        Only for recording events on the newest step: folds read costs, scores
+        and errors, never events, so memoised values stay valid.
+        """
+        spine, n = self._spine, self._n
+        if n == 0 or len(spine.steps) != n or step.n != n - 1:
+            raise ValueError("only the newest step of the newest history can be replaced")
+        spine.steps[n - 1] = step
+        return self
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> Step: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Step]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            start, stop, stride = i.indices(self._n)
+            if start == 0 and stride == 1:
+                return History._view(self._spine, max(stop, 0))
+            return tuple(self._spine.steps[start:stop:stride])
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"step {i} is not in a history of {self._n} steps")
+        return self._spine.steps[i]
+
+    def __iter__(self) -> Iterator[Step]:
+        steps = self._spine.steps
+        for i in range(self._n):
+            yield steps[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, History):
+            if other._n != self._n:
+                return False
+            if other._spine is self._spine:
+                return True
+            return all(a == b for a, b in zip(self, other))
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"History({self._n} steps, cost={self.total_cost})"
+
+    def fold(self, key: Hashable, fn: Callable[[T, Step], T], init: T) -> T:
+        """``functools.reduce(fn, self, init)``, memoised per prefix under ``key``.
+
+        ``key`` must identify ``fn`` and ``init`` (a frozen policy value works).
+        """
+        memo = self._spine.memo.get(key)
+        if memo is None:
+            memo = self._spine.memo[key] = [init]
+        steps = self._spine.steps
+        while len(memo) <= self._n:
+            memo.append(fn(memo[-1], steps[len(memo) - 1]))
+        return memo[self._n]  # type: ignore[no-any-return]
+
+    # Derivations every policy and the CLI need.
+
+    @property
+    def total_cost(self) -> Decimal:
+        """Exact sum of every step's cost, failed steps included."""
+        return self.fold("loomc.total_cost", _add_cost, ZERO)
+
+    @property
+    def max_cost(self) -> Decimal:
+        """The largest single step cost so far (the USD budget's estimate)."""
+        return self.fold("loomc.max_cost", _max_cost, ZERO)
+
+    @property
+    def best(self) -> Step | None:
+        """The step with the highest score (earliest on ties); NaN never wins."""
+        i, _ = self.fold("loomc.best", _best_index, (-1, 0.0))
+        return None if i < 0 else self._spine.steps[i]
+
+    @property
+    def last_good(self) -> Step | None:
+        """The last step that did not fail."""
+        i = self.fold("loomc.last_good", _last_good_index, -1)
+        return None if i < 0 else self._spine.steps[i]
+
+    @property
+    def failures(self) -> int:
+        return self.fold("loomc.failures", _count_failure, 0)
+
+
+def _add_cost(total: Decimal, step: Step) -> Decimal:
+    return total + step.cost
+
+
+def _max_cost(m: Decimal, step: Step) -> Decimal:
+    return step.cost if step.cost > m else m
+
+
+def _best_index(best: tuple[int, float], step: Step) -> tuple[int, float]:
+    if step.scored and (best[0] < 0 or step.score > best[1]):  # type: ignore[operator]
+        return (step.n, step.score)  # type: ignore[return-value]
+    return best
+
+
+def _last_good_index(last: int, step: Step) -> int:
+    return step.n if step.ok else last
+
+
+def _count_failure(count: int, step: Step) -> int:
+    return count + (0 if step.ok else 1)

@@ -1,0 +1,354 @@
+"""The interpreter: one pure transition, and two thin drivers that perform its effects.
+
+:func:`_machine` is the whole loop logic. It is a generator that never touches
+the disk, the clock or user code; it *yields* effects (read the clock, call
+``fn``, commit a step, finish the run) and receives their results. The sync
+driver performs them directly, the async driver awaits them: the loop is
+written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import inspect
+import time
+import warnings
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from loomc import codec
+from loomc.backtrack import Backtracker
+from loomc.errors import (BudgetExhausted, LoomcError, RunError, StallError,
+                          StateEncodeError, attach_run)
+from loomc.history import ZERO, History, Step, to_decimal
+from loomc.policy import CONTINUE, Decision, Outcome, Policy, _current_step
+from loomc.stores.base import CheckpointStore, StoredStep, Totals
+
+_STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
+           Outcome.STALLED: "stalled"}
+
+_CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
+
+
+class CallbackWarning(UserWarning):
+    """An ``on_step`` callback raised; the run went on."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished (or stopped) run: everything the loop knows, without reading the store.
+
+    ``status`` is one of completed, budget_exhausted, stalled, failed, cancelled;
+    ``reason`` says why it stopped; ``state`` is the state it returns (chosen by
+    the backtracker, if any); ``error`` is what ``fn(state)`` raises for it.
+    """
+
+    id: str
+    status: str
+    reason: str
+    state: Any
+    history: History
+    policy: Policy
+    error: BaseException | None = None
+
+    @property
+    def total_cost(self) -> Decimal:
+        return self.history.total_cost
+
+    @property
+    def steps(self) -> int:
+        return len(self.history)
+
+    def result(self) -> Any:
+        """The final state, or raise the error that ended the run."""
+        if self.error is not None:
+            raise self.error
+        return self.state
+
+    def __repr__(self) -> str:
+        return (f"Run(id={self.id!r}, status={self.status!r}, steps={len(self.history)}, "
+                f"cost=${self.total_cost:.4f}, reason={self.reason!r})")
+
+
+@dataclass
+class LiveRun:
+    """The driver's view of one run in progress. Only drivers and effects mutate it."""
+
+    id: str
+    fn: Callable[..., Any]
+    policy: Policy
+    store: CheckpointStore
+    owner: str
+    history: History
+    initial_state: Any
+    source: Step | None
+    clock: Callable[[], float]
+    prior_active: float = 0.0
+    scorer: Callable[[Any], Any] | None = None
+    cost_fn: Callable[[Any], Any] | None = None
+    on_step: tuple[Callable[[Step], Any], ...] = ()
+    lease_seconds: float = 600.0
+    backtracker: Backtracker | None = None
+    session_start: float = 0.0
+    in_flight: int = -1
+    pending: Decimal = ZERO
+    charge_to: LiveRun | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.session_start = self.clock()
+        self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
+
+    def elapsed(self, now: float) -> float:
+        return self.prior_active + (now - self.session_start)
+
+    def state_of(self, step: Step | None) -> Any:
+        return self.initial_state if step is None else step.state
+
+
+# --- effects ---------------------------------------------------------------
+
+class _Now:
+    def sync(self, run: LiveRun) -> float:
+        return run.clock()
+
+    async def async_(self, run: LiveRun) -> float:
+        return run.clock()
+
+
+NOW = _Now()
+
+
+@dataclass
+class _Call:
+    """Call ``fn`` on ``state`` as step ``n``; the result is a Step (failed if ``fn`` raised)."""
+
+    state: Any
+    n: int
+
+    def _begin(self, run: LiveRun) -> tuple[float, float]:
+        run.in_flight, run.pending = self.n, ZERO
+        return time.time(), run.clock()
+
+    def sync(self, run: LiveRun) -> tuple[Step, BaseException | None]:
+        wall, t0 = self._begin(run)
+        token = _CURRENT.set(run)
+        try:
+            new_state, exc = run.fn(self.state), None
+        except Exception as e:  # KeyboardInterrupt and friends are never swallowed
+            new_state, exc = None, e
+        finally:
+            _CURRENT.reset(token)
+        return _settle(run, self.n, new_state, exc, wall, t0)
+
+    async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None]:
+        wall, t0 = self._begin(run)
+        token = _CURRENT.set(run)
+        try:
+            result = run.fn(self.state)
+            new_state, exc = (await result if inspect.isawaitable(result) else result), None
+        except Exception as e:
+            new_state, exc = None, e
+        finally:
+            _CURRENT.reset(token)
+        return _settle(run, self.n, new_state, exc, wall, t0)
+
+
+def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float,
+            t0: float) -> tuple[Step, BaseException | None]:
+    """Measure a finished call at the edge: its cost, score and error, as one Step."""
+    cost, score, error = run.pending, None, None
+    run.in_flight, run.pending = -1, ZERO
+    if exc is None:
+        try:
+            if run.cost_fn is not None:
+                cost += to_decimal(run.cost_fn(state), "cost_fn(state)")
+            if run.scorer is not None:
+                raw = run.scorer(state)
+                score = None if raw is None else float(raw)
+        except Exception as e:
+            exc = e
+    if exc is not None:
+        error = f"{type(exc).__name__}: {exc}"
+    return Step(n, state, cost=cost, score=score, error=error, started_at=wall,
+                duration=run.clock() - t0), exc
+
+
+@dataclass
+class _Commit:
+    step: Step
+    stored: StoredStep
+    totals: Totals
+
+    def sync(self, run: LiveRun) -> None:
+        run.store.commit_step(run.id, self.stored, self.totals, run.owner, run.lease_seconds)
+        _notify(run, self.step)
+
+    async def async_(self, run: LiveRun) -> None:
+        await asyncio.to_thread(run.store.commit_step, run.id, self.stored, self.totals, run.owner,
+                                run.lease_seconds)
+        _notify(run, self.step)
+
+
+def _notify(run: LiveRun, step: Step) -> None:
+    for callback in run.on_step:
+        try:
+            callback(step)
+        except Exception as e:
+            warnings.warn(f"loomc: on_step callback {getattr(callback, '__name__', callback)!r} raised "
+                          f"{type(e).__name__}: {e} on run {run.id} step {step.n}; the run goes on",
+                          CallbackWarning, stacklevel=2)
+
+
+@dataclass
+class _Finish:
+    status: str
+    reason: str
+
+    def sync(self, run: LiveRun) -> None:
+        run.store.finish_run(run.id, self.status, self.reason, run.owner)
+
+    async def async_(self, run: LiveRun) -> None:
+        await asyncio.to_thread(run.store.finish_run, run.id, self.status, self.reason, run.owner)
+
+
+# --- the transition --------------------------------------------------------
+
+def stored(step: Step) -> StoredStep:
+    """The store's form of a step; :class:`StateEncodeError` if its state is not JSON-friendly."""
+    return StoredStep(n=step.n, state_json=None if step.state is None else codec.encode(step.state),
+                      cost=step.cost, score=step.score, error=step.error, started_at=step.started_at,
+                      duration=step.duration, metrics=dict(step.metrics), events=step.events)
+
+
+def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
+    h = run.history
+    decision = run.policy.decide(h, run.elapsed((yield NOW)))
+    if decision.outcome is Outcome.BACKTRACK:  # e.g. a resumed run whose last step regressed
+        run.source = None if decision.to is None else h[decision.to]
+    while not decision.stops:
+        step, exc = yield _Call(run.state_of(run.source), len(h))
+        elapsed = run.elapsed((yield NOW))
+        fatal = exc is not None and run.backtracker is None
+        try:
+            record = stored(step)
+        except StateEncodeError as e:
+            exc, fatal = StateEncodeError(f"run {run.id} step {step.n}: {e}"), True
+            step = step.replace(state=None, error=f"StateEncodeError: {e}")
+            record = stored(step)
+        h = run.history = h.append(step)
+        if fatal:
+            decision, events = CONTINUE, ("failed",)
+        else:
+            decision = run.policy.decide(h, elapsed)
+            events = (decision.event(),) if decision.outcome is not Outcome.CONTINUE else ()
+        if events:
+            # Events record the decision; they never change a decision, so the folds stay valid.
+            step = step.replace(events=events)
+            record = dataclasses.replace(record, events=events)
+            h = run.history = h._replace_tip(step)
+        yield _Commit(step, record, Totals(h.total_cost, len(h), elapsed))
+        if fatal:
+            yield _Finish("failed", step.error or "failed")
+            return _ended(run, "failed", step.error or "failed", exc)
+        if decision.outcome is Outcome.BACKTRACK:
+            run.source = None if decision.to is None else h[decision.to]
+        elif step.ok:
+            run.source = step
+    status = _STATUS[decision.outcome]
+    yield _Finish(status, decision.reason)
+    return _ended(run, status, decision.reason, None, decision)
+
+
+def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
+           decision: Decision = CONTINUE) -> Run:
+    h = run.history
+    chosen = run.backtracker.choose_state_step(h) if run.backtracker is not None else run.source
+    state = run.state_of(chosen)
+    if exc is not None:
+        if not isinstance(exc, LoomcError):
+            attach_run(exc, run.id, state, h)
+        else:
+            for name, value in (("run_id", run.id), ("state", state), ("history", h)):
+                setattr(exc, name, value)
+    elif status != "completed":
+        cls = BudgetExhausted if status == "budget_exhausted" else StallError
+        hint = (f"give a larger budget: fn.resume({run.id!r}, budget=Budget(...))"
+                if cls is BudgetExhausted else f"inspect it with `loomc show {run.id}`")
+        exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
+                  f"({len(h)} steps, ${h.total_cost:.4f}); the state it reached is on .state; {hint}",
+                  run_id=run.id, state=state, history=h, reason=reason)
+    return Run(run.id, status, reason, state, h, run.policy, exc)
+
+
+# --- the drivers -----------------------------------------------------------
+
+def drive(run: LiveRun) -> Run:
+    """Run the machine, performing each effect directly."""
+    gen, value = _machine(run), None
+    try:
+        while True:
+            value = gen.send(value).sync(run)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    except BaseException as e:
+        _abandon(run, e)
+        raise
+
+
+async def drive_async(run: LiveRun) -> Run:
+    """Run the same machine, awaiting each effect."""
+    gen, value = _machine(run), None
+    try:
+        while True:
+            value = await gen.send(value).async_(run)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    except BaseException as e:
+        await asyncio.shield(asyncio.to_thread(_abandon, run, e))
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise
+
+
+def _abandon(run: LiveRun, exc: BaseException) -> None:
+    """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it."""
+    status = "cancelled" if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError, SystemExit)) else "failed"
+    try:
+        run.store.finish_run(run.id, status, f"{type(exc).__name__}: {exc}".rstrip(": "), run.owner)
+    except LoomcError:
+        pass
+    if isinstance(exc, RunError) or not isinstance(exc, Exception):
+        return
+    attach_run(exc, run.id, run.state_of(run.source), run.history)
+
+
+def current_run() -> LiveRun | None:
+    """The run whose iteration is executing in this context, if any."""
+    return _CURRENT.get()
+
+
+def charge(usd: float | Decimal | str) -> None:
+    """Record spend the moment it happens, inside an iteration.
+
+    The amount is written to the store at once (write-ahead), added to the
+    step's cost when the step commits, and counted on resume if the process
+    dies before that, never twice::
+
+        def step(state):
+            reply = client.messages.create(...)
+            loomc.charge(price(reply))      # durable now, even if we crash next line
+            ...
+    """
+    run = _CURRENT.get()
+    if run is None:
+        raise LoomcError("loomc.charge() was called outside a loop iteration; call it inside "
+                         "the function decorated with @loop")
+    amount = to_decimal(usd, "charge(usd)")
+    run.store.charge(run.id, run.in_flight, amount)
+    run.pending += amount
+

@@ -1,0 +1,312 @@
+"""``@loop(...)``: sugar that builds one policy and wraps ``fn(state) -> state`` in a resilient loop.
+
+    @loop(budget=Budget(usd=2.00, iterations=15), converge_on=score_plateau(3),
+          backtrack=BestScore(), on_stall=Escalate(after=3), scorer=score, cost_fn=cost)
+    def refine(state): ...
+
+    final = refine(draft)               # the final state; raises BudgetExhausted, StallError, fn's errors
+    run = refine.run(draft)             # the whole Run (id, status, history, cost), never raises for its ending
+    final = refine.resume("a1b2c3d4e5f6")   # continue a crashed run from its last committed step
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from loomc import codec
+from loomc.backtrack import Backtracker
+from loomc.budget import DEFAULT_BUDGET, Budget
+from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished
+from loomc.history import ZERO, History, Step
+from loomc.interpreter import LiveRun, Run, drive, drive_async, stored
+from loomc.policy import AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, either
+from loomc.stall import Escalate
+from loomc.stores import check_store_spec, open_store
+from loomc.stores.base import CheckpointStore, RunRecord, Totals, new_run_id, process_owner
+
+__version__ = "0.3.0"
+SPEC_VERSION = "1"
+
+_OWNER = {"pid": -1, "name": ""}
+
+
+class SpecChangedWarning(UserWarning):
+    """Resume found that ``fn``'s source or the policy changed since the run started."""
+
+
+def _owner() -> str:
+    if _OWNER["pid"] != os.getpid():
+        _OWNER.update(pid=os.getpid(), name=process_owner())
+    return _OWNER["name"]
+
+
+def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = None,
+                 backtrack: Any = None, on_stall: Any = None) -> Policy:
+    """The one policy value that ``@loop``'s keyword slots describe.
+
+    A policy with no ``Budget`` anywhere in it gets :data:`~loomc.budget.DEFAULT_BUDGET`.
+    """
+    parts: list[Policy] = []
+    if policy is not None:
+        parts.append(as_policy(policy, "policy="))
+    if budget is not None:
+        if not isinstance(budget, Budget):
+            raise ConfigError(f"budget={budget!r}: pass a Budget(usd=..., iterations=..., wall_clock=...)")
+        parts.append(budget)
+    if converge_on is not None:
+        signal = as_policy(converge_on, "converge_on=")
+        if not isinstance(signal, Signal):
+            raise PolicyTypeError(f"converge_on={signal!r} is a {getattr(signal, 'role', 'policy')}, "
+                                  "not a detector; pass it as backtrack= or on_stall=")
+        parts.append(signal)
+    if backtrack is not None:
+        if not isinstance(backtrack, Backtracker):
+            raise PolicyTypeError(f"backtrack={backtrack!r}: pass BestScore() or LastGood()")
+        parts.append(backtrack)
+    if on_stall is not None:
+        if not isinstance(on_stall, Escalate):
+            raise PolicyTypeError(f"on_stall={on_stall!r}: pass Escalate(after=N)")
+        parts.append(on_stall)
+    combined: Policy = functools.reduce(either, parts) if parts else DEFAULT_BUDGET
+    if not any(isinstance(p, Budget) for p in combined.walk()):
+        combined = either(DEFAULT_BUDGET, combined)
+    return combined
+
+
+def with_budget(policy: Policy, budget: Budget) -> Policy:
+    """``policy`` with its top-level budget replaced by ``budget`` (for a resume with a raise)."""
+    parts = policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
+    kept = [p for p in parts if not isinstance(p, Budget)]
+    return functools.reduce(either, [budget, *kept])
+
+
+def _fn_path(fn: Callable[..., Any]) -> str | None:
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<locals>" in qualname or "<lambda>" in qualname:
+        return None
+    if module == "__main__":
+        path = getattr(sys.modules.get("__main__"), "__file__", None)
+        return f"{os.path.abspath(path)}:{qualname}" if path else None
+    return f"{module}:{qualname}"
+
+
+def _spec_hash(fn: Callable[..., Any], policy: Policy) -> str:
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = getattr(fn, "__qualname__", repr(fn))
+    return hashlib.sha256(f"{SPEC_VERSION}\0{source}\0{policy!r}".encode()).hexdigest()[:16]
+
+
+class LoopRunner:
+    """What ``@loop`` returns for a plain function. Call it like ``fn``: ``runner(state)``."""
+
+    def __init__(self, fn: Callable[..., Any], policy: Policy, *, scorer: Callable[[Any], Any] | None,
+                 cost_fn: Callable[[Any], Any] | None, checkpoint: Any, on_step: Iterable[Callable[[Step], Any]],
+                 clock: Callable[[], float], lease_seconds: float) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.policy = policy
+        self.scorer = scorer
+        self.cost_fn = cost_fn
+        self.checkpoint = checkpoint
+        self.on_step = tuple(on_step)
+        self.clock = clock
+        self.lease_seconds = lease_seconds
+        self.state_type = codec.annotated_state_type(fn)
+        self.fn_path = _fn_path(fn)
+        self.spec_hash = _spec_hash(fn, policy)
+        self._store: CheckpointStore | None = None
+
+    def __repr__(self) -> str:
+        return f"<loop {getattr(self.fn, '__qualname__', self.fn)} policy={self.policy!r}>"
+
+    @property
+    def store(self) -> CheckpointStore:
+        """The checkpoint store, opened on first use."""
+        if self._store is None:
+            self._store = open_store(self.checkpoint)
+        return self._store
+
+    # --- starting and resuming -------------------------------------------
+
+    def _live(self, run_id: str, policy: Policy, history: History, initial: Any, source: Step | None,
+              prior_active: float = 0.0) -> LiveRun:
+        return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=_owner(), history=history,
+                       initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
+                       scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
+                       lease_seconds=self.lease_seconds)
+
+    def _start(self, state: Any, run_id: str | None) -> LiveRun:
+        try:
+            initial_json = codec.encode(state)
+        except LoomcError as e:
+            raise type(e)(f"the initial state cannot be stored: {e}") from None
+        now, run_id = time.time(), run_id or new_run_id()
+        state_type = codec.type_path(self.state_type) or codec.type_path(type(state))
+        self.store.create_run(RunRecord(
+            id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path, policy=repr(self.policy),
+            state_type=state_type, initial_state=initial_json, created_at=now, updated_at=now,
+            owner=_owner(), lease_expires=now + self.lease_seconds))
+        return self._live(run_id, self.policy, History(), state, None)
+
+    def _reopen(self, run_id: str, budget: Budget | None) -> LiveRun:
+        store = self.store
+        record = store.get_run(run_id)
+        if record.status == "completed":
+            raise RunAlreadyFinished(f"run {run_id} already completed ({record.reason}); there is nothing "
+                                     f"to resume. See it with `loomc show {run_id}`")
+        policy, note = self.policy, None
+        if budget is not None:
+            if not isinstance(budget, Budget):
+                raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
+            policy = with_budget(self.policy, budget)
+            note = f"resumed with {budget!r} (was {record.policy})"
+        record = store.claim_run(run_id, _owner(), self.lease_seconds, policy=repr(policy), note=note)
+        try:
+            if record.spec_hash and record.spec_hash != self.spec_hash:
+                warnings.warn(f"run {run_id}: fn's source or the policy changed since the run started; "
+                              "resuming with the current code, the stored state still validates",
+                              SpecChangedWarning, stacklevel=3)
+            live = self._restore(record, policy)
+        except BaseException:
+            store.finish_run(run_id, record.status if record.status != "running" else "failed",
+                             record.reason, _owner())
+            raise
+        return live
+
+    def _restore(self, record: RunRecord, policy: Policy) -> LiveRun:
+        state_type = codec.resolve_state_type(self.state_type, record.state_type)
+        run_id = record.id
+
+        def loader(text: str | None, n: int) -> Callable[[], Any]:
+            return lambda: None if text is None else codec.decode(text, state_type, run_id=run_id, step=n)
+
+        steps = [Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
+                      duration=s.duration, metrics=s.metrics, events=s.events, load_state=loader(s.state_json, s.n))
+                 for s in self.store.load_steps(run_id)]
+        history = History(steps)
+        history = self._settle_interrupted(record, history)
+        initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
+        source = _current_step(history)
+        if source is not None:
+            _ = source.state  # decode now: a state that no longer validates fails the resume, here
+        return self._live(run_id, policy, history, initial, source, record.active_seconds)
+
+    def _settle_interrupted(self, record: RunRecord, history: History) -> History:
+        """Spend charged by a step that never committed becomes a failed step: counted once.
+
+        Charges are recorded under the number of the step in flight, and a commit
+        removes its step's charges, so only the next step number can have any.
+        """
+        cost = self.store.pending_charges(record.id).get(len(history))
+        if cost is None:
+            return history
+        step = Step(len(history), None, cost=cost, error="Interrupted: the process died during this step "
+                    f"after charging ${cost:.4f}", started_at=time.time(), events=("interrupted",))
+        history = history.append(step)
+        self.store.commit_step(record.id, stored(step), Totals(history.total_cost, len(history),
+                                                               record.active_seconds),
+                               _owner(), self.lease_seconds)
+        return history
+
+    # --- the public face --------------------------------------------------
+
+    def run(self, state: Any, *, run_id: str | None = None) -> Run:
+        """Run the loop and return the whole :class:`Run`; its ending (budget, stall, error) is on it."""
+        return drive(self._start(state, run_id))
+
+    def __call__(self, state: Any, *, run_id: str | None = None) -> Any:
+        """Run the loop and return the final state; raise what ended it otherwise."""
+        return self.run(state, run_id=run_id).result()
+
+    def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:
+        """Continue a run from its last committed step and return the whole :class:`Run`."""
+        return drive(self._reopen(run_id, budget))
+
+    def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:
+        """Continue a run from its last committed step, with its spend counted; return the final state.
+
+        ``budget=`` replaces the budget (for a run that exhausted it); the raise is recorded on the run.
+        """
+        return self.resume_run(run_id, budget=budget).result()
+
+    def replay(self, run_id: str, policy: Policy | None = None) -> Any:
+        """What ``policy`` (default: this loop's) would have done on a recorded run."""
+        return (policy or self.policy).replay(load_history(self.store, run_id))
+
+
+class AsyncLoopRunner(LoopRunner):
+    """What ``@loop`` returns for an ``async def``: ``await runner(state)``."""
+
+    async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
+        import asyncio
+        live = await asyncio.to_thread(self._start, state, run_id)
+        return await drive_async(live)
+
+    async def __call__(self, state: Any, *, run_id: str | None = None) -> Any:  # type: ignore[override]
+        return (await self.run(state, run_id=run_id)).result()
+
+    async def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:  # type: ignore[override]
+        import asyncio
+        live = await asyncio.to_thread(self._reopen, run_id, budget)
+        return await drive_async(live)
+
+    async def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:  # type: ignore[override]
+        return (await self.resume_run(run_id, budget=budget)).result()
+
+
+def load_history(store: CheckpointStore, run_id: str) -> History:
+    """A recorded run's History, states decoded as plain JSON when read."""
+    steps = [Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at, duration=s.duration,
+                  metrics=s.metrics, events=s.events,
+                  load_state=(lambda t=s.state_json, n=s.n: None if t is None
+                              else codec.decode(t, None, run_id=run_id, step=n)))
+             for s in store.load_steps(run_id)]
+    return History(steps)
+
+
+def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,
+         backtrack: Role | None = None, on_stall: Role | None = None,
+         scorer: Callable[[Any], Any] | None = None, cost_fn: Callable[[Any], Any] | None = None,
+         checkpoint: Any = "sqlite", on_step: Callable[[Step], Any] | Iterable[Callable[[Step], Any]] = (),
+         clock: Callable[[], float] = time.monotonic, lease_seconds: float = 600.0) -> Callable[[Callable[..., Any]], LoopRunner]:
+    """Turn ``fn(state) -> state`` into a resilient loop.
+
+    ``policy=`` takes one composed policy; ``budget=``, ``converge_on=``,
+    ``backtrack=`` and ``on_stall=`` build the same value. Errors in the
+    arguments are raised here, at decoration time.
+    """
+    built = build_policy(policy, budget=budget, converge_on=converge_on, backtrack=backtrack, on_stall=on_stall)
+    for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
+        if value is not None and not callable(value):
+            raise ConfigError(f"{name}={value!r} must be a function")
+    if built.needs_score and scorer is None:
+        needy = [repr(p) for p in built.walk() if p.needs_score and not isinstance(p, (Policies,))
+                 and not hasattr(p, "parts")]
+        raise ConfigError(f"{', '.join(needy)} reads step scores, but no scorer= was given; "
+                          "pass scorer=lambda state: <a float, higher is better>")
+    callbacks = (on_step,) if callable(on_step) else tuple(on_step)
+    for cb in callbacks:
+        if not callable(cb):
+            raise ConfigError(f"on_step={cb!r} must be a function of the Step")
+    if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
+        raise ConfigError(f"lease_seconds={lease_seconds!r} must be a positive number of seconds")
+    check_store_spec(checkpoint)
+
+    def decorate(fn: Callable[..., Any]) -> LoopRunner:
+        if not callable(fn):
+            raise ConfigError(f"@loop decorates a function fn(state) -> state, got {fn!r}")
+        cls = AsyncLoopRunner if inspect.iscoroutinefunction(fn) else LoopRunner
+        return cls(fn, built, scorer=scorer, cost_fn=cost_fn, checkpoint=checkpoint, on_step=callbacks,
+                   clock=clock, lease_seconds=lease_seconds)
+
+    return decorate

@@ -1,0 +1,463 @@
+"""Policies: frozen values that look at a History and decide what happens next.
+
+Every budget, convergence detector, backtracker and stall handler is a
+:class:`Policy`. ``policy.decide(history, elapsed)`` is pure: the same history
+and elapsed active seconds always give the same :class:`Decision`.
+
+Signals (budgets and detectors) fire or not, and compose with ``|`` (either),
+``&`` (both, on the same step) and ``~`` (not)::
+
+    >>> from loomc import score_plateau, predicate, never
+    >>> p = score_plateau(patience=3) | predicate(lambda h: (h[-1].score or 0) >= 1.0)
+    >>> p
+    score_plateau(patience=3, min_delta=0.01) | predicate(<lambda>)
+    >>> (p | never) == p
+    True
+
+Backtrackers and stall handlers join a policy with ``|`` only: ``BestScore() & x``
+raises :class:`~loomc.errors.PolicyTypeError`, and ``bool(policy)`` raises so
+that ``a or b`` cannot silently pick one operand.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from loomc.errors import PolicyTypeError
+from loomc.history import History
+
+
+class Outcome(enum.IntEnum):
+    """What a decision does, weakest first; the strongest one on a step wins."""
+
+    CONTINUE = 0
+    BACKTRACK = 1
+    STALLED = 2
+    BUDGET_EXHAUSTED = 3
+    CONVERGED = 4
+
+    @property
+    def stops(self) -> bool:
+        return self >= Outcome.STALLED
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of a policy: an outcome, why, and (for a backtrack) to which step.
+
+    ``to`` is the step whose state the loop continues from; ``None`` with a
+    backtrack means the run's initial state.
+    """
+
+    outcome: Outcome
+    reason: str = ""
+    to: int | None = None
+    by: str = ""
+
+    @property
+    def stops(self) -> bool:
+        return self.outcome.stops
+
+    def event(self) -> str:
+        """The short mark written on the step this decision followed."""
+        if self.outcome is Outcome.BACKTRACK:
+            return "backtrack to initial state" if self.to is None else f"backtrack to step {self.to}"
+        return {Outcome.CONVERGED: "converged", Outcome.BUDGET_EXHAUSTED: "budget exhausted",
+                Outcome.STALLED: "stalled"}.get(self.outcome, "")
+
+
+CONTINUE = Decision(Outcome.CONTINUE)
+
+
+class Policy:
+    """Base of every policy value. Subclasses are frozen dataclasses."""
+
+    __slots__ = ()
+
+    #: The strongest outcome this policy can give; lets ``|`` skip parts that
+    #: cannot change the answer.
+    max_outcome: Outcome = Outcome.CONVERGED
+    #: True when the policy reads ``step.score``, so the loop needs a scorer.
+    needs_score: bool = False
+
+    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
+        raise NotImplementedError
+
+    def walk(self) -> Iterator[Policy]:
+        """This policy and every policy nested in it."""
+        yield self
+
+    # The algebra. Each operator is one line; the named functions hold the rules.
+    def __or__(self, other: Any) -> Policy:
+        return either(self, other)
+
+    def __ror__(self, other: Any) -> Policy:
+        return either(other, self)
+
+    def __and__(self, other: Any) -> Policy:
+        return both(self, other)
+
+    def __rand__(self, other: Any) -> Policy:
+        return both(other, self)
+
+    def __invert__(self) -> Policy:
+        return negate(self)
+
+    def __bool__(self) -> bool:
+        raise PolicyTypeError(
+            f"the truth of a policy is decided per history; {self!r} has no bool(). "
+            "Combine policies with | or &, not with `or` / `and`; "
+            "ask policy.decide(history) for an answer.")
+
+    def replay(self, history: History) -> Replay:
+        """What this policy would have done on a recorded history, without calling ``fn``.
+
+        Walks the history step by step, exactly as the live loop does, and
+        returns where it would have stopped (and why) and where it would have
+        backtracked. Active time is taken as the sum of the step durations.
+        """
+        return replay(self, history)
+
+
+class Signal(Policy):
+    """A policy that fires or not: budgets and convergence detectors."""
+
+    __slots__ = ()
+    #: The outcome when this signal fires.
+    kind: Outcome = Outcome.CONVERGED
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        """The reason this signal fires on ``history``, or ``None``."""
+        raise NotImplementedError
+
+    @property
+    def max_outcome(self) -> Outcome:  # type: ignore[override]
+        return self.kind
+
+    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
+        reason = self.fire(history, elapsed)
+        if reason is None:
+            return CONTINUE
+        return Decision(self.kind, reason, by=repr(self))
+
+
+class Role(Policy):
+    """A backtracker or stall handler: joins a policy with ``|`` only."""
+
+    __slots__ = ()
+    role = "role"
+
+    def choose_state_step(self, history: History) -> Any:
+        """The step whose state a stopped run returns (``None``: the initial state)."""
+        return _current_step(history)
+
+
+def _current_step(history: History) -> Any:
+    """The step the loop carries on from: where the last backtrack pointed, else the last good step."""
+    if not history:
+        return None
+    last = history[-1]
+    for event in last.events:
+        if event.startswith("backtrack to "):
+            target = event.rsplit(" ", 1)[-1]
+            return None if target == "state" else history[int(target)]
+    return last if last.ok else history.last_good
+
+
+# --- the combinators -------------------------------------------------------
+
+def as_policy(value: Any, side: str = "operand") -> Policy:
+    """A policy as it is, a plain ``fn(history) -> bool`` as ``predicate(fn)``, else TypeError."""
+    if isinstance(value, Policy):
+        return value
+    if callable(value) and not isinstance(value, type):
+        return Predicate(value)
+    raise PolicyTypeError(
+        f"cannot combine a policy with {type(value).__name__} {value!r} ({side}): "
+        "use a policy (score_plateau(...), Budget(...), never, always) "
+        "or a function fn(history) -> bool, which becomes predicate(fn)")
+
+
+def either(a: Any, b: Any) -> Policy:
+    """``a | b``: the strongest decision of either. Flat: ``a | b | c`` is one node."""
+    pa, pb = as_policy(a, "left of |"), as_policy(b, "right of |")
+    parts = tuple(p for p in (*_or_parts(pa), *_or_parts(pb)) if p is not never)
+    roles = [type(p).role for p in parts if isinstance(p, Role)]
+    for role in set(roles):
+        if roles.count(role) > 1:
+            raise PolicyTypeError(f"a policy takes one {role}; {pa!r} | {pb!r} has {roles.count(role)}")
+    if not parts:
+        return never
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, Signal) for p in parts):
+        return AnyOf(parts)  # type: ignore[arg-type]
+    return Policies(parts)
+
+
+def _or_parts(p: Policy) -> tuple[Policy, ...]:
+    return p.parts if isinstance(p, (AnyOf, Policies)) else (p,)
+
+
+def _signal(value: Any, op: str) -> Signal:
+    p = as_policy(value, f"operand of {op}")
+    if not isinstance(p, Signal):
+        raise PolicyTypeError(
+            f"{p!r} is a {getattr(p, 'role', 'policy')}, which cannot be combined with {op}: "
+            f"only budgets and detectors fire or not. Write `signals | {p!r}` to add it to a "
+            "policy, e.g. Budget(usd=2) | score_plateau(3) | BestScore() | Escalate(after=3)")
+    return p
+
+
+def both(a: Any, b: Any) -> Signal:
+    """``a & b``: fires when both fire on the same history."""
+    sa, sb = _signal(a, "&"), _signal(b, "&")
+    parts = tuple(p for p in (*_and_parts(sa), *_and_parts(sb)) if p is not always)
+    if not parts:
+        return always
+    if len(parts) == 1:
+        return parts[0]
+    return AllOf(parts)
+
+
+def _and_parts(p: Signal) -> tuple[Signal, ...]:
+    return p.parts if isinstance(p, AllOf) else (p,)  # type: ignore[return-value]
+
+
+def negate(a: Any) -> Signal:
+    """``~a``: fires when ``a`` does not."""
+    s = _signal(a, "~")
+    if isinstance(s, Not):
+        return s.inner
+    return Not(s)
+
+
+def _wrap(p: Policy) -> str:
+    return f"({p!r})" if isinstance(p, (AnyOf, AllOf, Policies)) else repr(p)
+
+
+@dataclass(frozen=True, repr=False)
+class AnyOf(Signal):
+    """Fires when any part fires (``a | b``); the strongest firing part decides."""
+
+    parts: tuple[Signal, ...]
+
+    def walk(self) -> Iterator[Policy]:
+        yield self
+        for p in self.parts:
+            yield from p.walk()
+
+    @property
+    def kind(self) -> Outcome:  # type: ignore[override]
+        return max(p.kind for p in self.parts)
+
+    @property
+    def needs_score(self) -> bool:  # type: ignore[override]
+        return any(p.needs_score for p in self.parts)
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        d = self.decide(history, elapsed)
+        return d.reason if d.stops else None
+
+    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
+        return _strongest(self.parts, history, elapsed)
+
+    def __repr__(self) -> str:
+        return " | ".join(_wrap(p) for p in self.parts)
+
+
+@dataclass(frozen=True, repr=False)
+class AllOf(Signal):
+    """Fires when every part fires on the same history (``a & b``)."""
+
+    parts: tuple[Signal, ...]
+
+    def walk(self) -> Iterator[Policy]:
+        yield self
+        for p in self.parts:
+            yield from p.walk()
+
+    @property
+    def kind(self) -> Outcome:  # type: ignore[override]
+        return max(p.kind for p in self.parts)
+
+    @property
+    def needs_score(self) -> bool:  # type: ignore[override]
+        return any(p.needs_score for p in self.parts)
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        reasons = []
+        for p in self.parts:
+            r = p.fire(history, elapsed)
+            if r is None:
+                return None
+            reasons.append(r)
+        return " and ".join(reasons)
+
+    def __repr__(self) -> str:
+        return " & ".join(_wrap(p) for p in self.parts)
+
+
+@dataclass(frozen=True, repr=False)
+class Not(Signal):
+    """Fires when ``inner`` does not (``~a``)."""
+
+    inner: Signal
+
+    def walk(self) -> Iterator[Policy]:
+        yield self
+        yield from self.inner.walk()
+
+    @property
+    def needs_score(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_score
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        return None if self.inner.fire(history, elapsed) is not None else f"not {self.inner!r}"
+
+    def __repr__(self) -> str:
+        return f"~{_wrap(self.inner)}"
+
+
+@dataclass(frozen=True, repr=False)
+class Policies(Policy):
+    """A whole loop policy: signals plus at most one backtracker and one stall handler."""
+
+    parts: tuple[Policy, ...]
+
+    def walk(self) -> Iterator[Policy]:
+        yield self
+        for p in self.parts:
+            yield from p.walk()
+
+    @property
+    def needs_score(self) -> bool:  # type: ignore[override]
+        return any(p.needs_score for p in self.parts)
+
+    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
+        return _strongest(self.parts, history, elapsed)
+
+    def __repr__(self) -> str:
+        return " | ".join(_wrap(p) for p in self.parts)
+
+
+def _strongest(parts: tuple[Policy, ...], history: History, elapsed: float) -> Decision:
+    best = CONTINUE
+    for p in parts:
+        if p.max_outcome <= best.outcome:
+            continue  # cannot change the answer: skip (an expensive judge is not consulted)
+        d = p.decide(history, elapsed)
+        if d.outcome > best.outcome:
+            best = d
+            if best.outcome is Outcome.CONVERGED:
+                break
+    return best
+
+
+# --- leaves ----------------------------------------------------------------
+
+@dataclass(frozen=True, repr=False)
+class Predicate(Signal):
+    """``predicate(fn)``: converged when ``fn(history)`` is True.
+
+    ``fn`` is not asked on an empty history, nor right after a failed step
+    (which has no state and cannot have converged), so ``h[-1].state`` is safe.
+
+    >>> done = predicate(lambda h: h[-1].state == "done")
+    """
+
+    fn: Callable[[History], Any]
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise PolicyTypeError(f"predicate() takes a function fn(history) -> bool, got {self.fn!r}")
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        if not history or not history[-1].ok:
+            return None
+        verdict = self.fn(history)
+        return f"predicate({_name(self.fn)}) is true" if verdict is True or _yes(verdict) else None
+
+    def __repr__(self) -> str:
+        return f"predicate({_name(self.fn)})"
+
+
+def _yes(value: Any) -> bool:
+    # numpy booleans and other bool-likes count; truthy non-booleans (1, "no") do not.
+    return type(value).__name__ in ("bool_", "bool") and bool(value)
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def predicate(fn: Callable[[History], Any]) -> Signal:
+    """A detector from a function of the history; fires when it returns True."""
+    return Predicate(fn)
+
+
+@dataclass(frozen=True, repr=False)
+class _Constant(Signal):
+    value: bool
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        return "always" if self.value else None
+
+    def __repr__(self) -> str:
+        return "always" if self.value else "never"
+
+
+#: A signal that never fires: the identity of ``|``.
+never: Signal = _Constant(False)
+#: A signal that always fires: the identity of ``&``.
+always: Signal = _Constant(True)
+
+
+# --- replay ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Replay:
+    """What a policy would have done on a recorded history.
+
+    ``stopped_after`` is the number of calls made before the stop (``None`` if
+    the policy would have let the recorded run go on past its end), and
+    ``cost`` what those calls cost.
+    """
+
+    policy: str
+    decision: Decision
+    stopped_after: int | None
+    cost: Decimal
+    backtracks: tuple[tuple[int, int | None], ...]
+    steps_recorded: int
+
+    def __str__(self) -> str:
+        if self.stopped_after is None:
+            head = f"{self.policy}: would not have stopped within the {self.steps_recorded} recorded steps"
+        else:
+            head = (f"{self.policy}: would have stopped after {self.stopped_after} steps "
+                    f"(${self.cost:.4f}), {self.decision.outcome.name.lower()}: {self.decision.reason}")
+        if self.backtracks:
+            marks = ", ".join(f"step {n} -> {'initial' if to is None else to}" for n, to in self.backtracks)
+            head += f"; backtracks: {marks}"
+        return head
+
+
+def replay(policy: Policy, history: History) -> Replay:
+    policy = as_policy(policy)
+    backtracks = []
+    elapsed = 0.0
+    for k in range(len(history) + 1):
+        prefix = history[:k]
+        if k:
+            elapsed += history[k - 1].duration
+        d = policy.decide(prefix, elapsed)  # type: ignore[arg-type]
+        if d.stops:
+            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))  # type: ignore[union-attr]
+        if d.outcome is Outcome.BACKTRACK:
+            backtracks.append((k - 1, d.to))
+    return Replay(repr(policy), CONTINUE, None, history.total_cost, tuple(backtracks), len(history))

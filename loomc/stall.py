@@ -1,0 +1,55 @@
+"""Stall handlers: give up on a loop that keeps failing or going nowhere.
+
+``Escalate(after=3)`` ends the run as ``stalled`` and raises
+:class:`~loomc.errors.StallError` once ``after`` steps in a row each failed or
+scored no better than the best score before them. A step that succeeded with
+no score resets the count (there is nothing to compare), so without a scorer
+``Escalate`` counts consecutive failures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loomc.errors import ConfigError
+from loomc.history import History, Step
+from loomc.policy import CONTINUE, Decision, Outcome, Role
+
+
+@dataclass(frozen=True, repr=False)
+class Escalate(Role):
+    """Stop as ``stalled`` after ``after`` consecutive failed or non-improving steps."""
+
+    after: int = 3
+
+    role = "stall handler"
+    max_outcome = Outcome.STALLED
+
+    def __post_init__(self) -> None:
+        if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 1:
+            raise ConfigError(f"Escalate(after={self.after!r}): after must be a whole number >= 1")
+
+    @staticmethod
+    def _count(acc: tuple[float | None, int], step: Step) -> tuple[float | None, int]:
+        best, run = acc
+        if not step.ok:
+            return best, run + 1
+        if step.score is None:
+            return best, 0
+        if math.isnan(step.score):
+            return best, run + 1
+        if best is None or step.score > best:
+            return step.score, 0
+        return best, run + 1
+
+    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
+        _, run = history.fold("loomc.escalate", self._count, (None, 0))
+        if run >= self.after:
+            return Decision(Outcome.STALLED,
+                            f"Escalate: {run} steps in a row failed or did not beat the best score",
+                            by=repr(self))
+        return CONTINUE
+
+    def __repr__(self) -> str:
+        return f"Escalate(after={self.after})"

@@ -1,0 +1,58 @@
+"""Checkpoint stores: the protocol, the in-memory store and the SQLite store."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from loomc.errors import ConfigError
+from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals
+from loomc.stores.memory import MemoryStore
+from loomc.stores.sqlite import SQLiteStore
+
+__all__ = ["CheckpointStore", "MemoryStore", "SQLiteStore", "RunRecord", "StoredStep", "Totals",
+           "open_store", "DEFAULT_DB"]
+
+#: Where the default store lives, relative to the working directory.
+DEFAULT_DB = os.path.join(".loomc", "checkpoints.db")
+
+_open: dict[tuple[Path, str], SQLiteStore] = {}
+_open_lock = threading.Lock()
+
+
+def sqlite_at(path: str | os.PathLike[str], durability: str = "full") -> SQLiteStore:
+    """The process's one SQLiteStore for ``path`` (connections are reused, never reopened per run)."""
+    key = (Path(path).expanduser().resolve(), durability)
+    with _open_lock:
+        store = _open.get(key)
+        if store is None:
+            store = _open[key] = SQLiteStore(key[0], durability=durability)
+        return store
+
+
+def open_store(spec: Any) -> CheckpointStore:
+    """The store that ``checkpoint=spec`` names.
+
+    ``"sqlite"`` (the default file under the working directory), ``"memory"``,
+    a path to a SQLite file, or any object that implements CheckpointStore.
+    """
+    if spec is None or spec == "sqlite":
+        env = os.environ.get("LOOMC_DB")
+        return sqlite_at(env or DEFAULT_DB)
+    if spec == "memory":
+        return MemoryStore()
+    if isinstance(spec, (str, os.PathLike)):
+        return sqlite_at(spec)
+    if isinstance(spec, CheckpointStore):
+        return spec
+    raise ConfigError(f"checkpoint={spec!r}: use 'sqlite', 'memory', a path to a SQLite file, "
+                      "or a CheckpointStore object")
+
+
+def check_store_spec(spec: Any) -> None:
+    """Refuse a bad ``checkpoint=`` at decoration time, without opening anything."""
+    if spec is None or isinstance(spec, (str, os.PathLike)) or isinstance(spec, CheckpointStore):
+        return
+    open_store(spec)

@@ -1,0 +1,165 @@
+"""The CheckpointStore protocol and the records it keeps.
+
+A store is the only part of loomc that touches a disk or a database. It
+keeps runs and their steps; each step is committed in one transaction with
+the run's totals, and a step number is committed at most once.
+
+Write a store by implementing :class:`CheckpointStore` and running the
+conformance suite in :mod:`loomc.testing` against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol, runtime_checkable
+
+STATUSES = ("running", "completed", "budget_exhausted", "stalled", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class StoredStep:
+    """One step as a store keeps it: the state is JSON text."""
+
+    n: int
+    state_json: str | None
+    cost: Decimal
+    score: float | None = None
+    error: str | None = None
+    started_at: float = 0.0
+    duration: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as a store keeps it."""
+
+    id: str
+    status: str = "running"
+    spec_hash: str = ""
+    fn_path: str | None = None
+    policy: str = ""
+    state_type: str | None = None
+    initial_state: str = "null"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    total_cost: Decimal = Decimal(0)
+    steps: int = 0
+    active_seconds: float = 0.0
+    attempts: int = 1
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+    parent_run_id: str | None = None
+    parent_step: int | None = None
+    owner: str | None = None
+    lease_expires: float | None = None
+
+    def replace(self, **changes: Any) -> RunRecord:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The run's totals after a step, committed with it."""
+
+    cost: Decimal
+    steps: int
+    active_seconds: float
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Where runs and steps live. Every method is one transaction."""
+
+    def create_run(self, run: RunRecord) -> None:
+        """Insert a new run, owned by ``run.owner`` until ``run.lease_expires``."""
+
+    def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
+                  policy: str | None = None, note: str | None = None) -> RunRecord:
+        """Take the lease on a run to resume it; count the attempt; status becomes running.
+
+        Raises RunNotFound, or RunLocked while another live owner holds it.
+        """
+
+    def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
+                    lease_seconds: float) -> None:
+        """Commit one step and the run's totals together; drop the step's write-ahead charges.
+
+        Raises StepConflict if the step number exists, RunLocked if ``owner`` lost the lease.
+        """
+
+    def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
+        """Record how the run ended and release its lease."""
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run, or RunNotFound."""
+
+    def list_runs(self, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
+        """Runs, newest first."""
+
+    def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
+        """The run's steps in step order; ``state_json`` is None when not asked for."""
+
+    def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
+        """Record spend for a step in flight, durably, before the step commits."""
+
+    def pending_charges(self, run_id: str) -> dict[int, Decimal]:
+        """Spend recorded for steps that never committed, by step number."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def process_owner() -> str:
+    """An owner name for leases: ``host:pid:nonce``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` names a process on this host that no longer runs."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def may_take(run: RunRecord, owner: str, now: float) -> bool:
+    """Whether ``owner`` may take the lease on ``run`` at time ``now``."""
+    return (run.owner is None or run.owner == owner or (run.lease_expires or 0) < now
+            or owner_is_dead(run.owner))
+
+
+def locked_message(run: RunRecord, now: float) -> str:
+    left = max(0.0, (run.lease_expires or now) - now)
+    return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); "
+            "wait for it to finish, or for its lease to expire if that process is gone")

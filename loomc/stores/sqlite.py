@@ -1,0 +1,368 @@
+"""The default store: one SQLite file, by default ``.loomc/checkpoints.db`` under the working directory.
+
+- WAL journal; ``durability="full"`` (the default) adds ``synchronous=FULL``, so a
+  committed step survives a power loss. ``durability="normal"`` uses
+  ``synchronous=NORMAL``: it survives any crash of the process, and may lose
+  the last steps if the machine itself goes down; it is faster.
+- Every write is one ``BEGIN IMMEDIATE`` transaction with a generous
+  ``busy_timeout``, so several processes can share one file.
+- One connection per thread (and per process after a fork), never one per step.
+- The schema version lives in ``PRAGMA user_version``; older files are migrated
+  under a write lock, newer ones refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
+                          StepConflict, StoreError)
+from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take
+
+#: The schema this loomc writes. 1 is the original loomc 0.2 layout.
+SCHEMA_VERSION = 2
+BUSY_TIMEOUT_MS = 60_000
+
+_V2 = """
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    spec_hash TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    fn_path TEXT,
+    policy TEXT NOT NULL DEFAULT '',
+    state_type TEXT,
+    initial_state TEXT NOT NULL DEFAULT 'null',
+    total_cost TEXT NOT NULL DEFAULT '0',
+    steps INTEGER NOT NULL DEFAULT 0,
+    active_seconds REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    reason TEXT,
+    notes TEXT NOT NULL DEFAULT '[]',
+    parent_run_id TEXT,
+    parent_step INTEGER,
+    owner TEXT,
+    lease_expires REAL
+);
+CREATE INDEX runs_by_created ON runs(created_at);
+CREATE INDEX runs_by_parent ON runs(parent_run_id, parent_step);
+CREATE TABLE steps (
+    run_id TEXT NOT NULL,
+    step_n INTEGER NOT NULL,
+    state_blob TEXT,
+    cost_usd TEXT NOT NULL DEFAULT '0',
+    score REAL,
+    timestamp REAL NOT NULL,
+    error TEXT,
+    duration REAL NOT NULL DEFAULT 0,
+    metrics TEXT,
+    events TEXT,
+    PRIMARY KEY (run_id, step_n)
+);
+CREATE TABLE charges (
+    run_id TEXT NOT NULL,
+    step_n INTEGER NOT NULL,
+    usd TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX charges_by_step ON charges(run_id, step_n);
+"""
+
+# loomc 0.2 wrote only the documented columns, with ISO text times and float costs.
+_V1 = """
+CREATE TABLE runs (id TEXT PRIMARY KEY, spec_hash TEXT, status TEXT, created_at TEXT, updated_at TEXT);
+CREATE TABLE steps (run_id TEXT, step_n INTEGER, state_blob TEXT, cost_usd REAL, score REAL,
+                    timestamp TEXT, error TEXT, PRIMARY KEY (run_id, step_n));
+"""
+
+_EPOCH = "((julianday({0}) - 2440587.5) * 86400.0)"
+
+_MIGRATE_1_TO_2 = f"""
+ALTER TABLE runs RENAME TO runs_v1;
+ALTER TABLE steps RENAME TO steps_v1;
+{_V2}
+INSERT INTO runs (id, spec_hash, status, created_at, updated_at, total_cost, steps)
+    SELECT r.id, coalesce(r.spec_hash, ''), coalesce(r.status, 'failed'),
+           coalesce({_EPOCH.format('r.created_at')}, 0), coalesce({_EPOCH.format('r.updated_at')}, 0),
+           (SELECT coalesce(CAST(sum(s.cost_usd) AS TEXT), '0') FROM steps_v1 s WHERE s.run_id = r.id),
+           (SELECT count(*) FROM steps_v1 s WHERE s.run_id = r.id)
+    FROM runs_v1 r;
+INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error)
+    SELECT run_id, step_n, state_blob, CAST(coalesce(cost_usd, 0) AS TEXT), score,
+           coalesce({_EPOCH.format('timestamp')}, 0), error
+    FROM steps_v1;
+DROP TABLE runs_v1;
+DROP TABLE steps_v1;
+"""
+
+MIGRATIONS = {1: _MIGRATE_1_TO_2}
+
+_RUN_COLUMNS = ("id, status, spec_hash, fn_path, policy, state_type, created_at, updated_at, total_cost, "
+                "steps, active_seconds, attempts, reason, notes, parent_run_id, parent_step, owner, lease_expires")
+
+_INSERT_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, "
+                "metrics, events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_UPDATE_TOTALS = ("UPDATE runs SET total_cost = ?, steps = ?, active_seconds = ?, updated_at = ?, "
+                  "lease_expires = coalesce(?, lease_expires) "
+                  "WHERE id = ? AND (? IS NULL OR owner = ?)")
+
+
+class SQLiteStore:
+    """A CheckpointStore in one SQLite file, shared safely by threads and processes.
+
+    >>> store = SQLiteStore(".loomc/checkpoints.db", durability="full")   # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = ".loomc/checkpoints.db", *,
+                 durability: str = "full", create: bool = True) -> None:
+        if durability not in ("full", "normal"):
+            raise ConfigError(f"durability={durability!r}: use 'full' (survives power loss) "
+                              "or 'normal' (survives a process crash, faster)")
+        self.path = Path(path).expanduser().resolve()
+        self.durability = durability
+        if not self.path.exists():
+            if not create:
+                raise StoreError(f"no loomc database at {self.path}; run a loop first, or pass --db")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._conn()  # open, check and migrate the schema now: errors surface at construction
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
+
+    # --- connections and schema ---------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn  # type: ignore[no-any-return]
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=True)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode ({mode}); use a local disk")
+            conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
+            self._migrate(conn)
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise CorruptStore(f"{self.path} is corrupt or not a SQLite database ({e}); "
+                                   "move it aside to start a new one") from None
+            raise StoreError(f"{self.path}: {e}") from None
+        self._local.conn, self._local.pid = conn, os.getpid()
+        with self._guard:
+            self._all.append(conn)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{self.path} has loomc schema version {version}, newer than this loomc's "
+                f"{SCHEMA_VERSION}; upgrade loomc (pip install -U loomc) to read it")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+            if version == 0:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if tables and "runs" in tables:
+                    version = 1  # a loomc 0.2 file: it never set user_version
+                elif tables:
+                    raise StoreError(f"{self.path} is a SQLite database but not a loomc one "
+                                     f"(tables: {', '.join(sorted(tables))}); pass another path")
+                else:
+                    _run_script(conn, _V2)
+                    version = SCHEMA_VERSION
+            while version < SCHEMA_VERSION:
+                _run_script(conn, MIGRATIONS[version])
+                version += 1
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._guard:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.ProgrammingError:  # opened by another thread: it closes with that thread
+                pass
+        self._local = threading.local()
+
+    # --- writes -------------------------------------------------------------
+
+    def _write(self, fn: Any, *args: Any) -> Any:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def create_run(self, run: RunRecord) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO runs (id, status, spec_hash, fn_path, policy, state_type, initial_state, "
+                    "created_at, updated_at, total_cost, steps, active_seconds, attempts, reason, notes, "
+                    "parent_run_id, parent_step, owner, lease_expires) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run.id, run.status, run.spec_hash, run.fn_path, run.policy, run.state_type,
+                     run.initial_state, run.created_at, run.updated_at, str(run.total_cost), run.steps,
+                     run.active_seconds, run.attempts, run.reason, json.dumps(list(run.notes)),
+                     run.parent_run_id, run.parent_step, run.owner, run.lease_expires))
+            except sqlite3.IntegrityError:
+                raise StepConflict(f"run {run.id} already exists in {self.path}") from None
+        self._write(insert)
+
+    def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
+                  policy: str | None = None, note: str | None = None) -> RunRecord:
+        def claim(conn: sqlite3.Connection) -> RunRecord:
+            run, now = self._get(conn, run_id), time.time()
+            if not may_take(run, owner, now):
+                raise RunLocked(locked_message(run, now))
+            notes = run.notes + ((note,) if note else ())
+            conn.execute("UPDATE runs SET owner = ?, lease_expires = ?, status = 'running', attempts = attempts + 1, "
+                         "updated_at = ?, policy = ?, notes = ? WHERE id = ?",
+                         (owner, now + lease_seconds, now, policy or run.policy, json.dumps(list(notes)), run_id))
+            return run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
+                               attempts=run.attempts + 1, policy=policy or run.policy, notes=notes, updated_at=now)
+        return self._write(claim)  # type: ignore[no-any-return]
+
+    def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
+                    lease_seconds: float) -> None:
+        score, metrics = step.score, step.metrics
+        if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
+            score, metrics = None, {**metrics, "loomc.score": "nan"}
+        now = time.time()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            try:
+                conn.execute(_INSERT_STEP, (run_id, step.n, step.state_json, str(step.cost), score,
+                                            step.started_at or now, step.error, step.duration,
+                                            json.dumps(metrics) if metrics else None,
+                                            json.dumps(step.events) if step.events else None))
+            except sqlite3.IntegrityError:
+                raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
+                                   "a step number is committed at most once") from None
+            updated = conn.execute(_UPDATE_TOTALS, (str(totals.cost), totals.steps, totals.active_seconds, now,
+                                                    None if owner is None else now + lease_seconds,
+                                                    run_id, owner, owner)).rowcount
+            if updated != 1:
+                self._get(conn, run_id)  # RunNotFound if it is gone
+                raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
+                                "another process took the run over")
+            conn.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", (run_id, step.n))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
+        def finish(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE runs SET status = ?, reason = ?, updated_at = ?, owner = NULL, "
+                         "lease_expires = NULL WHERE id = ? AND (? IS NULL OR owner = ? OR owner IS NULL)",
+                         (status, reason, time.time(), run_id, owner, owner))
+        self._write(finish)
+
+    def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
+        self._write(lambda conn: conn.execute(
+            "INSERT INTO charges (run_id, step_n, usd, at) VALUES (?, ?, ?, ?)",
+            (run_id, step_n, str(usd), time.time())))
+
+    # --- reads --------------------------------------------------------------
+
+    def _get(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+        row = conn.execute(f"SELECT {_RUN_COLUMNS}, initial_state FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run_id!r} in {self.path}")
+        return _run_record(row, row[-1])
+
+    def get_run(self, run_id: str) -> RunRecord:
+        return self._get(self._conn(), run_id)
+
+    def list_runs(self, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        args: list[Any] = []
+        if status is not None:
+            sql += " WHERE status = ?"
+            args.append(status)
+        sql += " ORDER BY created_at DESC, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_run_record(row) for row in self._conn().execute(sql, args)]
+
+    def children(self, run_id: str) -> list[RunRecord]:
+        rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_run_id = ? "
+                                    "ORDER BY parent_step, created_at", (run_id,))
+        return [_run_record(row) for row in rows]
+
+    def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
+        conn = self._conn()
+        self._get(conn, run_id)
+        blob = "state_blob" if with_states else "NULL"
+        rows = conn.execute(f"SELECT step_n, {blob}, cost_usd, score, timestamp, error, duration, metrics, events "
+                            "FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))
+        return [_stored_step(row) for row in rows]
+
+    def pending_charges(self, run_id: str) -> dict[int, Decimal]:
+        out: dict[int, Decimal] = {}
+        for step_n, usd in self._conn().execute(
+                "SELECT step_n, usd FROM charges WHERE run_id = ? ORDER BY step_n", (run_id,)):
+            out[step_n] = out.get(step_n, Decimal(0)) + Decimal(usd)
+        return out
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the open transaction; run statement by statement instead.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _run_record(row: Any, initial_state: str = "null") -> RunRecord:
+    (id_, status, spec_hash, fn_path, policy, state_type, created, updated, total, steps, active,
+     attempts, reason, notes, parent, parent_step, owner, lease) = row[:18]
+    return RunRecord(id=id_, status=status, spec_hash=spec_hash, fn_path=fn_path, policy=policy,
+                     state_type=state_type, initial_state=initial_state, created_at=created, updated_at=updated,
+                     total_cost=Decimal(total), steps=steps, active_seconds=active, attempts=attempts,
+                     reason=reason, notes=tuple(json.loads(notes or "[]")), parent_run_id=parent,
+                     parent_step=parent_step, owner=owner, lease_expires=lease)
+
+
+def _stored_step(row: Any) -> StoredStep:
+    n, blob, cost, score, ts, error, duration, metrics, events = row
+    metrics_d = json.loads(metrics) if metrics else {}
+    if metrics_d.pop("loomc.score", None) == "nan":
+        score = math.nan
+    return StoredStep(n=n, state_json=blob, cost=Decimal(cost), score=score, error=error, started_at=ts,
+                      duration=duration, metrics=metrics_d, events=tuple(json.loads(events)) if events else ())
+
+
+def create_v1_database(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A database in the original loomc 0.2 layout (schema version 1), for migration tests."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(_V1)
+    return conn
