@@ -59,8 +59,8 @@ class ScorePlateau(Signal):
     def fire(self, history: History, elapsed: float) -> str | None:
         ref, wait = history.fold(self, self._count, (None, 0))
         if wait >= self.patience:
-            return (f"score_plateau: no improvement above {ref:g} by more than {self.min_delta:g} "
-                    f"in {wait} scored steps")
+            above = "no valid score" if ref is None else f"no improvement above {ref:g}"
+            return f"score_plateau: {above} by more than {self.min_delta:g} in {wait} scored steps"
         return None
 
     def __repr__(self) -> str:

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import pytest
+
+from loomc import History, Step
+
+
+class FakeClock:
+    """A clock the test moves by hand: the loop never sleeps in tests."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def history_of(*rows) -> History:
+    """A History from compact rows: a score, None (no score), "fail", or (score, cost)."""
+    steps = []
+    for n, row in enumerate(rows):
+        cost = Decimal(0)
+        if isinstance(row, tuple):
+            row, cost = row[0], Decimal(str(row[1]))
+        if row == "fail":
+            steps.append(Step(n, None, cost=cost, error="RuntimeError: boom"))
+        else:
+            steps.append(Step(n, {"n": n}, cost=cost, score=row))
+    return History(steps)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def nan_safe_equal(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))

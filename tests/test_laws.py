@@ -1,0 +1,129 @@
+"""The policy algebra's laws, stated once and checked over generated histories."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loomc import Budget, History, Step, always, never, predicate, score_plateau
+
+
+def last_above_half(h):
+    return (h[-1].score or 0) > 0.5
+
+
+def three_or_more(h):
+    return len(h) >= 3
+
+
+def any_failed(h):
+    return any(not s.ok for s in h)
+
+
+def _budget(u, i):
+    try:
+        return Budget(usd=u, iterations=i)
+    except Exception:
+        return Budget(iterations=3)
+
+
+LEAVES = st.one_of(
+    st.builds(score_plateau, st.integers(1, 4), st.sampled_from([0.0, 0.01, 0.1])),
+    st.builds(_budget, st.sampled_from([None, "0.05", "0.2", "1"]), st.sampled_from([None, 2, 5])),
+    st.builds(lambda w: Budget(wall_clock=w), st.sampled_from([1, 5, 30])),
+    st.sampled_from([predicate(last_above_half), predicate(three_or_more), predicate(any_failed), never, always]),
+)
+
+SIGNALS = st.recursive(
+    LEAVES,
+    lambda inner: st.one_of(
+        st.tuples(inner, inner).map(lambda ab: ab[0] | ab[1]),
+        st.tuples(inner, inner).map(lambda ab: ab[0] & ab[1]),
+        inner.map(lambda a: ~a),
+    ),
+    max_leaves=6,
+)
+
+# A step as a compact tuple: (score or None or NaN, cost in cents, failed?)
+ROWS = st.lists(
+    st.tuples(st.one_of(st.none(), st.floats(0, 1), st.just(float("nan"))), st.integers(0, 10), st.booleans()),
+    max_size=12,
+)
+
+
+def build(rows) -> History:
+    return History([Step(n, None if failed else {"n": n}, cost=Decimal(cents) / 100,
+                         score=None if failed else score, error="ValueError: x" if failed else None)
+                    for n, (score, cents, failed) in enumerate(rows)])
+
+
+ELAPSED = st.floats(0, 60)
+
+
+def fires(policy, h, elapsed) -> bool:
+    return policy.decide(h, elapsed).stops
+
+
+@given(SIGNALS, SIGNALS, SIGNALS, ROWS, ELAPSED)
+def test_or_and_are_associative(a, b, c, rows, e):
+    h = build(rows)
+    assert fires((a | b) | c, h, e) == fires(a | (b | c), h, e)
+    assert fires((a & b) & c, h, e) == fires(a & (b & c), h, e)
+
+
+@given(SIGNALS, SIGNALS, ROWS, ELAPSED)
+def test_or_and_are_commutative_and_match_any_all(a, b, rows, e):
+    h = build(rows)
+    assert fires(a | b, h, e) == fires(b | a, h, e) == (fires(a, h, e) or fires(b, h, e))
+    assert fires(a & b, h, e) == fires(b & a, h, e) == (fires(a, h, e) and fires(b, h, e))
+
+
+@given(SIGNALS, ROWS, ELAPSED)
+def test_identities_annihilators_idempotence(a, rows, e):
+    h = build(rows)
+    assert (a | never) == a and (never | a) == a
+    assert (a & always) == a and (always & a) == a
+    assert fires(a | always, h, e) and not fires(a & never, h, e)
+    assert fires(a | a, h, e) == fires(a, h, e) == fires(a & a, h, e)
+    assert fires(~~a, h, e) == fires(a, h, e)
+
+
+@given(SIGNALS, SIGNALS, ROWS, ELAPSED)
+def test_de_morgan(a, b, rows, e):
+    h = build(rows)
+    assert fires(~(a | b), h, e) == fires(~a & ~b, h, e)
+    assert fires(~(a & b), h, e) == fires(~a | ~b, h, e)
+
+
+@given(st.sampled_from(["0.05", "0.2", "1"]), st.sampled_from([None, 2, 5]), st.sampled_from([None, 5, 30]),
+       ROWS, st.lists(st.floats(0, 10), min_size=13, max_size=13))
+def test_a_budget_that_fired_stays_fired(usd, iterations, wall, rows, gaps):
+    budget = Budget(usd=usd, iterations=iterations, wall_clock=wall)
+    h = build(rows)
+    elapsed, fired = 0.0, False
+    for k in range(len(h) + 1):
+        elapsed += gaps[k]
+        now = fires(budget, h[:k], elapsed)
+        assert now or not fired, f"budget fired at a shorter prefix, not at {k}"
+        fired = now
+
+
+@settings(max_examples=60)
+@given(SIGNALS, ROWS, ROWS, ELAPSED)
+def test_a_decision_at_step_k_depends_only_on_the_first_k_steps(a, rows, more, e):
+    whole = build(rows + more)
+    alone = build(rows)
+    for k in range(len(rows) + 1):
+        assert a.decide(whole[:k], e) == a.decide(alone[:k], e)
+        assert a.decide(whole[:k], e) == a.decide(build(rows[:k]), e)
+
+
+@given(SIGNALS, ROWS)
+def test_replay_stops_where_the_policy_first_fires(a, rows):
+    h = build(rows)
+    r = a.replay(h)
+    first = next((k for k in range(len(h) + 1)
+                  if fires(a, h[:k], sum(s.duration for s in h[:k]))), None)
+    assert r.stopped_after == first

@@ -1,0 +1,297 @@
+"""Users' stories on the in-memory store: plateaus, regressions, stalls, flaky steps, budgets."""
+
+from __future__ import annotations
+
+import functools
+from decimal import Decimal
+
+import pytest
+
+from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, Outcome,
+                   PolicyTypeError, StallError, always, loop, never, predicate, score_plateau)
+from loomc.budget import DEFAULT_BUDGET
+
+
+def scripted(scores, fail_at=()):
+    """A fn whose k-th call returns a state carrying the k-th scripted score (or raises)."""
+    calls = []
+
+    def fn(state):
+        k = len(calls)
+        calls.append(state)
+        if k in fail_at:
+            raise RuntimeError(f"flaky call {k}")
+        return {"k": k, "score": scores[k] if k < len(scores) else scores[-1], "from": state.get("k")}
+
+    return fn, calls
+
+
+def score(state):
+    return state["score"]
+
+
+def test_plateau_at_0_9_converges_and_returns_the_last_state():
+    fn, calls = scripted([0.5, 0.7, 0.9, 0.9, 0.9, 0.9, 0.95])
+    refine = loop(converge_on=score_plateau(patience=3), scorer=score, checkpoint="memory")(fn)
+    run = refine.run({})
+    assert run.status == "completed"
+    assert len(run.history) == 6
+    assert run.state["k"] == 5
+    assert run.history[-1].events == ("converged",)
+    assert "score_plateau" in run.reason
+
+
+def test_regression_at_step_3_is_restored_from_step_2():
+    fn, calls = scripted([0.3, 0.5, 0.8, 0.6, 0.9, 0.9, 0.9, 0.9])
+    refine = loop(converge_on=score_plateau(3), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn)
+    run = refine.run({})
+    h = run.history
+    assert h[3].events == ("backtrack to step 2",)
+    assert calls[4]["k"] == 2, "step 4 must start from step 2's state"
+    assert run.status == "completed"
+    assert run.state["score"] == 0.9
+
+
+def test_best_score_returns_the_best_state_when_the_budget_stops_the_run():
+    fn, _ = scripted([0.3, 0.9, 0.4, 0.5, 0.6])
+    refine = loop(budget=Budget(iterations=5), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn)
+    with pytest.raises(BudgetExhausted) as e:
+        refine({})
+    assert e.value.state["k"] == 1 and e.value.state["score"] == 0.9
+    assert e.value.run_id and len(e.value.history) == 5
+
+
+def test_a_flaky_step_under_last_good_carries_on_and_counts_against_the_budget():
+    fn, calls = scripted([0.1, 0.2, 0.3, 0.4, 0.5], fail_at={2})
+    refine = loop(budget=Budget(iterations=5), backtrack=LastGood(), scorer=score, checkpoint="memory")(fn)
+    run = refine.run({})
+    assert run.status == "budget_exhausted"
+    assert len(run.history) == 5, "the failed call counts as an iteration"
+    assert run.history[2].error == "RuntimeError: flaky call 2"
+    assert run.history[2].events == ("backtrack to step 1",)
+    assert calls[3]["k"] == 1, "the call after the failure starts from the last good state"
+    assert run.state["k"] == 4
+
+
+def test_a_stall_escalates_with_the_last_good_state():
+    fn, _ = scripted([0.5], fail_at={1, 2, 3, 4})
+    refine = loop(backtrack=LastGood(), on_stall=Escalate(after=3), scorer=score, checkpoint="memory")(fn)
+    with pytest.raises(StallError) as e:
+        refine({})
+    assert len(e.value.history) == 4
+    assert e.value.state["k"] == 0
+    assert e.value.history[-1].events == ("stalled",)
+
+
+def test_an_error_without_a_backtracker_fails_the_run_and_reaches_the_caller_with_its_run_id():
+    fn, _ = scripted([0.1, 0.2], fail_at={1})
+    refine = loop(checkpoint="memory")(fn)
+    with pytest.raises(RuntimeError, match="flaky call 1") as e:
+        refine({})
+    assert e.value.run_id
+    run = refine.store.get_run(e.value.run_id)
+    assert run.status == "failed" and run.steps == 2
+    assert e.value.history[-1].error == "RuntimeError: flaky call 1"
+
+
+def test_the_usd_budget_stops_exactly_at_the_cap():
+    refine = loop(budget=Budget(usd=2.00), cost_fn=lambda s: 0.05, checkpoint="memory")(lambda s: s + 1)
+    run = refine.run(0)
+    assert len(run.history) == 40
+    assert run.total_cost == Decimal("2.00")
+    assert run.status == "budget_exhausted"
+
+
+def test_the_usd_budget_is_predictive_and_the_estimate_can_be_given():
+    costs = iter([0.5, 0.9, 0.1, 0.1])
+    refine = loop(budget=Budget(usd=1.5), cost_fn=lambda s: next(costs), checkpoint="memory")(lambda s: s)
+    run = refine.run(0)
+    # after 0.5 + 0.9 = 1.4 the largest step (0.9) would pass 1.5: stop with 0.1 unspent
+    assert len(run.history) == 2 and run.total_cost == Decimal("1.4")
+    never_start = loop(budget=Budget(usd=0.5, step_estimate=1), cost_fn=lambda s: 1, checkpoint="memory")(lambda s: s)
+    assert len(never_start.run(0).history) == 0, "the check happens before the first call"
+
+
+def test_iterations_and_wall_clock_are_checked_before_every_call(clock):
+    def slow(state):
+        clock.advance(4)
+        return state + 1
+
+    run = loop(budget=Budget(wall_clock="10s"), clock=clock, checkpoint="memory")(slow).run(0)
+    assert len(run.history) == 3 and "wall_clock" in run.reason
+    run = loop(budget=Budget(iterations=7), checkpoint="memory")(lambda s: s + 1).run(0)
+    assert len(run.history) == 7 and run.state == 7
+
+
+def test_no_budget_means_the_documented_default_cap_and_unbounded_must_be_asked_for():
+    refine = loop(checkpoint="memory")(lambda s: s + 1)
+    assert DEFAULT_BUDGET == Budget(iterations=100)
+    assert len(refine.run(0).history) == 100
+    free = loop(budget=Budget.unbounded(), converge_on=predicate(lambda h: h[-1].state >= 250),
+                checkpoint="memory")(lambda s: s + 1)
+    assert free(0) == 250
+
+
+# --- precedence: every pair -----------------------------------------------
+
+def at_step(n):
+    return predicate(functools.partial(lambda n, h: len(h) == n, n))
+
+
+# Scores 0.9 then 0.5: after step 1, all four fire at once (len(h) == 2, a regression,
+# one non-improving step, two calls made).
+STRONGER_FIRST = [
+    ("completed", lambda: at_step(2)),
+    ("budget_exhausted", lambda: Budget(iterations=2)),
+    ("stalled", lambda: Escalate(after=1)),
+    ("backtrack", lambda: BestScore()),
+]
+
+
+@pytest.mark.parametrize("i,j", [(i, j) for i in range(4) for j in range(i + 1, 4)])
+def test_when_two_fire_on_the_same_step_the_stronger_wins(i, j):
+    (strong, make_strong), (_, make_weak) = STRONGER_FIRST[i], STRONGER_FIRST[j]
+    fn, calls = scripted([0.9, 0.5, 0.4, 0.3, 0.2])
+    policy = make_strong() | make_weak()
+    if not any(isinstance(p, Budget) for p in policy.walk()):
+        policy = policy | Budget(iterations=3)
+    run = loop(policy=policy, scorer=score, checkpoint="memory")(fn).run({})
+    assert run.status == strong
+    assert len(run.history) == 2
+    assert run.history[1].events == ({"completed": "converged", "budget_exhausted": "budget exhausted",
+                                      "stalled": "stalled"}[strong],)
+
+
+def test_a_backtrack_alone_continues_from_the_best_state():
+    fn, calls = scripted([0.9, 0.5, 0.4])
+    run = loop(policy=BestScore() | Budget(iterations=3), scorer=score, checkpoint="memory")(fn).run({})
+    assert [s.events for s in run.history] == [(), ("backtrack to step 0",), ("budget exhausted",)]
+    assert calls[2]["k"] == 0 and run.state["k"] == 0
+
+
+def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
+    assert Outcome.CONVERGED > Outcome.BUDGET_EXHAUSTED > Outcome.STALLED > Outcome.BACKTRACK > Outcome.CONTINUE
+
+
+# --- bad input --------------------------------------------------------------
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: score_plateau(patience=-1), "patience"),
+    (lambda: score_plateau(patience=0), "patience"),
+    (lambda: score_plateau(min_delta=-0.1), "min_delta"),
+    (lambda: Budget(iterations=-1), "iterations"),
+    (lambda: Budget(usd=-2), "usd"),
+    (lambda: Budget(wall_clock="10 parsecs"), "'10m'"),
+    (lambda: Budget(), "Budget.unbounded()"),
+    (lambda: Escalate(after=0), "after"),
+])
+def test_bad_arguments_fail_at_construction_with_a_clear_message(make, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+def test_roles_cannot_be_combined_with_and_or_not():
+    with pytest.raises(PolicyTypeError, match=r"\|"):
+        BestScore() & score_plateau(3)
+    with pytest.raises(PolicyTypeError, match="backtracker"):
+        score_plateau(3) & LastGood()
+    with pytest.raises(PolicyTypeError):
+        ~Escalate(after=2)
+    with pytest.raises(PolicyTypeError, match="one backtracker"):
+        BestScore() | LastGood()
+
+
+@pytest.mark.parametrize("junk", [True, 3, "converged", None])
+def test_only_policies_and_functions_compose(junk):
+    with pytest.raises(PolicyTypeError):
+        score_plateau(3) | junk
+    with pytest.raises(PolicyTypeError):
+        junk & score_plateau(3)
+
+
+def test_bool_of_a_policy_raises_so_or_cannot_pick_one():
+    with pytest.raises(PolicyTypeError, match=r"\|"):
+        score_plateau(3) or never
+
+
+def test_a_plain_callable_becomes_a_predicate_and_repr_shows_the_structure():
+    p = score_plateau(patience=3) | (predicate(lambda h: True) & Budget(usd=2.0))
+    assert repr(p) == "score_plateau(patience=3, min_delta=0.01) | (predicate(<lambda>) & Budget(usd=2.0))"
+    def done(h):
+        return True
+    q = score_plateau(3) | done
+    assert repr(q) == "score_plateau(patience=3, min_delta=0.01) | predicate(done)"
+    assert repr(score_plateau(3) | score_plateau(4) | Budget(iterations=3)).count("|") == 2
+    assert len((score_plateau(3) | score_plateau(4) | Budget(iterations=3)).parts) == 3
+    assert repr(~(score_plateau(3) | always)) == "~(score_plateau(patience=3, min_delta=0.01) | always)"
+
+
+def test_a_policy_that_needs_scores_is_refused_at_decoration_time():
+    with pytest.raises(ConfigError, match="scorer="):
+        loop(converge_on=score_plateau(3))
+    with pytest.raises(ConfigError, match="BestScore"):
+        loop(backtrack=BestScore())
+
+
+def test_decoration_time_errors_for_wrong_slots():
+    with pytest.raises(PolicyTypeError, match="backtrack="):
+        loop(converge_on=BestScore(), scorer=score)
+    with pytest.raises(ConfigError, match="Budget"):
+        loop(budget=5)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        loop(checkpoint=42)
+
+
+def test_the_keyword_slots_build_the_same_value_as_policy():
+    kw = loop(budget=Budget(usd=2), converge_on=score_plateau(3), backtrack=BestScore(), on_stall=Escalate(after=3),
+              scorer=score, checkpoint="memory")(lambda s: s)
+    one = loop(policy=Budget(usd=2) | score_plateau(3) | BestScore() | Escalate(after=3), scorer=score,
+               checkpoint="memory")(lambda s: s)
+    assert kw.policy == one.policy
+
+
+def test_the_decorated_object_keeps_the_function_face():
+    def refine_report(state: int) -> int:
+        """Make the report better."""
+        return state + 1
+
+    runner = loop(budget=Budget(iterations=3), checkpoint="memory")(refine_report)
+    assert runner.__name__ == "refine_report" and runner.__doc__ == "Make the report better."
+    assert runner.fn is refine_report
+    assert runner.run(0).state == 3
+    with pytest.raises(BudgetExhausted):
+        runner(0)
+    done = loop(converge_on=predicate(lambda h: h[-1].state >= 3), checkpoint="memory")(refine_report)
+    assert done(0) == 3
+
+
+def test_nan_never_becomes_the_best_score():
+    fn, _ = scripted([float("nan"), 0.2, float("nan"), 0.1])
+    run = loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn).run({})
+    assert run.history.best.n == 1
+    assert run.state["k"] == 1
+
+
+def test_replay_matches_what_the_live_loop_did():
+    fn, _ = scripted([0.3, 0.5, 0.8, 0.6, 0.8, 0.8, 0.8, 0.8])
+    policy = Budget(iterations=20) | score_plateau(3) | BestScore()
+    run = loop(policy=policy, scorer=score, checkpoint="memory")(fn).run({})
+    r = policy.replay(run.history)
+    assert r.stopped_after == len(run.history)
+    assert r.decision.outcome is Outcome.CONVERGED
+    assert r.backtracks == ((3, 2),)
+    other = (Budget(iterations=20) | score_plateau(1)).replay(run.history)
+    assert other.stopped_after == 4 and "score_plateau" in str(other)
+
+
+def test_on_step_callbacks_see_every_committed_step_once_and_a_failing_one_does_not_harm_the_run():
+    seen = []
+
+    def broken(step):
+        raise ValueError("callback bug")
+
+    runner = loop(budget=Budget(iterations=4), on_step=[seen.append, broken], checkpoint="memory")(lambda s: s + 1)
+    with pytest.warns(UserWarning, match="callback bug"):
+        run = runner.run(0)
+    assert [s.n for s in seen] == [0, 1, 2, 3]
+    assert run.status == "budget_exhausted" and run.state == 4
