@@ -21,8 +21,8 @@ _PLAIN = (dict, list, str, int, float, bool, type(None))
 
 
 def type_path(tp: Any) -> str | None:
-    """``"module:qualname"`` for a class that can be imported again, else ``None``."""
-    if not isinstance(tp, type) or tp in _PLAIN or "<locals>" in tp.__qualname__:
+    """``"module:qualname"`` of a class (a plain JSON type gives ``None``)."""
+    if not isinstance(tp, type) or tp in _PLAIN:
         return None
     return f"{tp.__module__}:{tp.__qualname__}"
 
@@ -54,7 +54,7 @@ def is_typed(tp: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _adapter(tp: Any) -> Any:
+def adapter(tp: Any) -> Any:
     import pydantic
     return pydantic.TypeAdapter(tp)
 
@@ -114,7 +114,7 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
     try:
         if not is_typed(state_type):
             return json.loads(text)
-        return _adapter(state_type).validate_json(text)
+        return adapter(state_type).validate_json(text)
     except Exception as e:
         field = ""
         errors = getattr(e, "errors", None)
@@ -128,14 +128,21 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
             "Make the field optional or give it a default, or resume with the old code") from None
 
 
-def resolve_state_type(annotated: Any, recorded: str | None) -> Any:
-    """The type to decode with: ``fn``'s annotation first, else the type recorded with the run."""
+def resolve_state_type(annotated: Any, recorded: str | None, known: dict[str, Any] | None = None) -> Any:
+    """The type to decode with: ``fn``'s annotation, else the type recorded with the run.
+
+    ``known`` maps recorded paths to types this process has already seen (a
+    class defined inside a function cannot be imported again).
+    """
     if is_typed(annotated):
         return annotated
     if recorded:
+        if known and recorded in known:
+            return known[recorded]
         try:
             return import_path(recorded)
         except (ImportError, AttributeError) as e:
-            raise ConfigError(f"the run's state type {recorded} cannot be imported ({e}); "
-                              "annotate fn's state parameter with the type to decode into") from None
+            raise ConfigError(f"the run's state type {recorded} cannot be imported ({e}), and loomc will not "
+                              "hand back a plain dict in its place; annotate fn's state parameter with the "
+                              "type, or define the type at module level") from None
     return None

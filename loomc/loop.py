@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import os
 import sys
 import time
@@ -98,12 +99,19 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
     return f"{module}:{qualname}"
 
 
-def _spec_hash(fn: Callable[..., Any], policy: Policy) -> str:
+def _spec_hash(fn: Callable[..., Any], policy: Policy, state_type: Any) -> str:
+    """A fingerprint of fn's source, the policy and the state type's schema."""
     try:
         source = inspect.getsource(fn)
     except (OSError, TypeError):
         source = getattr(fn, "__qualname__", repr(fn))
-    return hashlib.sha256(f"{SPEC_VERSION}\0{source}\0{policy!r}".encode()).hexdigest()[:16]
+    schema = ""
+    if codec.is_typed(state_type):
+        try:
+            schema = json.dumps(codec.adapter(state_type).json_schema(), sort_keys=True)
+        except Exception:  # a type pydantic cannot describe: its name will do
+            schema = repr(state_type)
+    return hashlib.sha256(f"{SPEC_VERSION}\0{source}\0{policy!r}\0{schema}".encode()).hexdigest()[:16]
 
 
 class LoopRunner:
@@ -123,8 +131,9 @@ class LoopRunner:
         self.lease_seconds = lease_seconds
         self.state_type = codec.annotated_state_type(fn)
         self.fn_path = _fn_path(fn)
-        self.spec_hash = _spec_hash(fn, policy)
+        self.spec_hash = _spec_hash(fn, policy, self.state_type)
         self._store: CheckpointStore | None = None
+        self._types: dict[str, Any] = {}  # state types seen by this runner, by recorded path
 
     def __repr__(self) -> str:
         return f"<loop {getattr(self.fn, '__qualname__', self.fn)} policy={self.policy!r}>"
@@ -152,6 +161,8 @@ class LoopRunner:
             raise type(e)(f"the initial state cannot be stored: {e}") from None
         now, run_id = time.time(), run_id or new_run_id()
         state_type = codec.type_path(self.state_type) or codec.type_path(type(state))
+        if state_type is not None and not codec.is_typed(self.state_type):
+            self._types[state_type] = type(state)
         self.store.create_run(RunRecord(
             id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path, policy=repr(self.policy),
             state_type=state_type, initial_state=initial_json, created_at=now, updated_at=now,
@@ -184,7 +195,7 @@ class LoopRunner:
         return live
 
     def _restore(self, record: RunRecord, policy: Policy) -> LiveRun:
-        state_type = codec.resolve_state_type(self.state_type, record.state_type)
+        state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
 
         def loader(text: str | None, n: int) -> Callable[[], Any]:
@@ -195,10 +206,10 @@ class LoopRunner:
                  for s in self.store.load_steps(run_id)]
         history = History(steps)
         history = self._settle_interrupted(record, history)
-        initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
         source = _current_step(history)
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
+        initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
         return self._live(run_id, policy, history, initial, source, record.active_seconds)
 
     def _settle_interrupted(self, record: RunRecord, history: History) -> History:

@@ -1,0 +1,155 @@
+"""A conformance suite every CheckpointStore must pass. Needs pytest.
+
+Subclass :class:`StoreConformance` in a test module and give it a ``store``
+fixture that returns a fresh, empty store::
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        def store(self, tmp_path):
+            return MyStore(tmp_path / "db")
+
+Every test then runs against that store: round-trips, ordering, duplicate
+commits, totals, charges and leases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from loomc.errors import RunLocked, RunNotFound, StepConflict
+from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals
+
+OWNER = "conformance-host:1:owner"
+OTHER = "conformance-host:2:other"
+
+
+def make_run(run_id: str = "run-1", created_at: float | None = None, **fields: Any) -> RunRecord:
+    now = time.time() if created_at is None else created_at
+    return RunRecord(id=run_id, status="running", spec_hash="h", fn_path="m:f", policy="Budget(iterations=3)",
+                     initial_state='{"x": 0}', created_at=now, updated_at=now, owner=OWNER,
+                     lease_expires=now + 600, **fields)
+
+
+def make_step(n: int, state: Any = None, cost: str = "0.05", **fields: Any) -> StoredStep:
+    return StoredStep(n=n, state_json=json.dumps(state if state is not None else {"n": n}, ensure_ascii=False),
+                      cost=Decimal(cost), started_at=time.time(), **fields)
+
+
+def commit(store: CheckpointStore, run_id: str, steps: list[StoredStep], owner: str | None = OWNER) -> None:
+    total = Decimal(0)
+    for i, step in enumerate(steps):
+        total += step.cost
+        store.commit_step(run_id, step, Totals(total, i + 1, float(i)), owner, 600)
+
+
+class StoreConformance:
+    """The behaviour loomc relies on from a store. Provide a ``store`` fixture."""
+
+    def test_a_run_round_trips(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        got = store.get_run("r1")
+        assert (got.id, got.status, got.spec_hash, got.fn_path, got.initial_state) == \
+            ("r1", "running", "h", "m:f", '{"x": 0}')
+
+    def test_an_unknown_run_is_named_in_the_error(self, store: CheckpointStore) -> None:
+        with pytest.raises(RunNotFound, match="nope"):
+            store.get_run("nope")
+        with pytest.raises(RunNotFound, match="nope"):
+            store.load_steps("nope")
+
+    def test_a_run_id_is_created_once(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        with pytest.raises(StepConflict):
+            store.create_run(make_run("r1"))
+
+    @pytest.mark.parametrize("state", [
+        {"text": "naïve café ☕ — 日本語 🚀", "nested": {"list": [1, 2.5, None, True], "deep": {"a": {"b": "c"}}}},
+        {"big": "x" * 1_200_000},
+        [1, "two", {"three": [3]}],
+        "just a string",
+    ])
+    def test_states_round_trip_exactly(self, store: CheckpointStore, state: Any) -> None:
+        store.create_run(make_run("r1"))
+        commit(store, "r1", [make_step(0, state)])
+        (got,) = store.load_steps("r1")
+        assert got.state_json is not None and json.loads(got.state_json) == state
+
+    def test_steps_come_back_in_step_order_with_every_field(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        steps = [make_step(0, score=0.25, duration=1.5, metrics={"d": 0.1}, events=("backtrack to step 0",)),
+                 make_step(1, score=None, error="RuntimeError: rate limit", cost="0"),
+                 make_step(2, score=float("nan"))]
+        commit(store, "r1", steps)
+        got = store.load_steps("r1")
+        assert [s.n for s in got] == [0, 1, 2]
+        assert got[0].score == 0.25 and got[0].duration == 1.5 and got[0].metrics == {"d": 0.1}
+        assert got[0].events == ("backtrack to step 0",)
+        assert got[1].error == "RuntimeError: rate limit" and got[1].score is None
+        assert got[2].score is not None and math.isnan(got[2].score)
+        assert all(isinstance(s.cost, Decimal) for s in got)
+
+    def test_latest_means_the_highest_step_number_not_the_newest_timestamp(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        late_clock = time.time() + 1000
+        commit(store, "r1", [StoredStep(0, '{"n": 0}', Decimal(0), started_at=late_clock),
+                             StoredStep(1, '{"n": 1}', Decimal(0), started_at=late_clock - 500)])
+        assert store.load_steps("r1")[-1].n == 1
+
+    def test_states_can_be_left_out_of_a_listing(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        commit(store, "r1", [make_step(0), make_step(1)])
+        assert [s.state_json for s in store.load_steps("r1", with_states=False)] == [None, None]
+
+    def test_a_step_number_is_committed_at_most_once(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        commit(store, "r1", [make_step(0, {"first": True})])
+        with pytest.raises(StepConflict, match="step 0"):
+            store.commit_step("r1", make_step(0, {"second": True}), Totals(Decimal("0.10"), 1, 0.0), OWNER, 600)
+        (got,) = store.load_steps("r1")
+        assert json.loads(got.state_json or "") == {"first": True}
+        assert store.get_run("r1").total_cost == Decimal("0.05"), "a refused commit changes no total"
+
+    def test_totals_are_committed_with_each_step(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        commit(store, "r1", [make_step(i, cost="0.1") for i in range(3)])
+        run = store.get_run("r1")
+        assert run.total_cost == Decimal("0.3") and run.steps == 3 and run.active_seconds == 2.0
+
+    def test_finishing_records_status_and_reason_and_releases_the_lease(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        store.finish_run("r1", "budget_exhausted", "usd: cap", OWNER)
+        run = store.get_run("r1")
+        assert (run.status, run.reason, run.owner) == ("budget_exhausted", "usd: cap", None)
+
+    def test_runs_list_newest_first_with_filters(self, store: CheckpointStore) -> None:
+        for i in range(5):
+            store.create_run(make_run(f"r{i}", created_at=1000.0 + i))
+        store.finish_run("r3", "completed", "done", OWNER)
+        assert [r.id for r in store.list_runs()] == ["r4", "r3", "r2", "r1", "r0"]
+        assert [r.id for r in store.list_runs(status="completed")] == ["r3"]
+        assert [r.id for r in store.list_runs(limit=2)] == ["r4", "r3"]
+
+    def test_a_live_lease_refuses_a_second_owner_and_an_expired_one_is_taken_over(
+            self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        with pytest.raises(RunLocked, match="r1"):
+            store.claim_run("r1", OTHER, 600)
+        store.create_run(make_run("r2").replace(lease_expires=time.time() - 1))
+        taken = store.claim_run("r2", OTHER, 600, note="took over")
+        assert taken.owner == OTHER and taken.attempts == 2 and "took over" in taken.notes
+        with pytest.raises(RunLocked):
+            store.commit_step("r2", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 600)
+
+    def test_write_ahead_charges_are_pending_until_their_step_commits(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))
+        store.charge("r1", 0, Decimal("0.02"))
+        store.charge("r1", 0, Decimal("0.03"))
+        assert store.pending_charges("r1") == {0: Decimal("0.05")}
+        commit(store, "r1", [make_step(0)])
+        assert store.pending_charges("r1") == {}

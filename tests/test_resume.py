@@ -1,0 +1,351 @@
+"""Resume: a crash at step 9 of 10 loses nothing that was paid for, and nothing is counted twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, RunAlreadyFinished, RunLocked, RunNotFound,
+                   SpecChangedWarning, SQLiteStore, StateEncodeError, loop, predicate)
+
+CRASHY = str(Path(__file__).parent / "crashy.py")
+
+
+def reference_final() -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hashlib
+    state = {"i": 0, "digest": "seed"}
+    while state["i"] < 60:
+        digest = hashlib.sha256(f"{state['digest']}:{state['i']}".encode()).hexdigest()[:16]
+        state = {"i": state["i"] + 1, "digest": digest}
+    return state
+
+
+def run_crashy(db, run_id, mode, kill_after=None):
+    proc = subprocess.Popen([sys.executable, CRASHY, str(db), run_id, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if kill_after is None:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return json.loads(out)
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    return None
+
+
+def _status(db):
+    try:
+        return SQLiteStore(db).get_run("crashrun").status
+    except RunNotFound:
+        return None
+
+
+@pytest.mark.parametrize("mode", ["cost", "charge"])
+def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
+    db = tmp_path / "crash.db"
+    rng = random.Random(1234 if mode == "cost" else 99)
+    # Start-up takes ~0.2 s, so early kills land before the first commit; 60 steps of 0-30 ms
+    # with an fsync each give kills between steps, inside fn and inside commits.
+    kills = 0
+    while kills < 40:
+        run_crashy(db, "crashrun", mode, kill_after=rng.uniform(0.1, 0.4))
+        kills += 1
+        if db.exists() and _status(db) == "completed":
+            break
+    assert kills >= 3, "the run finished before the kills could interrupt it: slow the steps down"
+    final = run_crashy(db, "crashrun", mode)
+    assert final == reference_final()
+    store = SQLiteStore(db)
+    run = store.get_run("crashrun")
+    steps = store.load_steps("crashrun")
+    assert run.status == "completed"
+    assert [s.n for s in steps] == list(range(len(steps))), "committed steps are contiguous"
+    ok = [s for s in steps if s.error is None]
+    assert [json.loads(s.state_json)["i"] for s in ok] == list(range(1, 61))
+    assert run.steps == len(steps)
+    assert run.total_cost == sum((s.cost for s in steps), Decimal(0))
+    if mode == "cost":
+        assert run.total_cost == Decimal("0.01") * 60
+    else:
+        # every charge is counted once: the 30 good steps plus each interrupted step that had charged
+        interrupted = [s for s in steps if s.error is not None]
+        assert all(s.error.startswith("Interrupted") and s.cost == Decimal("0.01") for s in interrupted)
+        assert run.total_cost == Decimal("0.01") * len(steps)
+        assert store.pending_charges("crashrun") == {}
+    assert run.attempts >= 2
+
+
+def test_a_run_killed_before_its_first_commit_resumes_from_its_initial_state(tmp_path):
+    db = tmp_path / "early.db"
+    code = f"""
+import os, signal
+from loomc import Budget, loop
+@loop(budget=Budget(iterations=3), checkpoint={str(db)!r})
+def step(s):
+    os.kill(os.getpid(), signal.SIGKILL)
+step({{"start": 7}}, run_id="early")
+"""
+    subprocess.run([sys.executable, "-c", code], timeout=60)
+    store = SQLiteStore(db)
+    assert store.get_run("early").steps == 0
+
+    @loop(budget=Budget(iterations=3), checkpoint=str(db))
+    def step(s):
+        return {"start": s["start"] + 1}
+    run = step.resume_run("early")
+    assert run.state == {"start": 10}
+
+
+def test_resume_counts_the_spend_against_the_same_caps(tmp_path):
+    db = str(tmp_path / "b.db")
+    calls = {"n": 0}
+
+    @loop(budget=Budget(usd=2.00), cost_fn=lambda s: 0.05, checkpoint=db)
+    def step(s):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ConnectionError("network down")
+        return s + 1
+
+    with pytest.raises(ConnectionError) as e:
+        step(0)
+    run_id = e.value.run_id
+    before = SQLiteStore(db).get_run(run_id)
+    assert before.total_cost == Decimal("0.15") and before.status == "failed"
+    run = step.resume_run(run_id)
+    assert run.status == "budget_exhausted"
+    assert run.total_cost == Decimal("2.00"), "$0.15 spent before the crash leaves $1.85: 37 more steps"
+    assert len(run.history) == 41 and run.history[3].error == "ConnectionError: network down"
+    assert [s.n for s in run.history] == list(range(41))
+    assert run.state == 40
+
+
+def test_resume_errors_name_the_run(tmp_path):
+    db = str(tmp_path / "e.db")
+    step = loop(budget=Budget(iterations=2), converge_on=predicate(lambda h: len(h) == 2),
+                checkpoint=db)(lambda s: s + 1)
+    with pytest.raises(RunNotFound, match="nosuchrun"):
+        step.resume("nosuchrun")
+    run = step.run(0)
+    assert run.status == "completed"
+    with pytest.raises(RunAlreadyFinished, match=f"{run.id} already completed"):
+        step.resume(run.id)
+
+
+def test_a_budget_exhausted_run_resumes_with_a_larger_budget_and_the_raise_is_recorded(tmp_path):
+    db = str(tmp_path / "r.db")
+    step = loop(budget=Budget(usd=0.5), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    first = step.run(0)
+    assert first.status == "budget_exhausted" and first.state == 5
+    again = step.resume_run(first.id)
+    assert again.status == "budget_exhausted" and len(again.history) == 5, "the same cap buys nothing more"
+    more = step.resume_run(first.id, budget=Budget(usd=1.0))
+    assert more.state == 10 and more.total_cost == Decimal("1.0")
+    record = SQLiteStore(db).get_run(first.id)
+    assert any("Budget(usd=1.0)" in note for note in record.notes)
+    assert record.policy.startswith("Budget(usd=1.0)")
+
+
+class Draft(pydantic.BaseModel):
+    text: str
+    version: int
+    tags: list[str] = []
+
+
+class DraftV2(pydantic.BaseModel):
+    text: str
+    version: int
+    tags: list[str] = []
+    reviewer: str = "nobody"
+
+
+class DraftStrict(pydantic.BaseModel):
+    text: str
+    version: int
+    approved_by: str
+
+
+CALLS = {"n": 0}
+
+
+def refine_draft(d: Draft) -> Draft:
+    CALLS["n"] += 1
+    if CALLS["n"] == 3:
+        raise TimeoutError("model timed out")
+    assert isinstance(d, Draft), f"got {type(d).__name__}"
+    return Draft(text=d.text + "!", version=d.version + 1, tags=d.tags)
+
+
+def refine_draft_v2(d: DraftV2) -> DraftV2:
+    assert isinstance(d, DraftV2), f"got {type(d).__name__}"
+    return DraftV2(text=d.text + "!", version=d.version + 1, tags=d.tags)
+
+
+def test_a_pydantic_state_comes_back_as_its_model_on_resume(tmp_path):
+    db = str(tmp_path / "t.db")
+    CALLS["n"] = 0
+    with pytest.raises(TimeoutError) as e:
+        loop(budget=Budget(iterations=4), checkpoint=db)(refine_draft)(Draft(text="hi", version=0, tags=["ü"]))
+    run_id = e.value.run_id
+    run = loop(budget=Budget(iterations=4), checkpoint=db)(refine_draft).resume_run(run_id)
+    assert isinstance(run.state, Draft) and run.state.version == 3 and run.state.tags == ["ü"]
+    assert all(isinstance(s.state, Draft) for s in run.history if s.ok)
+
+
+def test_a_changed_model_that_still_validates_resumes_with_a_warning(tmp_path):
+    db = str(tmp_path / "t2.db")
+    CALLS["n"] = 0
+    with pytest.raises(TimeoutError) as e:
+        loop(budget=Budget(iterations=4), checkpoint=db)(refine_draft)(Draft(text="hi", version=0))
+    with pytest.warns(SpecChangedWarning, match=e.value.run_id):
+        run = loop(budget=Budget(iterations=4), checkpoint=db)(refine_draft_v2).resume_run(e.value.run_id)
+    assert isinstance(run.state, DraftV2) and run.state.version == 3 and run.state.reviewer == "nobody"
+
+
+def test_resume_with_unchanged_code_does_not_warn(tmp_path):
+    import warnings
+    db = str(tmp_path / "same.db")
+
+    def inc(s):
+        return s + 1
+
+    run = loop(budget=Budget(iterations=2), checkpoint=db)(inc).run(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = loop(budget=Budget(iterations=2), checkpoint=db)(inc)  # a fresh process would do the same
+        with pytest.raises(BudgetExhausted):
+            again.resume(run.id)
+
+
+def test_a_state_that_no_longer_validates_fails_the_resume_naming_run_step_and_field(tmp_path):
+    db = str(tmp_path / "v.db")
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    def refine(d: Draft) -> Draft:
+        return Draft(text=d.text, version=d.version + 1)
+
+    run = refine.run(Draft(text="a", version=0))
+
+    @loop(budget=Budget(iterations=5), checkpoint=db)
+    def refine_strict(d: DraftStrict) -> DraftStrict:
+        return d
+
+    with pytest.raises(CheckpointDecodeError, match=rf"run {run.id} step 1.*approved_by"):
+        refine_strict.resume(run.id)
+    assert SQLiteStore(db).get_run(run.id).status == "budget_exhausted", "a failed resume changes nothing"
+
+
+def test_the_state_type_is_recorded_when_fn_has_no_annotation(tmp_path):
+    db = str(tmp_path / "u.db")
+    step = loop(budget=Budget(iterations=2), checkpoint=db)(lambda d: Draft(text=d.text, version=d.version + 1))
+    run = step.run(Draft(text="a", version=0))
+    assert SQLiteStore(db).get_run(run.id).state_type == "test_resume:Draft"
+    more = step.resume_run(run.id, budget=Budget(iterations=3))
+    assert isinstance(more.state, Draft) and more.state.version == 3
+
+
+def test_an_unencodable_state_fails_its_step_with_the_field_and_keeps_the_cost(tmp_path):
+    db = str(tmp_path / "x.db")
+
+    @loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.25, checkpoint=db)
+    def step(s):
+        return {"ok": 1, "inner": {"conn": object()}}
+
+    with pytest.raises(StateEncodeError, match=r"state\['inner'\]\['conn'\] is a object") as e:
+        step({"ok": 0})
+    record = SQLiteStore(db).get_run(e.value.run_id)
+    assert record.status == "failed" and record.total_cost == Decimal("0.25")
+    (only,) = SQLiteStore(db).load_steps(e.value.run_id)
+    assert only.state_json is None and only.error.startswith("StateEncodeError")
+
+
+def test_two_processes_cannot_resume_one_run_and_a_dead_owner_is_taken_over(tmp_path):
+    db = tmp_path / "lease.db"
+    run_crashy(db, "leased", "cost")  # a finished run to prime the file
+    proc = subprocess.Popen([sys.executable, CRASHY, str(db), "slowrun", "slow"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        store = SQLiteStore(db)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if store.get_run("slowrun").steps >= 1:
+                    break
+            except RunNotFound:
+                pass
+            time.sleep(0.05)
+        sys.path.insert(0, str(Path(__file__).parent))
+        step = loop(budget=Budget(iterations=1000), cost_fn=lambda s: 0.01,
+                    converge_on=predicate(lambda h: h[-1].state["i"] >= 60), checkpoint=str(db))(
+            lambda s: {"i": s["i"] + 1, "digest": s["digest"]})
+        with pytest.raises(RunLocked, match="slowrun"):
+            step.resume("slowrun")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    final = run_crashy(db, "slowrun", "cost")  # the dead owner's lease is taken over at once
+    assert final == reference_final()
+
+
+def test_wall_clock_counts_active_time_across_resumes(tmp_path, clock):
+    db = str(tmp_path / "w.db")
+    calls = {"n": 0}
+
+    @loop(budget=Budget(wall_clock="10s"), clock=clock, checkpoint=db)
+    def step(s):
+        calls["n"] += 1
+        clock.advance(3)
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return s + 1
+
+    with pytest.raises(OSError) as e:
+        step(0)
+    clock.advance(10_000)  # time while the process was down does not count
+    run = step.resume_run(e.value.run_id)
+    assert run.status == "budget_exhausted" and len(run.history) == 4
+
+
+def test_resume_does_not_decode_every_stored_state(tmp_path):
+    db = str(tmp_path / "lazy.db")
+    decoded = []
+
+    class Counted(pydantic.BaseModel):
+        i: int
+
+        @pydantic.field_validator("i")
+        @classmethod
+        def count(cls, v):
+            decoded.append(v)
+            return v
+
+    @loop(budget=Budget(iterations=300), checkpoint=db)
+    def step(s: Counted) -> Counted:
+        return Counted(i=s.i + 1)
+
+    run = step.run(Counted(i=0))
+    decoded.clear()
+    more = step.resume_run(run.id, budget=Budget(iterations=302))
+    assert more.state.i == 302
+    assert len(decoded) <= 5, f"resume decoded {len(decoded)} states"
+
+
+def test_the_default_store_is_sqlite_under_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOMC_DB", raising=False)
+    step = loop(budget=Budget(iterations=2))(lambda s: s + 1)
+    run = step.run(0)
+    assert (tmp_path / ".loomc" / "checkpoints.db").exists()
+    assert SQLiteStore(tmp_path / ".loomc" / "checkpoints.db").get_run(run.id).steps == 2
+    assert os.getcwd() == str(tmp_path)

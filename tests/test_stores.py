@@ -1,0 +1,130 @@
+"""Every store passes the conformance suite; the SQLite store also keeps its promises on disk."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from loomc import CorruptStore, MemoryStore, SchemaTooNew, SQLiteStore, StoreError
+from loomc.stores.sqlite import SCHEMA_VERSION, create_v1_database
+from loomc.testing import StoreConformance
+
+HERE = Path(__file__).parent
+
+
+class TestMemoryStore(StoreConformance):
+    @pytest.fixture
+    def store(self):
+        return MemoryStore()
+
+
+class TestSQLiteStore(StoreConformance):
+    @pytest.fixture(params=["full", "normal"])
+    def store(self, tmp_path, request):
+        s = SQLiteStore(tmp_path / "checkpoints.db", durability=request.param)
+        yield s
+        s.close()
+
+
+def test_the_documented_tables_and_columns_exist(tmp_path):
+    SQLiteStore(tmp_path / "c.db").close()
+    conn = sqlite3.connect(tmp_path / "c.db")
+    cols = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in ("runs", "steps")}
+    assert {"id", "spec_hash", "status", "created_at", "updated_at"} <= cols["runs"]
+    assert {"run_id", "step_n", "state_blob", "cost_usd", "score", "timestamp", "error"} <= cols["steps"]
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_durability_sets_the_synchronous_pragma(tmp_path):
+    full = SQLiteStore(tmp_path / "a.db")
+    normal = SQLiteStore(tmp_path / "b.db", durability="normal")
+    assert full._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert normal._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    with pytest.raises(ValueError, match="durability"):
+        SQLiteStore(tmp_path / "c.db", durability="fast")
+
+
+def test_a_loomc_0_2_database_is_migrated_with_its_runs_and_steps(tmp_path):
+    path = tmp_path / "old.db"
+    conn = create_v1_database(path)
+    conn.execute("INSERT INTO runs VALUES ('old1', 'abc', 'failed', '2026-07-03T12:00:19', '2026-07-03T12:01:00')")
+    conn.executemany("INSERT INTO steps VALUES ('old1', ?, ?, ?, ?, '2026-07-03T12:00:2' || ?, ?)",
+                     [(0, '{"v": 1}', 0.05, 0.25, 0, None), (1, '{"v": 2}', 0.05, 0.5, 1, None),
+                      (2, None, 0.0, None, 2, "RuntimeError: rate limit")])
+    conn.close()
+    store = SQLiteStore(path)
+    run = store.get_run("old1")
+    assert run.status == "failed" and run.steps == 3 and run.total_cost == Decimal("0.1")
+    steps = store.load_steps("old1")
+    assert [s.n for s in steps] == [0, 1, 2] and steps[2].error == "RuntimeError: rate limit"
+    assert steps[0].cost == Decimal("0.05")
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_several_processes_migrating_one_old_file_at_once_all_succeed(tmp_path):
+    path = tmp_path / "old.db"
+    conn = create_v1_database(path)
+    conn.execute("INSERT INTO runs VALUES ('old1', 'abc', 'completed', '2026-07-03T12:00:19', '2026-07-03T12:00:19')")
+    conn.close()
+    code = f"from loomc import SQLiteStore; print(SQLiteStore({str(path)!r}).get_run('old1').status)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [o[0].strip() for o in outs] == ["completed"] * 4, [o[1] for o in outs]
+
+
+def test_a_newer_schema_is_refused_with_the_version_it_needs(tmp_path):
+    path = tmp_path / "new.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}.*upgrade loomc"):
+        SQLiteStore(path)
+
+
+def test_a_corrupt_file_says_it_is_corrupt_and_where(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(CorruptStore, match=str(path.name)):
+        SQLiteStore(path)
+
+
+def test_another_programs_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE invoices (id INTEGER)")
+    conn.close()
+    with pytest.raises(StoreError, match="not a loomc one"):
+        SQLiteStore(path)
+
+
+def test_six_processes_write_many_runs_into_one_file_without_database_is_locked(tmp_path):
+    db = tmp_path / "shared.db"
+    code = """
+import sys
+from loomc import Budget, loop
+@loop(budget=Budget(iterations=15), cost_fn=lambda s: 0.01, checkpoint=sys.argv[1])
+def step(s):
+    return s + 1
+for k in range(8):
+    step.run(0, run_id=f"{sys.argv[2]}-{k}")
+print("ok")
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), f"p{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    results = [p.communicate(timeout=240) for p in procs]
+    for out, err in results:
+        assert out.strip() == "ok", err
+        assert "locked" not in err
+    store = SQLiteStore(db)
+    runs = store.list_runs()
+    assert len(runs) == 48
+    assert all(r.steps == 15 and r.total_cost == Decimal("0.15") and r.status == "budget_exhausted" for r in runs)
+    (count,) = store._conn().execute("SELECT count(*) FROM steps").fetchone()
+    assert count == 48 * 15
