@@ -171,7 +171,7 @@ class LoopRunner:
 
     def _reopen(self, run_id: str, budget: Budget | None) -> LiveRun:
         store = self.store
-        record = store.get_run(run_id)
+        record = before = store.get_run(run_id)
         if record.status == "completed":
             raise RunAlreadyFinished(f"run {run_id} already completed ({record.reason}); there is nothing "
                                      f"to resume. See it with `loomc show {run_id}`")
@@ -188,9 +188,8 @@ class LoopRunner:
                               "resuming with the current code, the stored state still validates",
                               SpecChangedWarning, stacklevel=3)
             live = self._restore(record, policy)
-        except BaseException:
-            store.finish_run(run_id, record.status if record.status != "running" else "failed",
-                             record.reason, _owner())
+        except BaseException:  # a resume that cannot start leaves the run as it was
+            store.finish_run(run_id, before.status, before.reason, _owner())
             raise
         return live
 
