@@ -22,7 +22,7 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           PolicyTypeError, RunAlreadyFinished, RunCancelled, RunError, RunLocked, RunNotFound,
                           SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import CallbackWarning, Run, charge
+from loomc.interpreter import CallbackWarning, Run, charge, step_number
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
 from loomc.stall import Escalate
@@ -36,5 +36,5 @@ __all__ = [
     "RunNotFound", "SQLiteStore", "SchemaTooNew", "ScorePlateau", "Signal", "SpecChangedWarning",
     "StallError", "StateEncodeError", "Step", "StepConflict", "StoreError", "__version__", "always",
     "build_policy", "charge", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
-    "replay", "score_plateau",
+    "replay", "score_plateau", "step_number",
 ]

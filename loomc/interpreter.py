@@ -332,6 +332,12 @@ def current_run() -> LiveRun | None:
     return _CURRENT.get()
 
 
+def step_number() -> int | None:
+    """The number of the step whose iteration is running in this context, or ``None`` outside one."""
+    run = _CURRENT.get()
+    return None if run is None else run.in_flight
+
+
 def charge(usd: float | Decimal | str) -> None:
     """Record spend the moment it happens, inside an iteration.
 

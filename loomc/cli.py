@@ -1,0 +1,245 @@
+"""The ``loomc`` command: runs, show, resume, export and demo, on the SQLite store.
+
+Every command reads ``--db PATH``, else ``$LOOMC_DB``, else ``./.loomc/checkpoints.db``.
+Bad input (an unknown run, a missing or corrupt database, one from a newer loomc)
+prints one line on stderr and exits 1; text that came from the outside world
+(errors, states) is escaped before it reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import unicodedata
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NoReturn
+
+import click
+
+from loomc.errors import LoomcError
+from loomc.stores.base import RunRecord, StoredStep
+
+DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
+STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yellow", "stalled": "magenta",
+                 "cancelled": "yellow", "running": "cyan"}
+
+
+def clean(text: Any) -> str:
+    """``text`` with every control or format character escaped, so it cannot drive the terminal.
+
+    >>> clean("ok\\x1b[2Jgone")
+    'ok\\\\x1b[2Jgone'
+    """
+    out = []
+    for ch in str(text):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def color_on() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def paint(text: str, color: str | None) -> str:
+    return click.style(text, fg=color) if color and color_on() else text
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"loomc: {clean(message)}", err=True)
+    sys.exit(1)
+
+
+def db_path(db: str | None) -> str:
+    from loomc.stores import DEFAULT_DB
+    return db or os.environ.get("LOOMC_DB") or DEFAULT_DB
+
+
+def open_db(db: str | None) -> Any:
+    from loomc.stores.sqlite import SQLiteStore
+    try:
+        return SQLiteStore(db_path(db), create=False)
+    except LoomcError as e:
+        fail(str(e))
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts).isoformat(timespec="seconds")
+
+
+def money(d: Decimal) -> str:
+    return f"${d:.4f}"
+
+
+# --- the two tables ----------------------------------------------------------
+
+def runs_table(runs: list[RunRecord]) -> str:
+    id_w = max([15] + [len(r.id) + 3 for r in runs])
+    st_w = max([10] + [len(r.status) + 1 for r in runs])
+    lines = [f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  CREATED", "-" * (68 + id_w - 15 + st_w - 10)]
+    for r in runs:
+        rid = clean(r.id) + ("  (child)" if r.parent_run_id else "")
+        status = paint(f"{r.status:<{st_w}}", STATUS_COLORS.get(r.status))
+        lines.append(f"{rid:<{id_w}}{status}{r.steps:>5}{money(r.total_cost):>10}  {iso(r.created_at)}")
+    return "\n".join(lines)
+
+
+_BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
+
+
+def show_table(run: RunRecord, steps: list[StoredStep], children: list[RunRecord] = ()) -> str:  # type: ignore[assignment]
+    cap = _BUDGET_USD.search(run.policy or "")
+    spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
+    head = [f"Run: {clean(run.id)}  Status: {paint(run.status, STATUS_COLORS.get(run.status))}",
+            f"Stopped: {clean(run.reason or ('still running' if run.status == 'running' else '-'))}",
+            f"Policy: {clean(run.policy)}",
+            f"Spent: {spent} in {len(steps)} steps, {run.attempts} attempt(s)"]
+    head += [f"Note: {clean(n)}" for n in run.notes]
+    by_step: dict[int, list[RunRecord]] = {}
+    for child in children:
+        by_step.setdefault(child.parent_step if child.parent_step is not None else -1, []).append(child)
+    lines = [*head, "STEP      COST     CUMUL    SCORE  ERROR", "-" * 56]
+    total = Decimal(0)
+    for s in steps:
+        total += s.cost
+        score = "      -  " if s.score is None else f"{s.score:>9.4f}"
+        row = f"{s.n:>4}{money(s.cost):>10}{money(total):>10}{score}"
+        if s.error:
+            row += "  " + paint(clean(s.error), "red")
+        marks = [e for e in s.events if e != "failed"]
+        if marks:
+            row += "  " + "  ".join(f"<- {clean(e)}" for e in marks)
+        for child in by_step.get(s.n, []):
+            row += f"  [child {clean(child.id)}: {money(child.total_cost)}]"
+        lines.append(row.rstrip())
+    return "\n".join(lines)
+
+
+# --- commands ----------------------------------------------------------------
+
+@click.group()
+@click.version_option(package_name="loomc")
+def main() -> None:
+    """loomc: resilient agent loops. Inspect, resume and export runs kept in the checkpoint database."""
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--status", help="only runs with this status (completed, failed, budget_exhausted, ...)")
+@click.option("--limit", type=click.IntRange(min=1), help="at most this many runs")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def runs(db: str | None, status: str | None, limit: int | None, as_json: bool) -> None:
+    """List runs, newest first."""
+    store = open_db(db)
+    rows = store.list_runs(status=status, limit=limit)
+    if as_json:
+        from loomc.export import run_fields
+        click.echo(json.dumps([run_fields(r) for r in rows], indent=2))
+    else:
+        click.echo(runs_table(rows))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+def show(run_id: str, db: str | None) -> None:
+    """Every step of a run: cost, cumulative cost, score, error and events."""
+    store = open_db(db)
+    try:
+        run = store.get_run(run_id)
+        steps = store.load_steps(run_id, with_states=False)
+    except LoomcError as e:
+        fail(str(e))
+    click.echo(show_table(run, steps, store.children(run_id)))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, required=True, help="print the whole run as JSON")
+def export(run_id: str, db: str | None, as_json: bool) -> None:
+    """Print a whole run, with every step's state, as JSON."""
+    from loomc.export import export_run
+    store = open_db(db)
+    try:
+        click.echo(json.dumps(export_run(store, run_id), indent=2, ensure_ascii=False))
+    except LoomcError as e:
+        fail(str(e))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--budget-usd", type=float, help="resume under a new USD cap (for a budget_exhausted run)")
+def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
+    """Resume a run, if its function can be imported from the recorded module:qualname."""
+    store = open_db(db)
+    try:
+        run = store.get_run(run_id)
+    except LoomcError as e:
+        fail(str(e))
+    name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2] or "fn"
+    snippet = f"{name}.resume({run_id!r})" if budget_usd is None else \
+        f"{name}.resume({run_id!r}, budget=Budget(usd={budget_usd}))"
+    runner, why = _import_runner(run.fn_path)
+    if runner is None:
+        click.echo(f"loomc: cannot resume {clean(run_id)} from here: {clean(why)}", err=True)
+        click.echo("Resume it from Python, where the loop is defined:", err=True)
+        click.echo(f"    {snippet}", err=True)
+        sys.exit(1)
+    from loomc.budget import Budget
+    runner._store = store
+    try:
+        ended = runner.resume_run(run_id, budget=None if budget_usd is None else Budget(usd=budget_usd))
+    except LoomcError as e:
+        fail(str(e))
+    click.echo(show_table(store.get_run(run_id), store.load_steps(run_id, with_states=False),
+                          store.children(run_id)))
+    if ended.status not in ("completed",):
+        sys.exit(2)
+
+
+def _import_runner(fn_path: str | None) -> tuple[Any, str]:
+    from loomc.loop import LoopRunner
+    if not fn_path:
+        return None, "the run did not record an importable function (a lambda, or a function defined inside another)"
+    target, _, qualname = fn_path.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("loomc_resume_target", target)
+            if spec is None or spec.loader is None:
+                return None, f"cannot load {target}"
+            module: Any = importlib.util.module_from_spec(spec)
+            sys.modules["loomc_resume_target"] = module
+            spec.loader.exec_module(module)
+        else:
+            import importlib
+            module = importlib.import_module(target)
+        obj = module
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        return None, f"importing {fn_path} failed ({type(e).__name__}: {e})"
+    if not isinstance(obj, LoopRunner):
+        return None, f"{fn_path} is not a @loop function"
+    return obj, ""
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--crash-at", type=click.IntRange(min=0), help="die like a real crash (SIGKILL) during this step")
+def demo(db: str | None, crash_at: int | None) -> None:
+    """Run the iterative code fixer on a simulated model: no API key needed."""
+    from loomc.demo import run_demo
+    sys.exit(run_demo(db_path(db), crash_at))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""A run as plain JSON, and back: ``loomc export <id> --json`` writes it, :func:`history_from_export` reads it.
+
+Fields are named as in the ``steps`` table (``step_n``, ``cost_usd``, ...);
+dollar amounts are decimal strings, so nothing is lost to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from loomc.history import History, Step
+from loomc.stores.base import CheckpointStore, RunRecord
+
+FORMAT = "loomc.export/1"
+
+
+def run_fields(run: RunRecord) -> dict[str, Any]:
+    return {"id": run.id, "status": run.status, "reason": run.reason, "spec_hash": run.spec_hash,
+            "fn_path": run.fn_path, "policy": run.policy, "state_type": run.state_type,
+            "created_at": run.created_at, "updated_at": run.updated_at, "total_cost_usd": str(run.total_cost),
+            "steps": run.steps, "active_seconds": run.active_seconds, "attempts": run.attempts,
+            "notes": list(run.notes), "parent_run_id": run.parent_run_id, "parent_step": run.parent_step}
+
+
+def export_run(store: CheckpointStore, run_id: str) -> dict[str, Any]:
+    """The whole run: its record, initial state and every step with its state."""
+    run = store.get_run(run_id)
+    steps = [{"step_n": s.n, "state": None if s.state_json is None else json.loads(s.state_json),
+              "cost_usd": str(s.cost), "score": s.score, "error": s.error, "timestamp": s.started_at,
+              "duration": s.duration, "metrics": s.metrics, "events": list(s.events)}
+             for s in store.load_steps(run_id)]
+    return {"format": FORMAT, "run": {**run_fields(run), "initial_state": json.loads(run.initial_state)},
+            "steps": steps}
+
+
+def history_from_export(data: dict[str, Any] | str) -> History:
+    """Rebuild a History from ``export_run``'s output (a dict, or its JSON text)."""
+    if isinstance(data, str):
+        data = json.loads(data)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"not a loomc export (expected format {FORMAT!r}); make one with `loomc export <id> --json`")
+    return History([Step(s["step_n"], s["state"], cost=Decimal(s["cost_usd"]),
+                         score=None if s["score"] is None else float(s["score"]), error=s["error"],
+                         started_at=s["timestamp"], duration=s["duration"], metrics=s["metrics"],
+                         events=s["events"]) for s in data["steps"]])
