@@ -22,6 +22,9 @@ __all__ = ["score_plateau", "ScorePlateau", "predicate"]
 _NOISE = 1e-9
 
 
+_START: tuple[float | None, int] = (None, 0)
+
+
 @dataclass(frozen=True, repr=False)
 class ScorePlateau(Signal):
     """Fires when the score has not improved by more than ``min_delta`` for ``patience`` scored steps.
@@ -57,7 +60,7 @@ class ScorePlateau(Signal):
         return ref, wait + 1
 
     def fire(self, history: History, elapsed: float) -> str | None:
-        ref, wait = history.fold(self, self._count, (None, 0))
+        ref, wait = history.fold(self, self._count, _START)
         if wait >= self.patience:
             above = "no valid score" if ref is None else f"no improvement above {ref:g}"
             return f"score_plateau: {above} by more than {self.min_delta:g} in {wait} scored steps"

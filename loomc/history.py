@@ -62,6 +62,8 @@ class Step:
                  "duration", "metrics", "events")
 
     n: int
+    _state: Any
+    _load: Callable[[], Any] | None
     cost: Decimal
     score: float | None
     error: str | None
@@ -105,7 +107,7 @@ class Step:
         return self.score is not None and not math.isnan(self.score)
 
     def replace(self, **changes: Any) -> Step:
-        fields = dict(n=self.n, cost=self.cost, score=self.score, error=self.error,
+        fields: dict[str, Any] = dict(n=self.n, cost=self.cost, score=self.score, error=self.error,
                       started_at=self.started_at, duration=self.duration,
                       metrics=self.metrics, events=self.events)
         if "state" not in changes:
@@ -187,6 +189,10 @@ class History(Sequence[Step]):
             spine.memo = {k: v[: self._n + 1] for k, v in old.memo.items()}
         spine.steps.append(step)
         return History._view(spine, self._n + 1)
+
+    def prefix(self, k: int) -> History:
+        """The first ``k`` steps, as a History sharing this one's spine (O(1))."""
+        return History._view(self._spine, max(0, min(k, self._n)))
 
     def _replace_tip(self, step: Step) -> History:
         """This history with its last step swapped for ``step`` (same number).

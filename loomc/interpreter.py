@@ -241,6 +241,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             step = step.replace(state=None, error=f"StateEncodeError: {e}")
             record = stored(step)
         h = run.history = h.append(step)
+        events: tuple[str, ...]
         if fatal:
             decision, events = CONTINUE, ("failed",)
         else:

@@ -31,12 +31,12 @@ from loomc.interpreter import LiveRun, Run, drive, drive_async, stored
 from loomc.policy import AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, either
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
-from loomc.stores.base import CheckpointStore, RunRecord, Totals, new_run_id, process_owner
+from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals, new_run_id, process_owner
 
 __version__ = "0.3.0"
 SPEC_VERSION = "1"
 
-_OWNER = {"pid": -1, "name": ""}
+_OWNER: dict[str, Any] = {"pid": -1, "name": ""}
 
 
 class SpecChangedWarning(UserWarning):
@@ -46,7 +46,7 @@ class SpecChangedWarning(UserWarning):
 def _owner() -> str:
     if _OWNER["pid"] != os.getpid():
         _OWNER.update(pid=os.getpid(), name=process_owner())
-    return _OWNER["name"]
+    return str(_OWNER["name"])
 
 
 def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = None,
@@ -196,14 +196,7 @@ class LoopRunner:
     def _restore(self, record: RunRecord, policy: Policy) -> LiveRun:
         state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
-
-        def loader(text: str | None, n: int) -> Callable[[], Any]:
-            return lambda: None if text is None else codec.decode(text, state_type, run_id=run_id, step=n)
-
-        steps = [Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
-                      duration=s.duration, metrics=s.metrics, events=s.events, load_state=loader(s.state_json, s.n))
-                 for s in self.store.load_steps(run_id)]
-        history = History(steps)
+        history = history_from_stored(self.store.load_steps(run_id), state_type, run_id)
         history = self._settle_interrupted(record, history)
         source = _current_step(history)
         if source is not None:
@@ -274,14 +267,19 @@ class AsyncLoopRunner(LoopRunner):
         return (await self.resume_run(run_id, budget=budget)).result()
 
 
-def load_history(store: CheckpointStore, run_id: str) -> History:
-    """A recorded run's History, states decoded as plain JSON when read."""
-    steps = [Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at, duration=s.duration,
-                  metrics=s.metrics, events=s.events,
-                  load_state=(lambda t=s.state_json, n=s.n: None if t is None
-                              else codec.decode(t, None, run_id=run_id, step=n)))
-             for s in store.load_steps(run_id)]
-    return History(steps)
+def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str) -> History:
+    """A History over stored steps whose states decode (as ``state_type``) only when read."""
+    def loader(text: str | None, n: int) -> Callable[[], Any]:
+        return lambda: None if text is None else codec.decode(text, state_type, run_id=run_id, step=n)
+
+    return History([Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
+                         duration=s.duration, metrics=s.metrics, events=s.events, load_state=loader(s.state_json, s.n))
+                    for s in steps])
+
+
+def load_history(store: CheckpointStore, run_id: str, state_type: Any = None) -> History:
+    """A recorded run's History; states decode as ``state_type`` (plain JSON by default) when read."""
+    return history_from_stored(store.load_steps(run_id), state_type, run_id)
 
 
 def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,

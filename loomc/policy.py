@@ -449,15 +449,15 @@ class Replay:
 
 def replay(policy: Policy, history: History) -> Replay:
     policy = as_policy(policy)
-    backtracks = []
+    backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):
-        prefix = history[:k]
+        prefix = history.prefix(k)
         if k:
             elapsed += history[k - 1].duration
-        d = policy.decide(prefix, elapsed)  # type: ignore[arg-type]
+        d = policy.decide(prefix, elapsed)
         if d.stops:
-            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))  # type: ignore[union-attr]
+            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))
         if d.outcome is Outcome.BACKTRACK:
             backtracks.append((k - 1, d.to))
     return Replay(repr(policy), CONTINUE, None, history.total_cost, tuple(backtracks), len(history))

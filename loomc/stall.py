@@ -17,6 +17,9 @@ from loomc.history import History, Step
 from loomc.policy import CONTINUE, Decision, Outcome, Role
 
 
+_START: tuple[float | None, int] = (None, 0)
+
+
 @dataclass(frozen=True, repr=False)
 class Escalate(Role):
     """Stop as ``stalled`` after ``after`` consecutive failed or non-improving steps."""
@@ -44,7 +47,7 @@ class Escalate(Role):
         return best, run + 1
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
-        _, run = history.fold("loomc.escalate", self._count, (None, 0))
+        _, run = history.fold("loomc.escalate", self._count, _START)
         if run >= self.after:
             return Decision(Outcome.STALLED,
                             f"Escalate: {run} steps in a row failed or did not beat the best score",

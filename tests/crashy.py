@@ -32,7 +32,7 @@ def advance(state: dict) -> dict:
 def step(state: dict) -> dict:
     if MODE == "charge":
         loomc.charge(0.01)
-    time.sleep(0.2 if MODE == "slow" else random.random() * 0.03)
+    time.sleep(0.2 if MODE == "slow" else random.random() * 0.04)
     return advance(state)
 
 

@@ -55,7 +55,7 @@ def _status(db):
 def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
     db = tmp_path / "crash.db"
     rng = random.Random(1234 if mode == "cost" else 99)
-    # Start-up takes ~0.2 s, so early kills land before the first commit; 60 steps of 0-30 ms
+    # Start-up takes ~0.2 s, so early kills land before the first commit; 60 steps of 0-40 ms
     # with an fsync each give kills between steps, inside fn and inside commits.
     kills = 0
     while kills < 40:

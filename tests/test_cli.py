@@ -1,0 +1,224 @@
+"""The loomc command, on real databases made by real loops: click's runner and real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from loomc import BestScore, Budget, SQLiteStore, load_history, loop, predicate, score_plateau
+from loomc.cli import main
+from loomc.export import history_from_export
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_block(marker: str) -> str:
+    """The fenced text block in README.md that contains ``marker``."""
+    text = README.read_text()
+    at = text.index(marker)
+    start = text.rindex("```text\n", 0, at) + len("```text\n")
+    return text[start: text.index("```", at)]
+
+
+def make_failed_run(db: str) -> str:
+    calls = {"n": 0}
+
+    @loop(budget=Budget(usd=2.00, iterations=15), cost_fn=lambda s: 0.05, scorer=lambda s: s["score"],
+          checkpoint=db)
+    def refine_report(state):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("rate limit")
+        return {"score": state["score"] + 0.25}
+
+    with pytest.raises(RuntimeError):
+        refine_report({"score": 0.0}, run_id="a1b2c3d4e5f6")
+    return "a1b2c3d4e5f6"
+
+
+def invoke(*args, env=None):
+    result = CliRunner().invoke(main, list(args), env=env)
+    return result
+
+
+def test_runs_and_show_print_the_readme_layouts_byte_for_byte(tmp_path):
+    db = str(tmp_path / "c.db")
+    run_id = make_failed_run(db)
+    created = SQLiteStore(db).get_run(run_id).created_at
+    from loomc.cli import iso
+    runs = invoke("runs", "--db", db)
+    assert runs.exit_code == 0, runs.output
+    expected_runs = readme_block("$ loomc runs").split("\n\n", 1)[1]
+    assert runs.output == expected_runs.replace("2026-07-03T12:00:19", iso(created))
+    show = invoke("show", run_id, "--db", db)
+    assert show.exit_code == 0
+    assert show.output == readme_block("$ loomc show a1b2c3d4e5f6").split("\n\n", 1)[1]
+
+
+def test_show_marks_backtracks_and_convergence(tmp_path):
+    db = str(tmp_path / "m.db")
+    scores = iter([0.3, 0.5, 0.8, 0.6, 0.8, 0.8, 0.8])
+
+    @loop(converge_on=score_plateau(3), backtrack=BestScore(), scorer=lambda s: s, checkpoint=db)
+    def climb(state):
+        return next(scores)
+
+    run = climb.run(0.0)
+    out = invoke("show", run.id, "--db", db).output
+    rows = out.splitlines()
+    assert re.search(r"^   3 .*0\.6000  <- backtrack to step 2$", out, re.M)
+    assert rows[-1].endswith("<- converged")
+    assert "Stopped: score_plateau" in out and "Status: completed" in out
+
+
+def test_runs_filters_and_json(tmp_path):
+    db = str(tmp_path / "f.db")
+    make_failed_run(db)
+    ok = loop(budget=Budget(iterations=2), converge_on=predicate(lambda h: len(h) == 2), checkpoint=db)(
+        lambda s: s + 1)
+    done = ok.run(0)
+    out = invoke("runs", "--db", db, "--status", "completed").output
+    assert done.id in out and "a1b2c3d4e5f6" not in out
+    assert len(invoke("runs", "--db", db, "--limit", "1").output.splitlines()) == 3
+    rows = json.loads(invoke("runs", "--db", db, "--json").output)
+    assert [r["id"] for r in rows] == [done.id, "a1b2c3d4e5f6"]
+    assert rows[1]["status"] == "failed" and rows[1]["total_cost_usd"] == "0.15" and rows[1]["steps"] == 4
+
+
+def test_loomc_db_environment_variable_points_at_the_database(tmp_path):
+    db = str(tmp_path / "env.db")
+    make_failed_run(db)
+    assert "a1b2c3d4e5f6" in invoke("runs", env={"LOOMC_DB": db}).output
+
+
+def test_export_round_trips_the_whole_run(tmp_path):
+    db = str(tmp_path / "x.db")
+    run_id = make_failed_run(db)
+    result = invoke("export", run_id, "--json", "--db", db)
+    data = json.loads(result.output)
+    assert data["run"]["id"] == run_id and data["run"]["initial_state"] == {"score": 0.0}
+    assert [s["step_n"] for s in data["steps"]] == [0, 1, 2, 3]
+    assert data["steps"][0] == {**data["steps"][0], "cost_usd": "0.05", "score": 0.25, "error": None,
+                                "state": {"score": 0.25}}
+    assert data["steps"][3]["error"] == "RuntimeError: rate limit"
+    rebuilt = history_from_export(result.output)
+    original = load_history(SQLiteStore(db), run_id)
+    assert rebuilt == original and rebuilt.total_cost == Decimal("0.15")
+    assert score_plateau(2).replay(rebuilt).stopped_after == score_plateau(2).replay(original).stopped_after
+
+
+@pytest.mark.parametrize("args, words", [
+    (["show", "nosuchrun"], "no run 'nosuchrun'"),
+    (["export", "nosuchrun", "--json"], "no run 'nosuchrun'"),
+    (["resume", "nosuchrun"], "no run 'nosuchrun'"),
+])
+def test_an_unknown_run_is_one_line_on_stderr(tmp_path, args, words):
+    db = str(tmp_path / "u.db")
+    make_failed_run(db)
+    proc = subprocess.run(["loomc", *args, "--db", db], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_databases_are_one_clear_line(tmp_path):
+    missing = subprocess.run(["loomc", "runs", "--db", str(tmp_path / "none.db")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no loomc database at" in missing.stderr
+    assert not (tmp_path / "none.db").exists(), "reading must not create a database"
+    newer = tmp_path / "newer.db"
+    conn = sqlite3.connect(newer)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    proc = subprocess.run(["loomc", "runs", "--db", str(newer)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "upgrade loomc" in proc.stderr and proc.stderr.count("\n") == 1
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"\x00garbage" * 500)
+    proc = subprocess.run(["loomc", "show", "x", "--db", str(corrupt)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "corrupt" in proc.stderr and str(corrupt) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_hostile_text_is_escaped_before_it_reaches_the_terminal(tmp_path):
+    db = str(tmp_path / "h.db")
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    def evil(state):
+        raise ValueError("\x1b]0;pwned\x07\x1b[2J\u202egnp.exe\r\nfake row")
+
+    with pytest.raises(ValueError):
+        evil({}, run_id="evil\x1b[31m")
+    for args in (["show", "evil\x1b[31m"], ["runs"]):
+        out = invoke(*args, "--db", db).output
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\r" not in out
+    out = invoke("show", "evil\x1b[31m", "--db", db).output
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202egnp.exe\\x0d\\x0afake row" in out
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch):
+    from loomc import cli
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli.paint("failed", "red") != "failed"
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert cli.paint("failed", "red") == "failed"
+
+
+def test_demo_crash_then_resume_from_the_cli(tmp_path):
+    env = {**os.environ, "LOOMC_DB": str(tmp_path / "demo.db")}
+    crashed = subprocess.run(["loomc", "demo", "--crash-at", "2"], capture_output=True, text=True, env=env,
+                             cwd=tmp_path)
+    assert crashed.returncode != 0 and "dies here" in crashed.stdout
+    (row,) = json.loads(subprocess.run(["loomc", "runs", "--json"], capture_output=True, text=True, env=env).stdout)
+    assert row["status"] == "running" and row["steps"] == 2
+    resumed = subprocess.run(["loomc", "resume", row["id"]], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Status: completed" in resumed.stdout and "<- interrupted" in resumed.stdout
+    assert "<- converged" in resumed.stdout
+    store = SQLiteStore(tmp_path / "demo.db")
+    run = store.get_run(row["id"])
+    assert run.total_cost == sum((s.cost for s in store.load_steps(row["id"])), Decimal(0))
+    assert run.total_cost < Decimal("1.00")
+
+
+def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
+    proc = subprocess.run(["loomc", "demo"], capture_output=True, text=True, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "LOOMC_DB"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Status: completed" in proc.stdout and "Inspect it: loomc show " in proc.stdout
+    assert (tmp_path / ".loomc" / "checkpoints.db").exists()
+
+
+def test_resume_of_a_run_whose_function_cannot_be_imported_prints_the_snippet(tmp_path):
+    db = str(tmp_path / "s.db")
+    run_id = make_failed_run(db)  # refine_report is defined inside a test function
+    proc = subprocess.run(["loomc", "resume", run_id, "--db", db], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "refine_report.resume('a1b2c3d4e5f6')" in proc.stderr or "fn.resume('a1b2c3d4e5f6')" in proc.stderr
+
+
+def test_resume_imports_a_module_level_loop(tmp_path):
+    module = tmp_path / "jobs.py"
+    module.write_text(
+        "import os\n"
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(iterations=10), converge_on=predicate(lambda h: h[-1].state >= 5))\n"
+        "def count(s):\n"
+        "    if s == 1 and not os.path.exists('flaked'):\n"
+        "        open('flaked', 'w').close()\n"
+        "        raise RuntimeError('flaky once')\n"
+        "    return s + 1\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / "j.db")}
+    start = subprocess.run([sys.executable, "-c", "import jobs\ntry:\n    jobs.count(0, run_id='job1')\n"
+                            "except RuntimeError:\n    pass"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert start.returncode == 0, start.stderr
+    proc = subprocess.run(["loomc", "resume", "job1"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
