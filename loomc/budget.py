@@ -65,7 +65,7 @@ class Budget(Signal):
     unbounded_: bool
     wall_clock_text: str | None
 
-    kind = Outcome.BUDGET_EXHAUSTED
+    kind = max_outcome = Outcome.BUDGET_EXHAUSTED
 
     def __init__(self, usd: float | Decimal | str | None = None, iterations: int | None = None,
                  wall_clock: str | float | timedelta | None = None, *,
@@ -101,8 +101,8 @@ class Budget(Signal):
         if self.iterations is not None and len(history) >= self.iterations:
             return f"iterations: {len(history)} of {self.iterations} calls made"
         if self.usd is not None:
-            spent = history.total_cost
-            estimate = self.step_estimate if self.step_estimate is not None else history.max_cost
+            spent, largest = history._summary()[:2]
+            estimate = self.step_estimate if self.step_estimate is not None else largest
             if spent + estimate > self.usd:
                 return (f"usd: ${spent:.4f} spent + ${estimate:.4f} for the next step "
                         f"would pass the ${self.usd:.4f} cap")

@@ -48,7 +48,10 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
     return value
 
 
-class Step:
+_UNREAD = object()  # the state of a stored step that has not been decoded yet
+
+
+class Step(tuple):  # type: ignore[type-arg]
     """A frozen record of one call of ``fn``.
 
     ``state`` is what ``fn`` returned (``None`` when the call failed), ``error``
@@ -56,77 +59,72 @@ class Step:
     edge computed for the step (an embedding distance, a judge verdict) and
     ``events`` the decisions taken after it (``"backtrack to step 2"``).
     Steps loaded from a store decode their state only when it is read.
+
+    A Step is built on a tuple, so it is immutable and cheap to make; use
+    ``step.replace(field=...)`` for a changed copy.
     """
 
-    __slots__ = ("n", "_state", "_load", "cost", "score", "error", "started_at",
-                 "duration", "metrics", "events")
+    __slots__ = ()
 
-    n: int
-    _state: Any
-    _load: Callable[[], Any] | None
-    cost: Decimal
-    score: float | None
-    error: str | None
-    started_at: float
-    duration: float
-    metrics: Mapping[str, Any]
-    events: tuple[str, ...]
+    def __new__(cls, n: int, state: Any = None, *, cost: Decimal | float | int = ZERO,
+                score: float | None = None, error: str | None = None,
+                started_at: float = 0.0, duration: float = 0.0,
+                metrics: Mapping[str, Any] | None = None, events: Sequence[str] = (),
+                load_state: Callable[[], Any] | None = None) -> Step:
+        return tuple.__new__(cls, (
+            n, cost if type(cost) is Decimal else to_decimal(cost),
+            None if score is None else float(score), error, started_at, duration,
+            dict(metrics) if metrics else {}, tuple(events),
+            [state, None] if load_state is None else [_UNREAD, load_state]))
 
-    def __init__(self, n: int, state: Any = None, *, cost: Decimal | float | int = ZERO,
-                 score: float | None = None, error: str | None = None,
-                 started_at: float = 0.0, duration: float = 0.0,
-                 metrics: Mapping[str, Any] | None = None, events: Sequence[str] = (),
-                 load_state: Callable[[], Any] | None = None) -> None:
-        s = object.__setattr__
-        s(self, "n", n)
-        s(self, "_state", state)
-        s(self, "_load", load_state)
-        s(self, "cost", cost if type(cost) is Decimal else to_decimal(cost))
-        s(self, "score", None if score is None else float(score))
-        s(self, "error", error)
-        s(self, "started_at", started_at)
-        s(self, "duration", duration)
-        s(self, "metrics", dict(metrics) if metrics else {})
-        s(self, "events", tuple(events))
+    n = property(lambda self: self[0], doc="The step number, from 0.")  # type: ignore[assignment]
+    cost = property(lambda self: self[1], doc="What the call cost, in dollars (a Decimal).")
+    score = property(lambda self: self[2], doc="The scorer's verdict on the state, or None.")
+    error = property(lambda self: self[3], doc="'TypeName: message' when the call failed, else None.")
+    started_at = property(lambda self: self[4], doc="When the call started (Unix time).")
+    duration = property(lambda self: self[5], doc="How long the call took, in seconds.")
+    metrics = property(lambda self: self[6], doc="Values the edge computed for this step.")
+    events = property(lambda self: self[7], doc="Decisions taken after this step.")
 
     @property
     def state(self) -> Any:
-        if self._load is not None:
-            object.__setattr__(self, "_state", self._load())
-            object.__setattr__(self, "_load", None)
-        return self._state
+        cell = self[8]
+        if cell[0] is _UNREAD:
+            cell[0] = cell[1]()
+            cell[1] = None
+        return cell[0]
 
     @property
     def ok(self) -> bool:
         """True when the call returned a state (did not raise)."""
-        return self.error is None
+        return self[3] is None
 
     @property
     def scored(self) -> bool:
         """True when the step has a usable (non-NaN) score."""
-        return self.score is not None and not math.isnan(self.score)
+        return self[2] is not None and not math.isnan(self[2])
 
     def replace(self, **changes: Any) -> Step:
-        fields: dict[str, Any] = dict(n=self.n, cost=self.cost, score=self.score, error=self.error,
-                      started_at=self.started_at, duration=self.duration,
-                      metrics=self.metrics, events=self.events)
+        fields: dict[str, Any] = dict(n=self[0], cost=self[1], score=self[2], error=self[3], started_at=self[4],
+                                      duration=self[5], metrics=self[6], events=self[7])
         if "state" not in changes:
-            if self._load is not None:
-                fields["load_state"] = self._load
+            cell = self[8]
+            if cell[0] is _UNREAD:
+                fields["load_state"] = cell[1]
             else:
-                fields["state"] = self._state
+                fields["state"] = cell[0]
         fields.update(changes)
         return Step(**fields)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"Step is frozen; use step.replace({name}=...)")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Step):
             return NotImplemented
-        return (self.n, self.cost, self.error, self.events) == (other.n, other.cost, other.error, other.events) \
-            and _same_score(self.score, other.score) and self.metrics == other.metrics \
-            and self.state == other.state
+        return (self[0], self[1], self[3], self[7]) == (other[0], other[1], other[3], other[7]) \
+            and _same_score(self[2], other[2]) and self[6] == other[6] and self.state == other.state
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -139,6 +137,16 @@ class Step:
         if self.events:
             parts.append(f"events={list(self.events)!r}")
         return f"Step({', '.join(parts)})"
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_step, (self.n, self.state, self.cost, self.score, self.error, self.started_at,
+                                self.duration, self.metrics, self.events))
+
+
+def _rebuild_step(n: int, state: Any, cost: Decimal, score: float | None, error: str | None, started_at: float,
+                  duration: float, metrics: dict[str, Any], events: tuple[str, ...]) -> Step:
+    return Step(n, state, cost=cost, score=score, error=error, started_at=started_at, duration=duration,
+                metrics=metrics, events=events)
 
 
 def _same_score(a: float | None, b: float | None) -> bool:
@@ -252,60 +260,64 @@ class History(Sequence[Step]):
 
         ``key`` must identify ``fn`` and ``init`` (a frozen policy value works).
         """
+        n = self._n
         memo = self._spine.memo.get(key)
         if memo is None:
             memo = self._spine.memo[key] = [init]
+        elif len(memo) > n:
+            return memo[n]  # type: ignore[no-any-return]
         steps = self._spine.steps
-        while len(memo) <= self._n:
-            memo.append(fn(memo[-1], steps[len(memo) - 1]))
-        return memo[self._n]  # type: ignore[no-any-return]
+        value = memo[-1]
+        for i in range(len(memo) - 1, n):
+            value = fn(value, steps[i])
+            memo.append(value)
+        return value  # type: ignore[no-any-return]
 
     # Derivations every policy and the CLI need.
+
+    def _summary(self) -> _Summary:
+        return self.fold("loomc.summary", _summarise, _EMPTY)  # type: ignore[arg-type]
 
     @property
     def total_cost(self) -> Decimal:
         """Exact sum of every step's cost, failed steps included."""
-        return self.fold("loomc.total_cost", _add_cost, ZERO)
+        return self._summary()[0]
 
     @property
     def max_cost(self) -> Decimal:
         """The largest single step cost so far (the USD budget's estimate)."""
-        return self.fold("loomc.max_cost", _max_cost, ZERO)
+        return self._summary()[1]
 
     @property
     def best(self) -> Step | None:
         """The step with the highest score (earliest on ties); NaN never wins."""
-        i, _ = self.fold("loomc.best", _best_index, (-1, 0.0))
+        i = self._summary()[2]
         return None if i < 0 else self._spine.steps[i]
 
     @property
     def last_good(self) -> Step | None:
         """The last step that did not fail."""
-        i = self.fold("loomc.last_good", _last_good_index, -1)
+        i = self._summary()[4]
         return None if i < 0 else self._spine.steps[i]
 
     @property
     def failures(self) -> int:
-        return self.fold("loomc.failures", _count_failure, 0)
+        return self._summary()[5]
 
 
-def _add_cost(total: Decimal, step: Step) -> Decimal:
-    return total + step.cost
+# (total cost, largest cost, best step, best score, last good step, failures): one fold serves
+# every derivation the budgets, backtrackers and the CLI read on each step.
+_Summary = tuple[Decimal, Decimal, int, float, int, int]
+_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1, 0)
 
 
-def _max_cost(m: Decimal, step: Step) -> Decimal:
-    return step.cost if step.cost > m else m
-
-
-def _best_index(best: tuple[int, float], step: Step) -> tuple[int, float]:
-    if step.scored and (best[0] < 0 or step.score > best[1]):  # type: ignore[operator]
-        return (step.n, step.score)  # type: ignore[return-value]
-    return best
-
-
-def _last_good_index(last: int, step: Step) -> int:
-    return step.n if step.ok else last
-
-
-def _count_failure(count: int, step: Step) -> int:
-    return count + (0 if step.ok else 1)
+def _summarise(acc: _Summary, step: Step) -> _Summary:
+    total, largest, best, best_score, last_good, failures = acc
+    cost, score = step[1], step[2]
+    if step[3] is None:
+        last_good = step[0]
+        if score is not None and score == score and (best < 0 or score > best_score):  # NaN != NaN
+            best, best_score = step[0], score
+    else:
+        failures += 1
+    return (total + cost, cost if cost > largest else largest, best, best_score, last_good, failures)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import inspect
 import time
 import warnings
@@ -123,12 +122,13 @@ class _Now:
 NOW = _Now()
 
 
-@dataclass
 class _Call:
     """Call ``fn`` on ``state`` as step ``n``; the result is a Step (failed if ``fn`` raised)."""
 
-    state: Any
-    n: int
+    __slots__ = ("state", "n")
+
+    def __init__(self, state: Any, n: int) -> None:
+        self.state, self.n = state, n
 
     def _begin(self, run: LiveRun) -> tuple[float, float]:
         run.in_flight, run.pending = self.n, ZERO
@@ -178,11 +178,11 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                 duration=run.clock() - t0), exc
 
 
-@dataclass
 class _Commit:
-    step: Step
-    stored: StoredStep
-    totals: Totals
+    __slots__ = ("step", "stored", "totals")
+
+    def __init__(self, step: Step, stored: StoredStep, totals: Totals) -> None:
+        self.step, self.stored, self.totals = step, stored, totals
 
     def sync(self, run: LiveRun) -> None:
         run.store.commit_step(run.id, self.stored, self.totals, run.owner, run.lease_seconds)
@@ -220,17 +220,20 @@ class _Finish:
 
 def stored(step: Step) -> StoredStep:
     """The store's form of a step; :class:`StateEncodeError` if its state is not JSON-friendly."""
-    return StoredStep(n=step.n, state_json=None if step.state is None else codec.encode(step.state),
-                      cost=step.cost, score=step.score, error=step.error, started_at=step.started_at,
-                      duration=step.duration, metrics=dict(step.metrics), events=step.events)
+    state = step.state
+    return StoredStep(step.n, None if state is None else codec.encode(state), step.cost, step.score, step.error,
+                      step.started_at, step.duration, step.metrics, step.events)
+
+
+_BACKTRACK, _CONTINUE, _STALLED = Outcome.BACKTRACK, Outcome.CONTINUE, Outcome.STALLED
 
 
 def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
-    h = run.history
-    decision = run.policy.decide(h, run.elapsed((yield NOW)))
-    if decision.outcome is Outcome.BACKTRACK:  # e.g. a resumed run whose last step regressed
+    h, policy = run.history, run.policy
+    decision = policy.decide(h, run.elapsed((yield NOW)))
+    if decision.outcome is _BACKTRACK:  # e.g. a resumed run whose last step regressed
         run.source = None if decision.to is None else h[decision.to]
-    while not decision.stops:
+    while decision.outcome < _STALLED:
         step, exc = yield _Call(run.state_of(run.source), len(h))
         elapsed = run.elapsed((yield NOW))
         fatal = exc is not None and run.backtracker is None
@@ -245,18 +248,18 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         if fatal:
             decision, events = CONTINUE, ("failed",)
         else:
-            decision = run.policy.decide(h, elapsed)
-            events = (decision.event(),) if decision.outcome is not Outcome.CONTINUE else ()
+            decision = policy.decide(h, elapsed)
+            events = () if decision.outcome is _CONTINUE else (decision.event(),)
         if events:
             # Events record the decision; they never change a decision, so the folds stay valid.
             step = step.replace(events=events)
-            record = dataclasses.replace(record, events=events)
+            record = record._replace(events=events)
             h = run.history = h._replace_tip(step)
         yield _Commit(step, record, Totals(h.total_cost, len(h), elapsed))
         if fatal:
             yield _Finish("failed", step.error or "failed")
             return _ended(run, "failed", step.error or "failed", exc)
-        if decision.outcome is Outcome.BACKTRACK:
+        if decision.outcome is _BACKTRACK:
             run.source = None if decision.to is None else h[decision.to]
         elif step.ok:
             run.source = step

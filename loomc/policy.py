@@ -127,16 +127,12 @@ class Signal(Policy):
     """A policy that fires or not: budgets and convergence detectors."""
 
     __slots__ = ()
-    #: The outcome when this signal fires.
+    #: The outcome when this signal fires (a leaf's ``max_outcome`` is the same).
     kind: Outcome = Outcome.CONVERGED
 
     def fire(self, history: History, elapsed: float) -> str | None:
         """The reason this signal fires on ``history``, or ``None``."""
         raise NotImplementedError
-
-    @property
-    def max_outcome(self) -> Outcome:  # type: ignore[override]
-        return self.kind
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         reason = self.fire(history, elapsed)
@@ -256,6 +252,10 @@ class AnyOf(Signal):
         return max(p.kind for p in self.parts)
 
     @property
+    def max_outcome(self) -> Outcome:  # type: ignore[override]
+        return self.kind
+
+    @property
     def needs_score(self) -> bool:  # type: ignore[override]
         return any(p.needs_score for p in self.parts)
 
@@ -284,6 +284,10 @@ class AllOf(Signal):
     @property
     def kind(self) -> Outcome:  # type: ignore[override]
         return max(p.kind for p in self.parts)
+
+    @property
+    def max_outcome(self) -> Outcome:  # type: ignore[override]
+        return self.kind
 
     @property
     def needs_score(self) -> bool:  # type: ignore[override]
@@ -346,16 +350,19 @@ class Policies(Policy):
 
 
 def _strongest(parts: tuple[Policy, ...], history: History, elapsed: float) -> Decision:
-    best = CONTINUE
+    best, strongest = CONTINUE, _CONTINUE
     for p in parts:
-        if p.max_outcome <= best.outcome:
+        if p.max_outcome <= strongest:
             continue  # cannot change the answer: skip (an expensive judge is not consulted)
         d = p.decide(history, elapsed)
-        if d.outcome > best.outcome:
-            best = d
-            if best.outcome is Outcome.CONVERGED:
+        if d.outcome > strongest:
+            best, strongest = d, d.outcome
+            if strongest is _CONVERGED:
                 break
     return best
+
+
+_CONTINUE, _CONVERGED = Outcome.CONTINUE, Outcome.CONVERGED
 
 
 # --- leaves ----------------------------------------------------------------

@@ -14,16 +14,16 @@ import dataclasses
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 STATUSES = ("running", "completed", "budget_exhausted", "stalled", "failed", "cancelled")
 
 
-@dataclass(frozen=True)
-class StoredStep:
-    """One step as a store keeps it: the state is JSON text."""
+class StoredStep(NamedTuple):
+    """One step as a store keeps it: the state is JSON text (``None`` for a failed call)."""
 
     n: int
     state_json: str | None
@@ -32,7 +32,7 @@ class StoredStep:
     error: str | None = None
     started_at: float = 0.0
     duration: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = {}
     events: tuple[str, ...] = ()
 
 
@@ -64,8 +64,7 @@ class RunRecord:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass(frozen=True)
-class Totals:
+class Totals(NamedTuple):
     """The run's totals after a step, committed with it."""
 
     cost: Decimal

@@ -83,8 +83,7 @@ class MemoryStore:
             self._run(run_id)
             steps = list(self._steps[run_id])
         if not with_states:
-            import dataclasses
-            steps = [dataclasses.replace(s, state_json=None) for s in steps]
+            steps = [s._replace(state_json=None) for s in steps]
         return steps
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:

@@ -66,6 +66,8 @@ CREATE TABLE steps (
     duration REAL NOT NULL DEFAULT 0,
     metrics TEXT,
     events TEXT,
+    cum_cost TEXT,
+    active_seconds REAL,
     PRIMARY KEY (run_id, step_n)
 );
 CREATE TABLE charges (
@@ -106,14 +108,27 @@ DROP TABLE steps_v1;
 
 MIGRATIONS = {1: _MIGRATE_1_TO_2}
 
-_RUN_COLUMNS = ("id, status, spec_hash, fn_path, policy, state_type, created_at, updated_at, total_cost, "
-                "steps, active_seconds, attempts, reason, notes, parent_run_id, parent_step, owner, lease_expires")
+# A run's totals are those of its latest step (committed with it, in the same row), else the
+# run row's own (a run with no steps, or one migrated from loomc 0.2).
+_LATEST = "(SELECT max(step_n) FROM steps WHERE run_id = r.id)"
+_RUN_COLUMNS = ("r.id, r.status, r.spec_hash, r.fn_path, r.policy, r.state_type, r.created_at, r.updated_at, "
+                "coalesce(s.cum_cost, r.total_cost), coalesce(s.step_n + 1, r.steps), "
+                "coalesce(s.active_seconds, r.active_seconds), r.attempts, r.reason, r.notes, r.parent_run_id, "
+                "r.parent_step, r.owner, r.lease_expires")
+_RUNS_FROM = f"FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.step_n = {_LATEST}"
 
+# One statement: the step goes in only while ``owner`` (or nobody, for owner NULL) holds the run.
 _INSERT_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, "
-                "metrics, events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_UPDATE_TOTALS = ("UPDATE runs SET total_cost = ?, steps = ?, active_seconds = ?, updated_at = ?, "
-                  "lease_expires = coalesce(?, lease_expires) "
-                  "WHERE id = ? AND (? IS NULL OR owner = ?)")
+                "metrics, events, cum_cost, active_seconds) "
+                "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM runs WHERE id = ? AND (? IS NULL OR owner = ?))")
+
+
+# Finishing copies the latest step's totals into the run row and releases the lease.
+_FINISH = ("UPDATE runs SET status = :status, reason = :reason, updated_at = :now, owner = NULL, lease_expires = NULL, "
+           "total_cost = coalesce((SELECT cum_cost FROM steps WHERE run_id = :run ORDER BY step_n DESC LIMIT 1), "
+           "total_cost), steps = max(steps, (SELECT count(*) FROM steps WHERE run_id = :run)) "
+           "WHERE id = :run AND (:owner IS NULL OR owner = :owner OR owner IS NULL)")
 
 
 class SQLiteStore:
@@ -136,6 +151,8 @@ class SQLiteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
+        self._renewed: dict[str, float] = {}  # run id -> when this process last renewed its lease
+        self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
         self._conn()  # open, check and migrate the schema now: errors surface at construction
 
     def __repr__(self) -> str:
@@ -234,6 +251,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise StepConflict(f"run {run.id} already exists in {self.path}") from None
         self._write(insert)
+        self._renewed[run.id] = time.time()
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
                   policy: str | None = None, note: str | None = None) -> RunRecord:
@@ -245,6 +263,7 @@ class SQLiteStore:
             conn.execute("UPDATE runs SET owner = ?, lease_expires = ?, status = 'running', attempts = attempts + 1, "
                          "updated_at = ?, policy = ?, notes = ? WHERE id = ?",
                          (owner, now + lease_seconds, now, policy or run.policy, json.dumps(list(notes)), run_id))
+            self._renewed[run_id] = now
             return run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
                                attempts=run.attempts + 1, policy=policy or run.policy, notes=notes, updated_at=now)
         return self._write(claim)  # type: ignore[no-any-return]
@@ -255,46 +274,53 @@ class SQLiteStore:
         if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
             score, metrics = None, {**metrics, "loomc.score": "nan"}
         now = time.time()
+        key = (run_id, step.n)
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             try:
-                conn.execute(_INSERT_STEP, (run_id, step.n, step.state_json, str(step.cost), score,
-                                            step.started_at or now, step.error, step.duration,
-                                            json.dumps(metrics) if metrics else None,
-                                            json.dumps(step.events) if step.events else None))
+                inserted = conn.execute(_INSERT_STEP, (
+                    run_id, step.n, step.state_json, str(step.cost), score, step.started_at or now, step.error,
+                    step.duration, json.dumps(metrics) if metrics else None,
+                    json.dumps(step.events) if step.events else None, str(totals.cost), totals.active_seconds,
+                    run_id, owner, owner)).rowcount
             except sqlite3.IntegrityError:
                 raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
                                    "a step number is committed at most once") from None
-            updated = conn.execute(_UPDATE_TOTALS, (str(totals.cost), totals.steps, totals.active_seconds, now,
-                                                    None if owner is None else now + lease_seconds,
-                                                    run_id, owner, owner)).rowcount
-            if updated != 1:
+            if inserted != 1:
                 self._get(conn, run_id)  # RunNotFound if it is gone
                 raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
                                 "another process took the run over")
-            conn.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", (run_id, step.n))
+            if owner is not None and now - self._renewed.get(run_id, 0.0) > lease_seconds / 2:
+                conn.execute("UPDATE runs SET lease_expires = ?, updated_at = ? WHERE id = ?",
+                             (now + lease_seconds, now, run_id))
+                self._renewed[run_id] = now
+            if key in self._charged:
+                conn.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", key)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self._charged.discard(key)
 
     def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
         def finish(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE runs SET status = ?, reason = ?, updated_at = ?, owner = NULL, "
-                         "lease_expires = NULL WHERE id = ? AND (? IS NULL OR owner = ? OR owner IS NULL)",
-                         (status, reason, time.time(), run_id, owner, owner))
+            conn.execute(_FINISH, {"status": status, "reason": reason, "now": time.time(), "run": run_id,
+                                   "owner": owner})
         self._write(finish)
+        self._renewed.pop(run_id, None)
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
         self._write(lambda conn: conn.execute(
             "INSERT INTO charges (run_id, step_n, usd, at) VALUES (?, ?, ?, ?)",
             (run_id, step_n, str(usd), time.time())))
+        self._charged.add((run_id, step_n))
 
     # --- reads --------------------------------------------------------------
 
     def _get(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
-        row = conn.execute(f"SELECT {_RUN_COLUMNS}, initial_state FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = conn.execute(f"SELECT {_RUN_COLUMNS}, r.initial_state {_RUNS_FROM} WHERE r.id = ?",
+                           (run_id,)).fetchone()
         if row is None:
             raise RunNotFound(f"no run {run_id!r} in {self.path}")
         return _run_record(row, row[-1])
@@ -303,20 +329,20 @@ class SQLiteStore:
         return self._get(self._conn(), run_id)
 
     def list_runs(self, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
-        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        sql = f"SELECT {_RUN_COLUMNS} {_RUNS_FROM}"
         args: list[Any] = []
         if status is not None:
-            sql += " WHERE status = ?"
+            sql += " WHERE r.status = ?"
             args.append(status)
-        sql += " ORDER BY created_at DESC, id"
+        sql += " ORDER BY r.created_at DESC, r.id"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
         return [_run_record(row) for row in self._conn().execute(sql, args)]
 
     def children(self, run_id: str) -> list[RunRecord]:
-        rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_run_id = ? "
-                                    "ORDER BY parent_step, created_at", (run_id,))
+        rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} {_RUNS_FROM} WHERE r.parent_run_id = ? "
+                                    "ORDER BY r.parent_step, r.created_at", (run_id,))
         return [_run_record(row) for row in rows]
 
     def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
@@ -332,6 +358,7 @@ class SQLiteStore:
         for step_n, usd in self._conn().execute(
                 "SELECT step_n, usd FROM charges WHERE run_id = ? ORDER BY step_n", (run_id,)):
             out[step_n] = out.get(step_n, Decimal(0)) + Decimal(usd)
+            self._charged.add((run_id, step_n))  # a commit of that step must clear them
         return out
 
 

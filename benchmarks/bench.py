@@ -1,0 +1,170 @@
+"""loomc's speed targets, measured in one run and printed as ratios (never asserted in tests).
+
+    python benchmarks/bench.py            # everything (about a minute or two)
+    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli
+
+- overhead: per-step time of a loop with a full policy against a hand-written loop that
+  INSERTs the same JSON state and COMMITs once per step (WAL, same synchronous setting).
+  Targets: durability="normal" <= 2.0x, durability="full" <= 1.3x.
+- growth: per-step time at 20,000 steps against 1,000 steps. Target <= 1.25x.
+- resume: resuming a 10,000-step run; how many stored states it decodes (target: not all).
+- cli: `loomc runs` over 10,000 runs and `loomc show` of a 10,000-step run against the same
+  commands on a database of 10 short runs, as whole processes. Target <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import loomc
+from loomc import BestScore, Budget, Escalate, SQLiteStore, loop, score_plateau
+from loomc import codec
+
+STATE = {"text": "x" * 160, "i": 0, "tags": ["a", "b"]}  # about 200 characters of JSON
+
+
+def full_policy_loop(store: SQLiteStore, steps: int) -> loomc.LoopRunner:
+    @loop(policy=Budget(usd=1_000_000, iterations=steps) | score_plateau(patience=3) | BestScore()
+          | Escalate(after=3), scorer=lambda s: s["i"], cost_fn=lambda s: 0.0001, checkpoint=store)
+    def step(state: dict) -> dict:
+        return {**state, "i": state["i"] + 1}
+    return step
+
+
+def time_loomc(path: Path, durability: str, steps: int) -> float:
+    store = SQLiteStore(path, durability=durability)
+    runner = full_policy_loop(store, steps)
+    t0 = time.perf_counter()
+    run = runner.run(dict(STATE))
+    elapsed = time.perf_counter() - t0
+    assert len(run.history) == steps, run
+    store.close()
+    return elapsed / steps
+
+
+def time_hand_written(path: Path, durability: str, steps: int) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {durability.upper()}")
+    conn.execute("CREATE TABLE steps (run_id TEXT, step_n INTEGER, state_blob TEXT, PRIMARY KEY (run_id, step_n))")
+    state = dict(STATE)
+    t0 = time.perf_counter()
+    for n in range(steps):
+        state = {**state, "i": state["i"] + 1}
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO steps VALUES (?, ?, ?)", ("run", n, json.dumps(state)))
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return elapsed / steps
+
+
+def overhead(tmp: Path) -> None:
+    print("overhead: 5,000 steps, full policy + scorer + cost_fn vs a hand-written INSERT+COMMIT loop")
+    print("  (3 interleaved rounds, best of each: the machine is shared and noisy)")
+    for durability, target in (("normal", 2.0), ("full", 1.3)):
+        hand = ours = float("inf")
+        for r in range(3):
+            hand = min(hand, time_hand_written(tmp / f"hand-{durability}-{r}.db", durability, 5000))
+            ours = min(ours, time_loomc(tmp / f"loomc-{durability}-{r}.db", durability, 5000))
+        print(f"  durability={durability:<6} hand {hand * 1e6:8.1f} us/step   loomc {ours * 1e6:8.1f} us/step   "
+              f"ratio {ours / hand:5.2f}x  (target <= {target}x)")
+
+
+def growth(tmp: Path) -> None:
+    print("growth: per-step time, 20,000 steps vs 1,000 steps (durability=normal)")
+    small = min(time_loomc(tmp / f"g-small-{r}.db", "normal", 1000) for r in range(3))
+    large = min(time_loomc(tmp / f"g-large-{r}.db", "normal", 20000) for r in range(2))
+    print(f"  1,000 steps {small * 1e6:8.1f} us/step   20,000 steps {large * 1e6:8.1f} us/step   "
+          f"ratio {large / small:5.2f}x  (target <= 1.25x)")
+
+
+def resume(tmp: Path) -> None:
+    print("resume: a 10,000-step run")
+    store = SQLiteStore(tmp / "resume.db", durability="normal")
+    runner = full_policy_loop(store, 10000)
+    run = runner.run(dict(STATE))
+    decoded = []
+    original = codec.decode
+
+    def counting(*args, **kwargs):
+        decoded.append(1)
+        return original(*args, **kwargs)
+
+    codec.decode = counting  # type: ignore[assignment]
+    try:
+        more = full_policy_loop(store, 10000)  # the same loop, as a fresh process would build it
+        t0 = time.perf_counter()
+        resumed = more.resume_run(run.id, budget=Budget(iterations=10001))
+        elapsed = time.perf_counter() - t0
+    finally:
+        codec.decode = original  # type: ignore[assignment]
+    print(f"  resumed in {elapsed * 1000:.0f} ms, decoded {len(decoded)} of {len(resumed.history)} stored states "
+          "(target: not all)")
+
+
+def _cli_seconds(args: list[str], repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(["loomc", *args], check=True, stdout=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _fill(path: Path, runs: int, steps: int) -> str:
+    store = SQLiteStore(path, durability="normal")
+    conn = store._conn()
+    conn.execute("BEGIN")
+    now = time.time()
+    for r in range(runs):
+        conn.execute("INSERT INTO runs (id, status, spec_hash, created_at, updated_at, policy, total_cost, steps) "
+                     "VALUES (?, 'completed', 'h', ?, ?, 'Budget(usd=2.0)', '0.15', ?)",
+                     (f"run{r:06d}", now + r, now + r, steps))
+    conn.execute("COMMIT")
+    last = f"run{runs - 1:06d}"
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp) "
+                     "VALUES (?, ?, ?, '0.0001', 0.5, ?)",
+                     ((last, n, json.dumps(STATE), now) for n in range(steps)))
+    conn.execute("COMMIT")
+    store.close()
+    return last
+
+
+def cli(tmp: Path) -> None:
+    print("cli: whole `loomc` processes, best of 5")
+    small, big_runs, big_steps = tmp / "small.db", tmp / "runs10k.db", tmp / "steps10k.db"
+    small_id = _fill(small, 10, 3)
+    _fill(big_runs, 10000, 3)
+    long_id = _fill(big_steps, 1, 10000)
+    base_runs = _cli_seconds(["runs", "--db", str(small)])
+    many_runs = _cli_seconds(["runs", "--db", str(big_runs)])
+    base_show = _cli_seconds(["show", small_id, "--db", str(small)])
+    long_show = _cli_seconds(["show", long_id, "--db", str(big_steps)])
+    print(f"  loomc runs: 10 runs {base_runs * 1000:6.0f} ms   10,000 runs {many_runs * 1000:6.0f} ms   "
+          f"ratio {many_runs / base_runs:5.2f}x  (target <= 1.5x)")
+    print(f"  loomc show: 3 steps {base_show * 1000:6.0f} ms   10,000 steps {long_show * 1000:6.0f} ms   "
+          f"ratio {long_show / base_show:5.2f}x  (target <= 1.5x)")
+
+
+SECTIONS = {"overhead": overhead, "growth": growth, "resume": resume, "cli": cli}
+
+
+def main() -> None:
+    chosen = sys.argv[1:] or list(SECTIONS)
+    print(f"loomc {loomc.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in chosen:
+            SECTIONS[name](Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
