@@ -12,8 +12,8 @@ import json
 import os
 import re
 import sys
+import time
 import unicodedata
-from datetime import datetime
 from decimal import Decimal
 from typing import Any, NoReturn
 
@@ -70,7 +70,8 @@ def open_db(db: str | None) -> Any:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts).isoformat(timespec="seconds")
+    """Local time, ISO 8601 to the second: ``2026-07-03T12:00:19``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
 
 
 def money(d: Decimal) -> str:
@@ -79,14 +80,21 @@ def money(d: Decimal) -> str:
 
 # --- the two tables ----------------------------------------------------------
 
-def runs_table(runs: list[RunRecord]) -> str:
-    id_w = max([15] + [len(r.id) + 3 for r in runs])
-    st_w = max([10] + [len(r.status) + 1 for r in runs])
+def runs_table(rows: list[tuple[Any, ...]]) -> str:
+    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id)`` rows."""
+    id_w = max([15] + [len(r[0]) + 3 for r in rows])
+    st_w = max([10] + [len(r[1]) + 1 for r in rows])
     lines = [f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  CREATED", "-" * (68 + id_w - 15 + st_w - 10)]
-    for r in runs:
-        rid = clean(r.id) + ("  (child)" if r.parent_run_id else "")
-        status = paint(f"{r.status:<{st_w}}", STATUS_COLORS.get(r.status))
-        lines.append(f"{rid:<{id_w}}{status}{r.steps:>5}{money(r.total_cost):>10}  {iso(r.created_at)}")
+    colour = color_on()
+    for run_id, status, steps, cost, created, parent in rows:
+        rid = clean(run_id) if not run_id.isalnum() else run_id
+        if parent:
+            rid += "  (child)"
+        shown = f"{status:<{st_w}}"
+        if colour:
+            shown = click.style(shown, fg=STATUS_COLORS.get(status))
+        lines.append(f"{rid:<{id_w}}{shown}{steps:>5}{'$' + format(Decimal(cost), '.4f'):>10}  "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(created))}")
     return "\n".join(lines)
 
 
@@ -137,12 +145,11 @@ def main() -> None:
 def runs(db: str | None, status: str | None, limit: int | None, as_json: bool) -> None:
     """List runs, newest first."""
     store = open_db(db)
-    rows = store.list_runs(status=status, limit=limit)
     if as_json:
         from loomc.export import run_fields
-        click.echo(json.dumps([run_fields(r) for r in rows], indent=2))
+        click.echo(json.dumps([run_fields(r) for r in store.list_runs(status=status, limit=limit)], indent=2))
     else:
-        click.echo(runs_table(rows))
+        click.echo(runs_table(store.run_rows(status=status, limit=limit)))
 
 
 @main.command()

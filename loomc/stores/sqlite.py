@@ -115,7 +115,9 @@ _RUN_COLUMNS = ("r.id, r.status, r.spec_hash, r.fn_path, r.policy, r.state_type,
                 "coalesce(s.cum_cost, r.total_cost), coalesce(s.step_n + 1, r.steps), "
                 "coalesce(s.active_seconds, r.active_seconds), r.attempts, r.reason, r.notes, r.parent_run_id, "
                 "r.parent_step, r.owner, r.lease_expires")
-_RUNS_FROM = f"FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.step_n = {_LATEST}"
+# A finished run's row already holds its totals (finishing copies them): only live or killed
+# runs (status 'running') look up their latest step.
+_RUNS_FROM = f"FROM runs r LEFT JOIN steps s ON r.status = 'running' AND s.run_id = r.id AND s.step_n = {_LATEST}"
 
 # One statement: the step goes in only while ``owner`` (or nobody, for owner NULL) holds the run.
 _INSERT_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, "
@@ -339,6 +341,20 @@ class SQLiteStore:
             sql += " LIMIT ?"
             args.append(limit)
         return [_run_record(row) for row in self._conn().execute(sql, args)]
+
+    def run_rows(self, status: str | None = None, limit: int | None = None) -> list[tuple[Any, ...]]:
+        """``(id, status, steps, total_cost, created_at, parent_run_id)`` per run, newest first: the listing."""
+        sql = ("SELECT r.id, r.status, coalesce(s.step_n + 1, r.steps), coalesce(s.cum_cost, r.total_cost), "
+               f"r.created_at, r.parent_run_id {_RUNS_FROM}")
+        args: list[Any] = []
+        if status is not None:
+            sql += " WHERE r.status = ?"
+            args.append(status)
+        sql += " ORDER BY r.created_at DESC, r.id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return self._conn().execute(sql, args).fetchall()
 
     def children(self, run_id: str) -> list[RunRecord]:
         rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} {_RUNS_FROM} WHERE r.parent_run_id = ? "
