@@ -123,9 +123,12 @@ class StoreConformance:
 
     def test_finishing_records_status_and_reason_and_releases_the_lease(self, store: CheckpointStore) -> None:
         store.create_run(make_run("r1"))
+        commit(store, "r1", [make_step(0, cost="0.1"), make_step(1, cost="0.2")])
         store.finish_run("r1", "budget_exhausted", "usd: cap", OWNER)
         run = store.get_run("r1")
         assert (run.status, run.reason, run.owner) == ("budget_exhausted", "usd: cap", None)
+        assert (run.total_cost, run.steps, run.active_seconds) == (Decimal("0.3"), 2, 1.0), \
+            "a finished run keeps its totals"
 
     def test_runs_list_newest_first_with_filters(self, store: CheckpointStore) -> None:
         for i in range(5):

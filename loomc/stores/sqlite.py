@@ -129,7 +129,9 @@ _INSERT_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score,
 # Finishing copies the latest step's totals into the run row and releases the lease.
 _FINISH = ("UPDATE runs SET status = :status, reason = :reason, updated_at = :now, owner = NULL, lease_expires = NULL, "
            "total_cost = coalesce((SELECT cum_cost FROM steps WHERE run_id = :run ORDER BY step_n DESC LIMIT 1), "
-           "total_cost), steps = max(steps, (SELECT count(*) FROM steps WHERE run_id = :run)) "
+           "total_cost), steps = max(steps, (SELECT count(*) FROM steps WHERE run_id = :run)), "
+           "active_seconds = coalesce((SELECT active_seconds FROM steps WHERE run_id = :run "
+           "ORDER BY step_n DESC LIMIT 1), active_seconds) "
            "WHERE id = :run AND (:owner IS NULL OR owner = :owner OR owner IS NULL)")
 
 
