@@ -332,8 +332,8 @@ class SQLiteStore:
     def get_run(self, run_id: str) -> RunRecord:
         return self._get(self._conn(), run_id)
 
-    def list_runs(self, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
-        sql = f"SELECT {_RUN_COLUMNS} {_RUNS_FROM}"
+    def _listing(self, columns: str, status: str | None, limit: int | None) -> sqlite3.Cursor:
+        sql = f"SELECT {columns} {_RUNS_FROM}"
         args: list[Any] = []
         if status is not None:
             sql += " WHERE r.status = ?"
@@ -342,21 +342,15 @@ class SQLiteStore:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [_run_record(row) for row in self._conn().execute(sql, args)]
+        return self._conn().execute(sql, args)
+
+    def list_runs(self, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
+        return [_run_record(row) for row in self._listing(_RUN_COLUMNS, status, limit)]
 
     def run_rows(self, status: str | None = None, limit: int | None = None) -> list[tuple[Any, ...]]:
         """``(id, status, steps, total_cost, created_at, parent_run_id)`` per run, newest first: the listing."""
-        sql = ("SELECT r.id, r.status, coalesce(s.step_n + 1, r.steps), coalesce(s.cum_cost, r.total_cost), "
-               f"r.created_at, r.parent_run_id {_RUNS_FROM}")
-        args: list[Any] = []
-        if status is not None:
-            sql += " WHERE r.status = ?"
-            args.append(status)
-        sql += " ORDER BY r.created_at DESC, r.id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return self._conn().execute(sql, args).fetchall()
+        return self._listing("r.id, r.status, coalesce(s.step_n + 1, r.steps), coalesce(s.cum_cost, r.total_cost), "
+                             "r.created_at, r.parent_run_id", status, limit).fetchall()
 
     def children(self, run_id: str) -> list[RunRecord]:
         rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} {_RUNS_FROM} WHERE r.parent_run_id = ? "
