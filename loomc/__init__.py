@@ -22,14 +22,14 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           PolicyTypeError, RunAlreadyFinished, RunCancelled, RunError, RunLocked, RunNotFound,
                           SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import CallbackWarning, Run, charge, step_number
+from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
 from loomc.stall import Escalate
 from loomc.stores import CheckpointStore, MemoryStore, SQLiteStore, open_store
 
 __all__ = [
-    "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted", "CallbackWarning",
+    "AsyncLoopRunner", "DeadlineExceeded", "acharge", "Backtracker", "BestScore", "Budget", "BudgetExhausted", "CallbackWarning",
     "CheckpointDecodeError", "CheckpointStore", "ConfigError", "CorruptStore", "DEFAULT_BUDGET", "Decision",
     "Escalate", "History", "LastGood", "LoomcError", "LoopRunner", "MemoryStore", "Outcome", "Policy",
     "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunCancelled", "RunError", "RunLocked",

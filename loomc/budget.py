@@ -145,3 +145,49 @@ class Budget(Signal):
 
 #: The cap a loop gets when it is given no budget: 100 calls of ``fn``.
 DEFAULT_BUDGET = Budget(iterations=100)
+
+
+@dataclass(frozen=True, repr=False)
+class ParentCap(Signal):
+    """The dollars a parent run's budget leaves for one child run (nested loops).
+
+    Added to a child's policy when it starts inside a parent with a USD cap;
+    predictive like ``Budget(usd=...)``, and its reason names the parent.
+    """
+
+    parent: str
+    usd: Decimal
+
+    kind = max_outcome = Outcome.BUDGET_EXHAUSTED
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        spent, largest = history._summary()[:2]
+        if spent + largest > self.usd or (spent >= self.usd and spent > 0):
+            return (f"usd: the parent run {self.parent}'s budget leaves ${self.usd:.4f} for this child; "
+                    f"${spent:.4f} spent + ${largest:.4f} for the next step would pass it")
+        return None
+
+    def __repr__(self) -> str:
+        return f"parent_cap(run={self.parent!r}, usd={float(self.usd)!r})"
+
+
+def usd_room(policy: Any, history: History, pending: Decimal) -> Decimal | None:
+    """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one."""
+    parts = _top_level(policy)
+    caps = [p.usd for p in parts if isinstance(p, (Budget, ParentCap)) and p.usd is not None]
+    if not caps:
+        return None
+    return max(Decimal(0), min(caps) - history.total_cost - pending)
+
+
+def wall_clock_cap(policy: Any) -> float | None:
+    """The tightest top-level wall-clock cap of ``policy`` (the async driver's deadline)."""
+    parts = _top_level(policy)
+    caps = [p.wall_clock for p in parts if isinstance(p, Budget) and p.wall_clock is not None]
+    return min(caps) if caps else None
+
+
+def _top_level(policy: Any) -> tuple[Any, ...]:
+    """The parts of a ``|`` (a cap inside ``&`` or ``~`` is a condition, not a cap)."""
+    from loomc.policy import AnyOf, Policies
+    return policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)

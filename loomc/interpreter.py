@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
+from loomc.budget import usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, LoomcError, RunError, StallError,
                           StateEncodeError, attach_run)
 from loomc.history import ZERO, History, Step, to_decimal
@@ -31,6 +33,10 @@ _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exh
            Outcome.STALLED: "stalled"}
 
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
+
+
+class DeadlineExceeded(LoomcError):
+    """An async iteration was cancelled because the wall-clock budget ran out during it."""
 
 
 class CallbackWarning(UserWarning):
@@ -95,12 +101,28 @@ class LiveRun:
     session_start: float = 0.0
     in_flight: int = -1
     pending: Decimal = ZERO
-    charge_to: LiveRun | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    parent: LiveRun | None = None
+    children: dict[int, int] = field(default_factory=dict)  # parent step -> children started in it
+    wall_cap: float | None = None
 
     def __post_init__(self) -> None:
         self.session_start = self.clock()
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
+        self.wall_cap = wall_clock_cap(self.policy)
+
+    def usd_room(self) -> Decimal | None:
+        """Dollars this run can still spend in the step in flight (a child's cap comes from it)."""
+        return usd_room(self.policy, self.history, self.pending)
+
+    def next_child_id(self) -> str:
+        """A stable id for the next child run started in the step in flight."""
+        k = self.children.get(self.in_flight, 0)
+        self.children[self.in_flight] = k + 1
+        return f"{self.id}-{self.in_flight}-{k}"
+
+    def spend(self, usd: Decimal) -> None:
+        """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost."""
+        self.pending += usd
 
     def elapsed(self, now: float) -> float:
         return self.prior_active + (now - self.session_start)
@@ -148,9 +170,18 @@ class _Call:
     async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None]:
         wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
+        exc: BaseException | None
         try:
             result = run.fn(self.state)
-            new_state, exc = (await result if inspect.isawaitable(result) else result), None
+            if inspect.isawaitable(result):
+                left = None if run.wall_cap is None else run.wall_cap - run.elapsed(t0)
+                result = await (result if left is None else asyncio.wait_for(result, max(left, 0.0)))
+            new_state, exc = result, None
+        except asyncio.TimeoutError as e:
+            over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
+            new_state, exc = None, (DeadlineExceeded(
+                f"the wall-clock budget ({run.wall_cap:g}s) ran out during this call, which was cancelled")
+                if over else e)
         except Exception as e:
             new_state, exc = None, e
         finally:
@@ -186,11 +217,16 @@ class _Commit:
 
     def sync(self, run: LiveRun) -> None:
         run.store.commit_step(run.id, self.stored, self.totals, run.owner, run.lease_seconds)
-        _notify(run, self.step)
+        self._after(run)
 
     async def async_(self, run: LiveRun) -> None:
-        await asyncio.to_thread(run.store.commit_step, run.id, self.stored, self.totals, run.owner,
-                                run.lease_seconds)
+        await offload(run.store, run.store.commit_step, run.id, self.stored, self.totals, run.owner,
+                      run.lease_seconds)
+        self._after(run)
+
+    def _after(self, run: LiveRun) -> None:
+        if run.parent is not None:  # a child's spend joins its parent's step in flight, once
+            run.parent.spend(self.step.cost)
         _notify(run, self.step)
 
 
@@ -213,7 +249,7 @@ class _Finish:
         run.store.finish_run(run.id, self.status, self.reason, run.owner)
 
     async def async_(self, run: LiveRun) -> None:
-        await asyncio.to_thread(run.store.finish_run, run.id, self.status, self.reason, run.owner)
+        await offload(run.store, run.store.finish_run, run.id, self.status, self.reason, run.owner)
 
 
 # --- the transition --------------------------------------------------------
@@ -236,7 +272,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     while decision.outcome < _STALLED:
         step, exc = yield _Call(run.state_of(run.source), len(h))
         elapsed = run.elapsed((yield NOW))
-        fatal = exc is not None and run.backtracker is None
+        fatal = exc is not None and run.backtracker is None and not isinstance(exc, DeadlineExceeded)
         try:
             record = stored(step)
         except StateEncodeError as e:
@@ -313,10 +349,16 @@ async def drive_async(run: LiveRun) -> Run:
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
-        await asyncio.shield(asyncio.to_thread(_abandon, run, e))
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        await asyncio.shield(offload(run.store, _abandon, run, e))
         raise
+
+
+async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a store call off the event loop, on the store's own writer thread if it has one."""
+    writer = getattr(store, "writer", None)
+    if writer is None:
+        return fn(*args)  # an in-memory store does no I/O
+    return await asyncio.get_running_loop().run_in_executor(writer, functools.partial(fn, *args))
 
 
 def _abandon(run: LiveRun, exc: BaseException) -> None:
@@ -360,5 +402,15 @@ def charge(usd: float | Decimal | str) -> None:
                          "the function decorated with @loop")
     amount = to_decimal(usd, "charge(usd)")
     run.store.charge(run.id, run.in_flight, amount)
-    run.pending += amount
+    run.spend(amount)
+
+
+async def acharge(usd: float | Decimal | str) -> None:
+    """:func:`charge` for async iterations: the write goes to the store's writer thread."""
+    run = _CURRENT.get()
+    if run is None:
+        raise LoomcError("loomc.acharge() was called outside a loop iteration")
+    amount = to_decimal(usd, "acharge(usd)")
+    await offload(run.store, run.store.charge, run.id, run.in_flight, amount)
+    run.spend(amount)
 

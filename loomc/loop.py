@@ -24,10 +24,10 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import DEFAULT_BUDGET, Budget
-from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished
+from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap
+from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunNotFound
 from loomc.history import ZERO, History, Step
-from loomc.interpreter import LiveRun, Run, drive, drive_async, stored
+from loomc.interpreter import LiveRun, Run, _ended, current_run, drive, drive_async, offload, stored
 from loomc.policy import AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, either
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
@@ -148,13 +148,42 @@ class LoopRunner:
     # --- starting and resuming -------------------------------------------
 
     def _live(self, run_id: str, policy: Policy, history: History, initial: Any, source: Step | None,
-              prior_active: float = 0.0) -> LiveRun:
+              prior_active: float = 0.0, parent: LiveRun | None = None) -> LiveRun:
+        if parent is not None:  # the parent's USD cap binds the child
+            room = parent.usd_room()
+            if room is not None:
+                policy = either(policy, ParentCap(parent.id, room + history.total_cost))
         return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=_owner(), history=history,
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
-                       lease_seconds=self.lease_seconds)
+                       lease_seconds=self.lease_seconds, parent=parent)
 
-    def _start(self, state: Any, run_id: str | None) -> LiveRun:
+    def _plan(self, run_id: str | None) -> tuple[LiveRun | None, str | None]:
+        """Inside another loop's iteration this run is its child, with a stable id per parent step.
+
+        Called at the call site, before any await, so children started in one step get the same
+        ids in the same order when the parent resumes that step.
+        """
+        parent = current_run()
+        if parent is None:
+            return None, run_id
+        return parent, run_id or parent.next_child_id()
+
+    def _open(self, state: Any, run_id: str | None, parent: LiveRun | None) -> LiveRun | Run:
+        """A LiveRun to drive, or (for a child that already completed) its finished Run."""
+        if parent is None or run_id is None:
+            return self._start(state, run_id)
+        try:
+            record = self.store.get_run(run_id)
+        except RunNotFound:
+            return self._start(state, run_id, parent)
+        if record.status == "completed":  # the parent is re-running a step: do not pay twice
+            live = self._restore(record, self.policy, parent=None)
+            parent.spend(live.history.total_cost)
+            return _ended(live, "completed", record.reason or "completed", None)
+        return self._reopen(run_id, None, parent)
+
+    def _start(self, state: Any, run_id: str | None, parent: LiveRun | None = None) -> LiveRun:
         try:
             initial_json = codec.encode(state)
         except LoomcError as e:
@@ -166,10 +195,12 @@ class LoopRunner:
         self.store.create_run(RunRecord(
             id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path, policy=repr(self.policy),
             state_type=state_type, initial_state=initial_json, created_at=now, updated_at=now,
-            owner=_owner(), lease_expires=now + self.lease_seconds))
-        return self._live(run_id, self.policy, History(), state, None)
+            owner=_owner(), lease_expires=now + self.lease_seconds,
+            parent_run_id=None if parent is None else parent.id,
+            parent_step=None if parent is None else parent.in_flight))
+        return self._live(run_id, self.policy, History(), state, None, parent=parent)
 
-    def _reopen(self, run_id: str, budget: Budget | None) -> LiveRun:
+    def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
         store = self.store
         record = before = store.get_run(run_id)
         if record.status == "completed":
@@ -187,13 +218,15 @@ class LoopRunner:
                 warnings.warn(f"run {run_id}: fn's source or the policy changed since the run started; "
                               "resuming with the current code, the stored state still validates",
                               SpecChangedWarning, stacklevel=3)
-            live = self._restore(record, policy)
+            live = self._restore(record, policy, parent)
+            if parent is not None:
+                parent.spend(live.history.total_cost)  # what the child spent before the crash
         except BaseException:  # a resume that cannot start leaves the run as it was
             store.finish_run(run_id, before.status, before.reason, _owner())
             raise
         return live
 
-    def _restore(self, record: RunRecord, policy: Policy) -> LiveRun:
+    def _restore(self, record: RunRecord, policy: Policy, parent: LiveRun | None = None) -> LiveRun:
         state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
         history = history_from_stored(self.store.load_steps(run_id), state_type, run_id)
@@ -202,7 +235,7 @@ class LoopRunner:
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
         initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
-        return self._live(run_id, policy, history, initial, source, record.active_seconds)
+        return self._live(run_id, policy, history, initial, source, record.active_seconds, parent)
 
     def _settle_interrupted(self, record: RunRecord, history: History) -> History:
         """Spend charged by a step that never committed becomes a failed step: counted once.
@@ -225,7 +258,9 @@ class LoopRunner:
 
     def run(self, state: Any, *, run_id: str | None = None) -> Run:
         """Run the loop and return the whole :class:`Run`; its ending (budget, stall, error) is on it."""
-        return drive(self._start(state, run_id))
+        parent, run_id = self._plan(run_id)
+        opened = self._open(state, run_id, parent)
+        return opened if isinstance(opened, Run) else drive(opened)
 
     def __call__(self, state: Any, *, run_id: str | None = None) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
@@ -251,17 +286,15 @@ class AsyncLoopRunner(LoopRunner):
     """What ``@loop`` returns for an ``async def``: ``await runner(state)``."""
 
     async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
-        import asyncio
-        live = await asyncio.to_thread(self._start, state, run_id)
-        return await drive_async(live)
+        parent, run_id = self._plan(run_id)
+        opened = await offload(self.store, self._open, state, run_id, parent)
+        return opened if isinstance(opened, Run) else await drive_async(opened)
 
     async def __call__(self, state: Any, *, run_id: str | None = None) -> Any:  # type: ignore[override]
         return (await self.run(state, run_id=run_id)).result()
 
     async def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:  # type: ignore[override]
-        import asyncio
-        live = await asyncio.to_thread(self._reopen, run_id, budget)
-        return await drive_async(live)
+        return await drive_async(await offload(self.store, self._reopen, run_id, budget))
 
     async def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:  # type: ignore[override]
         return (await self.resume_run(run_id, budget=budget)).result()

@@ -155,6 +155,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
+        self._writer: Any = None
         self._renewed: dict[str, float] = {}  # run id -> when this process last renewed its lease
         self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
         self._conn()  # open, check and migrate the schema now: errors surface at construction
@@ -217,8 +218,24 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
 
+    @property
+    def writer(self) -> Any:
+        """The one thread that performs this store's work for async loops (created on first use).
+
+        Async drivers send every store call here, so hundreds of loops in one event loop share
+        one connection for writes and never block the event loop on a commit.
+        """
+        with self._guard:
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loomc-writer")
+            return self._writer
+
     def close(self) -> None:
         with self._guard:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
             conns, self._all = self._all, []
         for conn in conns:
             try:

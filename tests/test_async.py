@@ -1,0 +1,167 @@
+"""Async loops: the same core as the sync driver, deadlines, sharing one store, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import pytest
+
+from loomc import (AsyncLoopRunner, BestScore, Budget, BudgetExhausted, Escalate, LastGood, SQLiteStore,
+                   StallError, loop, predicate, score_plateau)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def scripted(scores, fail_at=()):
+    calls = []
+
+    async def fn(state):
+        k = len(calls)
+        calls.append(state)
+        await asyncio.sleep(0)
+        if k in fail_at:
+            raise RuntimeError(f"flaky call {k}")
+        return {"k": k, "score": scores[min(k, len(scores) - 1)]}
+
+    return fn, calls
+
+
+def score(state):
+    return state["score"]
+
+
+def test_decorating_a_coroutine_gives_an_async_runner_that_converges():
+    fn, _ = scripted([0.5, 0.7, 0.9, 0.9, 0.9, 0.9])
+    refine = loop(converge_on=score_plateau(3), scorer=score, checkpoint="memory")(fn)
+    assert isinstance(refine, AsyncLoopRunner)
+    result = run(refine.run({}))
+    assert result.status == "completed" and len(result.history) == 6 and result.state["k"] == 5
+
+
+def test_async_budget_backtrack_and_stall_follow_the_same_rules():
+    fn, calls = scripted([0.3, 0.5, 0.8, 0.6, 0.7, 0.7])
+    refine = loop(budget=Budget(usd=0.5), backtrack=BestScore(), scorer=score, cost_fn=lambda s: 0.1,
+                  checkpoint="memory")(fn)
+    with pytest.raises(BudgetExhausted) as e:
+        run(refine({}))
+    assert len(e.value.history) == 5 and e.value.state["k"] == 2
+    assert e.value.history[3].events == ("backtrack to step 2",) and calls[4]["k"] == 2
+    fn, _ = scripted([0.5], fail_at={1, 2, 3})
+    stalling = loop(backtrack=LastGood(), on_stall=Escalate(after=3), scorer=score, checkpoint="memory")(fn)
+    with pytest.raises(StallError):
+        run(stalling({}))
+
+
+def test_async_resume_after_a_failure(tmp_path):
+    db = str(tmp_path / "a.db")
+    fn, _ = scripted([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], fail_at={2})
+    refine = loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.05, scorer=score, checkpoint=db)(fn)
+
+    async def story():
+        with pytest.raises(RuntimeError) as e:
+            await refine({})
+        again = await refine.resume_run(e.value.run_id)
+        return e.value.run_id, again
+
+    run_id, again = run(story())
+    assert again.status == "budget_exhausted" and len(again.history) == 5
+    assert again.history[2].error == "RuntimeError: flaky call 2"
+    assert SQLiteStore(db).get_run(run_id).total_cost == Decimal("0.20")
+
+
+def test_a_hung_iteration_is_cancelled_at_a_one_second_wall_clock(tmp_path):
+    db = str(tmp_path / "h.db")
+    started = []
+
+    @loop(budget=Budget(wall_clock="1s"), checkpoint=db)
+    async def hangs(state):
+        started.append(time.monotonic())
+        if len(started) == 2:
+            await asyncio.sleep(3600)
+        return state + 1
+
+    t0 = time.monotonic()
+    with pytest.raises(BudgetExhausted) as e:
+        run(hangs(0))
+    assert time.monotonic() - t0 < 5, "the call was cancelled at the deadline, not awaited"
+    history = e.value.history
+    assert len(history) == 2 and history[1].error.startswith("DeadlineExceeded")
+    assert history[1].events == ("budget exhausted",)
+    assert SQLiteStore(db).get_run(e.value.run_id).status == "budget_exhausted"
+    assert e.value.state == 1
+
+
+def test_forty_concurrent_loops_share_one_store_without_mixing_histories(tmp_path):
+    db = str(tmp_path / "many.db")
+
+    @loop(budget=Budget(iterations=8), cost_fn=lambda s: 0.01, checkpoint=db)
+    async def work(state):
+        await asyncio.sleep(0.001 * (state["who"] % 5))
+        return {"who": state["who"], "n": state["n"] + 1}
+
+    async def everyone():
+        return await asyncio.gather(*(work.run({"who": i, "n": 0}) for i in range(40)))
+
+    runs = run(everyone())
+    assert len({r.id for r in runs}) == 40
+    store = SQLiteStore(db)
+    for i, r in enumerate(runs):
+        assert r.state == {"who": i, "n": 8}
+        steps = store.load_steps(r.id)
+        assert [s.n for s in steps] == list(range(8))
+        assert all(f'"who":{i},' in s.state_json for s in steps)
+        assert store.get_run(r.id).total_cost == Decimal("0.08")
+
+
+def test_cancelling_the_task_marks_the_run_cancelled_and_keeps_its_steps(tmp_path):
+    db = str(tmp_path / "c.db")
+
+    @loop(budget=Budget(iterations=100), checkpoint=db)
+    async def slow(state):
+        await asyncio.sleep(0.05 if state < 3 else 3600)
+        return state + 1
+
+    async def story():
+        task = asyncio.create_task(slow.run(0, run_id="to-cancel"))
+        while True:
+            await asyncio.sleep(0.02)
+            try:
+                if SQLiteStore(db).get_run("to-cancel").steps >= 3:
+                    break
+            except Exception:
+                pass
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(story())
+    record = SQLiteStore(db).get_run("to-cancel")
+    assert record.status == "cancelled" and record.steps == 3
+
+
+def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_path):
+    db = str(tmp_path / "k.db")
+
+    @loop(budget=Budget(iterations=10), checkpoint=db)
+    def interrupted(state):
+        if state == 2:
+            raise KeyboardInterrupt
+        return state + 1
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted(0, run_id="ctrl-c")
+    record = SQLiteStore(db).get_run("ctrl-c")
+    assert record.status == "cancelled" and record.steps == 2
+    calm = loop(budget=Budget(iterations=4), checkpoint=db)(lambda s: s + 1)
+    again = calm.resume_run("ctrl-c")
+    assert again.state == 4 and [s.n for s in again.history] == [0, 1, 2, 3]
+
+
+def test_an_async_predicate_reads_only_committed_history():
+    fn, _ = scripted([0.2, 0.4, 1.0])
+    refine = loop(converge_on=predicate(lambda h: h[-1].score >= 1.0), scorer=score, checkpoint="memory")(fn)
+    assert run(refine({}))["k"] == 2

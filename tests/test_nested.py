@@ -1,0 +1,190 @@
+"""Nested loops: children are billed to their parent once, bound by its cap, and resumed, not re-run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import loomc
+from loomc import Budget, SQLiteStore, loop, predicate
+from loomc.cli import main
+
+HERE = Path(__file__).parent
+
+
+def test_the_parents_cap_binds_the_child_and_the_child_says_so(tmp_path):
+    db = str(tmp_path / "cap.db")
+
+    @loop(budget=Budget(usd=5.00), cost_fn=lambda s: 0.10, checkpoint=db)
+    def child(state):
+        return state + 1
+
+    @loop(budget=Budget(usd=1.00, iterations=3), checkpoint=db)
+    def parent(state):
+        loomc.charge(0.35)  # the parent's own call, paid before it starts the child
+        if loomc.step_number() == 1:
+            state["child"] = child.run(0).status
+        return state
+
+    run = parent.run({})
+    # Step 1 starts with $0.35 spent and $0.35 charged: the child, whose own cap is $5, gets $0.30.
+    kid = SQLiteStore(db).get_run(f"{run.id}-1-0")
+    assert kid.status == "budget_exhausted" and kid.total_cost == Decimal("0.30")
+    assert f"parent run {run.id}" in kid.reason
+    assert kid.parent_run_id == run.id and kid.parent_step == 1
+    assert run.history[1].cost == Decimal("0.65")
+    assert run.total_cost == Decimal("1.00") and run.status == "budget_exhausted", "never over the parent's cap"
+
+
+def test_exact_totals_across_three_levels(tmp_path):
+    db = str(tmp_path / "three.db")
+
+    @loop(budget=Budget(iterations=3), cost_fn=lambda s: "0.001", checkpoint=db)
+    def grandchild(state):
+        return state + 1
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: "0.01", checkpoint=db)
+    def child(state):
+        return state + grandchild.run(0).state
+
+    @loop(budget=Budget(usd=10, iterations=4), cost_fn=lambda s: "0.1", checkpoint=db)
+    def parent(state):
+        return state + child.run(0).state
+
+    run = parent.run(0)
+    assert run.state == 4 * 2 * 3
+    # each parent step: 0.1 + 2 * (0.01 + 3 * 0.001) = 0.126
+    assert run.total_cost == Decimal("0.504")
+    store = SQLiteStore(db)
+    assert store.get_run(run.id).total_cost == Decimal("0.504")
+    kids = store.children(run.id)
+    assert len(kids) == 4 and all(k.total_cost == Decimal("0.026") for k in kids)
+    grandkids = [g for k in kids for g in store.children(k.id)]
+    assert len(grandkids) == 8 and all(g.total_cost == Decimal("0.003") for g in grandkids)
+    assert sum((s.cost for s in store.load_steps(run.id)), Decimal(0)) == Decimal("0.504")
+    out = CliRunner().invoke(main, ["show", run.id, "--db", db]).output
+    assert f"[child {run.id}-0-0: $0.0260]" in out
+    listing = CliRunner().invoke(main, ["runs", "--db", db]).output
+    assert listing.count("(child)") == 12
+
+
+def test_sync_inside_async_async_inside_sync(tmp_path):
+    db = str(tmp_path / "mixed.db")
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.01, checkpoint=db)
+    def sync_child(state):
+        return state + 1
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.02, checkpoint=db)
+    async def async_child(state):
+        await asyncio.sleep(0)
+        return state + 10
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    async def async_parent(state):
+        return state + sync_child.run(0).state + (await async_child.run(0)).state
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    def sync_parent(state):
+        return state + asyncio.run(async_child.run(0)).state
+
+    a = asyncio.run(async_parent.run(0))
+    assert a.state == 2 * (2 + 20) and a.total_cost == Decimal("0.12")
+    s = sync_parent.run(0)
+    assert s.state == 2 * 20 and s.total_cost == Decimal("0.08")
+    store = SQLiteStore(db)
+    assert {k.id for k in store.children(a.id)} == {f"{a.id}-0-0", f"{a.id}-0-1", f"{a.id}-1-0", f"{a.id}-1-1"}
+
+
+def test_children_in_one_async_step_run_concurrently_with_stable_ids(tmp_path):
+    db = str(tmp_path / "gather.db")
+
+    @loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.01, checkpoint=db)
+    async def worker(state):
+        await asyncio.sleep(0.001 * (3 - state["i"]))
+        return {**state, "n": state["n"] + 1}
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    async def fan_out(state):
+        runs = await asyncio.gather(*(worker.run({"i": i, "n": 0}) for i in range(3)))
+        return [r.state["i"] for r in runs]
+
+    run = asyncio.run(fan_out.run(None))
+    store = SQLiteStore(db)
+    for i in range(3):
+        kid = store.get_run(f"{run.id}-0-{i}")
+        assert json.loads(store.load_steps(kid.id)[0].state_json)["i"] == i
+    assert run.total_cost == Decimal("0.09")
+
+
+def test_a_crash_inside_a_child_is_resumed_through_the_parent_exactly_once(tmp_path):
+    db, marker = tmp_path / "nested.db", tmp_path / "crashed-once"
+    first = subprocess.run([sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker)],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == -9, first.stderr  # SIGKILL
+    store = SQLiteStore(db)
+    assert store.get_run("nested").steps == 1
+    crashed_child = store.get_run("nested-1-0")
+    assert crashed_child.status == "running" and crashed_child.steps == 2
+    second = subprocess.run([sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == {"done": 3, "child_n": 12}
+    kids = store.children("nested")
+    assert [k.id for k in kids] == ["nested-0-0", "nested-1-0", "nested-2-0"], "no fresh child for step 1"
+    for kid in kids:
+        steps = store.load_steps(kid.id)
+        assert [s.n for s in steps] == [0, 1, 2, 3] and kid.status == "completed"
+    resumed = store.get_run("nested-1-0")
+    assert resumed.attempts == 2
+    parent = store.get_run("nested")
+    assert parent.status == "completed" and parent.total_cost == Decimal("0.12")
+    assert [s.cost for s in store.load_steps("nested")] == [Decimal("0.04")] * 3
+
+
+def test_a_crash_after_a_child_completed_reuses_it_instead_of_paying_twice(tmp_path):
+    db, marker = tmp_path / "after.db", tmp_path / "crashed-once"
+    script = [sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker), "after"]
+    assert subprocess.run(script, capture_output=True, timeout=120).returncode == -9
+    store = SQLiteStore(db)
+    assert store.get_run("nested-1-0").status == "completed" and store.get_run("nested").steps == 1
+    done = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"done": 3, "child_n": 12}
+    reused = store.get_run("nested-1-0")
+    assert reused.attempts == 1 and reused.steps == 4, "the completed child was not run again"
+    assert store.get_run("nested").total_cost == Decimal("0.12")
+
+
+def test_a_failed_parent_step_is_retried_as_a_new_step_with_a_new_child(tmp_path):
+    db = str(tmp_path / "again.db")
+    calls = {"child": 0, "parent": 0}
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.5, checkpoint=db)
+    def child(state):
+        calls["child"] += 1
+        return state + 1
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    def parent(state):
+        calls["parent"] += 1
+        got = child.run(0).state
+        if calls["parent"] == 1:
+            raise ConnectionError("lost the reply after the child finished")
+        return got
+
+    import pytest
+    with pytest.raises(ConnectionError) as e:
+        parent(0)
+    assert SQLiteStore(db).get_run(f"{e.value.run_id}-0-0").status == "budget_exhausted"
+    # The failed parent step is kept; the retry is step 1, a new child. A parent resumed *within*
+    # step 0 (after a crash) would reuse child 0-0 instead; see the crash test above.
+    again = parent.resume_run(e.value.run_id, budget=Budget(iterations=2))
+    assert again.state == 2 and calls["child"] == 4
+    assert again.history[0].cost == Decimal("1.0") and again.history[1].cost == Decimal("1.0")
