@@ -17,7 +17,8 @@ Importing loomc is light: no torch, no model, no SDK is imported until used.
 
 from loomc.backtrack import Backtracker, BestScore, LastGood
 from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
-from loomc.detectors import ScorePlateau, score_plateau
+from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
+from loomc.semantic import SemanticDelta, semantic_delta
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
                           PolicyTypeError, RunAlreadyFinished, RunCancelled, RunError, RunLocked, RunNotFound,
                           SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
@@ -35,6 +36,6 @@ __all__ = [
     "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunCancelled", "RunError", "RunLocked",
     "RunNotFound", "SQLiteStore", "SchemaTooNew", "ScorePlateau", "Signal", "SpecChangedWarning",
     "StallError", "StateEncodeError", "Step", "StepConflict", "StoreError", "__version__", "always",
-    "build_policy", "charge", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
+    "build_policy", "charge", "judge", "Judge", "semantic_delta", "SemanticDelta", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
     "replay", "score_plateau", "step_number",
 ]

@@ -9,14 +9,17 @@ against any detector.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from loomc.errors import ConfigError
 from loomc.history import History, Step
-from loomc.policy import Outcome, Signal, predicate
+from loomc.policy import Outcome, Probe, Signal, predicate
 
-__all__ = ["score_plateau", "ScorePlateau", "predicate"]
+__all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
 # Differences this close to min_delta are float noise: 0.8 - 0.7 is not "more than 0.1".
 _NOISE = 1e-9
@@ -73,3 +76,71 @@ class ScorePlateau(Signal):
 def score_plateau(patience: int = 3, min_delta: float = 0.01) -> ScorePlateau:
     """Converged when ``patience`` scored steps in a row brought no gain above ``min_delta``."""
     return ScorePlateau(patience, min_delta)
+
+
+_YES = {"yes", "y", "true", "done", "pass", "passed", "converged"}
+
+
+def clear_yes(verdict: Any) -> bool:
+    """True for ``True`` or a clear yes (``"Yes."``, ``"YES"``, ``"true"``); anything else is no.
+
+    >>> clear_yes(True), clear_yes("Yes."), clear_yes("yes, but..."), clear_yes(1)
+    (True, True, False, False)
+    """
+    if verdict is True:
+        return True
+    if isinstance(verdict, str):
+        return verdict.strip().strip(".!\"'` ").lower() in _YES
+    return False
+
+
+@dataclass(frozen=True, repr=False)
+class _JudgeProbe(Probe):
+    name: str
+    judge_fn: Callable[[Any], Any]
+
+    def measure(self, state: Any, history: History) -> Any:
+        verdict = self.judge_fn(state)
+        if inspect.isawaitable(verdict):
+            return self._later(verdict)
+        return {self.name: clear_yes(verdict)}
+
+    async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
+        return {self.name: clear_yes(await verdict)}
+
+
+@dataclass(frozen=True, repr=False)
+class Judge(Signal):
+    """Converged when the judge said yes about the last step's state.
+
+    The verdict is taken at the edge, once per step, and recorded in the step's
+    metrics under ``name``; the detector only reads it, so a resume or a replay
+    never asks the judge again. A judge that raises fails that step (its state is
+    kept), visibly.
+    """
+
+    judge_fn: Callable[[Any], Any]
+    name: str = "judge"
+
+    kind = Outcome.CONVERGED
+
+    def probes(self) -> tuple[Probe, ...]:
+        return (_JudgeProbe(self.name, self.judge_fn),)
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        if history and history[-1].metrics.get(self.name) is True:
+            return f"{self!r} said yes"
+        return None
+
+    def __repr__(self) -> str:
+        return f"judge({getattr(self.judge_fn, '__name__', type(self.judge_fn).__name__)})"
+
+
+def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
+    """Converged when ``judge_fn(state)`` returns True or a clear yes (sync or async).
+
+    >>> done = judge(lambda state: "yes" if state["tests_pass"] else "no")
+    """
+    if not callable(judge_fn):
+        raise ConfigError(f"judge() takes a function judge_fn(state) -> bool, got {judge_fn!r}")
+    return Judge(judge_fn, name)

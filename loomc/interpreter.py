@@ -23,10 +23,10 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import usd_room, wall_clock_cap
-from loomc.errors import (BudgetExhausted, LoomcError, RunError, StallError,
+from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, RunError, StallError,
                           StateEncodeError, attach_run)
 from loomc.history import ZERO, History, Step, to_decimal
-from loomc.policy import CONTINUE, Decision, Outcome, Policy, _current_step
+from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step
 from loomc.stores.base import CheckpointStore, StoredStep, Totals
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
@@ -104,11 +104,14 @@ class LiveRun:
     parent: LiveRun | None = None
     children: dict[int, int] = field(default_factory=dict)  # parent step -> children started in it
     wall_cap: float | None = None
+    probes: tuple[Probe, ...] = ()
+    items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
 
     def __post_init__(self) -> None:
         self.session_start = self.clock()
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
         self.wall_cap = wall_clock_cap(self.policy)
+        self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
 
     def usd_room(self) -> Decimal | None:
         """Dollars this run can still spend in the step in flight (a child's cap comes from it)."""
@@ -120,9 +123,11 @@ class LiveRun:
         self.children[self.in_flight] = k + 1
         return f"{self.id}-{self.in_flight}-{k}"
 
-    def spend(self, usd: Decimal) -> None:
+    def spend(self, usd: Decimal, item: str | None = None) -> None:
         """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost."""
         self.pending += usd
+        if item is not None:
+            self.items[item] = self.items.get(item, ZERO) + usd
 
     def elapsed(self, now: float) -> float:
         return self.prior_active + (now - self.session_start)
@@ -145,7 +150,13 @@ NOW = _Now()
 
 
 class _Call:
-    """Call ``fn`` on ``state`` as step ``n``; the result is a Step (failed if ``fn`` raised)."""
+    """Call ``fn`` on ``state`` as step ``n``, then measure the result at the edge.
+
+    Everything here runs "in flight": ``loomc.charge`` and child loops called from
+    ``fn``, the cost function, the scorer or a probe are billed to step ``n``.
+    The result is a Step (failed if ``fn``, the cost function, the scorer or a probe
+    raised) and the exception, if any.
+    """
 
     __slots__ = ("state", "n")
 
@@ -154,50 +165,78 @@ class _Call:
 
     def _begin(self, run: LiveRun) -> tuple[float, float]:
         run.in_flight, run.pending = self.n, ZERO
+        if run.items:
+            run.items = {}
         return time.time(), run.clock()
 
     def sync(self, run: LiveRun) -> tuple[Step, BaseException | None]:
         wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
+        metrics: dict[str, Any] = {}
         try:
-            new_state, exc = run.fn(self.state), None
-        except Exception as e:  # KeyboardInterrupt and friends are never swallowed
-            new_state, exc = None, e
+            try:
+                new_state, exc = run.fn(self.state), None
+            except Exception as e:  # KeyboardInterrupt and friends are never swallowed
+                new_state, exc = None, e
+            if exc is None:
+                try:
+                    for probe in run.probes:
+                        found = probe.measure(new_state, run.history)
+                        if inspect.isawaitable(found):
+                            _close(found)
+                            raise ConfigError(f"{probe!r} is async: use it in an async loop (async def fn)")
+                        metrics.update(found)
+                except Exception as e:
+                    exc = e
+            return _settle(run, self.n, new_state, exc, wall, t0, metrics)
         finally:
             _CURRENT.reset(token)
-        return _settle(run, self.n, new_state, exc, wall, t0)
 
     async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None]:
         wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
+        metrics: dict[str, Any] = {}
         exc: BaseException | None
         try:
-            result = run.fn(self.state)
-            if inspect.isawaitable(result):
-                left = None if run.wall_cap is None else run.wall_cap - run.elapsed(t0)
-                result = await (result if left is None else asyncio.wait_for(result, max(left, 0.0)))
-            new_state, exc = result, None
-        except asyncio.TimeoutError as e:
-            over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
-            new_state, exc = None, (DeadlineExceeded(
-                f"the wall-clock budget ({run.wall_cap:g}s) ran out during this call, which was cancelled")
-                if over else e)
-        except Exception as e:
-            new_state, exc = None, e
+            try:
+                result = run.fn(self.state)
+                if inspect.isawaitable(result):
+                    left = None if run.wall_cap is None else run.wall_cap - run.elapsed(t0)
+                    result = await (result if left is None else asyncio.wait_for(result, max(left, 0.0)))
+                new_state, exc = result, None
+            except asyncio.TimeoutError as e:
+                over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
+                new_state, exc = None, (DeadlineExceeded(
+                    f"the wall-clock budget ({run.wall_cap:g}s) ran out during this call, which was cancelled")
+                    if over else e)
+            except Exception as e:
+                new_state, exc = None, e
+            if exc is None:
+                try:
+                    for probe in run.probes:
+                        found = probe.measure(new_state, run.history)
+                        metrics.update(await found if inspect.isawaitable(found) else found)
+                except Exception as e:
+                    exc = e
+            return _settle(run, self.n, new_state, exc, wall, t0, metrics)
         finally:
             _CURRENT.reset(token)
-        return _settle(run, self.n, new_state, exc, wall, t0)
+
+
+def _close(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()  # no "coroutine was never awaited" warning on top of the real error
 
 
 def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float,
-            t0: float) -> tuple[Step, BaseException | None]:
+            t0: float, metrics: dict[str, Any]) -> tuple[Step, BaseException | None]:
     """Measure a finished call at the edge: its cost, score and error, as one Step."""
-    cost, score, error = run.pending, None, None
-    run.in_flight, run.pending = -1, ZERO
+    score, error = None, None
     if exc is None:
         try:
             if run.cost_fn is not None:
-                cost += to_decimal(run.cost_fn(state), "cost_fn(state)")
+                run.spend(to_decimal(run.cost_fn(state), "cost_fn(state)"), None)
             if run.scorer is not None:
                 raw = run.scorer(state)
                 score = None if raw is None else float(raw)
@@ -205,8 +244,12 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
             exc = e
     if exc is not None:
         error = f"{type(exc).__name__}: {exc}"
+    if run.items:
+        metrics["cost_items"] = {name: str(usd) for name, usd in run.items.items()}
+    cost = run.pending
+    run.in_flight, run.pending = -1, ZERO
     return Step(n, state, cost=cost, score=score, error=error, started_at=wall,
-                duration=run.clock() - t0), exc
+                duration=run.clock() - t0, metrics=metrics), exc
 
 
 class _Commit:
@@ -384,12 +427,13 @@ def step_number() -> int | None:
     return None if run is None else run.in_flight
 
 
-def charge(usd: float | Decimal | str) -> None:
+def charge(usd: float | Decimal | str, item: str | None = None) -> None:
     """Record spend the moment it happens, inside an iteration.
 
     The amount is written to the store at once (write-ahead), added to the
     step's cost when the step commits, and counted on resume if the process
-    dies before that, never twice::
+    dies before that, never twice. ``item`` names a line item (``"judge"``),
+    recorded in the step's ``metrics["cost_items"]``::
 
         def step(state):
             reply = client.messages.create(...)
@@ -402,15 +446,15 @@ def charge(usd: float | Decimal | str) -> None:
                          "the function decorated with @loop")
     amount = to_decimal(usd, "charge(usd)")
     run.store.charge(run.id, run.in_flight, amount)
-    run.spend(amount)
+    run.spend(amount, item)
 
 
-async def acharge(usd: float | Decimal | str) -> None:
+async def acharge(usd: float | Decimal | str, item: str | None = None) -> None:
     """:func:`charge` for async iterations: the write goes to the store's writer thread."""
     run = _CURRENT.get()
     if run is None:
         raise LoomcError("loomc.acharge() was called outside a loop iteration")
     amount = to_decimal(usd, "acharge(usd)")
     await offload(run.store, run.store.charge, run.id, run.in_flight, amount)
-    run.spend(amount)
+    run.spend(amount, item)
 

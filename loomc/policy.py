@@ -91,6 +91,10 @@ class Policy:
         """This policy and every policy nested in it."""
         yield self
 
+    def probes(self) -> tuple[Probe, ...]:
+        """Measurements the edge takes once per step for this policy (a judge's verdict, an embedding)."""
+        return ()
+
     # The algebra. Each operator is one line; the named functions hold the rules.
     def __or__(self, other: Any) -> Policy:
         return either(self, other)
@@ -121,6 +125,21 @@ class Policy:
         backtracked. Active time is taken as the sum of the step durations.
         """
         return replay(self, history)
+
+
+class Probe:
+    """A measurement the interpreter takes at the edge, once per successful step.
+
+    ``measure(state, history)`` returns metrics to record on the step (JSON-friendly),
+    or an awaitable of them in an async loop. ``history`` is the history before the
+    step. Detectors then read ``step.metrics``, so they stay pure: a replay or a
+    resume never measures again.
+    """
+
+    __slots__ = ()
+
+    def measure(self, state: Any, history: History) -> Any:
+        raise NotImplementedError
 
 
 class Signal(Policy):

