@@ -24,6 +24,7 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
+from loomc.notebook import Comparison, compare
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
 from loomc.stall import Escalate
@@ -36,6 +37,6 @@ __all__ = [
     "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunCancelled", "RunError", "RunLocked",
     "RunNotFound", "SQLiteStore", "SchemaTooNew", "ScorePlateau", "Signal", "SpecChangedWarning",
     "StallError", "StateEncodeError", "Step", "StepConflict", "StoreError", "__version__", "always",
-    "build_policy", "charge", "judge", "Judge", "semantic_delta", "SemanticDelta", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
+    "build_policy", "charge", "compare", "Comparison", "judge", "Judge", "semantic_delta", "SemanticDelta", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
     "replay", "score_plateau", "step_number",
 ]

@@ -78,6 +78,16 @@ class Run:
         return (f"Run(id={self.id!r}, status={self.status!r}, steps={len(self.history)}, "
                 f"cost=${self.total_cost:.4f}, reason={self.reason!r})")
 
+    def _repr_html_(self) -> str:
+        from loomc.notebook import run_html
+        return run_html(self)
+
+    def plot(self, *others: Run, labels: list[str] | None = None, ax: Any = None) -> Any:
+        """Score and cumulative cost per step against the budget line, with this run's events
+        marked; pass other runs to draw them on the same axes. Returns the matplotlib Figure."""
+        from loomc.plots import plot_runs
+        return plot_runs(self, *others, labels=labels, ax=ax)
+
 
 @dataclass
 class LiveRun:
@@ -370,12 +380,15 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
 
 # --- the drivers -----------------------------------------------------------
 
-def drive(run: LiveRun) -> Run:
-    """Run the machine, performing each effect directly."""
+def steps(run: LiveRun) -> Generator[Step, None, Run]:
+    """Run the machine, performing each effect directly; yield each Step once it is committed."""
     gen, value = _machine(run), None
     try:
         while True:
-            value = gen.send(value).sync(run)
+            effect = gen.send(value)
+            value = effect.sync(run)
+            if type(effect) is _Commit:
+                yield effect.step
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
@@ -383,17 +396,35 @@ def drive(run: LiveRun) -> Run:
         raise
 
 
-async def drive_async(run: LiveRun) -> Run:
-    """Run the same machine, awaiting each effect."""
+def drive(run: LiveRun) -> Run:
+    """Run the loop to its end."""
+    stream = steps(run)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+async def steps_async(run: LiveRun, sink: Callable[[Step], Any] | None = None) -> Run:
+    """Run the same machine, awaiting each effect; hand each committed Step to ``sink``."""
     gen, value = _machine(run), None
     try:
         while True:
-            value = await gen.send(value).async_(run)
+            effect = gen.send(value)
+            value = await effect.async_(run)
+            if sink is not None and type(effect) is _Commit:
+                await sink(effect.step)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
         await asyncio.shield(offload(run.store, _abandon, run, e))
         raise
+
+
+async def drive_async(run: LiveRun) -> Run:
+    """Run the loop to its end, asynchronously."""
+    return await steps_async(run)
 
 
 async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from loomc import codec
@@ -27,7 +28,8 @@ from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap
 from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunNotFound
 from loomc.history import ZERO, History, Step
-from loomc.interpreter import LiveRun, Run, _ended, current_run, drive, drive_async, offload, stored
+from loomc.interpreter import (LiveRun, Run, _ended, current_run, drive, drive_async, offload, steps, steps_async,
+                               stored)
 from loomc.policy import AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, either
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
@@ -119,8 +121,9 @@ class LoopRunner:
 
     def __init__(self, fn: Callable[..., Any], policy: Policy, *, scorer: Callable[[Any], Any] | None,
                  cost_fn: Callable[[Any], Any] | None, checkpoint: Any, on_step: Iterable[Callable[[Step], Any]],
-                 clock: Callable[[], float], lease_seconds: float) -> None:
+                 clock: Callable[[], float], lease_seconds: float, progress: bool | str = False) -> None:
         functools.update_wrapper(self, fn)
+        self.progress = progress
         self.fn = fn
         self.policy = policy
         self.scorer = scorer
@@ -254,13 +257,40 @@ class LoopRunner:
                                _owner(), self.lease_seconds)
         return history
 
+    @contextlib.contextmanager
+    def _watched(self, live: LiveRun) -> Iterator[LiveRun]:
+        """Attach the progress bar (if asked for) for the life of one drive."""
+        if not self.progress:
+            yield live
+            return
+        from loomc.notebook import Progress
+        bar = Progress(live.policy, always=self.progress == "always")
+        live.on_step = (*live.on_step, bar)
+        try:
+            yield live
+        finally:
+            bar.close()
+
     # --- the public face --------------------------------------------------
 
     def run(self, state: Any, *, run_id: str | None = None) -> Run:
         """Run the loop and return the whole :class:`Run`; its ending (budget, stall, error) is on it."""
         parent, run_id = self._plan(run_id)
         opened = self._open(state, run_id, parent)
-        return opened if isinstance(opened, Run) else drive(opened)
+        if isinstance(opened, Run):
+            return opened
+        with self._watched(opened) as live:
+            return drive(live)
+
+    def iter(self, state: Any, *, run_id: str | None = None) -> StepStream:
+        """Run the loop, yielding each Step as soon as it is committed; ``.run`` holds the Run after.
+
+            >>> for step in refine.iter(draft):        # doctest: +SKIP
+            ...     print(step.n, step.score)
+        """
+        parent, run_id = self._plan(run_id)
+        opened = self._open(state, run_id, parent)
+        return StepStream(opened, self)
 
     def __call__(self, state: Any, *, run_id: str | None = None) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
@@ -268,7 +298,8 @@ class LoopRunner:
 
     def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:
         """Continue a run from its last committed step and return the whole :class:`Run`."""
-        return drive(self._reopen(run_id, budget))
+        with self._watched(self._reopen(run_id, budget)) as live:
+            return drive(live)
 
     def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:
         """Continue a run from its last committed step, with its spend counted; return the final state.
@@ -288,16 +319,94 @@ class AsyncLoopRunner(LoopRunner):
     async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
         parent, run_id = self._plan(run_id)
         opened = await offload(self.store, self._open, state, run_id, parent)
-        return opened if isinstance(opened, Run) else await drive_async(opened)
+        if isinstance(opened, Run):
+            return opened
+        with self._watched(opened) as live:
+            return await drive_async(live)
+
+    def iter(self, state: Any, *, run_id: str | None = None) -> AsyncStepStream:  # type: ignore[override]
+        """``async for step in refine.iter(draft)``: each Step as soon as it is committed."""
+        return AsyncStepStream(self, state, run_id)
 
     async def __call__(self, state: Any, *, run_id: str | None = None) -> Any:  # type: ignore[override]
         return (await self.run(state, run_id=run_id)).result()
 
     async def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:  # type: ignore[override]
-        return await drive_async(await offload(self.store, self._reopen, run_id, budget))
+        with self._watched(await offload(self.store, self._reopen, run_id, budget)) as live:
+            return await drive_async(live)
 
     async def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:  # type: ignore[override]
         return (await self.resume_run(run_id, budget=budget)).result()
+
+
+class StepStream:
+    """The Steps of a run as they are committed; after the last one, ``.run`` is the whole Run."""
+
+    def __init__(self, opened: LiveRun | Run, runner: LoopRunner) -> None:
+        self.run: Run | None = opened if isinstance(opened, Run) else None
+        self._live = None if isinstance(opened, Run) else opened
+        self._runner = runner
+        self._gen: Generator[Step, None, Run] | None = None
+        self._watch: Any = None
+
+    def __iter__(self) -> StepStream:
+        return self
+
+    def __next__(self) -> Step:
+        if self._live is None:
+            raise StopIteration
+        if self._gen is None:
+            self._watch = self._runner._watched(self._live)
+            self._gen = steps(self._watch.__enter__())
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self.run, self._live = stop.value, None
+            self._watch.__exit__(None, None, None)
+            raise StopIteration from None
+        except BaseException as e:
+            self._live = None
+            self._watch.__exit__(type(e), e, e.__traceback__)
+            raise
+
+
+_DONE = object()
+
+
+class AsyncStepStream:
+    """``async for step in ...``: Steps of an async run as they are committed; then ``.run``."""
+
+    def __init__(self, runner: AsyncLoopRunner, state: Any, run_id: str | None) -> None:
+        self.run: Run | None = None
+        self._runner, self._state, self._run_id = runner, state, run_id
+        self._queue: Any = None
+        self._task: Any = None
+
+    def __aiter__(self) -> AsyncStepStream:
+        return self
+
+    async def __anext__(self) -> Step:
+        import asyncio
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            parent, run_id = self._runner._plan(self._run_id)
+            self._task = asyncio.ensure_future(self._produce(parent, run_id))
+        item = await self._queue.get()
+        if item is _DONE:
+            self.run = self._task.result()  # raises what ended the run abnormally
+            raise StopAsyncIteration
+        return item  # type: ignore[no-any-return]
+
+    async def _produce(self, parent: LiveRun | None, run_id: str | None) -> Run:
+        try:
+            runner = self._runner
+            opened = await offload(runner.store, runner._open, self._state, run_id, parent)
+            if isinstance(opened, Run):
+                return opened
+            with runner._watched(opened) as live:
+                return await steps_async(live, self._queue.put)
+        finally:
+            await self._queue.put(_DONE)
 
 
 def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str) -> History:
@@ -319,12 +428,16 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
          backtrack: Role | None = None, on_stall: Role | None = None,
          scorer: Callable[[Any], Any] | None = None, cost_fn: Callable[[Any], Any] | None = None,
          checkpoint: Any = "sqlite", on_step: Callable[[Step], Any] | Iterable[Callable[[Step], Any]] = (),
-         clock: Callable[[], float] = time.monotonic, lease_seconds: float = 600.0) -> Callable[[Callable[..., Any]], LoopRunner]:
+         clock: Callable[[], float] = time.monotonic, lease_seconds: float = 600.0,
+         progress: bool | str = False) -> Callable[[Callable[..., Any]], LoopRunner]:
     """Turn ``fn(state) -> state`` into a resilient loop.
 
     ``policy=`` takes one composed policy; ``budget=``, ``converge_on=``,
     ``backtrack=`` and ``on_stall=`` build the same value. Errors in the
     arguments are raised here, at decoration time.
+
+    ``progress=True`` shows a tqdm bar on a terminal or in a notebook (never
+    elsewhere; ``progress="always"`` forces it).
     """
     built = build_policy(policy, budget=budget, converge_on=converge_on, backtrack=backtrack, on_stall=on_stall)
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
@@ -342,12 +455,14 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
         raise ConfigError(f"lease_seconds={lease_seconds!r} must be a positive number of seconds")
     check_store_spec(checkpoint)
+    if progress not in (False, True, "always"):
+        raise ConfigError(f"progress={progress!r}: use False, True (terminal or notebook only) or 'always'")
 
     def decorate(fn: Callable[..., Any]) -> LoopRunner:
         if not callable(fn):
             raise ConfigError(f"@loop decorates a function fn(state) -> state, got {fn!r}")
         cls = AsyncLoopRunner if inspect.iscoroutinefunction(fn) else LoopRunner
         return cls(fn, built, scorer=scorer, cost_fn=cost_fn, checkpoint=checkpoint, on_step=callbacks,
-                   clock=clock, lease_seconds=lease_seconds)
+                   clock=clock, lease_seconds=lease_seconds, progress=progress)
 
     return decorate

@@ -117,6 +117,10 @@ class Policy:
             "Combine policies with | or &, not with `or` / `and`; "
             "ask policy.decide(history) for an answer.")
 
+    def _repr_html_(self) -> str:
+        from loomc.notebook import policy_html
+        return policy_html(self)
+
     def replay(self, history: History) -> Replay:
         """What this policy would have done on a recorded history, without calling ``fn``.
 

@@ -1,0 +1,168 @@
+"""Jupyter: rich display of runs and policies, "what if" replays side by side, and progress bars.
+
+Every piece of text that came from a state, an error or a policy is HTML-escaped:
+an LLM's output can never inject markup into the notebook.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from loomc.history import History, Step
+from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
+
+if TYPE_CHECKING:
+    from loomc.interpreter import Run
+
+MAX_ROWS = 40  # longer runs show their first and last 20 steps
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def money(d: Decimal) -> str:
+    return f"${d:.4f}"
+
+
+def usd_cap(policy: Policy) -> Decimal | None:
+    """The tightest top-level USD cap of a policy, if any."""
+    from loomc.budget import Budget, ParentCap, _top_level
+    caps = [p.usd for p in _top_level(policy) if isinstance(p, (Budget, ParentCap)) and p.usd is not None]
+    return min(caps) if caps else None
+
+
+def steps_table(history: History) -> str:
+    """An HTML table of the steps: cost, cumulative cost, score, error and events."""
+    rows, total = [], Decimal(0)
+    shown = range(len(history)) if len(history) <= MAX_ROWS else \
+        [*range(MAX_ROWS // 2), -1, *range(len(history) - MAX_ROWS // 2, len(history))]
+    cumulative = []
+    for step in history:
+        total += step.cost
+        cumulative.append(total)
+    for i in shown:
+        if i == -1:
+            rows.append(f'<tr><td colspan="6">... {len(history) - MAX_ROWS} more steps ...</td></tr>')
+            continue
+        s = history[i]
+        score = "-" if s.score is None else f"{s.score:.4f}"
+        rows.append(f"<tr><td>{s.n}</td><td>{money(s.cost)}</td><td>{money(cumulative[i])}</td><td>{score}</td>"
+                    f"<td>{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
+    return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>error</th>"
+            f"<th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def run_html(run: Run) -> str:
+    cap = usd_cap(run.policy)
+    spent = money(run.total_cost) + (f" of {money(cap)}" if cap is not None else "")
+    return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
+            f" &middot; {len(run.history)} steps &middot; {spent}</p>"
+            f"<p>Stopped: {esc(run.reason)}</p><p>Policy: <code>{esc(repr(run.policy))}</code></p>"
+            f"<p>State: <code>{esc(_short(run.state))}</code></p>"
+            f"{steps_table(run.history)}</div>")
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def policy_html(policy: Policy) -> str:
+    """The structure of a policy as nested lists: either (|), both (&), not (~), and the leaves."""
+    def node(p: Policy) -> str:
+        if isinstance(p, (AnyOf, Policies)):
+            return f"<li>either (|)<ul>{''.join(node(c) for c in p.parts)}</ul></li>"
+        if isinstance(p, AllOf):
+            return f"<li>both (&amp;)<ul>{''.join(node(c) for c in p.parts)}</ul></li>"
+        if isinstance(p, Not):
+            return f"<li>not (~)<ul>{node(p.inner)}</ul></li>"
+        return f"<li><code>{esc(repr(p))}</code></li>"
+    return f'<ul class="loomc-policy">{node(policy)}</ul>'
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Several policies replayed on one recorded history: where each would have stopped, at what cost."""
+
+    history: History
+    replays: tuple[tuple[str, Replay], ...]
+
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        out = []
+        for name, r in self.replays:
+            stop = "-" if r.stopped_after is None else str(r.stopped_after)
+            outcome = "runs on" if r.stopped_after is None else r.decision.outcome.name.lower()
+            out.append((name, stop, money(r.cost), outcome, r.decision.reason))
+        return out
+
+    def __str__(self) -> str:
+        head = ("POLICY", "STEPS", "COST", "OUTCOME", "WHY")
+        rows = [head, *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows).rstrip()
+
+    def _repr_html_(self) -> str:
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        return (f"<p>{len(self.history)} recorded steps, {money(self.history.total_cost)}</p><table><thead><tr>"
+                "<th>policy</th><th>steps</th><th>cost</th><th>outcome</th><th>why</th></tr></thead>"
+                f"<tbody>{body}</tbody></table>")
+
+    def plot(self, ax: Any = None) -> Any:
+        from loomc.plots import plot_comparison
+        return plot_comparison(self, ax=ax)
+
+
+def compare(history: History | Run, policies: Mapping[str, Any] | Iterable[Any]) -> Comparison:
+    """Replay each policy on a recorded history (or Run) and line up the answers.
+
+    >>> compare(run, {"plateau 3": score_plateau(3), "plateau 5": score_plateau(5)})  # doctest: +SKIP
+    """
+    h = history if isinstance(history, History) else history.history
+    named = policies.items() if isinstance(policies, Mapping) else ((repr(as_policy(p)), p) for p in policies)
+    return Comparison(h, tuple((name, as_policy(p).replay(h)) for name, p in named))
+
+
+def in_notebook() -> bool:
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class Progress:
+    """A tqdm bar for one run: steps against the iteration cap, spend against the USD cap,
+    the best score so far and the last event. Shown on a terminal or in a notebook only,
+    unless ``always`` is set."""
+
+    def __init__(self, policy: Policy, always: bool = False, file: Any = None) -> None:
+        from loomc.budget import Budget, _top_level
+        self.cap = usd_cap(policy)
+        caps = [p.iterations for p in _top_level(policy) if isinstance(p, Budget) and p.iterations]
+        stream = file if file is not None else sys.stderr
+        show = always or in_notebook() or bool(getattr(stream, "isatty", lambda: False)())
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            raise ImportError('progress=True needs tqdm: pip install "loomc[notebook]"') from None
+        self.bar = tqdm(total=min(caps) if caps else None, disable=not show, file=stream, unit="step",
+                        desc="loomc", leave=True)
+        self.spent, self.best = Decimal(0), None
+        self.event = ""
+
+    def __call__(self, step: Step) -> None:
+        self.spent += step.cost
+        if step.scored and (self.best is None or step.score > self.best):  # type: ignore[operator]
+            self.best = step.score
+        if step.events:
+            self.event = step.events[-1]
+        spent = money(self.spent) + (f"/{money(self.cap)}" if self.cap is not None else "")
+        best = "-" if self.best is None else f"{self.best:.3f}"
+        self.bar.set_postfix_str(f"{spent} best {best}" + (f" {self.event}" if self.event else ""), refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

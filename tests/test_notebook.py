@@ -1,0 +1,150 @@
+"""Jupyter: HTML that escapes hostile text, plots, progress, live steps, and "what if" replays."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from decimal import Decimal
+
+import matplotlib
+import pytest
+
+from loomc import (BestScore, Budget, LastGood, compare, load_history, loop, predicate, score_plateau)
+from loomc.notebook import Progress
+from loomc.export import history_from_export
+
+matplotlib.use("Agg")
+
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def climb(scores):
+    it = iter(scores)
+    return lambda state: {"score": next(it), "note": HOSTILE}
+
+
+def test_run_html_escapes_states_errors_and_policy_text():
+    calls = {"n": 0}
+
+    def fn(state):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError(HOSTILE)
+        return {"note": HOSTILE}
+
+    run = loop(budget=Budget(usd=1, iterations=3), backtrack=LastGood(), cost_fn=lambda s: 0.1,
+               checkpoint="memory")(fn).run({})
+    page = run._repr_html_()
+    assert "<script>" not in page and "<img" not in page
+    assert "&lt;script&gt;" in page and "$0.2000 of $1.0000" in page
+    assert page.count("&lt;script&gt;") == 2, "in the error and in the state"
+    assert "ValueError" in page and "backtrack to step 0" in page and run.reason in page
+    policy_page = (Budget(usd=1) | score_plateau(3) | (predicate(lambda h: True) & ~score_plateau(5)))._repr_html_()
+    assert "either (|)" in policy_page and "both (&amp;)" in policy_page and "not (~)" in policy_page
+    assert "&lt;lambda&gt;" in policy_page and "<lambda>" not in policy_page
+
+
+def test_long_runs_show_their_first_and_last_steps():
+    run = loop(budget=Budget(iterations=100), checkpoint="memory")(lambda s: s + 1).run(0)
+    page = run._repr_html_()
+    assert "... 60 more steps ..." in page and "<td>99</td>" in page and "<td>50</td>" not in page
+
+
+def test_plot_returns_a_figure_with_score_cost_budget_and_event_marks():
+    fn = climb([0.2, 0.5, 0.3, 0.6, 0.6, 0.6, 0.6])
+    run = loop(budget=Budget(usd=2), converge_on=score_plateau(3), backtrack=BestScore(),
+               scorer=lambda s: s["score"], cost_fn=lambda s: 0.25, checkpoint="memory")(fn).run({})
+    fig = run.plot()
+    score_ax, cost_ax = fig.axes
+    assert [line.get_label() for line in score_ax.lines] == ["score"]
+    assert list(score_ax.lines[0].get_ydata()) == [0.2, 0.5, 0.3, 0.6, 0.6, 0.6, 0.6]
+    cost_labels = [line.get_label() for line in cost_ax.lines]
+    assert cost_labels == ["cumulative cost", "budget $2"]
+    assert list(cost_ax.lines[0].get_ydata())[-1] == pytest.approx(1.75)
+    marks = {c.get_label() for c in score_ax.collections}
+    assert {"backtrack", "converged"} <= marks
+
+
+def test_two_runs_on_one_axes_in_one_call():
+    a = loop(budget=Budget(iterations=3), scorer=lambda s: s, checkpoint="memory")(lambda s: s + 0.1).run(0.0)
+    b = loop(budget=Budget(iterations=5), scorer=lambda s: s, checkpoint="memory")(lambda s: s + 0.2).run(0.0)
+    fig = a.plot(b, labels=["slow", "fast"])
+    assert [line.get_label() for line in fig.axes[0].lines] == ["slow score", "fast score"]
+    assert len(fig.axes[0].lines[1].get_xdata()) == 5
+
+
+def test_progress_is_silent_when_output_is_not_a_terminal(capsys):
+    runner = loop(budget=Budget(iterations=5), progress=True, checkpoint="memory")(lambda s: s + 1)
+    assert runner.run(0).state == 5
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_progress_shows_steps_spend_best_score_and_last_event_when_asked():
+    stream = io.StringIO()
+    bar = Progress(Budget(usd=1, iterations=4) | BestScore(), always=True, file=stream)
+    run = loop(budget=Budget(usd=1, iterations=4), backtrack=BestScore(), scorer=lambda s: s["score"],
+               cost_fn=lambda s: 0.1, on_step=bar, checkpoint="memory")(climb([0.2, 0.5, 0.3, 0.4])).run({})
+    bar.close()
+    text = stream.getvalue()
+    assert "4/4" in text and "$0.4000/$1.0000" in text and "best 0.500" in text
+    assert run.status == "budget_exhausted"
+
+
+def test_iter_yields_each_committed_step_in_order_once_and_then_the_run(tmp_path):
+    db = str(tmp_path / "i.db")
+    runner = loop(budget=Budget(iterations=4), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    stream = runner.iter(0)
+    seen = []
+    for step in stream:
+        seen.append(step.n)
+        assert runner.store.get_run(stream._live.id).steps == step.n + 1, "yielded only once committed"
+    assert seen == [0, 1, 2, 3]
+    assert stream.run.status == "budget_exhausted" and stream.run.total_cost == Decimal("0.4")
+
+
+def test_async_iter_yields_steps_as_they_happen():
+    @loop(budget=Budget(iterations=3), checkpoint="memory")
+    async def fn(state):
+        await asyncio.sleep(0)
+        return state + 1
+
+    async def watch():
+        stream = fn.iter(0)
+        got = [step.state async for step in stream]
+        return got, stream.run
+
+    got, run = asyncio.run(watch())
+    assert got == [1, 2, 3] and run.status == "budget_exhausted"
+
+
+def test_replay_comparison_matches_what_the_live_loops_did(tmp_path):
+    scores = [0.2, 0.4, 0.5, 0.5, 0.52, 0.5, 0.5, 0.5, 0.5, 0.5]
+    db = str(tmp_path / "r.db")
+    recorded = loop(budget=Budget(usd=5, iterations=10), scorer=lambda s: s["score"], cost_fn=lambda s: 0.1,
+                    checkpoint=db)(climb(scores)).run({})
+    policies = {"plateau 2": Budget(usd=5) | score_plateau(2), "plateau 4": Budget(usd=5) | score_plateau(4),
+                "$0.55 cap": Budget(usd=0.55)}
+    from loomc import SQLiteStore
+    table = compare(load_history(SQLiteStore(db), recorded.id), policies)
+    for name, policy in policies.items():
+        live = loop(policy=policy, scorer=lambda s: s["score"], cost_fn=lambda s: 0.1, checkpoint="memory")(
+            climb(scores)).run({})
+        replay = dict(table.replays)[name]
+        assert replay.stopped_after == len(live.history) and replay.cost == live.total_cost, name
+        assert replay.decision.reason == live.reason
+    text = str(table)
+    assert "plateau 2" in text and "converged" in text and "budget_exhausted" in text
+    assert "<td>plateau 4</td>" in table._repr_html_()
+    fig = table.plot()
+    assert len(fig.axes[0].lines) == 1 + 3
+
+
+def test_an_export_can_be_replayed_in_the_notebook(tmp_path):
+    from loomc.export import export_run
+    db = str(tmp_path / "e.db")
+    runner = loop(budget=Budget(iterations=6), scorer=lambda s: s["score"], checkpoint=db)(
+        climb([0.1, 0.3, 0.3, 0.3, 0.3, 0.3]))
+    run = runner.run({})
+    history = history_from_export(export_run(runner.store, run.id))
+    assert compare(history, [score_plateau(2)]).replays[0][1].stopped_after == 4
