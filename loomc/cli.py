@@ -15,11 +15,13 @@ import sys
 import time
 import unicodedata
 from decimal import Decimal
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
 
 from loomc.errors import LoomcError
+from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
@@ -101,7 +103,7 @@ def runs_table(rows: list[tuple[Any, ...]]) -> str:
 _BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
 
 
-def show_table(run: RunRecord, steps: list[StoredStep], children: list[RunRecord] = ()) -> str:  # type: ignore[assignment]
+def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = ()) -> str:
     cap = _BUDGET_USD.search(run.policy or "")
     spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
     head = [f"Run: {clean(run.id)}  Status: {paint(run.status, STATUS_COLORS.get(run.status))}",
@@ -113,9 +115,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: list[RunRecord
     for child in children:
         by_step.setdefault(child.parent_step if child.parent_step is not None else -1, []).append(child)
     lines = [*head, "STEP      COST     CUMUL    SCORE  ERROR", "-" * 56]
-    total = Decimal(0)
-    for s in steps:
-        total += s.cost
+    for s, total in zip(steps, running_costs(steps)):
         score = "      -  " if s.score is None else f"{s.score:>9.4f}"
         row = f"{s.n:>4}{money(s.cost):>10}{money(total):>10}{score}"
         if s.error:

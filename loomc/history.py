@@ -20,9 +20,12 @@ steps alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+import operator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar, overload
+
+import toolz
 
 T = TypeVar("T")
 
@@ -147,6 +150,15 @@ def _rebuild_step(n: int, state: Any, cost: Decimal, score: float | None, error:
                   duration: float, metrics: dict[str, Any], events: tuple[str, ...]) -> Step:
     return Step(n, state, cost=cost, score=score, error=error, started_at=started_at, duration=duration,
                 metrics=metrics, events=events)
+
+
+def running_costs(steps: Iterable[Any]) -> Iterator[Decimal]:
+    """The cumulative cost after each step (anything with a ``cost``), exactly.
+
+    >>> list(running_costs([Step(0, cost="0.1"), Step(1, cost="0.25")]))
+    [Decimal('0.1'), Decimal('0.35')]
+    """
+    return toolz.accumulate(operator.add, (s.cost for s in steps))  # type: ignore[no-any-return]
 
 
 def _same_score(a: float | None, b: float | None) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from loomc.history import History, Step
+from loomc.history import History, Step, running_costs
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
 if TYPE_CHECKING:
@@ -39,13 +39,10 @@ def usd_cap(policy: Policy) -> Decimal | None:
 
 def steps_table(history: History) -> str:
     """An HTML table of the steps: cost, cumulative cost, score, error and events."""
-    rows, total = [], Decimal(0)
+    rows = []
     shown = range(len(history)) if len(history) <= MAX_ROWS else \
         [*range(MAX_ROWS // 2), -1, *range(len(history) - MAX_ROWS // 2, len(history))]
-    cumulative = []
-    for step in history:
-        total += step.cost
-        cumulative.append(total)
+    cumulative = list(running_costs(history))
     for i in shown:
         if i == -1:
             rows.append(f'<tr><td colspan="6">... {len(history) - MAX_ROWS} more steps ...</td></tr>')

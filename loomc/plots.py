@@ -7,10 +7,9 @@ runs on the same axes. Every function returns the matplotlib Figure.
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from loomc.history import History
+from loomc.history import History, running_costs
 
 if TYPE_CHECKING:
     from loomc.interpreter import Run
@@ -29,11 +28,7 @@ def _pyplot() -> Any:
 
 
 def _cumulative(history: History) -> list[float]:
-    out, total = [], Decimal(0)
-    for step in history:
-        total += step.cost
-        out.append(float(total))
-    return out
+    return [float(total) for total in running_costs(history)]
 
 
 def _kind(step: Any) -> str | None:
