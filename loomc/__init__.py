@@ -20,7 +20,7 @@ from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.semantic import SemanticDelta, semantic_delta
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
-                          PolicyTypeError, RunAlreadyFinished, RunCancelled, RunError, RunLocked, RunNotFound,
+                          PolicyTypeError, RunAlreadyFinished, RunError, RunLocked, RunNotFound,
                           SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
@@ -34,7 +34,7 @@ __all__ = [
     "AsyncLoopRunner", "DeadlineExceeded", "acharge", "Backtracker", "BestScore", "Budget", "BudgetExhausted", "CallbackWarning",
     "CheckpointDecodeError", "CheckpointStore", "ConfigError", "CorruptStore", "DEFAULT_BUDGET", "Decision",
     "Escalate", "History", "LastGood", "LoomcError", "LoopRunner", "MemoryStore", "Outcome", "Policy",
-    "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunCancelled", "RunError", "RunLocked",
+    "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunError", "RunLocked",
     "RunNotFound", "SQLiteStore", "SchemaTooNew", "ScorePlateau", "Signal", "SpecChangedWarning",
     "StallError", "StateEncodeError", "Step", "StepConflict", "StoreError", "__version__", "always",
     "build_policy", "charge", "compare", "Comparison", "judge", "Judge", "semantic_delta", "SemanticDelta", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",

@@ -213,25 +213,23 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
 
 
 def _import_runner(fn_path: str | None) -> tuple[Any, str]:
+    from loomc.codec import attribute, import_path
     from loomc.loop import LoopRunner
     if not fn_path:
         return None, "the run did not record an importable function (a lambda, or a function defined inside another)"
     target, _, qualname = fn_path.rpartition(":")
     try:
-        if target.endswith(".py"):
+        if target.endswith(".py"):  # a loop defined in a script run as __main__
             import importlib.util
             spec = importlib.util.spec_from_file_location("loomc_resume_target", target)
             if spec is None or spec.loader is None:
                 return None, f"cannot load {target}"
-            module: Any = importlib.util.module_from_spec(spec)
+            module = importlib.util.module_from_spec(spec)
             sys.modules["loomc_resume_target"] = module
             spec.loader.exec_module(module)
+            obj = attribute(module, qualname)
         else:
-            import importlib
-            module = importlib.import_module(target)
-        obj = module
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
+            obj = import_path(fn_path)
     except Exception as e:
         return None, f"importing {fn_path} failed ({type(e).__name__}: {e})"
     if not isinstance(obj, LoopRunner):

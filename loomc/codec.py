@@ -30,7 +30,11 @@ def type_path(tp: Any) -> str | None:
 def import_path(path: str) -> Any:
     """The object named by ``"module:qualname"``."""
     module, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module)
+    return attribute(importlib.import_module(module), qualname)
+
+
+def attribute(obj: Any, qualname: str) -> Any:
+    """``obj.a.b.c`` for ``qualname`` ``"a.b.c"``."""
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj

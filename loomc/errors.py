@@ -48,10 +48,6 @@ class StallError(RunError):
     """A stall handler (``Escalate``) gave up on the run."""
 
 
-class RunCancelled(RunError):
-    """The run was cancelled (task cancellation). Committed steps are kept."""
-
-
 class StoreError(LoomcError):
     """The checkpoint store refused an operation or is unusable."""
 

@@ -312,24 +312,18 @@ class History(Sequence[Step]):
         i = self._summary()[4]
         return None if i < 0 else self._spine.steps[i]
 
-    @property
-    def failures(self) -> int:
-        return self._summary()[5]
 
-
-# (total cost, largest cost, best step, best score, last good step, failures): one fold serves
-# every derivation the budgets, backtrackers and the CLI read on each step.
-_Summary = tuple[Decimal, Decimal, int, float, int, int]
-_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1, 0)
+# (total cost, largest cost, best step, best score, last good step): one fold serves every
+# derivation the budgets and backtrackers read on each step.
+_Summary = tuple[Decimal, Decimal, int, float, int]
+_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1)
 
 
 def _summarise(acc: _Summary, step: Step) -> _Summary:
-    total, largest, best, best_score, last_good, failures = acc
+    total, largest, best, best_score, last_good = acc
     cost, score = step[1], step[2]
     if step[3] is None:
         last_good = step[0]
         if score is not None and score == score and (best < 0 or score > best_score):  # NaN != NaN
             best, best_score = step[0], score
-    else:
-        failures += 1
-    return (total + cost, cost if cost > largest else largest, best, best_score, last_good, failures)
+    return (total + cost, cost if cost > largest else largest, best, best_score, last_good)

@@ -310,7 +310,7 @@ class LoopRunner:
 
     def replay(self, run_id: str, policy: Policy | None = None) -> Any:
         """What ``policy`` (default: this loop's) would have done on a recorded run."""
-        return (policy or self.policy).replay(load_history(self.store, run_id))
+        return (self.policy if policy is None else policy).replay(load_history(self.store, run_id))
 
 
 class AsyncLoopRunner(LoopRunner):

@@ -222,3 +222,25 @@ def test_resume_imports_a_module_level_loop(tmp_path):
     proc = subprocess.run(["loomc", "resume", "job1"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
+
+
+def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):
+    script = tmp_path / "fixer.py"
+    script.write_text(
+        "import os, sys\n"
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(iterations=10), converge_on=predicate(lambda h: h[-1].state >= 4))\n"
+        "def bump(s):\n"
+        "    if s == 2 and os.environ.get('CRASH') == '1':\n"
+        "        raise SystemExit('power cut')\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    bump(0, run_id='script-run')\n")
+    env = {**os.environ, "LOOMC_DB": str(tmp_path / "s.db")}
+    first = subprocess.run([sys.executable, str(script)], env={**env, "CRASH": "1"}, capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert first.returncode != 0 and SQLiteStore(tmp_path / "s.db").get_run("script-run").status == "cancelled"
+    proc = subprocess.run(["loomc", "resume", "script-run"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Status: completed" in proc.stdout
+    assert SQLiteStore(tmp_path / "s.db").get_run("script-run").fn_path == f"{script}:bump"

@@ -349,3 +349,14 @@ def test_the_default_store_is_sqlite_under_the_working_directory(tmp_path, monke
     assert (tmp_path / ".loomc" / "checkpoints.db").exists()
     assert SQLiteStore(tmp_path / ".loomc" / "checkpoints.db").get_run(run.id).steps == 2
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_runner_replays_another_policy_on_one_of_its_recorded_runs(tmp_path):
+    from loomc import score_plateau
+    scores = iter([0.5, 0.6, 0.6, 0.6, 0.6, 0.6])
+    runner = loop(budget=Budget(iterations=6), scorer=lambda s: s, checkpoint=str(tmp_path / "p.db"))(
+        lambda s: next(scores))
+    run = runner.run(0.0)
+    assert runner.replay(run.id).stopped_after == 6
+    tighter = runner.replay(run.id, score_plateau(2))
+    assert tighter.stopped_after == 4 and "score_plateau" in tighter.decision.reason
