@@ -9,10 +9,10 @@ written once.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
+import sys
 import time
 import warnings
 from collections.abc import Callable, Generator
@@ -203,6 +203,7 @@ class _Call:
             _CURRENT.reset(token)
 
     async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None]:
+        import asyncio  # only async loops pay for importing it
         wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
@@ -418,6 +419,7 @@ async def steps_async(run: LiveRun, sink: Callable[[Step], Any] | None = None) -
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
+        import asyncio
         await asyncio.shield(offload(run.store, _abandon, run, e))
         raise
 
@@ -432,12 +434,15 @@ async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
     writer = getattr(store, "writer", None)
     if writer is None:
         return fn(*args)  # an in-memory store does no I/O
+    import asyncio
     return await asyncio.get_running_loop().run_in_executor(writer, functools.partial(fn, *args))
 
 
 def _abandon(run: LiveRun, exc: BaseException) -> None:
     """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it."""
-    status = "cancelled" if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError, SystemExit)) else "failed"
+    aio = sys.modules.get("asyncio")  # a CancelledError can only exist once asyncio is imported
+    stopped = (KeyboardInterrupt, SystemExit) + ((aio.CancelledError,) if aio is not None else ())
+    status = "cancelled" if isinstance(exc, stopped) else "failed"
     try:
         run.store.finish_run(run.id, status, f"{type(exc).__name__}: {exc}".rstrip(": "), run.owner)
     except LoomcError:
