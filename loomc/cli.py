@@ -191,7 +191,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
         run = store.get_run(run_id)
     except LoomcError as e:
         fail(str(e))
-    name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2] or "fn"
+    name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2]
     snippet = f"{name}.resume({run_id!r})" if budget_usd is None else \
         f"{name}.resume({run_id!r}, budget=Budget(usd={budget_usd}))"
     runner, why = _import_runner(run.fn_path)
@@ -218,6 +218,8 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     if not fn_path:
         return None, "the run did not record an importable function (a lambda, or a function defined inside another)"
     target, _, qualname = fn_path.rpartition(":")
+    if "<locals>" in qualname:
+        return None, f"{qualname.replace('.<locals>.', ' > ')} is defined inside another function"
     try:
         if target.endswith(".py"):  # a loop defined in a script run as __main__
             import importlib.util

@@ -93,8 +93,8 @@ def with_budget(policy: Policy, budget: Budget) -> Policy:
 
 def _fn_path(fn: Callable[..., Any]) -> str | None:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not module or "<locals>" in qualname or "<lambda>" in qualname:
-        return None
+    if not module or qualname.endswith("<lambda>"):
+        return None  # a function inside another is still recorded: `loomc resume` names it
     if module == "__main__":
         path = getattr(sys.modules.get("__main__"), "__file__", None)
         return f"{os.path.abspath(path)}:{qualname}" if path else None
