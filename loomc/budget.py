@@ -93,10 +93,6 @@ class Budget(Signal):
         """No cap at all: the loop runs until a detector, a stall or an error stops it."""
         return cls(_unbounded=True)
 
-    @property
-    def is_unbounded(self) -> bool:
-        return self.unbounded_
-
     def fire(self, history: History, elapsed: float) -> str | None:
         if self.iterations is not None and len(history) >= self.iterations:
             return f"iterations: {len(history)} of {self.iterations} calls made"
@@ -111,21 +107,6 @@ class Budget(Signal):
         if self.wall_clock is not None and elapsed >= self.wall_clock:
             return f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
         return None
-
-    def remaining_usd(self, history: History) -> Decimal | None:
-        return None if self.usd is None else self.usd - history.total_cost
-
-    def describe(self, history: History, elapsed: float = 0.0) -> str:
-        """``"$0.1500 of $2.0000 spent ($1.8500 left), 3 of 15 calls"``."""
-        out = []
-        if self.usd is not None:
-            spent = history.total_cost
-            out.append(f"${spent:.4f} of ${self.usd:.4f} spent (${self.usd - spent:.4f} left)")
-        if self.iterations is not None:
-            out.append(f"{len(history)} of {self.iterations} calls")
-        if self.wall_clock is not None:
-            out.append(f"{elapsed:.1f}s of {self.wall_clock:g}s active")
-        return ", ".join(out) or "no cap"
 
     def __repr__(self) -> str:
         if self.unbounded_:
