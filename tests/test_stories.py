@@ -295,3 +295,16 @@ def test_on_step_callbacks_see_every_committed_step_once_and_a_failing_one_does_
         run = runner.run(0)
     assert [s.n for s in seen] == [0, 1, 2, 3]
     assert run.status == "budget_exhausted" and run.state == 4
+
+
+def test_an_expensive_detector_right_of_a_fired_one_is_not_consulted():
+    asked = []
+
+    def expensive(h):
+        asked.append(len(h))
+        return False
+
+    policy = predicate(lambda h: len(h) >= 2) | predicate(expensive) | Budget(iterations=10)
+    run = loop(policy=policy, checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "completed" and len(run.history) == 2
+    assert asked == [1], "asked after step 0 only; after step 1 the left side had already fired"
