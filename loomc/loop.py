@@ -218,9 +218,9 @@ class LoopRunner:
         record = store.claim_run(run_id, _owner(), self.lease_seconds, policy=repr(policy), note=note)
         try:
             if record.spec_hash and record.spec_hash != self.spec_hash:
-                warnings.warn(f"run {run_id}: fn's source or the policy changed since the run started; "
-                              "resuming with the current code, the stored state still validates",
-                              SpecChangedWarning, stacklevel=3)
+                warnings.warn(f"run {run_id}: fn's source, the policy or the state type changed since the run "
+                              "started; resuming with the current code (a stored state that no longer "
+                              "validates stops the resume)", SpecChangedWarning, stacklevel=3)
             live = self._restore(record, policy, parent)
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash
