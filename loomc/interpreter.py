@@ -397,9 +397,8 @@ def steps(run: LiveRun) -> Generator[Step, None, Run]:
         raise
 
 
-def drive(run: LiveRun) -> Run:
-    """Run the loop to its end."""
-    stream = steps(run)
+def exhaust(stream: Generator[Any, None, Run]) -> Run:
+    """Run a step stream to its end and return what it returns: the Run."""
     while True:
         try:
             next(stream)
@@ -422,11 +421,6 @@ async def steps_async(run: LiveRun, sink: Callable[[Step], Any] | None = None) -
         import asyncio
         await asyncio.shield(offload(run.store, _abandon, run, e))
         raise
-
-
-async def drive_async(run: LiveRun) -> Run:
-    """Run the loop to its end, asynchronously."""
-    return await steps_async(run)
 
 
 async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:

@@ -28,7 +28,7 @@ from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap
 from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunNotFound
 from loomc.history import ZERO, History, Step
-from loomc.interpreter import (LiveRun, Run, _ended, current_run, drive, drive_async, offload, steps, steps_async,
+from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
 from loomc.policy import AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, either
 from loomc.stall import Escalate
@@ -222,6 +222,7 @@ class LoopRunner:
                               "started; resuming with the current code (a stored state that no longer "
                               "validates stops the resume)", SpecChangedWarning, stacklevel=3)
             live = self._restore(record, policy, parent)
+            live.history = self._settle_interrupted(record, live.history)
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash
         except BaseException:  # a resume that cannot start leaves the run as it was
@@ -230,10 +231,10 @@ class LoopRunner:
         return live
 
     def _restore(self, record: RunRecord, policy: Policy, parent: LiveRun | None = None) -> LiveRun:
+        """A LiveRun over the committed history of ``record``; reads only."""
         state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
         history = history_from_stored(self.store.load_steps(run_id), state_type, run_id)
-        history = self._settle_interrupted(record, history)
         source = _current_step(history)
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
@@ -271,16 +272,19 @@ class LoopRunner:
         finally:
             bar.close()
 
+    def _steps(self, opened: LiveRun | Run) -> Generator[Step, None, Run]:
+        """The committed Steps of an opened run, then its Run (a finished child's Run at once)."""
+        if isinstance(opened, Run):
+            return opened
+        with self._watched(opened) as live:
+            return (yield from steps(live))
+
     # --- the public face --------------------------------------------------
 
     def run(self, state: Any, *, run_id: str | None = None) -> Run:
         """Run the loop and return the whole :class:`Run`; its ending (budget, stall, error) is on it."""
         parent, run_id = self._plan(run_id)
-        opened = self._open(state, run_id, parent)
-        if isinstance(opened, Run):
-            return opened
-        with self._watched(opened) as live:
-            return drive(live)
+        return exhaust(self._steps(self._open(state, run_id, parent)))
 
     def iter(self, state: Any, *, run_id: str | None = None) -> StepStream:
         """Run the loop, yielding each Step as soon as it is committed; ``.run`` holds the Run after.
@@ -289,8 +293,7 @@ class LoopRunner:
             ...     print(step.n, step.score)
         """
         parent, run_id = self._plan(run_id)
-        opened = self._open(state, run_id, parent)
-        return StepStream(opened, self)
+        return StepStream(self._steps(self._open(state, run_id, parent)))
 
     def __call__(self, state: Any, *, run_id: str | None = None) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
@@ -298,8 +301,7 @@ class LoopRunner:
 
     def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:
         """Continue a run from its last committed step and return the whole :class:`Run`."""
-        with self._watched(self._reopen(run_id, budget)) as live:
-            return drive(live)
+        return exhaust(self._steps(self._reopen(run_id, budget)))
 
     def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:
         """Continue a run from its last committed step, with its spend counted; return the final state.
@@ -316,13 +318,16 @@ class LoopRunner:
 class AsyncLoopRunner(LoopRunner):
     """What ``@loop`` returns for an ``async def``: ``await runner(state)``."""
 
-    async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
-        parent, run_id = self._plan(run_id)
-        opened = await offload(self.store, self._open, state, run_id, parent)
+    async def _go(self, opened: LiveRun | Run, sink: Callable[[Step], Any] | None = None) -> Run:
+        """Drive an opened run to its end, handing each committed Step to ``sink``."""
         if isinstance(opened, Run):
             return opened
         with self._watched(opened) as live:
-            return await drive_async(live)
+            return await steps_async(live, sink)
+
+    async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
+        parent, run_id = self._plan(run_id)
+        return await self._go(await offload(self.store, self._open, state, run_id, parent))
 
     def iter(self, state: Any, *, run_id: str | None = None) -> AsyncStepStream:  # type: ignore[override]
         """``async for step in refine.iter(draft)``: each Step as soon as it is committed."""
@@ -332,8 +337,7 @@ class AsyncLoopRunner(LoopRunner):
         return (await self.run(state, run_id=run_id)).result()
 
     async def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:  # type: ignore[override]
-        with self._watched(await offload(self.store, self._reopen, run_id, budget)) as live:
-            return await drive_async(live)
+        return await self._go(await offload(self.store, self._reopen, run_id, budget))
 
     async def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:  # type: ignore[override]
         return (await self.resume_run(run_id, budget=budget)).result()
@@ -342,32 +346,19 @@ class AsyncLoopRunner(LoopRunner):
 class StepStream:
     """The Steps of a run as they are committed; after the last one, ``.run`` is the whole Run."""
 
-    def __init__(self, opened: LiveRun | Run, runner: LoopRunner) -> None:
-        self.run: Run | None = opened if isinstance(opened, Run) else None
-        self._live = None if isinstance(opened, Run) else opened
-        self._runner = runner
-        self._gen: Generator[Step, None, Run] | None = None
-        self._watch: Any = None
+    def __init__(self, stream: Generator[Step, None, Run]) -> None:
+        self.run: Run | None = None
+        self._stream = stream
 
     def __iter__(self) -> StepStream:
         return self
 
     def __next__(self) -> Step:
-        if self._live is None:
-            raise StopIteration
-        if self._gen is None:
-            self._watch = self._runner._watched(self._live)
-            self._gen = steps(self._watch.__enter__())
         try:
-            return next(self._gen)
+            return next(self._stream)
         except StopIteration as stop:
-            self.run, self._live = stop.value, None
-            self._watch.__exit__(None, None, None)
+            self.run = stop.value
             raise StopIteration from None
-        except BaseException as e:
-            self._live = None
-            self._watch.__exit__(type(e), e, e.__traceback__)
-            raise
 
 
 _DONE = object()
@@ -401,10 +392,7 @@ class AsyncStepStream:
         try:
             runner = self._runner
             opened = await offload(runner.store, runner._open, self._state, run_id, parent)
-            if isinstance(opened, Run):
-                return opened
-            with runner._watched(opened) as live:
-                return await steps_async(live, self._queue.put)
+            return await runner._go(opened, self._queue.put)
         finally:
             await self._queue.put(_DONE)
 

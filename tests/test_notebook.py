@@ -94,11 +94,11 @@ def test_progress_shows_steps_spend_best_score_and_last_event_when_asked():
 def test_iter_yields_each_committed_step_in_order_once_and_then_the_run(tmp_path):
     db = str(tmp_path / "i.db")
     runner = loop(budget=Budget(iterations=4), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
-    stream = runner.iter(0)
+    stream = runner.iter(0, run_id="watched")
     seen = []
     for step in stream:
         seen.append(step.n)
-        assert runner.store.get_run(stream._live.id).steps == step.n + 1, "yielded only once committed"
+        assert runner.store.get_run("watched").steps == step.n + 1, "yielded only once committed"
     assert seen == [0, 1, 2, 3]
     assert stream.run.status == "budget_exhausted" and stream.run.total_cost == Decimal("0.4")
 
