@@ -435,7 +435,7 @@ async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
 def _abandon(run: LiveRun, exc: BaseException) -> None:
     """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it."""
     aio = sys.modules.get("asyncio")  # a CancelledError can only exist once asyncio is imported
-    stopped = (KeyboardInterrupt, SystemExit) + ((aio.CancelledError,) if aio is not None else ())
+    stopped = (KeyboardInterrupt, SystemExit, GeneratorExit) + ((aio.CancelledError,) if aio is not None else ())
     status = "cancelled" if isinstance(exc, stopped) else "failed"
     try:
         run.store.finish_run(run.id, status, f"{type(exc).__name__}: {exc}".rstrip(": "), run.owner)

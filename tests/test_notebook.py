@@ -148,3 +148,18 @@ def test_an_export_can_be_replayed_in_the_notebook(tmp_path):
     run = runner.run({})
     history = history_from_export(export_run(runner.store, run.id))
     assert compare(history, [score_plateau(2)]).replays[0][1].stopped_after == 4
+
+
+def test_breaking_out_of_iter_marks_the_run_cancelled_and_keeps_its_steps(tmp_path):
+    import gc
+    db = str(tmp_path / "b.db")
+    runner = loop(budget=Budget(iterations=10), checkpoint=db)(lambda s: s + 1)
+    stream = runner.iter(0, run_id="left-early")
+    for step in stream:
+        if step.n == 2:
+            break
+    del stream
+    gc.collect()
+    record = runner.store.get_run("left-early")
+    assert record.status == "cancelled" and record.steps == 3
+    assert runner.resume_run("left-early").state == 10
