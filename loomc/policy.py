@@ -259,28 +259,39 @@ def _wrap(p: Policy) -> str:
     return f"({p!r})" if isinstance(p, (AnyOf, AllOf, Policies)) else repr(p)
 
 
-@dataclass(frozen=True, repr=False)
-class AnyOf(Signal):
-    """Fires when any part fires (``a | b``); the strongest firing part decides."""
+class _Composite:
+    """What every node holding ``parts`` shares: walking, score needs, and its printed form."""
 
-    parts: tuple[Signal, ...]
+    __slots__ = ()
+    parts: tuple[Policy, ...]
+    _op = " | "
 
     def walk(self) -> Iterator[Policy]:
-        yield self
+        yield self  # type: ignore[misc]
         for p in self.parts:
             yield from p.walk()
 
     @property
-    def kind(self) -> Outcome:  # type: ignore[override]
-        return max(p.kind for p in self.parts)
+    def needs_score(self) -> bool:
+        return any(p.needs_score for p in self.parts)
 
     @property
-    def max_outcome(self) -> Outcome:  # type: ignore[override]
+    def kind(self) -> Outcome:
+        return max(p.kind for p in self.parts)  # type: ignore[attr-defined]
+
+    @property
+    def max_outcome(self) -> Outcome:
         return self.kind
 
-    @property
-    def needs_score(self) -> bool:  # type: ignore[override]
-        return any(p.needs_score for p in self.parts)
+    def __repr__(self) -> str:
+        return self._op.join(_wrap(p) for p in self.parts)
+
+
+@dataclass(frozen=True, repr=False)
+class AnyOf(_Composite, Signal):  # type: ignore[misc, override]
+    """Fires when any part fires (``a | b``); the strongest firing part decides."""
+
+    parts: tuple[Signal, ...]
 
     def fire(self, history: History, elapsed: float) -> str | None:
         d = self.decide(history, elapsed)
@@ -289,32 +300,13 @@ class AnyOf(Signal):
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         return _strongest(self.parts, history, elapsed)
 
-    def __repr__(self) -> str:
-        return " | ".join(_wrap(p) for p in self.parts)
-
 
 @dataclass(frozen=True, repr=False)
-class AllOf(Signal):
+class AllOf(_Composite, Signal):  # type: ignore[misc, override]
     """Fires when every part fires on the same history (``a & b``)."""
 
     parts: tuple[Signal, ...]
-
-    def walk(self) -> Iterator[Policy]:
-        yield self
-        for p in self.parts:
-            yield from p.walk()
-
-    @property
-    def kind(self) -> Outcome:  # type: ignore[override]
-        return max(p.kind for p in self.parts)
-
-    @property
-    def max_outcome(self) -> Outcome:  # type: ignore[override]
-        return self.kind
-
-    @property
-    def needs_score(self) -> bool:  # type: ignore[override]
-        return any(p.needs_score for p in self.parts)
+    _op = " & "
 
     def fire(self, history: History, elapsed: float) -> str | None:
         reasons = []
@@ -324,9 +316,6 @@ class AllOf(Signal):
                 return None
             reasons.append(r)
         return " and ".join(reasons)
-
-    def __repr__(self) -> str:
-        return " & ".join(_wrap(p) for p in self.parts)
 
 
 @dataclass(frozen=True, repr=False)
@@ -351,25 +340,17 @@ class Not(Signal):
 
 
 @dataclass(frozen=True, repr=False)
-class Policies(Policy):
+class Policies(_Composite, Policy):  # type: ignore[misc, override]
     """A whole loop policy: signals plus at most one backtracker and one stall handler."""
 
     parts: tuple[Policy, ...]
 
-    def walk(self) -> Iterator[Policy]:
-        yield self
-        for p in self.parts:
-            yield from p.walk()
-
     @property
-    def needs_score(self) -> bool:  # type: ignore[override]
-        return any(p.needs_score for p in self.parts)
+    def max_outcome(self) -> Outcome:  # type: ignore[override]
+        return Outcome.CONVERGED
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         return _strongest(self.parts, history, elapsed)
-
-    def __repr__(self) -> str:
-        return " | ".join(_wrap(p) for p in self.parts)
 
 
 def _strongest(parts: tuple[Policy, ...], history: History, elapsed: float) -> Decision:
