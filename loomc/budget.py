@@ -25,7 +25,7 @@ from typing import Any
 
 from loomc.errors import ConfigError
 from loomc.history import History, to_decimal
-from loomc.policy import Outcome, Signal
+from loomc.policy import AnyOf, Outcome, Policies, Signal
 
 _DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
 
@@ -152,23 +152,32 @@ class ParentCap(Signal):
         return f"parent_cap(run={self.parent!r}, usd={float(self.usd)!r})"
 
 
-def usd_room(policy: Any, history: History, pending: Decimal) -> Decimal | None:
-    """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one."""
-    parts = _top_level(policy)
-    caps = [p.usd for p in parts if isinstance(p, (Budget, ParentCap)) and p.usd is not None]
-    if not caps:
-        return None
-    return max(Decimal(0), min(caps) - history.total_cost - pending)
+def _cap(policy: Any, field: str) -> Any:
+    """The tightest top-level cap named ``field`` (``usd``, ``iterations``, ``wall_clock``), or ``None``.
+
+    Only the parts of a ``|`` count: a cap inside ``&`` or ``~`` is a condition, not a cap.
+    """
+    parts = policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
+    caps = [getattr(p, field, None) for p in parts if isinstance(p, (Budget, ParentCap))]
+    found = [c for c in caps if c is not None]
+    return min(found) if found else None
+
+
+def usd_cap(policy: Any) -> Decimal | None:
+    """The tightest top-level USD cap of ``policy`` (a parent's cap on a child included)."""
+    return _cap(policy, "usd")  # type: ignore[no-any-return]
+
+
+def iteration_cap(policy: Any) -> int | None:
+    return _cap(policy, "iterations")  # type: ignore[no-any-return]
 
 
 def wall_clock_cap(policy: Any) -> float | None:
     """The tightest top-level wall-clock cap of ``policy`` (the async driver's deadline)."""
-    parts = _top_level(policy)
-    caps = [p.wall_clock for p in parts if isinstance(p, Budget) and p.wall_clock is not None]
-    return min(caps) if caps else None
+    return _cap(policy, "wall_clock")  # type: ignore[no-any-return]
 
 
-def _top_level(policy: Any) -> tuple[Any, ...]:
-    """The parts of a ``|`` (a cap inside ``&`` or ``~`` is a condition, not a cap)."""
-    from loomc.policy import AnyOf, Policies
-    return policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
+def usd_room(policy: Any, history: History, pending: Decimal) -> Decimal | None:
+    """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one."""
+    cap = usd_cap(policy)
+    return None if cap is None else max(Decimal(0), cap - history.total_cost - pending)

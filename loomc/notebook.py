@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from loomc.budget import iteration_cap, usd_cap
 from loomc.history import History, Step, running_costs
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
@@ -28,13 +29,6 @@ def esc(value: Any) -> str:
 
 def money(d: Decimal) -> str:
     return f"${d:.4f}"
-
-
-def usd_cap(policy: Policy) -> Decimal | None:
-    """The tightest top-level USD cap of a policy, if any."""
-    from loomc.budget import Budget, ParentCap, _top_level
-    caps = [p.usd for p in _top_level(policy) if isinstance(p, (Budget, ParentCap)) and p.usd is not None]
-    return min(caps) if caps else None
 
 
 def steps_table(history: History) -> str:
@@ -136,16 +130,15 @@ class Progress:
     unless ``always`` is set."""
 
     def __init__(self, policy: Policy, always: bool = False, file: Any = None) -> None:
-        from loomc.budget import Budget, _top_level
         self.cap = usd_cap(policy)
-        caps = [p.iterations for p in _top_level(policy) if isinstance(p, Budget) and p.iterations]
+        total = iteration_cap(policy)
         stream = file if file is not None else sys.stderr
         show = always or in_notebook() or bool(getattr(stream, "isatty", lambda: False)())
         try:
             from tqdm.auto import tqdm
         except ImportError:
             raise ImportError('progress=True needs tqdm: pip install "loomc[notebook]"') from None
-        self.bar = tqdm(total=min(caps) if caps else None, disable=not show, file=stream, unit="step",
+        self.bar = tqdm(total=total, disable=not show, file=stream, unit="step",
                         desc="loomc", leave=True)
         self.spent, self.best = Decimal(0), None
         self.event = ""

@@ -43,7 +43,7 @@ def _kind(step: Any) -> str | None:
 
 def plot_runs(*runs: Run, labels: list[str] | None = None, ax: Any = None) -> Any:
     """Score (left axis) and cumulative cost (right axis) per step, for one or more runs."""
-    from loomc.notebook import usd_cap
+    from loomc.budget import usd_cap
     plt = _pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=(8, 4))
