@@ -201,7 +201,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
         click.echo(f"    {snippet}", err=True)
         sys.exit(1)
     from loomc.budget import Budget
-    runner._store = store
+    runner.store = store
     try:
         ended = runner.resume_run(run_id, budget=None if budget_usd is None else Budget(usd=budget_usd))
     except LoomcError as e:

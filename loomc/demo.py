@@ -130,7 +130,7 @@ def run_demo(db: str, crash_at: int | None = None) -> int:
     from loomc.stores import sqlite_at
 
     store = sqlite_at(db)
-    fix_code._store = store
+    fix_code.store = store
     _CRASH_AT[:] = [] if crash_at is None else [crash_at]
     click.echo(f"loomc demo: fixing buggy code with a simulated model, under {fix_code.policy!r}")
     click.echo(f"checkpoints: {store.path}\n")

@@ -143,10 +143,14 @@ class LoopRunner:
 
     @property
     def store(self) -> CheckpointStore:
-        """The checkpoint store, opened on first use."""
+        """The checkpoint store, opened on first use; assign another to run this loop against it."""
         if self._store is None:
             self._store = open_store(self.checkpoint)
         return self._store
+
+    @store.setter
+    def store(self, store: CheckpointStore) -> None:
+        self._store = store
 
     # --- starting and resuming -------------------------------------------
 
