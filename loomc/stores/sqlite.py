@@ -196,27 +196,24 @@ class SQLiteStore:
             raise SchemaTooNew(
                 f"{self.path} has loomc schema version {version}, newer than this loomc's "
                 f"{SCHEMA_VERSION}; upgrade loomc (pip install -U loomc) to read it")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
-            if version == 0:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if tables and "runs" in tables:
-                    version = 1  # a loomc 0.2 file: it never set user_version
-                elif tables:
-                    raise StoreError(f"{self.path} is a SQLite database but not a loomc one "
-                                     f"(tables: {', '.join(sorted(tables))}); pass another path")
-                else:
-                    _run_script(conn, _V2)
-                    version = SCHEMA_VERSION
-            while version < SCHEMA_VERSION:
-                _run_script(conn, MIGRATIONS[version])
-                version += 1
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        _transaction(conn, self._upgrade)
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+        if version == 0:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "runs" in tables:
+                version = 1  # a loomc 0.2 file: it never set user_version
+            elif tables:
+                raise StoreError(f"{self.path} is a SQLite database but not a loomc one "
+                                 f"(tables: {', '.join(sorted(tables))}); pass another path")
+            else:
+                _run_script(conn, _V2)
+                version = SCHEMA_VERSION
+        while version < SCHEMA_VERSION:
+            _run_script(conn, MIGRATIONS[version])
+            version += 1
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @property
     def writer(self) -> Any:
@@ -247,15 +244,7 @@ class SQLiteStore:
     # --- writes -------------------------------------------------------------
 
     def _write(self, fn: Any, *args: Any) -> Any:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+        return _transaction(self._conn(), fn, *args)
 
     def create_run(self, run: RunRecord) -> None:
         def insert(conn: sqlite3.Connection) -> None:
@@ -291,38 +280,34 @@ class SQLiteStore:
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
                     lease_seconds: float) -> None:
+        _transaction(self._conn(), self._insert_step, run_id, step, totals, owner, lease_seconds)
+        self._charged.discard((run_id, step.n))
+
+    def _insert_step(self, conn: sqlite3.Connection, run_id: str, step: StoredStep, totals: Totals,
+                     owner: str | None, lease_seconds: float) -> None:
         score, metrics = step.score, step.metrics
         if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
             score, metrics = None, {**metrics, "loomc.score": "nan"}
         now = time.time()
-        key = (run_id, step.n)
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            try:
-                inserted = conn.execute(_INSERT_STEP, (
-                    run_id, step.n, step.state_json, str(step.cost), score, step.started_at or now, step.error,
-                    step.duration, json.dumps(metrics) if metrics else None,
-                    json.dumps(step.events) if step.events else None, str(totals.cost), totals.active_seconds,
-                    run_id, owner, owner)).rowcount
-            except sqlite3.IntegrityError:
-                raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
-                                   "a step number is committed at most once") from None
-            if inserted != 1:
-                self._get(conn, run_id)  # RunNotFound if it is gone
-                raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
-                                "another process took the run over")
-            if owner is not None and now - self._renewed.get(run_id, 0.0) > lease_seconds / 2:
-                conn.execute("UPDATE runs SET lease_expires = ?, updated_at = ? WHERE id = ?",
-                             (now + lease_seconds, now, run_id))
-                self._renewed[run_id] = now
-            if key in self._charged:
-                conn.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", key)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        self._charged.discard(key)
+            inserted = conn.execute(_INSERT_STEP, (
+                run_id, step.n, step.state_json, str(step.cost), score, step.started_at or now, step.error,
+                step.duration, json.dumps(metrics) if metrics else None,
+                json.dumps(step.events) if step.events else None, str(totals.cost), totals.active_seconds,
+                run_id, owner, owner)).rowcount
+        except sqlite3.IntegrityError:
+            raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
+                               "a step number is committed at most once") from None
+        if inserted != 1:
+            self._get(conn, run_id)  # RunNotFound if it is gone
+            raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
+                            "another process took the run over")
+        if owner is not None and now - self._renewed.get(run_id, 0.0) > lease_seconds / 2:
+            conn.execute("UPDATE runs SET lease_expires = ?, updated_at = ? WHERE id = ?",
+                         (now + lease_seconds, now, run_id))
+            self._renewed[run_id] = now
+        if (run_id, step.n) in self._charged:
+            conn.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", (run_id, step.n))
 
     def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
         def finish(conn: sqlite3.Connection) -> None:
@@ -389,6 +374,18 @@ class SQLiteStore:
             out[step_n] = out.get(step_n, Decimal(0)) + Decimal(usd)
             self._charged.add((run_id, step_n))  # a commit of that step must clear them
         return out
+
+
+def _transaction(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
+    """``fn(conn, *args)`` inside one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back whole."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
