@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,16 @@ _RUN_COLUMNS = ("r.id, r.status, r.spec_hash, r.fn_path, r.policy, r.state_type,
 # runs (status 'running') look up their latest step.
 _RUNS_FROM = f"FROM runs r LEFT JOIN steps s ON r.status = 'running' AND s.run_id = r.id AND s.step_n = {_LATEST}"
 
-# One statement: the step goes in only while ``owner`` (or nobody, for owner NULL) holds the run.
-_INSERT_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, "
-                "metrics, events, cum_cost, active_seconds) "
-                "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
-                "(SELECT 1 FROM runs WHERE id = ? AND (? IS NULL OR owner = ?))")
+# A step row carries the run's totals, so one INSERT commits "the step and the run's totals".
+# Values that may be missing are bound as '' and turned into NULL here: binding None costs
+# CPython's sqlite3 module a raised-and-cleared AttributeError per value (3.11), on every step.
+_STEP_COLUMNS = ("run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, metrics, events, "
+                 "cum_cost, active_seconds")
+_STEP_VALUES = "?, ?, nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), nullif(?, ''), ?, ?"
+_INSERT_STEP = f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES ({_STEP_VALUES})"
+# The same, fenced: it goes in only while ``owner`` (or anybody, for owner '') holds the run.
+_INSERT_STEP_FENCED = (f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT {_STEP_VALUES} "
+                       "WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND (? = '' OR owner = ?))")
 
 
 # Finishing copies the latest step's totals into the run row and releases the lease.
@@ -156,8 +162,11 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._writer: Any = None
-        self._renewed: dict[str, float] = {}  # run id -> when this process last renewed its lease
+        # run id -> (owner, monotonic time): until then this process's lease on the run has more
+        # than half its life left, and steps go in unfenced (see commit_step).
+        self._leases: dict[str, tuple[str, float]] = {}
         self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
+        _OPEN.add(self)
         self._conn()  # open, check and migrate the schema now: errors surface at construction
 
     def __repr__(self) -> str:
@@ -166,9 +175,21 @@ class SQLiteStore:
     # --- connections and schema ---------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn  # type: ignore[no-any-return]
+        try:
+            return self._local.conn  # type: ignore[no-any-return]
+        except AttributeError:
+            pass  # this thread's first use (or the first in a forked child): connect
+        return self._connect()
+
+    def _cursor(self) -> sqlite3.Cursor:
+        """This thread's cursor for step commits: one per connection, not one per statement."""
+        try:
+            return self._local.cursor  # type: ignore[no-any-return]
+        except AttributeError:
+            self._conn()
+            return self._local.cursor  # type: ignore[no-any-return]
+
+    def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                    check_same_thread=True)
@@ -183,7 +204,7 @@ class SQLiteStore:
                 raise CorruptStore(f"{self.path} is corrupt or not a SQLite database ({e}); "
                                    "move it aside to start a new one") from None
             raise StoreError(f"{self.path}: {e}") from None
-        self._local.conn, self._local.pid = conn, os.getpid()
+        self._local.conn, self._local.cursor = conn, conn.cursor()
         with self._guard:
             self._all.append(conn)
         return conn
@@ -261,7 +282,8 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise StepConflict(f"run {run.id} already exists in {self.path}") from None
         self._write(insert)
-        self._renewed[run.id] = time.time()
+        if run.owner is not None and run.lease_expires is not None:
+            self._hold(run.id, run.owner, run.lease_expires)
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
                   policy: str | None = None, note: str | None = None) -> RunRecord:
@@ -273,48 +295,65 @@ class SQLiteStore:
             conn.execute("UPDATE runs SET owner = ?, lease_expires = ?, status = 'running', attempts = attempts + 1, "
                          "updated_at = ?, policy = ?, notes = ? WHERE id = ?",
                          (owner, now + lease_seconds, now, policy or run.policy, json.dumps(list(notes)), run_id))
-            self._renewed[run_id] = now
             return run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
                                attempts=run.attempts + 1, policy=policy or run.policy, notes=notes, updated_at=now)
-        return self._write(claim)  # type: ignore[no-any-return]
+        claimed: RunRecord = self._write(claim)
+        self._hold(run_id, owner, claimed.lease_expires or 0.0)
+        return claimed
+
+    def _hold(self, run_id: str, owner: str, expires: float) -> None:
+        """Remember that ``owner`` holds ``run_id`` until ``expires`` (wall clock), as just committed."""
+        self._leases[run_id] = (owner, time.monotonic() + (expires - time.time()) / 2)
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
                     lease_seconds: float) -> None:
-        _transaction(self._conn(), self._insert_step, run_id, step, totals, owner, lease_seconds)
-        self._charged.discard((run_id, step.n))
+        """Insert the step with the run's totals; fenced on ownership once the lease is past half its life.
 
-    def _insert_step(self, conn: sqlite3.Connection, run_id: str, step: StoredStep, totals: Totals,
-                     owner: str | None, lease_seconds: float) -> None:
+        A lease is taken over only once it has expired or its owner is dead, so while this
+        process's lease has more than half its life left nobody else can hold the run, and a
+        plain INSERT is safe. Past that point the INSERT checks ownership and the lease is
+        renewed, in the same transaction.
+        """
+        held = self._leases.get(run_id)
+        fenced = held is None or held[0] != owner or time.monotonic() >= held[1]
+        _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
+        if fenced and owner is not None:
+            self._hold(run_id, owner, time.time() + lease_seconds)
+        if self._charged:
+            self._charged.discard((run_id, step.n))
+
+    def _insert_step(self, cur: sqlite3.Cursor, run_id: str, step: StoredStep, totals: Totals,
+                     owner: str | None, fenced: bool, lease_seconds: float) -> None:
         score, metrics = step.score, step.metrics
         if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
             score, metrics = None, {**metrics, "loomc.score": "nan"}
         now = time.time()
+        values = (run_id, step.n, "" if step.state_json is None else step.state_json, str(step.cost),
+                  "" if score is None else score, step.started_at or now, step.error or "", step.duration,
+                  json.dumps(metrics) if metrics else "", json.dumps(step.events) if step.events else "",
+                  str(totals.cost), totals.active_seconds)
         try:
-            inserted = conn.execute(_INSERT_STEP, (
-                run_id, step.n, step.state_json, str(step.cost), score, step.started_at or now, step.error,
-                step.duration, json.dumps(metrics) if metrics else None,
-                json.dumps(step.events) if step.events else None, str(totals.cost), totals.active_seconds,
-                run_id, owner, owner)).rowcount
+            if not fenced:
+                cur.execute(_INSERT_STEP, values)
+            elif cur.execute(_INSERT_STEP_FENCED, (*values, run_id, owner or "", owner or "")).rowcount != 1:
+                self._get(cur, run_id)  # RunNotFound if it is gone
+                raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
+                                "another process took the run over")
         except sqlite3.IntegrityError:
             raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
                                "a step number is committed at most once") from None
-        if inserted != 1:
-            self._get(conn, run_id)  # RunNotFound if it is gone
-            raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
-                            "another process took the run over")
-        if owner is not None and now - self._renewed.get(run_id, 0.0) > lease_seconds / 2:
-            conn.execute("UPDATE runs SET lease_expires = ?, updated_at = ? WHERE id = ?",
-                         (now + lease_seconds, now, run_id))
-            self._renewed[run_id] = now
-        if (run_id, step.n) in self._charged:
-            conn.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", (run_id, step.n))
+        if fenced and owner is not None:
+            cur.execute("UPDATE runs SET lease_expires = ?, updated_at = ? WHERE id = ?",
+                        (now + lease_seconds, now, run_id))
+        if self._charged and (run_id, step.n) in self._charged:
+            cur.execute("DELETE FROM charges WHERE run_id = ? AND step_n = ?", (run_id, step.n))
 
     def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
         def finish(conn: sqlite3.Connection) -> None:
             conn.execute(_FINISH, {"status": status, "reason": reason, "now": time.time(), "run": run_id,
                                    "owner": owner})
         self._write(finish)
-        self._renewed.pop(run_id, None)
+        self._leases.pop(run_id, None)
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
         self._write(lambda conn: conn.execute(
@@ -324,7 +363,7 @@ class SQLiteStore:
 
     # --- reads --------------------------------------------------------------
 
-    def _get(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+    def _get(self, conn: sqlite3.Connection | sqlite3.Cursor, run_id: str) -> RunRecord:
         row = conn.execute(f"SELECT {_RUN_COLUMNS}, r.initial_state {_RUNS_FROM} WHERE r.id = ?",
                            (run_id,)).fetchone()
         if row is None:
@@ -376,7 +415,7 @@ class SQLiteStore:
         return out
 
 
-def _transaction(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
+def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any) -> Any:
     """``fn(conn, *args)`` inside one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back whole."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -386,6 +425,17 @@ def _transaction(conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
         raise
     conn.execute("COMMIT")
     return result
+
+
+def _forget_connections() -> None:
+    """In a forked child: drop the parent's connections, lock and writer; each store reconnects on use."""
+    for store in list(_OPEN):
+        store._local, store._all, store._guard, store._writer = threading.local(), [], threading.Lock(), None
+
+
+_OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_connections)
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
