@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loomc.errors import ConfigError
@@ -41,6 +41,7 @@ class ScorePlateau(Signal):
 
     patience: int = 3
     min_delta: float = 0.01
+    _key: tuple[str, int, float] = field(init=False, repr=False, compare=False)
 
     kind = Outcome.CONVERGED
     needs_score = True
@@ -50,12 +51,14 @@ class ScorePlateau(Signal):
             raise ConfigError(f"score_plateau(patience={self.patience!r}): patience must be a whole number >= 1")
         if not isinstance(self.min_delta, (int, float)) or not math.isfinite(self.min_delta) or self.min_delta < 0:
             raise ConfigError(f"score_plateau(min_delta={self.min_delta!r}): min_delta must be a finite number >= 0")
+        # The fold's memo key, hashed once: the dataclass hash is Python code, run on every step.
+        object.__setattr__(self, "_key", ("loomc.plateau", self.patience, float(self.min_delta)))
 
     def _count(self, acc: tuple[float | None, int], step: Step) -> tuple[float | None, int]:
         ref, wait = acc
-        if step.score is None or not step.ok:
-            return acc
         score = step.score
+        if score is None or not step.ok:
+            return acc
         if math.isnan(score):
             return ref, wait + 1
         if ref is None or (score - ref) - self.min_delta > _NOISE * max(1.0, abs(ref)):
@@ -63,7 +66,7 @@ class ScorePlateau(Signal):
         return ref, wait + 1
 
     def fire(self, history: History, elapsed: float) -> str | None:
-        ref, wait = history.fold(self, self._count, _START)
+        ref, wait = history.fold(self._key, self._count, _START)
         if wait >= self.patience:
             above = "no valid score" if ref is None else f"no improvement above {ref:g}"
             return f"score_plateau: {above} by more than {self.min_delta:g} in {wait} scored steps"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+from operator import itemgetter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar, overload
@@ -51,6 +52,7 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
     return value
 
 
+_new_tuple, _new_object = tuple.__new__, object.__new__
 _UNREAD = object()  # the state of a stored step that has not been decoded yet
 
 
@@ -74,33 +76,27 @@ class Step(tuple):  # type: ignore[type-arg]
                 started_at: float = 0.0, duration: float = 0.0,
                 metrics: Mapping[str, Any] | None = None, events: Sequence[str] = (),
                 load_state: Callable[[], Any] | None = None) -> Step:
-        return tuple.__new__(cls, (
-            n, cost if type(cost) is Decimal else to_decimal(cost),
-            None if score is None else float(score), error, started_at, duration,
-            dict(metrics) if metrics else {}, tuple(events),
-            [state, None] if load_state is None else [_UNREAD, load_state]))
+        fields = (n, cost if type(cost) is Decimal else to_decimal(cost),
+                  None if score is None else float(score), error, started_at, duration,
+                  dict(metrics) if metrics else {}, tuple(events))
+        if load_state is not None:
+            return _new_tuple(_StoredStateStep, (*fields, [_UNREAD, load_state], error is None))
+        return _new_tuple(Step, (*fields, state, error is None))
 
-    n = property(lambda self: self[0], doc="The step number, from 0.")  # type: ignore[assignment]
-    cost = property(lambda self: self[1], doc="What the call cost, in dollars (a Decimal).")
-    score = property(lambda self: self[2], doc="The scorer's verdict on the state, or None.")
-    error = property(lambda self: self[3], doc="'TypeName: message' when the call failed, else None.")
-    started_at = property(lambda self: self[4], doc="When the call started (Unix time).")
-    duration = property(lambda self: self[5], doc="How long the call took, in seconds.")
-    metrics = property(lambda self: self[6], doc="Values the edge computed for this step.")
-    events = property(lambda self: self[7], doc="Decisions taken after this step.")
+    # Every field reads straight from the tuple (itemgetter runs in C): policies read them on every step.
+    n = property(itemgetter(0), doc="The step number, from 0.")  # type: ignore[assignment]
+    cost = property(itemgetter(1), doc="What the call cost, in dollars (a Decimal).")
+    score = property(itemgetter(2), doc="The scorer's verdict on the state, or None.")
+    error = property(itemgetter(3), doc="'TypeName: message' when the call failed, else None.")
+    started_at = property(itemgetter(4), doc="When the call started (Unix time).")
+    duration = property(itemgetter(5), doc="How long the call took, in seconds.")
+    metrics = property(itemgetter(6), doc="Values the edge computed for this step.")
+    events = property(itemgetter(7), doc="Decisions taken after this step.")
+    state = property(itemgetter(8), doc="What fn returned (None when the call failed).")
+    ok = property(itemgetter(9), doc="True when the call returned a state (did not raise).")
 
-    @property
-    def state(self) -> Any:
-        cell = self[8]
-        if cell[0] is _UNREAD:
-            cell[0] = cell[1]()
-            cell[1] = None
-        return cell[0]
-
-    @property
-    def ok(self) -> bool:
-        """True when the call returned a state (did not raise)."""
-        return self[3] is None
+    def _state_source(self) -> dict[str, Any]:
+        return {"state": self[8]}
 
     @property
     def scored(self) -> bool:
@@ -111,11 +107,7 @@ class Step(tuple):  # type: ignore[type-arg]
         fields: dict[str, Any] = dict(n=self[0], cost=self[1], score=self[2], error=self[3], started_at=self[4],
                                       duration=self[5], metrics=self[6], events=self[7])
         if "state" not in changes:
-            cell = self[8]
-            if cell[0] is _UNREAD:
-                fields["load_state"] = cell[1]
-            else:
-                fields["state"] = cell[0]
+            fields.update(self._state_source())
         fields.update(changes)
         return Step(**fields)
 
@@ -146,6 +138,33 @@ class Step(tuple):  # type: ignore[type-arg]
                                 self.duration, self.metrics, self.events))
 
 
+class _StoredStateStep(Step):
+    """A Step loaded from a store: its state is decoded from JSON the first time it is read."""
+
+    __slots__ = ()
+
+    @property  # type: ignore[misc]
+    def state(self) -> Any:
+        cell = self[8]  # [_UNREAD, loader] until read, then [state, None]
+        if cell[0] is _UNREAD:
+            cell[0] = cell[1]()
+            cell[1] = None
+        return cell[0]
+
+    def _state_source(self) -> dict[str, Any]:
+        cell = self[8]
+        return {"load_state": cell[1]} if cell[0] is _UNREAD else {"state": cell[0]}
+
+
+def fresh_step(n: int, state: Any, cost: Decimal, score: float | None, error: str | None,
+               started_at: float, duration: float, metrics: dict[str, Any]) -> Step:
+    """A new Step from values the interpreter has already checked (an exact cost, a float score).
+
+    The same record as ``Step(...)``, without its checks and keyword parsing: it runs on every step.
+    """
+    return _new_tuple(Step, (n, cost, score, error, started_at, duration, metrics, (), state, error is None))
+
+
 def _rebuild_step(n: int, state: Any, cost: Decimal, score: float | None, error: str | None, started_at: float,
                   duration: float, metrics: dict[str, Any], events: tuple[str, ...]) -> Step:
     return Step(n, state, cost=cost, score=score, error=error, started_at=started_at, duration=duration,
@@ -170,11 +189,12 @@ def _same_score(a: float | None, b: float | None) -> bool:
 class _Spine:
     """The shared, growing list behind every History of one run."""
 
-    __slots__ = ("steps", "memo")
+    __slots__ = ("steps", "memo", "sums")
 
     def __init__(self, steps: list[Step]) -> None:
         self.steps = steps
         self.memo: dict[Hashable, list[Any]] = {}
+        self.sums: list[_Summary] = [_EMPTY]  # the summary fold, kept apart: every step reads it
 
 
 class History(Sequence[Step]):
@@ -207,8 +227,11 @@ class History(Sequence[Step]):
             old = spine
             spine = _Spine(old.steps[: self._n])
             spine.memo = {k: v[: self._n + 1] for k, v in old.memo.items()}
+            spine.sums = old.sums[: self._n + 1]
         spine.steps.append(step)
-        return History._view(spine, self._n + 1)
+        h = _new_object(History)  # History._view, written out: the loop appends on every step
+        h._spine, h._n = spine, self._n + 1
+        return h
 
     def prefix(self, k: int) -> History:
         """The first ``k`` steps, as a History sharing this one's spine (O(1))."""
@@ -288,7 +311,13 @@ class History(Sequence[Step]):
     # Derivations every policy and the CLI need.
 
     def _summary(self) -> _Summary:
-        return self.fold("loomc.summary", _summarise, _EMPTY)  # type: ignore[arg-type]
+        """``fold(_summarise)``, written out: budgets, backtrackers and commits read it on every step."""
+        sums, n = self._spine.sums, self._n
+        if len(sums) <= n:
+            steps = self._spine.steps
+            for i in range(len(sums) - 1, n):
+                sums.append(_summarise(sums[-1], steps[i]))
+        return sums[n]
 
     @property
     def total_cost(self) -> Decimal:

@@ -15,6 +15,7 @@ import inspect
 import sys
 import time
 import warnings
+from operator import itemgetter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -25,7 +26,7 @@ from loomc.backtrack import Backtracker
 from loomc.budget import usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, RunError, StallError,
                           StateEncodeError, attach_run)
-from loomc.history import ZERO, History, Step, to_decimal
+from loomc.history import ZERO, History, Step, fresh_step, to_decimal
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step
 from loomc.stores.base import CheckpointStore, StoredStep, Totals
 
@@ -159,36 +160,33 @@ class _Now:
 NOW = _Now()
 
 
-class _Call:
-    """Call ``fn`` on ``state`` as step ``n``, then measure the result at the edge.
+class _Call(tuple):  # type: ignore[type-arg]
+    """``_Call((state, n))``: call ``fn`` on ``state`` as step ``n``, then measure the result at the edge.
 
     Everything here runs "in flight": ``loomc.charge`` and child loops called from
     ``fn``, the cost function, the scorer or a probe are billed to step ``n``.
     The result is a Step (failed if ``fn``, the cost function, the scorer or a probe
-    raised) and the exception, if any.
+    raised), the exception, if any, and the clock when the measuring ended.
+
+    Effects are tuples: one is made on every step, and a tuple is the cheapest object to make.
     """
 
-    __slots__ = ("state", "n")
+    __slots__ = ()
 
-    def __init__(self, state: Any, n: int) -> None:
-        self.state, self.n = state, n
-
-    def _begin(self, run: LiveRun) -> tuple[float, float]:
-        run.in_flight, run.pending = self.n, ZERO
+    def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
+        state, n = self
+        run.in_flight, run.pending = n, ZERO
         if run.items:
             run.items = {}
-        return time.time(), run.clock()
-
-    def sync(self, run: LiveRun) -> tuple[Step, BaseException | None]:
-        wall, t0 = self._begin(run)
+        wall, t0 = time.time(), run.clock()
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
         try:
             try:
-                new_state, exc = run.fn(self.state), None
+                new_state, exc = run.fn(state), None
             except Exception as e:  # KeyboardInterrupt and friends are never swallowed
                 new_state, exc = None, e
-            if exc is None:
+            if exc is None and run.probes:
                 try:
                     for probe in run.probes:
                         found = probe.measure(new_state, run.history)
@@ -198,19 +196,23 @@ class _Call:
                         metrics.update(found)
                 except Exception as e:
                     exc = e
-            return _settle(run, self.n, new_state, exc, wall, t0, metrics)
+            return _settle(run, n, new_state, exc, wall, t0, metrics)
         finally:
             _CURRENT.reset(token)
 
-    async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None]:
+    async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
         import asyncio  # only async loops pay for importing it
-        wall, t0 = self._begin(run)
+        state, n = self
+        run.in_flight, run.pending = n, ZERO
+        if run.items:
+            run.items = {}
+        wall, t0 = time.time(), run.clock()
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
         exc: BaseException | None
         try:
             try:
-                result = run.fn(self.state)
+                result = run.fn(state)
                 if inspect.isawaitable(result):
                     left = None if run.wall_cap is None else run.wall_cap - run.elapsed(t0)
                     result = await (result if left is None else asyncio.wait_for(result, max(left, 0.0)))
@@ -229,7 +231,7 @@ class _Call:
                         metrics.update(await found if inspect.isawaitable(found) else found)
                 except Exception as e:
                     exc = e
-            return _settle(run, self.n, new_state, exc, wall, t0, metrics)
+            return _settle(run, n, new_state, exc, wall, t0, metrics)
         finally:
             _CURRENT.reset(token)
 
@@ -241,13 +243,13 @@ def _close(awaitable: Any) -> None:
 
 
 def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float,
-            t0: float, metrics: dict[str, Any]) -> tuple[Step, BaseException | None]:
-    """Measure a finished call at the edge: its cost, score and error, as one Step."""
+            t0: float, metrics: dict[str, Any]) -> tuple[Step, BaseException | None, float]:
+    """Measure a finished call at the edge: its cost, score and error, as one Step; and the clock after."""
     score, error = None, None
     if exc is None:
         try:
             if run.cost_fn is not None:
-                run.spend(to_decimal(run.cost_fn(state), "cost_fn(state)"), None)
+                run.pending += to_decimal(run.cost_fn(state), "cost_fn(state)")
             if run.scorer is not None:
                 raw = run.scorer(state)
                 score = None if raw is None else float(raw)
@@ -259,29 +261,33 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
         metrics["cost_items"] = {name: str(usd) for name, usd in run.items.items()}
     cost = run.pending
     run.in_flight, run.pending = -1, ZERO
-    return Step(n, state, cost=cost, score=score, error=error, started_at=wall,
-                duration=run.clock() - t0, metrics=metrics), exc
+    end = run.clock()
+    return fresh_step(n, state, cost, score, error, wall, end - t0, metrics), exc, end
 
 
-class _Commit:
-    __slots__ = ("step", "stored", "totals")
+class _Commit(tuple):  # type: ignore[type-arg]
+    """``_Commit((step, stored, totals))``: commit the step, with the run's totals, then tell who listens."""
 
-    def __init__(self, step: Step, stored: StoredStep, totals: Totals) -> None:
-        self.step, self.stored, self.totals = step, stored, totals
+    __slots__ = ()
+    step = property(itemgetter(0))
 
     def sync(self, run: LiveRun) -> None:
-        run.store.commit_step(run.id, self.stored, self.totals, run.owner, run.lease_seconds)
-        self._after(run)
+        step, record, totals = self
+        run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
+        if run.parent is not None or run.on_step:
+            _committed(run, step)
 
     async def async_(self, run: LiveRun) -> None:
-        await offload(run.store, run.store.commit_step, run.id, self.stored, self.totals, run.owner,
-                      run.lease_seconds)
-        self._after(run)
+        step, record, totals = self
+        await offload(run.store, run.store.commit_step, run.id, record, totals, run.owner, run.lease_seconds)
+        if run.parent is not None or run.on_step:
+            _committed(run, step)
 
-    def _after(self, run: LiveRun) -> None:
-        if run.parent is not None:  # a child's spend joins its parent's step in flight, once
-            run.parent.spend(self.step.cost)
-        _notify(run, self.step)
+
+def _committed(run: LiveRun, step: Step) -> None:
+    if run.parent is not None:  # a child's spend joins its parent's step in flight, once
+        run.parent.spend(step.cost)
+    _notify(run, step)
 
 
 def _notify(run: LiveRun, step: Step) -> None:
@@ -311,10 +317,11 @@ class _Finish:
 def stored(step: Step) -> StoredStep:
     """The store's form of a step; :class:`StateEncodeError` if its state is not JSON-friendly."""
     state = step.state
-    return StoredStep(step.n, None if state is None else codec.encode(state), step.cost, step.score, step.error,
-                      step.started_at, step.duration, step.metrics, step.events)
+    return _new_tuple(StoredStep, (step[0], None if state is None else codec.encode(state), step[1], step[2],
+                                   step[3], step[4], step[5], step[6], step[7]))
 
 
+_new_tuple = tuple.__new__  # NamedTuples made on every step skip their Python-level constructors
 _BACKTRACK, _CONTINUE, _STALLED = Outcome.BACKTRACK, Outcome.CONTINUE, Outcome.STALLED
 
 
@@ -323,17 +330,19 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     decision = policy.decide(h, run.elapsed((yield NOW)))
     if decision.outcome is _BACKTRACK:  # e.g. a resumed run whose last step regressed
         run.source = None if decision.to is None else h[decision.to]
+    state, n = run.state_of(run.source), len(h)  # where the next call starts, and its number
     while decision.outcome < _STALLED:
-        step, exc = yield _Call(run.state_of(run.source), len(h))
-        elapsed = run.elapsed((yield NOW))
+        step, exc, end = yield _Call((state, n))
+        elapsed = run.prior_active + (end - run.session_start)  # run.elapsed(end)
         fatal = exc is not None and run.backtracker is None and not isinstance(exc, DeadlineExceeded)
         try:
             record = stored(step)
         except StateEncodeError as e:
-            exc, fatal = StateEncodeError(f"run {run.id} step {step.n}: {e}"), True
+            exc, fatal = StateEncodeError(f"run {run.id} step {n}: {e}"), True
             step = step.replace(state=None, error=f"StateEncodeError: {e}")
             record = stored(step)
         h = run.history = h.append(step)
+        n += 1
         events: tuple[str, ...]
         if fatal:
             decision, events = CONTINUE, ("failed",)
@@ -345,14 +354,15 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             step = step.replace(events=events)
             record = record._replace(events=events)
             h = run.history = h._replace_tip(step)
-        yield _Commit(step, record, Totals(h.total_cost, len(h), elapsed))
+        yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
         if fatal:
             yield _Finish("failed", step.error or "failed")
             return _ended(run, "failed", step.error or "failed", exc)
         if decision.outcome is _BACKTRACK:
             run.source = None if decision.to is None else h[decision.to]
+            state = run.state_of(run.source)
         elif step.ok:
-            run.source = step
+            run.source, state = step, step.state
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)

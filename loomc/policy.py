@@ -159,8 +159,10 @@ class Signal(Policy):
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         reason = self.fire(history, elapsed)
-        if reason is None:
-            return CONTINUE
+        return CONTINUE if reason is None else self.fired(reason)
+
+    def fired(self, reason: str) -> Decision:
+        """The decision this signal gives when it fires for ``reason``."""
         return Decision(self.kind, reason, by=repr(self))
 
 
@@ -260,11 +262,39 @@ def _wrap(p: Policy) -> str:
 
 
 class _Composite:
-    """What every node holding ``parts`` shares: walking, score needs, and its printed form."""
+    """What every node holding ``parts`` shares: walking, score needs, its printed form, and
+    ``_strongest``, the decision of ``|``."""
 
     __slots__ = ()
     parts: tuple[Policy, ...]
     _op = " | "
+    # Per part, worked out once (policies are frozen): its strongest outcome, and how to ask it.
+    # A plain signal is asked fire() directly, one call fewer than decide(): this runs on every step.
+    _plan: tuple[tuple[Outcome, Callable[[History, float], Any], Signal | None], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_plan", tuple(
+            (p.max_outcome, p.fire, p) if type(p).decide is Signal.decide  # type: ignore[attr-defined]
+            else (p.max_outcome, p.decide, None) for p in self.parts))
+
+    def _strongest(self, history: History, elapsed: float = 0.0) -> Decision:
+        """The strongest decision of the parts; parts that cannot beat it are not asked."""
+        best, strongest = CONTINUE, _CONTINUE
+        for most, ask, signal in self._plan:
+            if most <= strongest:
+                continue  # cannot change the answer: skip (an expensive judge is not consulted)
+            if signal is None:
+                d = ask(history, elapsed)
+            else:
+                reason = ask(history, elapsed)
+                if reason is None:
+                    continue
+                d = signal.fired(reason)
+            if d.outcome > strongest:
+                best, strongest = d, d.outcome
+                if strongest is _CONVERGED:
+                    break
+        return best
 
     def walk(self) -> Iterator[Policy]:
         yield self  # type: ignore[misc]
@@ -297,8 +327,7 @@ class AnyOf(_Composite, Signal):  # type: ignore[misc, override]
         d = self.decide(history, elapsed)
         return d.reason if d.stops else None
 
-    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
-        return _strongest(self.parts, history, elapsed)
+    decide = _Composite._strongest
 
 
 @dataclass(frozen=True, repr=False)
@@ -349,21 +378,7 @@ class Policies(_Composite, Policy):  # type: ignore[misc, override]
     def max_outcome(self) -> Outcome:  # type: ignore[override]
         return Outcome.CONVERGED
 
-    def decide(self, history: History, elapsed: float = 0.0) -> Decision:
-        return _strongest(self.parts, history, elapsed)
-
-
-def _strongest(parts: tuple[Policy, ...], history: History, elapsed: float) -> Decision:
-    best, strongest = CONTINUE, _CONTINUE
-    for p in parts:
-        if p.max_outcome <= strongest:
-            continue  # cannot change the answer: skip (an expensive judge is not consulted)
-        d = p.decide(history, elapsed)
-        if d.outcome > strongest:
-            best, strongest = d, d.outcome
-            if strongest is _CONVERGED:
-                break
-    return best
+    decide = _Composite._strongest
 
 
 _CONTINUE, _CONVERGED = Outcome.CONTINUE, Outcome.CONVERGED
