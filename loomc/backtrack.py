@@ -40,9 +40,11 @@ class BestScore(Backtracker):
     needs_score = True
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
-        if not history:
+        try:
+            last = history[-1]
+        except IndexError:  # an empty history
             return CONTINUE
-        last, best = history[-1], history.best
+        best = history.best
         if not last.ok:
             to = best if best is not None else history.last_good
             return self._back(to, f"step {last.n} failed ({last.error})")

@@ -38,7 +38,9 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
 
     Floats go through their shortest repr, so ``0.05`` is exactly ``Decimal("0.05")``.
     """
-    if isinstance(amount, Decimal):
+    if type(amount) is float:  # the usual case first: a cost function's float
+        value = Decimal(repr(amount))
+    elif isinstance(amount, Decimal):
         value = amount
     elif isinstance(amount, bool) or not isinstance(amount, (int, float, str)):
         raise TypeError(f"{what} must be a number of dollars, got {type(amount).__name__}: {amount!r}")
@@ -47,7 +49,7 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
             value = Decimal(repr(amount) if isinstance(amount, float) else str(amount))
         except ArithmeticError:
             raise TypeError(f"{what} must be a number of dollars, got {amount!r}") from None
-    if not value.is_finite() or value < 0:
+    if not value.is_finite() or value < ZERO:
         raise ValueError(f"{what} must be a finite, non-negative number of dollars, got {amount!r}")
     return value
 
@@ -299,11 +301,16 @@ class History(Sequence[Step]):
         memo = self._spine.memo.get(key)
         if memo is None:
             memo = self._spine.memo[key] = [init]
-        elif len(memo) > n:
+        done = len(memo) - 1  # steps folded so far
+        if done >= n:
             return memo[n]  # type: ignore[no-any-return]
         steps = self._spine.steps
+        if done == n - 1:  # the usual case in a live loop: one new step
+            value = fn(memo[-1], steps[done])
+            memo.append(value)
+            return value
         value = memo[-1]
-        for i in range(len(memo) - 1, n):
+        for i in range(done, n):
             value = fn(value, steps[i])
             memo.append(value)
         return value  # type: ignore[no-any-return]

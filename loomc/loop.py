@@ -279,7 +279,12 @@ class LoopRunner:
     def _steps(self, opened: LiveRun | Run) -> Generator[Step, None, Run]:
         """The committed Steps of an opened run, then its Run (a finished child's Run at once)."""
         if isinstance(opened, Run):
-            return opened
+            return _no_steps(opened)
+        if not self.progress:
+            return steps(opened)  # no wrapping generator: one resume less per step
+        return self._watched_steps(opened)
+
+    def _watched_steps(self, opened: LiveRun) -> Generator[Step, None, Run]:
         with self._watched(opened) as live:
             return (yield from steps(live))
 
@@ -317,6 +322,12 @@ class LoopRunner:
     def replay(self, run_id: str, policy: Policy | None = None) -> Any:
         """What ``policy`` (default: this loop's) would have done on a recorded run."""
         return (self.policy if policy is None else policy).replay(load_history(self.store, run_id))
+
+
+def _no_steps(run: Run) -> Generator[Step, None, Run]:
+    """The step stream of a run that had already finished: no steps, then the Run."""
+    return run
+    yield  # a generator, all the same
 
 
 class AsyncLoopRunner(LoopRunner):

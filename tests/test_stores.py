@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from loomc import CorruptStore, MemoryStore, SchemaTooNew, SQLiteStore, StoreError
+from loomc import CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError
+from loomc.stores.base import Totals
 from loomc.stores.sqlite import SCHEMA_VERSION, create_v1_database
-from loomc.testing import StoreConformance
+from loomc.testing import OTHER, OWNER, StoreConformance, commit, make_run, make_step
 
 HERE = Path(__file__).parent
 
@@ -128,3 +132,61 @@ print("ok")
     assert all(r.steps == 15 and r.total_cost == Decimal("0.15") and r.status == "budget_exhausted" for r in runs)
     (count,) = store._conn().execute("SELECT count(*) FROM steps").fetchone()
     assert count == 48 * 15
+
+
+def test_a_step_goes_in_unfenced_while_the_lease_is_fresh_and_fenced_past_half_its_life(tmp_path):
+    store = SQLiteStore(tmp_path / "fence.db", durability="normal")
+    seen: list[str] = []
+    store._conn().set_trace_callback(seen.append)
+    store.create_run(make_run("r1"))  # a 600 s lease
+    commit(store, "r1", [make_step(0)])
+    inserts = [s for s in seen if s.startswith("INSERT INTO steps")]
+    assert len(inserts) == 1 and "WHERE EXISTS" not in inserts[0]
+
+    seen.clear()
+    store.create_run(make_run("r2").replace(lease_expires=time.time() + 0.2))
+    time.sleep(0.15)  # past half the lease's life: the INSERT checks ownership and renews the lease
+    store.commit_step("r2", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 600)
+    inserts = [s for s in seen if s.startswith("INSERT INTO steps")]
+    assert len(inserts) == 1 and "WHERE EXISTS" in inserts[0]
+    assert store.get_run("r2").lease_expires > time.time() + 500
+    store.close()
+
+
+def test_an_owner_whose_lease_ran_out_cannot_commit_after_another_process_took_the_run(tmp_path):
+    db = tmp_path / "takeover.db"
+    first, second = SQLiteStore(db), SQLiteStore(db)  # one per process, as in real use
+    first.create_run(make_run("r1").replace(lease_expires=time.time() + 0.3))
+    first.commit_step("r1", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 0.3)
+    time.sleep(0.4)  # the first owner stalls past its lease
+    second.claim_run("r1", OTHER, 600, note="took over")
+    with pytest.raises(RunLocked, match="no longer holds its lease"):
+        first.commit_step("r1", make_step(1), Totals(Decimal("0.10"), 2, 1.0), OWNER, 0.3)
+    second.commit_step("r1", make_step(1), Totals(Decimal("0.10"), 2, 1.0), OTHER, 600)
+    assert [s.n for s in second.load_steps("r1")] == [0, 1]
+    first.close()
+    second.close()
+
+
+def _use_store_in_forked_child(store: SQLiteStore, result: Any) -> None:
+    result.put(hasattr(store._local, "conn"))  # the parent's connection must not come along
+    store.create_run(make_run("child"))
+    commit(store, "child", [make_step(0), make_step(1)])
+    result.put("ok")
+
+
+def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_working(tmp_path):
+    store = SQLiteStore(tmp_path / "fork.db")
+    store.create_run(make_run("parent"))
+    commit(store, "parent", [make_step(0)])
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.Queue()
+    child = ctx.Process(target=_use_store_in_forked_child, args=(store, result))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert result.get(timeout=5) is False and result.get(timeout=5) == "ok"
+    store.commit_step("parent", make_step(1), Totals(Decimal("0.10"), 2, 1.0), OWNER, 600)
+    assert [s.n for s in store.load_steps("parent")] == [0, 1]
+    assert [s.n for s in store.load_steps("child")] == [0, 1]
+    store.close()
