@@ -127,6 +127,10 @@ _STEP_COLUMNS = ("run_id, step_n, state_blob, cost_usd, score, timestamp, error,
                  "cum_cost, active_seconds")
 _STEP_VALUES = "?, ?, nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), nullif(?, ''), ?, ?"
 _INSERT_STEP = f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES ({_STEP_VALUES})"
+# The usual step (no error, metrics or events) leaves those columns to their default, NULL:
+# three values fewer to bind on every step.
+_INSERT_PLAIN_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, duration, "
+                      "cum_cost, active_seconds) VALUES (?, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?, ?, ?)")
 # The same, fenced: it goes in only while ``owner`` (or anybody, for owner '') holds the run.
 _INSERT_STEP_FENCED = (f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT {_STEP_VALUES} "
                        "WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND (? = '' OR owner = ?))")
@@ -327,22 +331,30 @@ class SQLiteStore:
         score, metrics = step.score, step.metrics
         if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
             score, metrics = None, {**metrics, "loomc.score": "nan"}
-        now = time.time()
-        values = (run_id, step.n, "" if step.state_json is None else step.state_json, str(step.cost),
-                  "" if score is None else score, step.started_at or now, step.error or "", step.duration,
-                  json.dumps(metrics) if metrics else "", json.dumps(step.events) if step.events else "",
-                  str(totals.cost), totals.active_seconds)
+        state_json, error, events = step.state_json, step.error, step.events
+        started_at = step.started_at or time.time()
         try:
-            if not fenced:
-                cur.execute(_INSERT_STEP, values)
-            elif cur.execute(_INSERT_STEP_FENCED, (*values, run_id, owner or "", owner or "")).rowcount != 1:
-                self._get(cur, run_id)  # RunNotFound if it is gone
-                raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
-                                "another process took the run over")
+            if not fenced and error is None and not metrics and not events:
+                cur.execute(_INSERT_PLAIN_STEP, (
+                    run_id, step.n, "" if state_json is None else state_json, str(step.cost),
+                    "" if score is None else score, started_at, step.duration, str(totals.cost),
+                    totals.active_seconds))
+            else:
+                values = (run_id, step.n, "" if state_json is None else state_json, str(step.cost),
+                          "" if score is None else score, started_at, error or "", step.duration,
+                          json.dumps(metrics) if metrics else "", json.dumps(events) if events else "",
+                          str(totals.cost), totals.active_seconds)
+                if not fenced:
+                    cur.execute(_INSERT_STEP, values)
+                elif cur.execute(_INSERT_STEP_FENCED, (*values, run_id, owner or "", owner or "")).rowcount != 1:
+                    self._get(cur, run_id)  # RunNotFound if it is gone
+                    raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
+                                    "another process took the run over")
         except sqlite3.IntegrityError:
             raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
                                "a step number is committed at most once") from None
         if fenced and owner is not None:
+            now = time.time()
             cur.execute("UPDATE runs SET lease_expires = ?, updated_at = ? WHERE id = ?",
                         (now + lease_seconds, now, run_id))
         if self._charged and (run_id, step.n) in self._charged:
