@@ -112,7 +112,7 @@ def resume(tmp: Path) -> None:
           "(target: not all)")
 
 
-def _cli_seconds(args: list[str], repeats: int = 5) -> float:
+def _cli_seconds(args: list[str], repeats: int = 9) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def _fill(path: Path, runs: int, steps: int) -> str:
 
 
 def cli(tmp: Path) -> None:
-    print("cli: whole `loomc` processes, best of 5")
+    print("cli: whole `loomc` processes, best of 9")
     small, big_runs, big_steps = tmp / "small.db", tmp / "runs10k.db", tmp / "steps10k.db"
     small_id = _fill(small, 10, 3)
     _fill(big_runs, 10000, 3)
