@@ -33,6 +33,10 @@ from loomc.stores.base import CheckpointStore, StoredStep, Totals
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
            Outcome.STALLED: "stalled"}
 
+# The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly,
+# skipping their Python-level constructors.
+_new_tuple = tuple.__new__
+
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
 
 
@@ -321,7 +325,6 @@ def stored(step: Step) -> StoredStep:
                                    step[3], step[4], step[5], step[6], step[7]))
 
 
-_new_tuple = tuple.__new__  # NamedTuples made on every step skip their Python-level constructors
 _BACKTRACK, _CONTINUE, _STALLED = Outcome.BACKTRACK, Outcome.CONTINUE, Outcome.STALLED
 
 
