@@ -1,7 +1,7 @@
 """loomc's speed targets, measured in one run and printed as ratios (never asserted in tests).
 
-    python benchmarks/bench.py            # everything (about a minute or two)
-    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli
+    python benchmarks/bench.py            # everything (a few minutes)
+    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli, instructions
 
 - overhead: per-step time of a loop with a full policy against a hand-written loop that
   INSERTs the same JSON state and COMMITs once per step (WAL, same synchronous setting).
@@ -10,12 +10,16 @@
 - resume: resuming a 10,000-step run; how many stored states it decodes (target: not all).
 - cli: `loomc runs` over 10,000 runs and `loomc show` of a 10,000-step run against the same
   commands on a database of 10 short runs, as whole processes. Target <= 1.5x.
+- instructions: the overhead comparison counted in instructions by valgrind's callgrind
+  (skipped without valgrind), steady where times are not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -157,10 +161,39 @@ def cli(tmp: Path) -> None:
           f"ratio {long_show / base_show:5.2f}x  (target <= 1.5x)")
 
 
-SECTIONS = {"overhead": overhead, "growth": growth, "resume": resume, "cli": cli}
+def _instructions(loop_kind: str, steps: int, tmp: Path) -> int:
+    """Instructions valgrind's callgrind counts for this script running one loop of ``steps`` steps."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+         "_one", loop_kind, str(steps), str(tmp / f"{loop_kind}-{steps}.db")],
+        capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Collected : (\d+)", out).group(1))  # type: ignore[union-attr]
+
+
+def instructions(tmp: Path) -> None:
+    """The overhead comparison in instructions, which a shared machine's noise does not move."""
+    print("instructions: per step, from valgrind callgrind runs of 500 and 2,500 steps (durability=normal)")
+    if shutil.which("valgrind") is None:
+        print("  skipped: valgrind is not installed")
+        return
+    per_step = {kind: (_instructions(kind, 2500, tmp) - _instructions(kind, 500, tmp)) / 2000
+                for kind in ("hand", "loomc")}
+    print(f"  hand {per_step['hand']:9,.0f}   loomc {per_step['loomc']:9,.0f}   "
+          f"ratio {per_step['loomc'] / per_step['hand']:5.2f}x")
+
+
+def _one(loop_kind: str, steps: str, path: str) -> None:
+    timed = time_hand_written if loop_kind == "hand" else time_loomc
+    timed(Path(path), "normal", int(steps))
+
+
+SECTIONS = {"overhead": overhead, "growth": growth, "resume": resume, "cli": cli, "instructions": instructions}
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["_one"]:  # one loop, for instructions()
+        _one(*sys.argv[2:5])
+        return
     chosen = sys.argv[1:] or list(SECTIONS)
     print(f"loomc {loomc.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
