@@ -177,12 +177,16 @@ class _Call(tuple):  # type: ignore[type-arg]
 
     __slots__ = ()
 
-    def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
+    def _begin(self, run: LiveRun) -> tuple[Any, int, float, float]:
+        """Put step ``n`` in flight; its state, number, and when it starts (wall clock, run clock)."""
         state, n = self
         run.in_flight, run.pending = n, ZERO
         if run.items:
             run.items = {}
-        wall, t0 = time.time(), run.clock()
+        return state, n, time.time(), run.clock()
+
+    def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
+        state, n, wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
         try:
@@ -206,11 +210,7 @@ class _Call(tuple):  # type: ignore[type-arg]
 
     async def async_(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
         import asyncio  # only async loops pay for importing it
-        state, n = self
-        run.in_flight, run.pending = n, ZERO
-        if run.items:
-            run.items = {}
-        wall, t0 = time.time(), run.clock()
+        state, n, wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
         exc: BaseException | None
@@ -336,7 +336,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     state, n = run.state_of(run.source), len(h)  # where the next call starts, and its number
     while decision.outcome < _STALLED:
         step, exc, end = yield _Call((state, n))
-        elapsed = run.prior_active + (end - run.session_start)  # run.elapsed(end)
+        elapsed = run.elapsed(end)
         fatal = exc is not None and run.backtracker is None and not isinstance(exc, DeadlineExceeded)
         try:
             record = stored(step)

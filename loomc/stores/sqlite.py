@@ -123,14 +123,14 @@ _RUNS_FROM = f"FROM runs r LEFT JOIN steps s ON r.status = 'running' AND s.run_i
 # A step row carries the run's totals, so one INSERT commits "the step and the run's totals".
 # Values that may be missing are bound as '' and turned into NULL here: binding None costs
 # CPython's sqlite3 module a raised-and-cleared AttributeError per value (3.11), on every step.
-_STEP_COLUMNS = ("run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, metrics, events, "
-                 "cum_cost, active_seconds")
-_STEP_VALUES = "?, ?, nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), ?, nullif(?, ''), nullif(?, ''), ?, ?"
+_STEP_COLUMNS = ("run_id, step_n, state_blob, cost_usd, score, timestamp, cum_cost, active_seconds, duration, "
+                 "error, metrics, events")
+_STEP_VALUES = "?, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?, ?, ?, nullif(?, ''), nullif(?, ''), nullif(?, '')"
 _INSERT_STEP = f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES ({_STEP_VALUES})"
 # The usual step (no error, metrics or events) leaves those columns to their default, NULL:
 # three values fewer to bind on every step.
-_INSERT_PLAIN_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, duration, "
-                      "cum_cost, active_seconds) VALUES (?, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?, ?, ?)")
+_INSERT_PLAIN_STEP = ("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, cum_cost, "
+                      "active_seconds, duration) VALUES (?, ?, nullif(?, ''), ?, nullif(?, ''), ?, ?, ?, ?)")
 # The same, fenced: it goes in only while ``owner`` (or anybody, for owner '') holds the run.
 _INSERT_STEP_FENCED = (f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT {_STEP_VALUES} "
                        "WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND (? = '' OR owner = ?))")
@@ -162,16 +162,20 @@ class SQLiteStore:
             if not create:
                 raise StoreError(f"no loomc database at {self.path}; run a loop first, or pass --db")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._guard = threading.Lock()
-        self._writer: Any = None
+        self._forget_connections()
         # run id -> (owner, monotonic time): until then this process's lease on the run has more
         # than half its life left, and steps go in unfenced (see commit_step).
         self._leases: dict[str, tuple[str, float]] = {}
         self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
         _OPEN.add(self)
         self._conn()  # open, check and migrate the schema now: errors surface at construction
+
+    def _forget_connections(self) -> None:
+        """Start with no connection, lock or writer thread: at construction, and in a forked child."""
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._writer: Any = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
@@ -331,19 +335,18 @@ class SQLiteStore:
         score, metrics = step.score, step.metrics
         if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
             score, metrics = None, {**metrics, "loomc.score": "nan"}
-        state_json, error, events = step.state_json, step.error, step.events
-        started_at = step.started_at or time.time()
+        error, events = step.error, step.events
+        # The columns every step has; the plain INSERT stops here, the others add error, metrics, events.
+        values: tuple[Any, ...] = (
+            run_id, step.n, "" if step.state_json is None else step.state_json, str(step.cost),
+            "" if score is None else score, step.started_at or time.time(), str(totals.cost),
+            totals.active_seconds, step.duration)
         try:
             if not fenced and error is None and not metrics and not events:
-                cur.execute(_INSERT_PLAIN_STEP, (
-                    run_id, step.n, "" if state_json is None else state_json, str(step.cost),
-                    "" if score is None else score, started_at, step.duration, str(totals.cost),
-                    totals.active_seconds))
+                cur.execute(_INSERT_PLAIN_STEP, values)
             else:
-                values = (run_id, step.n, "" if state_json is None else state_json, str(step.cost),
-                          "" if score is None else score, started_at, error or "", step.duration,
-                          json.dumps(metrics) if metrics else "", json.dumps(events) if events else "",
-                          str(totals.cost), totals.active_seconds)
+                values += (error or "", json.dumps(metrics) if metrics else "",
+                           json.dumps(events) if events else "")
                 if not fenced:
                     cur.execute(_INSERT_STEP, values)
                 elif cur.execute(_INSERT_STEP_FENCED, (*values, run_id, owner or "", owner or "")).rowcount != 1:
@@ -439,15 +442,15 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
     return result
 
 
-def _forget_connections() -> None:
-    """In a forked child: drop the parent's connections, lock and writer; each store reconnects on use."""
+def _after_fork_in_child() -> None:
+    """A forked child drops the parent's connections (never closing them); each store reconnects on use."""
     for store in list(_OPEN):
-        store._local, store._all, store._guard, store._writer = threading.local(), [], threading.Lock(), None
+        store._forget_connections()
 
 
 _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_connections)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
