@@ -15,7 +15,7 @@ import pytest
 
 from loomc import CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError
 from loomc.stores.base import Totals
-from loomc.stores.sqlite import SCHEMA_VERSION, create_v1_database
+from loomc.stores.sqlite import READS_WITH, SCHEMA_VERSION, create_old_database
 from loomc.testing import OTHER, OWNER, StoreConformance, commit, make_run, make_step
 
 HERE = Path(__file__).parent
@@ -56,7 +56,7 @@ def test_durability_sets_the_synchronous_pragma(tmp_path):
 
 def test_a_loomc_0_2_database_is_migrated_with_its_runs_and_steps(tmp_path):
     path = tmp_path / "old.db"
-    conn = create_v1_database(path)
+    conn = create_old_database(path, 1)
     conn.execute("INSERT INTO runs VALUES ('old1', 'abc', 'failed', '2026-07-03T12:00:19', '2026-07-03T12:01:00')")
     conn.executemany("INSERT INTO steps VALUES ('old1', ?, ?, ?, ?, '2026-07-03T12:00:2' || ?, ?)",
                      [(0, '{"v": 1}', 0.05, 0.25, 0, None), (1, '{"v": 2}', 0.05, 0.5, 1, None),
@@ -71,10 +71,33 @@ def test_a_loomc_0_2_database_is_migrated_with_its_runs_and_steps(tmp_path):
     assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-def test_several_processes_migrating_one_old_file_at_once_all_succeed(tmp_path):
+def test_a_schema_2_database_is_migrated_with_every_column_of_its_runs_and_steps(tmp_path):
+    path = tmp_path / "v2.db"
+    conn = create_old_database(path, 2)
+    conn.execute("INSERT INTO runs (id, status, created_at, updated_at, owner) VALUES ('r2', 'running', 1, 2, 'me')")
+    rows = [("r2", 0, '{"v": 1}', "0.05", 0.25, 10.0, None, 0.5, None, '["converged"]', "0.05", 0.5),
+            ("r2", 1, None, "0.01", None, 11.0, "RuntimeError: boom", 0.25, '{"judge": "no"}', None, "0.06", 0.75)]
+    conn.executemany("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error, duration, "
+                     "metrics, events, cum_cost, active_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.close()
+    store = SQLiteStore(path)
+    run = store.get_run("r2")
+    assert (run.steps, run.total_cost, run.active_seconds) == (2, Decimal("0.06"), 0.75)
+    first, second = store.load_steps("r2")
+    assert (first.state_json, first.cost, first.score, first.events) == ('{"v": 1}', Decimal("0.05"), 0.25,
+                                                                          ("converged",))
+    assert (second.error, second.metrics, second.duration) == ("RuntimeError: boom", {"judge": "no"}, 0.25)
+    conn = store._conn()
+    assert conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone() == (READS_WITH,)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_several_processes_migrating_one_old_file_at_once_all_succeed(tmp_path, version):
     path = tmp_path / "old.db"
-    conn = create_v1_database(path)
-    conn.execute("INSERT INTO runs VALUES ('old1', 'abc', 'completed', '2026-07-03T12:00:19', '2026-07-03T12:00:19')")
+    conn = create_old_database(path, version)
+    conn.execute("INSERT INTO runs (id, spec_hash, status, created_at, updated_at) "
+                 "VALUES ('old1', 'abc', 'completed', '2026-07-03T12:00:19', '2026-07-03T12:00:19')")
     conn.close()
     code = f"from loomc import SQLiteStore; print(SQLiteStore({str(path)!r}).get_run('old1').status)"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -90,6 +113,16 @@ def test_a_newer_schema_is_refused_with_the_version_it_needs(tmp_path):
     conn.close()
     with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}.*upgrade loomc"):
         SQLiteStore(path)
+    # A file written by a newer loomc names the oldest loomc that reads it.
+    SQLiteStore(tmp_path / "ours.db").close()
+    conn = sqlite3.connect(tmp_path / "ours.db")
+    assert conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone() == (READS_WITH,)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.execute("UPDATE loomc_meta SET value = '0.9.1' WHERE key = 'reads_with'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaTooNew, match=r"pip install -U 'loomc>=0\.9\.1'"):
+        SQLiteStore(tmp_path / "ours.db")
 
 
 def test_a_corrupt_file_says_it_is_corrupt_and_where(tmp_path):

@@ -8,7 +8,7 @@
   ``busy_timeout``, so several processes can share one file.
 - One connection per thread (and per process after a fork), never one per step.
 - The schema version lives in ``PRAGMA user_version``; older files are migrated
-  under a write lock, newer ones refused.
+  under a write lock, newer ones refused with the loomc version they need.
 """
 
 from __future__ import annotations
@@ -29,9 +29,18 @@ from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, Sch
 from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take
 
 #: The schema this loomc writes. 1 is the original loomc 0.2 layout.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: The oldest loomc that reads this schema, written into the file (``loomc_meta``) so that an older
+#: loomc refusing it can say which version it needs. Raise it with every new schema version.
+READS_WITH = "0.3.0"
 BUSY_TIMEOUT_MS = 60_000
 
+# Schema 3 adds loomc_meta, where a file names the oldest loomc that reads it.
+_META_TABLE = "CREATE TABLE loomc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_META = "INSERT OR REPLACE INTO loomc_meta (key, value) VALUES ('reads_with', ?)"
+
+# Schema 2. A new file is made as schema 2 and then migrated like any old one, so that new and
+# migrated files are the same.
 _V2 = """
 CREATE TABLE runs (
     id TEXT PRIMARY KEY,
@@ -107,7 +116,7 @@ DROP TABLE runs_v1;
 DROP TABLE steps_v1;
 """
 
-MIGRATIONS = {1: _MIGRATE_1_TO_2}
+MIGRATIONS = {1: _MIGRATE_1_TO_2, 2: _META_TABLE}
 
 # A run's totals are those of its latest step (committed with it, in the same row), else the
 # run row's own (a run with no steps, or one migrated from loomc 0.2).
@@ -222,9 +231,14 @@ class SQLiteStore:
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
+            try:
+                needs = conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone()
+            except sqlite3.OperationalError:  # no such table: the file does not say
+                needs = None
+            upgrade = f"'loomc>={needs[0]}'" if needs else "loomc"
             raise SchemaTooNew(
                 f"{self.path} has loomc schema version {version}, newer than this loomc's "
-                f"{SCHEMA_VERSION}; upgrade loomc (pip install -U loomc) to read it")
+                f"{SCHEMA_VERSION}; upgrade loomc to read it: pip install -U {upgrade}")
         _transaction(conn, self._upgrade)
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
@@ -238,10 +252,11 @@ class SQLiteStore:
                                  f"(tables: {', '.join(sorted(tables))}); pass another path")
             else:
                 _run_script(conn, _V2)
-                version = SCHEMA_VERSION
+                version = 2
         while version < SCHEMA_VERSION:
             _run_script(conn, MIGRATIONS[version])
             version += 1
+        conn.execute(_META, (READS_WITH,))
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @property
@@ -479,8 +494,10 @@ def _stored_step(row: Any) -> StoredStep:
                       duration=duration, metrics=metrics_d, events=tuple(json.loads(events)) if events else ())
 
 
-def create_v1_database(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """A database in the original loomc 0.2 layout (schema version 1), for migration tests."""
+def create_old_database(path: str | os.PathLike[str], version: int) -> sqlite3.Connection:
+    """An empty database in an older schema (1: the original loomc 0.2 layout; 2), for migration tests."""
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(_V1)
+    conn.executescript({1: _V1, 2: _V2}[version])
+    if version > 1:  # loomc 0.2 never set user_version
+        conn.execute(f"PRAGMA user_version = {version}")
     return conn
