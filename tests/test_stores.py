@@ -15,7 +15,7 @@ import pytest
 
 from loomc import CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError
 from loomc.stores.base import Totals
-from loomc.stores.sqlite import READS_WITH, SCHEMA_VERSION, create_old_database
+from loomc.stores.sqlite import READS_WITH, SCHEMA_VERSION, _transaction, create_old_database
 from loomc.testing import OTHER, OWNER, StoreConformance, commit, make_run, make_step
 
 HERE = Path(__file__).parent
@@ -123,6 +123,16 @@ def test_a_newer_schema_is_refused_with_the_version_it_needs(tmp_path):
     conn.close()
     with pytest.raises(SchemaTooNew, match=r"pip install -U 'loomc>=0\.9\.1'"):
         SQLiteStore(tmp_path / "ours.db")
+
+
+def test_a_migration_that_finds_a_newer_schema_under_the_lock_refuses_and_leaves_the_file_alone(tmp_path):
+    # Another process, running a newer loomc, migrated the file between our first look and our lock.
+    store = SQLiteStore(tmp_path / "c.db")
+    conn = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}"):
+        _transaction(store._conn(), store._upgrade)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
 
 
 def test_a_corrupt_file_says_it_is_corrupt_and_where(tmp_path):

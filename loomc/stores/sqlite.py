@@ -230,19 +230,29 @@ class SQLiteStore:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            try:
-                needs = conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone()
-            except sqlite3.OperationalError:  # no such table: the file does not say
-                needs = None
-            upgrade = f"'loomc>={needs[0]}'" if needs else "loomc"
-            raise SchemaTooNew(
-                f"{self.path} has loomc schema version {version}, newer than this loomc's "
-                f"{SCHEMA_VERSION}; upgrade loomc to read it: pip install -U {upgrade}")
+        self._refuse_newer(conn, version)
         _transaction(conn, self._upgrade)
 
+    def _refuse_newer(self, conn: sqlite3.Connection, version: int) -> None:
+        """:class:`SchemaTooNew`, naming the loomc the file needs, if ``version`` is newer than ours."""
+        if version <= SCHEMA_VERSION:
+            return
+        try:
+            needs = conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone()
+        except sqlite3.OperationalError:  # no such table: the file does not say
+            needs = None
+        upgrade = f"'loomc>={needs[0]}'" if needs else "loomc"
+        raise SchemaTooNew(
+            f"{self.path} has loomc schema version {version}, newer than this loomc's "
+            f"{SCHEMA_VERSION}; upgrade loomc to read it: pip install -U {upgrade}")
+
     def _upgrade(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+        # Read again under the write lock: another process may have migrated the file meanwhile,
+        # to our version or, if it runs a newer loomc, past it (never write our version over that).
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        self._refuse_newer(conn, version)
         if version == 0:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if tables and "runs" in tables:
