@@ -1,11 +1,11 @@
 """Cost adapters for the Anthropic and OpenAI SDKs, priced by genai-prices (an optional extra).
 
-    adapter = AnthropicAdapter("claude-sonnet-4-5")
+    adapter = AnthropicAdapter("claude-sonnet-4-6")
 
     @loop(budget=Budget(usd=2.00), cost_fn=adapter.cost_fn,
           converge_on=adapter.judge(client, "Is this report ready to send? Answer yes or no.\\n\\n{state}"))
     def refine(state):
-        reply = client.messages.create(model="claude-sonnet-4-5", ...)
+        reply = client.messages.create(model="claude-sonnet-4-6", ...)
         return {"report": reply.content[0].text, "_response": reply}
 
 - ``cost_fn(state)`` prices the response at ``state["_response"]`` (or the attribute

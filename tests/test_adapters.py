@@ -29,7 +29,7 @@ GPT5 = {"input": Decimal("1.25"), "cached": Decimal("0.125"), "output": Decimal(
 
 def message(usage: dict, text: str = "Yes.") -> Message:
     return Message.model_validate({"id": "msg_1", "type": "message", "role": "assistant",
-                                   "model": "claude-sonnet-4-5", "content": [{"type": "text", "text": text}],
+                                   "model": "claude-sonnet-4-6", "content": [{"type": "text", "text": text}],
                                    "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
 
 
@@ -54,7 +54,7 @@ def response(usage: dict, tier: str | None = None) -> Response:
 
 @pytest.fixture(scope="module")
 def sonnet():
-    return AnthropicAdapter("claude-sonnet-4-5")
+    return AnthropicAdapter("claude-sonnet-4-6")
 
 
 def test_anthropic_cache_reads_and_5m_writes_are_added_to_input(sonnet):
@@ -178,7 +178,7 @@ def test_an_anthropic_judge_through_the_real_client_converges_and_bills_its_own_
 
     run = draft.run(0)
     assert run.status == "completed" and run.state == 3 and len(calls) == 3
-    assert calls[0]["model"] == "claude-sonnet-4-5" and "Is 1 done?" in calls[0]["messages"][0]["content"]
+    assert calls[0]["model"] == "claude-sonnet-4-6" and "Is 1 done?" in calls[0]["messages"][0]["content"]
     judge_cost = (200 * SONNET["input"] + 2 * SONNET["output"]) / M
     assert run.history[0].metrics["cost_items"] == {"judge": str(judge_cost)}
     assert run.history[0].cost == Decimal("0.01") + judge_cost
