@@ -103,7 +103,8 @@ step({{"start": 7}}, run_id="early")
     @loop(budget=Budget(iterations=3), checkpoint=str(db))
     def step(s):
         return {"start": s["start"] + 1}
-    run = step.resume_run("early")
+    with pytest.warns(SpecChangedWarning, match="early"):  # this step is not the one that started it
+        run = step.resume_run("early")
     assert run.state == {"start": 10}
 
 
@@ -241,7 +242,8 @@ def test_a_state_that_no_longer_validates_fails_the_resume_naming_run_step_and_f
     def refine_strict(d: DraftStrict) -> DraftStrict:
         return d
 
-    with pytest.raises(CheckpointDecodeError, match=rf"run {run.id} step 1.*approved_by"):
+    with pytest.raises(CheckpointDecodeError, match=rf"run {run.id} step 1.*approved_by"), \
+            pytest.warns(SpecChangedWarning, match=run.id):  # the state type changed: warned, then refused
         refine_strict.resume(run.id)
     assert SQLiteStore(db).get_run(run.id).status == "budget_exhausted", "a failed resume changes nothing"
 
