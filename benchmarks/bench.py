@@ -1,7 +1,7 @@
 """loomc's speed targets, measured in one run and printed as ratios (never asserted in tests).
 
     python benchmarks/bench.py            # everything (a few minutes)
-    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli, instructions
+    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli, instructions, bytecodes
 
 - overhead: per-step time of a loop with a full policy against a hand-written loop that
   INSERTs the same JSON state and COMMITs once per step (WAL, same synchronous setting).
@@ -12,6 +12,8 @@
   commands on a database of 10 short runs, as whole processes. Target <= 1.5x.
 - instructions: the overhead comparison counted in instructions by valgrind's callgrind
   (skipped without valgrind), steady where times are not.
+- bytecodes: the Python bytecodes one step of the full-policy loop executes, per function
+  (an opcode trace, so it shows where loomc's Python goes, not how long it takes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import loomc
 from loomc import BestScore, Budget, Escalate, SQLiteStore, loop, score_plateau
@@ -58,7 +62,7 @@ def time_hand_written(path: Path, durability: str, steps: int) -> float:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {durability.upper()}")
     conn.execute("CREATE TABLE steps (run_id TEXT, step_n INTEGER, state_blob TEXT, PRIMARY KEY (run_id, step_n))")
-    state = dict(STATE)
+    state: dict[str, Any] = dict(STATE)
     t0 = time.perf_counter()
     for n in range(steps):
         state = {**state, "i": state["i"] + 1}
@@ -184,12 +188,41 @@ def instructions(tmp: Path) -> None:
           f"ratio {per_step['loomc'] / per_step['hand']:5.2f}x")
 
 
+def bytecodes(tmp: Path, steps: int = 200) -> None:
+    """Bytecodes executed per step by each Python function, from a trace of ``steps`` steps."""
+    print(f"bytecodes: per step of the full-policy loop, from an opcode trace of {steps} steps (durability=normal)")
+    store = SQLiteStore(tmp / "bytecodes.db", durability="normal")
+    stream = full_policy_loop(store, steps + 50).iter(dict(STATE))
+    for _ in range(50):  # past the first steps' one-off work
+        next(stream)
+    counts: Counter[str] = Counter()
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            counts[f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"] += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        for _ in range(steps):
+            next(stream)
+    finally:
+        sys.settrace(None)
+    for where, n in counts.most_common():
+        if n >= steps:  # one bytecode per step or more
+            print(f"  {n / steps:7.1f}  {where}")
+    print(f"  {sum(counts.values()) / steps:7.1f}  in all")
+    store.close()
+
+
 def _one(loop_kind: str, steps: str, path: str) -> None:
     timed = time_hand_written if loop_kind == "hand" else time_loomc
     timed(Path(path), "normal", int(steps))
 
 
-SECTIONS = {"overhead": overhead, "growth": growth, "resume": resume, "cli": cli, "instructions": instructions}
+SECTIONS = {"overhead": overhead, "growth": growth, "resume": resume, "cli": cli, "instructions": instructions,
+            "bytecodes": bytecodes}
 
 
 def main() -> None:
