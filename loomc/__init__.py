@@ -18,25 +18,26 @@ Importing loomc is light: no torch, no model, no SDK is imported until used.
 from loomc.backtrack import Backtracker, BestScore, LastGood
 from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
-from loomc.semantic import SemanticDelta, semantic_delta
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
                           PolicyTypeError, RunAlreadyFinished, RunError, RunLocked, RunNotFound,
                           SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
-from loomc.notebook import Comparison, compare
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
+from loomc.notebook import Comparison, compare
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
+from loomc.semantic import SemanticDelta, semantic_delta
 from loomc.stall import Escalate
 from loomc.stores import CheckpointStore, MemoryStore, SQLiteStore, open_store
 
 __all__ = [
-    "AsyncLoopRunner", "DeadlineExceeded", "acharge", "Backtracker", "BestScore", "Budget", "BudgetExhausted", "CallbackWarning",
-    "CheckpointDecodeError", "CheckpointStore", "ConfigError", "CorruptStore", "DEFAULT_BUDGET", "Decision",
-    "Escalate", "History", "LastGood", "LoomcError", "LoopRunner", "MemoryStore", "Outcome", "Policy",
-    "PolicyTypeError", "Replay", "Run", "RunAlreadyFinished", "RunError", "RunLocked",
-    "RunNotFound", "SQLiteStore", "SchemaTooNew", "ScorePlateau", "Signal", "SpecChangedWarning",
-    "StallError", "StateEncodeError", "Step", "StepConflict", "StoreError", "__version__", "always",
-    "build_policy", "charge", "compare", "Comparison", "judge", "Judge", "semantic_delta", "SemanticDelta", "load_history", "loop", "never", "open_store", "parse_duration", "predicate",
-    "replay", "score_plateau", "step_number",
+    "acharge", "always", "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted",
+    "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
+    "Comparison", "ConfigError", "CorruptStore", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET", "Escalate",
+    "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner",
+    "MemoryStore", "never", "open_store", "Outcome", "parse_duration", "Policy", "PolicyTypeError",
+    "predicate", "Replay", "replay", "Run", "RunAlreadyFinished", "RunError", "RunLocked", "RunNotFound",
+    "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal",
+    "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError", "Step", "step_number",
+    "StepConflict", "StoreError", "__version__",
 ]
