@@ -19,8 +19,8 @@ from loomc.backtrack import Backtracker, BestScore, LastGood
 from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
-                          PolicyTypeError, RunAlreadyFinished, RunError, RunLocked, RunNotFound,
-                          SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
+                          PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
+                          RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
@@ -36,8 +36,8 @@ __all__ = [
     "Comparison", "ConfigError", "CorruptStore", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET", "Escalate",
     "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner",
     "MemoryStore", "never", "open_store", "Outcome", "parse_duration", "Policy", "PolicyTypeError",
-    "predicate", "Replay", "replay", "Run", "RunAlreadyFinished", "RunError", "RunLocked", "RunNotFound",
-    "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal",
-    "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError", "Step", "step_number",
+    "predicate", "Replay", "replay", "Run", "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked",
+    "RunNotFound", "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta",
+    "Signal", "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError", "Step", "step_number",
     "StepConflict", "StoreError", "__version__",
 ]

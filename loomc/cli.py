@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from loomc.errors import LoomcError
+from loomc.errors import LoomcError, RunAtImport
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep
 
@@ -186,9 +186,11 @@ def export(run_id: str, db: str | None, as_json: bool) -> None:
 @click.option("--budget-usd", type=float, help="resume under a new USD cap (for a budget_exhausted run)")
 def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
+    from loomc.loop import refuse_completed
     store = open_db(db)
     try:
         run = store.get_run(run_id)
+        refuse_completed(run)  # before importing anything
     except LoomcError as e:
         fail(str(e))
     name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2]
@@ -214,24 +216,27 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
 
 def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     from loomc.codec import attribute, import_path
-    from loomc.loop import LoopRunner
+    from loomc.loop import LoopRunner, refusing_runs
     if not fn_path:
         return None, "the run did not record an importable function (a lambda, or a function defined inside another)"
     target, _, qualname = fn_path.rpartition(":")
     if "<locals>" in qualname:
         return None, f"{qualname.replace('.<locals>.', ' > ')} is defined inside another function"
     try:
-        if target.endswith(".py"):  # a loop defined in a script run as __main__
-            import importlib.util
-            spec = importlib.util.spec_from_file_location("loomc_resume_target", target)
-            if spec is None or spec.loader is None:
-                return None, f"cannot load {target}"
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["loomc_resume_target"] = module
-            spec.loader.exec_module(module)
-            obj = attribute(module, qualname)
-        else:
-            obj = import_path(fn_path)
+        with refusing_runs(target):
+            if target.endswith(".py"):  # a loop defined in a script run as __main__
+                import importlib.util
+                spec = importlib.util.spec_from_file_location("loomc_resume_target", target)
+                if spec is None or spec.loader is None:
+                    return None, f"cannot load {target}"
+                module = importlib.util.module_from_spec(spec)
+                sys.modules["loomc_resume_target"] = module
+                spec.loader.exec_module(module)
+                obj = attribute(module, qualname)
+            else:
+                obj = import_path(fn_path)
+    except RunAtImport as e:
+        return None, str(e)
     except Exception as e:
         return None, f"importing {fn_path} failed ({type(e).__name__}: {e})"
     if not isinstance(obj, LoopRunner):

@@ -87,6 +87,10 @@ class CheckpointDecodeError(LoomcError):
     """A stored state no longer decodes into the state type."""
 
 
+class RunAtImport(LoomcError):
+    """A loop was started or resumed while ``loomc resume`` imported the module that defines it."""
+
+
 def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any) -> BaseException:
     """Mark an exception raised by user code with the run it ended.
 

@@ -26,7 +26,7 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap
-from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunNotFound
+from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunNotFound
 from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
@@ -45,10 +45,40 @@ class SpecChangedWarning(UserWarning):
     """Resume found that ``fn``'s source or the policy changed since the run started."""
 
 
+# What `loomc resume` is importing, while it imports it. A script without an
+# `if __name__ == "__main__":` guard would start its own run at import, and pay for calls nobody asked for.
+_IMPORTING: list[str] = []
+
+
+@contextlib.contextmanager
+def refusing_runs(target: str) -> Iterator[None]:
+    """While ``target`` is imported, any loop that starts or resumes a run raises :class:`RunAtImport`."""
+    _IMPORTING.append(target)
+    try:
+        yield
+    finally:
+        _IMPORTING.pop()
+
+
+def _refuse_at_import(fn: Callable[..., Any]) -> None:
+    if _IMPORTING:
+        name = getattr(fn, "__name__", "fn")
+        raise RunAtImport(f"importing {_IMPORTING[-1]} runs the loop {name} at import time; loomc refused that "
+                          f"run, so {name} was not called. Put the script's top-level code under "
+                          "`if __name__ == \"__main__\":`")
+
+
 def _owner() -> str:
     if _OWNER["pid"] != os.getpid():
         _OWNER.update(pid=os.getpid(), name=process_owner())
     return str(_OWNER["name"])
+
+
+def refuse_completed(record: RunRecord) -> None:
+    """Raise :class:`RunAlreadyFinished` for a run that completed: there is nothing to resume."""
+    if record.status == "completed":
+        raise RunAlreadyFinished(f"run {record.id} already completed ({record.reason}); there is nothing "
+                                 f"to resume. See it with `loomc show {record.id}`")
 
 
 def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = None,
@@ -178,6 +208,7 @@ class LoopRunner:
 
     def _open(self, state: Any, run_id: str | None, parent: LiveRun | None) -> LiveRun | Run:
         """A LiveRun to drive, or (for a child that already completed) its finished Run."""
+        _refuse_at_import(self.fn)
         if parent is None or run_id is None:
             return self._start(state, run_id)
         try:
@@ -208,11 +239,10 @@ class LoopRunner:
         return self._live(run_id, self.policy, History(), state, None, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
+        _refuse_at_import(self.fn)
         store = self.store
         record = before = store.get_run(run_id)
-        if record.status == "completed":
-            raise RunAlreadyFinished(f"run {run_id} already completed ({record.reason}); there is nothing "
-                                     f"to resume. See it with `loomc show {run_id}`")
+        refuse_completed(record)
         policy, note = self.policy, None
         if budget is not None:
             if not isinstance(budget, Budget):

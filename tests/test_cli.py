@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,7 +17,9 @@ from click.testing import CliRunner
 
 from loomc import BestScore, Budget, SQLiteStore, load_history, loop, predicate, score_plateau
 from loomc.cli import main
+from loomc.errors import RunAtImport
 from loomc.export import history_from_export
+from loomc.loop import refusing_runs
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -245,3 +248,76 @@ def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout
     assert SQLiteStore(tmp_path / "s.db").get_run("script-run").fn_path == f"{script}:bump"
+
+
+def test_resume_refuses_a_script_that_starts_a_run_when_imported(tmp_path):
+    """Regression: `loomc resume` imported a script without a __main__ guard, and its top-level
+    code started (and paid for) a whole new run before the resume."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import os\n"
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(iterations=10), cost_fn=lambda s: 0.25, converge_on=predicate(lambda h: h[-1].state >= 4))\n"
+        "def bump(s):\n"
+        "    open('calls.log', 'a').write(f'{s}\\n')\n"
+        "    if s == 2 and os.environ.get('CRASH') == '1':\n"
+        "        raise SystemExit('power cut')\n"
+        "    return s + 1\n"
+        "bump(0, run_id=os.environ.get('RUN_ID'))\n")
+    db = tmp_path / "s.db"
+    env = {**os.environ, "LOOMC_DB": str(db)}
+    first = subprocess.run([sys.executable, str(script)], env={**env, "CRASH": "1", "RUN_ID": "crashed"},
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode != 0
+    calls_before = (tmp_path / "calls.log").read_text()
+    proc = subprocess.run(["loomc", "resume", "crashed"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"importing {script} runs the loop bump at import time" in proc.stderr
+    assert "if __name__ == \"__main__\":" in proc.stderr
+    assert proc.stderr.splitlines()[-1].strip() == "bump.resume('crashed')"
+    store = SQLiteStore(db)
+    assert [r.id for r in store.list_runs()] == ["crashed"], "no new run was started"
+    assert (tmp_path / "calls.log").read_text() == calls_before, "bump was not called"
+    assert store.get_run("crashed").status == "cancelled" and store.get_run("crashed").total_cost == Decimal("0.5")
+
+
+def test_resume_of_a_completed_run_says_so_without_importing_its_module(tmp_path):
+    module = tmp_path / "noisy.py"
+    module.write_text(
+        "open('imported', 'w').close()\n"
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: h[-1].state >= 2))\n"
+        "def tick(s):\n"
+        "    return s + 1\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / "n.db")}
+    start = subprocess.run([sys.executable, "-c", "import noisy, os\nnoisy.tick(0, run_id='done')\nos.remove('imported')"],
+                           env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert start.returncode == 0, start.stderr
+    proc = subprocess.run(["loomc", "resume", "done"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "run done already completed (predicate(<lambda>) is true)" in proc.stderr
+    assert not (tmp_path / "imported").exists()
+
+
+def test_while_loomc_resume_imports_no_loop_starts_or_resumes_a_run(tmp_path):
+    db = str(tmp_path / "g.db")
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    def tick(s):
+        return s + 1
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    async def atick(s):
+        return s + 1
+
+    stopped = tick.run(0)
+    assert stopped.status == "budget_exhausted"
+    with refusing_runs("jobs.py"):
+        for attempt in (lambda: tick.run(0), lambda: tick.iter(0), lambda: asyncio.run(atick.run(0)),
+                        lambda: tick.resume(stopped.id, budget=Budget(iterations=5))):
+            with pytest.raises(RunAtImport, match="importing jobs.py runs the loop (tick|atick) at import time"):
+                attempt()
+    store = SQLiteStore(db)
+    assert [r.id for r in store.list_runs()] == [stopped.id]
+    assert store.get_run(stopped.id).status == "budget_exhausted"
+    resumed = tick.resume_run(stopped.id, budget=Budget(iterations=5))  # refused only during the import
+    assert resumed.state == 5 and len(resumed.history) == 5
