@@ -2,14 +2,19 @@
 
     adapter = AnthropicAdapter("claude-sonnet-4-6")
 
-    @loop(budget=Budget(usd=2.00), cost_fn=adapter.cost_fn,
+    @loop(budget=Budget(usd=2.00),
           converge_on=adapter.judge(client, "Is this report ready to send? Answer yes or no.\\n\\n{state}"))
     def refine(state):
         reply = client.messages.create(model="claude-sonnet-4-6", ...)
-        return {"report": reply.content[0].text, "_response": reply}
+        adapter.charge(reply)            # priced and recorded at once, even if the process dies next line
+        return {"report": reply.content[0].text}
 
-- ``cost_fn(state)`` prices the response at ``state["_response"]`` (or the attribute
-  ``_response``); ``cost_from_response(response)`` prices any response object or dict.
+- ``charge(response)`` (``await acharge(response)`` in async code) prices a response and records
+  the spend write-ahead, through ``loomc.charge``.
+- ``cost_fn(state)``, for ``@loop(cost_fn=...)``, prices the response returned at
+  ``state["_response"]`` (or the attribute ``_response``) instead. The response is then stored
+  with the state, and comes back as a dict on resume.
+- ``cost_from_response(response)`` prices any response object or dict.
 - Usage is read the way each provider bills it:
   - Anthropic's ``input_tokens`` excludes cache reads and writes, which are added to it;
     5-minute and 1-hour cache writes are priced apart.
@@ -183,18 +188,40 @@ class _Adapter:
         """Dollars that ``response`` cost. Raises UsageMissing if it has no usage."""
         return self.cost_from_usage(self.usage(response))
 
+    def charge(self, response: Any, item: str | None = None) -> Decimal:
+        """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.
+
+        Call it right after the paid call: the spend is counted even if the process dies on the
+        next line, and the state need not carry the response. Returns the dollars charged.
+        """
+        from loomc.interpreter import charge
+        usd = self._billed(response, 3)
+        charge(usd, item=item)
+        return usd
+
+    async def acharge(self, response: Any, item: str | None = None) -> Decimal:
+        """:meth:`charge` for async iterations: ``await adapter.acharge(reply)``."""
+        from loomc.interpreter import acharge
+        usd = self._billed(response, 3)
+        await acharge(usd, item=item)
+        return usd
+
     def cost_fn(self, state: Any) -> Decimal:
         """``@loop(cost_fn=adapter.cost_fn)``: price the response kept on the state as ``_response``."""
         response = state.get("_response") if isinstance(state, Mapping) else getattr(state, "_response", None)
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
+        return self._billed(response, 3)
+
+    def _billed(self, response: Any, stacklevel: int) -> Decimal:
+        """What ``response`` cost; a response without usage is an error under a USD cap, else $0 and a warning."""
         try:
             return self.cost_from_response(response)
         except UsageMissing as e:
             if _usd_capped():
                 raise UsageMissing(f"{e}; a USD budget is set, so loomc will not count this call as $0") from None
-            warnings.warn(f"loomc: {e}; counted as $0 (no USD budget is set)", stacklevel=2)
+            warnings.warn(f"loomc: {e}; counted as $0 (no USD budget is set)", stacklevel=stacklevel)
             return Decimal(0)
 
     def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:
@@ -217,14 +244,12 @@ class _Adapter:
         return judge(ask, name=name)
 
     def _settle(self, reply: Any, item: str) -> str:
-        from loomc.interpreter import charge
-        charge(self.cost_from_response(reply), item=item)
+        self.charge(reply, item)
         return self._text(reply)
 
     async def _settle_later(self, reply: Any, item: str) -> str:
-        from loomc.interpreter import acharge
         reply = await reply
-        await acharge(self.cost_from_response(reply), item=item)
+        await self.acharge(reply, item)
         return self._text(reply)
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:

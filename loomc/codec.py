@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import warnings
 from typing import Any, get_type_hints
 
 import pydantic_core
@@ -63,6 +64,25 @@ def adapter(tp: Any) -> Any:
     return pydantic.TypeAdapter(tp)
 
 
+def check_state_type(tp: Any) -> None:
+    """:class:`ConfigError` now, at decoration, if pydantic cannot decode stored states as ``tp``."""
+    if not is_typed(tp):
+        return
+    try:
+        adapter(tp)
+    except Exception as e:  # pydantic's schema errors: the type is unusable, whatever the state
+        raise ConfigError(
+            f"fn's state parameter is annotated {getattr(tp, '__name__', tp)!s}, which pydantic cannot decode "
+            f"stored states into, so no run could be resumed ({_first_line(e)}). Annotate it with a type "
+            "pydantic validates (a pydantic model, a dataclass, typing_extensions.TypedDict), "
+            "or remove the annotation") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def encode(state: Any) -> str:
     """JSON text for ``state``; :class:`StateEncodeError` names the field that cannot be stored."""
     try:
@@ -70,7 +90,7 @@ def encode(state: Any) -> str:
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, bad = _find_unencodable(state, "state")
         raise StateEncodeError(
-            f"{where} is a {type(bad).__name__} ({_short(bad)}), which cannot be stored as JSON; "
+            f"{where} is {_a(type(bad).__name__)} ({_short(bad)}), which cannot be stored as JSON; "
             "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
             f"dataclasses), or convert it before returning ({e})") from None
 
@@ -113,12 +133,14 @@ def _encodes(value: Any) -> bool:
         return False
 
 
+def _decoded(text: str, state_type: Any) -> Any:
+    return json.loads(text) if not is_typed(state_type) else adapter(state_type).validate_json(text)
+
+
 def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
     """The state stored as ``text``, validated as ``state_type`` when it has one."""
     try:
-        if not is_typed(state_type):
-            return json.loads(text)
-        return adapter(state_type).validate_json(text)
+        return _decoded(text, state_type)
     except Exception as e:
         field = ""
         errors = getattr(e, "errors", None)
@@ -126,6 +148,8 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
             first = errors()[0]
             loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
             field = f" at field {loc!r}: {first.get('msg')}"
+        else:
+            field = f" ({_first_line(e)})"
         name = getattr(state_type, "__name__", repr(state_type))
         raise CheckpointDecodeError(
             f"run {run_id} step {step}: the stored state no longer decodes as {name}{field}. "
@@ -149,4 +173,70 @@ def resolve_state_type(annotated: Any, recorded: str | None, known: dict[str, An
             raise ConfigError(f"the run's state type {recorded} cannot be imported ({e}), and loomc will not "
                               "hand back a plain dict in its place; annotate fn's state parameter with the "
                               "type, or define the type at module level") from None
+    return None
+
+
+class StateRoundTripWarning(UserWarning):
+    """A state would not come back from the store as itself, so a resumed run would see it changed."""
+
+
+def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
+    """Warn when ``state``, stored as ``text``, would decode (as ``state_type``) into something else.
+
+    The interpreter asks this of the initial state and of the first state each process commits
+    for a run, so the warning comes on the first try, long before a resume would meet it::
+
+        {"when": datetime(...)}   ->  state['when'] is a datetime, and comes back as a str
+    """
+    try:
+        change = _difference(state, _decoded(text, state_type), "state")
+    except RecursionError:
+        return
+    except Exception as e:
+        change = f"the stored state does not decode again ({_first_line(e)}), so a resume would fail"
+    if change is not None:
+        warnings.warn(f"loomc: {change} when a run resumes from the store. Declare the field's type on the "
+                      "state type (a TypedDict, dataclass or pydantic model annotating fn's state parameter), "
+                      "or keep it to JSON values: dicts with str keys, lists, str, int, float, bool, None",
+                      StateRoundTripWarning, stacklevel=1)  # one place, so each change is told once
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _difference(live: Any, back: Any, where: str) -> str | None:
+    """Where ``back``, decoded from the store, first differs from ``live``, in words; ``None`` if nowhere."""
+    if type(live) is not type(back):
+        return f"{where} is {_a(type(live).__name__)}, and comes back as {_a(type(back).__name__)}"
+    if isinstance(live, dict):
+        for key, value in live.items():
+            if key not in back:
+                return f"{where} key {key!r} is {_a(type(key).__name__)}, and comes back as a str"
+            found = _difference(value, back[key], f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(live, (list, tuple)):
+        if len(live) != len(back):
+            return f"{where} has {len(live)} items, and comes back with {len(back)}"
+        for i, (value, again) in enumerate(zip(live, back)):
+            found = _difference(value, again, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if dataclasses.is_dataclass(live):
+        names: Any = [f.name for f in dataclasses.fields(live)]
+    elif hasattr(live, "__pydantic_fields__"):
+        names = type(live).__pydantic_fields__
+    else:
+        if live == back or (live != live and back != back):  # NaN is stored as NaN
+            return None
+        return f"{where} is {_short(live)}, and comes back as {_short(back)}"
+    for name in names:
+        found = _difference(getattr(live, name), getattr(back, name), f"{where}.{name}")
+        if found is not None:
+            return found
+    if live != back:
+        return f"{where} differs outside its fields (private attributes are not stored)"
     return None

@@ -121,6 +121,8 @@ class LiveRun:
     wall_cap: float | None = None
     probes: tuple[Probe, ...] = ()
     items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
+    state_type: Any = None  # what a resume decodes the stored states as
+    unverified: bool = True  # until this process has committed a state of the run and checked its round trip
 
     def __post_init__(self) -> None:
         self.session_start = self.clock()
@@ -278,20 +280,24 @@ class _Commit(tuple):  # type: ignore[type-arg]
     def sync(self, run: LiveRun) -> None:
         step, record, totals = self
         run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
-        if run.parent is not None or run.on_step:
-            _committed(run, step)
+        if run.parent is not None or run.on_step or run.unverified:
+            _committed(run, step, record)
 
     async def async_(self, run: LiveRun) -> None:
         step, record, totals = self
         await offload(run.store, run.store.commit_step, run.id, record, totals, run.owner, run.lease_seconds)
-        if run.parent is not None or run.on_step:
-            _committed(run, step)
+        if run.parent is not None or run.on_step or run.unverified:
+            _committed(run, step, record)
 
 
-def _committed(run: LiveRun, step: Step) -> None:
+def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
     if run.parent is not None:  # a child's spend joins its parent's step in flight, once
         run.parent.spend(step.cost)
     _notify(run, step)
+    if run.unverified and record.state_json is not None:
+        # Once per process and run, after the commit (a warning turned into an error loses nothing).
+        run.unverified = False
+        codec.warn_if_changed(step.state, record.state_json, run.state_type)
 
 
 def _notify(run: LiveRun, step: Step) -> None:

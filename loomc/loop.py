@@ -163,6 +163,7 @@ class LoopRunner:
         self.clock = clock
         self.lease_seconds = lease_seconds
         self.state_type = codec.annotated_state_type(fn)
+        codec.check_state_type(self.state_type)
         self.fn_path = _fn_path(fn)
         self.spec_hash = _spec_hash(fn, policy, self.state_type)
         self._store: CheckpointStore | None = None
@@ -185,7 +186,7 @@ class LoopRunner:
     # --- starting and resuming -------------------------------------------
 
     def _live(self, run_id: str, policy: Policy, history: History, initial: Any, source: Step | None,
-              prior_active: float = 0.0, parent: LiveRun | None = None) -> LiveRun:
+              state_type: Any, prior_active: float = 0.0, parent: LiveRun | None = None) -> LiveRun:
         if parent is not None:  # the parent's USD cap binds the child
             room = parent.usd_room()
             if room is not None:
@@ -193,7 +194,7 @@ class LoopRunner:
         return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=_owner(), history=history,
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
-                       lease_seconds=self.lease_seconds, parent=parent)
+                       lease_seconds=self.lease_seconds, parent=parent, state_type=state_type)
 
     def _plan(self, run_id: str | None) -> tuple[LiveRun | None, str | None]:
         """Inside another loop's iteration this run is its child, with a stable id per parent step.
@@ -230,13 +231,15 @@ class LoopRunner:
         state_type = codec.type_path(self.state_type) or codec.type_path(type(state))
         if state_type is not None and not codec.is_typed(self.state_type):
             self._types[state_type] = type(state)
+        decode_as = codec.resolve_state_type(self.state_type, state_type, self._types)
+        codec.warn_if_changed(state, initial_json, decode_as)
         self.store.create_run(RunRecord(
             id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path, policy=repr(self.policy),
             state_type=state_type, initial_state=initial_json, created_at=now, updated_at=now,
             owner=_owner(), lease_expires=now + self.lease_seconds,
             parent_run_id=None if parent is None else parent.id,
             parent_step=None if parent is None else parent.in_flight))
-        return self._live(run_id, self.policy, History(), state, None, parent=parent)
+        return self._live(run_id, self.policy, History(), state, None, decode_as, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
         _refuse_at_import(self.fn)
@@ -273,7 +276,7 @@ class LoopRunner:
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
         initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
-        return self._live(run_id, policy, history, initial, source, record.active_seconds, parent)
+        return self._live(run_id, policy, history, initial, source, state_type, record.active_seconds, parent)
 
     def _settle_interrupted(self, record: RunRecord, history: History) -> History:
         """Spend charged by a step that never committed becomes a failed step: counted once.

@@ -16,7 +16,8 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from loomc import Budget, ConfigError, loop, predicate
+from loomc import Budget, ConfigError, SQLiteStore, StateRoundTripWarning, loop, predicate
+from loomc.interpreter import current_run
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, UsageMissing
 
 M = Decimal(1_000_000)
@@ -132,15 +133,71 @@ def test_a_response_without_usage_is_an_error_under_a_usd_budget_never_a_silent_
     def step(state):
         return {"_response": chat(None)}
 
-    run = step.run({})
+    with pytest.warns(StateRoundTripWarning):  # the failed step keeps its state, response included
+        run = step.run({})
     assert run.status == "failed" and "USD budget is set" in run.history[0].error
 
     @loop(budget=Budget(iterations=1), cost_fn=adapter.cost_fn, checkpoint="memory")
     def uncapped(state):
         return {"_response": chat(None)}
 
-    with pytest.warns(UserWarning, match="counted as \\$0"):
+    with pytest.warns(UserWarning) as caught:
         assert uncapped.run({}).total_cost == 0
+    assert [type(w.message) for w in caught] == [UserWarning, StateRoundTripWarning]
+    assert "counted as $0" in str(caught[0].message)
+    assert "state['_response'] is a ChatCompletion, and comes back as a dict" in str(caught[1].message)
+
+    @loop(budget=Budget(usd=1.0), checkpoint="memory")
+    def charged(state):
+        adapter.charge(chat(None))
+        return {}
+
+    assert "USD budget is set" in charged.run({}).history[0].error
+
+    @loop(budget=Budget(iterations=1), checkpoint="memory")
+    def charged_uncapped(state):
+        adapter.charge(chat(None))
+        return {}
+
+    with pytest.warns(UserWarning, match="counted as \\$0"):
+        assert charged_uncapped.run({}).total_cost == 0
+
+
+def step_run_id() -> str:
+    run = current_run()
+    assert run is not None
+    return run.id
+
+
+def test_charge_records_the_price_of_a_response_at_once_as_a_line_item(tmp_path, sonnet):
+    reply = message({"input_tokens": 1000, "output_tokens": 100})
+    per_call = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
+    db = tmp_path / "c.db"
+    seen = []
+
+    @loop(budget=Budget(usd=1.0, iterations=2), checkpoint=str(db))
+    def step(state):
+        seen.append(sonnet.charge(reply))
+        assert SQLiteStore(db).pending_charges(step_run_id()) == {len(seen) - 1: per_call}  # written already
+        sonnet.charge(reply, item="critique")
+        return {"n": state["n"] + 1}
+
+    run = step.run({"n": 0})
+    assert seen == [per_call, per_call] and run.total_cost == 4 * per_call
+    assert run.history[0].metrics["cost_items"] == {"critique": str(per_call)}
+
+
+def test_acharge_in_an_async_loop(sonnet):
+    import asyncio
+    reply = message({"input_tokens": 2000, "output_tokens": 10})
+
+    @loop(budget=Budget(iterations=3), checkpoint="memory")
+    async def step(state):
+        await sonnet.acharge(reply)
+        return state + 1
+
+    run = asyncio.run(step.run(0))
+    assert run.total_cost == 3 * (2000 * SONNET["input"] + 10 * SONNET["output"]) / M
 
 
 def test_cost_fn_reads_the_response_from_the_state_into_the_ledger(sonnet):

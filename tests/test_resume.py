@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +18,9 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, RunAlreadyFinished, RunLocked, RunNotFound,
-                   SpecChangedWarning, SQLiteStore, StateEncodeError, loop, predicate)
+from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
+                   RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning, loop,
+                   predicate)
 
 CRASHY = str(Path(__file__).parent / "crashy.py")
 
@@ -264,12 +268,115 @@ def test_an_unencodable_state_fails_its_step_with_the_field_and_keeps_the_cost(t
     def step(s):
         return {"ok": 1, "inner": {"conn": object()}}
 
-    with pytest.raises(StateEncodeError, match=r"state\['inner'\]\['conn'\] is a object") as e:
+    with pytest.raises(StateEncodeError, match=r"state\['inner'\]\['conn'\] is an object") as e:
         step({"ok": 0})
     record = SQLiteStore(db).get_run(e.value.run_id)
     assert record.status == "failed" and record.total_cost == Decimal("0.25")
     (only,) = SQLiteStore(db).load_steps(e.value.run_id)
     assert only.state_json is None and only.error.startswith("StateEncodeError")
+
+
+def test_a_state_that_would_come_back_changed_is_pointed_out_on_the_first_step_and_kept(tmp_path):
+    db = str(tmp_path / "rt.db")
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    def stamp(s):
+        return {**s, "n": s["n"] + 1, "seen": datetime.datetime(2026, 11, 22, 9, 30)}
+
+    with pytest.warns(StateRoundTripWarning) as caught:
+        run = stamp.run({"n": 0, "pair": [1, 2]})
+    (only,) = [str(w.message) for w in caught.list]  # once per run, not once per step
+    assert only.startswith("loomc: state['seen'] is a datetime, and comes back as a str when a run resumes")
+    assert run.status == "budget_exhausted" and len(SQLiteStore(db).load_steps(run.id)) == 3
+    # What the warning said is what a resume gets.
+    more = stamp.resume_run(run.id, budget=Budget(iterations=3))  # no new field on this first commit
+    assert more.history[2].state["seen"] == "2026-11-22T09:30:00"
+
+
+@pytest.mark.parametrize("initial, words", [
+    ({"pair": (1, 2)}, "state['pair'] is a tuple, and comes back as a list"),
+    ({"ids": {3}}, "state['ids'] is a set, and comes back as a list"),
+    ({7: "seven"}, "state key 7 is an int, and comes back as a str"),
+    ({"draft": Draft(text="a", version=0)}, "state['draft'] is a Draft, and comes back as a dict"),
+    ({"price": Decimal("0.10")}, "state['price'] is a Decimal, and comes back as a str"),
+])
+def test_the_initial_state_is_checked_before_anything_is_written(tmp_path, initial, words):
+    import warnings
+    db = str(tmp_path / "init.db")
+    calls = []
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    def step(s):
+        calls.append(s)
+        return s
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StateRoundTripWarning)
+        with pytest.raises(StateRoundTripWarning, match=re.escape(words)):
+            step.run(initial)
+    assert calls == [] and SQLiteStore(db).list_runs() == []
+
+
+def test_states_that_round_trip_are_not_warned_about(tmp_path):
+    import warnings
+
+    @dataclasses.dataclass
+    class Notes:
+        lines: tuple[str, ...]
+        seen: datetime.datetime
+        tags: set[str]
+
+    @loop(budget=Budget(iterations=2), checkpoint=str(tmp_path / "ok.db"))
+    def plain(s):
+        return {**s, "n": s["n"] + 1}
+
+    @loop(budget=Budget(iterations=2), checkpoint=str(tmp_path / "ok.db"))
+    def typed(s: Notes) -> Notes:
+        return Notes(lines=(*s.lines, "more"), seen=s.seen, tags=s.tags | {"x"})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.run({"n": 0, "nan": float("nan"), "text": "ü" * 3, "nested": [{"a": None, "b": [True, 1.5]}]})
+        typed.run(Notes(lines=("a",), seen=datetime.datetime(2026, 1, 1), tags={"t"}))
+        typed.run(Notes(lines=(), seen=datetime.datetime(2026, 1, 1), tags=set()))
+
+
+def test_the_warning_turned_error_stops_the_run_after_the_step_is_committed(tmp_path):
+    import warnings
+    db = str(tmp_path / "err.db")
+
+    @loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.5, checkpoint=db)
+    def step(s):
+        return {"n": s["n"] + 1, "at": (s["n"], "later")}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StateRoundTripWarning)
+        with pytest.raises(StateRoundTripWarning, match=r"state\['at'\] is a tuple"):
+            step.run({"n": 0})
+    (record,) = SQLiteStore(db).list_runs()
+    (committed,) = SQLiteStore(db).load_steps(record.id)
+    assert json.loads(committed.state_json) == {"n": 1, "at": [0, "later"]} and record.total_cost == Decimal("0.5")
+    assert record.status == "failed"
+
+
+def test_a_state_annotation_pydantic_cannot_decode_is_refused_at_decoration(tmp_path):
+    import typing
+
+    class Loose(typing.TypedDict):  # pydantic needs typing_extensions.TypedDict before Python 3.12
+        n: int
+
+    class Opaque:
+        pass
+
+    refused = [(Opaque, "Unable to generate")]
+    if sys.version_info < (3, 12):
+        refused.append((Loose, "typing_extensions.TypedDict"))
+    for annotation, words in refused:
+        def step(s):
+            return s
+        step.__annotations__ = {"s": annotation}
+        with pytest.raises(ConfigError, match=rf"annotated {annotation.__name__}, which pydantic cannot decode.*{words}"):
+            loop(budget=Budget(iterations=1), checkpoint="memory")(step)
 
 
 def test_two_processes_cannot_resume_one_run_and_a_dead_owner_is_taken_over(tmp_path):
