@@ -460,6 +460,26 @@ def load_history(store: CheckpointStore, run_id: str, state_type: Any = None) ->
     return history_from_stored(store.load_steps(run_id), state_type, run_id)
 
 
+def _check_one_argument(what: str, fn: Callable[..., Any] | None) -> None:
+    """ConfigError now if ``fn`` cannot be called with the state alone, as the loop will call it."""
+    if fn is None:
+        return
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        hint = ""
+        if next(iter(signature.parameters), None) in ("self", "cls"):
+            hint = (" It looks like a method; a loop is a function of the state. Define it at module level "
+                    "and carry what it needs in the state, or define it inside the method.")
+        raise ConfigError(f"the loop calls {what}(state) with the state alone, but {name}{signature} cannot "
+                          f"be called that way.{hint}") from None
+
+
 def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,
          backtrack: Role | None = None, on_stall: Role | None = None,
          scorer: Callable[[Any], Any] | None = None, cost_fn: Callable[[Any], Any] | None = None,
@@ -497,6 +517,8 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     def decorate(fn: Callable[..., Any]) -> LoopRunner:
         if not callable(fn):
             raise ConfigError(f"@loop decorates a function fn(state) -> state, got {fn!r}")
+        for name, value in (("fn", fn), ("scorer", scorer), ("cost_fn", cost_fn)):
+            _check_one_argument(name, value)
         cls = AsyncLoopRunner if inspect.iscoroutinefunction(fn) else LoopRunner
         return cls(fn, built, scorer=scorer, cost_fn=cost_fn, checkpoint=checkpoint, on_step=callbacks,
                    clock=clock, lease_seconds=lease_seconds, progress=progress)

@@ -242,6 +242,34 @@ def test_decoration_time_errors_for_wrong_slots():
         loop(checkpoint=42)
 
 
+def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_decoration_time():
+    """Regression: @loop on a method failed only at the first call, inside the run, with
+    "missing 1 required positional argument"."""
+    with pytest.raises(ConfigError, match=r"calls fn\(state\).*step\(self, state\).*looks like a method"):
+        class Agent:
+            @loop(budget=Budget(iterations=3), checkpoint="memory")
+            def step(self, state):
+                return state
+    with pytest.raises(ConfigError, match=r"calls fn\(state\).*merge\(a, b\)"):
+        loop(checkpoint="memory")(merge)
+    with pytest.raises(ConfigError, match=r"calls scorer\(state\).*<lambda>\(\)"):
+        loop(scorer=lambda: 1.0, checkpoint="memory")(lambda s: s)
+    with pytest.raises(ConfigError, match=r"calls cost_fn\(state\).*<lambda>\(state, model\)"):
+        loop(cost_fn=lambda state, model: 0.1, checkpoint="memory")(lambda s: s)
+    # Anything that takes the state alone is fine: defaults, *args, bound methods, partials, builtins.
+    for ok in (lambda s, k=1: s, lambda *a: a[0], Agentless().step, functools.partial(merge, b=2), len):
+        loop(budget=Budget(iterations=1), scorer=len, checkpoint="memory")(ok)
+
+
+def merge(a, b):
+    return a
+
+
+class Agentless:
+    def step(self, state):
+        return state
+
+
 def test_the_keyword_slots_build_the_same_value_as_policy():
     kw = loop(budget=Budget(usd=2), converge_on=score_plateau(3), backtrack=BestScore(), on_stall=Escalate(after=3),
               scorer=score, checkpoint="memory")(lambda s: s)
