@@ -17,7 +17,7 @@ from typing import Any
 
 from loomc.errors import ConfigError
 from loomc.history import History, Step
-from loomc.policy import Outcome, Probe, Signal, predicate
+from loomc.policy import Outcome, Probe, Signal, check_one_argument, predicate
 
 __all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
@@ -146,4 +146,5 @@ def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
     """
     if not callable(judge_fn):
         raise ConfigError(f"judge() takes a function judge_fn(state) -> bool, got {judge_fn!r}")
+    check_one_argument(judge_fn, "judge_fn(state)")
     return Judge(judge_fn, name)

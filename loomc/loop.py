@@ -30,7 +30,8 @@ from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFin
 from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
-from loomc.policy import AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, either
+from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
+                          either)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
 from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals, new_run_id, process_owner
@@ -460,26 +461,6 @@ def load_history(store: CheckpointStore, run_id: str, state_type: Any = None) ->
     return history_from_stored(store.load_steps(run_id), state_type, run_id)
 
 
-def _check_one_argument(what: str, fn: Callable[..., Any] | None) -> None:
-    """ConfigError now if ``fn`` cannot be called with the state alone, as the loop will call it."""
-    if fn is None:
-        return
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
-        return
-    try:
-        signature.bind(None)
-    except TypeError:
-        name = getattr(fn, "__name__", type(fn).__name__)
-        hint = ""
-        if next(iter(signature.parameters), None) in ("self", "cls"):
-            hint = (" It looks like a method; a loop is a function of the state. Define it at module level "
-                    "and carry what it needs in the state, or define it inside the method.")
-        raise ConfigError(f"the loop calls {what}(state) with the state alone, but {name}{signature} cannot "
-                          f"be called that way.{hint}") from None
-
-
 def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,
          backtrack: Role | None = None, on_stall: Role | None = None,
          scorer: Callable[[Any], Any] | None = None, cost_fn: Callable[[Any], Any] | None = None,
@@ -499,6 +480,8 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
         if value is not None and not callable(value):
             raise ConfigError(f"{name}={value!r} must be a function")
+    check_one_argument(scorer, "scorer(state)")
+    check_one_argument(cost_fn, "cost_fn(state)")
     if built.needs_score and scorer is None:
         needy = [repr(p) for p in built.walk() if p.needs_score and not isinstance(p, (Policies,))
                  and not hasattr(p, "parts")]
@@ -508,6 +491,7 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     for cb in callbacks:
         if not callable(cb):
             raise ConfigError(f"on_step={cb!r} must be a function of the Step")
+        check_one_argument(cb, "on_step(step)")
     if not (isinstance(lease_seconds, (int, float)) and lease_seconds > 0):
         raise ConfigError(f"lease_seconds={lease_seconds!r} must be a positive number of seconds")
     check_store_spec(checkpoint)
@@ -517,8 +501,7 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     def decorate(fn: Callable[..., Any]) -> LoopRunner:
         if not callable(fn):
             raise ConfigError(f"@loop decorates a function fn(state) -> state, got {fn!r}")
-        for name, value in (("fn", fn), ("scorer", scorer), ("cost_fn", cost_fn)):
-            _check_one_argument(name, value)
+        check_one_argument(fn, "fn(state)")
         cls = AsyncLoopRunner if inspect.iscoroutinefunction(fn) else LoopRunner
         return cls(fn, built, scorer=scorer, cost_fn=cost_fn, checkpoint=checkpoint, on_step=callbacks,
                    clock=clock, lease_seconds=lease_seconds, progress=progress)

@@ -22,12 +22,13 @@ that ``a or b`` cannot silently pick one operand.
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from loomc.errors import PolicyTypeError
+from loomc.errors import ConfigError, PolicyTypeError
 from loomc.history import History
 
 
@@ -187,6 +188,29 @@ def _current_step(history: History) -> Any:
             target = event.rsplit(" ", 1)[-1]
             return None if target == "state" else history[int(target)]
     return last if last.ok else history.last_good
+
+
+def check_one_argument(fn: Callable[..., Any] | None, call: str) -> None:
+    """:class:`ConfigError` now if loomc could not make ``call`` (``"fn(state)"``) with ``fn``.
+
+    Functions without a readable signature (some builtins) pass; their first call will tell.
+    """
+    if fn is None:
+        return
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        hint = ""
+        if next(iter(signature.parameters), None) in ("self", "cls"):
+            hint = (" It looks like a method; a loop is a function of the state. Define it at module level "
+                    "and carry what it needs in the state, or define it inside the method.")
+        raise ConfigError(f"loomc calls {call} with one argument, but {name}{signature} cannot be called "
+                          f"that way.{hint}") from None
 
 
 # --- the combinators -------------------------------------------------------
@@ -401,6 +425,7 @@ class Predicate(Signal):
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise PolicyTypeError(f"predicate() takes a function fn(history) -> bool, got {self.fn!r}")
+        check_one_argument(self.fn, "predicate's fn(history)")
 
     def fire(self, history: History, elapsed: float) -> str | None:
         if not history or not history[-1].ok:

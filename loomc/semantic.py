@@ -23,7 +23,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, LoomcError
 from loomc.history import History
-from loomc.policy import Outcome, Probe, Signal
+from loomc.policy import Outcome, Probe, Signal, check_one_argument
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DISTANCE, VECTOR = "semantic_delta", "semantic_delta.vector"
@@ -150,6 +150,8 @@ class SemanticDelta(Signal):
             raise ConfigError(f"semantic_delta(threshold={self.threshold!r}): a cosine distance between 0 and 2")
         if not callable(self.text_fn):
             raise ConfigError(f"semantic_delta(text_fn={self.text_fn!r}) must be a function state -> str")
+        check_one_argument(self.text_fn, "text_fn(state)")
+        check_one_argument(self.embed_fn, "embed_fn(texts)")
 
     def probes(self) -> tuple[Probe, ...]:
         return (_Embedder(self.text_fn, self.model, self.embed_fn),)

@@ -8,7 +8,8 @@ from decimal import Decimal
 import pytest
 
 from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, Outcome,
-                   PolicyTypeError, StallError, always, loop, never, predicate, score_plateau)
+                   PolicyTypeError, StallError, always, judge, loop, never, predicate, score_plateau,
+                   semantic_delta)
 from loomc.budget import DEFAULT_BUDGET
 
 
@@ -245,7 +246,8 @@ def test_decoration_time_errors_for_wrong_slots():
 def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_decoration_time():
     """Regression: @loop on a method failed only at the first call, inside the run, with
     "missing 1 required positional argument"."""
-    with pytest.raises(ConfigError, match=r"calls fn\(state\).*step\(self, state\).*looks like a method"):
+    with pytest.raises(ConfigError, match=r"calls fn\(state\) with one argument, but step\(self, state\).*"
+                                          "looks like a method"):
         class Agent:
             @loop(budget=Budget(iterations=3), checkpoint="memory")
             def step(self, state):
@@ -253,9 +255,17 @@ def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_deco
     with pytest.raises(ConfigError, match=r"calls fn\(state\).*merge\(a, b\)"):
         loop(checkpoint="memory")(merge)
     with pytest.raises(ConfigError, match=r"calls scorer\(state\).*<lambda>\(\)"):
-        loop(scorer=lambda: 1.0, checkpoint="memory")(lambda s: s)
+        loop(scorer=lambda: 1.0, checkpoint="memory")
     with pytest.raises(ConfigError, match=r"calls cost_fn\(state\).*<lambda>\(state, model\)"):
-        loop(cost_fn=lambda state, model: 0.1, checkpoint="memory")(lambda s: s)
+        loop(cost_fn=lambda state, model: 0.1, checkpoint="memory")
+    with pytest.raises(ConfigError, match=r"calls on_step\(step\).*<lambda>\(\)"):
+        loop(on_step=[print, lambda: None], checkpoint="memory")
+    with pytest.raises(ConfigError, match=r"calls predicate's fn\(history\).*<lambda>\(\)"):
+        predicate(lambda: True)
+    with pytest.raises(ConfigError, match=r"calls judge_fn\(state\).*<lambda>\(state, client\)"):
+        judge(lambda state, client: True)
+    with pytest.raises(ConfigError, match=r"calls text_fn\(state\).*<lambda>\(state, lang\)"):
+        semantic_delta(0.05, text_fn=lambda state, lang: state)
     # Anything that takes the state alone is fine: defaults, *args, bound methods, partials, builtins.
     for ok in (lambda s, k=1: s, lambda *a: a[0], Agentless().step, functools.partial(merge, b=2), len):
         loop(budget=Budget(iterations=1), scorer=len, checkpoint="memory")(ok)
