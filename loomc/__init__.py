@@ -20,7 +20,7 @@ from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
 from loomc.codec import StateRoundTripWarning
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
-                          PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
+                          NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
@@ -35,10 +35,10 @@ __all__ = [
     "acharge", "always", "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted",
     "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
     "Comparison", "ConfigError", "CorruptStore", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET", "Escalate",
-    "History", "Judge", "judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner",
-    "MemoryStore", "never", "open_store", "Outcome", "parse_duration", "Policy", "PolicyTypeError",
-    "predicate", "replay", "Replay", "Run", "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked",
-    "RunNotFound", "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta",
-    "Signal", "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError", "StateRoundTripWarning",
-    "Step", "step_number", "StepConflict", "StoreError", "__version__",
+    "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner",
+    "MemoryStore", "never", "NoStateReturned", "open_store", "Outcome", "parse_duration", "Policy",
+    "PolicyTypeError", "predicate", "replay", "Replay", "Run", "RunAlreadyFinished", "RunAtImport",
+    "RunError", "RunLocked", "RunNotFound", "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta",
+    "SemanticDelta", "Signal", "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError",
+    "StateRoundTripWarning", "Step", "step_number", "StepConflict", "StoreError", "__version__",
 ]

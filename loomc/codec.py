@@ -12,6 +12,7 @@ import functools
 import importlib
 import json
 import warnings
+from collections.abc import Callable
 from typing import Any, get_type_hints
 
 import pydantic_core
@@ -156,6 +157,13 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
             "Make the field optional or give it a default, or resume with the old code") from None
 
 
+def decoder(state_type: Any, run_id: str) -> Callable[[str, Any], Any]:
+    """``decode`` for one run: ``(state_json, step) -> state``, as the run's steps read their states."""
+    def decode_step(text: str, step: Any) -> Any:
+        return decode(text, state_type, run_id=run_id, step=step)
+    return decode_step
+
+
 def resolve_state_type(annotated: Any, recorded: str | None, known: dict[str, Any] | None = None) -> Any:
     """The type to decode with: ``fn``'s annotation, else the type recorded with the run.
 
@@ -184,7 +192,8 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
     """Warn when ``state``, stored as ``text``, would decode (as ``state_type``) into something else.
 
     The interpreter asks this of the initial state and of the first state each process commits
-    for a run, so the warning comes on the first try, long before a resume would meet it::
+    for a run, so the warning comes on the first try, long before a resume or a backtrack
+    reads the state back::
 
         {"when": datetime(...)}   ->  state['when'] is a datetime, and comes back as a str
     """
@@ -195,9 +204,10 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
     except Exception as e:
         change = f"the stored state does not decode again ({_first_line(e)}), so a resume would fail"
     if change is not None:
-        warnings.warn(f"loomc: {change} when a run resumes from the store. Declare the field's type on the "
-                      "state type (a TypedDict, dataclass or pydantic model annotating fn's state parameter), "
-                      "or keep it to JSON values: dicts with str keys, lists, str, int, float, bool, None",
+        warnings.warn(f"loomc: {change} when read back from the store (by a resume, or a backtrack to it). "
+                      "Declare the field's type on the state type (a TypedDict, dataclass or pydantic model "
+                      "annotating fn's state parameter), or keep it to JSON values: dicts with str keys, lists, "
+                      "str, int, float, bool, None",
                       StateRoundTripWarning, stacklevel=1)  # one place, so each change is told once
 
 

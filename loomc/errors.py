@@ -83,6 +83,10 @@ class StateEncodeError(LoomcError, TypeError):
     """``fn`` returned a state that cannot be stored as JSON."""
 
 
+class NoStateReturned(LoomcError, TypeError):
+    """``fn`` returned ``None`` instead of the new state (a forgotten ``return state``)."""
+
+
 class CheckpointDecodeError(LoomcError):
     """A stored state no longer decodes into the state type."""
 

@@ -56,6 +56,7 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
 
 _new_tuple, _new_object = tuple.__new__, object.__new__
 _UNREAD = object()  # the state of a stored step that has not been decoded yet
+Decoder = Callable[[str, Any], Any]  # (state_json, step number) -> the state
 
 
 class Step(tuple):  # type: ignore[type-arg]
@@ -67,6 +68,11 @@ class Step(tuple):  # type: ignore[type-arg]
     ``events`` the decisions taken after it (``"backtrack to step 2"``).
     Steps loaded from a store decode their state only when it is read.
 
+    A step's ``state`` is what was committed for it. The loop hands the object
+    ``fn`` returned to the next call, which may change it in place; from then on
+    the step reads its state again from the committed JSON, so an earlier step
+    (the one ``BestScore`` goes back to) never shows a later step's edits.
+
     A Step is built on a tuple, so it is immutable and cheap to make; use
     ``step.replace(field=...)`` for a changed copy.
     """
@@ -77,12 +83,12 @@ class Step(tuple):  # type: ignore[type-arg]
                 score: float | None = None, error: str | None = None,
                 started_at: float = 0.0, duration: float = 0.0,
                 metrics: Mapping[str, Any] | None = None, events: Sequence[str] = (),
-                load_state: Callable[[], Any] | None = None) -> Step:
+                state_json: str | None = None, decode: Decoder | None = None) -> Step:
         fields = (n, cost if type(cost) is Decimal else to_decimal(cost),
                   None if score is None else float(score), error, started_at, duration,
                   dict(metrics) if metrics else {}, tuple(events))
-        if load_state is not None:
-            return _new_tuple(_StoredStateStep, (*fields, [_UNREAD, load_state], error is None))
+        if state_json is not None and decode is not None:  # a stored step: decoded when first read
+            return _new_tuple(_SnapshotStep, (*fields, [_UNREAD, state_json, n, decode], error is None))
         return _new_tuple(Step, (*fields, state, error is None))
 
     # Every field reads straight from the tuple (itemgetter runs in C): policies read them on every step.
@@ -111,7 +117,9 @@ class Step(tuple):  # type: ignore[type-arg]
         if "state" not in changes:
             fields.update(self._state_source())
         fields.update(changes)
-        return Step(**fields)
+        cell = fields.pop("_cell", None)
+        step = Step(**fields)
+        return step if cell is None else _new_tuple(_SnapshotStep, (*step[:8], cell, step[9]))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Step):
@@ -140,31 +148,73 @@ class Step(tuple):  # type: ignore[type-arg]
                                 self.duration, self.metrics, self.events))
 
 
-class _StoredStateStep(Step):
-    """A Step loaded from a store: its state is decoded from JSON the first time it is read."""
+class _SnapshotStep(Step):
+    """A Step whose state can always be read again as it was committed.
+
+    Its state lives in a cell, ``[state or _UNREAD, state_json, n, decode]``. A step loaded
+    from a store starts unread. A fresh step starts with the object ``fn`` returned, and
+    gets its JSON once that is encoded; when :func:`hand_out` gives the object to the next
+    call, the step lets go of it and reads its state from the JSON again.
+    Copies made with ``replace`` share the cell.
+    """
 
     __slots__ = ()
 
     @property  # type: ignore[misc]
     def state(self) -> Any:
-        cell = self[8]  # [_UNREAD, loader] until read, then [state, None]
-        if cell[0] is _UNREAD:
-            cell[0] = cell[1]()
-            cell[1] = None
-        return cell[0]
+        return read(self[8])
 
     def _state_source(self) -> dict[str, Any]:
-        cell = self[8]
-        return {"load_state": cell[1]} if cell[0] is _UNREAD else {"state": cell[0]}
+        return {"_cell": self[8]}
+
+
+def read(cell: list[Any]) -> Any:
+    """The state in a cell, decoded from its JSON if it is not held."""
+    if cell[0] is _UNREAD:
+        cell[0] = cell[3](cell[1], cell[2])
+    return cell[0]
+
+
+def hand_out(step: Step | None, initial: list[Any]) -> Any:
+    """The state of ``step`` (``None``: the ``initial`` cell's), to call ``fn`` with.
+
+    ``fn`` may change the object in place, so the step lets go of it and reads its state from
+    the committed JSON from now on: an earlier step's state is always what was committed for
+    it, never a later call's edits.
+    """
+    if type(step) is _SnapshotStep:  # every step of a live run, the usual case first
+        cell = step[8]
+    elif step is None:
+        cell = initial
+    else:
+        return step[8]
+    state = cell[0]
+    if state is _UNREAD:
+        state = cell[3](cell[1], cell[2])
+    if cell[1] is not None:  # without JSON nothing was committed that could be read again
+        cell[0] = _UNREAD
+    return state
+
+
+def state_cell(state: Any, state_json: str | None, n: int | str, decode: Decoder) -> list[Any]:
+    """A cell for a state that is not a step's (a run's initial state): see :class:`_SnapshotStep`."""
+    return [state, state_json, n, decode]
 
 
 def fresh_step(n: int, state: Any, cost: Decimal, score: float | None, error: str | None,
-               started_at: float, duration: float, metrics: dict[str, Any]) -> Step:
+               started_at: float, duration: float, metrics: dict[str, Any], decode: Decoder) -> Step:
     """A new Step from values the interpreter has already checked (an exact cost, a float score).
 
-    The same record as ``Step(...)``, without its checks and keyword parsing: it runs on every step.
+    The same record as ``Step(...)``, without its checks and keyword parsing: it runs on every
+    step. The interpreter puts the state's JSON in its cell (``step[8][1]``) once it is encoded.
     """
-    return _new_tuple(Step, (n, cost, score, error, started_at, duration, metrics, (), state, error is None))
+    return _new_tuple(_SnapshotStep, (n, cost, score, error, started_at, duration, metrics, (),
+                                      [state, None, n, decode], error is None))
+
+
+def with_events(step: Step, events: tuple[str, ...]) -> Step:
+    """``step.replace(events=events)``, sharing its state: the loop marks decisions on every stop."""
+    return _new_tuple(type(step), (*step[:7], events, *step[8:]))
 
 
 def _rebuild_step(n: int, state: Any, cost: Decimal, score: float | None, error: str | None, started_at: float,

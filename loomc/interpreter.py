@@ -24,9 +24,9 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import usd_room, wall_clock_cap
-from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, RunError, StallError,
+from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
                           StateEncodeError, attach_run)
-from loomc.history import ZERO, History, Step, fresh_step, to_decimal
+from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step
 from loomc.stores.base import CheckpointStore, StoredStep, Totals
 
@@ -123,8 +123,11 @@ class LiveRun:
     items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
     state_type: Any = None  # what a resume decodes the stored states as
     unverified: bool = True  # until this process has committed a state of the run and checked its round trip
+    initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
 
     def __post_init__(self) -> None:
+        self.decode = codec.decoder(self.state_type, self.id)
+        self.initial = state_cell(self.initial_state, self.initial_json, "initial", self.decode)
         self.session_start = self.clock()
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
         self.wall_cap = wall_clock_cap(self.policy)
@@ -150,7 +153,8 @@ class LiveRun:
         return self.prior_active + (now - self.session_start)
 
     def state_of(self, step: Step | None) -> Any:
-        return self.initial_state if step is None else step.state
+        """The state of ``step`` (``None``: the initial state), as committed."""
+        return read(self.initial) if step is None else step.state
 
 
 # --- effects ---------------------------------------------------------------
@@ -194,6 +198,8 @@ class _Call(tuple):  # type: ignore[type-arg]
         try:
             try:
                 new_state, exc = run.fn(state), None
+                if new_state is None:
+                    raise _returned_none(run)
             except Exception as e:  # KeyboardInterrupt and friends are never swallowed
                 new_state, exc = None, e
             if exc is None and run.probes:
@@ -222,6 +228,8 @@ class _Call(tuple):  # type: ignore[type-arg]
                 if inspect.isawaitable(result):
                     left = None if run.wall_cap is None else run.wall_cap - run.elapsed(t0)
                     result = await (result if left is None else asyncio.wait_for(result, max(left, 0.0)))
+                if result is None:
+                    raise _returned_none(run)
                 new_state, exc = result, None
             except asyncio.TimeoutError as e:
                 over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
@@ -240,6 +248,12 @@ class _Call(tuple):  # type: ignore[type-arg]
             return _settle(run, n, new_state, exc, wall, t0, metrics)
         finally:
             _CURRENT.reset(token)
+
+
+def _returned_none(run: LiveRun) -> NoStateReturned:
+    name = getattr(run.fn, "__name__", "fn")
+    return NoStateReturned(f"{name} returned None instead of the new state; return it (a function that "
+                           "changes its state in place still ends with `return state`)")
 
 
 def _close(awaitable: Any) -> None:
@@ -268,7 +282,7 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     cost = run.pending
     run.in_flight, run.pending = -1, ZERO
     end = run.clock()
-    return fresh_step(n, state, cost, score, error, wall, end - t0, metrics), exc, end
+    return fresh_step(n, state, cost, score, error, wall, end - t0, metrics, run.decode), exc, end
 
 
 class _Commit(tuple):  # type: ignore[type-arg]
@@ -339,9 +353,10 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     decision = policy.decide(h, run.elapsed((yield NOW)))
     if decision.outcome is _BACKTRACK:  # e.g. a resumed run whose last step regressed
         run.source = None if decision.to is None else h[decision.to]
-    state, n = run.state_of(run.source), len(h)  # where the next call starts, and its number
+    n = len(h)  # the number of the next call; it starts from run.source's state
     while decision.outcome < _STALLED:
-        step, exc, end = yield _Call((state, n))
+        # fn may change its state in place: the step it came from reads its own from the JSON from now on.
+        step, exc, end = yield _Call((hand_out(run.source, run.initial), n))
         elapsed = run.elapsed(end)
         fatal = exc is not None and run.backtracker is None and not isinstance(exc, DeadlineExceeded)
         try:
@@ -350,6 +365,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             exc, fatal = StateEncodeError(f"run {run.id} step {n}: {e}"), True
             step = step.replace(state=None, error=f"StateEncodeError: {e}")
             record = stored(step)
+        if record[1] is not None:
+            step[8][1] = record[1]  # the step can read its state again once fn has had the object
         h = run.history = h.append(step)
         n += 1
         events: tuple[str, ...]
@@ -360,7 +377,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             events = () if decision.outcome is _CONTINUE else (decision.event(),)
         if events:
             # Events record the decision; they never change a decision, so the folds stay valid.
-            step = step.replace(events=events)
+            step = with_events(step, events)
             record = record._replace(events=events)
             h = run.history = h._replace_tip(step)
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
@@ -369,9 +386,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             return _ended(run, "failed", step.error or "failed", exc)
         if decision.outcome is _BACKTRACK:
             run.source = None if decision.to is None else h[decision.to]
-            state = run.state_of(run.source)
         elif step.ok:
-            run.source, state = step, step.state
+            run.source = step
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)

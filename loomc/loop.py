@@ -186,8 +186,9 @@ class LoopRunner:
 
     # --- starting and resuming -------------------------------------------
 
-    def _live(self, run_id: str, policy: Policy, history: History, initial: Any, source: Step | None,
-              state_type: Any, prior_active: float = 0.0, parent: LiveRun | None = None) -> LiveRun:
+    def _live(self, run_id: str, policy: Policy, history: History, initial: Any, initial_json: str | None,
+              source: Step | None, state_type: Any, prior_active: float = 0.0,
+              parent: LiveRun | None = None) -> LiveRun:
         if parent is not None:  # the parent's USD cap binds the child
             room = parent.usd_room()
             if room is not None:
@@ -195,7 +196,8 @@ class LoopRunner:
         return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=_owner(), history=history,
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
-                       lease_seconds=self.lease_seconds, parent=parent, state_type=state_type)
+                       lease_seconds=self.lease_seconds, parent=parent, state_type=state_type,
+                       initial_json=initial_json)
 
     def _plan(self, run_id: str | None) -> tuple[LiveRun | None, str | None]:
         """Inside another loop's iteration this run is its child, with a stable id per parent step.
@@ -240,7 +242,7 @@ class LoopRunner:
             owner=_owner(), lease_expires=now + self.lease_seconds,
             parent_run_id=None if parent is None else parent.id,
             parent_step=None if parent is None else parent.in_flight))
-        return self._live(run_id, self.policy, History(), state, None, decode_as, parent=parent)
+        return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
         _refuse_at_import(self.fn)
@@ -277,7 +279,8 @@ class LoopRunner:
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
         initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
-        return self._live(run_id, policy, history, initial, source, state_type, record.active_seconds, parent)
+        return self._live(run_id, policy, history, initial, record.initial_state, source, state_type,
+                          record.active_seconds, parent)
 
     def _settle_interrupted(self, record: RunRecord, history: History) -> History:
         """Spend charged by a step that never committed becomes a failed step: counted once.
@@ -448,11 +451,9 @@ class AsyncStepStream:
 
 def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str) -> History:
     """A History over stored steps whose states decode (as ``state_type``) only when read."""
-    def loader(text: str | None, n: int) -> Callable[[], Any]:
-        return lambda: None if text is None else codec.decode(text, state_type, run_id=run_id, step=n)
-
+    decode = codec.decoder(state_type, run_id)
     return History([Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
-                         duration=s.duration, metrics=s.metrics, events=s.events, load_state=loader(s.state_json, s.n))
+                         duration=s.duration, metrics=s.metrics, events=s.events, state_json=s.state_json, decode=decode)
                     for s in steps])
 
 

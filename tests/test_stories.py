@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from decimal import Decimal
 
 import pytest
 
-from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, Outcome,
+from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, NoStateReturned, Outcome,
                    PolicyTypeError, StallError, always, judge, loop, never, predicate, score_plateau,
                    semantic_delta)
 from loomc.budget import DEFAULT_BUDGET
@@ -161,6 +162,76 @@ def test_when_two_fire_on_the_same_step_the_stronger_wins(i, j):
     assert len(run.history) == 2
     assert run.history[1].events == ({"completed": "converged", "budget_exhausted": "budget exhausted",
                                       "stalled": "stalled"}[strong],)
+
+
+def mutating(scores, fail_at=()):
+    """A fn in the README's style: it edits the state it is given in place and returns it."""
+    calls = []
+
+    def fn(state):
+        k = len(calls)
+        calls.append(dict(state))  # what this call was given, as it was given
+        if k in fail_at:
+            state["half-done"] = True  # an edit made before the failure
+            raise RuntimeError(f"flaky call {k}")
+        state["draft"] = state.get("draft", "") + f"+{k}"
+        state["score"] = scores[k]
+        return state
+
+    return fn, calls
+
+
+def test_a_fn_that_edits_its_state_in_place_still_backtracks_to_the_best_state_and_returns_it():
+    """Regression: every step's state was the one dict fn kept editing, so BestScore "went back" to
+    the newest edits and returned the worst state as the best."""
+    fn, calls = mutating([0.5, 0.9, 0.3, 0.2])
+    run = loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn).run({})
+    assert [s.state["draft"] for s in run.history] == ["+0", "+0+1", "+0+1+2", "+0+1+3"]
+    assert calls[3] == {"draft": "+0+1", "score": 0.9}, "the call after the regression starts from step 1"
+    assert run.state == {"draft": "+0+1", "score": 0.9} and run.history.best.n == 1
+
+
+def test_a_fn_that_edits_its_state_in_place_carries_on_from_the_last_good_state_after_a_failure():
+    fn, calls = mutating([0.1, 0.2, 0.3, 0.4], fail_at={1})
+    run = loop(budget=Budget(iterations=3), backtrack=LastGood(), checkpoint="memory")(fn).run({"draft": ""})
+    assert calls[2] == {"draft": "+0", "score": 0.1}, "the failed call's edits are not carried on"
+    assert run.state == {"draft": "+0+2", "score": 0.3}
+
+
+def test_a_backtrack_to_the_initial_state_gets_it_as_it_was_given():
+    fn, calls = mutating([0.1, 0.2], fail_at={0})  # the first call edits the initial state, then fails
+    initial = {"draft": "seed"}
+    run = loop(budget=Budget(iterations=2), backtrack=LastGood(), checkpoint="memory")(fn).run(initial)
+    assert run.history[0].events == ("backtrack to initial state",)
+    assert calls[1] == {"draft": "seed"}, "the retry starts from the initial state as it was given"
+    assert run.state == {"draft": "seed+1", "score": 0.2}
+
+
+def test_steps_seen_along_the_way_keep_the_state_they_were_committed_with():
+    fn, _ = mutating([0.1, 0.2, 0.3])
+    runner = loop(budget=Budget(iterations=3), checkpoint="memory", on_step=lambda s: seen.append(s))(fn)
+    seen: list = []
+    streamed = list(runner.iter({"draft": ""}))
+    assert [s.state["draft"] for s in streamed] == [s.state["draft"] for s in seen] == ["+0", "+0+1", "+0+1+2"]
+
+
+def test_a_fn_that_forgets_to_return_its_state_fails_on_that_step_saying_so():
+    """Regression: a forgotten `return state` made step 0 "succeed" with a None state, and the run
+    then failed at step 1 with "'NoneType' object does not support item assignment"."""
+    def refine(state):
+        state["draft"] = state["draft"] + "!"
+
+    with pytest.raises(NoStateReturned, match=r"refine returned None instead of the new state.*return state") as e:
+        loop(budget=Budget(iterations=3), checkpoint="memory")(refine)({"draft": "a"})
+    assert len(e.value.history) == 1 and e.value.history[0].error.startswith("NoStateReturned")
+
+    async def arefine(state):
+        state["draft"] += "!"
+
+    retried = loop(budget=Budget(iterations=2), backtrack=LastGood(), checkpoint="memory")(arefine)
+    run = asyncio.run(retried.run({"draft": "a"}))
+    assert [s.error.split(":")[0] for s in run.history] == ["NoStateReturned", "NoStateReturned"]
+    assert run.status == "budget_exhausted" and run.state == {"draft": "a"}
 
 
 def test_a_backtrack_alone_continues_from_the_best_state():
