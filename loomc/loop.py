@@ -26,7 +26,8 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap
-from loomc.errors import ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunNotFound
+from loomc.errors import (ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunNotFound,
+                          StepConflict)
 from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
@@ -236,12 +237,16 @@ class LoopRunner:
             self._types[state_type] = type(state)
         decode_as = codec.resolve_state_type(self.state_type, state_type, self._types)
         codec.warn_if_changed(state, initial_json, decode_as)
-        self.store.create_run(RunRecord(
-            id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path, policy=repr(self.policy),
-            state_type=state_type, initial_state=initial_json, created_at=now, updated_at=now,
-            owner=_owner(), lease_expires=now + self.lease_seconds,
-            parent_run_id=None if parent is None else parent.id,
-            parent_step=None if parent is None else parent.in_flight))
+        try:
+            self.store.create_run(RunRecord(
+                id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path,
+                policy=repr(self.policy), state_type=state_type, initial_state=initial_json, created_at=now,
+                updated_at=now, owner=_owner(), lease_expires=now + self.lease_seconds,
+                parent_run_id=None if parent is None else parent.id,
+                parent_step=None if parent is None else parent.in_flight))
+        except StepConflict as e:
+            raise StepConflict(f"{e}: continue it with {getattr(self.fn, '__name__', 'fn')}.resume({run_id!r}), "
+                               "or start a new run under another run_id") from None
         return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:

@@ -19,8 +19,8 @@ import pydantic
 import pytest
 
 from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
-                   RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning, loop,
-                   predicate)
+                   RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
+                   StepConflict, loop, predicate)
 
 CRASHY = str(Path(__file__).parent / "crashy.py")
 
@@ -377,6 +377,25 @@ def test_a_state_annotation_pydantic_cannot_decode_is_refused_at_decoration(tmp_
         step.__annotations__ = {"s": annotation}
         with pytest.raises(ConfigError, match=rf"annotated {annotation.__name__}, which pydantic cannot decode.*{words}"):
             loop(budget=Budget(iterations=1), checkpoint="memory")(step)
+
+
+def test_starting_a_run_under_an_id_already_taken_points_to_resume_and_changes_nothing(tmp_path):
+    db = str(tmp_path / "dup.db")
+    calls = []
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.1, checkpoint=db)
+    def nightly(s):
+        calls.append(s)
+        return s + 1
+
+    first = nightly.run(0, run_id="2026-11-22")
+    with pytest.raises(StepConflict, match=r"run 2026-11-22 already exists in .*dup\.db: continue it with "
+                                           r"nightly\.resume\('2026-11-22'\)"):
+        nightly.run(100, run_id="2026-11-22")
+    assert calls == [0, 1], "the second start called nothing"
+    record = SQLiteStore(db).get_run("2026-11-22")
+    assert record.status == first.status and record.total_cost == Decimal("0.2")
+    assert len(SQLiteStore(db).load_steps("2026-11-22")) == 2
 
 
 def test_two_processes_cannot_resume_one_run_and_a_dead_owner_is_taken_over(tmp_path):
