@@ -26,6 +26,7 @@ _NOISE = 1e-9
 
 
 _START: tuple[float | None, int] = (None, 0)
+_NO_SCORE = -math.inf
 
 
 @dataclass(frozen=True, repr=False)
@@ -61,7 +62,8 @@ class ScorePlateau(Signal):
             return acc
         if math.isnan(score):
             return ref, wait + 1
-        if ref is None or (score - ref) - self.min_delta > _NOISE * max(1.0, abs(ref)):
+        if ref is None or (score - ref) - self.min_delta > _NOISE * max(1.0, abs(ref)) \
+                or ref == _NO_SCORE < score:  # -inf's noise margin is infinite: anything above it counts
             return score, 0
         return ref, wait + 1
 

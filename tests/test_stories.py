@@ -12,6 +12,7 @@ from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, La
                    PolicyTypeError, StallError, always, judge, loop, never, predicate, score_plateau,
                    semantic_delta)
 from loomc.budget import DEFAULT_BUDGET
+from loomc.history import History, Step
 
 
 def scripted(scores, fail_at=()):
@@ -372,6 +373,28 @@ def test_the_decorated_object_keeps_the_function_face():
         runner(0)
     done = loop(converge_on=predicate(lambda h: h[-1].state >= 3), checkpoint="memory")(refine_report)
     assert done(0) == 3
+
+
+FAILED = "failed"
+
+
+@pytest.mark.parametrize("scores, patience, min_delta, stops_after", [
+    ([0.5] * 5, 2, 0.01, 3),                          # flat: the first step is the reference
+    ([0.5, 0.75, 1.0], 1, 0.25, 2),                    # a gain of exactly min_delta is not one
+    ([0.5, 0.6, 0.7, 0.8], 2, 0.1, None),              # 0.6 - 0.5 < 0.1; 0.7 counts; 0.8 - 0.7 is float noise
+    ([0.5, 0.6, 0.7, 0.8], 1, 0.1, 2),
+    ([0.1, 0.12, 0.14, 0.16, 0.18], 2, 0.01, None),    # slow but steady progress resets the count
+    ([0.5, float("nan"), float("nan")], 2, 0.01, 3),   # NaN is a step without improvement
+    ([0.5, None, FAILED, 0.5, 0.5], 2, 0.01, 5),       # unscored and failed steps are not counted
+    ([float("-inf"), 0.5, 0.5, 0.5], 2, 0.01, 4),      # anything beats -inf (regression: nothing did)
+    ([float("-inf"), float("-inf"), float("-inf")], 2, 0.01, 3),
+    ([float("inf"), 1e308], 1, 0.01, 2),
+    ([0.2, float("inf"), 5.0, 6.0], 2, 0.01, 4),
+])
+def test_score_plateau_counts_as_the_docs_say(scores, patience, min_delta, stops_after):
+    h = History([Step(i, None if s is FAILED else {"i": i}, score=None if s is FAILED else s,
+                      error="RuntimeError: boom" if s is FAILED else None) for i, s in enumerate(scores)])
+    assert score_plateau(patience, min_delta).replay(h).stopped_after == stops_after
 
 
 def test_nan_never_becomes_the_best_score():
