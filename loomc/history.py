@@ -188,9 +188,7 @@ def hand_out(step: Step | None, initial: list[Any]) -> Any:
         cell = initial
     else:
         return step[8]
-    state = cell[0]
-    if state is _UNREAD:
-        state = cell[3](cell[1], cell[2])
+    state = read(cell)
     if cell[1] is not None:  # without JSON nothing was committed that could be read again
         cell[0] = _UNREAD
     return state
