@@ -89,9 +89,9 @@ def encode(state: Any) -> str:
     try:
         return pydantic_core.to_json(state, inf_nan_mode="constants").decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
-        where, bad = _find_unencodable(state, "state")
+        where, why = _find_unencodable(state, "state", ())
         raise StateEncodeError(
-            f"{where} is {_a(type(bad).__name__)} ({_short(bad)}), which cannot be stored as JSON; "
+            f"{where} {why}, which cannot be stored as JSON; "
             "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
             f"dataclasses), or convert it before returning ({e})") from None
 
@@ -101,29 +101,43 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _find_unencodable(value: Any, where: str) -> tuple[str, Any]:
-    """The path and value of the first part of ``value`` that pydantic cannot serialise."""
+_PLAIN_CONTAINERS = (dict, list, tuple)
+
+
+def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[str, str]:
+    """The path to the first part of ``value`` that pydantic cannot serialise, and what is wrong with it.
+
+    ``inside`` holds the ids of the values around this one, so a cycle is named, not followed.
+    """
+    if id(value) in inside:
+        return where, "refers back to a value that contains it (a cycle)"
+    if len(inside) >= 200:  # pydantic-core stops well before this depth; Python's stack would not
+        return _too_deep(where)
+    inside = (*inside, id(value))
+    parts: Any = ()
     if isinstance(value, dict):
-        for k, v in value.items():
+        for k in value:
             if not isinstance(k, (str, int, float, bool)) and k is not None:
-                return f"{where} key {k!r}", k
-            if not _encodes(v):
-                return _find_unencodable(v, f"{where}[{k!r}]")
+                return f"{where} key {k!r}", f"is {_a(type(k).__name__)} ({_short(k)})"
+        parts = ((f"{where}[{k!r}]", v) for k, v in value.items())
     elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            if not _encodes(v):
-                return _find_unencodable(v, f"{where}[{i}]")
+        parts = ((f"{where}[{i}]", v) for i, v in enumerate(value))
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            v = getattr(value, f.name)
-            if not _encodes(v):
-                return _find_unencodable(v, f"{where}.{f.name}")
+        parts = ((f"{where}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
     elif hasattr(value, "__pydantic_fields__"):
-        for name in type(value).__pydantic_fields__:
-            v = getattr(value, name)
-            if not _encodes(v):
-                return _find_unencodable(v, f"{where}.{name}")
-    return where, value
+        parts = ((f"{where}.{name}", getattr(value, name)) for name in type(value).__pydantic_fields__)
+    for path, part in parts:
+        if not _encodes(part):
+            return _find_unencodable(part, path, inside)
+    if isinstance(value, _PLAIN_CONTAINERS):  # each part stores, the whole does not: it is too deep
+        return _too_deep(where)
+    return where, f"is {_a(type(value).__name__)} ({_short(value)})"
+
+
+def _too_deep(where: str) -> tuple[str, str]:
+    """A deep path, named by where it starts: ``state['deep'][0][0]...`` is ``state['deep']``."""
+    top = where.split("][", 1)[0] + ("]" if "][" in where else "")
+    return top, "nests lists or dicts too deeply"
 
 
 def _encodes(value: Any) -> bool:

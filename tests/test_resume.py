@@ -276,6 +276,44 @@ def test_an_unencodable_state_fails_its_step_with_the_field_and_keeps_the_cost(t
     assert only.state_json is None and only.error.startswith("StateEncodeError")
 
 
+def cyclic() -> dict:
+    node: dict = {"name": "root"}
+    node["children"] = [{"name": "leaf", "parent": node}]
+    return node
+
+
+def nested(depth: int) -> list:
+    top: list = []
+    inner = top
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return top
+
+
+@pytest.mark.parametrize("make, words", [
+    (cyclic, r"state\['tree'\]\['children'\]\[0\]\['parent'\] refers back to a value that contains it"),
+    (lambda: nested(400), r"state\['tree'\] nests lists or dicts too deeply"),
+    (lambda: nested(5000), r"state\['tree'\] nests lists or dicts too deeply"),  # deeper than Python's stack
+])
+def test_a_cyclic_or_too_deep_state_fails_its_step_with_the_path_and_keeps_the_cost(tmp_path, make, words):
+    """Regression: looking for the bad field followed the cycle (or the depth) into a RecursionError,
+    which escaped the loop: the run ended without its step, and the step's cost was not recorded."""
+    db = str(tmp_path / "deep.db")
+    tree = make()
+
+    @loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.25, checkpoint=db)
+    def grow(s):
+        return {"tree": tree} if s["n"] == 1 else {"n": s["n"] + 1}
+
+    run = grow.run({"n": 0})
+    assert run.status == "failed" and isinstance(run.error, StateEncodeError)
+    assert re.search(words, str(run.error))
+    assert SQLiteStore(db).get_run(run.id).total_cost == Decimal("0.50")
+    kept, failed = SQLiteStore(db).load_steps(run.id)
+    assert json.loads(kept.state_json) == {"n": 1} and failed.state_json is None
+
+
 def test_a_state_that_would_come_back_changed_is_pointed_out_on_the_first_step_and_kept(tmp_path):
     db = str(tmp_path / "rt.db")
 
