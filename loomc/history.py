@@ -20,6 +20,7 @@ steps alone.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from operator import itemgetter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -42,11 +43,15 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
         value = Decimal(repr(amount))
     elif isinstance(amount, Decimal):
         value = amount
-    elif isinstance(amount, bool) or not isinstance(amount, (int, float, str)):
+    elif isinstance(amount, bool) or not isinstance(amount, (numbers.Real, str)):
         raise TypeError(f"{what} must be a number of dollars, got {type(amount).__name__}: {amount!r}")
+    elif isinstance(amount, numbers.Integral):  # int, numpy integers
+        value = Decimal(int(amount))
+    elif isinstance(amount, numbers.Real):  # float subclasses, numpy floats, Fraction: by their float's repr
+        value = Decimal(repr(float(amount)))
     else:
         try:
-            value = Decimal(repr(amount) if isinstance(amount, float) else str(amount))
+            value = Decimal(amount)
         except ArithmeticError:
             raise TypeError(f"{what} must be a number of dollars, got {amount!r}") from None
     if not value.is_finite() or value < ZERO:

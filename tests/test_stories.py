@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 
@@ -103,6 +104,30 @@ def test_the_usd_budget_stops_exactly_at_the_cap():
     assert len(run.history) == 40
     assert run.total_cost == Decimal("2.00")
     assert run.status == "budget_exhausted"
+
+
+@pytest.mark.parametrize("make, exact", [
+    (lambda np: 0.05, "0.05"), (lambda np: Decimal("0.05"), "0.05"), (lambda np: "0.05", "0.05"),
+    (lambda np: Fraction(1, 20), "0.05"), (lambda np: 2, "2"),
+    (lambda np: np.float64(0.05), "0.05"), (lambda np: np.float32(0.5), "0.5"), (lambda np: np.int64(2), "2"),
+])
+def test_a_cost_is_any_real_number_of_dollars_kept_exact(make, exact):
+    """Regression: a cost_fn returning a numpy number failed its step ("must be a number of dollars"):
+    numpy 2 prints np.float64(0.05) as its repr, and numpy floats below 64 bits are no float subclass."""
+    import numpy
+    cost = make(numpy)
+    run = loop(budget=Budget(iterations=2), cost_fn=lambda s: cost, checkpoint="memory")(lambda s: s).run(0)
+    assert run.status == "budget_exhausted" and run.history[0].cost == Decimal(exact)
+    assert run.total_cost == 2 * Decimal(exact)
+
+
+@pytest.mark.parametrize("make", [lambda np: True, lambda np: np.bool_(True), lambda np: None, lambda np: "abc",
+                                  lambda np: -0.01, lambda np: float("nan"), lambda np: [1]])
+def test_a_cost_that_is_not_a_real_non_negative_number_fails_its_step_saying_so(make):
+    import numpy
+    cost = make(numpy)
+    run = loop(budget=Budget(iterations=2), cost_fn=lambda s: cost, checkpoint="memory")(lambda s: s).run(0)
+    assert run.status == "failed" and "cost_fn(state) must be a" in run.history[0].error
 
 
 def test_the_usd_budget_is_predictive_and_the_estimate_can_be_given():
