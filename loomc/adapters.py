@@ -195,14 +195,14 @@ class _Adapter:
         next line, and the state need not carry the response. Returns the dollars charged.
         """
         from loomc.interpreter import charge
-        usd = self._billed(response, 3)
+        usd = self._billed(response)
         charge(usd, item=item)
         return usd
 
     async def acharge(self, response: Any, item: str | None = None) -> Decimal:
         """:meth:`charge` for async iterations: ``await adapter.acharge(reply)``."""
         from loomc.interpreter import acharge
-        usd = self._billed(response, 3)
+        usd = self._billed(response)
         await acharge(usd, item=item)
         return usd
 
@@ -212,16 +212,16 @@ class _Adapter:
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
-        return self._billed(response, 3)
+        return self._billed(response)
 
-    def _billed(self, response: Any, stacklevel: int) -> Decimal:
+    def _billed(self, response: Any) -> Decimal:
         """What ``response`` cost; a response without usage is an error under a USD cap, else $0 and a warning."""
         try:
             return self.cost_from_response(response)
         except UsageMissing as e:
             if _usd_capped():
                 raise UsageMissing(f"{e}; a USD budget is set, so loomc will not count this call as $0") from None
-            warnings.warn(f"loomc: {e}; counted as $0 (no USD budget is set)", stacklevel=stacklevel)
+            warnings.warn(f"loomc: {e}; counted as $0 (no USD budget is set)", stacklevel=3)  # the caller's caller
             return Decimal(0)
 
     def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:

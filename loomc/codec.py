@@ -122,16 +122,21 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
         parts = ((f"{where}[{k!r}]", v) for k, v in value.items())
     elif isinstance(value, (list, tuple)):
         parts = ((f"{where}[{i}]", v) for i, v in enumerate(value))
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        parts = ((f"{where}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
-    elif hasattr(value, "__pydantic_fields__"):
-        parts = ((f"{where}.{name}", getattr(value, name)) for name in type(value).__pydantic_fields__)
+    else:
+        parts = ((f"{where}.{name}", getattr(value, name)) for name in _field_names(value))
     for path, part in parts:
         if not _encodes(part):
             return _find_unencodable(part, path, inside)
     if isinstance(value, _PLAIN_CONTAINERS):  # each part stores, the whole does not: it is too deep
         return _too_deep(where)
     return where, f"is {_a(type(value).__name__)} ({_short(value)})"
+
+
+def _field_names(value: Any) -> list[str]:
+    """The fields of a dataclass or pydantic model instance, the parts the codec walks; else none."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [f.name for f in dataclasses.fields(value)]
+    return list(getattr(type(value), "__pydantic_fields__", ()))
 
 
 def _too_deep(where: str) -> tuple[str, str]:
@@ -249,11 +254,8 @@ def _difference(live: Any, back: Any, where: str) -> str | None:
             if found is not None:
                 return found
         return None
-    if dataclasses.is_dataclass(live):
-        names: Any = [f.name for f in dataclasses.fields(live)]
-    elif hasattr(live, "__pydantic_fields__"):
-        names = type(live).__pydantic_fields__
-    else:
+    names = _field_names(live)
+    if not names:
         if live == back or (live != live and back != back):  # NaN is stored as NaN
             return None
         return f"{where} is {_short(live)}, and comes back as {_short(back)}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from loomc.errors import ConfigError
 from loomc.history import History, Step
-from loomc.policy import Outcome, Probe, Signal, check_one_argument, predicate
+from loomc.policy import Outcome, Probe, Signal, check_one_argument, name_of, predicate
 
 __all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
@@ -138,7 +138,7 @@ class Judge(Signal):
         return None
 
     def __repr__(self) -> str:
-        return f"judge({getattr(self.judge_fn, '__name__', type(self.judge_fn).__name__)})"
+        return f"judge({name_of(self.judge_fn)})"
 
 
 def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:

@@ -93,7 +93,7 @@ class Step(tuple):  # type: ignore[type-arg]
                   None if score is None else float(score), error, started_at, duration,
                   dict(metrics) if metrics else {}, tuple(events))
         if state_json is not None and decode is not None:  # a stored step: decoded when first read
-            return _new_tuple(_SnapshotStep, (*fields, [_UNREAD, state_json, n, decode], error is None))
+            return _new_tuple(_SnapshotStep, (*fields, state_cell(_UNREAD, state_json, n, decode), error is None))
         return _new_tuple(Step, (*fields, state, error is None))
 
     # Every field reads straight from the tuple (itemgetter runs in C): policies read them on every step.

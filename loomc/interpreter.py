@@ -27,7 +27,7 @@ from loomc.budget import usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
                           StateEncodeError, attach_run)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
-from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step
+from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, name_of
 from loomc.stores.base import CheckpointStore, StoredStep, Totals
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
@@ -251,7 +251,7 @@ class _Call(tuple):  # type: ignore[type-arg]
 
 
 def _returned_none(run: LiveRun) -> NoStateReturned:
-    name = getattr(run.fn, "__name__", "fn")
+    name = name_of(run.fn)
     return NoStateReturned(f"{name} returned None instead of the new state; return it (a function that "
                            "changes its state in place still ends with `return state`)")
 

@@ -32,7 +32,7 @@ from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
-                          either)
+                          either, name_of)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
 from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals, new_run_id, process_owner
@@ -64,7 +64,7 @@ def refusing_runs(target: str) -> Iterator[None]:
 
 def _refuse_at_import(fn: Callable[..., Any]) -> None:
     if _IMPORTING:
-        name = getattr(fn, "__name__", "fn")
+        name = name_of(fn)
         raise RunAtImport(f"importing {_IMPORTING[-1]} runs the loop {name} at import time; loomc refused that "
                           f"run, so {name} was not called. Put the script's top-level code under "
                           "`if __name__ == \"__main__\":`")
@@ -245,7 +245,7 @@ class LoopRunner:
                 parent_run_id=None if parent is None else parent.id,
                 parent_step=None if parent is None else parent.in_flight))
         except StepConflict as e:
-            raise StepConflict(f"{e}: continue it with {getattr(self.fn, '__name__', 'fn')}.resume({run_id!r}), "
+            raise StepConflict(f"{e}: continue it with {name_of(self.fn)}.resume({run_id!r}), "
                                "or start a new run under another run_id") from None
         return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, parent=parent)
 

@@ -204,7 +204,7 @@ def check_one_argument(fn: Callable[..., Any] | None, call: str) -> None:
     try:
         signature.bind(None)
     except TypeError:
-        name = getattr(fn, "__name__", type(fn).__name__)
+        name = name_of(fn)
         hint = ""
         if next(iter(signature.parameters), None) in ("self", "cls"):
             hint = (" It looks like a method; a loop is a function of the state. Define it at module level "
@@ -431,10 +431,10 @@ class Predicate(Signal):
         if not history or not history[-1].ok:
             return None
         verdict = self.fn(history)
-        return f"predicate({_name(self.fn)}) is true" if verdict is True or _yes(verdict) else None
+        return f"predicate({name_of(self.fn)}) is true" if verdict is True or _yes(verdict) else None
 
     def __repr__(self) -> str:
-        return f"predicate({_name(self.fn)})"
+        return f"predicate({name_of(self.fn)})"
 
 
 def _yes(value: Any) -> bool:
@@ -442,7 +442,8 @@ def _yes(value: Any) -> bool:
     return type(value).__name__ in ("bool_", "bool") and bool(value)
 
 
-def _name(fn: Any) -> str:
+def name_of(fn: Any) -> str:
+    """A function's name for messages: its ``__name__``, else its type's."""
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
