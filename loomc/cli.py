@@ -29,6 +29,9 @@ STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yel
                  "cancelled": "yellow", "running": "cyan"}
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable
+
+
 def clean(text: Any) -> str:
     """``text`` with every control or format character escaped, so it cannot drive the terminal.
 
@@ -39,7 +42,7 @@ def clean(text: Any) -> str:
     for ch in str(text):
         if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
             code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
         else:
             out.append(ch)
     return "".join(out)
@@ -222,6 +225,8 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     target, _, qualname = fn_path.rpartition(":")
     if "<locals>" in qualname:
         return None, f"{qualname.replace('.<locals>.', ' > ')} is defined inside another function"
+    if target == "__main__":
+        return None, f"{qualname} was defined in a notebook or an interactive session, which cannot be imported"
     try:
         with refusing_runs(target):
             if target.endswith(".py"):  # a loop defined in a script run as __main__

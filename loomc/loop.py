@@ -127,9 +127,9 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or qualname.endswith("<lambda>"):
         return None  # a function inside another is still recorded: `loomc resume` names it
-    if module == "__main__":
+    if module == "__main__":  # a script run as __main__, else a notebook or the REPL (kept as `__main__:`)
         path = getattr(sys.modules.get("__main__"), "__file__", None)
-        return f"{os.path.abspath(path)}:{qualname}" if path else None
+        return f"{os.path.abspath(path) if path else module}:{qualname}"
     return f"{module}:{qualname}"
 
 

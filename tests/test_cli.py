@@ -162,7 +162,7 @@ def test_hostile_text_is_escaped_before_it_reaches_the_terminal(tmp_path):
         out = invoke(*args, "--db", db).output
         assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\r" not in out
     out = invoke("show", "evil\x1b[31m", "--db", db).output
-    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202egnp.exe\\x0d\\x0afake row" in out
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202egnp.exe\\r\\nfake row" in out
 
 
 def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch):
@@ -206,6 +206,22 @@ def test_resume_of_a_run_whose_function_cannot_be_imported_prints_the_snippet(tm
     assert proc.returncode == 1
     assert "defined inside another function" in proc.stderr
     assert proc.stderr.splitlines()[-1].strip() == "refine_report.resume('a1b2c3d4e5f6')"
+
+
+def test_resume_of_a_loop_defined_in_a_notebook_or_repl_says_so(tmp_path):
+    # `python -c` runs as a __main__ without a file, as a notebook's kernel and the REPL do.
+    db = str(tmp_path / "nb.db")
+    start = subprocess.run(
+        [sys.executable, "-c", "from loomc import Budget, loop\n"
+         "@loop(budget=Budget(iterations=3), checkpoint=" + repr(db) + ")\n"
+         "def tidy(s):\n    raise RuntimeError('bad cell')\n"
+         "try:\n    tidy(0, run_id='cell7')\nexcept RuntimeError:\n    pass\n"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert start.returncode == 0, start.stderr
+    proc = subprocess.run(["loomc", "resume", "cell7", "--db", db], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "tidy was defined in a notebook or an interactive session" in proc.stderr
+    assert proc.stderr.splitlines()[-1].strip() == "tidy.resume('cell7')"
 
 
 def test_resume_imports_a_module_level_loop(tmp_path):
