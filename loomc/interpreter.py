@@ -472,13 +472,37 @@ def _abandon(run: LiveRun, exc: BaseException) -> None:
     aio = sys.modules.get("asyncio")  # a CancelledError can only exist once asyncio is imported
     stopped = (KeyboardInterrupt, SystemExit, GeneratorExit) + ((aio.CancelledError,) if aio is not None else ())
     status = "cancelled" if isinstance(exc, stopped) else "failed"
+    why = f"{type(exc).__name__}: {exc}".rstrip(": ")
     try:
-        run.store.finish_run(run.id, status, f"{type(exc).__name__}: {exc}".rstrip(": "), run.owner)
+        _commit_interrupted(run, why)
+    except LoomcError:
+        pass  # e.g. the store is what failed: the charges stay pending, and a resume counts them
+    try:
+        run.store.finish_run(run.id, status, why, run.owner)
     except LoomcError:
         pass
     if isinstance(exc, RunError) or not isinstance(exc, Exception):
         return
     attach_run(exc, run.id, run.state_of(run.source), run.history)
+
+
+def _commit_interrupted(run: LiveRun, why: str) -> None:
+    """A call cut short after it spent (charges, child runs) becomes a failed step carrying that spend.
+
+    Its charges would be counted by a resume anyway; committing them now makes the run's totals,
+    ``loomc show`` and a parent's ledger right even if the run is never resumed.
+    """
+    n, cost = run.in_flight, run.pending
+    if n < 0 or not cost:
+        return
+    run.in_flight, run.pending = -1, ZERO
+    step = Step(n, None, cost=cost, error=f"Interrupted: {why}, during this step after spending ${cost:.4f}",
+                started_at=time.time(), events=("interrupted",))
+    h = run.history = run.history.append(step)
+    run.store.commit_step(run.id, stored(step), _new_tuple(Totals, (h.total_cost, len(h), run.elapsed(run.clock()))),
+                          run.owner, run.lease_seconds)
+    if run.parent is not None:
+        run.parent.spend(cost)
 
 
 def current_run() -> LiveRun | None:

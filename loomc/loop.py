@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
+from decimal import Decimal
 from typing import Any
 
 from loomc import codec
@@ -121,6 +122,18 @@ def with_budget(policy: Policy, budget: Budget) -> Policy:
     parts = policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
     kept = [p for p in parts if not isinstance(p, Budget)]
     return functools.reduce(either, [budget, *kept])
+
+
+def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Decimal:
+    """Everything the runs started in step ``step_n`` of ``run_id`` spent: their commits, and what
+    their own steps in flight charged or spent in runs of their own, all the way down."""
+    total = ZERO
+    for child in store.children(run_id):
+        if child.parent_step == step_n:
+            in_flight = child.steps
+            total += (child.total_cost + store.pending_charges(child.id).get(in_flight, ZERO)
+                      + _spent_by_children(store, child.id, in_flight))
+    return total
 
 
 def _fn_path(fn: Callable[..., Any]) -> str | None:
@@ -291,13 +304,19 @@ class LoopRunner:
         """Spend charged by a step that never committed becomes a failed step: counted once.
 
         Charges are recorded under the number of the step in flight, and a commit
-        removes its step's charges, so only the next step number can have any.
+        removes its step's charges, so only the next step number can have any. The
+        child runs that step started are counted in it too: the next call is a new
+        step, which starts children of its own.
         """
-        cost = self.store.pending_charges(record.id).get(len(history))
-        if cost is None:
-            return history
-        step = Step(len(history), None, cost=cost, error="Interrupted: the process died during this step "
-                    f"after charging ${cost:.4f}", started_at=time.time(), events=("interrupted",))
+        n = len(history)
+        charged = self.store.pending_charges(record.id).get(n)
+        if charged is None:
+            return history  # the call is made again as step n, and reuses the children it started
+        children = _spent_by_children(self.store, record.id, n)
+        cost = charged + children
+        spent = f"${cost:.4f}" if not children else f"${cost:.4f} (${charged:.4f} charged, ${children:.4f} in child runs)"
+        step = Step(n, None, cost=cost, error=f"Interrupted: the process died during this step after spending {spent}",
+                    started_at=time.time(), events=("interrupted",))
         history = history.append(step)
         self.store.commit_step(record.id, stored(step), Totals(history.total_cost, len(history),
                                                                record.active_seconds),

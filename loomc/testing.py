@@ -149,6 +149,17 @@ class StoreConformance:
         with pytest.raises(RunLocked):
             store.commit_step("r2", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 600)
 
+    def test_children_are_listed_by_parent_step_then_creation(self, store: CheckpointStore) -> None:
+        store.create_run(make_run("p"))
+        store.create_run(make_run("other"))
+        for run_id, step, created in (("p-1-0", 1, 3.0), ("p-0-1", 0, 2.0), ("p-0-0", 0, 1.0)):
+            store.create_run(make_run(run_id, created_at=created).replace(parent_run_id="p", parent_step=step))
+        commit(store, "p-1-0", [make_step(0, cost="0.1"), make_step(1, cost="0.2")])
+        kids = store.children("p")
+        assert [(r.id, r.parent_step) for r in kids] == [("p-0-0", 0), ("p-0-1", 0), ("p-1-0", 1)]
+        assert kids[2].total_cost == Decimal("0.3"), "a child's totals are its latest commit's"
+        assert store.children("other") == [] and store.children("p-0-0") == []
+
     def test_write_ahead_charges_are_pending_until_their_step_commits(self, store: CheckpointStore) -> None:
         store.create_run(make_run("r1"))
         store.charge("r1", 0, Decimal("0.02"))

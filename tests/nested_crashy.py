@@ -4,6 +4,8 @@ usage: python nested_crashy.py DB MARKER [WHEN]
 The first time (while MARKER does not exist) it kills itself with SIGKILL, the way a real
 crash would: during child step 2 of parent step 1 (WHEN "inside", the default), or right
 after the child of parent step 1 completed, before the parent step commits (WHEN "after").
+WHEN "charged" crashes where "inside" does, with write-ahead charges in both loops: $0.02 per
+parent step before its child starts, $0.001 per child step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def crash_once() -> None:
 @loop(budget=Budget(iterations=10), converge_on=predicate(lambda h: h[-1].state["n"] >= 4),
       cost_fn=lambda s: 0.01, checkpoint=DB)
 def child(state: dict) -> dict:
-    if WHEN == "inside" and state["parent_step"] == 1 and loomc.step_number() == 2:
+    if WHEN == "charged":
+        loomc.charge(0.001)
+    if WHEN in ("inside", "charged") and state["parent_step"] == 1 and loomc.step_number() == 2:
         crash_once()
     return {**state, "n": state["n"] + 1}
 
@@ -37,6 +41,8 @@ def child(state: dict) -> dict:
 @loop(budget=Budget(usd=1.00, iterations=10), converge_on=predicate(lambda h: h[-1].state["done"] >= 3),
       checkpoint=DB)
 def parent(state: dict) -> dict:
+    if WHEN == "charged":
+        loomc.charge(0.02)
     result = child({"n": 0, "parent_step": loomc.step_number()})
     if WHEN == "after" and loomc.step_number() == 1:
         crash_once()

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+import loomc
 from loomc import (AsyncLoopRunner, BestScore, Budget, BudgetExhausted, Escalate, LastGood, SQLiteStore,
                    SpecChangedWarning, StallError, loop, predicate, score_plateau)
 
@@ -160,6 +161,61 @@ def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_p
     with pytest.warns(SpecChangedWarning, match="ctrl-c"):  # a different fn takes the run over
         again = calm.resume_run("ctrl-c")
     assert again.state == 4 and [s.n for s in again.history] == [0, 1, 2, 3]
+
+
+def test_a_call_interrupted_after_it_charged_is_committed_with_its_spend(tmp_path):
+    db = str(tmp_path / "k.db")
+
+    ctrl_c = [True]
+
+    @loop(budget=Budget(usd=1, iterations=4), checkpoint=db)
+    def paid(state):
+        loomc.charge(0.05)
+        if state == 2 and ctrl_c:
+            ctrl_c.pop()
+            raise KeyboardInterrupt  # Ctrl-C after the call was paid for
+        return state + 1
+
+    with pytest.raises(KeyboardInterrupt):
+        paid(0, run_id="paid")
+    store = SQLiteStore(db)
+    record, steps = store.get_run("paid"), store.load_steps("paid")
+    assert record.status == "cancelled" and record.total_cost == Decimal("0.15")
+    assert steps[2].events == ("interrupted",) and steps[2].cost == Decimal("0.05")
+    assert steps[2].error == "Interrupted: KeyboardInterrupt, during this step after spending $0.0500"
+    assert store.pending_charges("paid") == {}
+    again = paid.resume_run("paid")  # counted once: the retry is step 3
+    assert again.state == 3 and again.total_cost == Decimal("0.20") and len(again.history) == 4
+
+
+def test_a_cancelled_task_commits_what_its_call_in_flight_spent_in_child_runs_too(tmp_path):
+    db = str(tmp_path / "c.db")
+
+    @loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.01, checkpoint=db)
+    async def child(state):
+        await loomc.acharge(0.001)
+        await asyncio.sleep(3600 if state == 1 else 0)  # cancelled here, in child step 1
+        return state + 1
+
+    @loop(budget=Budget(usd=1), checkpoint=db)
+    async def parent(state):
+        await loomc.acharge(0.02)
+        return state + await child(0)
+
+    async def story():
+        task = asyncio.create_task(parent.run(0, run_id="p"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(story())
+    store = SQLiteStore(db)
+    kid = store.load_steps("p-0-0")
+    assert [(s.cost, s.events) for s in kid] == [(Decimal("0.011"), ()), (Decimal("0.001"), ("interrupted",))]
+    (step,) = store.load_steps("p")
+    assert step.events == ("interrupted",) and step.cost == Decimal("0.032"), "its own $0.02 and the child's"
+    assert store.get_run("p").status == store.get_run("p-0-0").status == "cancelled"
 
 
 def test_an_async_predicate_reads_only_committed_history():

@@ -162,6 +162,23 @@ def test_a_crash_after_a_child_completed_reuses_it_instead_of_paying_twice(tmp_p
     assert store.get_run("nested").total_cost == Decimal("0.12")
 
 
+def test_a_crash_after_the_parent_charged_counts_its_childs_spend_in_the_interrupted_step(tmp_path):
+    db, marker = tmp_path / "charged.db", tmp_path / "crashed-once"
+    script = [sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker), "charged"]
+    assert subprocess.run(script, capture_output=True, timeout=120).returncode == -9
+    done = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    store = SQLiteStore(db)
+    steps = store.load_steps("nested")
+    # Parent step 1 charged $0.02, then its child committed two steps ($0.011 each) and charged
+    # $0.001 in the third before the crash: all of it is step 1's. The retry is step 2.
+    assert steps[1].events == ("interrupted",) and steps[1].cost == Decimal("0.043")
+    assert "$0.0200 charged, $0.0230 in child runs" in steps[1].error
+    assert [s.cost for s in steps] == [Decimal("0.064"), Decimal("0.043"), Decimal("0.064"), Decimal("0.064")]
+    assert store.get_run("nested").total_cost == Decimal("0.235")
+    assert json.loads(done.stdout) == {"done": 3, "child_n": 12}
+
+
 def test_a_failed_parent_step_is_retried_as_a_new_step_with_a_new_child(tmp_path):
     db = str(tmp_path / "again.db")
     calls = {"child": 0, "parent": 0}

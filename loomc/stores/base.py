@@ -102,6 +102,9 @@ class CheckpointStore(Protocol):
     def list_runs(self, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
         """Runs, newest first."""
 
+    def children(self, run_id: str) -> list[RunRecord]:
+        """The runs started inside this run's steps (nested loops), by parent step, then creation."""
+
     def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
         """The run's steps in step order; ``state_json`` is None when not asked for."""
 

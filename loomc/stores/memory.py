@@ -78,6 +78,11 @@ class MemoryStore:
         runs.sort(key=lambda r: r.created_at, reverse=True)
         return runs[:limit] if limit is not None else runs
 
+    def children(self, run_id: str) -> list[RunRecord]:
+        with self._lock:
+            found = [r for r in self._runs.values() if r.parent_run_id == run_id]
+        return sorted(found, key=lambda r: (r.parent_step if r.parent_step is not None else -1, r.created_at))
+
     def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
         with self._lock:
             self._run(run_id)
