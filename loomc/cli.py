@@ -15,18 +15,18 @@ import sys
 import time
 import unicodedata
 from decimal import Decimal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import click
 
 from loomc.errors import LoomcError, RunAtImport
 from loomc.history import running_costs
-from loomc.stores.base import RunRecord, StoredStep
+from loomc.stores.base import RunRecord, StoredStep, owner_is_dead
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
 STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yellow", "stalled": "magenta",
-                 "cancelled": "yellow", "running": "cyan"}
+                 "cancelled": "yellow", "running": "cyan", "crashed": "red"}
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable
@@ -85,16 +85,21 @@ def money(d: Decimal) -> str:
 
 # --- the two tables ----------------------------------------------------------
 
+def shown_status(status: str, owner: str | None) -> str:
+    """The status to print: a run still marked running whose process on this host is gone has ``crashed``."""
+    return "crashed" if status == "running" and owner is not None and owner_is_dead(owner) else status
+
+
 def runs_table(rows: list[tuple[Any, ...]]) -> str:
-    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id)`` rows."""
-    id_w = max([15] + [len(r[0]) + 3 for r in rows])
-    st_w = max([10] + [len(r[1]) + 1 for r in rows])
+    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner)`` rows."""
+    shown_rows = [((clean(run_id) if not run_id.isalnum() else run_id) + ("  (child)" if parent else ""),
+                   shown_status(status, owner), steps, cost, created)
+                  for run_id, status, steps, cost, created, parent, owner in rows]
+    id_w = max([15] + [len(r[0]) + 3 for r in shown_rows])
+    st_w = max([10] + [len(r[1]) + 1 for r in shown_rows])
     lines = [f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  CREATED", "-" * (68 + id_w - 15 + st_w - 10)]
     colour = color_on()
-    for run_id, status, steps, cost, created, parent in rows:
-        rid = clean(run_id) if not run_id.isalnum() else run_id
-        if parent:
-            rid += "  (child)"
+    for rid, status, steps, cost, created in shown_rows:
         shown = f"{status:<{st_w}}"
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
@@ -106,13 +111,22 @@ def runs_table(rows: list[tuple[Any, ...]]) -> str:
 _BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
 
 
-def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = ()) -> str:
+def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
+               pending: Mapping[int, Decimal] | None = None) -> str:
     cap = _BUDGET_USD.search(run.policy or "")
     spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
-    head = [f"Run: {clean(run.id)}  Status: {paint(run.status, STATUS_COLORS.get(run.status))}",
-            f"Stopped: {clean(run.reason or ('still running' if run.status == 'running' else '-'))}",
+    status = shown_status(run.status, run.owner)
+    stopped = run.reason or ("still running" if run.status == "running" else "-")
+    if status == "crashed":
+        how = (f"resume its parent run {run.parent_run_id}, which resumes it" if run.parent_run_id
+               else f"`loomc resume {run.id}` continues it")
+        stopped = f"its process ({run.owner}) died during step {len(steps)}; {how}"
+    head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
+            f"Stopped: {clean(stopped)}",
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {len(steps)} steps, {run.attempts} attempt(s)"]
+    head += [f"Uncommitted: {money(usd)} charged during step {n}, which never committed; "
+             "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]
     by_step: dict[int, list[RunRecord]] = {}
     for child in children:
@@ -166,7 +180,7 @@ def show(run_id: str, db: str | None) -> None:
         steps = store.load_steps(run_id, with_states=False)
     except LoomcError as e:
         fail(str(e))
-    click.echo(show_table(run, steps, store.children(run_id)))
+    click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id)))
 
 
 @main.command()

@@ -180,7 +180,14 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
                              cwd=tmp_path)
     assert crashed.returncode != 0 and "dies here" in crashed.stdout
     (row,) = json.loads(subprocess.run(["loomc", "runs", "--json"], capture_output=True, text=True, env=env).stdout)
-    assert row["status"] == "running" and row["steps"] == 2
+    assert row["status"] == "running" and row["steps"] == 2  # as stored; the tables say what happened
+    listed = subprocess.run(["loomc", "runs"], capture_output=True, text=True, env=env).stdout
+    assert listed.splitlines()[2].split()[:3] == [row["id"], "crashed", "2"]
+    shown = subprocess.run(["loomc", "show", row["id"]], capture_output=True, text=True, env=env).stdout
+    assert "Status: crashed" in shown
+    assert f"died during step 2; `loomc resume {row['id']}` continues it" in shown
+    charged = SQLiteStore(tmp_path / "demo.db").pending_charges(row["id"])[2]
+    assert f"Uncommitted: ${charged:.4f} charged during step 2, which never committed" in shown
     resumed = subprocess.run(["loomc", "resume", row["id"]], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "Status: completed" in resumed.stdout and "<- interrupted" in resumed.stdout
