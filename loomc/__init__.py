@@ -16,7 +16,7 @@ Importing loomc is light: no torch, no model, no SDK is imported until used.
 """
 
 from loomc.backtrack import Backtracker, BestScore, LastGood
-from loomc.budget import DEFAULT_BUDGET, Budget, parse_duration
+from loomc.budget import DEFAULT_BUDGET, Budget, NoCostWarning, parse_duration
 from loomc.codec import StateRoundTripWarning
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, LoomcError,
@@ -36,7 +36,7 @@ __all__ = [
     "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
     "Comparison", "ConfigError", "CorruptStore", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET", "Escalate",
     "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner",
-    "MemoryStore", "never", "NoStateReturned", "open_store", "Outcome", "parse_duration", "Policy",
+    "MemoryStore", "never", "NoCostWarning", "NoStateReturned", "open_store", "Outcome", "parse_duration", "Policy",
     "PolicyTypeError", "predicate", "replay", "Replay", "Run", "RunAlreadyFinished", "RunAtImport",
     "RunError", "RunLocked", "RunNotFound", "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta",
     "SemanticDelta", "Signal", "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError",

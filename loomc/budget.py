@@ -54,6 +54,10 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+class NoCostWarning(UserWarning):
+    """A run under a USD cap whose first successful step reported no cost, so the cap cannot bind."""
+
+
 @dataclass(frozen=True, repr=False, init=False)
 class Budget(Signal):
     """Caps on USD, calls of ``fn`` and active wall-clock time. Fires when any cap is reached."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import usd_room, wall_clock_cap
+from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
                           StateEncodeError, attach_run)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
@@ -122,7 +122,9 @@ class LiveRun:
     probes: tuple[Probe, ...] = ()
     items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
     state_type: Any = None  # what a resume decodes the stored states as
-    unverified: bool = True  # until this process has committed a state of the run and checked its round trip
+    unverified: bool = True  # while a check of the first commits (below) is still to come
+    round_trip_unchecked: bool = True  # until this process has committed a state of the run and checked it
+    cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
 
     def __post_init__(self) -> None:
@@ -132,6 +134,7 @@ class LiveRun:
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
         self.wall_cap = wall_clock_cap(self.policy)
         self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
+        self.cost_unchecked = self.cost_fn is None and usd_cap(self.policy) is not None
 
     def usd_room(self) -> Decimal | None:
         """Dollars this run can still spend in the step in flight (a child's cap comes from it)."""
@@ -308,10 +311,26 @@ def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
     if run.parent is not None:  # a child's spend joins its parent's step in flight, once
         run.parent.spend(step.cost)
     _notify(run, step)
-    if run.unverified and record.state_json is not None:
-        # Once per process and run, after the commit (a warning turned into an error loses nothing).
-        run.unverified = False
-        codec.warn_if_changed(step.state, record.state_json, run.state_type)
+    if run.unverified:
+        _first_commit_checks(run, step, record)
+
+
+def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
+    """Checks made once per process and run, after the commit (a warning turned into an error loses nothing)."""
+    text = record.state_json
+    round_trip = run.round_trip_unchecked and text is not None
+    cost = run.cost_unchecked and step.ok
+    run.round_trip_unchecked &= not round_trip
+    run.cost_unchecked &= not cost
+    run.unverified = run.round_trip_unchecked or run.cost_unchecked
+    if round_trip and text is not None:
+        codec.warn_if_changed(step.state, text, run.state_type)
+    if cost and not step.cost:
+        warnings.warn(f"loomc: run {run.id} has a USD cap of ${usd_cap(run.policy):.4f}, but step {step.n} reported "
+                      "no cost: nothing tells loomc what fn spends, so the cap cannot stop it. Call "
+                      "loomc.charge(usd) (or adapter.charge(reply)) inside fn after each paid call, or pass "
+                      "cost_fn=. (Checked once, on the first successful step; a step that truly cost nothing "
+                      "can ignore this.)", NoCostWarning, stacklevel=1)
 
 
 def _notify(run: LiveRun, step: Step) -> None:

@@ -140,6 +140,48 @@ def test_the_usd_budget_is_predictive_and_the_estimate_can_be_given():
     assert len(never_start.run(0).history) == 0, "the check happens before the first call"
 
 
+def test_a_usd_cap_that_nothing_reports_costs_to_is_pointed_out_once(tmp_path):
+    import warnings
+    import loomc
+    from loomc import NoCostWarning, SQLiteStore
+
+    def unpriced(state):  # pays for a model call, and tells loomc nothing
+        return state + 1
+
+    with pytest.warns(NoCostWarning) as caught:
+        run = loop(budget=Budget(usd=0.10, iterations=3), checkpoint="memory")(unpriced).run(0, run_id="free?")
+    assert len(caught) == 1 and run.steps == 3
+    assert str(caught[0].message).startswith("loomc: run free? has a USD cap of $0.1000, but step 0 reported no cost")
+    assert "loomc.charge(usd)" in str(caught[0].message) and "cost_fn=" in str(caught[0].message)
+
+    def charged(state):
+        loomc.charge(0.01)
+        return state + 1
+
+    flaky = iter([RuntimeError("free failure"), None, None])
+
+    def fails_first(state):
+        error = next(flaky)
+        if error:
+            raise error
+        return state + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoCostWarning)
+        loop(budget=Budget(usd=1, iterations=3), checkpoint="memory")(charged).run(0)
+        loop(budget=Budget(usd=1, iterations=3), cost_fn=lambda s: 0, checkpoint="memory")(unpriced).run(0)
+        loop(budget=Budget(iterations=3), checkpoint="memory")(unpriced).run(0)
+    with pytest.warns(NoCostWarning, match="step 1 reported no cost"):  # the first step that succeeded
+        loop(budget=Budget(usd=1, iterations=3), backtrack=LastGood(), checkpoint="memory")(fails_first).run(0)
+    # Turned into an error, the warning loses nothing: the step it came after is committed.
+    db = str(tmp_path / "w.db")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoCostWarning)
+        with pytest.raises(NoCostWarning):
+            loop(budget=Budget(usd=1, iterations=3), checkpoint=db)(unpriced).run(0, run_id="strict")
+    assert SQLiteStore(db).get_run("strict").steps == 1
+
+
 def test_iterations_and_wall_clock_are_checked_before_every_call(clock):
     def slow(state):
         clock.advance(4)
