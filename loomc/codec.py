@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import warnings
 from collections.abc import Callable
@@ -90,10 +91,14 @@ def encode(state: Any) -> str:
         return pydantic_core.to_json(state, inf_nan_mode="constants").decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
-        raise StateEncodeError(
-            f"{where} {why}, which cannot be stored as JSON; "
-            "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
-            f"dataclasses), or convert it before returning ({e})") from None
+        advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else
+                  "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
+                  "dataclasses), or convert it before returning")
+        raise StateEncodeError(f"{where} {why}, which cannot be stored as JSON; {advice} ({e})") from None
+
+
+_NEVER_AWAITED = "that was never awaited"
+_AWAIT_IT = "a sync fn cannot await it: write fn as `async def` and await the call"
 
 
 def _short(value: Any) -> str:
@@ -129,6 +134,8 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
             return _find_unencodable(part, path, inside)
     if isinstance(value, _PLAIN_CONTAINERS):  # each part stores, the whole does not: it is too deep
         return _too_deep(where)
+    if inspect.isawaitable(value):  # an async call made from a sync fn
+        return where, f"is {_a(type(value).__name__)} ({_short(value)}) {_NEVER_AWAITED}"
     return where, f"is {_a(type(value).__name__)} ({_short(value)})"
 
 

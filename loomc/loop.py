@@ -527,6 +527,9 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
         if not callable(fn):
             raise ConfigError(f"@loop decorates a function fn(state) -> state, got {fn!r}")
         check_one_argument(fn, "fn(state)")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ConfigError(f"{name_of(fn)} is a generator function (it yields), but a loop's fn returns the "
+                              "new state: end it with `return state` instead of `yield`")
         cls = AsyncLoopRunner if inspect.iscoroutinefunction(fn) else LoopRunner
         return cls(fn, built, scorer=scorer, cost_fn=cost_fn, checkpoint=checkpoint, on_step=callbacks,
                    clock=clock, lease_seconds=lease_seconds, progress=progress)

@@ -283,6 +283,24 @@ def test_steps_seen_along_the_way_keep_the_state_they_were_committed_with():
     assert [s.state["draft"] for s in streamed] == [s.state["draft"] for s in seen] == ["+0", "+0+1", "+0+1+2"]
 
 
+def test_a_sync_fn_that_forgets_to_await_an_async_call_is_told_to_await_it():
+    async def rewrite(text):
+        return text.upper()
+
+    @loop(budget=Budget(iterations=3), checkpoint="memory")
+    def refine(state):
+        return {"draft": rewrite(state["draft"])}  # a coroutine, never awaited
+
+    with pytest.warns(RuntimeWarning, match="never awaited"):  # Python's own word on it, as the coroutine goes
+        run = refine.run({"draft": "a"})
+        import gc
+        gc.collect()
+    assert run.status == "failed" and run.history[0].error.startswith(
+        "StateEncodeError: state['draft'] is a coroutine (<coroutine object")
+    assert "that was never awaited, which cannot be stored as JSON; a sync fn cannot await it: " \
+           "write fn as `async def` and await the call" in run.history[0].error
+
+
 def test_a_fn_that_forgets_to_return_its_state_fails_on_that_step_saying_so():
     """Regression: a forgotten `return state` made step 0 "succeed" with a None state, and the run
     then failed at step 1 with "'NoneType' object does not support item assignment"."""
@@ -405,6 +423,16 @@ def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_deco
         judge(lambda state, client: True)
     with pytest.raises(ConfigError, match=r"calls text_fn\(state\).*<lambda>\(state, lang\)"):
         semantic_delta(0.05, text_fn=lambda state, lang: state)
+    # A generator "worked": its state was the generator, stored as the list it yielded.
+    def drafts(state):
+        yield state
+
+    async def adrafts(state):
+        yield state
+
+    for gen in (drafts, adrafts):
+        with pytest.raises(ConfigError, match="drafts is a generator function .* `return state` instead of `yield`"):
+            loop(checkpoint="memory")(gen)
     # Anything that takes the state alone is fine: defaults, *args, bound methods, partials, builtins.
     for ok in (lambda s, k=1: s, lambda *a: a[0], Agentless().step, functools.partial(merge, b=2), len):
         loop(budget=Budget(iterations=1), scorer=len, checkpoint="memory")(ok)
