@@ -124,7 +124,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {clean(stopped)}",
             f"Policy: {clean(run.policy)}",
-            f"Spent: {spent} in {len(steps)} steps, {run.attempts} attempt(s)"]
+            f"Spent: {spent} in {len(steps)} step{'' if len(steps) == 1 else 's'}, {run.attempts} attempt(s)"]
     head += [f"Uncommitted: {money(usd)} charged during step {n}, which never committed; "
              "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]

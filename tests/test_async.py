@@ -216,6 +216,11 @@ def test_a_cancelled_task_commits_what_its_call_in_flight_spent_in_child_runs_to
     (step,) = store.load_steps("p")
     assert step.events == ("interrupted",) and step.cost == Decimal("0.032"), "its own $0.02 and the child's"
     assert store.get_run("p").status == store.get_run("p-0-0").status == "cancelled"
+    from click.testing import CliRunner
+    from loomc.cli import main
+    shown = CliRunner().invoke(main, ["show", "p", "--db", db]).output
+    assert "Spent: $0.0320 of $1.0000 budget in 1 step, 1 attempt(s)" in shown
+    assert "Interrupted: CancelledError, during this step after spending $0.0320  <- interrupted" in shown
 
 
 def test_an_async_predicate_reads_only_committed_history():
