@@ -16,7 +16,7 @@ import sys
 import time
 import warnings
 from operator import itemgetter
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -28,7 +28,7 @@ from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateRetur
                           StateEncodeError, attach_run)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, name_of
-from loomc.stores.base import CheckpointStore, StoredStep, Totals
+from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
            Outcome.STALLED: "stalled"}
@@ -126,6 +126,7 @@ class LiveRun:
     round_trip_unchecked: bool = True  # until this process has committed a state of the run and checked it
     cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
+    drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id)
@@ -460,17 +461,21 @@ def exhaust(stream: Generator[Any, None, Run]) -> Run:
             return stop.value  # type: ignore[no-any-return]
 
 
-async def steps_async(run: LiveRun, sink: Callable[[Step], Any] | None = None) -> Run:
-    """Run the same machine, awaiting each effect; hand each committed Step to ``sink``."""
+async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, None]:
+    """Run the same machine, awaiting each effect; yield each Step once it is committed.
+
+    The next call starts only when the next Step is asked for, as in the sync driver; closing
+    the generator early ends the run as cancelled. The Run is appended to ``ended``.
+    """
     gen, value = _machine(run), None
     try:
         while True:
             effect = gen.send(value)
             value = await effect.async_(run)
-            if sink is not None and type(effect) is _Commit:
-                await sink(effect.step)
+            if type(effect) is _Commit:
+                yield effect.step
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        ended.append(stop.value)
     except BaseException as e:
         import asyncio
         await asyncio.shield(offload(run.store, _abandon, run, e))

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -36,12 +36,10 @@ from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, 
                           either, name_of)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
-from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals, new_run_id, process_owner
+from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id
 
 __version__ = "0.3.0"
 SPEC_VERSION = "1"
-
-_OWNER: dict[str, Any] = {"pid": -1, "name": ""}
 
 
 class SpecChangedWarning(UserWarning):
@@ -71,10 +69,6 @@ def _refuse_at_import(fn: Callable[..., Any]) -> None:
                           "`if __name__ == \"__main__\":`")
 
 
-def _owner() -> str:
-    if _OWNER["pid"] != os.getpid():
-        _OWNER.update(pid=os.getpid(), name=process_owner())
-    return str(_OWNER["name"])
 
 
 def refuse_completed(record: RunRecord) -> None:
@@ -201,17 +195,17 @@ class LoopRunner:
     # --- starting and resuming -------------------------------------------
 
     def _live(self, run_id: str, policy: Policy, history: History, initial: Any, initial_json: str | None,
-              source: Step | None, state_type: Any, prior_active: float = 0.0,
+              source: Step | None, state_type: Any, drive: Drive, prior_active: float = 0.0,
               parent: LiveRun | None = None) -> LiveRun:
         if parent is not None:  # the parent's USD cap binds the child
             room = parent.usd_room()
             if room is not None:
                 policy = either(policy, ParentCap(parent.id, room + history.total_cost))
-        return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=_owner(), history=history,
+        return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=drive.owner, history=history,
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
                        lease_seconds=self.lease_seconds, parent=parent, state_type=state_type,
-                       initial_json=initial_json)
+                       initial_json=initial_json, drive=drive)
 
     def _plan(self, run_id: str | None) -> tuple[LiveRun | None, str | None]:
         """Inside another loop's iteration this run is its child, with a stable id per parent step.
@@ -234,7 +228,7 @@ class LoopRunner:
         except RunNotFound:
             return self._start(state, run_id, parent)
         if record.status == "completed":  # the parent is re-running a step: do not pay twice
-            live = self._restore(record, self.policy, parent=None)
+            live = self._restore(record, self.policy, Drive(), parent=None)
             parent.spend(live.history.total_cost)
             return _ended(live, "completed", record.reason or "completed", None)
         return self._reopen(run_id, None, parent)
@@ -250,17 +244,18 @@ class LoopRunner:
             self._types[state_type] = type(state)
         decode_as = codec.resolve_state_type(self.state_type, state_type, self._types)
         codec.warn_if_changed(state, initial_json, decode_as)
+        drive = Drive()
         try:
             self.store.create_run(RunRecord(
                 id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path,
                 policy=repr(self.policy), state_type=state_type, initial_state=initial_json, created_at=now,
-                updated_at=now, owner=_owner(), lease_expires=now + self.lease_seconds,
+                updated_at=now, owner=drive.owner, lease_expires=now + self.lease_seconds,
                 parent_run_id=None if parent is None else parent.id,
                 parent_step=None if parent is None else parent.in_flight))
         except StepConflict as e:
             raise StepConflict(f"{e}: continue it with {name_of(self.fn)}.resume({run_id!r}), "
                                "or start a new run under another run_id") from None
-        return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, parent=parent)
+        return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, drive, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
         _refuse_at_import(self.fn)
@@ -273,22 +268,23 @@ class LoopRunner:
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
             policy = with_budget(self.policy, budget)
             note = f"resumed with {budget!r} (was {record.policy})"
-        record = store.claim_run(run_id, _owner(), self.lease_seconds, policy=repr(policy), note=note)
+        drive = Drive()
+        record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note)
         try:
             if record.spec_hash and record.spec_hash != self.spec_hash:
                 warnings.warn(f"run {run_id}: fn's source, the policy or the state type changed since the run "
                               "started; resuming with the current code (a stored state that no longer "
                               "validates stops the resume)", SpecChangedWarning, stacklevel=3)
-            live = self._restore(record, policy, parent)
-            live.history = self._settle_interrupted(record, live.history)
+            live = self._restore(record, policy, drive, parent)
+            live.history = self._settle_interrupted(record, live.history, drive.owner)
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash
         except BaseException:  # a resume that cannot start leaves the run as it was
-            store.finish_run(run_id, before.status, before.reason, _owner())
+            store.finish_run(run_id, before.status, before.reason, drive.owner)
             raise
         return live
 
-    def _restore(self, record: RunRecord, policy: Policy, parent: LiveRun | None = None) -> LiveRun:
+    def _restore(self, record: RunRecord, policy: Policy, drive: Drive, parent: LiveRun | None = None) -> LiveRun:
         """A LiveRun over the committed history of ``record``; reads only."""
         state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
@@ -297,10 +293,10 @@ class LoopRunner:
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
         initial = codec.decode(record.initial_state, state_type, run_id=run_id, step="initial")
-        return self._live(run_id, policy, history, initial, record.initial_state, source, state_type,
+        return self._live(run_id, policy, history, initial, record.initial_state, source, state_type, drive,
                           record.active_seconds, parent)
 
-    def _settle_interrupted(self, record: RunRecord, history: History) -> History:
+    def _settle_interrupted(self, record: RunRecord, history: History, owner: str) -> History:
         """Spend charged by a step that never committed becomes a failed step: counted once.
 
         Charges are recorded under the number of the step in flight, and a commit
@@ -320,7 +316,7 @@ class LoopRunner:
         history = history.append(step)
         self.store.commit_step(record.id, stored(step), Totals(history.total_cost, len(history),
                                                                record.active_seconds),
-                               _owner(), self.lease_seconds)
+                               owner, self.lease_seconds)
         return history
 
     @contextlib.contextmanager
@@ -394,12 +390,25 @@ def _no_steps(run: Run) -> Generator[Step, None, Run]:
 class AsyncLoopRunner(LoopRunner):
     """What ``@loop`` returns for an ``async def``: ``await runner(state)``."""
 
-    async def _go(self, opened: LiveRun | Run, sink: Callable[[Step], Any] | None = None) -> Run:
-        """Drive an opened run to its end, handing each committed Step to ``sink``."""
+    async def _go(self, opened: LiveRun | Run) -> Run:
+        """Drive an opened run to its end."""
+        ended: list[Run] = []
+        async for _ in self._steps_of(opened, ended):
+            pass
+        return ended[0]
+
+    async def _steps_of(self, opened: LiveRun | Run, ended: list[Run]) -> AsyncGenerator[Step, None]:
+        """The committed Steps of an opened run, each once it is asked for; the Run goes in ``ended``."""
         if isinstance(opened, Run):
-            return opened
+            ended.append(opened)
+            return
         with self._watched(opened) as live:
-            return await steps_async(live, sink)
+            stream = steps_async(live, ended)
+            try:
+                async for step in stream:
+                    yield step
+            finally:
+                await stream.aclose()  # left early: the run ends cancelled now, not when collected
 
     async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
         parent, run_id = self._plan(run_id)
@@ -420,7 +429,12 @@ class AsyncLoopRunner(LoopRunner):
 
 
 class StepStream:
-    """The Steps of a run as they are committed; after the last one, ``.run`` is the whole Run."""
+    """The Steps of a run as they are committed; after the last one, ``.run`` is the whole Run.
+
+    The next call of ``fn`` starts only when the next Step is asked for. Leaving early ends the
+    run as cancelled, with every committed step kept: at once with ``stream.close()``, else when
+    the stream is collected.
+    """
 
     def __init__(self, stream: Generator[Step, None, Run]) -> None:
         self.run: Run | None = None
@@ -436,41 +450,52 @@ class StepStream:
             self.run = stop.value
             raise StopIteration from None
 
-
-_DONE = object()
+    def close(self) -> None:
+        """End the run now, as cancelled (if it has not ended), keeping every committed step."""
+        self._stream.close()
 
 
 class AsyncStepStream:
-    """``async for step in ...``: Steps of an async run as they are committed; then ``.run``."""
+    """``async for step in ...``: Steps of an async run as they are committed; then ``.run``.
+
+    Like the sync stream, the next call of ``fn`` starts only when the next Step is asked for.
+    Leaving early ends the run as cancelled, with every committed step kept: at once with
+    ``await stream.aclose()``, else when the stream is collected.
+    """
 
     def __init__(self, runner: AsyncLoopRunner, state: Any, run_id: str | None) -> None:
         self.run: Run | None = None
         self._runner, self._state, self._run_id = runner, state, run_id
-        self._queue: Any = None
-        self._task: Any = None
+        self._ended: list[Run] = []
+        self._steps: AsyncGenerator[Step, None] | None = None
 
     def __aiter__(self) -> AsyncStepStream:
         return self
 
     async def __anext__(self) -> Step:
-        import asyncio
-        if self._task is None:
-            self._queue = asyncio.Queue()
-            parent, run_id = self._runner._plan(self._run_id)
-            self._task = asyncio.ensure_future(self._produce(parent, run_id))
-        item = await self._queue.get()
-        if item is _DONE:
-            self.run = self._task.result()  # raises what ended the run abnormally
-            raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
-
-    async def _produce(self, parent: LiveRun | None, run_id: str | None) -> Run:
+        if self._steps is None:
+            parent, run_id = self._runner._plan(self._run_id)  # at the call site, before any await
+            self._steps = self._produce(parent, run_id)
         try:
-            runner = self._runner
-            opened = await offload(runner.store, runner._open, self._state, run_id, parent)
-            return await runner._go(opened, self._queue.put)
+            return await self._steps.__anext__()
+        except StopAsyncIteration:
+            self.run = self._ended[0]
+            raise
+
+    async def aclose(self) -> None:
+        """End the run now, as cancelled (if it has not ended), keeping every committed step."""
+        if self._steps is not None:
+            await self._steps.aclose()
+
+    async def _produce(self, parent: LiveRun | None, run_id: str | None) -> AsyncGenerator[Step, None]:
+        runner = self._runner
+        opened = await offload(runner.store, runner._open, self._state, run_id, parent)
+        stream = runner._steps_of(opened, self._ended)
+        try:
+            async for step in stream:
+                yield step
         finally:
-            await self._queue.put(_DONE)
+            await stream.aclose()
 
 
 def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str) -> History:

@@ -9,7 +9,8 @@ from decimal import Decimal
 import matplotlib
 import pytest
 
-from loomc import (BestScore, Budget, LastGood, compare, load_history, loop, predicate, score_plateau)
+from loomc import (BestScore, Budget, LastGood, SQLiteStore, compare, load_history, loop, predicate,
+                   score_plateau)
 from loomc.notebook import Progress
 from loomc.export import history_from_export
 
@@ -116,6 +117,34 @@ def test_async_iter_yields_steps_as_they_happen():
 
     got, run = asyncio.run(watch())
     assert got == [1, 2, 3] and run.status == "budget_exhausted"
+
+
+def test_leaving_an_async_iter_early_stops_calling_fn(tmp_path):
+    """Regression: after `break` the run went on in the background, calling (and paying for) fn
+    until its budget or the event loop ended, because nothing waited for the next step to be asked for."""
+    db = str(tmp_path / "a.db")
+    calls = []
+
+    @loop(budget=Budget(iterations=50), checkpoint=db)
+    async def fn(state):
+        calls.append(state)
+        await asyncio.sleep(0.001)
+        return state + 1
+
+    async def leave():
+        stream = fn.iter(0, run_id="left")
+        async for step in stream:
+            if step.n == 2:
+                break
+        await asyncio.sleep(0.2)  # time enough for dozens of calls, were any made
+        made = len(calls)
+        await stream.aclose()
+        return made
+
+    assert asyncio.run(leave()) == 3 and len(calls) == 3
+    record = SQLiteStore(db).get_run("left")
+    assert record.status == "cancelled" and record.steps == 3
+    assert asyncio.run(fn.resume_run("left")).state == 50
 
 
 def test_replay_comparison_matches_what_the_live_loops_did(tmp_path):

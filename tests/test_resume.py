@@ -18,9 +18,11 @@ from pathlib import Path
 import pydantic
 import pytest
 
+import loomc
+
 from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
                    RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
-                   StepConflict, loop, predicate)
+                   StepConflict, StoreError, loop, predicate)
 
 CRASHY = str(Path(__file__).parent / "crashy.py")
 
@@ -462,6 +464,74 @@ def test_two_processes_cannot_resume_one_run_and_a_dead_owner_is_taken_over(tmp_
         proc.communicate(timeout=30)
     final = run_crashy(db, "slowrun", "cost")  # the dead owner's lease is taken over at once
     assert final == reference_final()
+
+
+def test_two_threads_of_one_process_cannot_resume_one_run(tmp_path):
+    """Regression: both took the run (they shared one owner name); the second settled the first's
+    paid step as "interrupted", the first then hit StepConflict, and the run ended failed."""
+    import threading
+    db = str(tmp_path / "threads.db")
+    in_step, tried = threading.Event(), threading.Event()
+
+    @loop(budget=Budget(usd=5, iterations=4), checkpoint=db)
+    def slow(state):
+        loomc.charge(0.1)
+        if state == 2:
+            in_step.set()
+            tried.wait(30)  # hold step 2 open while the other thread tries
+        return state + 1
+
+    loop(budget=Budget(iterations=2), checkpoint=db)(slow.fn).run(0, run_id="shared")
+    results = {}
+
+    def first():
+        results["first"] = slow.resume_run("shared")
+
+    def second():
+        in_step.wait(30)
+        try:
+            slow.resume_run("shared")
+        except RunLocked as e:
+            results["second"] = e
+        finally:
+            tried.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    with pytest.warns(SpecChangedWarning):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert "is already being run in this process" in str(results["second"])
+    run = results["first"]
+    assert run.status == "budget_exhausted" and run.state == 4
+    steps = SQLiteStore(db).load_steps("shared")
+    assert [s.n for s in steps] == [0, 1, 2, 3] and all(s.error is None for s in steps)
+    assert SQLiteStore(db).get_run("shared").total_cost == Decimal("0.4")
+
+
+def test_an_unfinished_iter_holds_its_run_and_a_drive_that_is_over_holds_nothing(tmp_path):
+    import gc
+    db = str(tmp_path / "iter.db")
+    count = loop(budget=Budget(iterations=5), checkpoint=db)(lambda s: s + 1)
+    stream = count.iter(0, run_id="held")
+    next(stream)
+    with pytest.raises(RunLocked, match="an iter\\(\\) not yet finished"):
+        count.resume("held")
+    stream.close()  # the run is cancelled, and released
+    assert count.resume_run("held").state == 5 and SQLiteStore(db).get_run("held").status == "budget_exhausted"
+
+    class KeepsRuns(SQLiteStore):  # a store that fails to release a run: its owner stays recorded
+        def finish_run(self, run_id, status, reason, owner):
+            raise StoreError("disk went away")
+
+    stuck = loop(budget=Budget(iterations=5), checkpoint=KeepsRuns(db))(count.fn)
+    stream = stuck.iter(0, run_id="stuck")
+    next(stream)
+    del stream
+    gc.collect()
+    assert SQLiteStore(db).get_run("stuck").owner is not None
+    assert count.resume_run("stuck").state == 5, "the drive that held it is over, in this process: taken over at once"
 
 
 def test_wall_clock_counts_active_time_across_resumes(tmp_path, clock):

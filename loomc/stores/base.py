@@ -14,6 +14,7 @@ import dataclasses
 import os
 import socket
 import uuid
+import weakref
 from dataclasses import dataclass
 from decimal import Decimal
 from collections.abc import Mapping
@@ -122,13 +123,32 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+#: The owners driving a run in this process, each held only as long as its driver object lives.
+_DRIVING: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
 def process_owner() -> str:
     """An owner name for leases: ``host:pid:nonce``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class Drive:
+    """One drive of a run (a start or a resume) and its owner name, alive here as long as this object is.
+
+    Each drive has its own owner, so two threads or tasks of one process cannot both hold a
+    run, while a drive that ended without releasing its run (its process lives on) holds nothing.
+    """
+
+    __slots__ = ("owner", "__weakref__")
+
+    def __init__(self) -> None:
+        self.owner = process_owner()
+        _DRIVING[self.owner] = self
+
+
 def owner_is_dead(owner: str | None) -> bool:
-    """True when ``owner`` names a process on this host that no longer runs."""
+    """True when ``owner`` names a process on this host that no longer runs, or a drive in this
+    process that is over."""
     if not owner:
         return True
     host, _, rest = owner.partition(":")
@@ -137,7 +157,7 @@ def owner_is_dead(owner: str | None) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return False
+        return owner not in _DRIVING
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,6 +182,9 @@ def may_take(run: RunRecord, owner: str, now: float) -> bool:
 
 
 def locked_message(run: RunRecord, now: float) -> str:
+    if run.owner in _DRIVING:
+        return (f"run {run.id} is already being run in this process (by another thread or task, or an "
+                "iter() not yet finished); wait for it to finish, or close that iter()")
     left = max(0.0, (run.lease_expires or now) - now)
     return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); "
             "wait for it to finish, or for its lease to expire if that process is gone")
