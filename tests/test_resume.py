@@ -534,6 +534,27 @@ def test_an_unfinished_iter_holds_its_run_and_a_drive_that_is_over_holds_nothing
     assert count.resume_run("stuck").state == 5, "the drive that held it is over, in this process: taken over at once"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
+def test_an_owner_whose_pid_another_process_now_has_is_dead(tmp_path):
+    """A restarted container keeps its host name and often its pid: the pid alone would keep the
+    crashed run locked until its lease expired. The owner name carries the start time too."""
+    import socket
+    from loomc.stores.base import owner_is_dead, process_owner
+    mine = process_owner()
+    host, pid, nonce = mine.split(":")
+    assert host == socket.gethostname() and pid == str(os.getpid()) and nonce.startswith("t")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = open(f"/proc/{other.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        assert not owner_is_dead(f"{host}:{other.pid}:t{started}.abc123"), "that very process"
+        assert not owner_is_dead(f"{host}:{other.pid}:abc123"), "an owner named without a start time"
+        assert owner_is_dead(f"{host}:{other.pid}:t{int(started) - 1}.abc123"), "its pid, another process"
+    finally:
+        other.kill()
+        other.wait()
+    assert owner_is_dead(f"{host}:{other.pid}:t{started}.abc123")
+
+
 def test_wall_clock_counts_active_time_across_resumes(tmp_path, clock):
     db = str(tmp_path / "w.db")
     calls = {"n": 0}

@@ -128,8 +128,11 @@ _DRIVING: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def process_owner() -> str:
-    """An owner name for leases: ``host:pid:nonce``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """An owner name for leases: ``host:pid:nonce``, where the nonce starts with the process's start
+    time when the system tells it (``t<start>.<hex>``), so a reused pid is not taken for the owner."""
+    started = _start_time(os.getpid())
+    nonce = uuid.uuid4().hex[:6] if started is None else f"t{started}.{uuid.uuid4().hex[:6]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{nonce}"
 
 
 class Drive:
@@ -163,16 +166,30 @@ def owner_is_dead(owner: str | None) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
+        pass  # another user's process holds the pid: alive, unless it is not the owner (below)
+    stat = _stat(pid)
+    if stat is None:
         return False
-    return _is_zombie(pid)
+    nonce = rest.partition(":")[2]
+    started = nonce[1:].partition(".")[0] if nonce.startswith("t") and "." in nonce else None
+    # A zombie is dead; so is the owner when another process has its pid now (a restarted container).
+    return stat[0] == "Z" or (started is not None and started != stat[19])
 
 
-def _is_zombie(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), where there is a /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+    return fields if len(fields) > 19 else None
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks after boot (Linux), else None."""
+    stat = _stat(pid)
+    return None if stat is None else stat[19]
 
 
 def may_take(run: RunRecord, owner: str, now: float) -> bool:
