@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from collections.abc import Sequence
 from typing import Any
 
 from loomc.errors import ConfigError
@@ -154,6 +155,27 @@ class ParentCap(Signal):
 
     def __repr__(self) -> str:
         return f"parent_cap(run={self.parent!r}, usd={float(self.usd)!r})"
+
+
+def raised(budgets: Sequence[Budget], new: Budget) -> Budget:
+    """The budget a resume runs under when given ``new``: its caps, and every cap it leaves out
+    kept from ``budgets`` (the loop's own), so raising the dollars never lifts the iteration or
+    time cap. ``Budget.unbounded()`` lifts them all."""
+    if new.unbounded_:
+        return new
+
+    def kept(field: str, tightest: Any = min) -> Any:
+        mine = getattr(new, field)
+        if mine is not None:
+            return mine
+        found = [getattr(b, field) for b in budgets if getattr(b, field) is not None]
+        return tightest(found) if found else None
+
+    wall = kept("wall_clock")
+    text = new.wall_clock_text if new.wall_clock is not None else \
+        next((b.wall_clock_text for b in budgets if b.wall_clock == wall and b.wall_clock_text), None)
+    return Budget(usd=kept("usd"), iterations=kept("iterations"), wall_clock=text or wall,
+                  step_estimate=kept("step_estimate", max))
 
 
 def _cap(policy: Any, field: str) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap
+from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, raised
 from loomc.errors import (ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunNotFound,
                           StepConflict)
 from loomc.history import ZERO, History, Step
@@ -111,11 +111,13 @@ def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = N
     return combined
 
 
-def with_budget(policy: Policy, budget: Budget) -> Policy:
-    """``policy`` with its top-level budget replaced by ``budget`` (for a resume with a raise)."""
+def with_budget(policy: Policy, budget: Budget) -> tuple[Policy, Budget]:
+    """``policy`` under ``budget`` for a resume with a raise, and the budget that then applies:
+    ``budget``'s caps, with those it leaves out kept from the top-level budgets of ``policy``."""
     parts = policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
-    kept = [p for p in parts if not isinstance(p, Budget)]
-    return functools.reduce(either, [budget, *kept])
+    budgets = [p for p in parts if isinstance(p, Budget)]
+    merged = raised(budgets, budget)
+    return functools.reduce(either, [merged, *(p for p in parts if not isinstance(p, Budget))]), merged
 
 
 def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Decimal:
@@ -266,7 +268,7 @@ class LoopRunner:
         if budget is not None:
             if not isinstance(budget, Budget):
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
-            policy = with_budget(self.policy, budget)
+            policy, budget = with_budget(self.policy, budget)
             note = f"resumed with {budget!r} (was {record.policy})"
         drive = Drive()
         record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note)

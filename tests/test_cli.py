@@ -251,6 +251,22 @@ def test_resume_imports_a_module_level_loop(tmp_path):
     assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
 
 
+def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
+    (tmp_path / "capped.py").write_text(
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(usd=0.3, iterations=8), cost_fn=lambda s: 0.1)\n"
+        "def job(s):\n    return s + 1\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / "c.db")}
+    start = subprocess.run([sys.executable, "-c", "import capped; print(capped.job.run(0, run_id='c1').status)"],
+                           env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert start.stdout.strip() == "budget_exhausted", start.stderr
+    proc = subprocess.run(["loomc", "resume", "c1", "--budget-usd", "5"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr  # stopped again, by the iteration cap this time
+    assert "Stopped: iterations: 8 of 8 calls made" in proc.stdout
+    assert "Spent: $0.8000 of $5.0000 budget in 8 steps" in proc.stdout
+
+
 def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):
     script = tmp_path / "fixer.py"
     script.write_text(

@@ -164,6 +164,30 @@ def test_a_budget_exhausted_run_resumes_with_a_larger_budget_and_the_raise_is_re
     assert record.policy.startswith("Budget(usd=1.0)")
 
 
+def test_a_raise_changes_only_the_caps_it_names(tmp_path):
+    """Regression: resume(budget=Budget(usd=5)) (and `loomc resume --budget-usd 5`) replaced the whole
+    budget, so a run capped at 8 calls went on to 50 and spent $5.00 where $0.80 was the most it could."""
+    from loomc.budget import raised
+    db = str(tmp_path / "raise.db")
+    step = loop(budget=Budget(usd=0.3, iterations=8, wall_clock="10m"), cost_fn=lambda s: 0.1,
+                checkpoint=db)(lambda s: s + 1)
+    first = step.run(0)
+    assert first.status == "budget_exhausted" and first.steps == 3 and first.reason.startswith("usd:")
+    more = step.resume_run(first.id, budget=Budget(usd=5))
+    assert more.steps == 8 and more.total_cost == Decimal("0.8") and more.reason == "iterations: 8 of 8 calls made"
+    record = SQLiteStore(db).get_run(first.id)
+    assert record.notes[-1] == ("resumed with Budget(usd=5.0, iterations=8, wall_clock='10m') "
+                                "(was Budget(usd=0.3, iterations=8, wall_clock='10m'))")
+    lifted = loop(budget=Budget(iterations=8), converge_on=predicate(lambda h: h[-1].state >= 12),
+                  cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    with pytest.warns(SpecChangedWarning):
+        assert lifted.resume_run(first.id, budget=Budget.unbounded()).state == 12, "unbounded() lifts every cap"
+    old = [Budget(usd=1, wall_clock=60, step_estimate=0.2), Budget(iterations=9, wall_clock="2m")]
+    assert raised(old, Budget(iterations=20)) == Budget(usd=1, iterations=20, wall_clock=60, step_estimate=0.2)
+    assert repr(raised(old, Budget(wall_clock="1h"))) == \
+        "Budget(usd=1.0, iterations=9, wall_clock='1h', step_estimate=0.2)"
+
+
 class Draft(pydantic.BaseModel):
     text: str
     version: int
