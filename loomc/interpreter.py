@@ -127,6 +127,7 @@ class LiveRun:
     cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
     drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
+    first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id)
@@ -370,7 +371,7 @@ _BACKTRACK, _CONTINUE, _STALLED = Outcome.BACKTRACK, Outcome.CONTINUE, Outcome.S
 
 def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     h, policy = run.history, run.policy
-    decision = policy.decide(h, run.elapsed((yield NOW)))
+    decision = (policy if run.first_policy is None else run.first_policy).decide(h, run.elapsed((yield NOW)))
     if decision.outcome is _BACKTRACK:  # e.g. a resumed run whose last step regressed
         run.source = None if decision.to is None else h[decision.to]
     n = len(h)  # the number of the next call; it starts from run.source's state

@@ -33,7 +33,7 @@ from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
-                          either, name_of)
+                          either, name_of, never)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
 from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id
@@ -109,6 +109,16 @@ def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = N
     if not any(isinstance(p, Budget) for p in combined.walk()):
         combined = either(DEFAULT_BUDGET, combined)
     return combined
+
+
+def without_stall_handler(policy: Policy) -> Policy:
+    """``policy`` without its stall handler: what decides before the first call of a resumed stalled run."""
+    parts = policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
+    kept: Policy = never
+    for p in parts:
+        if getattr(p, "role", None) != Escalate.role:
+            kept = either(kept, p)
+    return kept
 
 
 def with_budget(policy: Policy, budget: Budget) -> tuple[Policy, Budget]:
@@ -270,6 +280,9 @@ class LoopRunner:
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
             policy, budget = with_budget(self.policy, budget)
             note = f"resumed with {budget!r} (was {record.policy})"
+        if record.status == "stalled":
+            note = "; ".join(filter(None, ["resumed after it stalled: the stall handler is asked again after "
+                                           "the next call", note]))
         drive = Drive()
         record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note)
         try:
@@ -278,6 +291,8 @@ class LoopRunner:
                               "started; resuming with the current code (a stored state that no longer "
                               "validates stops the resume)", SpecChangedWarning, stacklevel=3)
             live = self._restore(record, policy, drive, parent)
+            if before.status == "stalled":  # resuming is the answer to the escalation: ask it again from here
+                live.first_policy = without_stall_handler(policy)
             live.history = self._settle_interrupted(record, live.history, drive.owner)
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash

@@ -188,6 +188,31 @@ def test_a_raise_changes_only_the_caps_it_names(tmp_path):
         "Budget(usd=1.0, iterations=9, wall_clock='1h', step_estimate=0.2)"
 
 
+def test_resuming_a_stalled_run_gives_it_more_calls_from_its_best_state(tmp_path):
+    """Regression: the resume stalled again at once, without a call: Escalate counts the whole
+    history. Resuming is the answer to the escalation, so the stall handler waits for a new call."""
+    from loomc import BestScore, Escalate
+    db = str(tmp_path / "stall.db")
+    scores = iter([0.5, 0.4, 0.4, 0.4, 0.6, 0.7, 0.3, 0.3, 0.3])
+
+    @loop(budget=Budget(iterations=20), backtrack=BestScore(), on_stall=Escalate(after=3), scorer=lambda s: s["q"],
+          checkpoint=db)
+    def step(state):
+        return {"q": next(scores), "from": state["q"]}
+
+    first = step.run({"q": 0.0})
+    assert first.status == "stalled" and first.steps == 4
+    again = step.resume_run(first.id)
+    assert again.status == "stalled" and again.steps == 9, "three more steps without a gain stall it again"
+    assert again.history[4].state["from"] == 0.5, "the first new call starts from the best state"
+    assert again.state == {"q": 0.7, "from": 0.6}
+    assert SQLiteStore(db).get_run(first.id).notes[-1].startswith("resumed after it stalled")
+    nowhere = loop(budget=Budget(iterations=20), on_stall=Escalate(after=3), scorer=lambda s: s["q"],
+                   checkpoint=db)(lambda s: {"q": 0.1})
+    with pytest.warns(SpecChangedWarning):
+        assert nowhere.resume_run(first.id).steps == 10, "one more call without a gain is enough"
+
+
 class Draft(pydantic.BaseModel):
     text: str
     version: int
