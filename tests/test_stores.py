@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from loomc import CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError
+from loomc import Budget, CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError, loop
 from loomc.stores.base import Totals
 from loomc.stores.sqlite import READS_WITH, SCHEMA_VERSION, _transaction, create_old_database
 from loomc.testing import OTHER, OWNER, StoreConformance, commit, make_run, make_step
@@ -140,6 +140,20 @@ def test_a_corrupt_file_says_it_is_corrupt_and_where(tmp_path):
     path.write_bytes(b"this is not a database at all" * 100)
     with pytest.raises(CorruptStore, match=str(path.name)):
         SQLiteStore(path)
+
+
+def test_a_path_that_cannot_hold_a_database_is_one_clear_store_error(tmp_path):
+    """Regression: a directory that cannot be made escaped as a bare FileNotFoundError."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match=r"cannot create .*a-file/sub for the checkpoint database "
+                                         r"\(Not a directory\).*writable directory"):
+        SQLiteStore(blocker / "sub" / "c.db")
+    with pytest.raises(StoreError, match=r"is a directory; give the path of a database file in it, such as .*checkpoints\.db"):
+        SQLiteStore(tmp_path)
+    (tmp_path / "x.db").mkdir()
+    with pytest.raises(StoreError, match="is a directory"):
+        loop(budget=Budget(iterations=1), checkpoint=str(tmp_path / "x.db"))(lambda s: s)(0)
 
 
 def test_another_programs_sqlite_file_is_refused(tmp_path):

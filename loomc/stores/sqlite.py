@@ -167,10 +167,18 @@ class SQLiteStore:
                               "or 'normal' (survives a process crash, faster)")
         self.path = Path(path).expanduser().resolve()
         self.durability = durability
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory; give the path of a database file in it, "
+                             f"such as {self.path / 'checkpoints.db'}")
         if not self.path.exists():
             if not create:
                 raise StoreError(f"no loomc database at {self.path}; run a loop first, or pass --db")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create {self.path.parent} for the checkpoint database "
+                                 f"({e.strerror or e}); pass checkpoint= (or --db, or $LOOMC_DB) a path "
+                                 "in a writable directory") from None
         self._forget_connections()
         # run id -> (owner, monotonic time): until then this process's lease on the run has more
         # than half its life left, and steps go in unfenced (see commit_step).
