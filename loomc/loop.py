@@ -71,6 +71,11 @@ def _refuse_at_import(fn: Callable[..., Any]) -> None:
 
 
 
+def _check_run_id(run_id: Any) -> None:
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise ConfigError(f"run_id={run_id!r}: a run id is a non-empty string, such as '2026-11-22-nightly'")
+
+
 def refuse_completed(record: RunRecord) -> None:
     """Raise :class:`RunAlreadyFinished` for a run that completed: there is nothing to resume."""
     if record.status == "completed":
@@ -225,6 +230,8 @@ class LoopRunner:
         Called at the call site, before any await, so children started in one step get the same
         ids in the same order when the parent resumes that step.
         """
+        if run_id is not None:
+            _check_run_id(run_id)
         parent = current_run()
         if parent is None:
             return None, run_id
@@ -270,6 +277,7 @@ class LoopRunner:
         return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, drive, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
+        _check_run_id(run_id)
         _refuse_at_import(self.fn)
         store = self.store
         record = before = store.get_run(run_id)
@@ -554,7 +562,10 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
                  and not hasattr(p, "parts")]
         raise ConfigError(f"{', '.join(needy)} reads step scores, but no scorer= was given; "
                           "pass scorer=lambda state: <a float, higher is better>")
-    callbacks = (on_step,) if callable(on_step) else tuple(on_step)
+    try:
+        callbacks = (on_step,) if callable(on_step) else tuple(on_step)
+    except TypeError:
+        raise ConfigError(f"on_step={on_step!r}: pass a function of the Step, or a list of them") from None
     for cb in callbacks:
         if not callable(cb):
             raise ConfigError(f"on_step={cb!r} must be a function of the Step")

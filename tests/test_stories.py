@@ -342,6 +342,10 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
     (lambda: Budget(wall_clock="10 parsecs"), "'10m'"),
     (lambda: Budget(), "Budget.unbounded()"),
     (lambda: Escalate(after=0), "after"),
+    (lambda: loop(on_step=5), "on_step=5: pass a function of the Step"),
+    (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=5), "run_id=5: a run id is a non-empty string"),
+    (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=" "), "run_id=' ': a run id is a non-empty"),
+    (lambda: loop(checkpoint="memory")(lambda s: s).resume(7), "run_id=7: a run id"),
 ])
 def test_bad_arguments_fail_at_construction_with_a_clear_message(make, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
