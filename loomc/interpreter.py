@@ -277,7 +277,11 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                 run.pending += to_decimal(run.cost_fn(state), "cost_fn(state)")
             if run.scorer is not None:
                 raw = run.scorer(state)
-                score = None if raw is None else float(raw)
+                try:
+                    score = None if raw is None else float(raw)
+                except (TypeError, ValueError):
+                    raise TypeError(f"scorer(state) must return a number (higher is better) or None, got "
+                                    f"{type(raw).__name__}: {raw!r}") from None
         except Exception as e:
             exc = e
     if exc is not None:

@@ -496,6 +496,17 @@ def test_score_plateau_counts_as_the_docs_say(scores, patience, min_delta, stops
     assert score_plateau(patience, min_delta).replay(h).stopped_after == stops_after
 
 
+def test_a_scorer_that_returns_no_number_fails_its_step_saying_so_and_numeric_text_counts():
+    verdicts = iter(["0.8", "good", {"score": 1}])
+    run = loop(budget=Budget(iterations=3), backtrack=LastGood(), scorer=lambda s: next(verdicts),
+               checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.history[0].score == 0.8
+    assert run.history[1].error == ("TypeError: scorer(state) must return a number (higher is better) or None, "
+                                    "got str: 'good'")
+    assert run.history[2].error.endswith("got dict: {'score': 1}")
+    assert run.history[1].state == 2, "a step whose scorer failed keeps its state"
+
+
 def test_nan_never_becomes_the_best_score():
     fn, _ = scripted([float("nan"), 0.2, float("nan"), 0.1])
     run = loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn).run({})
