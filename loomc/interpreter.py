@@ -13,6 +13,7 @@ import contextvars
 import functools
 import inspect
 import sys
+import threading
 import time
 import warnings
 from operator import itemgetter
@@ -37,6 +38,7 @@ _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exh
 # skipping their Python-level constructors.
 _new_tuple = tuple.__new__
 
+_SPENDING = threading.Lock()  # charges are rare next to steps: one lock for every run will do
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
 
 
@@ -149,10 +151,14 @@ class LiveRun:
         return f"{self.id}-{self.in_flight}-{k}"
 
     def spend(self, usd: Decimal, item: str | None = None) -> None:
-        """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost."""
-        self.pending += usd
-        if item is not None:
-            self.items[item] = self.items.get(item, ZERO) + usd
+        """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost.
+
+        Threads that ``fn`` starts may charge at once (with the loop's context), hence the lock.
+        """
+        with _SPENDING:
+            self.pending += usd
+            if item is not None:
+                self.items[item] = self.items.get(item, ZERO) + usd
 
     def elapsed(self, now: float) -> float:
         return self.prior_active + (now - self.session_start)
@@ -545,6 +551,20 @@ def step_number() -> int | None:
     return None if run is None else run.in_flight
 
 
+def _in_step(name: str) -> LiveRun:
+    """The run whose step is in flight in this context, else a LoomcError that says why there is none."""
+    run = _CURRENT.get()
+    if run is None:
+        raise LoomcError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
+                         "decorated with @loop. A thread that fn starts does not carry the loop's context: "
+                         "submit its work as pool.submit(contextvars.copy_context().run, work, ...) "
+                         "(asyncio.to_thread does this for you)")
+    if run.in_flight < 0:
+        raise LoomcError(f"loomc.{name}() was called for run {run.id} after its step ended (from a thread fn "
+                         "left running?); charge before fn returns, so the spend joins its step")
+    return run
+
+
 def charge(usd: float | Decimal | str, item: str | None = None) -> None:
     """Record spend the moment it happens, inside an iteration.
 
@@ -558,10 +578,7 @@ def charge(usd: float | Decimal | str, item: str | None = None) -> None:
             loomc.charge(price(reply))      # durable now, even if we crash next line
             ...
     """
-    run = _CURRENT.get()
-    if run is None:
-        raise LoomcError("loomc.charge() was called outside a loop iteration; call it inside "
-                         "the function decorated with @loop")
+    run = _in_step("charge")
     amount = to_decimal(usd, "charge(usd)")
     run.store.charge(run.id, run.in_flight, amount)
     run.spend(amount, item)
@@ -569,9 +586,7 @@ def charge(usd: float | Decimal | str, item: str | None = None) -> None:
 
 async def acharge(usd: float | Decimal | str, item: str | None = None) -> None:
     """:func:`charge` for async iterations: the write goes to the store's writer thread."""
-    run = _CURRENT.get()
-    if run is None:
-        raise LoomcError("loomc.acharge() was called outside a loop iteration")
+    run = _in_step("acharge")
     amount = to_decimal(usd, "acharge(usd)")
     await offload(run.store, run.store.charge, run.id, run.in_flight, amount)
     run.spend(amount, item)

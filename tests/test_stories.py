@@ -182,6 +182,44 @@ def test_a_usd_cap_that_nothing_reports_costs_to_is_pointed_out_once(tmp_path):
     assert SQLiteStore(db).get_run("strict").steps == 1
 
 
+def test_threads_that_fn_starts_charge_its_step_exactly_when_they_carry_its_context():
+    import contextvars
+    import loomc
+    from concurrent.futures import ThreadPoolExecutor
+    from loomc import LoomcError
+
+    def parallel(state):  # eight calls at once, each charged from its own thread
+        def call(k):
+            for _ in range(50):
+                loomc.charge(Decimal("0.001"), item="calls")
+        with ThreadPoolExecutor(8) as pool:
+            for done in [pool.submit(contextvars.copy_context().run, call, k) for k in range(8)]:
+                done.result()
+        return state + 1
+
+    run = loop(budget=Budget(usd=10, iterations=4), checkpoint="memory")(parallel).run(0)
+    assert [s.cost for s in run.history] == [Decimal("0.4")] * 4 and run.total_cost == Decimal("1.6")
+    assert run.history[0].metrics["cost_items"] == {"calls": "0.400"}
+
+    def contextless(state):
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(loomc.charge, 0.01).result()
+        return state
+
+    with pytest.raises(LoomcError, match=r"does not carry the loop's context: submit its work as "
+                                         r"pool.submit\(contextvars.copy_context\(\).run, work, ...\)"):
+        loop(budget=Budget(iterations=1), checkpoint="memory")(contextless)(0)
+    late = []
+
+    def leaves_a_thread(state):
+        late.append(contextvars.copy_context())
+        return state
+
+    loop(budget=Budget(iterations=1), checkpoint="memory")(leaves_a_thread).run(0, run_id="late")
+    with pytest.raises(LoomcError, match="for run late after its step ended"):
+        late[0].run(loomc.charge, 0.01)
+
+
 def test_iterations_and_wall_clock_are_checked_before_every_call(clock):
     def slow(state):
         clock.advance(4)
