@@ -23,7 +23,8 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import CallbackWarning, DeadlineExceeded, Run, acharge, charge, step_number
+from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
+                               step_number)
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
 from loomc.notebook import Comparison, compare
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
@@ -35,10 +36,11 @@ __all__ = [
     "acharge", "always", "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted",
     "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
     "Comparison", "ConfigError", "CorruptStore", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET", "Escalate",
-    "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner",
-    "MemoryStore", "never", "NoCostWarning", "NoStateReturned", "open_store", "Outcome", "parse_duration", "Policy",
-    "PolicyTypeError", "predicate", "replay", "Replay", "Run", "RunAlreadyFinished", "RunAtImport",
-    "RunError", "RunLocked", "RunNotFound", "SchemaTooNew", "score_plateau", "ScorePlateau", "semantic_delta",
-    "SemanticDelta", "Signal", "SpecChangedWarning", "SQLiteStore", "StallError", "StateEncodeError",
-    "StateRoundTripWarning", "Step", "step_number", "StepConflict", "StoreError", "__version__",
+    "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner", "MemoryStore",
+    "never", "NoCostWarning", "NoStateReturned", "open_store", "OrphanedChildWarning", "Outcome",
+    "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay", "Run",
+    "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",
+    "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
+    "SQLiteStore", "StallError", "StateEncodeError", "StateRoundTripWarning", "Step", "step_number",
+    "StepConflict", "StoreError", "__version__",
 ]

@@ -50,6 +50,10 @@ class CallbackWarning(UserWarning):
     """An ``on_step`` callback raised; the run went on."""
 
 
+class OrphanedChildWarning(UserWarning):
+    """A child run spent after its parent's step had ended, so the parent's ledger could not bill that step."""
+
+
 @dataclass(frozen=True)
 class Run:
     """A finished (or stopped) run: everything the loop knows, without reading the store.
@@ -129,6 +133,8 @@ class LiveRun:
     cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
     drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
+    parent_step: int = -1  # the parent's step this child run belongs to
+    orphan_told: bool = False  # whether it was told that it outlived that step
     first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
 
     def __post_init__(self) -> None:
@@ -320,8 +326,8 @@ class _Commit(tuple):  # type: ignore[type-arg]
 
 
 def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
-    if run.parent is not None:  # a child's spend joins its parent's step in flight, once
-        run.parent.spend(step.cost)
+    if run.parent is not None:
+        _bill_parent(run, step.cost)
     _notify(run, step)
     if run.unverified:
         _first_commit_checks(run, step, record)
@@ -537,7 +543,31 @@ def _commit_interrupted(run: LiveRun, why: str) -> None:
     run.store.commit_step(run.id, stored(step), _new_tuple(Totals, (h.total_cost, len(h), run.elapsed(run.clock()))),
                           run.owner, run.lease_seconds)
     if run.parent is not None:
-        run.parent.spend(cost)
+        _bill_parent(run, cost)
+
+
+def _bill_parent(run: LiveRun, cost: Decimal) -> None:
+    """A child's spend joins its parent's step in flight, once.
+
+    A child still running after that step ended (a task or thread ``fn`` left behind) is
+    billed to the parent's step in flight now, if there is one; either way it is told.
+    """
+    parent = run.parent
+    assert parent is not None
+    if parent.in_flight == run.parent_step:
+        parent.spend(cost)
+        return
+    counted = parent.in_flight >= 0
+    if counted:
+        parent.spend(cost)
+    if not run.orphan_told:
+        run.orphan_told = True
+        where = (f"counts it in its step {parent.in_flight} instead" if counted
+                 else "cannot count it: that run is between steps or over")
+        warnings.warn(f"loomc: child run {run.id} spent ${cost:.4f} after its parent run {parent.id}'s step "
+                      f"{run.parent_step} had ended, so {parent.id}'s ledger {where}. fn left a task or thread "
+                      "running: wait for every child run before fn returns (asyncio.TaskGroup cancels the "
+                      "others when one fails; asyncio.gather does not)", OrphanedChildWarning, stacklevel=1)
 
 
 def current_run() -> LiveRun | None:

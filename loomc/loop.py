@@ -222,6 +222,7 @@ class LoopRunner:
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
                        lease_seconds=self.lease_seconds, parent=parent, state_type=state_type,
+                       parent_step=-1 if parent is None else parent.in_flight,
                        initial_json=initial_json, drive=drive)
 
     def _plan(self, run_id: str | None) -> tuple[LiveRun | None, str | None]:

@@ -183,6 +183,47 @@ def test_a_crash_after_the_parent_charged_counts_its_childs_spend_in_the_interru
     assert json.loads(done.stdout) == {"done": 3, "child_n": 12}
 
 
+def test_a_child_left_running_after_its_parent_step_is_billed_where_it_can_be_and_told(tmp_path):
+    """asyncio.gather does not cancel the other children when one fails: they outlived the parent's
+    step, and their spend went to a pending total the next step reset, unseen."""
+    import warnings
+    from loomc import LastGood, OrphanedChildWarning
+    db = str(tmp_path / "orphans.db")
+
+    async def story():
+        gates = {1: asyncio.Event(), 2: asyncio.Event()}
+
+        @loop(budget=Budget(iterations=1), cost_fn=lambda s: 0.01, checkpoint=db)
+        async def child(k):
+            if k == 0:
+                raise RuntimeError("child 0 fails at once")
+            await gates[k].wait()
+            return k
+
+        @loop(budget=Budget(iterations=2), backtrack=LastGood(), checkpoint=db)
+        async def parent(state):
+            if loomc.step_number() == 0:
+                await asyncio.gather(child(0), child(1), child(2))  # raises; children 1 and 2 run on
+            gates[1].set()
+            await asyncio.sleep(0.1)  # child 1 commits while this step is in flight
+            return state
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = await parent.run(0, run_id="p")
+            gates[2].set()
+            await asyncio.sleep(0.1)  # child 2 commits after the parent run is over
+        return run, [str(w.message) for w in caught if w.category is OrphanedChildWarning]
+
+    run, told = asyncio.run(story())
+    assert run.history[0].error.startswith("RuntimeError") and run.history[1].cost == Decimal("0.01")
+    assert told[0].startswith("loomc: child run p-0-1 spent $0.0100 after its parent run p's step 0 had ended, "
+                              "so p's ledger counts it in its step 1 instead")
+    assert "child run p-0-2 spent $0.0100" in told[1] and "cannot count it: that run is between steps or over" in \
+        told[1] and "asyncio.TaskGroup" in told[1]
+    assert len(told) == 2
+
+
 def test_a_failed_parent_step_is_retried_as_a_new_step_with_a_new_child(tmp_path):
     db = str(tmp_path / "again.db")
     calls = {"child": 0, "parent": 0}
