@@ -200,7 +200,8 @@ def export(run_id: str, db: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("run_id")
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-@click.option("--budget-usd", type=float, help="resume under a new USD cap, the other caps kept (for a budget_exhausted run)")
+@click.option("--budget-usd", type=float,
+              help="resume under a new USD cap, the other caps kept (for a budget_exhausted run)")
 def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
     from loomc.loop import refuse_completed

@@ -69,8 +69,6 @@ def _refuse_at_import(fn: Callable[..., Any]) -> None:
                           "`if __name__ == \"__main__\":`")
 
 
-
-
 def _check_run_id(run_id: Any) -> None:
     if not isinstance(run_id, str) or not run_id.strip():
         raise ConfigError(f"run_id={run_id!r}: a run id is a non-empty string, such as '2026-11-22-nightly'")
@@ -336,7 +334,8 @@ class LoopRunner:
             return history  # the call is made again as step n, and reuses the children it started
         children = _spent_by_children(self.store, record.id, n)
         cost = charged + children
-        spent = f"${cost:.4f}" if not children else f"${cost:.4f} (${charged:.4f} charged, ${children:.4f} in child runs)"
+        spent = f"${cost:.4f}" if not children else \
+            f"${cost:.4f} (${charged:.4f} charged, ${children:.4f} in child runs)"
         step = Step(n, None, cost=cost, error=f"Interrupted: the process died during this step after spending {spent}",
                     started_at=time.time(), events=("interrupted",))
         history = history.append(step)

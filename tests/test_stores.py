@@ -149,7 +149,8 @@ def test_a_path_that_cannot_hold_a_database_is_one_clear_store_error(tmp_path):
     with pytest.raises(StoreError, match=r"cannot create .*a-file/sub for the checkpoint database "
                                          r"\(Not a directory\).*writable directory"):
         SQLiteStore(blocker / "sub" / "c.db")
-    with pytest.raises(StoreError, match=r"is a directory; give the path of a database file in it, such as .*checkpoints\.db"):
+    with pytest.raises(StoreError, match=r"is a directory; give the path of a database file in it, "
+                                         r"such as .*checkpoints\.db"):
         SQLiteStore(tmp_path)
     (tmp_path / "x.db").mkdir()
     with pytest.raises(StoreError, match="is a directory"):
