@@ -231,9 +231,18 @@ def test_resume_of_a_loop_defined_in_a_notebook_or_repl_says_so(tmp_path):
     assert proc.stderr.splitlines()[-1].strip() == "tidy.resume('cell7')"
 
 
+def start_in_module(tmp_path, name, source, code):
+    """Write module ``name`` in tmp_path and run ``code`` (which imports it) in a fresh process, on a
+    database of its own; the environment in which `loomc` commands see both, and what ``code`` printed."""
+    (tmp_path / f"{name}.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / f"{name}.db")}
+    start = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert start.returncode == 0, start.stderr
+    return env, start.stdout
+
+
 def test_resume_imports_a_module_level_loop(tmp_path):
-    module = tmp_path / "jobs.py"
-    module.write_text(
+    env, _ = start_in_module(tmp_path, "jobs", (
         "import os\n"
         "from loomc import Budget, loop, predicate\n"
         "@loop(budget=Budget(iterations=10), converge_on=predicate(lambda h: h[-1].state >= 5))\n"
@@ -241,25 +250,18 @@ def test_resume_imports_a_module_level_loop(tmp_path):
         "    if s == 1 and not os.path.exists('flaked'):\n"
         "        open('flaked', 'w').close()\n"
         "        raise RuntimeError('flaky once')\n"
-        "    return s + 1\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / "j.db")}
-    start = subprocess.run([sys.executable, "-c", "import jobs\ntry:\n    jobs.count(0, run_id='job1')\n"
-                            "except RuntimeError:\n    pass"], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert start.returncode == 0, start.stderr
+        "    return s + 1\n"), "import jobs\ntry:\n    jobs.count(0, run_id='job1')\nexcept RuntimeError:\n    pass")
     proc = subprocess.run(["loomc", "resume", "job1"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
 
 
 def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
-    (tmp_path / "capped.py").write_text(
+    env, printed = start_in_module(tmp_path, "capped", (
         "from loomc import Budget, loop\n"
         "@loop(budget=Budget(usd=0.3, iterations=8), cost_fn=lambda s: 0.1)\n"
-        "def job(s):\n    return s + 1\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / "c.db")}
-    start = subprocess.run([sys.executable, "-c", "import capped; print(capped.job.run(0, run_id='c1').status)"],
-                           env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert start.stdout.strip() == "budget_exhausted", start.stderr
+        "def job(s):\n    return s + 1\n"), "import capped; print(capped.job.run(0, run_id='c1').status)")
+    assert printed.strip() == "budget_exhausted"
     proc = subprocess.run(["loomc", "resume", "c1", "--budget-usd", "5"], env=env, capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr  # stopped again, by the iteration cap this time
@@ -321,17 +323,12 @@ def test_resume_refuses_a_script_that_starts_a_run_when_imported(tmp_path):
 
 
 def test_resume_of_a_completed_run_says_so_without_importing_its_module(tmp_path):
-    module = tmp_path / "noisy.py"
-    module.write_text(
+    env, _ = start_in_module(tmp_path, "noisy", (
         "open('imported', 'w').close()\n"
         "from loomc import Budget, loop, predicate\n"
         "@loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: h[-1].state >= 2))\n"
         "def tick(s):\n"
-        "    return s + 1\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOMC_DB": str(tmp_path / "n.db")}
-    start = subprocess.run([sys.executable, "-c", "import noisy, os\nnoisy.tick(0, run_id='done')\nos.remove('imported')"],
-                           env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert start.returncode == 0, start.stderr
+        "    return s + 1\n"), "import noisy, os\nnoisy.tick(0, run_id='done')\nos.remove('imported')")
     proc = subprocess.run(["loomc", "resume", "done"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "run done already completed (predicate(<lambda>) is true)" in proc.stderr
     assert not (tmp_path / "imported").exists()
