@@ -351,7 +351,7 @@ class LoopRunner:
             yield live
             return
         from loomc.notebook import Progress
-        bar = Progress(live.policy, always=self.progress == "always")
+        bar = Progress(live.policy, always=self.progress == "always", history=live.history)
         live.on_step = (*live.on_step, bar)
         try:
             yield live

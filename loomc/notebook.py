@@ -129,7 +129,8 @@ class Progress:
     the best score so far and the last event. Shown on a terminal or in a notebook only,
     unless ``always`` is set."""
 
-    def __init__(self, policy: Policy, always: bool = False, file: Any = None) -> None:
+    def __init__(self, policy: Policy, always: bool = False, file: Any = None, history: History | None = None) -> None:
+        """``history`` holds the steps already taken (a resumed run): the bar starts from them."""
         self.cap = usd_cap(policy)
         total = iteration_cap(policy)
         stream = file if file is not None else sys.stderr
@@ -138,9 +139,11 @@ class Progress:
             from tqdm.auto import tqdm
         except ImportError:
             raise ImportError('progress=True needs tqdm: pip install "loomc[notebook]"') from None
-        self.bar = tqdm(total=total, disable=not show, file=stream, unit="step",
+        done = history if history is not None else History()
+        self.bar = tqdm(total=total, initial=len(done), disable=not show, file=stream, unit="step",
                         desc="loomc", leave=True)
-        self.spent, self.best = Decimal(0), None
+        best = done.best
+        self.spent, self.best = done.total_cost, None if best is None else best.score
         self.event = ""
 
     def __call__(self, step: Step) -> None:

@@ -92,6 +92,26 @@ def test_progress_shows_steps_spend_best_score_and_last_event_when_asked():
     assert run.status == "budget_exhausted"
 
 
+def test_a_resumed_runs_progress_bar_starts_from_its_steps_and_spend_so_far(capsys):
+    """Regression: the bar of a resumed run counted only this session's steps and dollars."""
+    flaky = [True]
+
+    def step(s):
+        if s == 4 and flaky:
+            flaky.pop()
+            raise RuntimeError("boom")
+        return s + 1
+
+    runner = loop(budget=Budget(usd=1, iterations=10), cost_fn=lambda s: 0.1, scorer=lambda s: s,
+                  progress="always", checkpoint="memory")(step)
+    first = runner.run(0)
+    capsys.readouterr()
+    assert runner.resume_run(first.id).status == "budget_exhausted"
+    shown = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "5/10" in shown[0], "it starts where the run stood"
+    assert "10/10" in shown[-1] and "$0.9000/$1.0000 best 9.000 budget exhausted" in shown[-1]
+
+
 def test_iter_yields_each_committed_step_in_order_once_and_then_the_run(tmp_path):
     db = str(tmp_path / "i.db")
     runner = loop(budget=Budget(iterations=4), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
