@@ -156,17 +156,26 @@ def main() -> None:
 
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-@click.option("--status", help="only runs with this status (completed, failed, budget_exhausted, ...)")
+@click.option("--status", help="only runs with this status (completed, failed, budget_exhausted, crashed, ...)")
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many runs")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 def runs(db: str | None, status: str | None, limit: int | None, as_json: bool) -> None:
     """List runs, newest first."""
     store = open_db(db)
+    # "crashed" is not stored: it is a run stored as running whose process is gone.
+    crashed = status == "crashed"
+    stored, fetch = ("running", None) if crashed else (status, limit)
     if as_json:
         from loomc.export import run_fields
-        click.echo(json.dumps([run_fields(r) for r in store.list_runs(status=status, limit=limit)], indent=2))
+        records = store.list_runs(status=stored, limit=fetch)
+        if crashed:
+            records = [r for r in records if shown_status(r.status, r.owner) == "crashed"][:limit]
+        click.echo(json.dumps([run_fields(r) for r in records], indent=2))
     else:
-        click.echo(runs_table(store.run_rows(status=status, limit=limit)))
+        rows = store.run_rows(status=stored, limit=fetch)
+        if crashed:
+            rows = [r for r in rows if shown_status(r[1], r[6]) == "crashed"][:limit]
+        click.echo(runs_table(rows))
 
 
 @main.command()

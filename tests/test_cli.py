@@ -183,6 +183,11 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     assert row["status"] == "running" and row["steps"] == 2  # as stored; the tables say what happened
     listed = subprocess.run(["loomc", "runs"], capture_output=True, text=True, env=env).stdout
     assert listed.splitlines()[2].split()[:3] == [row["id"], "crashed", "2"]
+    for flag in ([], ["--json"]):
+        only = subprocess.run(["loomc", "runs", "--status", "crashed", *flag], capture_output=True, text=True, env=env)
+        assert row["id"] in only.stdout
+        assert row["id"] not in subprocess.run(["loomc", "runs", "--status", "completed", *flag],
+                                               capture_output=True, text=True, env=env).stdout
     shown = subprocess.run(["loomc", "show", row["id"]], capture_output=True, text=True, env=env).stdout
     assert "Status: crashed" in shown
     assert f"died during step 2; `loomc resume {row['id']}` continues it" in shown
@@ -196,6 +201,21 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     run = store.get_run(row["id"])
     assert run.total_cost == sum((s.cost for s in store.load_steps(row["id"])), Decimal(0))
     assert run.total_cost < Decimal("1.00")
+
+
+def test_only_runs_whose_process_is_gone_are_crashed(tmp_path):
+    import socket
+    from loomc.stores.base import Drive
+    from loomc.testing import make_run
+    db = str(tmp_path / "c.db")
+    store, alive = SQLiteStore(db), Drive()  # alive: a drive of this process, still held
+    store.create_run(make_run("live").replace(owner=alive.owner))
+    store.create_run(make_run("gone").replace(owner=f"{socket.gethostname()}:999999999:t1.abcdef"))
+    store.create_run(make_run("elsewhere").replace(owner="another-host:1:abcdef"))
+    listed = {line.split()[0]: line.split()[1] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    assert listed == {"live": "running", "gone": "crashed", "elsewhere": "running"}
+    assert invoke("runs", "--status", "crashed", "--db", db).output.splitlines()[2].split()[0] == "gone"
+    assert [r["id"] for r in json.loads(invoke("runs", "--status", "crashed", "--json", "--db", db).output)] == ["gone"]
 
 
 def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
