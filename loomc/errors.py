@@ -95,7 +95,7 @@ class RunAtImport(LoomcError):
     """A loop was started or resumed while ``loomc resume`` imported the module that defines it."""
 
 
-def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any) -> BaseException:
+def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any, fn_name: str = "fn") -> BaseException:
     """Mark an exception raised by user code with the run it ended.
 
     The user's exception type is kept (callers catch their own errors); loomc
@@ -108,5 +108,5 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any)
     except (AttributeError, TypeError):  # exceptions with __slots__
         pass
     if hasattr(exc, "add_note"):
-        exc.add_note(f"loomc: run {run_id} failed; resume it with fn.resume({run_id!r})")
+        exc.add_note(f"loomc: run {run_id} failed; resume it with {fn_name}.resume({run_id!r})")
     return exc

@@ -437,7 +437,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     state = run.state_of(chosen)
     if exc is not None:
         if not isinstance(exc, LoomcError):
-            attach_run(exc, run.id, state, h)
+            attach_run(exc, run.id, state, h, name_of(run.fn))
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):
                 setattr(exc, name, value)
@@ -524,7 +524,7 @@ def _abandon(run: LiveRun, exc: BaseException) -> None:
         pass
     if isinstance(exc, RunError) or not isinstance(exc, Exception):
         return
-    attach_run(exc, run.id, run.state_of(run.source), run.history)
+    attach_run(exc, run.id, run.state_of(run.source), run.history, name_of(run.fn))
 
 
 def _commit_interrupted(run: LiveRun, why: str) -> None:

@@ -96,6 +96,14 @@ def test_an_error_without_a_backtracker_fails_the_run_and_reaches_the_caller_wit
     run = refine.store.get_run(e.value.run_id)
     assert run.status == "failed" and run.steps == 2
     assert e.value.history[-1].error == "RuntimeError: flaky call 1"
+    assert e.value.__notes__ == [f"loomc: run {e.value.run_id} failed; resume it with fn.resume({e.value.run_id!r})"]
+
+    def refine_report(state):
+        raise ValueError("bad draft")
+
+    with pytest.raises(ValueError) as e:
+        loop(checkpoint="memory")(refine_report)({})
+    assert e.value.__notes__[-1].endswith(f"resume it with refine_report.resume({e.value.run_id!r})")
 
 
 def test_the_usd_budget_stops_exactly_at_the_cap():
