@@ -604,6 +604,19 @@ def test_an_owner_whose_pid_another_process_now_has_is_dead(tmp_path):
     assert owner_is_dead(f"{host}:{other.pid}:t{started}.abc123")
 
 
+def test_on_windows_no_signal_is_sent_to_probe_an_owner(monkeypatch):
+    """os.kill(pid, 0) is CTRL_C_EVENT on Windows: it would interrupt the owner, not probe it."""
+    import socket
+    import types
+    from loomc.stores import base
+
+    def kill(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig}) was called")
+
+    monkeypatch.setattr(base, "os", types.SimpleNamespace(name="nt", getpid=os.getpid, kill=kill))
+    assert not base.owner_is_dead(f"{socket.gethostname()}:{os.getpid() + 1}:abc123"), "alive until its lease ends"
+
+
 def test_wall_clock_counts_active_time_across_resumes(tmp_path, clock):
     db = str(tmp_path / "w.db")
     calls = {"n": 0}

@@ -161,6 +161,8 @@ def owner_is_dead(owner: str | None) -> bool:
     pid = int(pid_text)
     if pid == os.getpid():
         return owner not in _DRIVING
+    if os.name == "nt":  # os.kill(pid, 0) sends CTRL_C_EVENT there, it probes nothing: wait for the lease
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
