@@ -135,6 +135,7 @@ class LiveRun:
     drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
     parent_step: int = -1  # the parent's step this child run belongs to
     orphan_told: bool = False  # whether it was told that it outlived that step
+    notices: list[tuple[str, type[Warning]]] = field(default_factory=list)  # told where the run is driven from
     first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
 
     def __post_init__(self) -> None:

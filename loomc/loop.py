@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -27,8 +26,8 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, raised
-from loomc.errors import (ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunNotFound,
-                          StepConflict)
+from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
+                          RunAtImport, RunNotFound, StepConflict, warn_at_caller)
 from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
@@ -67,6 +66,14 @@ def _refuse_at_import(fn: Callable[..., Any]) -> None:
         raise RunAtImport(f"importing {_IMPORTING[-1]} runs the loop {name} at import time; loomc refused that "
                           f"run, so {name} was not called. Put the script's top-level code under "
                           "`if __name__ == \"__main__\":`")
+
+
+def _tell(live: LiveRun) -> None:
+    """Warn what opening the run found, from the thread that drives it, pointing at the caller's line
+    (an async run is opened on the store's writer thread)."""
+    for message, category in live.notices:
+        warn_at_caller(message, category)
+    live.notices.clear()
 
 
 def _check_run_id(run_id: Any) -> None:
@@ -292,12 +299,19 @@ class LoopRunner:
                                            "the next call", note]))
         drive = Drive()
         record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note)
+        changed = bool(record.spec_hash) and record.spec_hash != self.spec_hash
         try:
-            if record.spec_hash and record.spec_hash != self.spec_hash:
-                warnings.warn(f"run {run_id}: fn's source, the policy or the state type changed since the run "
-                              "started; resuming with the current code (a stored state that no longer "
-                              "validates stops the resume)", SpecChangedWarning, stacklevel=3)
-            live = self._restore(record, policy, drive, parent)
+            try:
+                live = self._restore(record, policy, drive, parent)
+            except CheckpointDecodeError:
+                if changed:  # the likely reason, said before the error
+                    warn_at_caller(f"run {run_id}: fn's source, the policy or the state type changed since the "
+                                   "run started, and a stored state no longer validates", SpecChangedWarning)
+                raise
+            if changed:  # told by the driver, in the caller's thread (_tell)
+                live.notices.append((f"run {run_id}: fn's source, the policy or the state type changed since the "
+                                     "run started; resuming with the current code, as the stored state still "
+                                     "validates", SpecChangedWarning))
             if before.status == "stalled":  # resuming is the answer to the escalation: ask it again from here
                 live.first_policy = without_stall_handler(policy)
             live.history = self._settle_interrupted(record, live.history, drive.owner)
@@ -362,6 +376,7 @@ class LoopRunner:
         """The committed Steps of an opened run, then its Run (a finished child's Run at once)."""
         if isinstance(opened, Run):
             return _no_steps(opened)
+        _tell(opened)
         if not self.progress:
             return steps(opened)  # no wrapping generator: one resume less per step
         return self._watched_steps(opened)
@@ -427,6 +442,7 @@ class AsyncLoopRunner(LoopRunner):
         if isinstance(opened, Run):
             ended.append(opened)
             return
+        _tell(opened)
         with self._watched(opened) as live:
             stream = steps_async(live, ended)
             try:

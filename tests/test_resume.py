@@ -303,6 +303,34 @@ def test_a_state_that_no_longer_validates_fails_the_resume_naming_run_step_and_f
     assert SQLiteStore(db).get_run(run.id).status == "budget_exhausted", "a failed resume changes nothing"
 
 
+def test_a_changed_spec_is_warned_at_the_line_that_resumed_sync_or_async(tmp_path):
+    """Regression: the warning pointed into loomc (for .resume()) or at concurrent/futures/thread.py
+    (for an async resume, which opens the run on the store's writer thread)."""
+    import asyncio
+    import inspect
+    db = str(tmp_path / "w.db")
+    first = loop(budget=Budget(iterations=1), checkpoint=db)(lambda s: s + 1)
+    ids = [first.run(0).id, first.run(0).id]
+    again = loop(budget=Budget(iterations=2), checkpoint=db)(lambda s: s + 2)
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    async def again_async(s):
+        return s + 3
+
+    async def resume_async():
+        line = inspect.currentframe().f_lineno + 1
+        await again_async.resume_run(ids[1])
+        return line
+
+    with pytest.warns(SpecChangedWarning) as sync_caught:
+        line = inspect.currentframe().f_lineno + 1
+        again.resume_run(ids[0])
+    with pytest.warns(SpecChangedWarning) as async_caught:
+        async_line = asyncio.run(resume_async())
+    assert (sync_caught[0].filename, sync_caught[0].lineno) == (__file__, line)
+    assert (async_caught[0].filename, async_caught[0].lineno) == (__file__, async_line)
+
+
 def test_the_state_type_is_recorded_when_fn_has_no_annotation(tmp_path):
     db = str(tmp_path / "u.db")
     step = loop(budget=Budget(iterations=2), checkpoint=db)(lambda d: Draft(text=d.text, version=d.version + 1))
