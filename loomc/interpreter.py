@@ -15,7 +15,6 @@ import inspect
 import sys
 import threading
 import time
-import warnings
 from operator import itemgetter
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
-                          StateEncodeError, attach_run)
+                          StateEncodeError, attach_run, warn_at_caller)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, name_of
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals
@@ -345,11 +344,11 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
     if cost and not step.cost:
-        warnings.warn(f"loomc: run {run.id} has a USD cap of ${usd_cap(run.policy):.4f}, but step {step.n} reported "
-                      "no cost: nothing tells loomc what fn spends, so the cap cannot stop it. Call "
-                      "loomc.charge(usd) (or adapter.charge(reply)) inside fn after each paid call, or pass "
-                      "cost_fn=. (Checked once, on the first successful step; a step that truly cost nothing "
-                      "can ignore this.)", NoCostWarning, stacklevel=1)
+        warn_at_caller(f"loomc: run {run.id} has a USD cap of ${usd_cap(run.policy):.4f}, but step {step.n} "
+                       "reported no cost: nothing tells loomc what fn spends, so the cap cannot stop it. Call "
+                       "loomc.charge(usd) (or adapter.charge(reply)) inside fn after each paid call, or pass "
+                       "cost_fn=. (Checked once, on the first successful step; a step that truly cost nothing "
+                       "can ignore this.)", NoCostWarning)
 
 
 def _notify(run: LiveRun, step: Step) -> None:
@@ -357,9 +356,9 @@ def _notify(run: LiveRun, step: Step) -> None:
         try:
             callback(step)
         except Exception as e:
-            warnings.warn(f"loomc: on_step callback {getattr(callback, '__name__', callback)!r} raised "
-                          f"{type(e).__name__}: {e} on run {run.id} step {step.n}; the run goes on",
-                          CallbackWarning, stacklevel=2)
+            warn_at_caller(f"loomc: on_step callback {getattr(callback, '__name__', callback)!r} raised "
+                           f"{type(e).__name__}: {e} on run {run.id} step {step.n}; the run goes on",
+                           CallbackWarning)
 
 
 @dataclass
@@ -565,10 +564,10 @@ def _bill_parent(run: LiveRun, cost: Decimal) -> None:
         run.orphan_told = True
         where = (f"counts it in its step {parent.in_flight} instead" if counted
                  else "cannot count it: that run is between steps or over")
-        warnings.warn(f"loomc: child run {run.id} spent ${cost:.4f} after its parent run {parent.id}'s step "
-                      f"{run.parent_step} had ended, so {parent.id}'s ledger {where}. fn left a task or thread "
-                      "running: wait for every child run before fn returns (asyncio.TaskGroup cancels the "
-                      "others when one fails; asyncio.gather does not)", OrphanedChildWarning, stacklevel=1)
+        warn_at_caller(f"loomc: child run {run.id} spent ${cost:.4f} after its parent run {parent.id}'s step "
+                       f"{run.parent_step} had ended, so {parent.id}'s ledger {where}. fn left a task or thread "
+                       "running: wait for every child run before fn returns (asyncio.TaskGroup cancels the "
+                       "others when one fails; asyncio.gather does not)", OrphanedChildWarning)
 
 
 def current_run() -> LiveRun | None:

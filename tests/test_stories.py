@@ -159,6 +159,7 @@ def test_a_usd_cap_that_nothing_reports_costs_to_is_pointed_out_once(tmp_path):
     with pytest.warns(NoCostWarning) as caught:
         run = loop(budget=Budget(usd=0.10, iterations=3), checkpoint="memory")(unpriced).run(0, run_id="free?")
     assert len(caught) == 1 and run.steps == 3
+    assert caught[0].filename == __file__, "it points at the line that ran the loop"
     assert str(caught[0].message).startswith("loomc: run free? has a USD cap of $0.1000, but step 0 reported no cost")
     assert "loomc.charge(usd)" in str(caught[0].message) and "cost_fn=" in str(caught[0].message)
 
