@@ -113,6 +113,10 @@ class _JudgeProbe(Probe):
     async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
         return {self.name: clear_yes(await verdict)}
 
+    def needs_async(self) -> str | None:
+        fn = self.judge_fn
+        return f"judge({name_of(fn)}) is an async def" if inspect.iscoroutinefunction(fn) else None
+
 
 @dataclass(frozen=True, repr=False)
 class Judge(Signal):

@@ -146,6 +146,10 @@ class Probe:
     def measure(self, state: Any, history: History) -> Any:
         raise NotImplementedError
 
+    def needs_async(self) -> str | None:
+        """What in this probe only an async loop can await (an ``async def`` judge), or ``None``."""
+        return None
+
 
 class Signal(Policy):
     """A policy that fires or not: budgets and convergence detectors."""

@@ -484,6 +484,21 @@ def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_deco
     for gen in (drafts, adrafts):
         with pytest.raises(ConfigError, match="drafts is a generator function .* `return state` instead of `yield`"):
             loop(checkpoint="memory")(gen)
+    # An async judge in a sync loop failed only after the first paid call, as that step's error.
+    async def reviewer(state):
+        return "yes"
+
+    with pytest.raises(ConfigError, match=r"judge\(reviewer\) is an async def, which a sync loop cannot await; "
+                                          r"write sync_fn as `async def`"):
+        @loop(converge_on=judge(reviewer), checkpoint="memory")
+        def sync_fn(state):
+            return state
+
+    @loop(converge_on=judge(reviewer), checkpoint="memory")
+    async def async_fn(state):
+        return state
+
+    assert asyncio.run(async_fn.run(0)).status == "completed"
     # Anything that takes the state alone is fine: defaults, *args, bound methods, partials, builtins.
     for ok in (lambda s, k=1: s, lambda *a: a[0], Agentless().step, functools.partial(merge, b=2), len):
         loop(budget=Budget(iterations=1), scorer=len, checkpoint="memory")(ok)
