@@ -145,6 +145,8 @@ class LiveRun:
         self.wall_cap = wall_clock_cap(self.policy)
         self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
         self.cost_unchecked = self.cost_fn is None and usd_cap(self.policy) is not None
+        self.awaits_cost = inspect.iscoroutinefunction(self.cost_fn)
+        self.awaits_score = inspect.iscoroutinefunction(self.scorer)
 
     def usd_room(self) -> Decimal | None:
         """Dollars this run can still spend in the step in flight (a child's cap comes from it)."""
@@ -255,16 +257,24 @@ class _Call(tuple):  # type: ignore[type-arg]
                     if over else e)
             except Exception as e:
                 new_state, exc = None, e
+            cost = score = _UNSET  # an async def cost_fn or scorer is awaited here, then settled as given
             if exc is None:
                 try:
                     for probe in run.probes:
                         found = probe.measure(new_state, run.history)
                         metrics.update(await found if inspect.isawaitable(found) else found)
+                    if run.awaits_cost:
+                        cost = await run.cost_fn(new_state)  # type: ignore[misc]
+                    if run.awaits_score:
+                        score = await run.scorer(new_state)  # type: ignore[misc]
                 except Exception as e:
                     exc = e
-            return _settle(run, n, new_state, exc, wall, t0, metrics)
+            return _settle(run, n, new_state, exc, wall, t0, metrics, cost, score)
         finally:
             _CURRENT.reset(token)
+
+
+_UNSET: Any = object()  # a cost or score not yet measured
 
 
 def _returned_none(run: LiveRun) -> NoStateReturned:
@@ -279,16 +289,20 @@ def _close(awaitable: Any) -> None:
         close()  # no "coroutine was never awaited" warning on top of the real error
 
 
-def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float,
-            t0: float, metrics: dict[str, Any]) -> tuple[Step, BaseException | None, float]:
-    """Measure a finished call at the edge: its cost, score and error, as one Step; and the clock after."""
+def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float, t0: float,
+            metrics: dict[str, Any], cost: Any = _UNSET, raw: Any = _UNSET) -> tuple[Step, BaseException | None, float]:
+    """Measure a finished call at the edge: its cost, score and error, as one Step; and the clock after.
+
+    ``cost`` and ``raw`` (the score) are what an async cost_fn and scorer gave, already awaited.
+    """
     score, error = None, None
     if exc is None:
         try:
             if run.cost_fn is not None:
-                run.pending += to_decimal(run.cost_fn(state), "cost_fn(state)")
+                run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
             if run.scorer is not None:
-                raw = run.scorer(state)
+                if raw is _UNSET:
+                    raw = run.scorer(state)
                 try:
                     score = None if raw is None else float(raw)
                 except (TypeError, ValueError):

@@ -601,9 +601,12 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
                               "new state: end it with `return state` instead of `yield`")
         cls = AsyncLoopRunner if inspect.iscoroutinefunction(fn) else LoopRunner
         if cls is LoopRunner:
-            for why in filter(None, (probe.needs_async() for p in built.walk() for probe in p.probes())):
-                raise ConfigError(f"{why}, which a sync loop cannot await; write {name_of(fn)} as `async def` "
-                                  "(an async loop awaits it), or make the judge a plain def")
+            measures = [f"{slot}={name_of(f)} is an async def" for slot, f in (("scorer", scorer), ("cost_fn", cost_fn))
+                        if inspect.iscoroutinefunction(f)]
+            measures += filter(None, (probe.needs_async() for p in built.walk() for probe in p.probes()))
+            if measures:
+                raise ConfigError(f"{measures[0]}, which a sync loop cannot await; write {name_of(fn)} as "
+                                  "`async def` (an async loop awaits it), or make it a plain def")
         return cls(fn, built, scorer=scorer, cost_fn=cost_fn, checkpoint=checkpoint, on_step=callbacks,
                    clock=clock, lease_seconds=lease_seconds, progress=progress)
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 import loomc
-from loomc import (AsyncLoopRunner, BestScore, Budget, BudgetExhausted, Escalate, LastGood, SQLiteStore,
+from loomc import (AsyncLoopRunner, BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, SQLiteStore,
                    SpecChangedWarning, StallError, loop, predicate, score_plateau)
 
 
@@ -221,6 +221,38 @@ def test_a_cancelled_task_commits_what_its_call_in_flight_spent_in_child_runs_to
     shown = CliRunner().invoke(main, ["show", "p", "--db", db]).output
     assert "Spent: $0.0320 of $1.0000 budget in 1 step, 1 attempt(s)" in shown
     assert "Interrupted: CancelledError, during this step after spending $0.0320  <- interrupted" in shown
+
+
+def test_an_async_loop_awaits_an_async_scorer_and_cost_fn():
+    """An LLM grading each draft is an async call: an async def scorer (and cost_fn) is awaited at the
+    edge. Before, it returned a coroutine that failed every step."""
+    async def grade(state):
+        await asyncio.sleep(0)
+        return state / 10
+
+    async def price(state):
+        await asyncio.sleep(0)
+        return "0.02"
+
+    @loop(budget=Budget(usd=1, iterations=20), converge_on=score_plateau(2), backtrack=BestScore(), scorer=grade,
+          cost_fn=price, checkpoint="memory")
+    async def draft(state):
+        return min(state + 1, 4)
+
+    run = asyncio.run(draft.run(0))
+    assert [s.score for s in run.history] == [0.1, 0.2, 0.3, 0.4, 0.4, 0.4]
+    assert run.status == "completed" and run.total_cost == Decimal("0.12")
+
+    async def broken(state):
+        raise ValueError("grader down")
+
+    flaky = loop(budget=Budget(iterations=2), backtrack=LastGood(), scorer=broken, checkpoint="memory")(draft.fn)
+    failed = asyncio.run(flaky.run(0))
+    assert failed.history[0].error == "ValueError: grader down" and failed.history[0].state == 1
+    with pytest.raises(ConfigError, match=r"scorer=grade is an async def, which a sync loop cannot await"):
+        loop(scorer=grade, checkpoint="memory")(lambda s: s)
+    with pytest.raises(ConfigError, match=r"cost_fn=price is an async def"):
+        loop(cost_fn=price, checkpoint="memory")(lambda s: s)
 
 
 def test_an_async_predicate_reads_only_committed_history():
