@@ -8,6 +8,7 @@ prints one line on stderr and exits 1; text that came from the outside world
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -233,6 +234,9 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
     runner.store = store
     try:
         ended = runner.resume_run(run_id, budget=None if budget_usd is None else Budget(usd=budget_usd))
+        if inspect.iscoroutine(ended):  # an async def loop: run it to its end on an event loop of its own
+            import asyncio
+            ended = asyncio.run(ended)
     except LoomcError as e:
         fail(str(e))
     click.echo(show_table(store.get_run(run_id), store.load_steps(run_id, with_states=False),

@@ -276,6 +276,25 @@ def test_resume_imports_a_module_level_loop(tmp_path):
     assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
 
 
+def test_resume_runs_an_async_loop_to_its_end(tmp_path):
+    """Regression: the command read .status off the coroutine of an async loop's resume_run, and
+    crashed with a traceback, leaving the run as it was."""
+    env, _ = start_in_module(tmp_path, "ajobs", (
+        "import asyncio, os\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.01)\n"
+        "async def work(s):\n"
+        "    await asyncio.sleep(0)\n"
+        "    if s == 2 and not os.path.exists('once'):\n"
+        "        open('once', 'w').close()\n"
+        "        raise RuntimeError('flaky once')\n"
+        "    return s + 1\n"),
+        "import asyncio, ajobs\ntry:\n    asyncio.run(ajobs.work(0, run_id='a1'))\nexcept RuntimeError:\n    pass")
+    proc = subprocess.run(["loomc", "resume", "a1"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "", proc.stderr  # 2: it ended budget_exhausted
+    assert "Status: budget_exhausted" in proc.stdout and "in 5 steps, 2 attempt(s)" in proc.stdout
+
+
 def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
     env, printed = start_in_module(tmp_path, "capped", (
         "from loomc import Budget, loop\n"
