@@ -157,6 +157,18 @@ def test_a_path_that_cannot_hold_a_database_is_one_clear_store_error(tmp_path):
         loop(budget=Budget(iterations=1), checkpoint=str(tmp_path / "x.db"))(lambda s: s)(0)
 
 
+def test_a_store_written_against_an_older_protocol_is_told_what_it_lacks():
+    from loomc import ConfigError
+    from loomc.stores.base import CheckpointStore
+    methods = {name: getattr(MemoryStore, name) for name in dir(CheckpointStore)
+               if not name.startswith("_") and name != "children"}
+    OldStore = type("OldStore", (), {"__init__": MemoryStore.__init__, **methods})
+    with pytest.raises(ConfigError, match=r"lacks children\(\), which every CheckpointStore has .*StoreConformance"):
+        loop(checkpoint=OldStore())
+    with pytest.raises(ConfigError, match="use 'sqlite', 'memory', a path to a SQLite file"):
+        loop(checkpoint=object())
+
+
 def test_another_programs_sqlite_file_is_refused(tmp_path):
     path = tmp_path / "other.db"
     conn = sqlite3.connect(path)

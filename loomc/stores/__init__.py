@@ -47,6 +47,12 @@ def open_store(spec: Any) -> CheckpointStore:
         return sqlite_at(spec)
     if isinstance(spec, CheckpointStore):
         return spec
+    needed = [name for name in dir(CheckpointStore) if not name.startswith("_")]
+    missing = [name for name in needed if not callable(getattr(spec, name, None))]
+    if len(missing) < len(needed) / 2:  # meant as a store: say what it lacks
+        raise ConfigError(f"checkpoint={spec!r} lacks {', '.join(m + '()' for m in missing)}, which every "
+                          "CheckpointStore has (see loomc/stores/base.py); loomc.testing.StoreConformance "
+                          "checks a store against the protocol")
     raise ConfigError(f"checkpoint={spec!r}: use 'sqlite', 'memory', a path to a SQLite file, "
                       "or a CheckpointStore object")
 
