@@ -595,6 +595,9 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     def decorate(fn: Callable[..., Any]) -> LoopRunner:
         if not callable(fn):
             raise ConfigError(f"@loop decorates a function fn(state) -> state, got {fn!r}")
+        if isinstance(fn, LoopRunner):
+            raise ConfigError(f"{name_of(fn)} is already a loop (@loop was applied twice?); to run a whole loop "
+                              "in each step of another, call it inside the outer loop's fn")
         check_one_argument(fn, "fn(state)")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigError(f"{name_of(fn)} is a generator function (it yields), but a loop's fn returns the "

@@ -502,6 +502,11 @@ def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_deco
         return state
 
     assert asyncio.run(async_fn.run(0)).status == "completed"
+    with pytest.raises(ConfigError, match="twice_looped is already a loop"):
+        @loop(checkpoint="memory")
+        @loop(checkpoint="memory")
+        def twice_looped(state):
+            return state
     # Anything that takes the state alone is fine: defaults, *args, bound methods, partials, builtins.
     for ok in (lambda s, k=1: s, lambda *a: a[0], Agentless().step, functools.partial(merge, b=2), len):
         loop(budget=Budget(iterations=1), scorer=len, checkpoint="memory")(ok)
