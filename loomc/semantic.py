@@ -23,7 +23,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, LoomcError
 from loomc.history import History
-from loomc.policy import Outcome, Probe, Signal, check_one_argument
+from loomc.policy import Outcome, Probe, Signal, check_one_argument, name_of
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DISTANCE, VECTOR = "semantic_delta", "semantic_delta.vector"
@@ -125,7 +125,11 @@ class _Embedder(Probe):
         return [float(x) for x in vector]
 
     def measure(self, state: Any, history: History) -> dict[str, Any]:
-        vector = self._embed(str(self.text_fn(state)))
+        text = self.text_fn(state)
+        if text is None:  # str(None) would embed the word "None", and two of them would "converge"
+            raise TypeError(f"semantic_delta's text_fn {name_of(self.text_fn)}(state) returned None, not the text "
+                            "to compare; return the output's text (an empty string if there is none)")
+        vector = self._embed(str(text))
         previous = next((s.metrics[VECTOR] for s in reversed(history) if VECTOR in s.metrics), None) \
             if history else None
         out: dict[str, Any] = {VECTOR: pack(vector)}

@@ -104,6 +104,21 @@ def test_empty_text_and_zero_vectors_give_no_nan():
     assert run.history[1].metrics[DISTANCE] == 0.0 and run.status == "completed"
 
 
+def test_a_text_fn_that_finds_no_text_fails_its_step_instead_of_converging_on_none():
+    """Regression: text_fn returned None (a missing key), str(None) was embedded as "None", and two
+    such steps were 0.0 apart: the loop "converged" on text it never had."""
+    embedded = []
+
+    def embed(texts):
+        embedded.extend(texts)
+        return [[1.0, 0.0]] * len(texts)
+
+    run = run_texts([{"other": 1}, {"other": 2}], text_fn=lambda s: s.get("draft"), embed_fn=embed)
+    assert run.status == "failed" and embedded == []
+    assert run.history[0].error == ("TypeError: semantic_delta's text_fn <lambda>(state) returned None, not the text "
+                                    "to compare; return the output's text (an empty string if there is none)")
+
+
 def test_import_loomc_and_building_the_detector_import_no_torch():
     code = "import sys, loomc\nloomc.semantic_delta(0.05)\nprint('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
