@@ -299,18 +299,17 @@ class LoopRunner:
                                            "the next call", note]))
         drive = Drive()
         record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note)
-        changed = bool(record.spec_hash) and record.spec_hash != self.spec_hash
+        changed = (f"run {run_id}: fn's source, the policy or the state type changed since the run started"
+                   if record.spec_hash and record.spec_hash != self.spec_hash else None)
         try:
             try:
                 live = self._restore(record, policy, drive, parent)
             except CheckpointDecodeError:
                 if changed:  # the likely reason, said before the error
-                    warn_at_caller(f"run {run_id}: fn's source, the policy or the state type changed since the "
-                                   "run started, and a stored state no longer validates", SpecChangedWarning)
+                    warn_at_caller(f"{changed}, and a stored state no longer validates", SpecChangedWarning)
                 raise
             if changed:  # told by the driver, in the caller's thread (_tell)
-                live.notices.append((f"run {run_id}: fn's source, the policy or the state type changed since the "
-                                     "run started; resuming with the current code, as the stored state still "
+                live.notices.append((f"{changed}; resuming with the current code, as the stored state still "
                                      "validates", SpecChangedWarning))
             if before.status == "stalled":  # resuming is the answer to the escalation: ask it again from here
                 live.first_policy = without_stall_handler(policy)
