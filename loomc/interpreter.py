@@ -27,7 +27,7 @@ from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
                           StateEncodeError, attach_run, warn_at_caller)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
-from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, name_of
+from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
@@ -451,14 +451,15 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     state = run.state_of(chosen)
     if exc is not None:
         if not isinstance(exc, LoomcError):
-            attach_run(exc, run.id, state, h, name_of(run.fn))
+            attach_run(exc, run.id, state, h, loop_name(run.fn))
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):
                 setattr(exc, name, value)
     elif status != "completed":
         cls = BudgetExhausted if status == "budget_exhausted" else StallError
-        hint = (f"give a larger budget: fn.resume({run.id!r}, budget=Budget(...))"
-                if cls is BudgetExhausted else f"inspect it with `loomc show {run.id}`")
+        name = loop_name(run.fn)
+        hint = (f"give a larger budget: {name}.resume({run.id!r}, budget=Budget(...))" if cls is BudgetExhausted
+                else f"inspect it with `loomc show {run.id}`; {name}.resume({run.id!r}) gives it more calls")
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
                   f"({len(h)} steps, ${h.total_cost:.4f}); the state it reached is on .state; {hint}",
                   run_id=run.id, state=state, history=h, reason=reason)
@@ -538,7 +539,7 @@ def _abandon(run: LiveRun, exc: BaseException) -> None:
         pass
     if isinstance(exc, RunError) or not isinstance(exc, Exception):
         return
-    attach_run(exc, run.id, run.state_of(run.source), run.history, name_of(run.fn))
+    attach_run(exc, run.id, run.state_of(run.source), run.history, loop_name(run.fn))
 
 
 def _commit_interrupted(run: LiveRun, why: str) -> None:

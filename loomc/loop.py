@@ -32,7 +32,7 @@ from loomc.history import ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
-                          either, name_of, never)
+                          either, loop_name, name_of, never)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, open_store
 from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id
@@ -278,7 +278,7 @@ class LoopRunner:
                 parent_run_id=None if parent is None else parent.id,
                 parent_step=None if parent is None else parent.in_flight))
         except StepConflict as e:
-            raise StepConflict(f"{e}: continue it with {name_of(self.fn)}.resume({run_id!r}), "
+            raise StepConflict(f"{e}: continue it with {loop_name(self.fn)}.resume({run_id!r}), "
                                "or start a new run under another run_id") from None
         return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, drive, parent=parent)
 

@@ -451,6 +451,12 @@ def name_of(fn: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+def loop_name(fn: Any) -> str:
+    """What to call a loop in a hint such as ``refine.resume('...')``: its function's name, ``fn`` for a lambda."""
+    name = name_of(fn)
+    return "fn" if name == "<lambda>" else name
+
+
 def predicate(fn: Callable[[History], Any]) -> Signal:
     """A detector from a function of the history; fires when it returns True."""
     return Predicate(fn)

@@ -173,6 +173,7 @@ def test_a_raise_changes_only_the_caps_it_names(tmp_path):
                 checkpoint=db)(lambda s: s + 1)
     first = step.run(0)
     assert first.status == "budget_exhausted" and first.steps == 3 and first.reason.startswith("usd:")
+    assert str(first.error).endswith(f"give a larger budget: fn.resume({first.id!r}, budget=Budget(...))")
     more = step.resume_run(first.id, budget=Budget(usd=5))
     assert more.steps == 8 and more.total_cost == Decimal("0.8") and more.reason == "iterations: 8 of 8 calls made"
     record = SQLiteStore(db).get_run(first.id)
@@ -202,6 +203,8 @@ def test_resuming_a_stalled_run_gives_it_more_calls_from_its_best_state(tmp_path
 
     first = step.run({"q": 0.0})
     assert first.status == "stalled" and first.steps == 4
+    assert str(first.error).endswith(f"inspect it with `loomc show {first.id}`; step.resume({first.id!r}) gives it "
+                                     "more calls")
     again = step.resume_run(first.id)
     assert again.status == "stalled" and again.steps == 9, "three more steps without a gain stall it again"
     assert again.history[4].state["from"] == 0.5, "the first new call starts from the best state"
