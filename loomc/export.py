@@ -25,13 +25,16 @@ def run_fields(run: RunRecord) -> dict[str, Any]:
 
 
 def export_run(store: CheckpointStore, run_id: str) -> dict[str, Any]:
-    """The whole run: its record, initial state and every step with its state."""
+    """The whole run: its record, initial state and every step with its state; and, for a run whose process
+    died mid-step, what that step charged without committing (by step number)."""
     run = store.get_run(run_id)
     steps = [{"step_n": s.n, "state": None if s.state_json is None else json.loads(s.state_json),
               "cost_usd": str(s.cost), "score": s.score, "error": s.error, "timestamp": s.started_at,
               "duration": s.duration, "metrics": s.metrics, "events": list(s.events)}
              for s in store.load_steps(run_id)]
-    return {"format": FORMAT, "run": {**run_fields(run), "initial_state": json.loads(run.initial_state)},
+    pending = {str(n): str(usd) for n, usd in store.pending_charges(run_id).items()}
+    return {"format": FORMAT, "run": {**run_fields(run), "initial_state": json.loads(run.initial_state),
+                                      "uncommitted_charges_usd": pending},
             "steps": steps}
 
 

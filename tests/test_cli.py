@@ -193,6 +193,9 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     assert f"died during step 2; `loomc resume {row['id']}` continues it" in shown
     charged = SQLiteStore(tmp_path / "demo.db").pending_charges(row["id"])[2]
     assert f"Uncommitted: ${charged:.4f} charged during step 2, which never committed" in shown
+    exported = json.loads(subprocess.run(["loomc", "export", row["id"], "--json"], capture_output=True, text=True,
+                                         env=env).stdout)
+    assert exported["run"]["uncommitted_charges_usd"] == {"2": str(charged)}
     resumed = subprocess.run(["loomc", "resume", row["id"]], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "Status: completed" in resumed.stdout and "<- interrupted" in resumed.stdout
