@@ -12,13 +12,12 @@ import functools
 import importlib
 import inspect
 import json
-import warnings
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
 import pydantic_core
 
-from loomc.errors import CheckpointDecodeError, ConfigError, StateEncodeError
+from loomc.errors import CheckpointDecodeError, ConfigError, StateEncodeError, warn_at_caller
 
 _PLAIN = (dict, list, str, int, float, bool, type(None))
 
@@ -230,11 +229,11 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
     except Exception as e:
         change = f"the stored state does not decode again ({_first_line(e)}), so a resume would fail"
     if change is not None:
-        warnings.warn(f"loomc: {change} when read back from the store (by a resume, or a backtrack to it). "
-                      "Declare the field's type on the state type (a TypedDict, dataclass or pydantic model "
-                      "annotating fn's state parameter), or keep it to JSON values: dicts with str keys, lists, "
-                      "str, int, float, bool, None",
-                      StateRoundTripWarning, stacklevel=1)  # one place, so each change is told once
+        warn_at_caller(f"loomc: {change} when read back from the store (by a resume, or a backtrack to it). "
+                       "Declare the field's type on the state type (a TypedDict, dataclass or pydantic model "
+                       "annotating fn's state parameter), or keep it to JSON values: dicts with str keys, lists, "
+                       "str, int, float, bool, None",
+                       StateRoundTripWarning)
 
 
 def _a(name: str) -> str:

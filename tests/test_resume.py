@@ -405,8 +405,10 @@ def test_a_state_that_would_come_back_changed_is_pointed_out_on_the_first_step_a
 
     with pytest.warns(StateRoundTripWarning) as caught:
         run = stamp.run({"n": 0, "pair": [1, 2]})
-    (only,) = [str(w.message) for w in caught.list]  # once per run, not once per step
-    assert only.startswith("loomc: state['seen'] is a datetime, and comes back as a str when read back from the store")
+    (only,) = caught.list  # once per run, not once per step
+    assert str(only.message).startswith(
+        "loomc: state['seen'] is a datetime, and comes back as a str when read back from the store")
+    assert only.filename == __file__  # the line that ran the loop, not inside loomc
     assert run.status == "budget_exhausted" and len(SQLiteStore(db).load_steps(run.id)) == 3
     # What the warning said is what a resume gets.
     more = stamp.resume_run(run.id, budget=Budget(iterations=3))  # no new field on this first commit
