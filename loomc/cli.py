@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from loomc.errors import LoomcError, RunAtImport
+from loomc.errors import LoomcError, RunAtImport, counted
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, owner_is_dead
 
@@ -63,8 +63,8 @@ def fail(message: str) -> NoReturn:
 
 
 def db_path(db: str | None) -> str:
-    from loomc.stores import DEFAULT_DB
-    return db or os.environ.get("LOOMC_DB") or DEFAULT_DB
+    from loomc.stores import default_path
+    return db or default_path()
 
 
 def open_db(db: str | None) -> Any:
@@ -125,7 +125,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {clean(stopped)}",
             f"Policy: {clean(run.policy)}",
-            f"Spent: {spent} in {len(steps)} step{'' if len(steps) == 1 else 's'}, {run.attempts} attempt(s)"]
+            f"Spent: {spent} in {counted(len(steps), 'step')}, {run.attempts} attempt(s)"]
     head += [f"Uncommitted: {money(usd)} charged during step {n}, which never committed; "
              "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]

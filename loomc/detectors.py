@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomc.errors import ConfigError
+from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
 from loomc.policy import Outcome, Probe, Signal, check_one_argument, name_of, predicate
 
@@ -71,7 +71,7 @@ class ScorePlateau(Signal):
         ref, wait = history.fold(self._key, self._count, _START)
         if wait >= self.patience:
             above = "no valid score" if ref is None else f"no improvement above {ref:g}"
-            return f"score_plateau: {above} by more than {self.min_delta:g} in {wait} scored steps"
+            return f"score_plateau: {above} by more than {self.min_delta:g} in {counted(wait, 'scored step')}"
         return None
 
     def __repr__(self) -> str:

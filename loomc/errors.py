@@ -29,6 +29,11 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``: a count for the messages loomc prints."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class LoomcError(Exception):
     """Base of every error loomc raises."""
 

@@ -29,6 +29,8 @@ from typing import Any, TypeVar, overload
 
 import toolz
 
+from loomc.errors import counted
+
 T = TypeVar("T")
 
 ZERO = Decimal(0)
@@ -343,7 +345,7 @@ class History(Sequence[Step]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"History({self._n} steps, cost={self.total_cost})"
+        return f"History({counted(self._n, 'step')}, cost={self.total_cost})"
 
     def fold(self, key: Hashable, fn: Callable[[T, Step], T], init: T) -> T:
         """``functools.reduce(fn, self, init)``, memoised per prefix under ``key``.

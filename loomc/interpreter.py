@@ -25,7 +25,7 @@ from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
-                          StateEncodeError, attach_run, warn_at_caller)
+                          StateEncodeError, attach_run, counted, warn_at_caller)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals
@@ -461,7 +461,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
         hint = (f"give a larger budget: {name}.resume({run.id!r}, budget=Budget(...))" if cls is BudgetExhausted
                 else f"inspect it with `loomc show {run.id}`; {name}.resume({run.id!r}) gives it more calls")
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
-                  f"({len(h)} steps, ${h.total_cost:.4f}); the state it reached is on .state; {hint}",
+                  f"({counted(len(h), 'step')}, ${h.total_cost:.4f}); the state it reached is on .state; {hint}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc)
 

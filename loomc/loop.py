@@ -34,7 +34,7 @@ from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offlo
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
                           either, loop_name, name_of, never)
 from loomc.stall import Escalate
-from loomc.stores import check_store_spec, open_store
+from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
 from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id
 
 __version__ = "0.3.0"
@@ -546,8 +546,18 @@ def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: st
                     for s in steps])
 
 
-def load_history(store: CheckpointStore, run_id: str, state_type: Any = None) -> History:
-    """A recorded run's History; states decode as ``state_type`` (plain JSON by default) when read."""
+def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str, state_type: Any = None) -> History:
+    """A recorded run's History; states decode as ``state_type`` (plain JSON by default) when read.
+
+    ``store`` is a CheckpointStore (a loop's ``.store``), the path of a SQLite file, or
+    ``"sqlite"`` for the default one ($LOOMC_DB, else ``.loomc/checkpoints.db``). A path with
+    no database behind it raises StoreError; nothing is created.
+    """
+    if isinstance(store, (str, os.PathLike)):
+        if store == "memory":
+            raise ConfigError("load_history(store='memory'): a new memory store holds no runs; "
+                              "pass the loop's store itself (fn.store)")
+        store = sqlite_at(default_path() if store == "sqlite" else store, create=False)
     return history_from_stored(store.load_steps(run_id), state_type, run_id)
 
 

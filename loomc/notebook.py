@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import iteration_cap, usd_cap
+from loomc.errors import counted
 from loomc.history import History, Step, running_costs
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
@@ -53,7 +54,7 @@ def run_html(run: Run) -> str:
     cap = usd_cap(run.policy)
     spent = money(run.total_cost) + (f" of {money(cap)}" if cap is not None else "")
     return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
-            f" &middot; {len(run.history)} steps &middot; {spent}</p>"
+            f" &middot; {counted(len(run.history), 'step')} &middot; {spent}</p>"
             f"<p>Stopped: {esc(run.reason)}</p><p>Policy: <code>{esc(repr(run.policy))}</code></p>"
             f"<p>State: <code>{esc(_short(run.state))}</code></p>"
             f"{steps_table(run.history)}</div>")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from loomc.errors import ConfigError, PolicyTypeError
+from loomc.errors import ConfigError, PolicyTypeError, counted
 from loomc.history import History
 
 
@@ -501,7 +501,7 @@ class Replay:
         if self.stopped_after is None:
             head = f"{self.policy}: would not have stopped within the {self.steps_recorded} recorded steps"
         else:
-            head = (f"{self.policy}: would have stopped after {self.stopped_after} steps "
+            head = (f"{self.policy}: would have stopped after {counted(self.stopped_after, 'step')} "
                     f"(${self.cost:.4f}), {self.decision.outcome.name.lower()}: {self.decision.reason}")
         if self.backtracks:
             marks = ", ".join(f"step {n} -> {'initial' if to is None else to}" for n, to in self.backtracks)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loomc.errors import ConfigError
+from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
 from loomc.policy import CONTINUE, Decision, Outcome, Role
 
@@ -50,7 +50,7 @@ class Escalate(Role):
         _, run = history.fold("loomc.escalate", self._count, _START)
         if run >= self.after:
             return Decision(Outcome.STALLED,
-                            f"Escalate: {run} steps in a row failed or did not beat the best score",
+                            f"Escalate: {counted(run, 'step')} in a row failed or did not beat the best score",
                             by=repr(self))
         return CONTINUE
 

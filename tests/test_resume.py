@@ -712,3 +712,26 @@ def test_a_runner_replays_another_policy_on_one_of_its_recorded_runs(tmp_path):
     assert runner.replay(run.id).stopped_after == 6
     tighter = runner.replay(run.id, score_plateau(2))
     assert tighter.stopped_after == 4 and "score_plateau" in tighter.decision.reason
+
+
+def test_load_history_reads_a_run_from_a_path_or_the_default_database(tmp_path, monkeypatch):
+    from loomc import load_history, score_plateau
+    db = tmp_path / "runs.db"
+    scores = iter([0.5, 0.5, 0.9])
+    run = loop(budget=Budget(iterations=3), scorer=lambda s: s, cost_fn=lambda s: 0.25,
+               checkpoint=str(db))(lambda s: next(scores)).run(0.0)
+    by_path = load_history(db, run.id)
+    assert [s.score for s in by_path] == [0.5, 0.5, 0.9] and by_path.total_cost == Decimal("0.75")
+    monkeypatch.setenv("LOOMC_DB", str(db))
+    assert [s.state for s in load_history("sqlite", run.id)] == [0.5, 0.5, 0.9]
+    # A count of one reads as one: "after 1 step", "in 1 scored step".
+    replayed = score_plateau(1, min_delta=0).replay(by_path)
+    assert str(replayed).startswith("score_plateau(patience=1, min_delta=0): would have stopped after 2 steps")
+    assert "in 1 scored step" in replayed.decision.reason and "steps" not in replayed.decision.reason
+    assert str(Budget(iterations=1).replay(by_path)).split(": ")[1] == "would have stopped after 1 step ($0.2500), budget_exhausted"
+    # A wrong path is an error that names it, and creates nothing; a fresh memory store has no runs.
+    with pytest.raises(StoreError, match=re.escape(f"no loomc database at {tmp_path / 'typo.db'}")):
+        load_history(tmp_path / "typo.db", run.id)
+    assert not (tmp_path / "typo.db").exists()
+    with pytest.raises(ConfigError, match=r"pass the loop's store itself \(fn.store\)"):
+        load_history("memory", run.id)

@@ -13,7 +13,7 @@ from loomc.stores.memory import MemoryStore
 from loomc.stores.sqlite import SQLiteStore
 
 __all__ = ["CheckpointStore", "MemoryStore", "SQLiteStore", "RunRecord", "StoredStep", "Totals",
-           "open_store", "DEFAULT_DB"]
+           "open_store", "DEFAULT_DB", "default_path"]
 
 #: Where the default store lives, relative to the working directory.
 DEFAULT_DB = os.path.join(".loomc", "checkpoints.db")
@@ -22,13 +22,21 @@ _open: dict[tuple[Path, str], SQLiteStore] = {}
 _open_lock = threading.Lock()
 
 
-def sqlite_at(path: str | os.PathLike[str], durability: str = "full") -> SQLiteStore:
-    """The process's one SQLiteStore for ``path`` (connections are reused, never reopened per run)."""
+def default_path() -> str:
+    """The default store's file: ``$LOOMC_DB``, else ``.loomc/checkpoints.db`` under the working directory."""
+    return os.environ.get("LOOMC_DB") or DEFAULT_DB
+
+
+def sqlite_at(path: str | os.PathLike[str], durability: str = "full", create: bool = True) -> SQLiteStore:
+    """The process's one SQLiteStore for ``path`` (connections are reused, never reopened per run).
+
+    With ``create=False`` a path with no database raises StoreError instead of creating one.
+    """
     key = (Path(path).expanduser().resolve(), durability)
     with _open_lock:
         store = _open.get(key)
         if store is None:
-            store = _open[key] = SQLiteStore(key[0], durability=durability)
+            store = _open[key] = SQLiteStore(key[0], durability=durability, create=create)
         return store
 
 
@@ -39,8 +47,7 @@ def open_store(spec: Any) -> CheckpointStore:
     a path to a SQLite file, or any object that implements CheckpointStore.
     """
     if spec is None or spec == "sqlite":
-        env = os.environ.get("LOOMC_DB")
-        return sqlite_at(env or DEFAULT_DB)
+        return sqlite_at(default_path())
     if spec == "memory":
         return MemoryStore()
     if isinstance(spec, (str, os.PathLike)):

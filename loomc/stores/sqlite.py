@@ -172,7 +172,8 @@ class SQLiteStore:
                              f"such as {self.path / 'checkpoints.db'}")
         if not self.path.exists():
             if not create:
-                raise StoreError(f"no loomc database at {self.path}; run a loop first, or pass --db")
+                raise StoreError(f"no loomc database at {self.path}; run a loop first, or give the path of "
+                                 "an existing one (--db, $LOOMC_DB)")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
