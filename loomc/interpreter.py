@@ -461,9 +461,23 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
         hint = (f"give a larger budget: {name}.resume({run.id!r}, budget=Budget(...))" if cls is BudgetExhausted
                 else f"inspect it with `loomc show {run.id}`; {name}.resume({run.id!r}) gives it more calls")
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
-                  f"({counted(len(h), 'step')}, ${h.total_cost:.4f}); the state it reached is on .state; {hint}",
+                  f"({counted(len(h), 'step')}, ${h.total_cost:.4f}){_failing(h)}; the state it reached is on "
+                  f".state; {hint}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc)
+
+
+def _failing(h: History) -> str:
+    """``; its last 3 calls failed, the last with ValueError: ...``: why a run that kept failing stopped."""
+    failed = 0
+    for step in reversed(h):
+        if step.ok or "interrupted" in step.events:
+            break
+        failed += 1
+    if not failed:
+        return ""
+    calls = "its last call" if failed == 1 else f"its last {failed} calls"
+    return f"; {calls} failed, the last with {h[-1].error}"
 
 
 # --- the drivers -----------------------------------------------------------

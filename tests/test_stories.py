@@ -86,6 +86,20 @@ def test_a_stall_escalates_with_the_last_good_state():
     assert len(e.value.history) == 4
     assert e.value.state["k"] == 0
     assert e.value.history[-1].events == ("stalled",)
+    assert "(4 steps, $0.0000); its last 3 calls failed, the last with RuntimeError: flaky call 3;" in str(e.value)
+
+
+def test_a_run_whose_calls_kept_failing_says_so_when_its_budget_stops_it():
+    fn, _ = scripted([0.5, 0.6], fail_at={2, 3})
+    refine = loop(budget=Budget(iterations=4), backtrack=LastGood(), scorer=score, checkpoint="memory")(fn)
+    with pytest.raises(BudgetExhausted) as e:
+        refine({})
+    assert "its last 2 calls failed, the last with RuntimeError: flaky call 3;" in str(e.value)
+    fine, _ = scripted([0.5, 0.6], fail_at={0})  # a failure that a later call got past
+    ok = loop(budget=Budget(iterations=2), backtrack=LastGood(), scorer=score, checkpoint="memory")(fine)
+    with pytest.raises(BudgetExhausted) as e:
+        ok({})
+    assert "failed" not in str(e.value)
 
 
 def test_an_error_without_a_backtracker_fails_the_run_and_reaches_the_caller_with_its_run_id():
