@@ -22,7 +22,7 @@ import loomc
 
 from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
                    RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
-                   StepConflict, StoreError, loop, predicate)
+                   StepConflict, StoreError, MemoryStore, loop, predicate)
 
 CRASHY = str(Path(__file__).parent / "crashy.py")
 
@@ -735,3 +735,62 @@ def test_load_history_reads_a_run_from_a_path_or_the_default_database(tmp_path, 
     assert not (tmp_path / "typo.db").exists()
     with pytest.raises(ConfigError, match=r"pass the loop's store itself \(fn.store\)"):
         load_history("memory", run.id)
+
+
+def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_path):
+    """Regression: the lease was renewed only by commits, so another process could take over a run
+    whose live process was in a step longer than the lease (a long test suite, a slow model); the
+    first then lost that paid step to RunLocked on its commit."""
+    db = tmp_path / "long.db"
+    (tmp_path / "longstep.py").write_text(
+        "import pathlib, sys, time\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.25, lease_seconds=1.0, checkpoint=sys.argv[1])\n"
+        "def work(s):\n"
+        "    if s == 1:\n"
+        "        pathlib.Path(sys.argv[1] + '.in-step').touch()\n"
+        "        time.sleep(4)  # four leases long\n"
+        "    return s + 1\n"
+        "print(work.run(0, run_id='long').status)\n")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "longstep.py"), str(db)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "long.db.in-step").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # the lease the run took at its last commit has run out twice over
+        assert SQLiteStore(db).get_run("long").lease_expires > time.time(), "renewed while the step runs"
+        other = loop(budget=Budget(iterations=3), checkpoint=str(db))(lambda s: s + 1)
+        with pytest.raises(RunLocked, match="run long is being run by"):
+            other.resume("long")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "budget_exhausted", err
+    steps = SQLiteStore(db).load_steps("long")
+    assert [s.n for s in steps] == [0, 1, 2] and all(s.error is None for s in steps)
+    assert SQLiteStore(db).get_run("long").total_cost == Decimal("0.75")
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_another_thread_cannot_take_a_run_whose_step_outlasts_its_lease(tmp_path, store):
+    import threading
+    checkpoint = MemoryStore() if store == "memory" else str(tmp_path / "thread-lease.db")
+    in_step = threading.Event()
+
+    @loop(budget=Budget(iterations=3), lease_seconds=0.2, checkpoint=checkpoint)
+    def slow(s):
+        if s == 1:
+            in_step.set()
+            time.sleep(0.8)  # four leases long, and nothing else renews a memory store's lease
+        return s + 1
+
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("run", slow.run(0, run_id="slow")))
+    worker.start()
+    assert in_step.wait(30)
+    time.sleep(0.4)
+    with pytest.raises(RunLocked, match="already being run in this process"):
+        slow.resume("slow")
+    worker.join(30)
+    assert results["run"].status == "budget_exhausted" and results["run"].state == 3

@@ -238,6 +238,24 @@ def test_an_owner_whose_lease_ran_out_cannot_commit_after_another_process_took_t
     second.close()
 
 
+def test_a_live_drive_keeps_its_lease_renewed_and_one_that_is_over_is_let_go(tmp_path):
+    import gc
+    from loomc.stores.base import Drive
+    store = SQLiteStore(tmp_path / "keep.db", durability="normal")
+    live, over = Drive(), Drive()
+    for name, drive in (("live", live), ("over", over)):
+        store.create_run(make_run(name).replace(owner=drive.owner, lease_expires=time.time() + 0.3))
+    del over, drive  # its drive ended without releasing the run (its store failed, say)
+    gc.collect()
+    time.sleep(1.0)  # three leases: only a renewal keeps one
+    assert store.get_run("live").lease_expires > time.time()
+    assert store.get_run("over").lease_expires < time.time()
+    assert store._leases.keys() == {"live"}
+    store.commit_step("live", make_step(0), Totals(Decimal("0.05"), 1, 0.0), live.owner, 0.3)
+    store.close()
+    assert store._keeper is None
+
+
 def _use_store_in_forked_child(store: SQLiteStore, result: Any) -> None:
     result.put(hasattr(store._local, "conn"))  # the parent's connection must not come along
     store.create_run(make_run("child"))

@@ -195,9 +195,14 @@ def _start_time(pid: int) -> str | None:
 
 
 def may_take(run: RunRecord, owner: str, now: float) -> bool:
-    """Whether ``owner`` may take the lease on ``run`` at time ``now``."""
-    return (run.owner is None or run.owner == owner or (run.lease_expires or 0) < now
-            or owner_is_dead(run.owner))
+    """Whether ``owner`` may take the lease on ``run`` at time ``now``.
+
+    Never from a drive of this process that still runs, however long its step: its lease is
+    known to be live even where nothing renews it.
+    """
+    if run.owner is None or run.owner == owner:
+        return True
+    return run.owner not in _DRIVING and ((run.lease_expires or 0) < now or owner_is_dead(run.owner))
 
 
 def locked_message(run: RunRecord, now: float) -> str:

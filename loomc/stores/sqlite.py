@@ -26,7 +26,7 @@ from typing import Any
 
 from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
                           StepConflict, StoreError)
-from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take
+from loomc.stores.base import _DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take
 
 #: The schema this loomc writes. 1 is the original loomc 0.2 layout.
 SCHEMA_VERSION = 3
@@ -181,19 +181,21 @@ class SQLiteStore:
                                  f"({e.strerror or e}); pass checkpoint= (or --db, or $LOOMC_DB) a path "
                                  "in a writable directory") from None
         self._forget_connections()
-        # run id -> (owner, monotonic time): until then this process's lease on the run has more
-        # than half its life left, and steps go in unfenced (see commit_step).
-        self._leases: dict[str, tuple[str, float]] = {}
         self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
         _OPEN.add(self)
         self._conn()  # open, check and migrate the schema now: errors surface at construction
 
     def _forget_connections(self) -> None:
-        """Start with no connection, lock or writer thread: at construction, and in a forked child."""
+        """Start with no connection, lock, thread or lease: at construction, and in a forked child."""
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._writer: Any = None
+        # run id -> (owner, monotonic time, lease length): until that time this process's lease on
+        # the run has more than half its life left, and steps go in unfenced (see commit_step).
+        self._leases: dict[str, tuple[str, float, float]] = {}
+        self._keeper: threading.Thread | None = None  # renews the leases of live runs (_keep_leases)
+        self._wake = threading.Event()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
@@ -293,6 +295,8 @@ class SQLiteStore:
 
     def close(self) -> None:
         with self._guard:
+            self._keeper = None
+            self._wake.set()
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
@@ -344,8 +348,45 @@ class SQLiteStore:
         return claimed
 
     def _hold(self, run_id: str, owner: str, expires: float) -> None:
-        """Remember that ``owner`` holds ``run_id`` until ``expires`` (wall clock), as just committed."""
-        self._leases[run_id] = (owner, time.monotonic() + (expires - time.time()) / 2)
+        """Remember that ``owner`` holds ``run_id`` until ``expires`` (wall clock), as just committed.
+
+        The lease is renewed at half its life for as long as the drive that holds it runs, by a
+        thread of this store, so a step longer than the lease keeps its run.
+        """
+        seconds = expires - time.time()
+        with self._guard:
+            self._leases[run_id] = (owner, time.monotonic() + seconds / 2, seconds)
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=_keep_leases, args=(weakref.ref(self), self._wake),
+                                                name="loomc-leases", daemon=True)
+                self._keeper.start()
+        self._wake.set()
+
+    def _renew_leases(self) -> float:
+        """Renew the leases that are due and whose drives still run; the seconds until the next is due."""
+        now = time.monotonic()
+        for run_id, held in list(self._leases.items()):
+            owner, due, seconds = held
+            if due > now:
+                continue
+            kept = False
+            if owner in _DRIVING:  # a drive that is over (or another process's owner) is not kept
+                try:
+                    kept = self._write(lambda conn: conn.execute(
+                        "UPDATE runs SET lease_expires = ? WHERE id = ? AND owner = ?",
+                        (time.time() + seconds, run_id, owner)).rowcount == 1)
+                except (sqlite3.Error, StoreError):  # the file is busy or gone: try again shortly
+                    with self._guard:
+                        if self._leases.get(run_id) == held:
+                            self._leases[run_id] = (owner, now + min(1.0, seconds / 4), seconds)
+                    continue
+            if kept:
+                self._hold(run_id, owner, time.time() + seconds)
+            else:
+                with self._guard:
+                    if self._leases.get(run_id) == held:
+                        del self._leases[run_id]
+        return min((held[1] for held in self._leases.values()), default=now + 3600.0) - time.monotonic()
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
                     lease_seconds: float) -> None:
@@ -474,6 +515,18 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
         raise
     conn.execute("COMMIT")
     return result
+
+
+def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
+    """The body of a store's lease keeper: it holds the store only while renewing, and ends with it."""
+    while True:
+        store = ref()
+        if store is None or store._keeper is not threading.current_thread():
+            return
+        wait = store._renew_leases()
+        del store
+        wake.wait(max(0.0, wait))
+        wake.clear()
 
 
 def _after_fork_in_child() -> None:
