@@ -212,7 +212,10 @@ def export(run_id: str, db: str | None, as_json: bool) -> None:
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--budget-usd", type=float,
               help="resume under a new USD cap, the other caps kept (for a budget_exhausted run)")
-def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
+@click.option("--take-over", is_flag=True,
+              help="take the run from an owner in another process whose lease has not run out "
+                   "(only when you know that process is gone)")
+def resume(run_id: str, db: str | None, budget_usd: float | None, take_over: bool) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
     from loomc.loop import refuse_completed
     store = open_db(db)
@@ -222,8 +225,9 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
     except LoomcError as e:
         fail(str(e))
     name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2]
-    snippet = f"{name}.resume({run_id!r})" if budget_usd is None else \
-        f"{name}.resume({run_id!r}, budget=Budget(usd={budget_usd}))"
+    given = [repr(run_id)] + ([] if budget_usd is None else [f"budget=Budget(usd={budget_usd})"]) + \
+        (["take_over=True"] if take_over else [])
+    snippet = f"{name}.resume({', '.join(given)})"
     runner, why = _import_runner(run.fn_path)
     if runner is None:
         click.echo(f"loomc: cannot resume {clean(run_id)} from here: {clean(why)}", err=True)
@@ -233,7 +237,8 @@ def resume(run_id: str, db: str | None, budget_usd: float | None) -> None:
     from loomc.budget import Budget
     runner.store = store
     try:
-        ended = runner.resume_run(run_id, budget=None if budget_usd is None else Budget(usd=budget_usd))
+        ended = runner.resume_run(run_id, budget=None if budget_usd is None else Budget(usd=budget_usd),
+                                  take_over=take_over)
         if inspect.iscoroutine(ended):  # an async def loop: run it to its end on an event loop of its own
             import asyncio
             ended = asyncio.run(ended)

@@ -282,7 +282,8 @@ class LoopRunner:
                                "or start a new run under another run_id") from None
         return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, drive, parent=parent)
 
-    def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None) -> LiveRun:
+    def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None,
+                take_over: bool = False) -> LiveRun:
         _check_run_id(run_id)
         _refuse_at_import(self.fn)
         store = self.store
@@ -298,7 +299,11 @@ class LoopRunner:
             note = "; ".join(filter(None, ["resumed after it stalled: the stall handler is asked again after "
                                            "the next call", note]))
         drive = Drive()
-        record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note)
+        if take_over and record.owner and record.status == "running":
+            note = "; ".join(filter(None, [f"taken over from {record.owner}", note]))
+        record = (store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note,
+                                  take_over=True) if take_over  # a store that predates take_over still resumes
+                  else store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note))
         changed = (f"run {run_id}: fn's source, the policy or the state type changed since the run started"
                    if record.spec_hash and record.spec_hash != self.spec_hash else None)
         try:
@@ -404,16 +409,18 @@ class LoopRunner:
         """Run the loop and return the final state; raise what ended it otherwise."""
         return self.run(state, run_id=run_id).result()
 
-    def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:
+    def resume_run(self, run_id: str, *, budget: Budget | None = None, take_over: bool = False) -> Run:
         """Continue a run from its last committed step and return the whole :class:`Run`."""
-        return exhaust(self._steps(self._reopen(run_id, budget)))
+        return exhaust(self._steps(self._reopen(run_id, budget, None, take_over)))
 
-    def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:
+    def resume(self, run_id: str, *, budget: Budget | None = None, take_over: bool = False) -> Any:
         """Continue a run from its last committed step, with its spend counted; return the final state.
 
-        ``budget=`` replaces the budget (for a run that exhausted it); the raise is recorded on the run.
+        ``budget=`` raises the caps it names (for a run that exhausted its budget); the raise is
+        recorded on the run. ``take_over=True`` takes the run from an owner in another process
+        whose lease has not run out, for when you know that process is gone.
         """
-        return self.resume_run(run_id, budget=budget).result()
+        return self.resume_run(run_id, budget=budget, take_over=take_over).result()
 
     def replay(self, run_id: str, policy: Policy | None = None) -> Any:
         """What ``policy`` (default: this loop's) would have done on a recorded run."""
@@ -461,11 +468,13 @@ class AsyncLoopRunner(LoopRunner):
     async def __call__(self, state: Any, *, run_id: str | None = None) -> Any:  # type: ignore[override]
         return (await self.run(state, run_id=run_id)).result()
 
-    async def resume_run(self, run_id: str, *, budget: Budget | None = None) -> Run:  # type: ignore[override]
-        return await self._go(await offload(self.store, self._reopen, run_id, budget))
+    async def resume_run(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
+                         take_over: bool = False) -> Run:
+        return await self._go(await offload(self.store, self._reopen, run_id, budget, None, take_over))
 
-    async def resume(self, run_id: str, *, budget: Budget | None = None) -> Any:  # type: ignore[override]
-        return (await self.resume_run(run_id, budget=budget)).result()
+    async def resume(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
+                     take_over: bool = False) -> Any:
+        return (await self.resume_run(run_id, budget=budget, take_over=take_over)).result()
 
 
 class StepStream:

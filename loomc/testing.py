@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from loomc.errors import RunLocked, RunNotFound, StepConflict
-from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals
+from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals
 
 OWNER = "conformance-host:1:owner"
 OTHER = "conformance-host:2:other"
@@ -148,6 +148,16 @@ class StoreConformance:
         assert taken.owner == OTHER and taken.attempts == 2 and "took over" in taken.notes
         with pytest.raises(RunLocked):
             store.commit_step("r2", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 600)
+
+    def test_take_over_takes_a_fresh_lease_but_never_from_a_live_drive_of_this_process(
+            self, store: CheckpointStore) -> None:
+        store.create_run(make_run("r1"))  # OWNER: another process, its lease fresh for 600 s
+        taken = store.claim_run("r1", OTHER, 600, take_over=True)
+        assert taken.owner == OTHER and taken.attempts == 2
+        drive = Drive()
+        store.create_run(make_run("r2").replace(owner=drive.owner))
+        with pytest.raises(RunLocked, match="already being run in this process"):
+            store.claim_run("r2", OTHER, 600, take_over=True)
 
     def test_children_are_listed_by_parent_step_then_creation(self, store: CheckpointStore) -> None:
         store.create_run(make_run("p"))

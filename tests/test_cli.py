@@ -399,3 +399,24 @@ def test_while_loomc_resume_imports_no_loop_starts_or_resumes_a_run(tmp_path):
     assert store.get_run(stopped.id).status == "budget_exhausted"
     resumed = tick.resume_run(stopped.id, budget=Budget(iterations=5))  # refused only during the import
     assert resumed.state == 5 and len(resumed.history) == 5
+
+
+def test_resume_take_over_takes_a_run_from_an_owner_known_to_be_gone(tmp_path):
+    import sqlite3
+    import time
+    env, _ = start_in_module(tmp_path, "podjobs", (
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(iterations=9), converge_on=predicate(lambda h: h[-1].state >= 3))\n"
+        "def count(s):\n"
+        "    return s + 1\n"),
+        "import podjobs\nstream = podjobs.count.iter(0, run_id='p1')\nnext(stream)\nstream.close()")
+    with sqlite3.connect(env["LOOMC_DB"]) as conn:
+        conn.execute("UPDATE runs SET status = 'running', owner = 'old-pod:1:t1.ab', lease_expires = ?",
+                     (time.time() + 600,))
+    locked = subprocess.run(["loomc", "resume", "p1"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert locked.returncode == 1 and "loomc resume --take-over" in locked.stderr
+    proc = subprocess.run(["loomc", "resume", "p1", "--take-over"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Status: completed" in proc.stdout and "   2   $0.0000" in proc.stdout
+    assert "taken over from old-pod:1:t1.ab" in proc.stdout

@@ -794,3 +794,23 @@ def test_another_thread_cannot_take_a_run_whose_step_outlasts_its_lease(tmp_path
         slow.resume("slow")
     worker.join(30)
     assert results["run"].status == "budget_exhausted" and results["run"].state == 3
+
+
+def test_take_over_resumes_a_run_whose_owner_on_another_host_is_known_to_be_gone(tmp_path):
+    """A restarted pod comes back under a new host name: the old one's lease would keep the run
+    locked for ten minutes. take_over=True takes it at once, and the note records from whom."""
+    import sqlite3
+    db = str(tmp_path / "pod.db")
+    count = loop(budget=Budget(iterations=4), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    first = count.run(0, run_id="job")
+    with sqlite3.connect(db) as conn:  # as the dead pod left it: running, its lease fresh
+        conn.execute("UPDATE runs SET status = 'running', owner = 'pod-7f9c:1:t1.ab', lease_expires = ? "
+                     "WHERE id = 'job'", (time.time() + 600,))
+    more = loop(budget=Budget(iterations=6), cost_fn=lambda s: 0.1, checkpoint=db)(count.fn)
+    with pytest.raises(RunLocked, match=r"pod-7f9c:1:t1.ab \(lease for \d+s more\).*resume with take_over=True "
+                                        r"\(loomc resume --take-over\)"):
+        more.resume("job")
+    with pytest.warns(SpecChangedWarning):
+        run = more.resume_run("job", take_over=True)
+    assert first.state == 4 and run.state == 6 and run.total_cost == Decimal("0.6")
+    assert "taken over from pod-7f9c:1:t1.ab" in SQLiteStore(db).get_run("job").notes[0]

@@ -81,10 +81,11 @@ class CheckpointStore(Protocol):
         """Insert a new run, owned by ``run.owner`` until ``run.lease_expires``."""
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
-                  policy: str | None = None, note: str | None = None) -> RunRecord:
+                  policy: str | None = None, note: str | None = None, take_over: bool = False) -> RunRecord:
         """Take the lease on a run to resume it; count the attempt; status becomes running.
 
-        Raises RunNotFound, or RunLocked while another live owner holds it.
+        Raises RunNotFound, or RunLocked while another live owner holds it. ``take_over=True``
+        takes it from an owner in another process whatever its lease (the caller knows it is gone).
         """
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
@@ -194,15 +195,16 @@ def _start_time(pid: int) -> str | None:
     return None if stat is None else stat[19]
 
 
-def may_take(run: RunRecord, owner: str, now: float) -> bool:
-    """Whether ``owner`` may take the lease on ``run`` at time ``now``.
+def may_take(run: RunRecord, owner: str, now: float, take_over: bool = False) -> bool:
+    """Whether ``owner`` may take the lease on ``run`` at time ``now`` (``take_over``: whatever the lease).
 
     Never from a drive of this process that still runs, however long its step: its lease is
     known to be live even where nothing renews it.
     """
     if run.owner is None or run.owner == owner:
         return True
-    return run.owner not in _DRIVING and ((run.lease_expires or 0) < now or owner_is_dead(run.owner))
+    return run.owner not in _DRIVING and (take_over or (run.lease_expires or 0) < now
+                                          or owner_is_dead(run.owner))
 
 
 def locked_message(run: RunRecord, now: float) -> str:
@@ -210,5 +212,6 @@ def locked_message(run: RunRecord, now: float) -> str:
         return (f"run {run.id} is already being run in this process (by another thread or task, or an "
                 "iter() not yet finished); wait for it to finish, or close that iter()")
     left = max(0.0, (run.lease_expires or now) - now)
-    return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); "
-            "wait for it to finish, or for its lease to expire if that process is gone")
+    return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); wait for it to finish, "
+            "or for its lease to expire; if you know that process is gone (a restarted container with a new "
+            "host name), resume with take_over=True (loomc resume --take-over)")

@@ -36,10 +36,10 @@ class MemoryStore:
             self._steps[run.id] = []
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
-                  policy: str | None = None, note: str | None = None) -> RunRecord:
+                  policy: str | None = None, note: str | None = None, take_over: bool = False) -> RunRecord:
         with self._lock:
             run, now = self._run(run_id), time.time()
-            if not may_take(run, owner, now):
+            if not may_take(run, owner, now, take_over):
                 raise RunLocked(locked_message(run, now))
             run = run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
                               attempts=run.attempts + 1, updated_at=now, policy=policy or run.policy,

@@ -332,10 +332,10 @@ class SQLiteStore:
             self._hold(run.id, run.owner, run.lease_expires)
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
-                  policy: str | None = None, note: str | None = None) -> RunRecord:
+                  policy: str | None = None, note: str | None = None, take_over: bool = False) -> RunRecord:
         def claim(conn: sqlite3.Connection) -> RunRecord:
             run, now = self._get(conn, run_id), time.time()
-            if not may_take(run, owner, now):
+            if not may_take(run, owner, now, take_over):
                 raise RunLocked(locked_message(run, now))
             notes = run.notes + ((note,) if note else ())
             conn.execute("UPDATE runs SET owner = ?, lease_expires = ?, status = 'running', attempts = attempts + 1, "
