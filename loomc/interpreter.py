@@ -24,7 +24,7 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, StallError,
+from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, RunLocked, StallError,
                           StateEncodeError, attach_run, counted, warn_at_caller)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
@@ -136,6 +136,7 @@ class LiveRun:
     orphan_told: bool = False  # whether it was told that it outlived that step
     notices: list[tuple[str, type[Warning]]] = field(default_factory=list)  # told where the run is driven from
     first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
+    took_over_from: str | None = None  # the owner a take_over resume took the run from: its children go too
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id)
@@ -219,6 +220,8 @@ class _Call(tuple):  # type: ignore[type-arg]
                 new_state, exc = run.fn(state), None
                 if new_state is None:
                     raise _returned_none(run)
+            except RunLocked:
+                raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:  # KeyboardInterrupt and friends are never swallowed
                 new_state, exc = None, e
             if exc is None and run.probes:
@@ -255,6 +258,8 @@ class _Call(tuple):  # type: ignore[type-arg]
                 new_state, exc = None, (DeadlineExceeded(
                     f"the wall-clock budget ({run.wall_cap:g}s) ran out during this call, which was cancelled")
                     if over else e)
+            except RunLocked:
+                raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:
                 new_state, exc = None, e
             cost = score = _UNSET  # an async def cost_fn or scorer is awaited here, then settled as given

@@ -35,7 +35,7 @@ from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, 
                           either, loop_name, name_of, never)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
-from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id
+from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id, process_of
 
 __version__ = "0.3.0"
 SPEC_VERSION = "1"
@@ -299,6 +299,9 @@ class LoopRunner:
             note = "; ".join(filter(None, ["resumed after it stalled: the stall handler is asked again after "
                                            "the next call", note]))
         drive = Drive()
+        took = parent is not None and parent.took_over_from is not None and record.owner is not None \
+            and process_of(record.owner) == process_of(parent.took_over_from)
+        take_over = take_over or took  # a child its parent's gone process left running goes with the parent
         if take_over and record.owner and record.status == "running":
             note = "; ".join(filter(None, [f"taken over from {record.owner}", note]))
         record = (store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note,
@@ -318,6 +321,8 @@ class LoopRunner:
                                      "validates", SpecChangedWarning))
             if before.status == "stalled":  # resuming is the answer to the escalation: ask it again from here
                 live.first_policy = without_stall_handler(policy)
+            if take_over and before.owner is not None:
+                live.took_over_from = before.owner
             live.history = self._settle_interrupted(record, live.history, drive.owner)
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash

@@ -152,6 +152,42 @@ def test_a_crash_inside_a_child_is_resumed_through_the_parent_exactly_once(tmp_p
     assert [s.cost for s in store.load_steps("nested")] == [Decimal("0.04")] * 3
 
 
+def test_taking_over_a_parent_takes_over_the_children_its_gone_process_left_running(tmp_path):
+    """Regression: the parent was taken over, and its step then failed with RunLocked on its own
+    child, which the same gone process had been running."""
+    import sqlite3
+    import time
+    db, marker = tmp_path / "nested.db", tmp_path / "crashed-once"
+    first = subprocess.run([sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker)],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == -9, first.stderr
+    resume = ("import json, sys\nsys.argv = ['nested_crashy.py', sys.argv[1], sys.argv[2]]\n"
+              "import nested_crashy\nprint(json.dumps(nested_crashy.parent.resume('nested', take_over=True)))")
+
+    def left_by(parent_owner, child_owner):  # as a pod on another host left them: running, leases fresh
+        with sqlite3.connect(db) as conn:
+            for run_id, owner in (("nested", parent_owner), ("nested-1-0", child_owner)):
+                conn.execute("UPDATE runs SET status = 'running', owner = ?, lease_expires = ? WHERE id = ?",
+                             (owner, time.time() + 600, run_id))
+
+    left_by("pod-a:1:t55.aaaaaa", "pod-b:1:t77.bbbbbb")  # the child is another process's: not taken
+    locked = subprocess.run([sys.executable, "-c", resume, str(db), str(marker)], capture_output=True,
+                            text=True, timeout=120, cwd=HERE)
+    assert locked.returncode == 1 and "RunLocked: run nested-1-0 is being run by pod-b:1:t77.bbbbbb" in locked.stderr
+    store = SQLiteStore(db)
+    assert [s.n for s in store.load_steps("nested")] == [0], "a locked child is no failure of the parent's step"
+    assert store.get_run("nested").reason.startswith("RunLocked: run nested-1-0 is being run by pod-b")
+    left_by("pod-a:1:t55.aaaaaa", "pod-a:1:t55.cccccc")  # one process, two drives: the child goes along
+    second = subprocess.run([sys.executable, "-c", resume, str(db), str(marker)], capture_output=True,
+                            text=True, timeout=120, cwd=HERE)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == {"done": 3, "child_n": 12}
+    child = store.get_run("nested-1-0")
+    assert child.status == "completed" and "taken over from pod-a:1:t55.cccccc" in child.notes
+    assert [s.n for s in store.load_steps("nested-1-0")] == [0, 1, 2, 3]
+    assert store.get_run("nested").total_cost == Decimal("0.12")
+
+
 def test_a_crash_after_a_child_completed_reuses_it_instead_of_paying_twice(tmp_path):
     db, marker = tmp_path / "after.db", tmp_path / "crashed-once"
     script = [sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker), "after"]

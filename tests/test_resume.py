@@ -728,7 +728,8 @@ def test_load_history_reads_a_run_from_a_path_or_the_default_database(tmp_path, 
     replayed = score_plateau(1, min_delta=0).replay(by_path)
     assert str(replayed).startswith("score_plateau(patience=1, min_delta=0): would have stopped after 2 steps")
     assert "in 1 scored step" in replayed.decision.reason and "steps" not in replayed.decision.reason
-    assert str(Budget(iterations=1).replay(by_path)).split(": ")[1] == "would have stopped after 1 step ($0.2500), budget_exhausted"
+    once = str(Budget(iterations=1).replay(by_path))
+    assert once.split(": ")[1] == "would have stopped after 1 step ($0.2500), budget_exhausted"
     # A wrong path is an error that names it, and creates nothing; a fresh memory store has no runs.
     with pytest.raises(StoreError, match=re.escape(f"no loomc database at {tmp_path / 'typo.db'}")):
         load_history(tmp_path / "typo.db", run.id)

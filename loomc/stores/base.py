@@ -136,6 +136,12 @@ def process_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{nonce}"
 
 
+def process_of(owner: str) -> str:
+    """The process part of an owner name, shared by all its drives: ``host:pid:t<start>``, else ``host:pid``."""
+    host, pid, nonce = (owner.split(":", 2) + ["", ""])[:3]
+    return f"{host}:{pid}:{nonce.partition('.')[0]}" if nonce.startswith("t") and "." in nonce else f"{host}:{pid}"
+
+
 class Drive:
     """One drive of a run (a start or a resume) and its owner name, alive here as long as this object is.
 
