@@ -157,6 +157,21 @@ class ParentCap(Signal):
         return f"parent_cap(run={self.parent!r}, usd={float(self.usd)!r})"
 
 
+def budget_from_repr(text: str) -> Budget | None:
+    """The Budget whose ``repr`` is ``text`` (as a run's notes record a raise), or None if it is not one."""
+    import ast
+    if text == "Budget.unbounded()":
+        return Budget.unbounded()
+    try:
+        call = ast.parse(text, mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Budget"
+                and not call.args):
+            return None
+        return Budget(**{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg})
+    except (SyntaxError, ValueError, TypeError):
+        return None
+
+
 def raised(budgets: Sequence[Budget], new: Budget) -> Budget:
     """The budget a resume runs under when given ``new``: its caps, and every cap it leaves out
     kept from ``budgets`` (the loop's own), so raising the dollars never lifts the iteration or

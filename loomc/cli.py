@@ -110,6 +110,21 @@ def runs_table(rows: list[tuple[Any, ...]]) -> str:
 
 
 _BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
+_RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m"}
+
+
+def what_next(run: RunRecord) -> str:
+    """How to go on with a run that stopped short of completing, as ``loomc show`` says it."""
+    if run.parent_run_id:
+        return f"resume its parent run {run.parent_run_id}, which resumes it"
+    command = f"loomc resume {clean(run.id)}"
+    if run.status == "budget_exhausted":
+        cap = (run.reason or "").partition(":")[0]
+        if cap in _RAISE:
+            return f"`{command} {_RAISE[cap]}` continues it under a larger cap"
+    if run.status == "stalled":
+        return f"`{command}` gives it more calls"
+    return f"`{command}` continues it"
 
 
 def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
@@ -119,9 +134,9 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     status = shown_status(run.status, run.owner)
     stopped = run.reason or ("still running" if run.status == "running" else "-")
     if status == "crashed":
-        how = (f"resume its parent run {run.parent_run_id}, which resumes it" if run.parent_run_id
-               else f"`loomc resume {run.id}` continues it")
-        stopped = f"its process ({run.owner}) died during step {len(steps)}; {how}"
+        stopped = f"its process ({run.owner}) died during step {len(steps)}; {what_next(run)}"
+    elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
+        stopped = f"{stopped}; {what_next(run)}"
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {clean(stopped)}",
             f"Policy: {clean(run.policy)}",
@@ -212,20 +227,26 @@ def export(run_id: str, db: str | None, as_json: bool) -> None:
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--budget-usd", type=float,
               help="resume under a new USD cap, the other caps kept (for a budget_exhausted run)")
+@click.option("--iterations", type=int, help="resume under a new cap on calls of fn, the other caps kept")
+@click.option("--wall-clock", help="resume under a new active-time cap ('30s', '10m', '1h30m'), the other caps kept")
 @click.option("--take-over", is_flag=True,
               help="take the run from an owner in another process whose lease has not run out "
                    "(only when you know that process is gone)")
-def resume(run_id: str, db: str | None, budget_usd: float | None, take_over: bool) -> None:
+def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: int | None,
+           wall_clock: str | None, take_over: bool) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
+    from loomc.budget import Budget
     from loomc.loop import refuse_completed
     store = open_db(db)
-    try:
+    try:  # a bad cap is refused before anything is imported
+        budget = Budget(usd=budget_usd, iterations=iterations, wall_clock=wall_clock) \
+            if (budget_usd, iterations, wall_clock) != (None, None, None) else None
         run = store.get_run(run_id)
-        refuse_completed(run)  # before importing anything
+        refuse_completed(run)
     except LoomcError as e:
         fail(str(e))
     name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2]
-    given = [repr(run_id)] + ([] if budget_usd is None else [f"budget=Budget(usd={budget_usd})"]) + \
+    given = [repr(run_id)] + ([] if budget is None else [f"budget={budget!r}"]) + \
         (["take_over=True"] if take_over else [])
     snippet = f"{name}.resume({', '.join(given)})"
     runner, why = _import_runner(run.fn_path)
@@ -234,11 +255,9 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, take_over: boo
         click.echo("Resume it from Python, where the loop is defined:", err=True)
         click.echo(f"    {snippet}", err=True)
         sys.exit(1)
-    from loomc.budget import Budget
     runner.store = store
     try:
-        ended = runner.resume_run(run_id, budget=None if budget_usd is None else Budget(usd=budget_usd),
-                                  take_over=take_over)
+        ended = runner.resume_run(run_id, budget=budget, take_over=take_over)
         if inspect.iscoroutine(ended):  # an async def loop: run it to its end on an event loop of its own
             import asyncio
             ended = asyncio.run(ended)

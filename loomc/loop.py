@@ -17,15 +17,16 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, raised
+from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, budget_from_repr, raised
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, warn_at_caller)
 from loomc.history import ZERO, History, Step
@@ -138,6 +139,18 @@ def with_budget(policy: Policy, budget: Budget) -> tuple[Policy, Budget]:
     budgets = [p for p in parts if isinstance(p, Budget)]
     merged = raised(budgets, budget)
     return functools.reduce(either, [merged, *(p for p in parts if not isinstance(p, Budget))]), merged
+
+
+_RAISE_NOTE = re.compile(r"resumed with (Budget(?:\.unbounded\(\)|\([^()]*\))) \(was ")
+
+
+def recorded_raise(notes: Sequence[str]) -> Budget | None:
+    """The budget the latest resume with a raise recorded in a run's notes, if any."""
+    for note in reversed(notes):
+        found = _RAISE_NOTE.search(note)
+        if found:
+            return budget_from_repr(found[1])
+    return None
 
 
 def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Decimal:
@@ -290,11 +303,16 @@ class LoopRunner:
         record = before = store.get_run(run_id)
         refuse_completed(record)
         policy, note = self.policy, None
+        before_raise = recorded_raise(record.notes)  # an earlier resume's raise is the run's budget now
         if budget is not None:
             if not isinstance(budget, Budget):
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
+            if before_raise is not None:
+                budget = raised([before_raise], budget)
             policy, budget = with_budget(self.policy, budget)
             note = f"resumed with {budget!r} (was {record.policy})"
+        elif before_raise is not None:
+            policy = with_budget(self.policy, before_raise)[0]
         if record.status == "stalled":
             note = "; ".join(filter(None, ["resumed after it stalled: the stall handler is asked again after "
                                            "the next call", note]))

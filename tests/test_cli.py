@@ -307,8 +307,34 @@ def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
     proc = subprocess.run(["loomc", "resume", "c1", "--budget-usd", "5"], env=env, capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr  # stopped again, by the iteration cap this time
-    assert "Stopped: iterations: 8 of 8 calls made" in proc.stdout
+    assert "Stopped: iterations: 8 of 8 calls made; `loomc resume c1 --iterations N` continues it under a larger " \
+           "cap" in proc.stdout
     assert "Spent: $0.8000 of $5.0000 budget in 8 steps" in proc.stdout
+    bad = subprocess.run(["loomc", "resume", "c1", "--wall-clock", "ten minutes"], env=env, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("loomc: wall_clock='ten minutes' is not a duration")
+    more = subprocess.run(["loomc", "resume", "c1", "--iterations", "10", "--wall-clock", "10m"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert more.returncode == 2, more.stderr  # the USD cap is $5.00 now, so the calls run out first
+    assert "Stopped: iterations: 10 of 10 calls made" in more.stdout and "$1.0000 of $5.0000" in more.stdout
+    assert "Note: resumed with Budget(usd=5.0, iterations=10, wall_clock='10m')" in more.stdout
+
+
+@pytest.mark.parametrize("status, reason, parent, hint", [
+    ("budget_exhausted", "usd: $0.9000 spent + $0.1000 for the next step would pass the $1.0000 cap", None,
+     "`loomc resume r --budget-usd X` continues it under a larger cap"),
+    ("budget_exhausted", "wall_clock: 601.0s active of 10m", None,
+     "`loomc resume r --wall-clock 30m` continues it under a larger cap"),
+    ("stalled", "Escalate: 3 steps in a row failed or did not beat the best score", None,
+     "`loomc resume r` gives it more calls"),
+    ("cancelled", "KeyboardInterrupt", None, "`loomc resume r` continues it"),
+    ("failed", "RuntimeError: boom", "p", "resume its parent run p, which resumes it"),
+])
+def test_show_says_how_to_go_on_with_a_run_that_stopped_short(status, reason, parent, hint):
+    from loomc.cli import show_table
+    from loomc.testing import make_run
+    run = make_run("r").replace(status=status, reason=reason, parent_run_id=parent, owner=None)
+    assert f"Stopped: {reason}; {hint}\n" in show_table(run, [])
 
 
 def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):

@@ -189,6 +189,26 @@ def test_a_raise_changes_only_the_caps_it_names(tmp_path):
         "Budget(usd=1.0, iterations=9, wall_clock='1h', step_estimate=0.2)"
 
 
+def test_a_raise_stays_the_runs_budget_for_later_resumes(tmp_path):
+    """Regression: a raise held for one resume only. A run raised to $5 that crashed, or stopped on
+    another cap, went back to the loop's $0.30 on its next resume and stopped at once."""
+    from loomc.budget import budget_from_repr
+    db = str(tmp_path / "kept.db")
+    step = loop(budget=Budget(usd=0.3, iterations=8), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    first = step.run(0)
+    raised_once = step.resume_run(first.id, budget=Budget(usd=5))
+    assert raised_once.reason == "iterations: 8 of 8 calls made"
+    again = step.resume_run(first.id, budget=Budget(iterations=10))  # the $5 stands; 2 more calls
+    assert again.steps == 10 and again.total_cost == Decimal("1.0") and again.reason == "iterations: 10 of 10 calls made"
+    assert SQLiteStore(db).get_run(first.id).notes[-1].startswith("resumed with Budget(usd=5.0, iterations=10) ")
+    assert step.resume_run(first.id).reason == "iterations: 10 of 10 calls made", "no call: 10 stands too"
+    assert SQLiteStore(db).get_run(first.id).policy == "Budget(usd=5.0, iterations=10)"
+    for budget in (Budget.unbounded(), Budget(usd=0.25, wall_clock="1h30m", step_estimate=0.05),
+                   Budget(iterations=3, wall_clock=90)):
+        assert budget_from_repr(repr(budget)) == budget
+    assert budget_from_repr("Budget(usd=__import__('os'))") is None and budget_from_repr("print(1)") is None
+
+
 def test_resuming_a_stalled_run_gives_it_more_calls_from_its_best_state(tmp_path):
     """Regression: the resume stalled again at once, without a call: Escalate counts the whole
     history. Resuming is the answer to the escalation, so the stall handler waits for a new call."""
