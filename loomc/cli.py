@@ -172,7 +172,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-@click.option("--status", help="only runs with this status (completed, failed, budget_exhausted, crashed, ...)")
+@click.option("--status", type=click.Choice(list(STATUS_COLORS)), help="only runs with this status")
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many runs")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 def runs(db: str | None, status: str | None, limit: int | None, as_json: bool) -> None:

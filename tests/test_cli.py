@@ -91,6 +91,8 @@ def test_runs_filters_and_json(tmp_path):
     done = ok.run(0)
     out = invoke("runs", "--db", db, "--status", "completed").output
     assert done.id in out and "a1b2c3d4e5f6" not in out
+    typo = invoke("runs", "--db", db, "--status", "budget-exhausted")  # an empty table would say "no such runs"
+    assert typo.exit_code == 2 and "'budget-exhausted' is not one of 'completed', 'failed'" in typo.output
     assert len(invoke("runs", "--db", db, "--limit", "1").output.splitlines()) == 3
     rows = json.loads(invoke("runs", "--db", db, "--json").output)
     assert [r["id"] for r in rows] == [done.id, "a1b2c3d4e5f6"]
