@@ -325,7 +325,7 @@ class LoopRunner:
         record = (store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note,
                                   take_over=True) if take_over  # a store that predates take_over still resumes
                   else store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note))
-        changed = (f"run {run_id}: fn's source, the policy or the state type changed since the run started"
+        changed = (f"run {run_id}: {self._changes(before, repr(policy), budget is not None)} since the run started"
                    if record.spec_hash and record.spec_hash != self.spec_hash else None)
         try:
             try:
@@ -348,6 +348,19 @@ class LoopRunner:
             store.finish_run(run_id, before.status, before.reason, drive.owner)
             raise
         return live
+
+    def _changes(self, before: RunRecord, policy: str, raising: bool) -> str:
+        """What differs from the run's record, as far as it tells: the function, else the policy, else
+        (the spec hash alone knows) fn's source or the state type."""
+        changes = []
+        if before.fn_path and self.fn_path and before.fn_path != self.fn_path:
+            changes.append(f"the function is {self.fn_path} (it was {before.fn_path})")
+        if not raising and before.policy and before.policy != policy:
+            changes.append(f"the policy is {policy} (it was {before.policy})")
+        if changes:
+            return " and ".join(changes)
+        return "fn's source, the loop's policy or the state type changed" if raising else \
+            "fn's source or the state type changed"
 
     def _restore(self, record: RunRecord, policy: Policy, drive: Drive, parent: LiveRun | None = None) -> LiveRun:
         """A LiveRun over the committed history of ``record``; reads only."""

@@ -354,6 +354,32 @@ def test_a_changed_spec_is_warned_at_the_line_that_resumed_sync_or_async(tmp_pat
     assert (async_caught[0].filename, async_caught[0].lineno) == (__file__, async_line)
 
 
+def bump_v1(s):
+    return s + 1
+
+
+def bump_v2(s):
+    return s + 2
+
+
+def test_a_changed_spec_warning_names_what_changed_where_the_record_tells(tmp_path):
+    db = str(tmp_path / "what.db")
+    first = loop(budget=Budget(iterations=2), checkpoint=db)(bump_v1).run(0)
+    with pytest.warns(SpecChangedWarning) as caught:
+        loop(budget=Budget(iterations=3), checkpoint=db)(bump_v2).resume_run(first.id)
+    assert str(caught[0].message).startswith(
+        f"run {first.id}: the function is {__name__}:bump_v2 (it was {__name__}:bump_v1) and the policy is "
+        "Budget(iterations=3) (it was Budget(iterations=2)) since the run started; resuming with the current code")
+    second = loop(budget=Budget(iterations=2), checkpoint=db)(bump_v1).run(0)
+    with pytest.warns(SpecChangedWarning, match=r"the function is .*:bump_v2 \(it was .*:bump_v1\) since the run"):
+        loop(budget=Budget(iterations=5), checkpoint=db)(bump_v2).resume_run(second.id, budget=Budget(iterations=5))
+    third = loop(budget=Budget(iterations=2), checkpoint=db)(lambda s: s + 1).run(0)
+    with pytest.warns(SpecChangedWarning, match="fn's source or the state type changed since the run started"):
+        loop(budget=Budget(iterations=2), checkpoint=db)(lambda s: s + 2).resume_run(third.id)
+    with pytest.warns(SpecChangedWarning, match="fn's source, the loop's policy or the state type changed since"):
+        loop(budget=Budget(iterations=4), checkpoint=db)(lambda s: s + 2).resume_run(third.id, budget=Budget(iterations=4))
+
+
 def test_the_state_type_is_recorded_when_fn_has_no_annotation(tmp_path):
     db = str(tmp_path / "u.db")
     step = loop(budget=Budget(iterations=2), checkpoint=db)(lambda d: Draft(text=d.text, version=d.version + 1))
