@@ -302,7 +302,8 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
 
 
 @main.command()
-@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--db", type=click.Path(dir_okay=False),
+              help="SQLite file to write to (default: $LOOMC_DB, else ./.loomc/checkpoints.db)")
 @click.option("--crash-at", type=click.IntRange(min=0), help="die like a real crash (SIGKILL) during this step")
 def demo(db: str | None, crash_at: int | None) -> None:
     """Run the iterative code fixer on a simulated model: no API key needed."""

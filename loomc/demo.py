@@ -137,6 +137,9 @@ def run_demo(db: str, crash_at: int | None = None) -> int:
     run = fix_code.run({"code": BUGGY, "attempt": 0, "note": "the buggy original"})
     click.echo("")
     click.echo(show_table(store.get_run(run.id), store.load_steps(run.id, with_states=False)))
+    if crash_at is not None:
+        click.echo(f"\nNo crash: the run ended after {len(run.history)} steps, before step {crash_at}; "
+                   f"--crash-at {len(run.history) - 1} or less crashes it")
     click.echo(f"\nInspect it: loomc show {run.id}" + ("" if db == os.path.join(".loomc", "checkpoints.db")
                                                         else f" --db {db}"))
     return 0 if run.status == "completed" else 2

@@ -228,7 +228,11 @@ def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
                           env={k: v for k, v in os.environ.items() if k != "LOOMC_DB"})
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout and "Inspect it: loomc show " in proc.stdout
-    assert (tmp_path / ".loomc" / "checkpoints.db").exists()
+    assert (tmp_path / ".loomc" / "checkpoints.db").exists() and "No crash" not in proc.stdout
+    late = subprocess.run(["loomc", "demo", "--crash-at", "99", "--db", str(tmp_path / "late.db")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert late.returncode == 0 and "No crash: the run ended after 5 steps, before step 99; --crash-at 4 or less " \
+                                    "crashes it" in late.stdout
 
 
 def test_resume_of_a_run_whose_function_cannot_be_imported_prints_the_snippet(tmp_path):
