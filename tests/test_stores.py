@@ -252,8 +252,14 @@ def test_a_live_drive_keeps_its_lease_renewed_and_one_that_is_over_is_let_go(tmp
     assert store.get_run("over").lease_expires < time.time()
     assert store._leases.keys() == {"live"}
     store.commit_step("live", make_step(0), Totals(Decimal("0.05"), 1, 0.0), live.owner, 0.3)
+    keeper = store._keeper
+    assert keeper is not None and keeper.is_alive() and len(store._all) == 2  # this thread's and the keeper's
+    store.finish_run("live", "completed", "done", live.owner)
+    keeper.join(5)  # no lease left: the keeper ends, closing its connection
+    assert not keeper.is_alive() and store._keeper is None and len(store._all) == 1
+    store.create_run(make_run("again").replace(owner=live.owner, lease_expires=time.time() + 0.3))
+    assert store._keeper is not None and store._keeper.is_alive(), "the next lease starts another"
     store.close()
-    assert store._keeper is None
 
 
 def _use_store_in_forked_child(store: SQLiteStore, result: Any) -> None:

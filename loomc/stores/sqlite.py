@@ -293,6 +293,17 @@ class SQLiteStore:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loomc-writer")
             return self._writer
 
+    def _close_thread_connection(self) -> None:
+        """Close this thread's connection, if it has one (a thread of the store's own, as it ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        with self._guard:
+            if conn in self._all:
+                self._all.remove(conn)
+        del self._local.conn, self._local.cursor
+        conn.close()
+
     def close(self) -> None:
         with self._guard:
             self._keeper = None
@@ -369,24 +380,25 @@ class SQLiteStore:
             owner, due, seconds = held
             if due > now:
                 continue
-            kept = False
+            kept: bool | None = False
             if owner in _DRIVING:  # a drive that is over (or another process's owner) is not kept
                 try:
                     kept = self._write(lambda conn: conn.execute(
                         "UPDATE runs SET lease_expires = ? WHERE id = ? AND owner = ?",
                         (time.time() + seconds, run_id, owner)).rowcount == 1)
                 except (sqlite3.Error, StoreError):  # the file is busy or gone: try again shortly
-                    with self._guard:
-                        if self._leases.get(run_id) == held:
-                            self._leases[run_id] = (owner, now + min(1.0, seconds / 4), seconds)
-                    continue
-            if kept:
-                self._hold(run_id, owner, time.time() + seconds)
-            else:
-                with self._guard:
-                    if self._leases.get(run_id) == held:
-                        del self._leases[run_id]
-        return min((held[1] for held in self._leases.values()), default=now + 3600.0) - time.monotonic()
+                    kept = None
+            with self._guard:
+                if self._leases.get(run_id) != held:
+                    continue  # finished, or held anew, meanwhile
+                if kept is None:
+                    self._leases[run_id] = (owner, now + min(1.0, seconds / 4), seconds)
+                elif kept:
+                    self._leases[run_id] = (owner, time.monotonic() + seconds / 2, seconds)
+                else:
+                    del self._leases[run_id]
+        dues = [held[1] for held in list(self._leases.values())]  # a snapshot: other threads add and drop leases
+        return min(dues, default=now + 3600.0) - time.monotonic()
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
                     lease_seconds: float) -> None:
@@ -443,7 +455,8 @@ class SQLiteStore:
             conn.execute(_FINISH, {"status": status, "reason": reason, "now": time.time(), "run": run_id,
                                    "owner": owner})
         self._write(finish)
-        self._leases.pop(run_id, None)
+        if self._leases.pop(run_id, None) is not None:
+            self._wake.set()  # the keeper ends if that was the last lease
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
         self._write(lambda conn: conn.execute(
@@ -518,15 +531,31 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
 
 
 def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
-    """The body of a store's lease keeper: it holds the store only while renewing, and ends with it."""
-    while True:
+    """The body of a store's lease keeper. It holds the store only while renewing, and ends when the
+    store is gone or closed or holds no lease (the next lease starts another), closing its connection."""
+    me = threading.current_thread()
+    try:
+        while True:
+            store = ref()
+            if store is None:
+                return
+            with store._guard:
+                if store._keeper is not me:
+                    return
+                if not store._leases:
+                    store._keeper = None
+                    return
+            wait = store._renew_leases()
+            del store
+            wake.wait(max(0.0, wait))
+            wake.clear()
+    finally:
         store = ref()
-        if store is None or store._keeper is not threading.current_thread():
-            return
-        wait = store._renew_leases()
-        del store
-        wake.wait(max(0.0, wait))
-        wake.clear()
+        if store is not None:
+            with store._guard:
+                if store._keeper is me:  # ended by surprise: the next lease starts another keeper
+                    store._keeper = None
+            store._close_thread_connection()
 
 
 def _after_fork_in_child() -> None:
