@@ -284,3 +284,43 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_working(tm
     assert [s.n for s in store.load_steps("parent")] == [0, 1]
     assert [s.n for s in store.load_steps("child")] == [0, 1]
     store.close()
+
+
+def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path):
+    """Regression: the keeper died on 'dictionary changed size during iteration' when a run started
+    or ended while it looked for the next lease due, and no lease of that store was renewed after."""
+    import threading
+    from loomc.stores.base import Drive
+    store = SQLiteStore(tmp_path / "churn.db", durability="normal")
+    drive = Drive()
+    store.create_run(make_run("kept").replace(owner=drive.owner, lease_expires=time.time() + 600))
+    stop, failures = threading.Event(), []
+
+    def churn() -> None:  # leases taken and dropped as fast as runs could start and end
+        while not stop.is_set():
+            for i in range(20):
+                store._leases[f"r{i}"] = (OWNER, time.monotonic() + 300, 600.0)
+            for i in range(20):
+                store._leases.pop(f"r{i}", None)
+
+    def renew() -> None:  # what the keeper does each time it wakes
+        try:
+            while not stop.is_set():
+                store._renew_leases()
+        except Exception as e:
+            failures.append(e)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between any two bytecodes: races show
+    try:
+        threads = [threading.Thread(target=churn), threading.Thread(target=renew)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert failures == []
+    store.close()
