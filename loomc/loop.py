@@ -322,10 +322,10 @@ class LoopRunner:
         take_over = take_over or took  # a child its parent's gone process left running goes with the parent
         if take_over and record.owner and record.status == "running":
             note = "; ".join(filter(None, [f"taken over from {record.owner}", note]))
-        record = (store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note,
-                                  take_over=True) if take_over  # a store that predates take_over still resumes
-                  else store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note))
-        changed = (f"run {run_id}: {self._changes(before, repr(policy), budget is not None)} since the run started"
+        extra = {"take_over": True} if take_over else {}  # a store that predates take_over still resumes
+        record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note, **extra)
+        raising = budget is not None or before_raise is not None
+        changed = (f"run {run_id}: {self._changes(before, repr(policy), raising)} since the run started"
                    if record.spec_hash and record.spec_hash != self.spec_hash else None)
         try:
             try:
@@ -350,8 +350,8 @@ class LoopRunner:
         return live
 
     def _changes(self, before: RunRecord, policy: str, raising: bool) -> str:
-        """What differs from the run's record, as far as it tells: the function, else the policy, else
-        (the spec hash alone knows) fn's source or the state type."""
+        """What differs from the run's record, as far as it tells: the function, else the policy (unless
+        a raise is in play, which hides the loop's own), else fn's source or the state type."""
         changes = []
         if before.fn_path and self.fn_path and before.fn_path != self.fn_path:
             changes.append(f"the function is {self.fn_path} (it was {before.fn_path})")

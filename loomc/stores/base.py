@@ -136,10 +136,16 @@ def process_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{nonce}"
 
 
+def _owner_parts(owner: str) -> tuple[str, str, str | None]:
+    """The host, the pid and (where the owner carries it) the process's start time of an owner name."""
+    host, pid, nonce = (owner.split(":", 2) + ["", ""])[:3]
+    return host, pid, nonce[1:].partition(".")[0] if nonce.startswith("t") and "." in nonce else None
+
+
 def process_of(owner: str) -> str:
     """The process part of an owner name, shared by all its drives: ``host:pid:t<start>``, else ``host:pid``."""
-    host, pid, nonce = (owner.split(":", 2) + ["", ""])[:3]
-    return f"{host}:{pid}:{nonce.partition('.')[0]}" if nonce.startswith("t") and "." in nonce else f"{host}:{pid}"
+    host, pid, started = _owner_parts(owner)
+    return f"{host}:{pid}" if started is None else f"{host}:{pid}:t{started}"
 
 
 class Drive:
@@ -161,8 +167,7 @@ def owner_is_dead(owner: str | None) -> bool:
     process that is over."""
     if not owner:
         return True
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
+    host, pid_text, started = _owner_parts(owner)
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
@@ -179,8 +184,6 @@ def owner_is_dead(owner: str | None) -> bool:
     stat = _stat(pid)
     if stat is None:
         return False
-    nonce = rest.partition(":")[2]
-    started = nonce[1:].partition(".")[0] if nonce.startswith("t") and "." in nonce else None
     # A zombie is dead; so is the owner when another process has its pid now (a restarted container).
     return stat[0] == "Z" or (started is not None and started != stat[19])
 
