@@ -364,7 +364,7 @@ class SQLiteStore:
         The lease is renewed at half its life for as long as the drive that holds it runs, by a
         thread of this store, so a step longer than the lease keeps its run.
         """
-        seconds = expires - time.time()
+        seconds = max(expires - time.time(), 0.01)  # an expired lease is renewed soon, never in a busy loop
         with self._guard:
             self._leases[run_id] = (owner, time.monotonic() + seconds / 2, seconds)
             if self._keeper is None:
