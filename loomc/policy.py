@@ -452,9 +452,11 @@ def name_of(fn: Any) -> str:
 
 
 def loop_name(fn: Any) -> str:
-    """What to call a loop in a hint such as ``refine.resume('...')``: its function's name, ``fn`` for a lambda."""
+    """How a hint such as ``refine.resume('...')`` writes the loop: its function's name, ``fn`` for a
+    lambda, and ``await refine`` for an ``async def`` one, whose resume is awaited."""
     name = name_of(fn)
-    return "fn" if name == "<lambda>" else name
+    name = "fn" if name == "<lambda>" else name
+    return f"await {name}" if inspect.iscoroutinefunction(fn) else name
 
 
 def predicate(fn: Callable[[History], Any]) -> Signal:

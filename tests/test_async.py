@@ -51,9 +51,10 @@ def test_async_budget_backtrack_and_stall_follow_the_same_rules():
         run(refine({}))
     assert len(e.value.history) == 5 and e.value.state["k"] == 2
     assert e.value.history[3].events == ("backtrack to step 2",) and calls[4]["k"] == 2
+    assert str(e.value).endswith(f"give a larger budget: await fn.resume({e.value.run_id!r}, budget=Budget(...))")
     fn, _ = scripted([0.5], fail_at={1, 2, 3})
     stalling = loop(backtrack=LastGood(), on_stall=Escalate(after=3), scorer=score, checkpoint="memory")(fn)
-    with pytest.raises(StallError):
+    with pytest.raises(StallError, match=r"await fn\.resume\('[0-9a-f]+'\) gives it more calls"):
         run(stalling({}))
 
 
