@@ -243,7 +243,7 @@ class LoopRunner:
                        parent_step=-1 if parent is None else parent.in_flight,
                        initial_json=initial_json, drive=drive)
 
-    def _plan(self, run_id: str | None) -> tuple[LiveRun | None, str | None]:
+    def _plan(self, run_id: str | None, resume: bool = False) -> tuple[LiveRun | None, str | None]:
         """Inside another loop's iteration this run is its child, with a stable id per parent step.
 
         Called at the call site, before any await, so children started in one step get the same
@@ -252,22 +252,31 @@ class LoopRunner:
         if run_id is not None:
             _check_run_id(run_id)
         parent = current_run()
+        if resume and run_id is None and parent is None:
+            raise ConfigError("resume=True needs run_id=: the id of the run to continue if it is stored, "
+                              "or to start under if not")
         if parent is None:
             return None, run_id
         return parent, run_id or parent.next_child_id()
 
-    def _open(self, state: Any, run_id: str | None, parent: LiveRun | None) -> LiveRun | Run:
-        """A LiveRun to drive, or (for a child that already completed) its finished Run."""
+    def _open(self, state: Any, run_id: str | None, parent: LiveRun | None, resume: bool = False) -> LiveRun | Run:
+        """A LiveRun to drive, or (for a child, or with ``resume``, that already completed) its finished Run.
+
+        A child, and a run started with ``resume=True``, continues the run stored under its id if
+        there is one: a parent re-running a step, or a script run again after a crash, pays for
+        nothing twice.
+        """
         _refuse_at_import(self.fn)
-        if parent is None or run_id is None:
+        if run_id is None or (parent is None and not resume):
             return self._start(state, run_id)
         try:
             record = self.store.get_run(run_id)
         except RunNotFound:
             return self._start(state, run_id, parent)
-        if record.status == "completed":  # the parent is re-running a step: do not pay twice
+        if record.status == "completed":
             live = self._restore(record, self.policy, Drive(), parent=None)
-            parent.spend(live.history.total_cost)
+            if parent is not None:
+                parent.spend(live.history.total_cost)
             return _ended(live, "completed", record.reason or "completed", None)
         return self._reopen(run_id, None, parent)
 
@@ -427,10 +436,14 @@ class LoopRunner:
 
     # --- the public face --------------------------------------------------
 
-    def run(self, state: Any, *, run_id: str | None = None) -> Run:
-        """Run the loop and return the whole :class:`Run`; its ending (budget, stall, error) is on it."""
-        parent, run_id = self._plan(run_id)
-        return exhaust(self._steps(self._open(state, run_id, parent)))
+    def run(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> Run:
+        """Run the loop and return the whole :class:`Run`; its ending (budget, stall, error) is on it.
+
+        ``resume=True`` (with ``run_id=``) continues the run stored under that id if there is one,
+        or returns it if it completed, so a script run again after a crash goes on where it stopped.
+        """
+        parent, run_id = self._plan(run_id, resume)
+        return exhaust(self._steps(self._open(state, run_id, parent, resume)))
 
     def iter(self, state: Any, *, run_id: str | None = None) -> StepStream:
         """Run the loop, yielding each Step as soon as it is committed; ``.run`` holds the Run after.
@@ -441,9 +454,9 @@ class LoopRunner:
         parent, run_id = self._plan(run_id)
         return StepStream(self._steps(self._open(state, run_id, parent)))
 
-    def __call__(self, state: Any, *, run_id: str | None = None) -> Any:
+    def __call__(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
-        return self.run(state, run_id=run_id).result()
+        return self.run(state, run_id=run_id, resume=resume).result()
 
     def resume_run(self, run_id: str, *, budget: Budget | None = None, take_over: bool = False) -> Run:
         """Continue a run from its last committed step and return the whole :class:`Run`."""
@@ -493,16 +506,18 @@ class AsyncLoopRunner(LoopRunner):
             finally:
                 await stream.aclose()  # left early: the run ends cancelled now, not when collected
 
-    async def run(self, state: Any, *, run_id: str | None = None) -> Run:  # type: ignore[override]
-        parent, run_id = self._plan(run_id)
-        return await self._go(await offload(self.store, self._open, state, run_id, parent))
+    async def run(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
+                  resume: bool = False) -> Run:
+        parent, run_id = self._plan(run_id, resume)
+        return await self._go(await offload(self.store, self._open, state, run_id, parent, resume))
 
     def iter(self, state: Any, *, run_id: str | None = None) -> AsyncStepStream:  # type: ignore[override]
         """``async for step in refine.iter(draft)``: each Step as soon as it is committed."""
         return AsyncStepStream(self, state, run_id)
 
-    async def __call__(self, state: Any, *, run_id: str | None = None) -> Any:  # type: ignore[override]
-        return (await self.run(state, run_id=run_id)).result()
+    async def __call__(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
+                       resume: bool = False) -> Any:
+        return (await self.run(state, run_id=run_id, resume=resume)).result()
 
     async def resume_run(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
                          take_over: bool = False) -> Run:

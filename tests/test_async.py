@@ -260,3 +260,20 @@ def test_an_async_predicate_reads_only_committed_history():
     fn, _ = scripted([0.2, 0.4, 1.0])
     refine = loop(converge_on=predicate(lambda h: h[-1].score >= 1.0), scorer=score, checkpoint="memory")(fn)
     assert run(refine({}))["k"] == 2
+
+
+def test_async_run_with_resume_continues_a_stored_run_or_starts_one(tmp_path):
+    db = str(tmp_path / "ares.db")
+    calls = []
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    async def work(s):
+        calls.append(s)
+        return s + 1
+
+    first = run(work.run(0, run_id="a", resume=True))  # nothing stored: starts
+    assert first.status == "budget_exhausted" and calls == [0, 1, 2]
+    raised = loop(budget=Budget(iterations=5), checkpoint=db)(work.fn)
+    with pytest.warns(SpecChangedWarning):
+        assert run(raised.run(0, run_id="a", resume=True)).state == 5  # stored, not completed: resumed from 3
+    assert calls == [0, 1, 2, 3, 4]

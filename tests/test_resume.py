@@ -861,3 +861,35 @@ def test_take_over_resumes_a_run_whose_owner_on_another_host_is_known_to_be_gone
         run = more.resume_run("job", take_over=True)
     assert first.state == 4 and run.state == 6 and run.total_cost == Decimal("0.6")
     assert "taken over from pod-7f9c:1:t1.ab" in SQLiteStore(db).get_run("job").notes[0]
+
+
+def test_run_with_resume_goes_on_where_a_killed_script_stopped_and_never_pays_twice(tmp_path):
+    """The cron-job story: the same script, run again after SIGKILL, continues the run under its
+    id; run again once it completed, it calls nothing and returns the same state."""
+    db = tmp_path / "cron.db"
+    script = tmp_path / "nightly.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import loomc\n"
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(usd=1, iterations=20), converge_on=predicate(lambda h: h[-1].state >= 5),\n"
+        "      checkpoint=sys.argv[1])\n"
+        "def nightly(s):\n"
+        "    loomc.charge(0.1)\n"
+        "    print('call', s, flush=True)\n"
+        "    if s == 3 and not os.path.exists(sys.argv[1] + '.crashed'):\n"
+        "        open(sys.argv[1] + '.crashed', 'w').close()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return s + 1\n"
+        "print('final', nightly(0, run_id='2026-12-02', resume=True))\n")
+    runs = [subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=120)
+            for _ in range(3)]
+    assert runs[0].returncode == -9 and runs[0].stdout.split() == ["call", "0", "call", "1", "call", "2", "call", "3"]
+    assert runs[1].returncode == 0, runs[1].stderr
+    assert runs[1].stdout.split() == ["call", "3", "call", "4", "final", "5"]  # from the last committed step
+    assert runs[2].stdout.split() == ["final", "5"], "a completed run is returned, not run again"
+    record = SQLiteStore(db).get_run("2026-12-02")
+    assert record.status == "completed" and record.attempts == 2
+    assert record.total_cost == Decimal("0.6"), "five calls and the killed one, each $0.10, counted once"
+    with pytest.raises(ConfigError, match="resume=True needs run_id="):
+        loop(budget=Budget(iterations=1), checkpoint=str(db))(lambda s: s).run(0, resume=True)
