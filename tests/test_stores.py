@@ -324,3 +324,16 @@ def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path):
         sys.setswitchinterval(switch)
     assert failures == []
     store.close()
+
+
+def test_a_store_dropped_without_close_closes_its_connections(tmp_path):
+    """Python 3.13 warns of every sqlite3 connection collected unclosed (a ResourceWarning each, which
+    pytest shows): a dropped store closes the ones it can."""
+    import gc
+    store = SQLiteStore(tmp_path / "dropped.db")
+    store.list_runs()
+    conn = store._conn()
+    del store
+    gc.collect()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+        conn.execute("SELECT 1")

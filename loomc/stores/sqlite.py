@@ -304,6 +304,21 @@ class SQLiteStore:
         del self._local.conn, self._local.cursor
         conn.close()
 
+    def __del__(self) -> None:
+        """A store dropped without close() closes the connections it can (those of the thread that
+        drops it: usually all of them), rather than leave them to the collector (unclosed-database
+        ResourceWarnings on Python 3.13). A forked child lists only its own connections."""
+        try:
+            conns, wake = self._all, self._wake
+        except AttributeError:  # __init__ failed before they existed
+            return
+        wake.set()  # a keeper thread, if any, ends now
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # another thread's, or the interpreter is shutting down
+                pass
+
     def close(self) -> None:
         with self._guard:
             self._keeper = None
