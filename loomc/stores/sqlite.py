@@ -313,11 +313,7 @@ class SQLiteStore:
         except AttributeError:  # __init__ failed before they existed
             return
         wake.set()  # a keeper thread, if any, ends now
-        for conn in conns:
-            try:
-                conn.close()
-            except Exception:  # another thread's, or the interpreter is shutting down
-                pass
+        _close_quietly(conns)
 
     def close(self) -> None:
         with self._guard:
@@ -327,11 +323,7 @@ class SQLiteStore:
                 self._writer.shutdown(wait=True)
                 self._writer = None
             conns, self._all = self._all, []
-        for conn in conns:
-            try:
-                conn.close()
-            except sqlite3.ProgrammingError:  # opened by another thread: it closes with that thread
-                pass
+        _close_quietly(conns)
         self._local = threading.local()
 
     # --- writes -------------------------------------------------------------
@@ -381,7 +373,7 @@ class SQLiteStore:
         """
         seconds = max(expires - time.time(), 0.01)  # an expired lease is renewed soon, never in a busy loop
         with self._guard:
-            self._leases[run_id] = (owner, time.monotonic() + seconds / 2, seconds)
+            self._leases[run_id] = _held(owner, seconds)
             if self._keeper is None:
                 self._keeper = threading.Thread(target=_keep_leases, args=(weakref.ref(self), self._wake),
                                                 name="loomc-leases", daemon=True)
@@ -409,7 +401,7 @@ class SQLiteStore:
                 if kept is None:
                     self._leases[run_id] = (owner, now + min(1.0, seconds / 4), seconds)
                 elif kept:
-                    self._leases[run_id] = (owner, time.monotonic() + seconds / 2, seconds)
+                    self._leases[run_id] = _held(owner, seconds)
                 else:
                     del self._leases[run_id]
         dues = [held[1] for held in list(self._leases.values())]  # a snapshot: other threads add and drop leases
@@ -543,6 +535,20 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
         raise
     conn.execute("COMMIT")
     return result
+
+
+def _held(owner: str, seconds: float) -> tuple[str, float, float]:
+    """A lease just taken or renewed for ``seconds``: its owner, when half its life is gone (monotonic), its length."""
+    return owner, time.monotonic() + seconds / 2, seconds
+
+
+def _close_quietly(conns: list[sqlite3.Connection]) -> None:
+    """Close the connections this thread may close; another thread's closes with that thread."""
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:  # sqlite3.ProgrammingError: another thread's; anything, at interpreter shutdown
+            pass
 
 
 def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
