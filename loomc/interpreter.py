@@ -28,7 +28,7 @@ from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateRetur
                           StateEncodeError, attach_run, counted, warn_at_caller)
 from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
-from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals
+from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
            Outcome.STALLED: "stalled"}
@@ -333,15 +333,32 @@ class _Commit(tuple):  # type: ignore[type-arg]
 
     def sync(self, run: LiveRun) -> None:
         step, record, totals = self
-        run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
+        try:
+            run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
+        except Exception as e:
+            _not_committed(run, step, e)
+            raise
         if run.parent is not None or run.on_step or run.unverified:
             _committed(run, step, record)
 
     async def async_(self, run: LiveRun) -> None:
         step, record, totals = self
-        await offload(run.store, run.store.commit_step, run.id, record, totals, run.owner, run.lease_seconds)
+        try:
+            await offload(run.store, run.store.commit_step, run.id, record, totals, run.owner, run.lease_seconds)
+        except Exception as e:
+            _not_committed(run, step, e)
+            raise
         if run.parent is not None or run.on_step or run.unverified:
             _committed(run, step, record)
+
+
+def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
+    """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
+    if not hasattr(exc, "add_note"):
+        return
+    exc.add_note(f"loomc: step {step.n} of run {run.id} (${step.cost:.4f}) was not committed; it is on this "
+                 "error's .history[-1]" + (", with what fn returned" if step.ok else "") +
+                 ". A resume goes on from the last committed step")
 
 
 def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
@@ -436,14 +453,16 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             step = with_events(step, events)
             record = record._replace(events=events)
             h = run.history = h._replace_tip(step)
-        yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
-        if fatal:
-            yield _Finish("failed", step.error or "failed")
-            return _ended(run, "failed", step.error or "failed", exc)
+        # Where the next call starts, chosen before the commit: a commit that fails then hands the
+        # caller the state this step paid for (on the exception's .state), not the one before it.
         if decision.outcome is _BACKTRACK:
             run.source = None if decision.to is None else h[decision.to]
         elif step.ok:
             run.source = step
+        yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
+        if fatal:
+            yield _Finish("failed", step.error or "failed")
+            return _ended(run, "failed", step.error or "failed", exc)
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
@@ -497,6 +516,7 @@ def steps(run: LiveRun) -> Generator[Step, None, Run]:
             if type(effect) is _Commit:
                 yield effect.step
     except StopIteration as stop:
+        drive_over(run.owner)
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
         _abandon(run, e)
@@ -526,6 +546,7 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
             if type(effect) is _Commit:
                 yield effect.step
     except StopIteration as stop:
+        drive_over(run.owner)
         ended.append(stop.value)
     except BaseException as e:
         import asyncio
@@ -543,7 +564,14 @@ async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _abandon(run: LiveRun, exc: BaseException) -> None:
-    """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it."""
+    """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it, and end the drive."""
+    try:
+        _record_abandon(run, exc)
+    finally:
+        drive_over(run.owner)  # a later resume in this process may take the run, even while exc is kept
+
+
+def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     aio = sys.modules.get("asyncio")  # a CancelledError can only exist once asyncio is imported
     stopped = (KeyboardInterrupt, SystemExit, GeneratorExit) + ((aio.CancelledError,) if aio is not None else ())
     status = "cancelled" if isinstance(exc, stopped) else "failed"

@@ -337,3 +337,93 @@ def test_a_store_dropped_without_close_closes_its_connections(tmp_path):
     gc.collect()
     with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
         conn.execute("SELECT 1")
+
+
+# --- a store that fails under a running loop ----------------------------------
+
+def _growing_loop(store: SQLiteStore, calls: list[int]):
+    @loop(budget=Budget(iterations=12), checkpoint=store, cost_fn=lambda s: 0.5)
+    def grow(state: dict) -> dict:
+        calls.append(state["i"])
+        return {"i": state["i"] + 1, "text": "x" * 3000 * (state["i"] + 1)}
+    return grow
+
+
+def test_a_full_disk_is_a_store_error_that_keeps_the_paid_state_and_the_run_resumes_once_there_is_room(tmp_path):
+    store = SQLiteStore(tmp_path / "checkpoints.db", durability="normal")
+    calls: list[int] = []
+    grow = _growing_loop(store, calls)
+    conn = store._conn()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 12}")  # SQLite's own "database or disk is full"
+    with pytest.raises(StoreError, match=r"checkpoints\.db: OperationalError: database or disk is full; the disk, "
+                                         r"or the database's size limit, is full: free some space") as caught:
+        grow({"i": 0, "text": ""})
+    e = caught.value
+    committed = store.load_steps(e.run_id)
+    lost = len(committed)  # the step whose commit failed
+    assert 0 < lost < 12 and len(e.history) == lost + 1 and e.history[-1].n == lost
+    assert e.state["i"] == lost + 1 == e.history[-1].state["i"]  # what that paid call returned, not the one before
+    assert any(f"step {lost} of run {e.run_id} ($0.5000) was not committed; it is on this error's .history[-1], "
+               "with what fn returned" in note for note in e.__notes__)
+    record = store.get_run(e.run_id)
+    assert record.status == "failed" and record.reason.startswith("StoreError: ")
+    conn.execute("PRAGMA max_page_count = 1000000")
+    run = grow.resume_run(e.run_id)
+    assert run.status == "budget_exhausted" and [s.n for s in run.history] == list(range(12))
+    assert calls == [*range(lost + 1), *range(lost, 12)]  # the lost step is called again, nothing else
+    store.close()
+
+
+_HOLD_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_file_locked_past_the_busy_timeout_is_a_store_error_and_the_run_resumes(tmp_path, monkeypatch, kind):
+    import asyncio
+
+    import loomc.stores.sqlite as sqlite_store
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 300)
+    path = tmp_path / "checkpoints.db"
+    store = SQLiteStore(path, durability="normal")
+    holder: list[subprocess.Popen[str]] = []
+
+    def lock_the_file_at(state: dict) -> dict:
+        if state["i"] == 2 and not holder:  # another process takes the write lock and keeps it
+            holder.append(subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True))
+            assert holder[0].stdout is not None and holder[0].stdout.readline() == "locked\n"
+        return {"i": state["i"] + 1}
+
+    if kind == "sync":
+        @loop(budget=Budget(iterations=5), checkpoint=store)
+        def count(state: dict) -> dict:
+            return lock_the_file_at(state)
+        go = lambda: count({"i": 0})  # noqa: E731
+        resume = count.resume_run
+    else:
+        @loop(budget=Budget(iterations=5), checkpoint=store)
+        async def count(state: dict) -> dict:
+            return lock_the_file_at(state)
+        go = lambda: asyncio.run(count({"i": 0}))  # noqa: E731
+        resume = lambda run_id: asyncio.run(count.resume_run(run_id))  # noqa: E731
+    try:
+        with pytest.raises(StoreError, match=r"database is locked; another connection kept it locked for longer "
+                                             r"than loomc waits \(0.3s\)") as caught:
+            go()
+    finally:
+        if holder:
+            holder[0].communicate("go\n", timeout=30)
+    e = caught.value
+    assert e.state == {"i": 3} and len(store.load_steps(e.run_id)) == 2
+    assert any("step 2 of run" in note and "was not committed" in note for note in e.__notes__)
+    run = resume(e.run_id)
+    assert run.status == "budget_exhausted" and run.state == {"i": 5} and len(run.history) == 5
+    store.close()

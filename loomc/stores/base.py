@@ -162,6 +162,12 @@ class Drive:
         _DRIVING[self.owner] = self
 
 
+def drive_over(owner: str) -> None:
+    """The drive of ``owner`` has ended, however it ended: from now on it holds nothing in this process,
+    even while something (an exception's traceback, a kept Run) still references it."""
+    _DRIVING.pop(owner, None)
+
+
 def owner_is_dead(owner: str | None) -> bool:
     """True when ``owner`` names a process on this host that no longer runs, or a drive in this
     process that is over."""

@@ -228,10 +228,7 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
             self._migrate(conn)
         except sqlite3.DatabaseError as e:
-            if "not a database" in str(e) or "malformed" in str(e):
-                raise CorruptStore(f"{self.path} is corrupt or not a SQLite database ({e}); "
-                                   "move it aside to start a new one") from None
-            raise StoreError(f"{self.path}: {e}") from None
+            raise _store_error(str(self.path), e) from None
         self._local.conn, self._local.cursor = conn, conn.cursor()
         with self._guard:
             self._all.append(conn)
@@ -526,15 +523,55 @@ class SQLiteStore:
 
 
 def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any) -> Any:
-    """``fn(conn, *args)`` inside one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back whole."""
-    conn.execute("BEGIN IMMEDIATE")
+    """``fn(conn, *args)`` inside one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back whole.
+
+    SQLite's own errors (the file locked past the busy timeout, a full disk, a read-only file)
+    come out as :class:`StoreError` naming the file and what to do.
+    """
     try:
-        result = fn(conn, *args)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            _roll_back(conn)
+            raise
+    except sqlite3.Error as e:
+        raise _store_error(conn, e) from e  # what was committed before stays committed
     return result
+
+
+def _roll_back(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
+    """End a transaction that failed, if SQLite has not ended it already; the connection stays usable."""
+    connection = conn if isinstance(conn, sqlite3.Connection) else conn.connection
+    try:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # the original error is the one to tell
+
+
+def _store_error(where: Any, e: sqlite3.Error) -> StoreError:
+    """A StoreError for SQLite's ``e`` on the file ``where`` (or a connection to it), saying what to do."""
+    if not isinstance(where, str):
+        try:
+            connection = where if isinstance(where, sqlite3.Connection) else where.connection
+            where = connection.execute("PRAGMA database_list").fetchone()[2] or "the checkpoint database"
+        except (sqlite3.Error, TypeError):
+            where = "the checkpoint database"
+    text = str(e)
+    if "not a database" in text or "malformed" in text:
+        return CorruptStore(f"{where} is corrupt or not a SQLite database ({text}); move it aside to start a new one")
+    if "locked" in text or "busy" in text:
+        advice = (f"another connection kept it locked for longer than loomc waits ({BUSY_TIMEOUT_MS / 1000:g}s): "
+                  "a long transaction in another process, or a tool holding the file open")
+    elif "full" in text:
+        advice = "the disk, or the database's size limit, is full: free some space"
+    elif "readonly" in text or "read-only" in text:
+        advice = "this process cannot write the file or its directory"
+    else:
+        advice = "the file or its disk failed"
+    return StoreError(f"{where}: {type(e).__name__}: {text}; {advice}")
 
 
 def _held(owner: str, seconds: float) -> tuple[str, float, float]:
