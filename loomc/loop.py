@@ -272,7 +272,10 @@ class LoopRunner:
         try:
             record = self.store.get_run(run_id)
         except RunNotFound:
-            return self._start(state, run_id, parent)
+            try:
+                return self._start(state, run_id, parent)
+            except StepConflict:  # another process started it meanwhile (one job launched twice): join it
+                record = self.store.get_run(run_id)
         if record.status == "completed":
             live = self._restore(record, self.policy, Drive(), parent=None)
             if parent is not None:

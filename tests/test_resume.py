@@ -896,3 +896,32 @@ def test_run_with_resume_goes_on_where_a_killed_script_stopped_and_never_pays_tw
     assert record.total_cost == Decimal("0.6"), "five calls and the killed one, each $0.10, counted once"
     with pytest.raises(ConfigError, match="resume=True needs run_id="):
         loop(budget=Budget(iterations=1), checkpoint=str(db))(lambda s: s).run(0, resume=True)
+
+
+def test_one_job_launched_six_times_at_once_runs_once_and_the_others_are_told_it_is_being_run(tmp_path):
+    """resume=True from six processes released together: each either starts the run or finds it; one that
+    lost the race to create it joins it like the rest (RunLocked, naming the owner), not StepConflict."""
+    db, go = tmp_path / "cron.db", tmp_path / "go"
+    SQLiteStore(db).close()
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from loomc import Budget, LoomcError, loop\n"
+        "@loop(budget=Budget(iterations=3), checkpoint=sys.argv[1])\n"
+        "def nightly(s):\n"
+        "    time.sleep(0.3)\n"
+        "    return s + 1\n"
+        "while not Path(sys.argv[2]).exists():\n"
+        "    time.sleep(0.0005)\n"
+        "try:\n"
+        "    print('ran', nightly.run(0, run_id='nightly', resume=True).status)\n"
+        "except LoomcError as e:\n"
+        "    print(type(e).__name__, e)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    time.sleep(3)  # every process imported loomc and waits
+    go.touch()
+    outs = sorted(p.communicate(timeout=120)[0] for p in procs)
+    assert outs[-1] == "ran budget_exhausted\n", outs
+    assert all(out.startswith("RunLocked run nightly is being run by ") for out in outs[:-1]), outs
+    assert [s.n for s in SQLiteStore(db).load_steps("nightly")] == [0, 1, 2]
