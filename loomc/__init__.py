@@ -24,7 +24,7 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
-                               step_number)
+                               step_number, usd_left)
 from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
 from loomc.notebook import Comparison, compare
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
@@ -42,5 +42,5 @@ __all__ = [
     "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
     "SQLiteStore", "StallError", "StateEncodeError", "StateRoundTripWarning", "Step", "step_number",
-    "StepConflict", "StoreError", "__version__",
+    "StepConflict", "StoreError", "usd_left", "__version__",
 ]

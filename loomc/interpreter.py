@@ -643,6 +643,28 @@ def step_number() -> int | None:
     return None if run is None else run.in_flight
 
 
+def usd_left() -> Decimal | None:
+    """Dollars the run may still spend in the step in flight before it passes its USD cap, or ``None``
+    when no USD cap applies (a parent's cap on a child run counts).
+
+    That is the cap, less what the run spent before this step and what this step has charged so
+    far (``loomc.charge``, an adapter's ``charge``, child runs). A cost that ``cost_fn`` adds once
+    ``fn`` returns is not known yet. The budget is checked before each call of ``fn``; a step that
+    makes several paid calls checks this before each of them::
+
+        def fix(state):
+            while not state["tests_pass"]:
+                left = loomc.usd_left()
+                if left is not None and left < 0.05:   # the next call could pass the cap
+                    break
+                reply = client.messages.create(...)
+                adapter.charge(reply)
+                ...
+            return state
+    """
+    return _in_step("usd_left").usd_room()
+
+
 def _in_step(name: str) -> LiveRun:
     """The run whose step is in flight in this context, else a LoomcError that says why there is none."""
     run = _CURRENT.get()

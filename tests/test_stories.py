@@ -634,3 +634,43 @@ def test_an_expensive_detector_right_of_a_fired_one_is_not_consulted():
     run = loop(policy=policy, checkpoint="memory")(lambda s: s + 1).run(0)
     assert run.status == "completed" and len(run.history) == 2
     assert asked == [1], "asked after step 0 only; after step 1 the left side had already fired"
+
+
+def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd_left(tmp_path):
+    import loomc
+    from loomc import LoomcError
+    seen: list[Decimal | None] = []
+
+    def agent(state):  # an agentic step: paid calls until done or the budget runs short
+        while state["todo"]:
+            left = loomc.usd_left()
+            seen.append(left)
+            if left is not None and left < Decimal("0.30"):
+                break
+            loomc.charge(Decimal("0.30"))  # the call, priced
+            state = {"todo": state["todo"] - 1}
+        return state
+
+    db = str(tmp_path / "agent.db")
+    capped = loop(budget=Budget(usd=1.00, iterations=5), checkpoint=db)(agent)
+    run = capped.run({"todo": 10}, run_id="agent")
+    assert seen == [Decimal("1.00"), Decimal("0.70"), Decimal("0.40"), Decimal("0.10")]
+    assert run.total_cost == Decimal("0.90") and run.status == "budget_exhausted" and len(run.history) == 1
+    assert run.state == {"todo": 7}
+    # The room counts what the run spent before a resume, and a raise.
+    seen.clear()
+    capped.resume_run("agent", budget=Budget(usd=2))
+    assert seen[0] == Decimal("1.10")
+    seen.clear()
+    loop(budget=Budget(iterations=1), checkpoint="memory")(agent).run({"todo": 1})
+    assert seen == [None]  # no USD cap: nothing to keep under
+
+    def parent(state):  # a child run's room is its parent's
+        loomc.charge(Decimal("0.25"))
+        return loop(budget=Budget(usd=5, iterations=1), checkpoint="memory")(agent).run(state).state
+
+    seen.clear()
+    loop(budget=Budget(usd=1, iterations=1), checkpoint="memory")(parent).run({"todo": 1})
+    assert seen == [Decimal("0.75")]
+    with pytest.raises(LoomcError, match=r"loomc.usd_left\(\) was called outside a loop iteration"):
+        loomc.usd_left()
