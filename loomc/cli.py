@@ -140,7 +140,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {clean(stopped)}",
             f"Policy: {clean(run.policy)}",
-            f"Spent: {spent} in {counted(len(steps), 'step')}, {run.attempts} attempt(s)"]
+            f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
     head += [f"Uncommitted: {money(usd)} charged during step {n}, which never committed; "
              "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]
@@ -273,7 +273,8 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     from loomc.codec import attribute, import_path
     from loomc.loop import LoopRunner, refusing_runs
     if not fn_path:
-        return None, "the run did not record an importable function (a lambda, or a function defined inside another)"
+        return None, ("the run did not record an importable function (a lambda, a functools.partial, a callable "
+                      "object, or a function defined inside another)")
     target, _, qualname = fn_path.rpartition(":")
     if "<locals>" in qualname:
         return None, f"{qualname.replace('.<locals>.', ' > ')} is defined inside another function"

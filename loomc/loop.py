@@ -167,8 +167,8 @@ def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Deci
 
 def _fn_path(fn: Callable[..., Any]) -> str | None:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not module or qualname.endswith("<lambda>"):
-        return None  # a function inside another is still recorded: `loomc resume` names it
+    if not module or not qualname or qualname.endswith("<lambda>"):
+        return None  # a lambda, a partial, a callable object; a function inside another is recorded: `loomc resume` names it
     if module == "__main__":  # a script run as __main__, else a notebook or the REPL (kept as `__main__:`)
         path = getattr(sys.modules.get("__main__"), "__file__", None)
         return f"{os.path.abspath(path) if path else module}:{qualname}"
@@ -177,10 +177,15 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
 
 def _spec_hash(fn: Callable[..., Any], policy: Policy, state_type: Any) -> str:
     """A fingerprint of fn's source, the policy and the state type's schema."""
+    code = fn
+    while isinstance(code, functools.partial):
+        code = code.func
+    if not inspect.isroutine(code) and not isinstance(code, type):
+        code = type(code)  # a callable object: its class's source (its repr holds an address, new in each process)
     try:
-        source = inspect.getsource(fn)
+        source = inspect.getsource(code)
     except (OSError, TypeError):
-        source = getattr(fn, "__qualname__", repr(fn))
+        source = getattr(code, "__qualname__", None) or type(code).__qualname__
     schema = ""
     if codec.is_typed(state_type):
         try:

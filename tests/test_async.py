@@ -220,7 +220,7 @@ def test_a_cancelled_task_commits_what_its_call_in_flight_spent_in_child_runs_to
     from click.testing import CliRunner
     from loomc.cli import main
     shown = CliRunner().invoke(main, ["show", "p", "--db", db]).output
-    assert "Spent: $0.0320 of $1.0000 budget in 1 step, 1 attempt(s)" in shown
+    assert "Spent: $0.0320 of $1.0000 budget in 1 step, 1 attempt" in shown
     assert "Interrupted: CancelledError, during this step after spending $0.0320  <- interrupted" in shown
 
 

@@ -301,7 +301,7 @@ def test_resume_runs_an_async_loop_to_its_end(tmp_path):
         "import asyncio, ajobs\ntry:\n    asyncio.run(ajobs.work(0, run_id='a1'))\nexcept RuntimeError:\n    pass")
     proc = subprocess.run(["loomc", "resume", "a1"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr == "", proc.stderr  # 2: it ended budget_exhausted
-    assert "Status: budget_exhausted" in proc.stdout and "in 5 steps, 2 attempt(s)" in proc.stdout
+    assert "Status: budget_exhausted" in proc.stdout and "in 5 steps, 2 attempts" in proc.stdout
 
 
 def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):

@@ -307,6 +307,52 @@ def test_resume_with_unchanged_code_does_not_warn(tmp_path):
             again.resume(run.id)
 
 
+_PARTIAL_AND_OBJECT = """
+import functools, sys, warnings
+from loomc import Budget, loop
+def step(state, k):
+    return state + k
+class Stepper:
+    def __init__(self, k):
+        self.k = k
+    def __call__(self, state):
+        return state + self.k
+loops = {"partial": loop(budget=Budget(iterations=2), checkpoint=sys.argv[1])(functools.partial(step, k=2)),
+         "object": loop(budget=Budget(iterations=2), checkpoint=sys.argv[1])(Stepper(5))}
+which, run_id = sys.argv[2], sys.argv[3]
+if run_id == "new":
+    print(loops[which].run(0).id)
+else:
+    warnings.simplefilter("error")  # a SpecChangedWarning fails the resume
+    print(loops[which].resume_run(run_id, budget=Budget(iterations=4)).state)
+"""
+
+
+@pytest.mark.parametrize("which, final", [("partial", 8), ("object", 20)])
+def test_a_partial_or_a_callable_object_resumes_in_another_process_without_a_changed_spec_warning(
+        tmp_path, which, final):
+    """Regression: their spec hash read their repr, which holds a memory address, so every resume in a
+    new process warned that fn's source had changed. Their `loomc resume` hint named nobody (`.resume`)."""
+    from click.testing import CliRunner
+    from loomc.cli import main
+    db, script = tmp_path / "p.db", tmp_path / "jobs.py"
+    script.write_text(_PARTIAL_AND_OBJECT)
+
+    def go(run_id):
+        done = subprocess.run([sys.executable, str(script), str(db), which, run_id], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run_id = go("new")
+    assert go(run_id) == str(final)
+    assert SQLiteStore(db).get_run(run_id).fn_path is None  # nothing `loomc resume` could import
+    out = CliRunner().invoke(main, ["resume", "--db", str(db), run_id, "--iterations", "6"])
+    assert out.exit_code == 1
+    assert "did not record an importable function (a lambda, a functools.partial, a callable object" in out.output
+    assert f"    fn.resume('{run_id}', budget=Budget(iterations=6))" in out.output
+
+
 def test_a_state_that_no_longer_validates_fails_the_resume_naming_run_step_and_field(tmp_path):
     db = str(tmp_path / "v.db")
 
