@@ -49,6 +49,17 @@ def clean(text: Any) -> str:
     return "".join(out)
 
 
+#: The longest error (or stop reason) the run table shows whole; `loomc show ID --step N` shows any.
+SHOWN_CHARS = 200
+
+
+def shorten(text: str, where: str) -> str:
+    """``text``, escaped, cut to :data:`SHOWN_CHARS` with how long it is and ``where`` to read it whole."""
+    if len(text) <= SHOWN_CHARS:
+        return clean(text)
+    return f"{clean(text[:SHOWN_CHARS])}... ({len(text):,} characters; {where})"
+
+
 def color_on() -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
@@ -137,8 +148,14 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         stopped = f"its process ({run.owner}) died during step {len(steps)}; {what_next(run)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run)}"
+    if run.reason and len(run.reason) > SHOWN_CHARS:
+        reason = shorten(run.reason, f"`loomc show {run.id} --step {len(steps) - 1}` shows it whole"
+                         if steps and steps[-1].error == run.reason else "`loomc export --json` has it")
+        stopped = reason + stopped[len(run.reason):]
+    else:
+        stopped = clean(stopped)
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
-            f"Stopped: {clean(stopped)}",
+            f"Stopped: {stopped}",
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
     head += [f"Uncommitted: {money(usd)} charged during step {n}, which never committed; "
@@ -152,7 +169,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         score = "      -  " if s.score is None else f"{s.score:>9.4f}"
         row = f"{s.n:>4}{money(s.cost):>10}{money(total):>10}{score}"
         if s.error:
-            row += "  " + paint(clean(s.error), "red")
+            row += "  " + paint(shorten(s.error, f"--step {s.n} shows it whole"), "red")
         marks = [e for e in s.events if e != "failed"]
         if marks:
             row += "  " + "  ".join(f"<- {clean(e)}" for e in marks)
@@ -197,15 +214,42 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool) -
 @main.command()
 @click.argument("run_id")
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
-def show(run_id: str, db: str | None) -> None:
-    """Every step of a run: cost, cumulative cost, score, error and events."""
+@click.option("--step", "step_n", type=click.IntRange(min=0),
+              help="show this one step whole: its error, metrics and state")
+def show(run_id: str, db: str | None, step_n: int | None) -> None:
+    """Every step of a run: cost, cumulative cost, score, error and events; or one step whole (--step)."""
     store = open_db(db)
     try:
         run = store.get_run(run_id)
         steps = store.load_steps(run_id, with_states=False)
+        if step_n is not None:
+            click.echo(show_step(run, steps, store.load_step(run_id, step_n)))
+            return
     except LoomcError as e:
         fail(str(e))
     click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id)))
+
+
+def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:
+    """One step, nothing cut: cost, score, timing, events, the whole error, metrics and state."""
+    spent = sum((s.cost for s in steps[: step.n + 1]), Decimal(0))
+    lines = [f"Run: {clean(run.id)}  Step: {step.n} of {counted(len(steps), 'step')} (0 to {len(steps) - 1})",
+             f"Cost: {money(step.cost)} (the run had spent {money(spent)} after it)",
+             f"Score: {'-' if step.score is None else format(step.score, 'g')}",
+             f"Started: {iso(step.started_at)}  Took: {step.duration:.3f}s"]
+    if step.events:
+        lines.append("Events: " + ", ".join(clean(e) for e in step.events))
+    if step.error:
+        lines += ["Error:", *(f"  {clean(line)}" for line in step.error.split("\n"))]
+    if step.metrics:
+        lines += ["Metrics:", *(f"  {clean(line)}" for line in
+                                json.dumps(step.metrics, indent=2, ensure_ascii=False).split("\n"))]
+    if step.state_json is None:
+        lines.append("State: none (the call failed)")
+    else:
+        shown = json.dumps(json.loads(step.state_json), indent=2, ensure_ascii=False)
+        lines += ["State:", *(f"  {clean(line)}" for line in shown.split("\n"))]
+    return "\n".join(lines)
 
 
 @main.command()

@@ -452,3 +452,48 @@ def test_resume_take_over_takes_a_run_from_an_owner_known_to_be_gone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout and "   2   $0.0000" in proc.stdout
     assert "taken over from old-pod:1:t1.ab" in proc.stdout
+
+
+def test_a_long_error_is_cut_in_the_table_and_show_step_prints_one_step_whole(tmp_path):
+    """An HTTP error carrying a 50 KB page made every row of `loomc show` 50 KB long."""
+    from loomc import LastGood
+    db = str(tmp_path / "long.db")
+    page = "<html>\n" + "x" * 50_000 + "\n</html>\x1b[2J"
+
+    @loop(budget=Budget(iterations=3), backtrack=LastGood(), scorer=lambda s: s["n"] / 10, checkpoint=db)
+    def fetch(state):
+        if state["n"] == 1:
+            raise RuntimeError(f"HTTP 500: {page}")
+        return {"n": state["n"] + 1, "note": "line one\nline two"}
+
+    run = fetch.run({"n": 0}, run_id="longerr")
+    assert [s.ok for s in run.history] == [True, False, False]
+    shown = invoke("show", "longerr", "--db", db)
+    assert shown.exit_code == 0
+    rows = shown.output.splitlines()
+    assert max(len(row) for row in rows) < 400
+    assert "RuntimeError: HTTP 500: <html>\\nxxx" in shown.output
+    assert "... (50,043 characters; --step 1 shows it whole)" in shown.output
+    one = invoke("show", "longerr", "--db", db, "--step", "1")
+    assert one.exit_code == 0
+    lines = one.output.splitlines()
+    assert lines[0] == "Run: longerr  Step: 1 of 3 steps (0 to 2)"
+    assert "  RuntimeError: HTTP 500: <html>" in lines and "  " + "x" * 50_000 in lines
+    assert "  </html>\\x1b[2J" in lines  # every line whole, and escaped
+    assert "State: none (the call failed)" in lines
+    good = invoke("show", "longerr", "--db", db, "--step", "0")
+    assert good.exit_code == 0
+    assert "Score: 0.1" in good.output and "Cost: $0.0000 (the run had spent $0.0000 after it)" in good.output
+    assert good.output.endswith('State:\n  {\n    "n": 1,\n    "note": "line one\\nline two"\n  }\n')
+    missing = invoke("show", "longerr", "--db", db, "--step", "7")
+    assert missing.exit_code == 1 and "run longerr has no step 7: it has steps 0 to 2" in missing.output
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    def fails(state):
+        raise RuntimeError(f"HTTP 500: {page}")
+
+    with pytest.raises(RuntimeError):
+        fails({"n": 0}, run_id="stopped-long")
+    stopped = invoke("show", "stopped-long", "--db", db).output.splitlines()[1]
+    assert stopped.startswith("Stopped: RuntimeError: HTTP 500: <html>\\nxxx") and len(stopped) < 400
+    assert stopped.endswith("... (50,043 characters; `loomc show stopped-long --step 0` shows it whole); "
+                            "`loomc resume stopped-long` continues it")

@@ -513,6 +513,18 @@ class SQLiteStore:
                             "FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))
         return [_stored_step(row) for row in rows]
 
+    def load_step(self, run_id: str, n: int) -> StoredStep:
+        """Step ``n`` of a run, with its state (the CLI's ``show --step``); StoreError if there is none."""
+        conn = self._conn()
+        self._get(conn, run_id)
+        row = conn.execute("SELECT step_n, state_blob, cost_usd, score, timestamp, error, duration, metrics, events "
+                           "FROM steps WHERE run_id = ? AND step_n = ?", (run_id, n)).fetchone()
+        if row is None:
+            (count,) = conn.execute("SELECT count(*) FROM steps WHERE run_id = ?", (run_id,)).fetchone()
+            have = "no committed step" if not count else f"steps 0 to {count - 1}"
+            raise StoreError(f"run {run_id} has no step {n}: it has {have}")
+        return _stored_step(row)
+
     def pending_charges(self, run_id: str) -> dict[int, Decimal]:
         out: dict[int, Decimal] = {}
         for step_n, usd in self._conn().execute(
