@@ -177,7 +177,7 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
 
 def _spec_hash(fn: Callable[..., Any], policy: Policy, state_type: Any) -> str:
     """A fingerprint of fn's source, the policy and the state type's schema."""
-    code = fn
+    code: Any = fn
     while isinstance(code, functools.partial):
         code = code.func
     if not inspect.isroutine(code) and not isinstance(code, type):
@@ -185,7 +185,7 @@ def _spec_hash(fn: Callable[..., Any], policy: Policy, state_type: Any) -> str:
     try:
         source = inspect.getsource(code)
     except (OSError, TypeError):
-        source = getattr(code, "__qualname__", None) or type(code).__qualname__
+        source = str(getattr(code, "__qualname__", None) or type(code).__qualname__)
     schema = ""
     if codec.is_typed(state_type):
         try:
