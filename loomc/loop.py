@@ -453,14 +453,17 @@ class LoopRunner:
         parent, run_id = self._plan(run_id, resume)
         return exhaust(self._steps(self._open(state, run_id, parent, resume)))
 
-    def iter(self, state: Any, *, run_id: str | None = None) -> StepStream:
+    def iter(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> StepStream:
         """Run the loop, yielding each Step as soon as it is committed; ``.run`` holds the Run after.
 
             >>> for step in refine.iter(draft):        # doctest: +SKIP
             ...     print(step.n, step.score)
+
+        ``resume=True`` (with ``run_id=``) goes on with the run stored under that id, as ``run`` does:
+        only the Steps committed from now on are yielded.
         """
-        parent, run_id = self._plan(run_id)
-        return StepStream(self._steps(self._open(state, run_id, parent)))
+        parent, run_id = self._plan(run_id, resume)
+        return StepStream(self._steps(self._open(state, run_id, parent, resume)))
 
     def __call__(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
@@ -519,9 +522,10 @@ class AsyncLoopRunner(LoopRunner):
         parent, run_id = self._plan(run_id, resume)
         return await self._go(await offload(self.store, self._open, state, run_id, parent, resume))
 
-    def iter(self, state: Any, *, run_id: str | None = None) -> AsyncStepStream:  # type: ignore[override]
+    def iter(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
+             resume: bool = False) -> AsyncStepStream:
         """``async for step in refine.iter(draft)``: each Step as soon as it is committed."""
-        return AsyncStepStream(self, state, run_id)
+        return AsyncStepStream(self, state, run_id, resume)
 
     async def __call__(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
                        resume: bool = False) -> Any:
@@ -571,9 +575,9 @@ class AsyncStepStream:
     ``await stream.aclose()``, else when the stream is collected.
     """
 
-    def __init__(self, runner: AsyncLoopRunner, state: Any, run_id: str | None) -> None:
+    def __init__(self, runner: AsyncLoopRunner, state: Any, run_id: str | None, resume: bool = False) -> None:
         self.run: Run | None = None
-        self._runner, self._state, self._run_id = runner, state, run_id
+        self._runner, self._state, self._run_id, self._resume = runner, state, run_id, resume
         self._ended: list[Run] = []
         self._steps: AsyncGenerator[Step, None] | None = None
 
@@ -582,7 +586,7 @@ class AsyncStepStream:
 
     async def __anext__(self) -> Step:
         if self._steps is None:
-            parent, run_id = self._runner._plan(self._run_id)  # at the call site, before any await
+            parent, run_id = self._runner._plan(self._run_id, self._resume)  # at the call site, before any await
             self._steps = self._produce(parent, run_id)
         try:
             return await self._steps.__anext__()
@@ -597,7 +601,7 @@ class AsyncStepStream:
 
     async def _produce(self, parent: LiveRun | None, run_id: str | None) -> AsyncGenerator[Step, None]:
         runner = self._runner
-        opened = await offload(runner.store, runner._open, self._state, run_id, parent)
+        opened = await offload(runner.store, runner._open, self._state, run_id, parent, self._resume)
         stream = runner._steps_of(opened, self._ended)
         try:
             async for step in stream:

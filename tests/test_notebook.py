@@ -212,3 +212,31 @@ def test_breaking_out_of_iter_marks_the_run_cancelled_and_keeps_its_steps(tmp_pa
     record = runner.store.get_run("left-early")
     assert record.status == "cancelled" and record.steps == 3
     assert runner.resume_run("left-early").state == 10
+
+
+def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(tmp_path):
+    """A notebook cell run again after the kernel was interrupted: the same cell, resume=True."""
+    db = str(tmp_path / "r.db")
+    runner = loop(budget=Budget(iterations=6), checkpoint=db)(lambda s: s + 1)
+    stream = runner.iter(0, run_id="cell", resume=True)  # nothing stored yet: it starts the run
+    assert [next(stream).n for _ in range(2)] == [0, 1]
+    stream.close()  # the interrupted cell
+    again = runner.iter(0, run_id="cell", resume=True)
+    assert [s.n for s in again] == [2, 3, 4, 5] and again.run is not None and again.run.state == 6
+    done = runner.iter(0, run_id="cell", resume=True)
+    assert list(done) == [] and done.run is not None and done.run.state == 6  # completed: fn is not called
+
+    async def main():
+        @loop(budget=Budget(iterations=4), checkpoint=db)
+        async def count(s):
+            return s + 1
+
+        first = count.iter(0, run_id="acell", resume=True)
+        assert (await first.__anext__()).n == 0
+        await first.aclose()
+        rest = count.iter(0, run_id="acell", resume=True)
+        assert [s.n async for s in rest] == [1, 2, 3]
+        return rest.run
+
+    run = asyncio.run(main())
+    assert run.state == 4 and run.status == "budget_exhausted"
