@@ -280,16 +280,17 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
            wall_clock: str | None, take_over: bool) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
     from loomc.budget import Budget
-    from loomc.loop import refuse_completed
+    from loomc.loop import fn_name_of_path, refuse_child, refuse_completed
     store = open_db(db)
     try:  # a bad cap is refused before anything is imported
         budget = Budget(usd=budget_usd, iterations=iterations, wall_clock=wall_clock) \
             if (budget_usd, iterations, wall_clock) != (None, None, None) else None
         run = store.get_run(run_id)
         refuse_completed(run)
+        refuse_child(store, run)
     except LoomcError as e:
         fail(str(e))
-    name = (run.fn_path or "fn").rpartition(":")[2].rpartition(".")[2]
+    name = fn_name_of_path(run.fn_path)
     given = [repr(run_id)] + ([] if budget is None else [f"budget={budget!r}"]) + \
         (["take_over=True"] if take_over else [])
     snippet = f"{name}.resume({', '.join(given)})"

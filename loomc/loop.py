@@ -89,6 +89,33 @@ def refuse_completed(record: RunRecord) -> None:
                                  f"to resume. See it with `loomc show {record.id}`")
 
 
+def refuse_child(store: CheckpointStore, record: RunRecord) -> None:
+    """ConfigError for resuming, on its own, a child run whose parent step never committed.
+
+    That step is its parent's to settle: resumed, the parent makes the call again (and the child
+    goes on inside it, under the parent's budget) or records it as interrupted, counting what the
+    child spent. Resumed alone first, the child would spend where no parent ledger or cap sees it.
+    Once the parent committed that step, however it ended, the child is the user's to resume.
+    """
+    if not record.parent_run_id or record.parent_step is None:
+        return
+    try:
+        parent = store.get_run(record.parent_run_id)
+    except RunNotFound:
+        return  # the parent is gone: nobody else can account for it
+    if parent.steps > record.parent_step:
+        return
+    name = fn_name_of_path(parent.fn_path)
+    raise ConfigError(f"run {record.id} is a child run started in step {record.parent_step} of run {parent.id}, "
+                      "which never committed that step; resume the parent, which goes on with this run inside "
+                      f"that step under its budget: {name}.resume({parent.id!r}), or `loomc resume {parent.id}`")
+
+
+def fn_name_of_path(fn_path: str | None) -> str:
+    """The name a resume hint gives the loop recorded as ``module:qualname`` (``fn`` when none was)."""
+    return (fn_path or "fn").rpartition(":")[2].rpartition(".")[2] or "fn"
+
+
 def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = None,
                  backtrack: Any = None, on_stall: Any = None) -> Policy:
     """The one policy value that ``@loop``'s keyword slots describe.
@@ -319,6 +346,8 @@ class LoopRunner:
         store = self.store
         record = before = store.get_run(run_id)
         refuse_completed(record)
+        if parent is None:
+            refuse_child(store, record)
         policy, note = self.policy, None
         before_raise = recorded_raise(record.notes)  # an earlier resume's raise is the run's budget now
         if budget is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import loomc
@@ -286,3 +288,53 @@ def test_a_failed_parent_step_is_retried_as_a_new_step_with_a_new_child(tmp_path
     again = parent.resume_run(e.value.run_id, budget=Budget(iterations=2))
     assert again.state == 2 and calls["child"] == 4
     assert again.history[0].cost == Decimal("1.0") and again.history[1].cost == Decimal("1.0")
+
+
+def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent_only(tmp_path, monkeypatch):
+    """Resumed alone after a crash, the child spent where its parent's ledger and cap never saw it,
+    and its parent then resumed a run that had moved on. It is refused, naming the parent to resume.
+    A child whose parent step committed (the parent caught its failure) is the user's to resume."""
+    from loomc import ConfigError
+    db, marker = tmp_path / "n.db", tmp_path / "crashed"
+    first = subprocess.run([sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker)],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == -9  # killed during child step 2 of parent step 1
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setattr(sys, "argv", ["nested_crashy.py", str(db), str(marker)])
+    monkeypatch.delitem(sys.modules, "nested_crashy", raising=False)
+    import nested_crashy  # the loops as the crashed script defined them
+    refused = r"run nested-1-0 is a child run started in step 1 of run nested, which never committed that step; " \
+              r"resume the parent, .*: parent.resume\('nested'\), or `loomc resume nested`"
+    store = SQLiteStore(db)
+    before = store.get_run("nested-1-0")
+    with pytest.raises(ConfigError, match=refused):
+        nested_crashy.child.resume("nested-1-0", take_over=True)
+    with pytest.raises(ConfigError, match=refused):
+        nested_crashy.child.run({}, run_id="nested-1-0", resume=True)
+    shown = CliRunner().invoke(main, ["resume", "--db", str(db), "nested-1-0", "--take-over"])
+    assert shown.exit_code == 1 and re.search(refused, shown.output)
+    assert store.get_run("nested-1-0").steps == before.steps, "the refused resumes called nothing"
+    second = subprocess.run([sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert store.get_run("nested-1-0").status == "completed"  # the parent went on with it
+
+    failing = {"on": True}
+
+    @loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: h[-1].state >= 4), checkpoint=str(db))
+    def inner(s):
+        if s == 2 and failing["on"]:
+            raise RuntimeError("boom")
+        return s + 1
+
+    @loop(budget=Budget(iterations=1), converge_on=predicate(lambda h: True), checkpoint=str(db))
+    def forgiving(s):  # the child fails; the parent commits its step and completes
+        try:
+            return inner(s)
+        except RuntimeError:
+            return s
+
+    assert forgiving(0, run_id="kind") == 0 and store.get_run("kind-0-0").status == "failed"
+    failing["on"] = False
+    assert inner.resume("kind-0-0") == 4
+    del sys.modules["nested_crashy"]
