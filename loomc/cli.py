@@ -23,7 +23,7 @@ import click
 
 from loomc.errors import LoomcError, RunAtImport, counted
 from loomc.history import running_costs
-from loomc.stores.base import RunRecord, StoredStep, owner_is_dead
+from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
 STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yellow", "stalled": "magenta",
@@ -124,10 +124,13 @@ _BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
 _RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m"}
 
 
-def what_next(run: RunRecord) -> str:
-    """How to go on with a run that stopped short of completing, as ``loomc show`` says it."""
-    if run.parent_run_id:
-        return f"resume its parent run {run.parent_run_id}, which resumes it"
+def what_next(run: RunRecord, through_parent: bool = False) -> str:
+    """How to go on with a run that stopped short of completing, as ``loomc show`` says it.
+
+    ``through_parent``: the run is a child whose parent step never committed (see ``open_parent_step``).
+    """
+    if through_parent:
+        return f"resume its parent run {clean(run.parent_run_id)}, which goes on with it"
     command = f"loomc resume {clean(run.id)}"
     if run.status == "budget_exhausted":
         cap = (run.reason or "").partition(":")[0]
@@ -139,15 +142,15 @@ def what_next(run: RunRecord) -> str:
 
 
 def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
-               pending: Mapping[int, Decimal] | None = None) -> str:
+               pending: Mapping[int, Decimal] | None = None, through_parent: bool = False) -> str:
     cap = _BUDGET_USD.search(run.policy or "")
     spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
     status = shown_status(run.status, run.owner)
     stopped = run.reason or ("still running" if run.status == "running" else "-")
     if status == "crashed":
-        stopped = f"its process ({run.owner}) died during step {len(steps)}; {what_next(run)}"
+        stopped = f"its process ({run.owner}) died during step {len(steps)}; {what_next(run, through_parent)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
-        stopped = f"{stopped}; {what_next(run)}"
+        stopped = f"{stopped}; {what_next(run, through_parent)}"
     if run.reason and len(run.reason) > SHOWN_CHARS:
         reason = shorten(run.reason, f"`loomc show {run.id} --step {len(steps) - 1}` shows it whole"
                          if steps and steps[-1].error == run.reason else "`loomc export --json` has it")
@@ -227,7 +230,8 @@ def show(run_id: str, db: str | None, step_n: int | None) -> None:
             return
     except LoomcError as e:
         fail(str(e))
-    click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id)))
+    click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id),
+                          open_parent_step(store, run) is not None))
 
 
 def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:

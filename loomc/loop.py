@@ -36,7 +36,8 @@ from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, 
                           either, loop_name, name_of, never)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
-from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id, process_of
+from loomc.stores.base import (CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
+                               open_parent_step, process_of)
 
 __version__ = "0.3.0"
 SPEC_VERSION = "1"
@@ -90,20 +91,10 @@ def refuse_completed(record: RunRecord) -> None:
 
 
 def refuse_child(store: CheckpointStore, record: RunRecord) -> None:
-    """ConfigError for resuming, on its own, a child run whose parent step never committed.
-
-    That step is its parent's to settle: resumed, the parent makes the call again (and the child
-    goes on inside it, under the parent's budget) or records it as interrupted, counting what the
-    child spent. Resumed alone first, the child would spend where no parent ledger or cap sees it.
-    Once the parent committed that step, however it ended, the child is the user's to resume.
-    """
-    if not record.parent_run_id or record.parent_step is None:
-        return
-    try:
-        parent = store.get_run(record.parent_run_id)
-    except RunNotFound:
-        return  # the parent is gone: nobody else can account for it
-    if parent.steps > record.parent_step:
+    """ConfigError for resuming on its own a child whose parent step never committed: it would spend
+    where no parent cap sees it."""
+    parent = open_parent_step(store, record)
+    if parent is None:
         return
     name = fn_name_of_path(parent.fn_path)
     raise ConfigError(f"run {record.id} is a child run started in step {record.parent_step} of run {parent.id}, "

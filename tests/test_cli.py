@@ -334,13 +334,14 @@ def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
     ("stalled", "Escalate: 3 steps in a row failed or did not beat the best score", None,
      "`loomc resume r` gives it more calls"),
     ("cancelled", "KeyboardInterrupt", None, "`loomc resume r` continues it"),
-    ("failed", "RuntimeError: boom", "p", "resume its parent run p, which resumes it"),
+    ("failed", "RuntimeError: boom", "p", "resume its parent run p, which goes on with it"),
+    ("failed", "RuntimeError: boom", "q", "`loomc resume r` continues it"),  # the parent committed that step
 ])
 def test_show_says_how_to_go_on_with_a_run_that_stopped_short(status, reason, parent, hint):
     from loomc.cli import show_table
     from loomc.testing import make_run
     run = make_run("r").replace(status=status, reason=reason, parent_run_id=parent, owner=None)
-    assert f"Stopped: {reason}; {hint}\n" in show_table(run, [])
+    assert f"Stopped: {reason}; {hint}\n" in show_table(run, [], through_parent=parent == "p")
 
 
 def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):

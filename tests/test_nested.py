@@ -314,6 +314,9 @@ def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent
     shown = CliRunner().invoke(main, ["resume", "--db", str(db), "nested-1-0", "--take-over"])
     assert shown.exit_code == 1 and re.search(refused, shown.output)
     assert store.get_run("nested-1-0").steps == before.steps, "the refused resumes called nothing"
+    shown = CliRunner().invoke(main, ["show", "--db", str(db), "nested-1-0"])
+    assert "`loomc resume nested` continues it" not in shown.output
+    assert "; resume its parent run nested, which goes on with it" in shown.output
     second = subprocess.run([sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker)],
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
@@ -335,6 +338,8 @@ def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent
             return s
 
     assert forgiving(0, run_id="kind") == 0 and store.get_run("kind-0-0").status == "failed"
+    shown = CliRunner().invoke(main, ["show", "--db", str(db), "kind-0-0"])
+    assert "Stopped: RuntimeError: boom; `loomc resume kind-0-0` continues it" in shown.output
     failing["on"] = False
     assert inner.resume("kind-0-0") == 4
     del sys.modules["nested_crashy"]

@@ -20,6 +20,8 @@ from decimal import Decimal
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from loomc.errors import RunNotFound
+
 STATUSES = ("running", "completed", "budget_exhausted", "stalled", "failed", "cancelled")
 
 
@@ -230,3 +232,19 @@ def locked_message(run: RunRecord, now: float) -> str:
     return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); wait for it to finish, "
             "or for its lease to expire; if you know that process is gone (a restarted container with a new "
             "host name), resume with take_over=True (loomc resume --take-over)")
+
+
+def open_parent_step(store: Any, record: RunRecord) -> RunRecord | None:
+    """The parent run of a child run whose parent step never committed, else None.
+
+    That step is its parent's to settle: resumed, the parent makes the call again (and the child
+    goes on inside it, under the parent's budget) or records it as interrupted, counting what the
+    child spent. Once the parent committed that step, however it ended, the child stands alone.
+    """
+    if not record.parent_run_id or record.parent_step is None:
+        return None
+    try:
+        parent = store.get_run(record.parent_run_id)
+    except RunNotFound:
+        return None  # the parent is gone: nobody else can account for it
+    return parent if parent.steps <= record.parent_step else None
