@@ -694,14 +694,14 @@ def charge(usd: float | Decimal | str, item: str | None = None) -> None:
     """
     run = _in_step("charge")
     amount = to_decimal(usd, "charge(usd)")
+    run.spend(amount, item)  # spent whatever the store says: a write that fails still counts in the step
     run.store.charge(run.id, run.in_flight, amount)
-    run.spend(amount, item)
 
 
 async def acharge(usd: float | Decimal | str, item: str | None = None) -> None:
     """:func:`charge` for async iterations: the write goes to the store's writer thread."""
     run = _in_step("acharge")
     amount = to_decimal(usd, "acharge(usd)")
-    await offload(run.store, run.store.charge, run.id, run.in_flight, amount)
     run.spend(amount, item)
+    await offload(run.store, run.store.charge, run.id, run.in_flight, amount)
 

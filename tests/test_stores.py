@@ -428,3 +428,37 @@ def test_a_file_locked_past_the_busy_timeout_is_a_store_error_and_the_run_resume
     run = resume(e.run_id)
     assert run.status == "budget_exhausted" and run.state == {"i": 5} and len(run.history) == 5
     store.close()
+
+
+def test_a_charge_whose_write_ahead_failed_still_counts_in_its_step(tmp_path, monkeypatch):
+    """The money was spent whatever the store said: the step that charged it carries it."""
+    import loomc
+    import loomc.stores.sqlite as sqlite_store
+    from loomc import LastGood
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 300)
+    path = tmp_path / "checkpoints.db"
+    store = SQLiteStore(path, durability="normal")
+
+    calls: list[int] = []
+
+    @loop(budget=Budget(usd=10, iterations=3), backtrack=LastGood(), checkpoint=store)
+    def paid(state: dict) -> dict:
+        calls.append(state["i"])
+        if len(calls) == 2:  # another process holds the write lock while this step charges
+            holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+                loomc.charge(0.5)  # the write-ahead times out: StoreError, and the step fails
+            finally:
+                holder.communicate("go\n", timeout=30)
+        else:
+            loomc.charge(0.25)
+        return {"i": state["i"] + 1}
+
+    run = paid.run({"i": 0})
+    assert [s.ok for s in run.history] == [True, False, True], [s.error for s in run.history]
+    assert run.history[1].error.startswith("StoreError: ") and "database is locked" in run.history[1].error
+    assert [s.cost for s in run.history] == [Decimal("0.25"), Decimal("0.5"), Decimal("0.25")]
+    assert store.get_run(run.id).total_cost == Decimal("1.0")
+    store.close()
