@@ -668,6 +668,13 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     ``progress=True`` shows a tqdm bar on a terminal or in a notebook (never
     elsewhere; ``progress="always"`` forces it).
     """
+    settings = (budget, converge_on, backtrack, on_stall, scorer, cost_fn, checkpoint, on_step, clock,
+                lease_seconds, progress)
+    if callable(policy) and not isinstance(policy, (Policy, type)) \
+            and all(given is default for given, default in zip(settings, _LOOP_DEFAULTS)):
+        # `@loop` written without parentheses: the function is fn, and every setting its default.
+        # (With any setting given, a function in the policy slot is a predicate, as before.)
+        return loop()(policy)  # type: ignore[return-value]
     built = build_policy(policy, budget=budget, converge_on=converge_on, backtrack=backtrack, on_stall=on_stall)
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
         if value is not None and not callable(value):
@@ -715,3 +722,7 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
                    clock=clock, lease_seconds=lease_seconds, progress=progress)
 
     return decorate
+
+
+#: ``loop``'s settings as it defaults them, in its order: ``@loop`` without parentheses leaves them so.
+_LOOP_DEFAULTS = tuple(p.default for name, p in inspect.signature(loop).parameters.items() if name != "policy")

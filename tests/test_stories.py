@@ -674,3 +674,31 @@ def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd
     assert seen == [Decimal("0.75")]
     with pytest.raises(LoomcError, match=r"loomc.usd_left\(\) was called outside a loop iteration"):
         loomc.usd_left()
+
+
+def test_loop_without_parentheses_decorates_with_the_defaults(tmp_path, monkeypatch):
+    """`@loop` above a def made the function the loop's *policy* (a predicate) and returned the
+    decorator, so `refine(state)` later failed with a message about @loop and a dict."""
+    import asyncio
+    from loomc import DEFAULT_BUDGET, LoopRunner, predicate
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOMC_DB", raising=False)
+
+    @loop
+    def refine(state):
+        return state + 1
+
+    assert isinstance(refine, LoopRunner) and refine.policy == DEFAULT_BUDGET
+    run = refine.run(0)
+    assert run.state == 100 and run.status == "budget_exhausted"
+    assert (tmp_path / ".loomc" / "checkpoints.db").exists()
+
+    @loop
+    async def arefine(state):
+        return state + 2
+
+    assert asyncio.run(arefine.run(0)).state == 200
+    # With any setting given, a function in the policy slot is still a predicate.
+    capped = loop(lambda h: h[-1].state >= 3, budget=Budget(iterations=10), checkpoint="memory")
+    assert capped(lambda s: s + 1)(0) == 3
+    assert loop(predicate(lambda h: h[-1].state >= 2))(lambda s: s + 1).run(0).state == 2
