@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import sqlite3
 import subprocess
 import sys
@@ -155,6 +156,22 @@ def test_a_path_that_cannot_hold_a_database_is_one_clear_store_error(tmp_path):
     (tmp_path / "x.db").mkdir()
     with pytest.raises(StoreError, match="is a directory"):
         loop(budget=Budget(iterations=1), checkpoint=str(tmp_path / "x.db"))(lambda s: s)(0)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("postgres://db.example/loomc", "looks like a URL, but loomc opens no database servers"),
+    ("sqlite:///runs.db", "looks like a URL"),
+    ("", "is empty"),
+    ("SQLite", "would be a file of that name in the working directory; write checkpoint='sqlite'"),
+    (":memory:", "write checkpoint='memory'"),
+])
+def test_a_checkpoint_string_that_cannot_mean_a_file_is_refused_at_decoration_time(tmp_path, monkeypatch, spec, says):
+    """Each of these used to become a SQLite file (or a directory, for the URL) in the working directory."""
+    from loomc import ConfigError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        loop(checkpoint=spec)(lambda s: s)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_store_written_against_an_older_protocol_is_told_what_it_lacks():

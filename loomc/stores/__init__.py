@@ -51,6 +51,7 @@ def open_store(spec: Any) -> CheckpointStore:
     if spec == "memory":
         return MemoryStore()
     if isinstance(spec, (str, os.PathLike)):
+        _check_path(spec)
         return sqlite_at(spec)
     if isinstance(spec, CheckpointStore):
         return spec
@@ -66,6 +67,27 @@ def open_store(spec: Any) -> CheckpointStore:
 
 def check_store_spec(spec: Any) -> None:
     """Refuse a bad ``checkpoint=`` at decoration time, without opening anything."""
-    if spec is None or isinstance(spec, (str, os.PathLike)) or isinstance(spec, CheckpointStore):
+    if isinstance(spec, (str, os.PathLike)):
+        _check_path(spec)
+        return
+    if spec is None or isinstance(spec, CheckpointStore):
         return
     open_store(spec)
+
+
+def _check_path(spec: str | os.PathLike[str]) -> None:
+    """ConfigError for a ``checkpoint=`` string that cannot be meant as a SQLite file's path."""
+    text = os.fspath(spec)
+    if text in ("sqlite", "memory"):
+        return
+    if not text.strip():
+        raise ConfigError("checkpoint='' is empty: use 'sqlite' (the default file), 'memory', or a path to a "
+                          "SQLite file")
+    if "://" in text:
+        raise ConfigError(f"checkpoint={text!r} looks like a URL, but loomc opens no database servers: use "
+                          "'sqlite', 'memory', a path to a SQLite file, or a CheckpointStore object (a store for "
+                          "another database implements loomc.CheckpointStore; see README, Writing a store)")
+    if text.strip().lower() in ("sqlite", "memory", "sqlite3", "mem", ":memory:"):
+        meant = "memory" if "mem" in text.lower() else "sqlite"
+        raise ConfigError(f"checkpoint={text!r} would be a file of that name in the working directory; "
+                          f"write checkpoint={meant!r}, or give a path such as 'runs.db'")
