@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -971,3 +972,34 @@ def test_one_job_launched_six_times_at_once_runs_once_and_the_others_are_told_it
     assert outs[-1] == "ran budget_exhausted\n", outs
     assert all(out.startswith("RunLocked run nightly is being run by ") for out in outs[:-1]), outs
     assert [s.n for s in SQLiteStore(db).load_steps("nightly")] == [0, 1, 2]
+
+
+def test_a_container_shutdown_with_a_sigterm_handler_frees_the_run_for_the_next_pod_at_once(tmp_path):
+    """Python dies on SIGTERM without unwinding, so a pod stopped by Kubernetes left its run `running`
+    under a lease that a new pod (another host name) must wait out. With the handler README gives,
+    the run ends `cancelled` with no owner, and the next start goes on with it."""
+    db, script = tmp_path / "pod.db", tmp_path / "job.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        "from loomc import Budget, loop\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))\n"
+        "@loop(budget=Budget(iterations=6), checkpoint=sys.argv[1])\n"
+        "def slow(s):\n"
+        "    print('step', s, flush=True)\n"
+        "    time.sleep(0.3)\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    print('final', slow.run(0, run_id='job', resume=True).state, flush=True)\n")
+    pod = subprocess.Popen([sys.executable, str(script), str(db)], stdout=subprocess.PIPE, text=True)
+    assert pod.stdout is not None and pod.stdout.readline() == "step 0\n" and pod.stdout.readline() == "step 1\n"
+    pod.send_signal(signal.SIGTERM)  # during step 1
+    pod.communicate(timeout=60)
+    assert pod.returncode == 128 + signal.SIGTERM
+    record = SQLiteStore(db).get_run("job")
+    assert record.status == "cancelled" and record.owner is None and record.steps == 1
+    assert record.reason == f"SystemExit: {128 + signal.SIGTERM}"
+    with sqlite3.connect(db) as conn:  # whatever host the next pod runs on, nobody holds the run
+        assert conn.execute("SELECT lease_expires FROM runs WHERE id = 'job'").fetchone() == (None,)
+    again = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == ["step", "1", "step", "2", "step", "3", "step", "4", "step", "5", "final", "6"]
