@@ -28,14 +28,17 @@ from loomc.errors import ConfigError
 from loomc.history import History, to_decimal
 from loomc.policy import AnyOf, Outcome, Policies, Signal
 
-_DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+_DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
+                       r"(?:(?P<s>\d+(?:\.\d+)?)s)?$")
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from ``"30s"``, ``"10m"``, ``"1h"``, ``"1h30m"``, a number of seconds or a timedelta.
+def parse_duration(value: Any, what: str = "wall_clock") -> float:
+    """Seconds from ``"30s"``, ``"10m"``, ``"1h"``, ``"1h30m"``, ``"7d"``, a number of seconds or a timedelta.
 
-    >>> parse_duration("1h30m"), parse_duration(90), parse_duration(timedelta(minutes=2))
-    (5400.0, 90.0, 120.0)
+    ``what`` names the setting in error messages.
+
+    >>> parse_duration("1h30m"), parse_duration(90), parse_duration(timedelta(minutes=2)), parse_duration("2d")
+    (5400.0, 90.0, 120.0, 172800.0)
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
@@ -45,13 +48,13 @@ def parse_duration(value: Any) -> float:
         m = _DURATION.match(value.strip().replace(" ", "").lower())
         if not value.strip() or m is None or not any(m.groupdict().values()):
             raise ConfigError(
-                f"wall_clock={value!r} is not a duration; write it like '30s', '10m', '1h' or '1h30m', "
+                f"{what}={value!r} is not a duration; write it like '30s', '10m', '1h', '1h30m' or '7d', "
                 "or pass seconds as a number or a datetime.timedelta")
-        seconds = sum(float(m[unit] or 0) * mult for unit, mult in (("h", 3600), ("m", 60), ("s", 1)))
+        seconds = sum(float(m[unit] or 0) * mult for unit, mult in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
     else:
-        raise ConfigError(f"wall_clock must be a string like '10m', seconds or a timedelta, got {value!r}")
+        raise ConfigError(f"{what} must be a string like '10m', seconds or a timedelta, got {value!r}")
     if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"wall_clock must be a positive, finite duration, got {value!r}")
+        raise ConfigError(f"{what} must be a positive, finite duration, got {value!r}")
     return seconds
 
 

@@ -351,6 +351,51 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     return obj, ""
 
 
+FINISHED = ["completed", "failed", "budget_exhausted", "stalled", "cancelled"]
+
+
+@main.command()
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+@click.option("--older-than", required=True, help="choose runs last updated longer ago than this: '30d', '12h', '90m'")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(FINISHED),
+              help="choose runs that ended so (default: completed); repeat it for several")
+@click.option("--yes", is_flag=True, help="delete them and compact the file; without it, only say what would go")
+def prune(db: str | None, older_than: str, statuses: tuple[str, ...], yes: bool) -> None:
+    """Delete old finished runs, with their steps and child runs, and give the disk space back."""
+    from loomc.budget import parse_duration
+    try:
+        before = time.time() - parse_duration(older_than, "--older-than")
+    except LoomcError as e:
+        fail(str(e))
+    store = open_db(db)
+    chosen = statuses or ("completed",)
+    path = store.path
+    size = _file_size(path)
+    try:
+        found = store.prune(chosen, before, apply=yes)
+    except LoomcError as e:
+        fail(str(e))
+    which = f"the runs {' or '.join(chosen)} and last updated before {iso(before)}"
+    children = f" ({counted(found['children'], 'child run')} among them)" if found["children"] else ""
+    what = (f"{counted(found['runs'], 'run')}{children}, {counted(found['steps'], 'step')} and "
+            f"{_size(found['state_bytes'])} of states: {which}, with their child runs")
+    if not found["runs"]:
+        click.echo(f"Nothing to delete: no run is {' or '.join(chosen)} and last updated before {iso(before)}.")
+    elif not yes:
+        click.echo(f"Would delete {what}.\nRun again with --yes to delete them; the file is then compacted.")
+    else:
+        click.echo(f"Deleted {what}.\nThe file went from {_size(size)} to {_size(_file_size(path))}.")
+
+
+def _file_size(path: Any) -> int:
+    """The bytes a SQLite file takes with its write-ahead log."""
+    return sum(os.path.getsize(f"{path}{end}") for end in ("", "-wal") if os.path.exists(f"{path}{end}"))
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False),
               help="SQLite file to write to (default: $LOOMC_DB, else ./.loomc/checkpoints.db)")

@@ -498,3 +498,45 @@ def test_a_long_error_is_cut_in_the_table_and_show_step_prints_one_step_whole(tm
     assert stopped.startswith("Stopped: RuntimeError: HTTP 500: <html>\\nxxx") and len(stopped) < 400
     assert stopped.endswith("... (50,043 characters; `loomc show stopped-long --step 0` shows it whole); "
                             "`loomc resume stopped-long` continues it")
+
+
+def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_their_children(tmp_path):
+    """A full state per step makes the file grow without end; deleting rows alone gives no disk back."""
+    db = str(tmp_path / "big.db")
+
+    @loop(budget=Budget(iterations=40), checkpoint=db)
+    def bulky(state):
+        return {"text": "x" * 20_000, "i": state["i"] + 1}
+
+    @loop(budget=Budget(iterations=2), converge_on=predicate(lambda h: True), checkpoint=db)
+    def parent(state):
+        return bulky.run(state).state
+
+    for k in range(3):
+        bulky.run({"text": "", "i": 0}, run_id=f"old-{k}")
+    parent.run({"text": "", "i": 0}, run_id="family")  # completed, with a child run that exhausted its budget
+    bulky.run({"text": "", "i": 0}, run_id="recent")
+    with sqlite3.connect(db) as conn:  # all but `recent` were last updated 40 days ago
+        conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400 WHERE id != 'recent'")
+        conn.execute("INSERT INTO runs (id, status, created_at, updated_at) VALUES ('live', 'running', 0, 0)")
+    size = os.path.getsize(db) + os.path.getsize(db + "-wal")
+    dry = invoke("prune", "--db", db, "--older-than", "30d", "--status", "completed", "--status", "budget_exhausted")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.startswith("Would delete 5 runs (1 child run among them), 161 steps and 3.2 MB of states: "
+                                 "the runs completed or budget_exhausted and last updated before ")
+    assert "Run again with --yes" in dry.output
+    assert len(SQLiteStore(db).list_runs()) == 7, "a dry run deletes nothing"
+    done = invoke("prune", "--db", db, "--older-than", "30d", "--status", "completed", "--status",
+                  "budget_exhausted", "--yes")
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("Deleted 5 runs (1 child run among them), 161 steps")
+    assert sorted(r.id for r in SQLiteStore(db).list_runs()) == ["live", "recent"]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM steps WHERE run_id != 'recent'").fetchone() == (0,)
+    after = os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0)
+    assert after < size / 3, (size, after)  # the disk space came back
+    assert invoke("prune", "--db", db, "--older-than", "30d").output.startswith("Nothing to delete: no run is "
+                                                                                 "completed and last updated")
+    bad = invoke("prune", "--db", db, "--older-than", "a month")
+    assert bad.exit_code == 1 and "--older-than='a month' is not a duration" in bad.output
+    assert invoke("prune", "--db", db, "--older-than", "1d", "--status", "running").exit_code == 2

@@ -513,6 +513,41 @@ class SQLiteStore:
                             "FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))
         return [_stored_step(row) for row in rows]
 
+    def prune(self, statuses: tuple[str, ...], before: float, *, apply: bool) -> dict[str, int]:
+        """Runs that ended with one of ``statuses`` and were last updated before ``before`` (Unix time),
+        with every child run under them; what they hold, and with ``apply``, delete them and compact
+        the file (a WAL checkpoint, then VACUUM: deleted rows alone give no disk space back).
+
+        Only top-level runs are chosen; a child goes with its parent, never alone, so no ledger
+        is left counting a run that is gone. A run still ``running`` is never chosen.
+        """
+        if "running" in statuses:
+            raise ConfigError("prune never deletes a running run (it may be live, or resumable after a crash)")
+        marks = ", ".join("?" * len(statuses))
+        chosen = ("WITH RECURSIVE chosen(id) AS (SELECT id FROM runs WHERE parent_run_id IS NULL AND status IN "
+                  f"({marks}) AND updated_at < ? UNION SELECT r.id FROM runs r JOIN chosen c ON r.parent_run_id = c.id) ")
+        args = (*statuses, before)
+        conn = self._conn()
+        runs, children = conn.execute(chosen + "SELECT count(*), count(parent_run_id) FROM runs "
+                                      "WHERE id IN (SELECT id FROM chosen)", args).fetchone()
+        steps, state_bytes = conn.execute(chosen + "SELECT count(*), coalesce(sum(length(state_blob)), 0) "
+                                          "FROM steps WHERE run_id IN (SELECT id FROM chosen)", args).fetchone()
+        found = {"runs": runs, "children": children, "steps": steps, "state_bytes": state_bytes}
+        if not apply or not runs:
+            return found
+
+        def delete(conn: sqlite3.Connection) -> None:
+            for table, column in (("charges", "run_id"), ("steps", "run_id"), ("runs", "id")):  # runs last
+                conn.execute(chosen + f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM chosen)", args)
+
+        self._write(delete)
+        try:
+            conn.execute("VACUUM")  # in WAL mode it writes the compacted file through the log...
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # ...which this empties into the file
+        except sqlite3.Error as e:
+            raise _store_error(conn, e) from e
+        return found
+
     def load_step(self, run_id: str, n: int) -> StoredStep:
         """Step ``n`` of a run, with its state (the CLI's ``show --step``); StoreError if there is none."""
         conn = self._conn()
