@@ -1,7 +1,8 @@
 """loomc's speed targets, measured in one run and printed as ratios (never asserted in tests).
 
     python benchmarks/bench.py            # everything (a few minutes)
-    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli, instructions, bytecodes
+    python benchmarks/bench.py overhead   # one section: overhead, growth, resume, cli, instructions, bytecodes,
+                                          # memory
 
 - overhead: per-step time of a loop with a full policy against a hand-written loop that
   INSERTs the same JSON state and COMMITs once per step (WAL, same synchronous setting).
@@ -14,6 +15,9 @@
   (skipped without valgrind), steady where times are not.
 - bytecodes: the Python bytecodes one step of the full-policy loop executes, per function
   (an opcode trace, so it shows where loomc's Python goes, not how long it takes).
+- memory: the peak memory a run of 1 MB states adds while it runs and when it is resumed, at
+  50 and 200 steps. Target: flat in the number of steps (large states the run no longer needs
+  stay in the store).
 """
 
 from __future__ import annotations
@@ -216,13 +220,40 @@ def bytecodes(tmp: Path, steps: int = 200) -> None:
     store.close()
 
 
+_MEMORY_SCRIPT = """
+import resource, sys
+from loomc import Budget, SQLiteStore, loop
+big = "x" * 1_000_000
+@loop(budget=Budget(iterations=int(sys.argv[3])), checkpoint=SQLiteStore(sys.argv[1], durability="normal"))
+def step(s):
+    return {"blob": big[:-2] + str(s["i"] % 100).zfill(2), "i": s["i"] + 1}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[2] == "run":
+    step.run({"blob": "", "i": 0}, run_id="m")
+else:  # the run the first process made
+    step.resume_run("m", budget=Budget(iterations=int(sys.argv[3]) + 1))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def memory(tmp: Path) -> None:
+    """Peak memory a run of 1 MB states adds, as it runs and as it resumes (fresh processes)."""
+    print("memory: peak RSS added by a run of 1 MB states, then by its resume (each in a fresh process)")
+    for steps in (50, 200):
+        db = tmp / f"memory-{steps}.db"
+        grew = [float(subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(db), kind, str(steps)],
+                                     capture_output=True, text=True, check=True).stdout) for kind in ("run", "resume")]
+        print(f"  {steps:4} steps: run {grew[0]:6.0f} MB   resume {grew[1]:6.0f} MB   "
+              f"(the states total {steps} MB; target: flat in the number of steps)")
+
+
 def _one(loop_kind: str, steps: str, path: str) -> None:
     timed = time_hand_written if loop_kind == "hand" else time_loomc
     timed(Path(path), "normal", int(steps))
 
 
 SECTIONS = {"overhead": overhead, "growth": growth, "resume": resume, "cli": cli, "instructions": instructions,
-            "bytecodes": bytecodes}
+            "bytecodes": bytecodes, "memory": memory}
 
 
 def main() -> None:

@@ -182,9 +182,17 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
             "Make the field optional or give it a default, or resume with the old code") from None
 
 
-def decoder(state_type: Any, run_id: str) -> Callable[[str, Any], Any]:
-    """``decode`` for one run: ``(state_json, step) -> state``, as the run's steps read their states."""
-    def decode_step(text: str, step: Any) -> Any:
+def decoder(state_type: Any, run_id: str, fetch: Callable[[int], str] | None = None) -> Callable[[Any, Any], Any]:
+    """``decode`` for one run: ``(state_json, step) -> state``, as the run's steps read their states.
+
+    ``fetch(step)`` reads a step's JSON from the store, for the cells that hold ``IN_STORE``.
+    """
+    from loomc.history import IN_STORE
+
+    def decode_step(text: Any, step: Any) -> Any:
+        if text is IN_STORE:
+            assert fetch is not None
+            text = fetch(step)
         return decode(text, state_type, run_id=run_id, step=step)
     return decode_step
 

@@ -63,7 +63,9 @@ def to_decimal(amount: Any, what: str = "cost") -> Decimal:
 
 _new_tuple, _new_object = tuple.__new__, object.__new__
 _UNREAD = object()  # the state of a stored step that has not been decoded yet
-Decoder = Callable[[str, Any], Any]  # (state_json, step number) -> the state
+#: A cell's JSON when only the store holds it: the run's decoder fetches it by step number.
+IN_STORE: Any = object()
+Decoder = Callable[[Any, Any], Any]  # (state_json or IN_STORE, step number) -> the state
 
 
 class Step(tuple):  # type: ignore[type-arg]
@@ -161,7 +163,8 @@ class _SnapshotStep(Step):
     Its state lives in a cell, ``[state or _UNREAD, state_json, n, decode]``. A step loaded
     from a store starts unread. A fresh step starts with the object ``fn`` returned, and
     gets its JSON once that is encoded; when :func:`hand_out` gives the object to the next
-    call, the step lets go of it and reads its state from the JSON again.
+    call, the step lets go of it and reads its state from the JSON again. The JSON may be
+    ``IN_STORE``: the store holds it, and the decoder fetches it when the state is read.
     Copies made with ``replace`` share the cell.
     """
 

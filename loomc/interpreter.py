@@ -26,7 +26,8 @@ from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, RunLocked, StallError,
                           StateEncodeError, attach_run, counted, warn_at_caller)
-from loomc.history import ZERO, History, Step, fresh_step, hand_out, read, state_cell, to_decimal, with_events
+from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, fresh_step, hand_out, read, state_cell,
+                           to_decimal, with_events)
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
@@ -137,9 +138,11 @@ class LiveRun:
     notices: list[tuple[str, type[Warning]]] = field(default_factory=list)  # told where the run is driven from
     first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
     took_over_from: str | None = None  # the owner a take_over resume took the run from: its children go too
+    fetch: Callable[[int], str] | None = None  # reads a committed step's JSON back from the store, if it can
+    heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
 
     def __post_init__(self) -> None:
-        self.decode = codec.decoder(self.state_type, self.id)
+        self.decode = codec.decoder(self.state_type, self.id, self.fetch)
         self.initial = state_cell(self.initial_state, self.initial_json, "initial", self.decode)
         self.session_start = self.clock()
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
@@ -438,8 +441,11 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             exc, fatal = StateEncodeError(f"run {run.id} step {n}: {e}"), True
             step = step.replace(state=None, error=f"StateEncodeError: {e}")
             record = stored(step)
-        if record[1] is not None:
-            step[8][1] = record[1]  # the step can read its state again once fn has had the object
+        text = record[1]
+        if text is not None:
+            step[8][1] = text  # the step can read its state again once fn has had the object
+            if len(text) >= HEAVY_STATE and run.fetch is not None:
+                run.heavy.append(step[8])  # let go of once committed and no longer needed
         h = run.history = h.append(step)
         n += 1
         events: tuple[str, ...]
@@ -460,12 +466,36 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         elif step.ok:
             run.source = step
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
+        if run.heavy:
+            _let_go(run, h)
         if fatal:
             yield _Finish("failed", step.error or "failed")
             return _ended(run, "failed", step.error or "failed", exc)
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
+
+
+#: A committed state at least this long (in characters of JSON) is not kept in memory once the run
+#: no longer needs it: it is read back from the store if something reads it.
+HEAVY_STATE = 32_768
+
+
+def _let_go(run: LiveRun, h: History) -> None:
+    """Drop the large states the run no longer needs from memory; the store keeps them.
+
+    Kept: the newest step's, the one the next call starts from, the best and the last good
+    (where a backtrack or a stop can go). Every other step reads its state back from the store.
+    """
+    best, last_good = h._summary()[2], h._summary()[4]
+    keep = {len(h) - 1, best, last_good, -1 if run.source is None else run.source[0]}
+    held = []
+    for cell in run.heavy:
+        if cell[2] in keep:
+            held.append(cell)
+        else:
+            cell[0], cell[1] = _UNREAD, IN_STORE
+    run.heavy = held
 
 
 def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,

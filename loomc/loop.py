@@ -29,7 +29,7 @@ from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, budget_from_repr, raised
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, warn_at_caller)
-from loomc.history import ZERO, History, Step
+from loomc.history import IN_STORE, ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
                                stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
@@ -264,7 +264,7 @@ class LoopRunner:
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
                        lease_seconds=self.lease_seconds, parent=parent, state_type=state_type,
                        parent_step=-1 if parent is None else parent.in_flight,
-                       initial_json=initial_json, drive=drive)
+                       initial_json=initial_json, drive=drive, fetch=_fetcher(self.store, run_id))
 
     def _plan(self, run_id: str | None, resume: bool = False) -> tuple[LiveRun | None, str | None]:
         """Inside another loop's iteration this run is its child, with a stable id per parent step.
@@ -403,7 +403,7 @@ class LoopRunner:
         """A LiveRun over the committed history of ``record``; reads only."""
         state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
-        history = history_from_stored(self.store.load_steps(run_id), state_type, run_id)
+        history = stored_history(self.store, run_id, state_type)[0]
         source = _current_step(history)
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
@@ -630,12 +630,43 @@ class AsyncStepStream:
             await stream.aclose()
 
 
-def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str) -> History:
-    """A History over stored steps whose states decode (as ``state_type``) only when read."""
-    decode = codec.decoder(state_type, run_id)
+def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str,
+                        fetch: Callable[[int], str] | None = None) -> History:
+    """A History over stored steps whose states decode (as ``state_type``) only when read.
+
+    With ``fetch``, the steps came without their states: a step that succeeded reads its JSON
+    through ``fetch(n)`` when its state is first read.
+    """
+    decode = codec.decoder(state_type, run_id, fetch)
     return History([Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
-                         duration=s.duration, metrics=s.metrics, events=s.events, state_json=s.state_json, decode=decode)
+                         duration=s.duration, metrics=s.metrics, events=s.events,
+                         state_json=IN_STORE if fetch is not None and s.error is None else s.state_json,
+                         decode=decode)
                     for s in steps])
+
+
+def stored_history(store: CheckpointStore, run_id: str, state_type: Any) -> tuple[History, Callable[[int], str] | None]:
+    """A run's History as its store holds it, and how to fetch one step's JSON (None if the store cannot).
+
+    A store with ``load_step(run_id, n)`` (the SQLite store) hands over the steps without their
+    states, and each state is read when it is needed: resuming a run of 1,000 one-megabyte
+    states reads one of them, not a gigabyte.
+    """
+    fetch = _fetcher(store, run_id)
+    return history_from_stored(store.load_steps(run_id, with_states=fetch is None), state_type, run_id, fetch), fetch
+
+
+def _fetcher(store: Any, run_id: str) -> Callable[[int], str] | None:
+    load_step = getattr(store, "load_step", None)
+    if not callable(load_step):
+        return None
+
+    def fetch(n: int) -> str:
+        text = load_step(run_id, n).state_json
+        if text is None:
+            raise CheckpointDecodeError(f"run {run_id} step {n}: the store holds no state for it")
+        return text  # type: ignore[no-any-return]
+    return fetch
 
 
 def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str, state_type: Any = None) -> History:
@@ -650,7 +681,7 @@ def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str, s
             raise ConfigError("load_history(store='memory'): a new memory store holds no runs; "
                               "pass the loop's store itself (fn.store)")
         store = sqlite_at(default_path() if store == "sqlite" else store, create=False)
-    return history_from_stored(store.load_steps(run_id), state_type, run_id)
+    return stored_history(store, run_id, state_type)[0]
 
 
 def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,

@@ -21,9 +21,9 @@ import pytest
 
 import loomc
 
-from loomc import (Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
+from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
                    RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
-                   StepConflict, StoreError, MemoryStore, loop, predicate)
+                   StepConflict, StoreError, MemoryStore, load_history, loop, predicate)
 
 CRASHY = str(Path(__file__).parent / "crashy.py")
 
@@ -1003,3 +1003,47 @@ def test_a_container_shutdown_with_a_sigterm_handler_frees_the_run_for_the_next_
     again = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split() == ["step", "1", "step", "2", "step", "3", "step", "4", "step", "5", "final", "6"]
+
+
+def test_large_states_the_run_no_longer_needs_are_read_back_from_the_store_not_kept_in_memory(tmp_path, monkeypatch):
+    """A code fixer carrying a 100 KB repository snapshot kept every step's JSON in memory (about
+    1 MB per step at 1 MB states); a resume loaded every stored state before reading one."""
+    from loomc.history import IN_STORE
+    db = tmp_path / "big.db"
+    fetched: list[int] = []
+    real_load_step = SQLiteStore.load_step
+
+    def counting(self, run_id, n):
+        fetched.append(n)
+        return real_load_step(self, run_id, n)
+
+    monkeypatch.setattr(SQLiteStore, "load_step", counting)
+    scores = [0.1, 0.5, 0.3, 0.2, 0.4, 0.6, 0.1, 0.2]
+
+    @loop(budget=Budget(iterations=8), backtrack=BestScore(), scorer=lambda s: scores[s["i"] - 1],
+          converge_on=predicate(lambda h: h[-1].state["i"] > 99), checkpoint=str(db))
+    def fixer(state: dict) -> dict:
+        return {"repo": f"{state['i']}:" + "x" * 100_000, "i": state["i"] + 1}
+
+    run = fixer.run({"repo": "", "i": 0}, run_id="big")
+    assert fetched == [], "reading the newest state (the predicate) or the best (a backtrack) costs no read"
+    held = [s.n for s in run.history if s[8][1] is not IN_STORE]
+    assert len(held) <= 4 and run.history.best.n in held and len(run.history) - 1 in held
+    for step in run.history:  # every state reads back as committed, from memory or from the store
+        assert step.state["repo"].startswith(f"{step.state['i'] - 1}:")
+    assert sorted(fetched) == sorted(s.n for s in run.history if s.n not in held)
+    # A resume reads the state it goes on from, not all of them.
+    fetched.clear()
+    loaded_with_states: list[bool] = []
+    real_load_steps = SQLiteStore.load_steps
+
+    def watching(self, run_id, *, with_states=True):
+        loaded_with_states.append(with_states)
+        return real_load_steps(self, run_id, with_states=with_states)
+
+    monkeypatch.setattr(SQLiteStore, "load_steps", watching)
+    more = fixer.resume_run("big", budget=Budget(iterations=10))
+    assert loaded_with_states == [False]
+    assert set(fetched) <= {run.history[-1].n, run.history.best.n}  # where it stopped, where it goes back to
+    assert len(more.history) == 10 and more.state == more.history.best.state
+    assert load_history(str(db), "big")[3].state == more.history[3].state
