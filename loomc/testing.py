@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from loomc.errors import RunLocked, RunNotFound, StepConflict
+from loomc.errors import RunLocked, RunNotFound, StepConflict, StoreError
 from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals
 
 OWNER = "conformance-host:1:owner"
@@ -105,6 +105,17 @@ class StoreConformance:
         store.create_run(make_run("r1"))
         commit(store, "r1", [make_step(0), make_step(1)])
         assert [s.state_json for s in store.load_steps("r1", with_states=False)] == [None, None]
+
+    def test_one_step_reads_back_whole_where_the_store_offers_load_step(self, store: CheckpointStore) -> None:
+        """Optional for a store of your own: with ``load_step(run_id, n)`` loomc keeps large states out of
+        memory. A store that leaves it out sets this test to ``None`` in its subclass."""
+        load_step = store.load_step  # type: ignore[attr-defined]
+        store.create_run(make_run("r1"))
+        commit(store, "r1", [make_step(0, {"first": "é" * 10}), make_step(1, {"big": "x" * 100_000})])
+        got = load_step("r1", 1)
+        assert got.n == 1 and json.loads(got.state_json) == {"big": "x" * 100_000}
+        with pytest.raises(StoreError, match="no step 2"):
+            load_step("r1", 2)
 
     def test_a_step_number_is_committed_at_most_once(self, store: CheckpointStore) -> None:
         store.create_run(make_run("r1"))

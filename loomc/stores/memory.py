@@ -6,7 +6,7 @@ import threading
 import time
 from decimal import Decimal
 
-from loomc.errors import RunLocked, RunNotFound, StepConflict
+from loomc.errors import RunLocked, RunNotFound, StepConflict, StoreError
 from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take
 
 
@@ -90,6 +90,16 @@ class MemoryStore:
         if not with_states:
             steps = [s._replace(state_json=None) for s in steps]
         return steps
+
+    def load_step(self, run_id: str, n: int) -> StoredStep:
+        """Step ``n`` of a run, with its state; StoreError if there is none."""
+        with self._lock:
+            self._run(run_id)
+            steps = self._steps[run_id]
+        if not 0 <= n < len(steps):
+            have = "no committed step" if not steps else f"steps 0 to {len(steps) - 1}"
+            raise StoreError(f"run {run_id} has no step {n}: it has {have}")
+        return steps[n]
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
         with self._lock:
