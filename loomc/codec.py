@@ -182,10 +182,11 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
             "Make the field optional or give it a default, or resume with the old code") from None
 
 
-def decoder(state_type: Any, run_id: str, fetch: Callable[[int], str] | None = None) -> Callable[[Any, Any], Any]:
+def decoder(state_type: Any, run_id: str, fetch: Callable[[int], str | None] | None = None) -> Callable[[Any, Any], Any]:
     """``decode`` for one run: ``(state_json, step) -> state``, as the run's steps read their states.
 
-    ``fetch(step)`` reads a step's JSON from the store, for the cells that hold ``IN_STORE``.
+    ``fetch(step)`` reads a step's JSON from the store (``None``: it has no state), for the cells
+    that hold ``IN_STORE``.
     """
     from loomc.history import IN_STORE
 
@@ -193,6 +194,8 @@ def decoder(state_type: Any, run_id: str, fetch: Callable[[int], str] | None = N
         if text is IN_STORE:
             assert fetch is not None
             text = fetch(step)
+            if text is None:  # a failed call's step
+                return None
         return decode(text, state_type, run_id=run_id, step=step)
     return decode_step
 

@@ -138,7 +138,7 @@ class LiveRun:
     notices: list[tuple[str, type[Warning]]] = field(default_factory=list)  # told where the run is driven from
     first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
     took_over_from: str | None = None  # the owner a take_over resume took the run from: its children go too
-    fetch: Callable[[int], str] | None = None  # reads a committed step's JSON back from the store, if it can
+    fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
 
     def __post_init__(self) -> None:

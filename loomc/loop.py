@@ -631,21 +631,21 @@ class AsyncStepStream:
 
 
 def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: str,
-                        fetch: Callable[[int], str] | None = None) -> History:
+                        fetch: Callable[[int], str | None] | None = None) -> History:
     """A History over stored steps whose states decode (as ``state_type``) only when read.
 
-    With ``fetch``, the steps came without their states: a step that succeeded reads its JSON
-    through ``fetch(n)`` when its state is first read.
+    With ``fetch``, the steps came without their states: each reads its JSON through ``fetch(n)``
+    when its state is first read.
     """
     decode = codec.decoder(state_type, run_id, fetch)
     return History([Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
                          duration=s.duration, metrics=s.metrics, events=s.events,
-                         state_json=IN_STORE if fetch is not None and s.error is None else s.state_json,
+                         state_json=IN_STORE if fetch is not None else s.state_json,
                          decode=decode)
                     for s in steps])
 
 
-def stored_history(store: CheckpointStore, run_id: str, state_type: Any) -> tuple[History, Callable[[int], str] | None]:
+def stored_history(store: CheckpointStore, run_id: str, state_type: Any) -> tuple[History, Callable[[int], str | None] | None]:
     """A run's History as its store holds it, and how to fetch one step's JSON (None if the store cannot).
 
     A store with ``load_step(run_id, n)`` (the SQLite store) hands over the steps without their
@@ -656,16 +656,13 @@ def stored_history(store: CheckpointStore, run_id: str, state_type: Any) -> tupl
     return history_from_stored(store.load_steps(run_id, with_states=fetch is None), state_type, run_id, fetch), fetch
 
 
-def _fetcher(store: Any, run_id: str) -> Callable[[int], str] | None:
+def _fetcher(store: Any, run_id: str) -> Callable[[int], str | None] | None:
     load_step = getattr(store, "load_step", None)
     if not callable(load_step):
         return None
 
-    def fetch(n: int) -> str:
-        text = load_step(run_id, n).state_json
-        if text is None:
-            raise CheckpointDecodeError(f"run {run_id} step {n}: the store holds no state for it")
-        return text  # type: ignore[no-any-return]
+    def fetch(n: int) -> str | None:
+        return load_step(run_id, n).state_json  # type: ignore[no-any-return]
     return fetch
 
 

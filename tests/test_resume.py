@@ -1047,3 +1047,29 @@ def test_large_states_the_run_no_longer_needs_are_read_back_from_the_store_not_k
     assert set(fetched) <= {run.history[-1].n, run.history.best.n}  # where it stopped, where it goes back to
     assert len(more.history) == 10 and more.state == more.history.best.state
     assert load_history(str(db), "big")[3].state == more.history[3].state
+
+
+def test_a_step_whose_scorer_failed_keeps_its_state_when_read_back_lazily(tmp_path):
+    """The call returned a state and the scorer failed on it: the step failed, but its state is
+    stored, and a resumed run's history still reads it (each state is fetched when read)."""
+    from loomc import LastGood
+    db = str(tmp_path / "scored.db")
+
+    scored: list[int] = []
+
+    def score(state):
+        scored.append(state["i"])
+        if len(scored) == 2:
+            raise ValueError("cannot score this one")
+        return state["i"] / 10
+
+    @loop(budget=Budget(iterations=3), backtrack=LastGood(), scorer=score, checkpoint=db)
+    def count(state: dict) -> dict:
+        return {"i": state["i"] + 1}
+
+    first = count.run({"i": 0}, run_id="scored")
+    assert [s.ok for s in first.history] == [True, False, True]
+    more = count.resume_run("scored", budget=Budget(iterations=4))
+    assert more.history[1].error.startswith("ValueError: cannot score this one")
+    assert more.history[1].state == {"i": 2} and more.history[0].state == {"i": 1}
+    assert load_history(db, "scored")[1].state == {"i": 2}
