@@ -18,10 +18,10 @@ A loop given no budget at all runs under :data:`DEFAULT_BUDGET`
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loomc.errors import ConfigError
@@ -142,17 +142,29 @@ class ParentCap(Signal):
 
     Added to a child's policy when it starts inside a parent with a USD cap;
     predictive like ``Budget(usd=...)``, and its reason names the parent.
+
+    ``usd`` is what the parent's budget left when the child started, plus what the child had
+    spent before. While the parent's step runs, ``room_now()`` gives the parent's room at this
+    moment, every sibling's committed spend counted, so children run side by side share one
+    cap instead of each taking all of it. Once that step is over it gives ``None``, and ``usd``
+    alone decides (as in a replay of the child's history).
     """
 
     parent: str
     usd: Decimal
+    room_now: Callable[[], Decimal | None] | None = field(default=None, compare=False)
 
     kind = max_outcome = Outcome.BUDGET_EXHAUSTED
 
     def fire(self, history: History, elapsed: float) -> str | None:
         spent, largest = history._summary()[:2]
-        if spent + largest > self.usd or (spent >= self.usd and spent > 0):
-            return (f"usd: the parent run {self.parent}'s budget leaves ${self.usd:.4f} for this child; "
+        usd, room = self.usd, None if self.room_now is None else self.room_now()
+        if room is not None:
+            if room <= 0:
+                return f"usd: the parent run {self.parent}'s budget has nothing left (its other children spent it)"
+            usd = min(usd, spent + room)  # the child's committed spend is in the parent's already
+        if spent + largest > usd or (spent >= usd and spent > 0):
+            return (f"usd: the parent run {self.parent}'s budget leaves ${usd:.4f} for this child; "
                     f"${spent:.4f} spent + ${largest:.4f} for the next step would pass it")
         return None
 
@@ -222,6 +234,17 @@ def wall_clock_cap(policy: Any) -> float | None:
 
 
 def usd_room(policy: Any, history: History, pending: Decimal) -> Decimal | None:
-    """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one."""
+    """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one.
+
+    ``pending`` is what the step in flight has spent so far. A child run's room is also at most
+    its parent's room at this moment, less that.
+    """
     cap = usd_cap(policy)
-    return None if cap is None else max(Decimal(0), cap - history.total_cost - pending)
+    if cap is None:
+        return None
+    room = max(Decimal(0), cap - history.total_cost - pending)
+    for part in policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,):
+        live = part.room_now() if isinstance(part, ParentCap) and part.room_now is not None else None
+        if live is not None:
+            room = min(room, max(Decimal(0), live - pending))
+    return room

@@ -138,6 +138,8 @@ class LiveRun:
     notices: list[tuple[str, type[Warning]]] = field(default_factory=list)  # told where the run is driven from
     first_policy: Policy | None = None  # decides before the first call instead of ``policy`` (a stalled run resumed)
     took_over_from: str | None = None  # the owner a take_over resume took the run from: its children go too
+    reserved: Decimal = ZERO  # children's estimates for their steps in flight (they share this run's room)
+    holds: Decimal = ZERO  # what this child run holds of its parent's room for its step in flight
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
 
@@ -153,8 +155,25 @@ class LiveRun:
         self.awaits_score = inspect.iscoroutinefunction(self.scorer)
 
     def usd_room(self) -> Decimal | None:
-        """Dollars this run can still spend in the step in flight (a child's cap comes from it)."""
-        return usd_room(self.policy, self.history, self.pending)
+        """Dollars this run can still spend in the step in flight (a child's cap comes from it), less
+        what its children hold for their own steps in flight."""
+        return usd_room(self.policy, self.history, self.pending + self.reserved)
+
+    def hold(self, usd: Decimal) -> None:
+        """A child run's step starts: hold its estimate of the parent's room until the step is billed."""
+        parent = self.parent
+        if parent is not None and usd:
+            with _SPENDING:
+                parent.reserved += usd - self.holds
+                self.holds = usd
+
+    def release(self) -> None:
+        """The child's step is billed to its parent (or will never be): its hold goes."""
+        parent = self.parent
+        if parent is not None and self.holds:
+            with _SPENDING:
+                parent.reserved -= self.holds
+                self.holds = ZERO
 
     def next_child_id(self) -> str:
         """A stable id for the next child run started in the step in flight."""
@@ -212,6 +231,8 @@ class _Call(tuple):  # type: ignore[type-arg]
         run.in_flight, run.pending = n, ZERO
         if run.items:
             run.items = {}
+        if run.parent is not None:  # children side by side: each holds its estimate of the parent's room
+            run.hold(run.history._summary()[1])
         return state, n, time.time(), run.clock()
 
     def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
@@ -598,6 +619,7 @@ def _abandon(run: LiveRun, exc: BaseException) -> None:
     try:
         _record_abandon(run, exc)
     finally:
+        run.release()  # a child's hold on its parent's room, if its step never got billed
         drive_over(run.owner)  # a later resume in this process may take the run, even while exc is kept
 
 
@@ -646,6 +668,7 @@ def _bill_parent(run: LiveRun, cost: Decimal) -> None:
     """
     parent = run.parent
     assert parent is not None
+    run.release()
     if parent.in_flight == run.parent_step:
         parent.spend(cost)
         return

@@ -258,7 +258,9 @@ class LoopRunner:
         if parent is not None:  # the parent's USD cap binds the child
             room = parent.usd_room()
             if room is not None:
-                policy = either(policy, ParentCap(parent.id, room + history.total_cost))
+                step = parent.in_flight  # siblings started in this step share the parent's room while it runs
+                policy = either(policy, ParentCap(parent.id, room + history.total_cost,
+                                                  lambda: parent.usd_room() if parent.in_flight == step else None))
         return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=drive.owner, history=history,
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,

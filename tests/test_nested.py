@@ -343,3 +343,52 @@ def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent
     failing["on"] = False
     assert inner.resume("kind-0-0") == 4
     del sys.modules["nested_crashy"]
+
+
+@pytest.mark.parametrize("kind", ["tasks", "threads"])
+def test_children_side_by_side_share_their_parents_cap_instead_of_each_taking_all_of_it(tmp_path, kind):
+    """Four children gathered under a $1.00 parent cap each got the whole $1.00 and spent $4.00
+    together. Now each sees the room its siblings left, less what they hold for their steps in
+    flight (their largest step so far)."""
+    import contextvars
+    import time as clock
+    from concurrent.futures import ThreadPoolExecutor
+    db = str(tmp_path / "side.db")
+
+    if kind == "tasks":
+        @loop(budget=Budget(usd=5, iterations=20), checkpoint=db)
+        async def worker(s):
+            await asyncio.sleep(0.01)
+            await loomc.acharge(0.10)
+            return s + 1
+
+        @loop(budget=Budget(usd=1.0, iterations=1), checkpoint=db)
+        async def parent(s):
+            runs = await asyncio.gather(*(worker.run(0) for _ in range(4)))
+            return sum(r.state for r in runs)
+
+        run = asyncio.run(parent.run(0, run_id="side"))
+    else:
+        @loop(budget=Budget(usd=5, iterations=20), checkpoint=db)
+        def worker(s):
+            clock.sleep(0.01)
+            loomc.charge(0.10)
+            return s + 1
+
+        @loop(budget=Budget(usd=1.0, iterations=1), checkpoint=db)
+        def parent(s):
+            with ThreadPoolExecutor(4) as pool:
+                runs = [f.result() for f in [pool.submit(contextvars.copy_context().run, worker.run, 0)
+                                             for _ in range(4)]]
+            return sum(r.state for r in runs)
+
+        run = parent.run(0, run_id="side")
+    store = SQLiteStore(db)
+    children = store.children("side")
+    assert len(children) == 4 and all(c.status == "budget_exhausted" for c in children)
+    assert sum(c.total_cost for c in children) == run.total_cost
+    # Each child's first step has no estimate yet, so it can hold nothing: at most one first step
+    # each (4 x $0.10) can pass the cap together; after that every step is held for.
+    assert run.total_cost <= Decimal("1.0") + Decimal("0.4"), run.total_cost
+    assert run.total_cost >= Decimal("0.9")
+    assert any("parent run side" in (c.reason or "") for c in children)
