@@ -23,7 +23,7 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import NoCostWarning, usd_cap, usd_room, wall_clock_cap
+from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, RunLocked, StallError,
                           StateEncodeError, attach_run, counted, warn_at_caller)
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, fresh_step, hand_out, read, state_cell,
@@ -149,6 +149,9 @@ class LiveRun:
         self.session_start = self.clock()
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
         self.wall_cap = wall_clock_cap(self.policy)
+        # What a child holds of its parent's room for a step at least: its budget's step_estimate.
+        self.estimate = max((p.step_estimate for p in self.policy.walk()
+                             if isinstance(p, Budget) and p.step_estimate is not None), default=ZERO)
         self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
         self.cost_unchecked = self.cost_fn is None and usd_cap(self.policy) is not None
         self.awaits_cost = inspect.iscoroutinefunction(self.cost_fn)
@@ -232,7 +235,7 @@ class _Call(tuple):  # type: ignore[type-arg]
         if run.items:
             run.items = {}
         if run.parent is not None:  # children side by side: each holds its estimate of the parent's room
-            run.hold(run.history._summary()[1])
+            run.hold(max(run.history._summary()[1], run.estimate))
         return state, n, time.time(), run.clock()
 
     def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:

@@ -392,3 +392,19 @@ def test_children_side_by_side_share_their_parents_cap_instead_of_each_taking_al
     assert run.total_cost <= Decimal("1.0") + Decimal("0.4"), run.total_cost
     assert run.total_cost >= Decimal("0.9")
     assert any("parent run side" in (c.reason or "") for c in children)
+
+
+def test_children_with_a_step_estimate_hold_it_from_their_first_step_so_the_cap_holds_exactly(tmp_path):
+    @loop(budget=Budget(usd=5, iterations=20, step_estimate=0.10), checkpoint="memory")
+    async def worker(s):
+        await asyncio.sleep(0.01)
+        await loomc.acharge(0.10)
+        return s + 1
+
+    @loop(budget=Budget(usd=1.0, iterations=1), checkpoint="memory")
+    async def parent(s):
+        runs = await asyncio.gather(*(worker.run(0) for _ in range(12)))
+        return sum(r.state for r in runs)
+
+    run = asyncio.run(parent.run(0))
+    assert run.total_cost == Decimal("1.0") and run.state == 10  # twelve children, ten paid steps in all
