@@ -233,11 +233,12 @@ def wall_clock_cap(policy: Any) -> float | None:
     return _cap(policy, "wall_clock")  # type: ignore[no-any-return]
 
 
-def usd_room(policy: Any, history: History, pending: Decimal) -> Decimal | None:
+def usd_room(policy: Any, history: History, pending: Decimal, held: Decimal = Decimal(0)) -> Decimal | None:
     """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one.
 
     ``pending`` is what the step in flight has spent so far. A child run's room is also at most
-    its parent's room at this moment, less that.
+    its parent's room at this moment, less that, plus ``held``: what the child itself holds of
+    the parent's room for this step.
     """
     cap = usd_cap(policy)
     if cap is None:
@@ -246,5 +247,5 @@ def usd_room(policy: Any, history: History, pending: Decimal) -> Decimal | None:
     for part in policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,):
         live = part.room_now() if isinstance(part, ParentCap) and part.room_now is not None else None
         if live is not None:
-            room = min(room, max(Decimal(0), live - pending))
+            room = min(room, max(Decimal(0), live + held - pending))
     return room

@@ -160,7 +160,7 @@ class LiveRun:
     def usd_room(self) -> Decimal | None:
         """Dollars this run can still spend in the step in flight (a child's cap comes from it), less
         what its children hold for their own steps in flight."""
-        return usd_room(self.policy, self.history, self.pending + self.reserved)
+        return usd_room(self.policy, self.history, self.pending + self.reserved, self.holds)
 
     def hold(self, usd: Decimal) -> None:
         """A child run's step starts: hold its estimate of the parent's room until the step is billed."""

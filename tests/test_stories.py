@@ -672,6 +672,13 @@ def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd
     seen.clear()
     loop(budget=Budget(usd=1, iterations=1), checkpoint="memory")(parent).run({"todo": 1})
     assert seen == [Decimal("0.75")]
+
+    def holding_parent(state):  # a child that holds its step_estimate still has that room itself
+        return loop(budget=Budget(usd=5, iterations=1, step_estimate=0.2), checkpoint="memory")(agent).run(state).state
+
+    seen.clear()
+    loop(budget=Budget(usd=1, iterations=1), checkpoint="memory")(holding_parent).run({"todo": 1})
+    assert seen == [Decimal("1")]
     with pytest.raises(LoomcError, match=r"loomc.usd_left\(\) was called outside a loop iteration"):
         loomc.usd_left()
 
