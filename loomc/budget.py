@@ -161,7 +161,7 @@ class ParentCap(Signal):
         usd, room = self.usd, None if self.room_now is None else self.room_now()
         if room is not None:
             if room <= 0:
-                return f"usd: the parent run {self.parent}'s budget has nothing left (its other children spent it)"
+                return f"usd: the parent run {self.parent}'s budget has nothing left for this child"
             usd = min(usd, spent + room)  # the child's committed spend is in the parent's already
         if spent + largest > usd or (spent >= usd and spent > 0):
             return (f"usd: the parent run {self.parent}'s budget leaves ${usd:.4f} for this child; "
