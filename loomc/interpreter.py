@@ -630,7 +630,8 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     aio = sys.modules.get("asyncio")  # a CancelledError can only exist once asyncio is imported
     stopped = (KeyboardInterrupt, SystemExit, GeneratorExit) + ((aio.CancelledError,) if aio is not None else ())
     status = "cancelled" if isinstance(exc, stopped) else "failed"
-    why = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    why = (f"{type(exc).__name__}: {exc}".rstrip(": ") if not isinstance(exc, GeneratorExit)
+           else "left early: the stream of its steps (iter()) was closed before the run ended")
     try:
         _commit_interrupted(run, why)
     except LoomcError:

@@ -211,6 +211,7 @@ def test_breaking_out_of_iter_marks_the_run_cancelled_and_keeps_its_steps(tmp_pa
     gc.collect()
     record = runner.store.get_run("left-early")
     assert record.status == "cancelled" and record.steps == 3
+    assert record.reason == "left early: the stream of its steps (iter()) was closed before the run ended"
     assert runner.resume_run("left-early").state == 10
 
 
