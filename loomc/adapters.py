@@ -39,14 +39,14 @@ from decimal import Decimal
 from typing import Any
 
 from loomc.detectors import Judge, judge
-from loomc.errors import ConfigError, LoomcError
+from loomc.errors import ConfigError, CostUnknown, LoomcError
 from loomc.history import to_decimal
 
 MILLION = Decimal(1_000_000)
 RATE_KEYS = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
 
 
-class UsageMissing(LoomcError):
+class UsageMissing(CostUnknown):
     """A response carried no token usage, so its cost is unknown."""
 
 

@@ -97,6 +97,11 @@ class CorruptStore(StoreError):
     """The database file is not a readable SQLite database."""
 
 
+class CostUnknown(LoomcError):
+    """What a call cost cannot be known (a priced response without usage). Under a USD cap it ends
+    the run, backtracker or not: without the cost the cap cannot hold."""
+
+
 class StateEncodeError(LoomcError, TypeError):
     """``fn`` returned a state that cannot be stored as JSON."""
 

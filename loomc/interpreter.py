@@ -24,8 +24,8 @@ from typing import Any
 from loomc import codec
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (BudgetExhausted, ConfigError, LoomcError, NoStateReturned, RunError, RunLocked, StallError,
-                          StateEncodeError, attach_run, counted, warn_at_caller)
+from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, LoomcError, NoStateReturned, RunError, RunLocked,
+                          StallError, StateEncodeError, attach_run, counted, warn_at_caller)
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, fresh_step, hand_out, read, state_cell,
                            to_decimal, with_events)
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
@@ -153,7 +153,9 @@ class LiveRun:
         self.estimate = max((p.step_estimate for p in self.policy.walk()
                              if isinstance(p, Budget) and p.step_estimate is not None), default=ZERO)
         self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
-        self.cost_unchecked = self.cost_fn is None and usd_cap(self.policy) is not None
+        self.usd_capped = usd_cap(self.policy) is not None
+        self.cost_unchecked = self.cost_fn is None and self.usd_capped
+        self.blind: BaseException | None = None  # what cost_fn raised on the last call, if it did
         self.awaits_cost = inspect.iscoroutinefunction(self.cost_fn)
         self.awaits_score = inspect.iscoroutinefunction(self.scorer)
 
@@ -296,7 +298,11 @@ class _Call(tuple):  # type: ignore[type-arg]
                         found = probe.measure(new_state, run.history)
                         metrics.update(await found if inspect.isawaitable(found) else found)
                     if run.awaits_cost:
-                        cost = await run.cost_fn(new_state)  # type: ignore[misc]
+                        try:
+                            cost = await run.cost_fn(new_state)  # type: ignore[misc]
+                        except Exception as e:
+                            run.blind = e
+                            raise
                     if run.awaits_score:
                         score = await run.scorer(new_state)  # type: ignore[misc]
                 except Exception as e:
@@ -331,7 +337,11 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     if exc is None:
         try:
             if run.cost_fn is not None:
-                run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
+                try:
+                    run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
+                except Exception as e:
+                    run.blind = e  # the call's cost is unknown
+                    raise
             if run.scorer is not None:
                 if raw is _UNSET:
                     raw = run.scorer(state)
@@ -458,7 +468,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         # fn may change its state in place: the step it came from reads its own from the JSON from now on.
         step, exc, end = yield _Call((hand_out(run.source, run.initial), n))
         elapsed = run.elapsed(end)
-        fatal = exc is not None and run.backtracker is None and not isinstance(exc, DeadlineExceeded)
+        fatal = exc is not None and not isinstance(exc, DeadlineExceeded) and (
+            run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))
         try:
             record = stored(step)
         except StateEncodeError as e:
@@ -493,11 +504,24 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         if run.heavy:
             _let_go(run, h)
         if fatal:
-            yield _Finish("failed", step.error or "failed")
-            return _ended(run, "failed", step.error or "failed", exc)
+            reason = step.error or "failed"
+            if run.backtracker is not None:  # it could have gone on, but what the call cost is unknown
+                reason = _blind(run, exc, reason)
+            yield _Finish("failed", reason)
+            return _ended(run, "failed", reason, exc)
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
+
+
+def _blind(run: LiveRun, exc: BaseException | None, error: str) -> str:
+    """Why a run with a backtracker stopped on a call whose cost is unknown, as its reason and a note."""
+    source = "cost_fn(state) raised " if exc is run.blind else ""
+    reason = (f"{source}{error}; without what the call cost, the USD cap cannot hold, so the run stopped "
+              f"instead of going on from another state")
+    if exc is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"loomc: {reason}. Fix the pricing, then resume the run")
+    return reason
 
 
 #: A committed state at least this long (in characters of JSON) is not kept in memory once the run

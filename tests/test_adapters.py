@@ -6,6 +6,7 @@ Expected figures are computed here from the providers' published per-million-tok
 from __future__ import annotations
 
 import json
+import sys
 from decimal import Decimal
 
 import httpx2
@@ -300,3 +301,66 @@ def test_only_true_or_a_clear_yes_counts():
     assert [clear_yes(v) for v in (True, "Yes.", " yes ", "YES!", "true")] == [True] * 5
     assert [clear_yes(v) for v in (1, "yes, but", "no", "maybe", None, "Yes and no")] == [False] * 6
     assert predicate  # the judge is a detector like any other: it composes with |
+
+
+def test_a_call_whose_cost_is_unknown_ends_a_usd_capped_run_even_with_a_backtracker():
+    """LastGood retried after every call whose cost_fn raised (or whose response had no usage), so a
+    $1.00 cap recorded thirty paid calls at $0. Under a USD cap an unknown cost now ends the run;
+    without one, the backtracker goes on as before."""
+    import asyncio
+    from loomc import LastGood
+    adapter = OpenAIAdapter("gpt-4o")
+    calls: list[int] = []
+
+    def broken_pricing(state):
+        raise KeyError("usage")
+
+    @loop(budget=Budget(usd=1.0, iterations=30), backtrack=LastGood(), cost_fn=broken_pricing, checkpoint="memory")
+    def paid(s):
+        calls.append(s)
+        return s + 1
+
+    run = paid.run(0)
+    assert run.status == "failed" and len(calls) == 1
+    assert run.reason == ("cost_fn(state) raised KeyError: 'usage'; without what the call cost, the USD cap cannot "
+                          "hold, so the run stopped instead of going on from another state")
+    with pytest.raises(KeyError) as caught:
+        paid(0)
+    assert any("Fix the pricing, then resume the run" in note for note in getattr(caught.value, "__notes__", [])) \
+        or sys.version_info < (3, 11)
+
+    @loop(budget=Budget(usd=1.0, iterations=30), backtrack=LastGood(), checkpoint="memory")
+    def unpriced(s):
+        calls.append(s)
+        adapter.charge(chat(None))  # no usage on the response: UsageMissing
+        return s + 1
+
+    calls.clear()
+    run = unpriced.run(0)
+    assert run.status == "failed" and len(calls) == 1 and run.reason.startswith("UsageMissing: ")
+
+    @loop(budget=Budget(usd=1.0, iterations=30), backtrack=LastGood(), cost_fn=broken_pricing, checkpoint="memory")
+    async def apaid(s):
+        calls.append(s)
+        return s + 1
+
+    async def abroken(state):
+        raise KeyError("usage")
+
+    @loop(budget=Budget(usd=1.0, iterations=30), backtrack=LastGood(), cost_fn=abroken, checkpoint="memory")
+    async def apaid_async_cost(s):
+        calls.append(s)
+        return s + 1
+
+    for runner in (apaid, apaid_async_cost):
+        calls.clear()
+        run = asyncio.run(runner.run(0))
+        assert run.status == "failed" and len(calls) == 1 and run.reason.startswith("cost_fn(state) raised KeyError")
+
+    @loop(budget=Budget(iterations=5), backtrack=LastGood(), cost_fn=broken_pricing, checkpoint="memory")
+    def uncapped(s):
+        calls.append(s)
+        return s + 1
+
+    calls.clear()
+    assert uncapped.run(0).status == "budget_exhausted" and len(calls) == 5  # no USD cap: the backtracker goes on
