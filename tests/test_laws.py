@@ -127,3 +127,41 @@ def test_replay_stops_where_the_policy_first_fires(a, rows):
     first = next((k for k in range(len(h) + 1)
                   if fires(a, h[:k], sum(s.duration for s in h[:k]))), None)
     assert r.stopped_after == first
+
+
+@settings(max_examples=60, deadline=None)
+@given(outcomes=st.lists(st.one_of(st.none(), st.floats(0, 1, allow_nan=False)), min_size=1, max_size=12),
+       backtracker=st.sampled_from(["best", "last_good"]))
+def test_dropping_states_from_memory_changes_nothing_a_run_reads_or_returns(outcomes, backtracker):
+    """Every state counts as large here, so each is dropped from memory as soon as the run no longer
+    needs it, and read back from the store when read. The run must go exactly as it goes when
+    every state is kept: the same calls with the same states, the same result, every state
+    reading back as committed. (None in ``outcomes`` is a call that fails.)"""
+    import loomc.interpreter as interpreter
+    from loomc import BestScore, LastGood, MemoryStore, loop
+
+    def drive(heavy: int):
+        given_states: list[dict] = []
+        returned: list[dict] = []
+
+        def fn(state):
+            k = len(given_states)
+            given_states.append(state)
+            if outcomes[k] is None:
+                raise RuntimeError(f"call {k} failed")
+            new = {"k": k, "from": state.get("k"), "score": outcomes[k]}
+            returned.append(new)
+            return new
+
+        policy = Budget(iterations=len(outcomes)) | (BestScore() if backtracker == "best" else LastGood())
+        normal, interpreter.HEAVY_STATE = interpreter.HEAVY_STATE, heavy
+        try:
+            run = loop(policy=policy, scorer=lambda s: s["score"], checkpoint=MemoryStore())(fn).run({"k": None})
+            states = [step.state for step in run.history]
+        finally:
+            interpreter.HEAVY_STATE = normal
+        return given_states, run.state, states, run.status
+
+    kept = drive(heavy=10**9)
+    dropped = drive(heavy=1)
+    assert dropped == kept
