@@ -146,17 +146,13 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     cap = _BUDGET_USD.search(run.policy or "")
     spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
     status = shown_status(run.status, run.owner)
-    stopped = run.reason or ("still running" if run.status == "running" else "-")
+    where = (f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if steps and steps[-1].error == run.reason
+             else "`loomc export --json` has it")
+    stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
-        stopped = f"its process ({run.owner}) died during step {len(steps)}; {what_next(run, through_parent)}"
+        stopped = f"its process ({clean(run.owner)}) died during step {len(steps)}; {what_next(run, through_parent)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent)}"
-    if run.reason and len(run.reason) > SHOWN_CHARS:
-        reason = shorten(run.reason, f"`loomc show {run.id} --step {len(steps) - 1}` shows it whole"
-                         if steps and steps[-1].error == run.reason else "`loomc export --json` has it")
-        stopped = reason + stopped[len(run.reason):]
-    else:
-        stopped = clean(stopped)
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {stopped}",
             f"Policy: {clean(run.policy)}",
@@ -351,7 +347,7 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     return obj, ""
 
 
-FINISHED = ["completed", "failed", "budget_exhausted", "stalled", "cancelled"]
+FINISHED = [status for status in STATUS_COLORS if status not in ("running", "crashed")]  # what prune may choose
 
 
 @main.command()

@@ -405,7 +405,7 @@ class LoopRunner:
         """A LiveRun over the committed history of ``record``; reads only."""
         state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
         run_id = record.id
-        history = stored_history(self.store, run_id, state_type)[0]
+        history = stored_history(self.store, run_id, state_type)
         source = _current_step(history)
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
@@ -647,15 +647,15 @@ def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: st
                     for s in steps])
 
 
-def stored_history(store: CheckpointStore, run_id: str, state_type: Any) -> tuple[History, Callable[[int], str | None] | None]:
-    """A run's History as its store holds it, and how to fetch one step's JSON (None if the store cannot).
+def stored_history(store: CheckpointStore, run_id: str, state_type: Any) -> History:
+    """A run's History as its store holds it.
 
     A store with ``load_step(run_id, n)`` (the SQLite store) hands over the steps without their
     states, and each state is read when it is needed: resuming a run of 1,000 one-megabyte
     states reads one of them, not a gigabyte.
     """
     fetch = _fetcher(store, run_id)
-    return history_from_stored(store.load_steps(run_id, with_states=fetch is None), state_type, run_id, fetch), fetch
+    return history_from_stored(store.load_steps(run_id, with_states=fetch is None), state_type, run_id, fetch)
 
 
 def _fetcher(store: Any, run_id: str) -> Callable[[int], str | None] | None:
@@ -680,7 +680,7 @@ def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str, s
             raise ConfigError("load_history(store='memory'): a new memory store holds no runs; "
                               "pass the loop's store itself (fn.store)")
         store = sqlite_at(default_path() if store == "sqlite" else store, create=False)
-    return stored_history(store, run_id, state_type)[0]
+    return stored_history(store, run_id, state_type)
 
 
 def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,
