@@ -146,8 +146,9 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     cap = _BUDGET_USD.search(run.policy or "")
     spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
     status = shown_status(run.status, run.owner)
-    where = (f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if steps and steps[-1].error == run.reason
-             else "`loomc export --json` has it")
+    last_failed = bool(steps) and steps[-1].error == run.reason
+    where = f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if last_failed \
+        else "`loomc export --json` has it"
     stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
         stopped = f"its process ({clean(run.owner)}) died during step {len(steps)}; {what_next(run, through_parent)}"

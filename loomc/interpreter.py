@@ -535,8 +535,8 @@ def _let_go(run: LiveRun, h: History) -> None:
     Kept: the newest step's, the one the next call starts from, the best and the last good
     (where a backtrack or a stop can go). Every other step reads its state back from the store.
     """
-    best, last_good = h._summary()[2], h._summary()[4]
-    keep = {len(h) - 1, best, last_good, -1 if run.source is None else run.source[0]}
+    summary = h._summary()
+    keep = {len(h) - 1, summary[2], summary[4], -1 if run.source is None else run.source[0]}  # + best, last good
     held = []
     for cell in run.heavy:
         if cell[2] in keep:

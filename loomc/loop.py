@@ -186,7 +186,7 @@ def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Deci
 def _fn_path(fn: Callable[..., Any]) -> str | None:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or not qualname or qualname.endswith("<lambda>"):
-        return None  # a lambda, a partial, a callable object; a function inside another is recorded: `loomc resume` names it
+        return None  # a lambda, a partial, a callable object (a function inside another is recorded)
     if module == "__main__":  # a script run as __main__, else a notebook or the REPL (kept as `__main__:`)
         path = getattr(sys.modules.get("__main__"), "__file__", None)
         return f"{os.path.abspath(path) if path else module}:{qualname}"

@@ -525,7 +525,8 @@ class SQLiteStore:
             raise ConfigError("prune never deletes a running run (it may be live, or resumable after a crash)")
         marks = ", ".join("?" * len(statuses))
         chosen = ("WITH RECURSIVE chosen(id) AS (SELECT id FROM runs WHERE parent_run_id IS NULL AND status IN "
-                  f"({marks}) AND updated_at < ? UNION SELECT r.id FROM runs r JOIN chosen c ON r.parent_run_id = c.id) ")
+                  f"({marks}) AND updated_at < ? "
+                  "UNION SELECT r.id FROM runs r JOIN chosen c ON r.parent_run_id = c.id) ")
         args = (*statuses, before)
         conn = self._conn()
         runs, children = conn.execute(chosen + "SELECT count(*), count(parent_run_id) FROM runs "
