@@ -700,8 +700,7 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     """
     settings = (budget, converge_on, backtrack, on_stall, scorer, cost_fn, checkpoint, on_step, clock,
                 lease_seconds, progress)
-    if callable(policy) and not isinstance(policy, (Policy, type)) \
-            and all(given is default for given, default in zip(settings, _LOOP_DEFAULTS)):
+    if _bare(policy) and all(given is default for given, default in zip(settings, _LOOP_DEFAULTS)):
         # `@loop` written without parentheses: the function is fn, and every setting its default.
         # (With any setting given, a function in the policy slot is a predicate, as before.)
         return loop()(policy)  # type: ignore[return-value]
@@ -752,6 +751,18 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
                    clock=clock, lease_seconds=lease_seconds, progress=progress)
 
     return decorate
+
+
+def _bare(policy: Any) -> bool:
+    """Whether ``loop(policy)`` is ``@loop`` above a def rather than a predicate in the policy slot: a
+    def (a lambda cannot be decorated) whose argument is not named like a history."""
+    if not callable(policy) or isinstance(policy, (Policy, type)) or name_of(policy) == "<lambda>":
+        return False
+    try:
+        first = next(iter(inspect.signature(policy).parameters), "")
+    except (TypeError, ValueError):
+        return False
+    return first not in ("h", "hist", "history")
 
 
 #: ``loop``'s settings as it defaults them, in its order: ``@loop`` without parentheses leaves them so.

@@ -705,7 +705,14 @@ def test_loop_without_parentheses_decorates_with_the_defaults(tmp_path, monkeypa
         return state + 2
 
     assert asyncio.run(arefine.run(0)).state == 200
-    # With any setting given, a function in the policy slot is still a predicate.
+    # With any setting given, a function in the policy slot is still a predicate; so is one alone that
+    # cannot be a decorated def (a lambda) or takes a history.
     capped = loop(lambda h: h[-1].state >= 3, budget=Budget(iterations=10), checkpoint="memory")
     assert capped(lambda s: s + 1)(0) == 3
+
+    def done(history):
+        return history[-1].state >= 4
+
+    for alone in (loop(policy=done), loop(lambda h: h[-1].state >= 4)):
+        assert not isinstance(alone, LoopRunner) and alone(lambda s: s + 1).run(0).state == 4
     assert loop(predicate(lambda h: h[-1].state >= 2))(lambda s: s + 1).run(0).state == 2
