@@ -372,6 +372,9 @@ class _Commit(tuple):  # type: ignore[type-arg]
         step, record, totals = self
         try:
             run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
+        except KeyboardInterrupt:
+            _commit_anyway(run, record, totals)  # Ctrl-C during the commit: the paid step goes in, then the stop
+            raise
         except Exception as e:
             _not_committed(run, step, e)
             raise
@@ -387,6 +390,18 @@ class _Commit(tuple):  # type: ignore[type-arg]
             raise
         if run.parent is not None or run.on_step or run.unverified:
             _committed(run, step, record)
+
+
+def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:
+    """Commit a step whose commit an interrupt cut short, once more: the call is paid for.
+
+    The first try may have gone in before the interrupt landed (StepConflict then says so); if
+    the store fails now, the interrupt is what the user asked for, and it goes on.
+    """
+    try:
+        run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
+    except Exception:
+        pass
 
 
 def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:

@@ -479,3 +479,32 @@ def test_a_charge_whose_write_ahead_failed_still_counts_in_its_step(tmp_path, mo
     assert [s.cost for s in run.history] == [Decimal("0.25"), Decimal("0.5"), Decimal("0.25")]
     assert store.get_run(run.id).total_cost == Decimal("1.0")
     store.close()
+
+
+def test_a_ctrl_c_that_lands_inside_a_commit_still_commits_the_paid_step_then_stops(tmp_path, monkeypatch):
+    """Python raises KeyboardInterrupt at the next bytecode after SQLite returns, so a Ctrl-C during
+    a commit can land between the INSERT and the COMMIT, and the rollback dropped the paid step."""
+    store = SQLiteStore(tmp_path / "checkpoints.db", durability="normal")
+    real = SQLiteStore._insert_step
+    landed: list[int] = []
+
+    def interrupted_after_insert(self, cur, run_id, step, *args):
+        real(self, cur, run_id, step, *args)
+        if step.n == 2 and not landed:  # the signal arrives right after the INSERT returned
+            landed.append(step.n)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SQLiteStore, "_insert_step", interrupted_after_insert)
+
+    @loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.25, checkpoint=store)
+    def paid(state: dict) -> dict:
+        return {"i": state["i"] + 1}
+
+    with pytest.raises(KeyboardInterrupt):
+        paid({"i": 0}, run_id="ctrl-c")
+    record = store.get_run("ctrl-c")
+    assert landed == [2] and record.status == "cancelled"
+    assert [s.n for s in store.load_steps("ctrl-c")] == [0, 1, 2], "the interrupted commit went in"
+    assert record.total_cost == Decimal("0.75")
+    assert paid.resume_run("ctrl-c").state == {"i": 5}
+    store.close()
