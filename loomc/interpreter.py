@@ -142,6 +142,7 @@ class LiveRun:
     holds: Decimal = ZERO  # what this child run holds of its parent's room for its step in flight
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
+    ended: Run | None = None  # the Run, once a stream of this run's steps was closed early
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)
@@ -679,6 +680,9 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         run.store.finish_run(run.id, status, why, run.owner)
     except LoomcError:
         pass
+    if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
+        chosen = run.backtracker.choose_state_step(run.history) if run.backtracker is not None else run.source
+        run.ended = Run(run.id, status, why, run.state_of(chosen), run.history, run.policy)
     if isinstance(exc, RunError) or not isinstance(exc, Exception):
         return
     attach_run(exc, run.id, run.state_of(run.source), run.history, loop_name(run.fn))

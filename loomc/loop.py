@@ -485,7 +485,8 @@ class LoopRunner:
         only the Steps committed from now on are yielded.
         """
         parent, run_id = self._plan(run_id, resume)
-        return StepStream(self._steps(self._open(state, run_id, parent, resume)))
+        opened = self._open(state, run_id, parent, resume)
+        return StepStream(self._steps(opened), opened)
 
     def __call__(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
@@ -570,9 +571,9 @@ class StepStream:
     the stream is collected.
     """
 
-    def __init__(self, stream: Generator[Step, None, Run]) -> None:
+    def __init__(self, stream: Generator[Step, None, Run], opened: LiveRun | Run | None = None) -> None:
         self.run: Run | None = None
-        self._stream = stream
+        self._stream, self._opened = stream, opened
 
     def __iter__(self) -> StepStream:
         return self
@@ -585,8 +586,11 @@ class StepStream:
             raise StopIteration from None
 
     def close(self) -> None:
-        """End the run now, as cancelled (if it has not ended), keeping every committed step."""
+        """End the run now, as cancelled (if it has not ended), keeping every committed step;
+        ``.run`` is then the Run as it stopped."""
         self._stream.close()
+        if self.run is None and isinstance(self._opened, LiveRun):
+            self.run = self._opened.ended
 
 
 class AsyncStepStream:
@@ -602,6 +606,7 @@ class AsyncStepStream:
         self._runner, self._state, self._run_id, self._resume = runner, state, run_id, resume
         self._ended: list[Run] = []
         self._steps: AsyncGenerator[Step, None] | None = None
+        self._opened: LiveRun | Run | None = None
 
     def __aiter__(self) -> AsyncStepStream:
         return self
@@ -617,13 +622,16 @@ class AsyncStepStream:
             raise
 
     async def aclose(self) -> None:
-        """End the run now, as cancelled (if it has not ended), keeping every committed step."""
+        """End the run now, as cancelled (if it has not ended), keeping every committed step;
+        ``.run`` is then the Run as it stopped."""
         if self._steps is not None:
             await self._steps.aclose()
+        if self.run is None and isinstance(self._opened, LiveRun):
+            self.run = self._opened.ended
 
     async def _produce(self, parent: LiveRun | None, run_id: str | None) -> AsyncGenerator[Step, None]:
         runner = self._runner
-        opened = await offload(runner.store, runner._open, self._state, run_id, parent, self._resume)
+        opened = self._opened = await offload(runner.store, runner._open, self._state, run_id, parent, self._resume)
         stream = runner._steps_of(opened, self._ended)
         try:
             async for step in stream:

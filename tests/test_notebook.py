@@ -222,6 +222,8 @@ def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(
     stream = runner.iter(0, run_id="cell", resume=True)  # nothing stored yet: it starts the run
     assert [next(stream).n for _ in range(2)] == [0, 1]
     stream.close()  # the interrupted cell
+    assert stream.run is not None and stream.run.status == "cancelled" and stream.run.state == 2
+    assert stream.run.reason.startswith("left early") and len(stream.run.history) == 2
     again = runner.iter(0, run_id="cell", resume=True)
     assert [s.n for s in again] == [2, 3, 4, 5] and again.run is not None and again.run.state == 6
     done = runner.iter(0, run_id="cell", resume=True)
@@ -235,6 +237,7 @@ def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(
         first = count.iter(0, run_id="acell", resume=True)
         assert (await first.__anext__()).n == 0
         await first.aclose()
+        assert first.run is not None and first.run.status == "cancelled" and first.run.state == 1
         rest = count.iter(0, run_id="acell", resume=True)
         assert [s.n async for s in rest] == [1, 2, 3]
         return rest.run
