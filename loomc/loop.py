@@ -30,8 +30,8 @@ from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, budget_from_repr, ra
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, warn_at_caller)
 from loomc.history import IN_STORE, ZERO, History, Step
-from loomc.interpreter import (LiveRun, Run, _ended, current_run, exhaust, offload, steps, steps_async,
-                               stored)
+from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, steps,
+                               steps_async, stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
                           either, loop_name, name_of, never)
 from loomc.stall import Escalate
@@ -588,6 +588,8 @@ class StepStream:
     def close(self) -> None:
         """End the run now, as cancelled (if it has not ended), keeping every committed step;
         ``.run`` is then the Run as it stopped."""
+        if isinstance(self._opened, LiveRun) and inspect.getgeneratorstate(self._stream) == inspect.GEN_CREATED:
+            _abandon(self._opened, GeneratorExit())  # opened (the run claimed) but never started: let it go
         self._stream.close()
         if self.run is None and isinstance(self._opened, LiveRun):
             self.run = self._opened.ended

@@ -228,6 +228,12 @@ def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(
     assert [s.n for s in again] == [2, 3, 4, 5] and again.run is not None and again.run.state == 6
     done = runner.iter(0, run_id="cell", resume=True)
     assert list(done) == [] and done.run is not None and done.run.state == 6  # completed: fn is not called
+    untouched = runner.iter(1, run_id="never-asked")
+    untouched.close()  # opened, so the run is claimed, but no step was asked for: it is let go
+    record = runner.store.get_run("never-asked")
+    assert record.status == "cancelled" and record.owner is None and record.steps == 0
+    assert untouched.run is not None and untouched.run.state == 1
+    assert runner.resume_run("never-asked").state == 7
 
     async def main():
         @loop(budget=Budget(iterations=4), checkpoint=db)
