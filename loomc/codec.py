@@ -182,7 +182,8 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
             "Make the field optional or give it a default, or resume with the old code") from None
 
 
-def decoder(state_type: Any, run_id: str, fetch: Callable[[int], str | None] | None = None) -> Callable[[Any, Any], Any]:
+def decoder(state_type: Any, run_id: str,
+            fetch: Callable[[int], str | None] | None = None) -> Callable[[Any, Any], Any]:
     """``decode`` for one run: ``(state_json, step) -> state``, as the run's steps read their states.
 
     ``fetch(step)`` reads a step's JSON from the store (``None``: it has no state), for the cells

@@ -200,6 +200,11 @@ class LiveRun:
     def elapsed(self, now: float) -> float:
         return self.prior_active + (now - self.session_start)
 
+    def returned_state(self) -> Any:
+        """The state a stopped run returns: its backtracker's choice, else where it would go on from."""
+        return self.state_of(self.backtracker.choose_state_step(self.history) if self.backtracker is not None
+                             else self.source)
+
     def state_of(self, step: Step | None) -> Any:
         """The state of ``step`` (``None``: the initial state), as committed."""
         return read(self.initial) if step is None else step.state
@@ -565,8 +570,7 @@ def _let_go(run: LiveRun, h: History) -> None:
 def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
            decision: Decision = CONTINUE) -> Run:
     h = run.history
-    chosen = run.backtracker.choose_state_step(h) if run.backtracker is not None else run.source
-    state = run.state_of(chosen)
+    state = run.returned_state()
     if exc is not None:
         if not isinstance(exc, LoomcError):
             attach_run(exc, run.id, state, h, loop_name(run.fn))
@@ -681,8 +685,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     except LoomcError:
         pass
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
-        chosen = run.backtracker.choose_state_step(run.history) if run.backtracker is not None else run.source
-        run.ended = Run(run.id, status, why, run.state_of(chosen), run.history, run.policy)
+        run.ended = Run(run.id, status, why, run.returned_state(), run.history, run.policy)
     if isinstance(exc, RunError) or not isinstance(exc, Exception):
         return
     attach_run(exc, run.id, run.state_of(run.source), run.history, loop_name(run.fn))

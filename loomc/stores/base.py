@@ -20,7 +20,7 @@ from decimal import Decimal
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from loomc.errors import RunNotFound
+from loomc.errors import RunNotFound, StoreError
 
 STATUSES = ("running", "completed", "budget_exhausted", "stalled", "failed", "cancelled")
 
@@ -248,3 +248,9 @@ def open_parent_step(store: Any, record: RunRecord) -> RunRecord | None:
     except RunNotFound:
         return None  # the parent is gone: nobody else can account for it
     return parent if parent.steps <= record.parent_step else None
+
+
+def no_such_step(run_id: str, n: int, count: int) -> StoreError:
+    """The error for step ``n`` of a run that has ``count`` committed steps, and not that one."""
+    have = "no committed step" if not count else f"steps 0 to {count - 1}"
+    return StoreError(f"run {run_id} has no step {n}: it has {have}")

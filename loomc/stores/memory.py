@@ -6,8 +6,8 @@ import threading
 import time
 from decimal import Decimal
 
-from loomc.errors import RunLocked, RunNotFound, StepConflict, StoreError
-from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take
+from loomc.errors import RunLocked, RunNotFound, StepConflict
+from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take, no_such_step
 
 
 class MemoryStore:
@@ -97,8 +97,7 @@ class MemoryStore:
             self._run(run_id)
             steps = self._steps[run_id]
         if not 0 <= n < len(steps):
-            have = "no committed step" if not steps else f"steps 0 to {len(steps) - 1}"
-            raise StoreError(f"run {run_id} has no step {n}: it has {have}")
+            raise no_such_step(run_id, n, len(steps))
         return steps[n]
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:

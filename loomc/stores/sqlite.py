@@ -26,7 +26,8 @@ from typing import Any
 
 from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
                           StepConflict, StoreError)
-from loomc.stores.base import _DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take
+from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
+                               no_such_step)
 
 #: The schema this loomc writes. 1 is the original loomc 0.2 layout.
 SCHEMA_VERSION = 3
@@ -508,15 +509,13 @@ class SQLiteStore:
     def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
         conn = self._conn()
         self._get(conn, run_id)
-        blob = "state_blob" if with_states else "NULL"
-        rows = conn.execute(f"SELECT step_n, {blob}, cost_usd, score, timestamp, error, duration, metrics, events "
-                            "FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))
+        rows = conn.execute(_step_select("state_blob" if with_states else "NULL") + "ORDER BY step_n", (run_id,))
         return [_stored_step(row) for row in rows]
 
     def prune(self, statuses: tuple[str, ...], before: float, *, apply: bool) -> dict[str, int]:
         """Runs that ended with one of ``statuses`` and were last updated before ``before`` (Unix time),
         with every child run under them; what they hold, and with ``apply``, delete them and compact
-        the file (a WAL checkpoint, then VACUUM: deleted rows alone give no disk space back).
+        the file (VACUUM, then a WAL checkpoint: deleted rows alone give no disk space back).
 
         Only top-level runs are chosen; a child goes with its parent, never alone, so no ledger
         is left counting a run that is gone. A run still ``running`` is never chosen.
@@ -553,12 +552,10 @@ class SQLiteStore:
         """Step ``n`` of a run, with its state (the CLI's ``show --step``); StoreError if there is none."""
         conn = self._conn()
         self._get(conn, run_id)
-        row = conn.execute("SELECT step_n, state_blob, cost_usd, score, timestamp, error, duration, metrics, events "
-                           "FROM steps WHERE run_id = ? AND step_n = ?", (run_id, n)).fetchone()
+        row = conn.execute(_step_select("state_blob") + "AND step_n = ?", (run_id, n)).fetchone()
         if row is None:
             (count,) = conn.execute("SELECT count(*) FROM steps WHERE run_id = ?", (run_id,)).fetchone()
-            have = "no committed step" if not count else f"steps 0 to {count - 1}"
-            raise StoreError(f"run {run_id} has no step {n}: it has {have}")
+            raise no_such_step(run_id, n, count)
         return _stored_step(row)
 
     def pending_charges(self, run_id: str) -> dict[int, Decimal]:
@@ -589,9 +586,13 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
     return result
 
 
+def _connection_of(conn: sqlite3.Connection | sqlite3.Cursor) -> sqlite3.Connection:
+    return conn if isinstance(conn, sqlite3.Connection) else conn.connection
+
+
 def _roll_back(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
     """End a transaction that failed, if SQLite has not ended it already; the connection stays usable."""
-    connection = conn if isinstance(conn, sqlite3.Connection) else conn.connection
+    connection = _connection_of(conn)
     try:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
@@ -603,8 +604,7 @@ def _store_error(where: Any, e: sqlite3.Error) -> StoreError:
     """A StoreError for SQLite's ``e`` on the file ``where`` (or a connection to it), saying what to do."""
     if not isinstance(where, str):
         try:
-            connection = where if isinstance(where, sqlite3.Connection) else where.connection
-            where = connection.execute("PRAGMA database_list").fetchone()[2] or "the checkpoint database"
+            where = _connection_of(where).execute("PRAGMA database_list").fetchone()[2] or "the checkpoint database"
         except (sqlite3.Error, TypeError):
             where = "the checkpoint database"
     text = str(e)
@@ -690,6 +690,12 @@ def _run_record(row: Any, initial_state: str = "null") -> RunRecord:
                      total_cost=Decimal(total), steps=steps, active_seconds=active, attempts=attempts,
                      reason=reason, notes=tuple(json.loads(notes or "[]")), parent_run_id=parent,
                      parent_step=parent_step, owner=owner, lease_expires=lease)
+
+
+def _step_select(blob: str) -> str:
+    """The query of one run's steps, as :func:`_stored_step` reads them; ``blob`` is the state column (or NULL)."""
+    return (f"SELECT step_n, {blob}, cost_usd, score, timestamp, error, duration, metrics, events "
+            "FROM steps WHERE run_id = ? ")
 
 
 def _stored_step(row: Any) -> StoredStep:
