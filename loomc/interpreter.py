@@ -505,11 +505,16 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         h = run.history = h.append(step)
         n += 1
         events: tuple[str, ...]
+        broke: BaseException | None = None  # the policy itself raised: the step is paid for, so it is committed
         if fatal:
             decision, events = CONTINUE, ("failed",)
         else:
-            decision = policy.decide(h, elapsed)
-            events = () if decision.outcome is _CONTINUE else (decision.event(),)
+            try:
+                decision = policy.decide(h, elapsed)
+            except BaseException as e:  # a bug in a predicate, or Ctrl-C while it ran
+                broke, decision, events = e, CONTINUE, ("policy raised",)
+            else:
+                events = () if decision.outcome is _CONTINUE else (decision.event(),)
         if events:
             # Events record the decision; they never change a decision, so the folds stay valid.
             step = with_events(step, events)
@@ -524,6 +529,12 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
         if run.heavy:
             _let_go(run, h)
+        if broke is not None:
+            if not isinstance(broke, Exception):
+                raise broke  # the driver records the run as cancelled; the step is already committed
+            reason = f"the policy raised {type(broke).__name__}: {broke}".rstrip(": ")
+            yield _Finish("failed", reason)
+            return _ended(run, "failed", reason, broke)
         if fatal:
             reason = step.error or "failed"
             if run.backtracker is not None:  # it could have gone on, but what the call cost is unknown

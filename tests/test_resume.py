@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import json
@@ -1078,3 +1079,46 @@ def test_a_step_whose_scorer_failed_keeps_its_state_when_read_back_lazily(tmp_pa
     assert more.history[1].error.startswith("ValueError: cannot score this one")
     assert more.history[1].state == {"i": 2} and more.history[0].state == {"i": 1}
     assert load_history(db, "scored")[1].state == {"i": 2}
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("raised", [ValueError("the judge broke"), KeyboardInterrupt()], ids=["bug", "ctrl-c"])
+def test_a_policy_that_raises_after_a_paid_step_keeps_the_step_and_resume_asks_it_again(tmp_path, aio, raised):
+    store = SQLiteStore(tmp_path / "p.db")
+    broken, calls = [True], []
+
+    def done(h):
+        if len(h) == 2 and broken[0]:
+            raise raised
+        return len(h) == 4
+
+    def body(state):
+        calls.append(state)
+        return state + 1
+
+    if aio:
+        async def step(state: int) -> int:
+            return body(state)
+    else:
+        def step(state: int) -> int:
+            return body(state)
+    refine = loop(policy=Budget(usd=1, iterations=10) | predicate(done), cost_fn=lambda s: 0.1,
+                  checkpoint=store)(step)
+
+    def go(call):
+        return asyncio.run(call) if aio else call
+
+    with pytest.raises(type(raised)):
+        go(refine(0, run_id="p"))
+    record = store.get_run("p")
+    assert calls == [0, 1] and record.steps == 2 and record.total_cost == Decimal("0.2")  # both paid calls kept
+    steps = store.load_steps("p")
+    assert [s.error for s in steps] == [None, None] and steps[1].events == ("policy raised",)
+    if isinstance(raised, KeyboardInterrupt):
+        assert record.status == "cancelled"
+    else:
+        assert record.status == "failed" and record.reason == "the policy raised ValueError: the judge broke"
+    broken[0] = False
+    run = go(refine.resume_run("p"))
+    assert calls == [0, 1, 2, 3] and run.status == "completed" and run.state == 4  # step 1 is not paid for twice
+    assert store.get_run("p").total_cost == Decimal("0.4")
