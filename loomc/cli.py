@@ -14,50 +14,19 @@ import os
 import re
 import sys
 import time
-import unicodedata
 from decimal import Decimal
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import click
 
-from loomc.errors import LoomcError, RunAtImport, counted
+from loomc.errors import LoomcError, RunAtImport, clean, counted, shorten
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
 STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yellow", "stalled": "magenta",
                  "cancelled": "yellow", "running": "cyan", "crashed": "red"}
-
-
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable
-
-
-def clean(text: Any) -> str:
-    """``text`` with every control or format character escaped, so it cannot drive the terminal.
-
-    >>> clean("ok\\x1b[2Jgone")
-    'ok\\\\x1b[2Jgone'
-    """
-    out = []
-    for ch in str(text):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            code = ord(ch)
-            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-#: The longest error (or stop reason) the run table shows whole; `loomc show ID --step N` shows any.
-SHOWN_CHARS = 200
-
-
-def shorten(text: str, where: str) -> str:
-    """``text``, escaped, cut to :data:`SHOWN_CHARS` with how long it is and ``where`` to read it whole."""
-    if len(text) <= SHOWN_CHARS:
-        return clean(text)
-    return f"{clean(text[:SHOWN_CHARS])}... ({len(text):,} characters; {where})"
 
 
 def color_on() -> bool:

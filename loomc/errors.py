@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 import warnings
 from typing import Any
 
@@ -32,6 +33,37 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
 def counted(n: int, noun: str) -> str:
     """``1 step``, ``2 steps``: a count for the messages loomc prints."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable
+
+
+def clean(text: Any) -> str:
+    """``text`` with every control or format character escaped, so it cannot drive the terminal.
+
+    >>> clean("ok\\x1b[2Jgone")
+    'ok\\\\x1b[2Jgone'
+    """
+    out = []
+    for ch in str(text):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+#: The longest error (or stop reason) the run table and the log lines show whole;
+#: `loomc show ID --step N` shows any.
+SHOWN_CHARS = 200
+
+
+def shorten(text: str, where: str) -> str:
+    """``text``, escaped, cut to :data:`SHOWN_CHARS` with how long it is and ``where`` to read it whole."""
+    if len(text) <= SHOWN_CHARS:
+        return clean(text)
+    return f"{clean(text[:SHOWN_CHARS])}... ({len(text):,} characters; {where})"
 
 
 class LoomcError(Exception):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from loomc import codec
+from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, LoomcError, NoStateReturned, RunError, RunLocked,
@@ -143,6 +143,7 @@ class LiveRun:
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
     ended: Run | None = None  # the Run, once a stream of this run's steps was closed early
+    resumed: bool = False  # a resume of a stored run, not a new one
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)
@@ -626,10 +627,15 @@ def steps(run: LiveRun) -> Generator[Step, None, Run]:
                 yield effect.step
     except StopIteration as stop:
         drive_over(run.owner)
+        _log_end(stop.value)
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
         _abandon(run, e)
         raise
+
+
+def _log_end(run: Run) -> None:
+    logs.run_stopped(run.id, run.status, run.reason, run.history)
 
 
 def exhaust(stream: Generator[Any, None, Run]) -> Run:
@@ -656,6 +662,7 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
                 yield effect.step
     except StopIteration as stop:
         drive_over(run.owner)
+        _log_end(stop.value)
         ended.append(stop.value)
     except BaseException as e:
         import asyncio
@@ -695,6 +702,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         run.store.finish_run(run.id, status, why, run.owner)
     except LoomcError:
         pass
+    logs.run_stopped(run.id, status, why, run.history)
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
         run.ended = Run(run.id, status, why, run.returned_state(), run.history, run.policy)
     if isinstance(exc, RunError) or not isinstance(exc, Exception):

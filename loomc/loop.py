@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Itera
 from decimal import Decimal
 from typing import Any
 
-from loomc import codec
+from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, budget_from_repr, raised
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
@@ -76,6 +76,7 @@ def _tell(live: LiveRun) -> None:
     for message, category in live.notices:
         warn_at_caller(message, category)
     live.notices.clear()
+    logs.run_opened(live)
 
 
 def _check_run_id(run_id: Any) -> None:
@@ -376,6 +377,7 @@ class LoopRunner:
             if changed:  # told by the driver, in the caller's thread (_tell)
                 live.notices.append((f"{changed}; resuming with the current code, as the stored state still "
                                      "validates", SpecChangedWarning))
+            live.resumed = True
             if before.status == "stalled":  # resuming is the answer to the escalation: ask it again from here
                 live.first_policy = without_stall_handler(policy)
             if take_over and before.owner is not None:
