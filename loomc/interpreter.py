@@ -391,7 +391,10 @@ class _Commit(tuple):  # type: ignore[type-arg]
     async def async_(self, run: LiveRun) -> None:
         step, record, totals = self
         try:
-            await offload(run.store, run.store.commit_step, run.id, record, totals, run.owner, run.lease_seconds)
+            # Shielded: a task cancelled (a wait_for timeout) while the commit waits its turn on the
+            # writer thread still commits the step it paid for, before the cancellation is recorded.
+            await _shielded(offload(run.store, run.store.commit_step, run.id, record, totals, run.owner,
+                                    run.lease_seconds))
         except Exception as e:
             _not_committed(run, step, e)
             raise
@@ -665,9 +668,13 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
         _log_end(stop.value)
         ended.append(stop.value)
     except BaseException as e:
-        import asyncio
-        await asyncio.shield(offload(run.store, _abandon, run, e))
+        await _shielded(offload(run.store, _abandon, run, e))
         raise
+
+
+def _shielded(awaitable: Any) -> Any:
+    import asyncio
+    return asyncio.shield(awaitable)
 
 
 async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:

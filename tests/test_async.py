@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from decimal import Decimal
 
@@ -162,6 +163,27 @@ def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_p
     with pytest.warns(SpecChangedWarning, match="ctrl-c"):  # a different fn takes the run over
         again = calm.resume_run("ctrl-c")
     assert again.state == 4 and [s.n for s in again.history] == [0, 1, 2, 3]
+
+
+def test_a_task_cancelled_while_its_commit_waits_for_the_busy_writer_still_commits_the_paid_step(tmp_path):
+    store = SQLiteStore(tmp_path / "busy.db")
+    gate = threading.Event()
+
+    @loop(policy=Budget(iterations=5), cost_fn=lambda s: 0.1, checkpoint=store)
+    async def step(s: int) -> int:
+        if s == 1:
+            store.writer.submit(gate.wait)  # another run's work holds the writer thread
+            asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)  # lands on the commit's await
+            threading.Timer(0.3, gate.set).start()
+        return s + 1
+
+    with pytest.raises(asyncio.CancelledError):
+        run(step(0, run_id="busy"))
+    record = store.get_run("busy")
+    assert record.status == "cancelled" and record.steps == 2 and record.total_cost == Decimal("0.2")
+    assert [s.n for s in store.load_steps("busy")] == [0, 1]
+    resumed = run(step.resume_run("busy"))  # goes on from step 2: step 1 is not paid for twice
+    assert resumed.state == 5 and resumed.steps == 5 and store.get_run("busy").total_cost == Decimal("0.5")
 
 
 def test_a_call_interrupted_after_it_charged_is_committed_with_its_spend(tmp_path):
