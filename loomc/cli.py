@@ -250,7 +250,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
            wall_clock: str | None, take_over: bool) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
     from loomc.budget import Budget
-    from loomc.loop import fn_name_of_path, refuse_child, refuse_completed
+    from loomc.loop import fn_name_of_path, refuse_child, refuse_completed, refuse_reached
     store = open_db(db)
     try:  # a bad cap is refused before anything is imported
         budget = Budget(usd=budget_usd, iterations=iterations, wall_clock=wall_clock) \
@@ -258,6 +258,8 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
         run = store.get_run(run_id)
         refuse_completed(run)
         refuse_child(store, run)
+        if budget is not None:
+            refuse_reached(budget, run)
     except LoomcError as e:
         fail(str(e))
     name = fn_name_of_path(run.fn_path)

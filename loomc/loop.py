@@ -28,7 +28,7 @@ from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, budget_from_repr, raised
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
-                          RunAtImport, RunNotFound, StepConflict, warn_at_caller)
+                          RunAtImport, RunNotFound, StepConflict, counted, warn_at_caller)
 from loomc.history import IN_STORE, ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, steps,
                                steps_async, stored)
@@ -89,6 +89,23 @@ def refuse_completed(record: RunRecord) -> None:
     if record.status == "completed":
         raise RunAlreadyFinished(f"run {record.id} already completed ({record.reason}); there is nothing "
                                  f"to resume. See it with `loomc show {record.id}`")
+
+
+def refuse_reached(budget: Budget, record: RunRecord) -> None:
+    """ConfigError for a resume budget with a cap the run has already reached: not one call could be made
+    under it, and a raise is kept as the run's budget, so it would also bind every later resume."""
+    reached = []
+    if budget.usd is not None and budget.usd <= record.total_cost:
+        reached.append(f"usd={budget.usd} but it has spent ${record.total_cost:.4f}")
+    if budget.iterations is not None and budget.iterations <= record.steps:
+        reached.append(f"iterations={budget.iterations} but it has made {counted(record.steps, 'call')}")
+    if budget.wall_clock is not None and budget.wall_clock <= record.active_seconds:
+        reached.append(f"wall_clock={budget.wall_clock_text or budget.wall_clock} but it has been active "
+                       f"{record.active_seconds:.1f}s")
+    if reached:
+        raise ConfigError(f"cannot resume run {record.id} under {budget!r}: {'; '.join(reached)}. The caps of a "
+                          "resume count what the run did before it, so give caps above those (the run is "
+                          "unchanged)")
 
 
 def refuse_child(store: CheckpointStore, record: RunRecord) -> None:
@@ -347,6 +364,7 @@ class LoopRunner:
         if budget is not None:
             if not isinstance(budget, Budget):
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
+            refuse_reached(budget, record)
             if before_raise is not None:
                 budget = raised([before_raise], budget)
             policy, budget = with_budget(self.policy, budget)

@@ -191,6 +191,32 @@ def test_a_raise_changes_only_the_caps_it_names(tmp_path):
         "Budget(usd=1.0, iterations=9, wall_clock='1h', step_estimate=0.2)"
 
 
+def test_a_resume_budget_the_run_already_reached_is_refused_and_changes_nothing(tmp_path):
+    """Regression: resume(budget=Budget(iterations=2)) on a run of 3 calls stopped at once, and the
+    raise was kept as the run's budget, so every later resume with a larger USD cap stopped at once too."""
+    db = str(tmp_path / "reached.db")
+    step = loop(budget=Budget(usd=1.0), cost_fn=lambda s: 0.3, checkpoint=db)(lambda s: s + 1)
+    first = step.run(0, run_id="reached")
+    before = SQLiteStore(db).get_run("reached")
+    for budget, words in ((Budget(usd=0.5), "usd=0.5 but it has spent $0.9000"),
+                          (Budget(usd="0.9", iterations=9), "usd=0.9 but it has spent $0.9000"),
+                          (Budget(iterations=3), "iterations=3 but it has made 3 calls"),
+                          (Budget(usd=5, wall_clock="1s"), None)):
+        if words is None:  # active time: make the run look as if it had been busy for a minute
+            with sqlite3.connect(db) as conn:
+                conn.execute("UPDATE runs SET active_seconds = 60 WHERE id = 'reached'")
+            before = SQLiteStore(db).get_run("reached")
+            words = "wall_clock=1s but it has been active 60.0s"
+        with pytest.raises(ConfigError, match=re.escape(f"cannot resume run reached under {budget!r}: {words}")):
+            step.resume_run("reached", budget=budget)
+        assert SQLiteStore(db).get_run("reached") == before, "nothing recorded: no raise, no note, no claim"
+    proc = subprocess.run(["loomc", "resume", "reached", "--iterations", "2", "--db", db], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "iterations=2 but it has made 3 calls" in proc.stderr
+    more = step.resume_run("reached", budget=Budget(usd=1.5))
+    assert more.steps == 5 and more.total_cost == Decimal("1.5") and first.steps == 3
+
+
 def test_a_raise_stays_the_runs_budget_for_later_resumes(tmp_path):
     """Regression: a raise held for one resume only. A run raised to $5 that crashed, or stopped on
     another cap, went back to the loop's $0.30 on its next resume and stopped at once."""
