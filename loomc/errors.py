@@ -154,7 +154,8 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
     """Mark an exception raised by user code with the run it ended.
 
     The user's exception type is kept (callers catch their own errors); loomc
-    adds ``run_id``, ``state`` and ``history`` attributes and a note.
+    adds ``run_id``, ``state`` and ``history`` attributes and a note. So does a
+    ``KeyboardInterrupt``: a notebook's interrupted cell says which run to resume.
     """
     try:
         exc.run_id = run_id  # type: ignore[attr-defined]
@@ -163,5 +164,6 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
     except (AttributeError, TypeError):  # exceptions with __slots__
         pass
     if hasattr(exc, "add_note"):
-        exc.add_note(f"loomc: run {run_id} failed; resume it with {fn_name}.resume({run_id!r})")
+        ended = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
+        exc.add_note(f"loomc: run {run_id} {ended}; resume it with {fn_name}.resume({run_id!r})")
     return exc

@@ -712,7 +712,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     logs.run_stopped(run.id, status, why, run.history)
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
         run.ended = Run(run.id, status, why, run.returned_state(), run.history, run.policy)
-    if isinstance(exc, RunError) or not isinstance(exc, Exception):
+    if isinstance(exc, RunError) or not isinstance(exc, (Exception, KeyboardInterrupt)):
         return
     attach_run(exc, run.id, run.state_of(run.source), run.history, loop_name(run.fn))
 
