@@ -141,8 +141,9 @@ def _fill(path: Path, runs: int, steps: int) -> str:
     conn.execute("BEGIN")
     now = time.time()
     for r in range(runs):
-        conn.execute("INSERT INTO runs (id, status, spec_hash, created_at, updated_at, policy, total_cost, steps) "
-                     "VALUES (?, 'completed', 'h', ?, ?, 'Budget(usd=2.0)', '0.15', ?)",
+        conn.execute("INSERT INTO runs (id, status, spec_hash, created_at, updated_at, policy, total_cost, steps, "
+                     "reason) VALUES (?, 'completed', 'h', ?, ?, 'Budget(usd=2.0)', '0.15', ?, "
+                     "'score_plateau: no improvement > 0.01 over best 0.9 for 3 steps')",
                      (f"run{r:06d}", now + r, now + r, steps))
     conn.execute("COMMIT")
     last = f"run{runs - 1:06d}"

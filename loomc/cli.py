@@ -71,22 +71,38 @@ def shown_status(status: str, owner: str | None) -> str:
     return "crashed" if status == "running" and owner is not None and owner_is_dead(owner) else status
 
 
+#: How much of a run's stop reason the ``loomc runs`` table shows; ``loomc show`` shows it whole.
+BRIEF_CHARS = 50
+
+
 def runs_table(rows: list[tuple[Any, ...]]) -> str:
-    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner)`` rows."""
+    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason)``
+    rows: the last column says, briefly, why each run stopped."""
     shown_rows = [((clean(run_id) if not run_id.isalnum() else run_id) + ("  (child)" if parent else ""),
-                   shown_status(status, owner), steps, cost, created)
-                  for run_id, status, steps, cost, created, parent, owner in rows]
+                   shown_status(status, owner), steps, cost, created, reason)
+                  for run_id, status, steps, cost, created, parent, owner, reason in rows]
     id_w = max([15] + [len(r[0]) + 3 for r in shown_rows])
     st_w = max([10] + [len(r[1]) + 1 for r in shown_rows])
-    lines = [f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  CREATED", "-" * (68 + id_w - 15 + st_w - 10)]
+    lines = [f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  {'CREATED':<21}STOPPED",
+             "-" * (89 + id_w - 15 + st_w - 10)]
     colour = color_on()
-    for rid, status, steps, cost, created in shown_rows:
+    for rid, status, steps, cost, created, reason in shown_rows:
         shown = f"{status:<{st_w}}"
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
         lines.append(f"{rid:<{id_w}}{shown}{steps:>5}{'$' + format(Decimal(cost), '.4f'):>10}  "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(created))}")
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(created))}  {_brief(status, reason)}".rstrip())
     return "\n".join(lines)
+
+
+def _brief(status: str, reason: str | None) -> str:
+    """Why a run stopped, cut to :data:`BRIEF_CHARS` for the runs table."""
+    if status == "crashed":
+        return "its process died"
+    if not reason or status == "running":
+        return ""
+    line = clean(reason[:BRIEF_CHARS])
+    return line if len(reason) <= BRIEF_CHARS else line + "..."
 
 
 _BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")

@@ -44,8 +44,11 @@ def clean(text: Any) -> str:
     >>> clean("ok\\x1b[2Jgone")
     'ok\\\\x1b[2Jgone'
     """
+    text = str(text)
+    if text.isprintable():  # the usual case, at C speed: nothing to escape (isprintable is False for all of them)
+        return text
     out = []
-    for ch in str(text):
+    for ch in text:
         if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
             code = ord(ch)
             out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))

@@ -223,6 +223,22 @@ def test_only_runs_whose_process_is_gone_are_crashed(tmp_path):
     assert [r["id"] for r in json.loads(invoke("runs", "--status", "crashed", "--json", "--db", db).output)] == ["gone"]
 
 
+def test_runs_says_briefly_why_each_run_stopped(tmp_path):
+    from loomc.testing import make_run
+    db = str(tmp_path / "why.db")
+    store = SQLiteStore(db)
+    long = "ValueError: " + "the model returned\x1b[2J an error page " * 10
+    for run_id, status, reason in (("short", "completed", "predicate(done) is true"), ("long", "failed", long),
+                                   ("going", "running", None)):
+        store.create_run(make_run(run_id))
+        if status != "running":
+            store.finish_run(run_id, status, reason, None)
+    stopped = {line.split()[0]: line.split("  ")[-1] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    assert stopped["short"] == "predicate(done) is true"
+    assert stopped["long"] == "ValueError: the model returned\\x1b[2J an error page t..."  # 50 cut, then escaped
+    assert not invoke("runs", "--db", db).output.splitlines()[2 + list(stopped).index("going")].endswith(" ")
+
+
 def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
     proc = subprocess.run(["loomc", "demo"], capture_output=True, text=True, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if k != "LOOMC_DB"})

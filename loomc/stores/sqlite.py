@@ -497,9 +497,10 @@ class SQLiteStore:
         return [_run_record(row) for row in self._listing(_RUN_COLUMNS, status, limit)]
 
     def run_rows(self, status: str | None = None, limit: int | None = None) -> list[tuple[Any, ...]]:
-        """``(id, status, steps, total_cost, created_at, parent_run_id, owner)`` per run, newest first: the listing."""
+        """``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason)`` per run, newest first: the
+        listing."""
         return self._listing("r.id, r.status, coalesce(s.step_n + 1, r.steps), coalesce(s.cum_cost, r.total_cost), "
-                             "r.created_at, r.parent_run_id, r.owner", status, limit).fetchall()
+                             "r.created_at, r.parent_run_id, r.owner, r.reason", status, limit).fetchall()
 
     def children(self, run_id: str) -> list[RunRecord]:
         rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} {_RUNS_FROM} WHERE r.parent_run_id = ? "
