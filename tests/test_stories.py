@@ -716,3 +716,39 @@ def test_loop_without_parentheses_decorates_with_the_defaults(tmp_path, monkeypa
     for alone in (loop(policy=done), loop(lambda h: h[-1].state >= 4)):
         assert not isinstance(alone, LoopRunner) and alone(lambda s: s + 1).run(0).state == 4
     assert loop(predicate(lambda h: h[-1].state >= 2))(lambda s: s + 1).run(0).state == 2
+
+
+def test_a_scorer_and_a_judge_may_charge_their_own_calls_and_a_predicate_is_told_to_be_a_judge():
+    import loomc
+    from loomc import LoomcError
+
+    def scorer(s):
+        loomc.charge("0.01", "scorer")
+        return s / 10
+
+    def verdict(s):
+        loomc.charge("0.02", "judge")
+        return s >= 2
+
+    @loop(policy=Budget(usd=1, iterations=5) | judge(verdict), scorer=scorer, checkpoint="memory")
+    def step(s):
+        loomc.charge("0.10", "model")
+        return s + 1
+
+    run = step.run(0)
+    assert run.status == "completed" and run.total_cost == Decimal("0.26")
+    assert run.history[0].metrics["cost_items"] == {"model": "0.10", "judge": "0.02", "scorer": "0.01"}
+
+    def paid_predicate(h):
+        loomc.charge("0.05")
+        return False
+
+    @loop(policy=Budget(usd=1, iterations=3) | predicate(paid_predicate), checkpoint="memory")
+    def other(s):
+        loomc.charge("0.10")
+        return s + 1
+
+    with pytest.raises(LoomcError, match=r"A predicate in the policy cannot charge: for a verdict that costs money "
+                                         r"use judge\(fn\), whose charges join the step") as caught:
+        other(0)
+    assert caught.value.history.total_cost == Decimal("0.10") and caught.value.state == 1  # the paid step is kept
