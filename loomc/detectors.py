@@ -17,7 +17,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
-from loomc.policy import Outcome, Probe, Signal, check_one_argument, name_of, predicate
+from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, name_of, predicate
 
 __all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
@@ -78,6 +78,7 @@ class ScorePlateau(Signal):
         return f"score_plateau(patience={self.patience}, min_delta={self.min_delta:g})"
 
 
+@builds_policy('score_plateau(patience=3)')
 def score_plateau(patience: int = 3, min_delta: float = 0.01) -> ScorePlateau:
     """Converged when ``patience`` scored steps in a row brought no gain above ``min_delta``."""
     return ScorePlateau(patience, min_delta)
@@ -145,6 +146,7 @@ class Judge(Signal):
         return f"judge({name_of(self.judge_fn)})"
 
 
+@builds_policy('judge(lambda state: ask_grader(state))')
 def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
     """Converged when ``judge_fn(state)`` returns True or a clear yes (sync or async).
 

@@ -786,7 +786,8 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
 def _bare(policy: Any) -> bool:
     """Whether ``loop(policy)`` is ``@loop`` above a def rather than a predicate in the policy slot: a
     def (a lambda cannot be decorated) whose argument is not named like a history."""
-    if not callable(policy) or isinstance(policy, (Policy, type)) or name_of(policy) == "<lambda>":
+    if not callable(policy) or isinstance(policy, (Policy, type)) or name_of(policy) == "<lambda>" \
+            or hasattr(policy, "builds_policy"):  # loop(score_plateau): a policy not called, refused as such
         return False
     try:
         first = next(iter(inspect.signature(policy).parameters), "")

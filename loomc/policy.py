@@ -429,6 +429,9 @@ class Predicate(Signal):
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise PolicyTypeError(f"predicate() takes a function fn(history) -> bool, got {self.fn!r}")
+        example = getattr(self.fn, "builds_policy", None)
+        if example is not None:  # converge_on=score_plateau: it would be asked about the history, and fail then
+            raise PolicyTypeError(f"{self.fn.__name__} builds a policy, it is not one: call it, as in {example}")
         check_one_argument(self.fn, "predicate's fn(history)")
 
     def fire(self, history: History, elapsed: float) -> str | None:
@@ -459,6 +462,15 @@ def loop_name(fn: Any) -> str:
     return f"await {name}" if inspect.iscoroutinefunction(fn) else name
 
 
+def builds_policy(example: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark one of loomc's policy factories, so that passing it uncalled is refused with ``example``."""
+    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
+        factory.builds_policy = example  # type: ignore[attr-defined]
+        return factory
+    return mark
+
+
+@builds_policy("predicate(lambda h: h[-1].state['done'])")
 def predicate(fn: Callable[[History], Any]) -> Signal:
     """A detector from a function of the history; fires when it returns True."""
     return Predicate(fn)

@@ -23,7 +23,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, LoomcError
 from loomc.history import History
-from loomc.policy import Outcome, Probe, Signal, check_one_argument, name_of
+from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, name_of
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DISTANCE, VECTOR = "semantic_delta", "semantic_delta.vector"
@@ -172,6 +172,7 @@ class SemanticDelta(Signal):
         return f"semantic_delta(threshold={self.threshold:g})"
 
 
+@builds_policy("semantic_delta(0.05, text_fn=lambda s: s['draft'])")
 def semantic_delta(threshold: float = 0.05, text_fn: Callable[[Any], str] = str, model: Any = DEFAULT_MODEL,
                    *, embed_fn: Callable[[list[str]], Any] | None = None) -> SemanticDelta:
     """Converged when an output means nearly what the previous one meant.

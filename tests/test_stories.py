@@ -468,6 +468,21 @@ def test_decoration_time_errors_for_wrong_slots():
         loop(checkpoint=42)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: loop(converge_on=score_plateau, scorer=score),
+    lambda: loop(score_plateau),
+    lambda: loop(converge_on=judge),
+    lambda: loop(converge_on=semantic_delta),
+    lambda: score_plateau(3) | predicate,
+    lambda: predicate(score_plateau),
+], ids=["converge_on", "alone", "judge", "semantic_delta", "operand", "inside predicate"])
+def test_a_policy_factory_passed_without_calling_it_is_refused_at_decoration_time(make):
+    """Regression: converge_on=score_plateau became predicate(score_plateau); the loop paid for its first
+    step, then asked score_plateau(history) and failed."""
+    with pytest.raises(PolicyTypeError, match=r"^\w+ builds a policy, it is not one: call it, as in \w+\("):
+        make()
+
+
 def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_decoration_time():
     """Regression: @loop on a method failed only at the first call, inside the run, with
     "missing 1 required positional argument"."""
