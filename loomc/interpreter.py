@@ -251,6 +251,7 @@ class _Call(tuple):  # type: ignore[type-arg]
         state, n, wall, t0 = self._begin(run)
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
+        exc: BaseException | None
         try:
             try:
                 new_state, exc = run.fn(state), None
@@ -268,7 +269,7 @@ class _Call(tuple):  # type: ignore[type-arg]
                             _close(found)
                             raise ConfigError(f"{probe!r} is async: use it in an async loop (async def fn)")
                         metrics.update(found)
-                except Exception as e:
+                except BaseException as e:  # Ctrl-C while a judge ran: fn's state is kept, then it stops
                     exc = e
             return _settle(run, n, new_state, exc, wall, t0, metrics)
         finally:
@@ -312,7 +313,7 @@ class _Call(tuple):  # type: ignore[type-arg]
                             raise
                     if run.awaits_score:
                         score = await run.scorer(new_state)  # type: ignore[misc]
-                except Exception as e:
+                except BaseException as e:  # cancelled while measuring: fn's state is kept, then it stops
                     exc = e
             return _settle(run, n, new_state, exc, wall, t0, metrics, cost, score)
         finally:
@@ -341,15 +342,16 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     ``cost`` and ``raw`` (the score) are what an async cost_fn and scorer gave, already awaited.
     """
     score, error = None, None
-    if exc is None:
+    measuring = exc is None
+    if measuring or not isinstance(exc, Exception):  # an interrupt after fn returned: still learn the cost
         try:
-            if run.cost_fn is not None:
+            if run.cost_fn is not None and not (cost is _UNSET and run.awaits_cost):
                 try:
                     run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
                 except Exception as e:
                     run.blind = e  # the call's cost is unknown
                     raise
-            if run.scorer is not None:
+            if measuring and run.scorer is not None:
                 if raw is _UNSET:
                     raw = run.scorer(state)
                 try:
@@ -357,10 +359,12 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                 except (TypeError, ValueError):
                     raise TypeError(f"scorer(state) must return a number (higher is better) or None, got "
                                     f"{type(raw).__name__}: {raw!r}") from None
-        except Exception as e:
-            exc = e
+        except BaseException as e:
+            exc = exc or e  # an interrupt that came first is the one to tell
     if exc is not None:
-        error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else (
+            f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, scorer or "
+            "judge); the state fn returned is kept on this step")
     if run.items:
         metrics["cost_items"] = {name: str(usd) for name, usd in run.items.items()}
     cost = run.pending
@@ -493,7 +497,9 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         # fn may change its state in place: the step it came from reads its own from the JSON from now on.
         step, exc, end = yield _Call((hand_out(run.source, run.initial), n))
         elapsed = run.elapsed(end)
-        fatal = exc is not None and not isinstance(exc, DeadlineExceeded) and (
+        # Interrupted (Ctrl-C, a cancelled task) after fn returned: the step is committed, then the run stops.
+        broke: BaseException | None = None if exc is None or isinstance(exc, Exception) else exc
+        fatal = exc is not None and broke is None and not isinstance(exc, DeadlineExceeded) and (
             run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))
         try:
             record = stored(step)
@@ -509,13 +515,14 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         h = run.history = h.append(step)
         n += 1
         events: tuple[str, ...]
-        broke: BaseException | None = None  # the policy itself raised: the step is paid for, so it is committed
         if fatal:
             decision, events = CONTINUE, ("failed",)
+        elif broke is not None:
+            decision, events = CONTINUE, ("interrupted",)
         else:
             try:
                 decision = policy.decide(h, elapsed)
-            except BaseException as e:  # a bug in a predicate, or Ctrl-C while it ran
+            except BaseException as e:  # a bug in a predicate, or Ctrl-C while it ran: the step is paid for
                 broke, decision, events = e, CONTINUE, ("policy raised",)
             else:
                 events = () if decision.outcome is _CONTINUE else (decision.event(),)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from decimal import Decimal
@@ -303,3 +304,39 @@ def test_async_run_with_resume_continues_a_stored_run_or_starts_one(tmp_path):
     with pytest.warns(SpecChangedWarning):
         assert run(raised.run(0, run_id="a", resume=True)).state == 5  # stored, not completed: resumed from 3
     assert calls == [0, 1, 2, 3, 4]
+
+
+def test_an_interrupt_while_the_result_is_measured_keeps_the_state_fn_returned(tmp_path):
+    """Regression: Ctrl-C in a slow scorer, or a task cancelled while an async judge ran, dropped the
+    state that fn had returned and been paid for; only what had been charged was recorded."""
+    db = str(tmp_path / "m.db")
+
+    def slow_scorer(s):
+        if s == 2:
+            raise KeyboardInterrupt  # the grader model is slow; the user gives up waiting
+        return s / 10
+
+    sync = loop(budget=Budget(iterations=5), scorer=slow_scorer, cost_fn=lambda s: 0.1, checkpoint=db)(
+        lambda s: s + 1)
+    with pytest.raises(KeyboardInterrupt):
+        sync(0, run_id="scored")
+
+    async def grader(s):
+        if s == 2:
+            asyncio.current_task().cancel()
+            await asyncio.sleep(1)
+        return False
+
+    @loop(budget=Budget(iterations=5), converge_on=loomc.judge(grader), cost_fn=lambda s: 0.1, checkpoint=db)
+    async def aio(s: int) -> int:
+        return s + 1
+
+    with pytest.raises(asyncio.CancelledError):
+        run(aio(0, run_id="judged"))
+    store = SQLiteStore(db)
+    for run_id, interrupt in (("scored", "KeyboardInterrupt"), ("judged", "CancelledError")):
+        record, steps = store.get_run(run_id), store.load_steps(run_id)
+        assert record.status == "cancelled" and record.steps == 2 and record.total_cost == Decimal("0.2")
+        assert json.loads(steps[1].state_json) == 2 and steps[1].events == ("interrupted",)
+        assert steps[1].error == (f"Interrupted: {interrupt} while the call's result was being measured (cost_fn, "
+                                  "scorer or judge); the state fn returned is kept on this step")
