@@ -342,16 +342,15 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     ``cost`` and ``raw`` (the score) are what an async cost_fn and scorer gave, already awaited.
     """
     score, error = None, None
-    measuring = exc is None
-    if measuring or not isinstance(exc, Exception):  # an interrupt after fn returned: still learn the cost
+    if exc is None:
         try:
-            if run.cost_fn is not None and not (cost is _UNSET and run.awaits_cost):
+            if run.cost_fn is not None:
                 try:
                     run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
                 except Exception as e:
                     run.blind = e  # the call's cost is unknown
                     raise
-            if measuring and run.scorer is not None:
+            if run.scorer is not None:
                 if raw is _UNSET:
                     raw = run.scorer(state)
                 try:
@@ -360,7 +359,9 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                     raise TypeError(f"scorer(state) must return a number (higher is better) or None, got "
                                     f"{type(raw).__name__}: {raw!r}") from None
         except BaseException as e:
-            exc = exc or e  # an interrupt that came first is the one to tell
+            exc = e
+    elif not isinstance(exc, Exception):
+        _cost_anyway(run, state, cost)
     if exc is not None:
         error = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else (
             f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, scorer or "
@@ -371,6 +372,17 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     run.in_flight, run.pending = -1, ZERO
     end = run.clock()
     return fresh_step(n, state, cost, score, error, wall, end - t0, metrics, run.decode), exc, end
+
+
+def _cost_anyway(run: LiveRun, state: Any, cost: Any) -> None:
+    """An interrupt came after fn returned, while its result was measured: still learn what it cost if a
+    sync cost_fn can say (an async one that was not awaited cannot)."""
+    if run.cost_fn is None or (cost is _UNSET and run.awaits_cost):
+        return
+    try:
+        run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
+    except Exception as e:
+        run.blind = e
 
 
 class _Commit(tuple):  # type: ignore[type-arg]
@@ -497,14 +509,16 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         # fn may change its state in place: the step it came from reads its own from the JSON from now on.
         step, exc, end = yield _Call((hand_out(run.source, run.initial), n))
         elapsed = run.elapsed(end)
-        # Interrupted (Ctrl-C, a cancelled task) after fn returned: the step is committed, then the run stops.
-        broke: BaseException | None = None if exc is None or isinstance(exc, Exception) else exc
-        fatal = exc is not None and broke is None and not isinstance(exc, DeadlineExceeded) and (
-            run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))
+        # Fatal: the step is committed, then the run stops. An interrupt (Ctrl-C, a cancelled task) that came
+        # after fn returned always is; an error is, unless a backtracker can go on from it.
+        fatal = exc is not None and (not isinstance(exc, Exception) or not isinstance(exc, DeadlineExceeded) and (
+            run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown)))))
         try:
             record = stored(step)
         except StateEncodeError as e:
-            exc, fatal = StateEncodeError(f"run {run.id} step {n}: {e}"), True
+            if exc is None or isinstance(exc, Exception):  # an interrupt stays the one to tell
+                exc = StateEncodeError(f"run {run.id} step {n}: {e}")
+            fatal = True
             step = step.replace(state=None, error=f"StateEncodeError: {e}")
             record = stored(step)
         text = record[1]
@@ -516,14 +530,12 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         n += 1
         events: tuple[str, ...]
         if fatal:
-            decision, events = CONTINUE, ("failed",)
-        elif broke is not None:
-            decision, events = CONTINUE, ("interrupted",)
+            decision, events = CONTINUE, ("failed",) if isinstance(exc, Exception) else ("interrupted",)
         else:
             try:
                 decision = policy.decide(h, elapsed)
             except BaseException as e:  # a bug in a predicate, or Ctrl-C while it ran: the step is paid for
-                broke, decision, events = e, CONTINUE, ("policy raised",)
+                exc, fatal, decision, events = e, True, CONTINUE, ("policy raised",)
             else:
                 events = () if decision.outcome is _CONTINUE else (decision.event(),)
         if events:
@@ -540,16 +552,15 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
         if run.heavy:
             _let_go(run, h)
-        if broke is not None:
-            if not isinstance(broke, Exception):
-                raise broke  # the driver records the run as cancelled; the step is already committed
-            reason = f"the policy raised {type(broke).__name__}: {broke}".rstrip(": ")
-            yield _Finish("failed", reason)
-            return _ended(run, "failed", reason, broke)
         if fatal:
-            reason = step.error or "failed"
-            if run.backtracker is not None:  # it could have gone on, but what the call cost is unknown
-                reason = _blind(run, exc, reason)
+            if not isinstance(exc, Exception):
+                raise exc  # the driver records the run as cancelled; the step is committed
+            if "policy raised" in events:
+                reason = f"the policy raised {type(exc).__name__}: {exc}".rstrip(": ")
+            else:
+                reason = step.error or "failed"
+                if run.backtracker is not None:  # it could have gone on, but what the call cost is unknown
+                    reason = _blind(run, exc, reason)
             yield _Finish("failed", reason)
             return _ended(run, "failed", reason, exc)
     status = _STATUS[decision.outcome]
