@@ -508,3 +508,30 @@ def test_a_ctrl_c_that_lands_inside_a_commit_still_commits_the_paid_step_then_st
     assert record.total_cost == Decimal("0.75")
     assert paid.resume_run("ctrl-c").state == {"i": 5}
     store.close()
+
+
+def test_a_checkpoint_on_a_network_filesystem_is_pointed_out_once_opened(tmp_path, monkeypatch):
+    """WAL keeps its index in shared memory, which hosts cannot share over NFS, SMB or EFS."""
+    import warnings
+    from loomc import NetworkFilesystemWarning
+    from loomc.stores import sqlite as sqlite_store
+    shared, spaced, local = tmp_path / "efs", tmp_path / "team share", tmp_path / "efs-not"
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw,relatime 0 0\n"
+                      f"fs-1234.efs.amazonaws.com:/ {shared} nfs4 rw,vers=4.1 0 0\n"
+                      f"//nas/share {str(spaced).replace(' ', chr(92) + '040')} cifs rw 0 0\n"
+                      f"tmpfs {shared}/scratch tmpfs rw 0 0\n")
+    monkeypatch.setattr(sqlite_store, "MOUNTS", str(mounts))
+    for where, kind in ((shared, "nfs4"), (spaced, "cifs")):
+        with pytest.warns(NetworkFilesystemWarning, match=rf"is on a network filesystem \({kind}\)") as caught:
+            store = SQLiteStore(where / "checkpoints.db")
+        assert caught[0].filename == __file__ and "Keep the checkpoint on a local disk" in str(caught[0].message)
+        store.create_run(make_run("r"))  # it still works: the warning is about hosts sharing it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SQLiteStore(local / "c.db")  # a sibling whose name starts the same is not inside the mount
+        SQLiteStore(shared / "scratch" / "c.db")  # the deepest mount point holding the file decides
+    monkeypatch.setattr(sqlite_store, "MOUNTS", str(tmp_path / "no-such-file"))  # not Linux: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SQLiteStore(shared / "again.db")

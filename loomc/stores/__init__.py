@@ -10,9 +10,9 @@ from typing import Any
 from loomc.errors import ConfigError
 from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals
 from loomc.stores.memory import MemoryStore
-from loomc.stores.sqlite import SQLiteStore
+from loomc.stores.sqlite import NetworkFilesystemWarning, SQLiteStore
 
-__all__ = ["CheckpointStore", "MemoryStore", "SQLiteStore", "RunRecord", "StoredStep", "Totals",
+__all__ = ["CheckpointStore", "MemoryStore", "NetworkFilesystemWarning", "SQLiteStore", "RunRecord", "StoredStep", "Totals",
            "open_store", "DEFAULT_DB", "default_path"]
 
 #: Where the default store lives, relative to the working directory.

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
-                          StepConflict, StoreError)
+                          StepConflict, StoreError, warn_at_caller)
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
                                no_such_step)
 
@@ -35,6 +35,38 @@ SCHEMA_VERSION = 3
 #: loomc refusing it can say which version it needs. Raise it with every new schema version.
 READS_WITH = "0.3.0"
 BUSY_TIMEOUT_MS = 60_000
+#: Where Linux lists the mounted filesystems, with their types.
+MOUNTS = "/proc/self/mounts"
+#: Filesystem types that reach the file over a network: SQLite's WAL index is shared memory, which
+#: processes on different hosts cannot share, and their locks are not to be trusted.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+    "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.juicefs", "fuse.glusterfs", "fuse.cephfs",
+})
+
+
+class NetworkFilesystemWarning(UserWarning):
+    """The checkpoint database is on a network filesystem (NFS, SMB, EFS...), where SQLite's WAL mode
+    is not safe for processes on more than one host."""
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str | None:
+    """The type of the filesystem that holds ``path`` (``ext4``, ``nfs4``...), from :data:`MOUNTS`; ``None``
+    where that cannot be read (not Linux)."""
+    try:
+        with open(MOUNTS, encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    target, found, depth = os.path.realpath(path), None, -1
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")  # the file escapes spaces
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > depth:  # the deepest mount point holding the path wins
+            found, depth = fields[2], len(point)
+    return found
 
 # Schema 3 adds loomc_meta, where a file names the oldest loomc that reads it.
 _META_TABLE = "CREATE TABLE loomc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -181,6 +213,13 @@ class SQLiteStore:
                 raise StoreError(f"cannot create {self.path.parent} for the checkpoint database "
                                  f"({e.strerror or e}); pass checkpoint= (or --db, or $LOOMC_DB) a path "
                                  "in a writable directory") from None
+        kind = filesystem_type(self.path.parent)
+        if kind in NETWORK_FILESYSTEMS:
+            warn_at_caller(f"{self.path} is on a network filesystem ({kind}). SQLite's WAL mode, which loomc "
+                           "uses, keeps its index in shared memory that processes on different hosts cannot "
+                           "share: loops on more than one host writing this file can corrupt it, and a commit "
+                           "is only as durable as the server makes it. Keep the checkpoint on a local disk "
+                           "(checkpoint=, --db, $LOOMC_DB), one file per host", NetworkFilesystemWarning)
         self._forget_connections()
         self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
         _OPEN.add(self)
