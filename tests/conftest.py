@@ -35,6 +35,17 @@ def history_of(*rows) -> History:
     return History(steps)
 
 
+def sync_or_async(body, aio: bool):
+    """``body`` as a loop's fn, ``async def`` when ``aio``: one test for both drivers."""
+    if aio:
+        async def step(state: int) -> int:
+            return body(state)
+    else:
+        def step(state: int) -> int:
+            return body(state)
+    return step
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import sync_or_async
 from loomc import BestScore, Budget, SQLiteStore, loop, predicate, score_plateau
 
 
@@ -23,14 +24,8 @@ def flaky_loop(store, aio=False):
             raise ValueError("boom\n" + "x" * 300)
         return s + 1
 
-    if aio:
-        async def step(s: int) -> int:
-            return body(s)
-    else:
-        def step(s: int) -> int:
-            return body(s)
     return loop(policy=Budget(usd=1, iterations=4) | score_plateau(patience=5) | BestScore(),
-                scorer=lambda s: s / 10, cost_fn=lambda s: 0.05, checkpoint=store)(step)
+                scorer=lambda s: s / 10, cost_fn=lambda s: 0.05, checkpoint=store)(sync_or_async(body, aio))
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])

@@ -22,6 +22,7 @@ import pytest
 
 import loomc
 
+from conftest import sync_or_async
 from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
                    RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
                    StepConflict, StoreError, MemoryStore, load_history, loop, predicate)
@@ -1123,14 +1124,8 @@ def test_a_policy_that_raises_after_a_paid_step_keeps_the_step_and_resume_asks_i
         calls.append(state)
         return state + 1
 
-    if aio:
-        async def step(state: int) -> int:
-            return body(state)
-    else:
-        def step(state: int) -> int:
-            return body(state)
     refine = loop(policy=Budget(usd=1, iterations=10) | predicate(done), cost_fn=lambda s: 0.1,
-                  checkpoint=store)(step)
+                  checkpoint=store)(sync_or_async(body, aio))
 
     def go(call):
         return asyncio.run(call) if aio else call
