@@ -53,6 +53,15 @@ def run_crashy(db, run_id, mode, kill_after=None):
     return None
 
 
+def startup_seconds() -> float:
+    """How long a process takes here to start Python and import what crashy.py imports."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import hashlib, json, random, loomc"], check=True)
+        return time.perf_counter() - t0
+    return min(once(), once())
+
+
 def _status(db):
     try:
         return SQLiteStore(db).get_run("crashrun").status
@@ -64,11 +73,13 @@ def _status(db):
 def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
     db = tmp_path / "crash.db"
     rng = random.Random(1234 if mode == "cost" else 99)
-    # Start-up takes ~0.2 s, so early kills land before the first commit; 60 steps of 0-40 ms
-    # with an fsync each give kills between steps, inside fn and inside commits.
+    # Kills from 0.1 s before the process has started up (about 0.2 s here; more where nothing is
+    # compiled yet) to 0.2 s after land before the first commit, between steps (60 of 0-40 ms, with
+    # an fsync each), inside fn and inside commits.
+    start = startup_seconds()
     kills = 0
     while kills < 40:
-        run_crashy(db, "crashrun", mode, kill_after=rng.uniform(0.1, 0.4))
+        run_crashy(db, "crashrun", mode, kill_after=max(0.05, start + rng.uniform(-0.1, 0.2)))
         kills += 1
         if db.exists() and _status(db) == "completed":
             break
