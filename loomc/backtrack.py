@@ -8,15 +8,26 @@ and which state a stopped run returns.
 - ``LastGood()``: when a step fails, carry on from the last state that did not
   fail; a stopped run returns the last good state.
 
+Both take ``wait=``: after a failed step, wait before the next call, twice as
+long after each further failure in a row, up to ``max_wait`` (a rate-limited
+API is not called again at once)::
+
+    >>> LastGood(wait="2s", max_wait="1m")   # 2 s, 4 s, 8 s ... 60 s
+    LastGood(wait='2s', max_wait='1m')
+
 Without a backtracker an exception in ``fn`` fails the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
+from loomc.budget import parse_duration
 from loomc.history import History, Step
 from loomc.policy import CONTINUE, Decision, Outcome, Role
+
+Duration = str | float | timedelta | None
 
 
 class Backtracker(Role):
@@ -25,9 +36,32 @@ class Backtracker(Role):
     __slots__ = ()
     role = "backtracker"
     max_outcome = Outcome.BACKTRACK
+    wait: Duration
+    max_wait: Duration
 
-    def _back(self, to: Step | None, why: str) -> Decision:
-        return Decision(Outcome.BACKTRACK, why, None if to is None else to.n, by=repr(self))
+    def _check_waits(self) -> None:
+        first = None if self.wait is None else parse_duration(self.wait, f"{type(self).__name__}: wait")
+        most = parse_duration(self.max_wait, f"{type(self).__name__}: max_wait")
+        object.__setattr__(self, "_first_wait", first)
+        object.__setattr__(self, "_most_wait", most)
+
+    def _back(self, to: Step | None, why: str, history: History | None = None) -> Decision:
+        """Back to ``to``; after a failure (``history`` given) with the backoff's wait, if there is one."""
+        first: float | None = self._first_wait  # type: ignore[attr-defined]
+        wait = 0.0
+        if first is not None and history is not None:
+            failed = 0  # failed steps in a row at the end of the history
+            for step in reversed(history):
+                if step.ok:
+                    break
+                failed += 1
+            wait = min(self._most_wait, first * 2.0 ** min(failed - 1, 64))  # type: ignore[attr-defined]
+        return Decision(Outcome.BACKTRACK, why, None if to is None else to.n, by=repr(self), wait=wait)
+
+    def _args(self) -> str:
+        if self.wait is None:
+            return ""
+        return f"wait={self.wait!r}" + ("" if self.max_wait == "1m" else f", max_wait={self.max_wait!r}")
 
 
 @dataclass(frozen=True, repr=False)
@@ -37,7 +71,12 @@ class BestScore(Backtracker):
     Ties keep the earliest step; NaN never counts as best.
     """
 
+    wait: Duration = None
+    max_wait: Duration = "1m"
     needs_score = True
+
+    def __post_init__(self) -> None:
+        self._check_waits()
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         try:
@@ -47,7 +86,7 @@ class BestScore(Backtracker):
         best = history.best
         if not last.ok:
             to = best if best is not None else history.last_good
-            return self._back(to, f"step {last.n} failed ({last.error})")
+            return self._back(to, f"step {last.n} failed ({last.error})", history)
         if last.score is None or best is None or best is last:
             return CONTINUE
         if not last.scored or last.score < best.score:  # type: ignore[operator]
@@ -58,21 +97,27 @@ class BestScore(Backtracker):
         return history.best or history.last_good
 
     def __repr__(self) -> str:
-        return "BestScore()"
+        return f"BestScore({self._args()})"
 
 
 @dataclass(frozen=True, repr=False)
 class LastGood(Backtracker):
     """Carry on from the last state that did not fail; the failure still counts against the budget."""
 
+    wait: Duration = None
+    max_wait: Duration = "1m"
+
+    def __post_init__(self) -> None:
+        self._check_waits()
+
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         if not history or history[-1].ok:
             return CONTINUE
         last = history[-1]
-        return self._back(history.last_good, f"step {last.n} failed ({last.error})")
+        return self._back(history.last_good, f"step {last.n} failed ({last.error})", history)
 
     def choose_state_step(self, history: History) -> Step | None:
         return history.last_good
 
     def __repr__(self) -> str:
-        return "LastGood()"
+        return f"LastGood({self._args()})"

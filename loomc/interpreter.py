@@ -538,6 +538,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
                 exc, fatal, decision, events = e, True, CONTINUE, ("policy raised",)
             else:
                 events = () if decision.outcome is _CONTINUE else (decision.event(),)
+                if decision.wait:
+                    decision, events = _waiting(run, decision, elapsed, events)
         if events:
             # Events record the decision; they never change a decision, so the folds stay valid.
             step = with_events(step, events)
@@ -552,6 +554,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
         if run.heavy:
             _let_go(run, h)
+        if decision.wait:
+            yield _Wait(decision.wait)
         if fatal:
             if not isinstance(exc, Exception):
                 raise exc  # the driver records the run as cancelled; the step is committed
@@ -566,6 +570,31 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
+
+
+def _waiting(run: LiveRun, decision: Decision, elapsed: float,
+             events: tuple[str, ...]) -> tuple[Decision, tuple[str, ...]]:
+    """A backtrack that waits before the next call: its events, or the stop if the wait would reach the
+    wall-clock cap (no call could start under it after the wait)."""
+    cap = run.wall_cap
+    if cap is not None and elapsed + decision.wait >= cap:
+        stop = Decision(Outcome.BUDGET_EXHAUSTED, f"wall_clock: {elapsed:.1f}s active of {cap:g}s, and the "
+                        f"{decision.wait:g}s wait before the next call would reach the cap", by=decision.by)
+        return stop, (stop.event(),)
+    return decision, (*events, f"wait {decision.wait:g}s")
+
+
+@dataclass
+class _Wait:
+    """Wait before the next call: a backtracker's backoff after a failed step."""
+    seconds: float
+
+    def sync(self, run: LiveRun) -> None:
+        time.sleep(self.seconds)
+
+    async def async_(self, run: LiveRun) -> None:
+        import asyncio
+        await asyncio.sleep(self.seconds)
 
 
 def _blind(run: LiveRun, exc: BaseException | None, error: str) -> str:

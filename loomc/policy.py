@@ -58,6 +58,7 @@ class Decision:
     reason: str = ""
     to: int | None = None
     by: str = ""
+    wait: float = 0.0  # seconds to wait before the next call (a backtracker's backoff after failures)
 
     @property
     def stops(self) -> bool:

@@ -767,3 +767,45 @@ def test_a_scorer_and_a_judge_may_charge_their_own_calls_and_a_predicate_is_told
                                          r"use judge\(fn\), whose charges join the step") as caught:
         other(0)
     assert caught.value.history.total_cost == Decimal("0.10") and caught.value.state == 1  # the paid step is kept
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_backtracker_waits_longer_after_each_failure_in_a_row_before_calling_again(aio):
+    """A rate-limited API is not called again at once: 2x the wait after each further failure, up to max_wait."""
+    import asyncio
+    from conftest import sync_or_async
+    outcomes = iter(["ok", "429", "429", "429", "429", "ok", "429", "ok"])
+
+    def body(s):
+        if next(outcomes) == "429":
+            raise RuntimeError("429 Too Many Requests")
+        return s + 1
+
+    refine = loop(budget=Budget(iterations=8), backtrack=LastGood(wait=0.05, max_wait=0.15),
+                  checkpoint="memory")(sync_or_async(body, aio))
+    run = asyncio.run(refine.run(0)) if aio else refine.run(0)
+    h = run.history
+    assert run.state == 3 and [s.ok for s in h] == [True, False, False, False, False, True, False, True]
+    waits = [next((e for e in s.events if e.startswith("wait ")), None) for s in h]
+    assert waits == [None, "wait 0.05s", "wait 0.1s", "wait 0.15s", "wait 0.15s", None, "wait 0.05s", None]
+    for before, after, wait in zip(h, h[1:], waits):
+        if wait is not None:  # the next call started no sooner than the wait after the failed one ended
+            assert after.started_at - (before.started_at + before.duration) >= float(wait[5:-1]) - 0.005
+    assert repr(refine.policy) == "Budget(iterations=8) | LastGood(wait=0.05, max_wait=0.15)"
+
+
+def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock):
+    def slow(s):
+        clock.advance(60 if s == 0 else 480)  # a call of 1 minute, then one of 8 that fails
+        if s == 1:
+            raise RuntimeError("503 Service Unavailable")
+        return s + 1
+
+    refine = loop(budget=Budget(wall_clock="10m"), backtrack=BestScore(wait="2m", max_wait="1h"),
+                  scorer=lambda s: 1.0, checkpoint="memory", clock=clock)(slow)
+    run = refine.run(0)  # 9 minutes spent, and 2 more to wait: past the cap, so no wait and no call
+    assert run.status == "budget_exhausted" and run.steps == 2 and run.state == 1
+    assert run.history[1].events == ("budget exhausted",)
+    assert run.reason == "wall_clock: 540.0s active of 600s, and the 120s wait before the next call would reach the cap"
+    with pytest.raises(ConfigError, match=r"LastGood: wait='soon' is not a duration"):
+        LastGood(wait="soon")
