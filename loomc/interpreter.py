@@ -537,9 +537,12 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             except BaseException as e:  # a bug in a predicate, or Ctrl-C while it ran: the step is paid for
                 exc, fatal, decision, events = e, True, CONTINUE, ("policy raised",)
             else:
-                events = () if decision.outcome is _CONTINUE else (decision.event(),)
-                if decision.wait:
-                    decision, events = _waiting(run, decision, elapsed, events)
+                if decision.outcome is _CONTINUE:
+                    events = ()
+                else:
+                    events = (decision.event(),)
+                    if decision.wait:
+                        decision, events = _waiting(run, decision, elapsed, events)
         if events:
             # Events record the decision; they never change a decision, so the folds stay valid.
             step = with_events(step, events)
@@ -554,7 +557,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
         if run.heavy:
             _let_go(run, h)
-        if decision.wait:
+        if events and decision.wait:
             yield _Wait(decision.wait)
         if fatal:
             if not isinstance(exc, Exception):
