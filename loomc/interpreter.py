@@ -397,8 +397,10 @@ class _Commit(tuple):  # type: ignore[type-arg]
             run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
         except KeyboardInterrupt:
             _commit_anyway(run, record, totals)  # Ctrl-C during the commit: the paid step goes in, then the stop
+            _spent_anyway(run, step)
             raise
         except Exception as e:
+            _spent_anyway(run, step)
             _not_committed(run, step, e)
             raise
         if run.parent is not None or run.on_step or run.unverified:
@@ -411,11 +413,19 @@ class _Commit(tuple):  # type: ignore[type-arg]
             # writer thread still commits the step it paid for, before the cancellation is recorded.
             await _shielded(offload(run.store, run.store.commit_step, run.id, record, totals, run.owner,
                                     run.lease_seconds))
-        except Exception as e:
-            _not_committed(run, step, e)
+        except BaseException as e:  # cancelled (the commit goes on), or the store refused it
+            _spent_anyway(run, step)
+            if isinstance(e, Exception):
+                _not_committed(run, step, e)
             raise
         if run.parent is not None or run.on_step or run.unverified:
             _committed(run, step, record)
+
+
+def _spent_anyway(run: LiveRun, step: Step) -> None:
+    """A child's step whose commit was interrupted or refused was still paid for: its parent's step counts it."""
+    if run.parent is not None:
+        _bill_parent(run, step.cost)
 
 
 def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:

@@ -408,3 +408,51 @@ def test_children_with_a_step_estimate_hold_it_from_their_first_step_so_the_cap_
 
     run = asyncio.run(parent.run(0))
     assert run.total_cost == Decimal("1.0") and run.state == 10  # twelve children, ten paid steps in all
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync ctrl-c", "async cancel"])
+def test_a_childs_step_whose_commit_was_interrupted_is_still_billed_to_its_parent(tmp_path, monkeypatch, aio):
+    """Regression: the parent's ledger heard of a child's step only after its commit; a Ctrl-C inside the
+    commit, or a task cancelled while the commit waited for the writer thread, left the parent's interrupted
+    step $0.10 short of what its child spent, for good (a resume goes on after that step)."""
+    import threading
+    store = SQLiteStore(tmp_path / "n.db", durability="normal")
+    gate = threading.Event()
+
+    def body(s):
+        if s == 1 and aio:
+            store.writer.submit(gate.wait)  # another run's work holds the writer thread
+            asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)  # lands on the commit's await
+            threading.Timer(0.3, gate.set).start()
+        return s + 1
+
+    if aio:
+        async def child_fn(s: int) -> int:
+            return body(s)
+
+        async def parent_fn(s: int) -> int:
+            return await child(0) + s
+    else:
+        real, landed = SQLiteStore._insert_step, []
+
+        def interrupted_after_insert(self, cur, run_id, step, *args):
+            real(self, cur, run_id, step, *args)
+            if run_id.endswith("-0-0") and step.n == 1 and not landed:
+                landed.append(1)
+                raise KeyboardInterrupt  # a Ctrl-C that lands right after the child's INSERT
+
+        monkeypatch.setattr(SQLiteStore, "_insert_step", interrupted_after_insert)
+
+        def child_fn(s: int) -> int:
+            return body(s)
+
+        def parent_fn(s: int) -> int:
+            return child(0) + s
+    child = loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.1, checkpoint=store)(child_fn)
+    parent = loop(budget=Budget(iterations=2), checkpoint=store)(parent_fn)
+    with pytest.raises(asyncio.CancelledError if aio else KeyboardInterrupt):
+        asyncio.run(parent(0, run_id="par")) if aio else parent(0, run_id="par")
+    kid = store.get_run("par-0-0")
+    assert kid.steps == 2 and kid.total_cost == Decimal("0.2"), "the child's interrupted commit went in"
+    assert store.get_run("par").total_cost == Decimal("0.2"), "the parent counts all its child spent"
+    assert store.load_steps("par")[0].error.endswith("after spending $0.2000")
