@@ -77,32 +77,28 @@ BRIEF_CHARS = 50
 
 def runs_table(rows: list[tuple[Any, ...]]) -> str:
     """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason)``
-    rows: the last column says, briefly, why each run stopped."""
-    shown_rows = [((clean(run_id) if not run_id.isalnum() else run_id) + ("  (child)" if parent else ""),
+    rows: the last column says, briefly, why each run stopped. (Written for 10,000 rows: one pass, local names.)"""
+    shown_rows = [((run_id if run_id.isalnum() else clean(run_id)) + ("  (child)" if parent else ""),
                    shown_status(status, owner), steps, cost, created, reason)
                   for run_id, status, steps, cost, created, parent, owner, reason in rows]
     id_w = max([15] + [len(r[0]) + 3 for r in shown_rows])
     st_w = max([10] + [len(r[1]) + 1 for r in shown_rows])
     lines = [f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  {'CREATED':<21}STOPPED",
              "-" * (89 + id_w - 15 + st_w - 10)]
-    colour = color_on()
+    colour, strftime, localtime, exact, add = color_on(), time.strftime, time.localtime, Decimal, lines.append
     for rid, status, steps, cost, created, reason in shown_rows:
         shown = f"{status:<{st_w}}"
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
-        lines.append(f"{rid:<{id_w}}{shown}{steps:>5}{'$' + format(Decimal(cost), '.4f'):>10}  "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(created))}  {_brief(status, reason)}".rstrip())
+        if status == "running" or status == "crashed" or not reason:
+            why = "its process died" if status == "crashed" else ""
+        elif len(reason) <= BRIEF_CHARS:
+            why = reason if reason.isprintable() else clean(reason)
+        else:
+            why = clean(reason[:BRIEF_CHARS]) + "..."
+        add(f"{rid:<{id_w}}{shown}{steps:>5}{'$' + format(exact(cost), '.4f'):>10}  "
+            f"{strftime('%Y-%m-%dT%H:%M:%S', localtime(created))}  {why}".rstrip())
     return "\n".join(lines)
-
-
-def _brief(status: str, reason: str | None) -> str:
-    """Why a run stopped, cut to :data:`BRIEF_CHARS` for the runs table."""
-    if status == "crashed":
-        return "its process died"
-    if not reason or status == "running":
-        return ""
-    line = clean(reason[:BRIEF_CHARS])
-    return line if len(reason) <= BRIEF_CHARS else line + "..."
 
 
 _BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
