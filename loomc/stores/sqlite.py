@@ -739,12 +739,18 @@ def _step_select(blob: str) -> str:
 
 
 def _stored_step(row: Any) -> StoredStep:
+    """A StoredStep from a row of :func:`_step_select` (built positionally: ``loomc show`` reads 10,000 of them)."""
     n, blob, cost, score, ts, error, duration, metrics, events = row
-    metrics_d = json.loads(metrics) if metrics else {}
-    if metrics_d.pop("loomc.score", None) == "nan":
-        score = math.nan
-    return StoredStep(n=n, state_json=blob, cost=Decimal(cost), score=score, error=error, started_at=ts,
-                      duration=duration, metrics=metrics_d, events=tuple(json.loads(events)) if events else ())
+    metrics_d = {}
+    if metrics:
+        metrics_d = json.loads(metrics)
+        if metrics_d.pop("loomc.score", None) == "nan":
+            score = math.nan
+    return _new_tuple(StoredStep, (n, blob, Decimal(cost), score, error, ts, duration, metrics_d,
+                                   tuple(json.loads(events)) if events else ()))
+
+
+_new_tuple = tuple.__new__
 
 
 def create_old_database(path: str | os.PathLike[str], version: int) -> sqlite3.Connection:
