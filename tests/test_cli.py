@@ -223,7 +223,7 @@ def test_only_runs_whose_process_is_gone_are_crashed(tmp_path):
     assert [r["id"] for r in json.loads(invoke("runs", "--status", "crashed", "--json", "--db", db).output)] == ["gone"]
 
 
-def test_runs_says_briefly_why_each_run_stopped(tmp_path):
+def test_runs_why_says_briefly_why_each_run_stopped(tmp_path):
     from loomc.testing import make_run
     db = str(tmp_path / "why.db")
     store = SQLiteStore(db)
@@ -233,10 +233,17 @@ def test_runs_says_briefly_why_each_run_stopped(tmp_path):
         store.create_run(make_run(run_id))
         if status != "running":
             store.finish_run(run_id, status, reason, None)
-    stopped = {line.split()[0]: line.split("  ")[-1] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    assert "STOPPED" not in invoke("runs", "--db", db).output  # the default layout is the documented one
+    out = invoke("runs", "--why", "--db", db).output
+    assert out.splitlines()[0].endswith("CREATED              STOPPED")
+    stopped = {line.split()[0]: line.split("  ")[-1] for line in out.splitlines()[2:]}
     assert stopped["short"] == "predicate(done) is true"
     assert stopped["long"] == "ValueError: the model returned\\x1b[2J an error page t..."  # 50 cut, then escaped
-    assert not invoke("runs", "--db", db).output.splitlines()[2 + list(stopped).index("going")].endswith(" ")
+    assert not out.splitlines()[2 + list(stopped).index("going")].endswith(" ")
+    import socket
+    store.create_run(make_run("dead").replace(owner=f"{socket.gethostname()}:999999999:t1.abcdef"))
+    assert invoke("runs", "--why", "--status", "crashed", "--db", db).output.splitlines()[2].endswith(
+        "  its process died")
 
 
 def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
