@@ -12,8 +12,8 @@ Both take ``wait=``: after a failed step, wait before the next call, twice as
 long after each further failure in a row, up to ``max_wait`` (a rate-limited
 API is not called again at once)::
 
-    >>> LastGood(wait="2s", max_wait="1m")   # 2 s, 4 s, 8 s ... 60 s
-    LastGood(wait='2s', max_wait='1m')
+    >>> LastGood(wait="2s", max_wait="5m")   # 2 s, 4 s, 8 s ... 256 s, then 300 s
+    LastGood(wait='2s', max_wait='5m')
 
 Without a backtracker an exception in ``fn`` fails the run.
 """

@@ -521,8 +521,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         elapsed = run.elapsed(end)
         # Fatal: the step is committed, then the run stops. An interrupt (Ctrl-C, a cancelled task) that came
         # after fn returned always is; an error is, unless a backtracker can go on from it.
-        fatal = exc is not None and (not isinstance(exc, Exception) or not isinstance(exc, DeadlineExceeded) and (
-            run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown)))))
+        fatal = exc is not None and (not isinstance(exc, Exception) or (not isinstance(exc, DeadlineExceeded) and (
+            run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))))
         try:
             record = stored(step)
         except StateEncodeError as e:
