@@ -809,3 +809,30 @@ def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock)
     assert run.reason == "wall_clock: 540.0s active of 600s, and the 120s wait before the next call would reach the cap"
     with pytest.raises(ConfigError, match=r"LastGood: wait='soon' is not a duration"):
         LastGood(wait="soon")
+
+
+def test_a_ctrl_c_during_the_wait_stops_the_run_as_cancelled_with_the_failed_step_kept(tmp_path):
+    import signal
+    from loomc import SQLiteStore
+    store = SQLiteStore(tmp_path / "w.db")
+
+    def flaky(s):
+        if s == 1:
+            raise RuntimeError("429 Too Many Requests")
+        return s + 1
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    refine = loop(budget=Budget(iterations=5), backtrack=LastGood(wait="30s"), checkpoint=store)(flaky)
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)  # lands while the loop waits 30 s after step 1 failed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            refine(0, run_id="waiting")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    record, steps = store.get_run("waiting"), store.load_steps("waiting")
+    assert record.status == "cancelled" and [s.error is None for s in steps] == [True, False]
+    assert steps[1].events == ("backtrack to step 0", "wait 30s")
