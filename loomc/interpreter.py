@@ -732,9 +732,21 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
         raise
 
 
-def _shielded(awaitable: Any) -> Any:
+async def _shielded(awaitable: Any) -> Any:
+    """``await awaitable``, which goes on to its end if the awaiting task is cancelled; what it then raises
+    (a store error) is collected, rather than logged by asyncio as an exception never retrieved."""
     import asyncio
-    return asyncio.shield(awaitable)
+    inner = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        inner.add_done_callback(_collect)
+        raise
+
+
+def _collect(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:

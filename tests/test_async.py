@@ -342,3 +342,36 @@ def test_an_interrupt_while_the_result_is_measured_keeps_the_state_fn_returned(t
         assert json.loads(steps[1].state_json) == 2 and steps[1].events == ("interrupted",)
         assert steps[1].error == (f"Interrupted: {interrupt} while the call's result was being measured (cost_fn, "
                                   "scorer or judge); the state fn returned is kept on this step")
+
+
+def test_a_store_error_after_the_task_was_cancelled_is_collected_not_reported_as_never_retrieved(tmp_path):
+    import gc
+    from loomc import StoreError
+    store = SQLiteStore(tmp_path / "late.db")
+    gate, reported = threading.Event(), []
+    real = store.commit_step
+
+    def refusing(run_id, step, *args):
+        if step.n == 1:
+            raise StoreError("late.db: OperationalError: database or disk is full")
+        return real(run_id, step, *args)
+
+    store.commit_step = refusing  # type: ignore[method-assign]
+
+    @loop(policy=Budget(iterations=5), cost_fn=lambda s: 0.1, checkpoint=store)
+    async def step(s: int) -> int:
+        if s == 1:
+            store.writer.submit(gate.wait)
+            asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)
+            threading.Timer(0.2, gate.set).start()
+        return s + 1
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        with pytest.raises(asyncio.CancelledError):
+            await step(0, run_id="late")
+        await asyncio.sleep(0.5)  # the refused commit ends meanwhile
+        gc.collect()
+
+    run(main())
+    assert reported == [] and store.get_run("late").status == "cancelled"
