@@ -28,7 +28,7 @@ from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, LoomcError,
                           StallError, StateEncodeError, attach_run, counted, warn_at_caller)
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, fresh_step, hand_out, read, state_cell,
                            to_decimal, with_events)
-from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of
+from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, waited
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
@@ -587,12 +587,9 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
 
 def _waiting(run: LiveRun, decision: Decision, elapsed: float,
              events: tuple[str, ...]) -> tuple[Decision, tuple[str, ...]]:
-    """A backtrack that waits before the next call: its events, or the stop if the wait would reach the
-    wall-clock cap (no call could start under it after the wait)."""
-    cap = run.wall_cap
-    if cap is not None and elapsed + decision.wait >= cap:
-        stop = Decision(Outcome.BUDGET_EXHAUSTED, f"wall_clock: {elapsed:.1f}s active of {cap:g}s, and the "
-                        f"{decision.wait:g}s wait before the next call would reach the cap", by=decision.by)
+    """A backtrack that waits before the next call, with its events; or the stop it becomes (see ``waited``)."""
+    stop = waited(decision, elapsed, run.wall_cap)
+    if stop is not decision:
         return stop, (stop.event(),)
     return decision, (*events, f"wait {decision.wait:g}s")
 

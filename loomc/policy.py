@@ -524,8 +524,19 @@ class Replay:
         return head
 
 
+def waited(decision: Decision, elapsed: float, wall_cap: float | None) -> Decision:
+    """A decision to wait before the next call, or the stop it becomes when the wait would reach the
+    wall-clock cap: no call could start under the cap after it. The live loop and replay both ask."""
+    if wall_cap is not None and elapsed + decision.wait >= wall_cap:
+        return Decision(Outcome.BUDGET_EXHAUSTED, f"wall_clock: {elapsed:.1f}s active of {wall_cap:g}s, and the "
+                        f"{decision.wait:g}s wait before the next call would reach the cap", by=decision.by)
+    return decision
+
+
 def replay(policy: Policy, history: History) -> Replay:
+    from loomc.budget import wall_clock_cap
     policy = as_policy(policy)
+    cap = wall_clock_cap(policy)
     backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):
@@ -533,6 +544,9 @@ def replay(policy: Policy, history: History) -> Replay:
         if k:
             elapsed += history[k - 1].duration
         d = policy.decide(prefix, elapsed)
+        if d.wait:
+            d = waited(d, elapsed, cap)
+            elapsed += 0.0 if d.stops else d.wait  # the next call starts after the wait
         if d.stops:
             return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))
         if d.outcome is Outcome.BACKTRACK:

@@ -807,6 +807,9 @@ def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock)
     assert run.status == "budget_exhausted" and run.steps == 2 and run.state == 1
     assert run.history[1].events == ("budget exhausted",)
     assert run.reason == "wall_clock: 540.0s active of 600s, and the 120s wait before the next call would reach the cap"
+    again = refine.policy.replay(run.history)  # replay stops where the live loop did, for the same reason
+    assert again.stopped_after == 2 and again.decision.outcome is Outcome.BUDGET_EXHAUSTED
+    assert again.decision.reason.endswith("and the 120s wait before the next call would reach the cap")
     with pytest.raises(ConfigError, match=r"LastGood: wait='soon' is not a duration"):
         LastGood(wait="soon")
 
