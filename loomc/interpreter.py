@@ -26,17 +26,16 @@ from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, LoomcError, NoStateReturned, RunError, RunLocked,
                           StallError, StateEncodeError, attach_run, counted, warn_at_caller)
-from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, fresh_step, hand_out, read, state_cell,
-                           to_decimal, with_events)
+# The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
+# (_new_tuple), skipping their Python-level constructors.
+from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
+                           state_cell, to_decimal, with_events)
 from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, waited
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
            Outcome.STALLED: "stalled"}
 
-# The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly,
-# skipping their Python-level constructors.
-_new_tuple = tuple.__new__
 
 _SPENDING = threading.Lock()  # charges are rare next to steps: one lock for every run will do
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
@@ -344,7 +343,7 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     score, error = None, None
     if exc is None:
         try:
-            if run.cost_fn is not None:
+            if run.cost_fn is not None:  # _add_cost, written out: this runs on every step
                 try:
                     run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
                 except Exception as e:
@@ -374,15 +373,24 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     return fresh_step(n, state, cost, score, error, wall, end - t0, metrics, run.decode), exc, end
 
 
+def _add_cost(run: LiveRun, state: Any, cost: Any) -> None:
+    """Add what the call cost (``cost``, as an async cost_fn gave it, else ``cost_fn(state)``) to the step."""
+    try:
+        run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")  # type: ignore[misc]
+    except Exception as e:
+        run.blind = e  # the call's cost is unknown
+        raise
+
+
 def _cost_anyway(run: LiveRun, state: Any, cost: Any) -> None:
     """An interrupt came after fn returned, while its result was measured: still learn what it cost if a
     sync cost_fn can say (an async one that was not awaited cannot)."""
     if run.cost_fn is None or (cost is _UNSET and run.awaits_cost):
         return
     try:
-        run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
-    except Exception as e:
-        run.blind = e
+        _add_cost(run, state, cost)
+    except Exception:
+        pass  # run.blind says the cost is unknown
 
 
 class _Commit(tuple):  # type: ignore[type-arg]

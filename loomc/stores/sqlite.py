@@ -26,6 +26,7 @@ from typing import Any
 
 from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
                           StepConflict, StoreError, warn_at_caller)
+from loomc.history import _new_tuple
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
                                no_such_step)
 
@@ -748,9 +749,6 @@ def _stored_step(row: Any) -> StoredStep:
             score = math.nan
     return _new_tuple(StoredStep, (n, blob, Decimal(cost), score, error, ts, duration, metrics_d,
                                    tuple(json.loads(events)) if events else ()))
-
-
-_new_tuple = tuple.__new__
 
 
 def create_old_database(path: str | os.PathLike[str], version: int) -> sqlite3.Connection:
