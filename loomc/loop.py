@@ -698,13 +698,19 @@ def _fetcher(store: Any, run_id: str) -> Callable[[int], str | None] | None:
     return fetch
 
 
-def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str, state_type: Any = None) -> History:
+def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str | None = None,
+                 state_type: Any = None) -> History:
     """A recorded run's History; states decode as ``state_type`` (plain JSON by default) when read.
 
     ``store`` is a CheckpointStore (a loop's ``.store``), the path of a SQLite file, or
     ``"sqlite"`` for the default one ($LOOMC_DB, else ``.loomc/checkpoints.db``). A path with
-    no database behind it raises StoreError; nothing is created.
+    no database behind it raises StoreError; nothing is created. With one argument,
+    ``load_history(run_id)``, the run is read from the default database.
     """
+    if run_id is None:
+        if not isinstance(store, str):
+            raise TypeError(f"load_history({store!r}) needs the run id too: load_history(store, run_id)")
+        store, run_id = "sqlite", store
     if isinstance(store, (str, os.PathLike)):
         if store == "memory":
             raise ConfigError("load_history(store='memory'): a new memory store holds no runs; "

@@ -860,6 +860,9 @@ def test_load_history_reads_a_run_from_a_path_or_the_default_database(tmp_path, 
     assert [s.score for s in by_path] == [0.5, 0.5, 0.9] and by_path.total_cost == Decimal("0.75")
     monkeypatch.setenv("LOOMC_DB", str(db))
     assert [s.state for s in load_history("sqlite", run.id)] == [0.5, 0.5, 0.9]
+    assert [s.state for s in load_history(run.id)] == [0.5, 0.5, 0.9]  # one argument: the default database
+    with pytest.raises(TypeError, match=r"needs the run id too: load_history\(store, run_id\)"):
+        load_history(SQLiteStore(db))
     # A count of one reads as one: "after 1 step", "in 1 scored step".
     replayed = score_plateau(1, min_delta=0).replay(by_path)
     assert str(replayed).startswith("score_plateau(patience=1, min_delta=0): would have stopped after 2 steps")
