@@ -77,25 +77,27 @@ BRIEF_CHARS = 50
 
 def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason)``
-    rows; with ``why``, a last column says briefly why each run stopped."""
-    shown_rows = [((run_id if run_id.isalnum() else clean(run_id)) + ("  (child)" if parent else ""),
-                   shown_status(status, owner), steps, cost, created, reason)
-                  for run_id, status, steps, cost, created, parent, owner, reason in rows]
-    id_w = max([15] + [len(r[0]) + 3 for r in shown_rows])
-    st_w = max([10] + [len(r[1]) + 1 for r in shown_rows])
+    rows; with ``why``, a last column says briefly why each run stopped.
+
+    Built with %-formatting from widths worked out once: it prints every run, and there may be tens of
+    thousands of them.
+    """
+    ids = [(run_id if run_id.isalnum() else clean(run_id)) + ("  (child)" if parent else "")
+           for run_id, _, _, _, _, parent, _, _ in rows]
+    statuses = [shown_status(row[1], row[6]) for row in rows]
+    id_w = max(15, max(map(len, ids), default=0) + 3)
+    st_w = max(10, max(map(len, statuses), default=0) + 1)
     head = f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  " + (f"{'CREATED':<21}STOPPED" if why
                                                                            else "CREATED")
     lines = [head, "-" * ((89 if why else 68) + id_w - 15 + st_w - 10)]
-    colour, add = color_on(), lines.append
-    for rid, status, steps, cost, created, reason in shown_rows:
-        shown = f"{status:<{st_w}}"
+    colour, add, line = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s"
+    for rid, status, (_, _, steps, cost, created, _, _, reason) in zip(ids, statuses, rows):
+        shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
-        row = (f"{rid:<{id_w}}{shown}{steps:>5}{'$' + format(Decimal(cost), '.4f'):>10}  "
-               f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(created))}")
-        if why:
-            row = f"{row}  {_brief(status, reason)}".rstrip()
-        add(row)
+        row = line % (rid, shown, steps, "$" + format(Decimal(cost), ".4f"),
+                      time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created)))
+        add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
     return "\n".join(lines)
 
 
@@ -153,17 +155,22 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     for child in children:
         by_step.setdefault(child.parent_step if child.parent_step is not None else -1, []).append(child)
     lines = [*head, "STEP      COST     CUMUL    SCORE  ERROR", "-" * 56]
+    add = lines.append
+    # %-formatting and no per-row lists: a run may have tens of thousands of steps.
     for s, total in zip(steps, running_costs(steps)):
-        score = "      -  " if s.score is None else f"{s.score:>9.4f}"
-        row = f"{s.n:>4}{money(s.cost):>10}{money(total):>10}{score}"
-        if s.error:
-            row += "  " + paint(shorten(s.error, f"--step {s.n} shows it whole"), "red")
-        marks = [e for e in s.events if e != "failed"]
-        if marks:
-            row += "  " + "  ".join(f"<- {clean(e)}" for e in marks)
-        for child in by_step.get(s.n, []):
-            row += f"  [child {clean(child.id)}: {money(child.total_cost)}]"
-        lines.append(row.rstrip())
+        n, score, error, events = s.n, s.score, s.error, s.events
+        row = "%4d%10s%10s%s" % (n, "$" + format(s.cost, ".4f"), "$" + format(total, ".4f"),
+                                 "      -  " if score is None else "%9.4f" % score)
+        if error:
+            row += "  " + paint(shorten(error, f"--step {n} shows it whole"), "red")
+        if events:
+            marks = [e for e in events if e != "failed"]
+            if marks:
+                row += "  " + "  ".join(f"<- {clean(e)}" for e in marks)
+        if n in by_step:
+            for child in by_step[n]:
+                row += f"  [child {clean(child.id)}: {money(child.total_cost)}]"
+        add(row.rstrip())
     return "\n".join(lines)
 
 
