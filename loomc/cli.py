@@ -90,15 +90,29 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     head = f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  " + (f"{'CREATED':<21}STOPPED" if why
                                                                            else "CREATED")
     lines = [head, "-" * ((89 if why else 68) + id_w - 15 + st_w - 10)]
-    colour, add, line = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s"
+    colour, add, line, minutes = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s", {}
     for rid, status, (_, _, steps, cost, created, _, _, reason) in zip(ids, statuses, rows):
         shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
-        row = line % (rid, shown, steps, "$" + format(Decimal(cost), ".4f"),
-                      time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created)))
+        row = line % (rid, shown, steps, "$" + format(Decimal(cost), ".4f"), local_time(created, minutes))
         add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
     return "\n".join(lines)
+
+
+def local_time(at: float, minutes: dict[int, str]) -> str:
+    """``at`` (Unix time) as local time, ``2026-12-03T01:53:15``, as ``time.strftime`` writes it.
+
+    ``minutes`` keeps the text of each minute already seen: many runs start in the same minute,
+    and formatting a time costs more than the rest of its row. Within one minute the offset from
+    UTC cannot change where it is a whole number of minutes, as every zone's is today.
+    """
+    minute, second = divmod(int(at), 60)
+    head = minutes.get(minute)
+    if head is None:
+        local = time.localtime(minute * 60)
+        head = minutes[minute] = time.strftime("%Y-%m-%dT%H:%M:", local) if local.tm_gmtoff % 60 == 0 else ""
+    return head + "%02d" % second if head else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at))
 
 
 def _brief(status: str, reason: str | None) -> str:

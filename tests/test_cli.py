@@ -246,6 +246,26 @@ def test_runs_why_says_briefly_why_each_run_stopped(tmp_path):
         "  its process died")
 
 
+@pytest.mark.parametrize("zone", ["UTC0", "CET-1CEST,M3.5.0,M10.5.0/3", "IST-5:30", "LMT+0:44:30"])
+def test_the_runs_listing_writes_each_time_as_strftime_does(monkeypatch, zone):
+    """The listing formats each minute once; a zone whose offset has seconds (Monrovia's until 1972) and a
+    change of daylight saving time inside the times listed still print what strftime prints."""
+    import time
+    from loomc.cli import local_time
+    monkeypatch.setenv("TZ", zone)  # POSIX TZ strings: no tz database needed
+    time.tzset()
+    try:
+        switch = 1774746000.0  # 2026-03-29 01:00 UTC: central Europe moves its clocks forward
+        times = [switch + k * 7.3 for k in range(-600, 600)] + [switch - 0.5, switch + 0.25, 1e9 + 59.999]
+        minutes: dict[int, str] = {}
+        assert [local_time(t, minutes) for t in times] == [
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) for t in times]
+        assert len(minutes) < len(times) / 4 or zone.startswith("LMT")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
     proc = subprocess.run(["loomc", "demo"], capture_output=True, text=True, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if k != "LOOMC_DB"})
