@@ -90,7 +90,8 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     head = f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  " + (f"{'CREATED':<21}STOPPED" if why
                                                                            else "CREATED")
     lines = [head, "-" * ((89 if why else 68) + id_w - 15 + st_w - 10)]
-    colour, add, line, minutes = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s", {}
+    colour, add, line = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s"
+    minutes: dict[int, str] = {}
     for rid, status, (_, _, steps, cost, created, _, _, reason) in zip(ids, statuses, rows):
         shown = status.ljust(st_w)
         if colour:
