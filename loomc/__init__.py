@@ -19,7 +19,8 @@ from loomc.backtrack import Backtracker, BestScore, LastGood
 from loomc.budget import DEFAULT_BUDGET, Budget, NoCostWarning, parse_duration
 from loomc.codec import StateRoundTripWarning
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
-from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown, LoomcError,
+from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown,
+                          EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
 from loomc.history import History, Step
@@ -35,7 +36,8 @@ from loomc.stores import CheckpointStore, MemoryStore, NetworkFilesystemWarning,
 __all__ = [
     "acharge", "always", "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted",
     "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
-    "Comparison", "ConfigError", "CorruptStore", "CostUnknown", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET", "Escalate",
+    "Comparison", "ConfigError", "CorruptStore", "CostUnknown", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET",
+    "EmbeddingsUnavailable", "Escalate",
     "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop", "LoopRunner", "MemoryStore",
     "NetworkFilesystemWarning", "never", "NoCostWarning", "NoStateReturned", "open_store", "OrphanedChildWarning", "Outcome",
     "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay", "Run",

@@ -132,6 +132,10 @@ class CorruptStore(StoreError):
     """The database file is not a readable SQLite database."""
 
 
+class EmbeddingsUnavailable(LoomcError, ImportError):
+    """sentence-transformers, or the model's weights, cannot be loaded here."""
+
+
 class CostUnknown(LoomcError):
     """What a call cost cannot be known (a priced response without usage). Under a USD cap it ends
     the run, backtracker or not: without the cost the cap cannot hold."""

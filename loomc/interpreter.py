@@ -24,8 +24,8 @@ from typing import Any
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, LoomcError, NoStateReturned, RunError, RunLocked,
-                          StallError, StateEncodeError, attach_run, counted, warn_at_caller)
+from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned,
+                          RunError, RunLocked, StallError, StateEncodeError, attach_run, counted, warn_at_caller)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -260,8 +260,15 @@ class _Call(tuple):  # type: ignore[type-arg]
                 raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:  # KeyboardInterrupt and friends are never swallowed
                 new_state, exc = None, e
-            if exc is None and run.probes:
+            if exc is None:
                 try:
+                    # What the call cost comes first: whatever fails after it, the step counts it.
+                    if run.cost_fn is not None:
+                        try:
+                            run.pending += to_decimal(run.cost_fn(new_state), "cost_fn(state)")
+                        except Exception as e:
+                            run.blind = e  # the call's cost is unknown
+                            raise
                     for probe in run.probes:
                         found = probe.measure(new_state, run.history)
                         if inspect.isawaitable(found):
@@ -298,28 +305,30 @@ class _Call(tuple):  # type: ignore[type-arg]
                 raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:
                 new_state, exc = None, e
-            cost = score = _UNSET  # an async def cost_fn or scorer is awaited here, then settled as given
+            score = _UNSET  # an async def scorer is awaited here, then settled as given
             if exc is None:
                 try:
+                    # What the call cost comes first: whatever fails after it, the step counts it.
+                    if run.cost_fn is not None:
+                        try:
+                            cost = run.cost_fn(new_state)
+                            run.pending += to_decimal(await cost if run.awaits_cost else cost, "cost_fn(state)")
+                        except Exception as e:
+                            run.blind = e  # the call's cost is unknown
+                            raise
                     for probe in run.probes:
                         found = probe.measure(new_state, run.history)
                         metrics.update(await found if inspect.isawaitable(found) else found)
-                    if run.awaits_cost:
-                        try:
-                            cost = await run.cost_fn(new_state)  # type: ignore[misc]
-                        except Exception as e:
-                            run.blind = e
-                            raise
                     if run.awaits_score:
                         score = await run.scorer(new_state)  # type: ignore[misc]
                 except BaseException as e:  # cancelled while measuring: fn's state is kept, then it stops
                     exc = e
-            return _settle(run, n, new_state, exc, wall, t0, metrics, cost, score)
+            return _settle(run, n, new_state, exc, wall, t0, metrics, score)
         finally:
             _CURRENT.reset(token)
 
 
-_UNSET: Any = object()  # a cost or score not yet measured
+_UNSET: Any = object()  # a score not yet measured
 
 
 def _returned_none(run: LiveRun) -> NoStateReturned:
@@ -335,32 +344,22 @@ def _close(awaitable: Any) -> None:
 
 
 def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float, t0: float,
-            metrics: dict[str, Any], cost: Any = _UNSET, raw: Any = _UNSET) -> tuple[Step, BaseException | None, float]:
-    """Measure a finished call at the edge: its cost, score and error, as one Step; and the clock after.
-
-    ``cost`` and ``raw`` (the score) are what an async cost_fn and scorer gave, already awaited.
-    """
+            metrics: dict[str, Any], raw: Any = _UNSET) -> tuple[Step, BaseException | None, float]:
+    """Measure a finished call at the edge: its score and error, with the cost the driver added, as one
+    Step; and the clock after. ``raw`` is the score an async scorer gave, already awaited."""
     score, error = None, None
-    if exc is None:
-        try:
-            if run.cost_fn is not None:  # _add_cost, written out: this runs on every step
-                try:
-                    run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")
-                except Exception as e:
-                    run.blind = e  # the call's cost is unknown
-                    raise
-            if run.scorer is not None:
-                if raw is _UNSET:
-                    raw = run.scorer(state)
-                try:
-                    score = None if raw is None else float(raw)
-                except (TypeError, ValueError):
-                    raise TypeError(f"scorer(state) must return a number (higher is better) or None, got "
-                                    f"{type(raw).__name__}: {raw!r}") from None
-        except BaseException as e:
-            exc = e
-    elif not isinstance(exc, Exception):
-        _cost_anyway(run, state, cost)
+    if exc is None and run.scorer is not None:
+        if raw is _UNSET:
+            try:
+                raw = run.scorer(state)
+            except BaseException as e:
+                exc = e
+        if exc is None:
+            try:
+                score = None if raw is None else float(raw)
+            except (TypeError, ValueError):
+                exc = TypeError(f"scorer(state) must return a number (higher is better) or None, got "
+                                f"{type(raw).__name__}: {raw!r}")
     if exc is not None:
         error = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else (
             f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, scorer or "
@@ -371,26 +370,6 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     run.in_flight, run.pending = -1, ZERO
     end = run.clock()
     return fresh_step(n, state, cost, score, error, wall, end - t0, metrics, run.decode), exc, end
-
-
-def _add_cost(run: LiveRun, state: Any, cost: Any) -> None:
-    """Add what the call cost (``cost``, as an async cost_fn gave it, else ``cost_fn(state)``) to the step."""
-    try:
-        run.pending += to_decimal(run.cost_fn(state) if cost is _UNSET else cost, "cost_fn(state)")  # type: ignore[misc]
-    except Exception as e:
-        run.blind = e  # the call's cost is unknown
-        raise
-
-
-def _cost_anyway(run: LiveRun, state: Any, cost: Any) -> None:
-    """An interrupt came after fn returned, while its result was measured: still learn what it cost if a
-    sync cost_fn can say (an async one that was not awaited cannot)."""
-    if run.cost_fn is None or (cost is _UNSET and run.awaits_cost):
-        return
-    try:
-        _add_cost(run, state, cost)
-    except Exception:
-        pass  # run.blind says the cost is unknown
 
 
 class _Commit(tuple):  # type: ignore[type-arg]
@@ -530,7 +509,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         # Fatal: the step is committed, then the run stops. An interrupt (Ctrl-C, a cancelled task) that came
         # after fn returned always is; an error is, unless a backtracker can go on from it.
         fatal = exc is not None and (not isinstance(exc, Exception) or (not isinstance(exc, DeadlineExceeded) and (
-            run.backtracker is None or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))))
+            run.backtracker is None or isinstance(exc, _SETUP_ERRORS)
+            or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))))
         try:
             record = stored(step)
         except StateEncodeError as e:
@@ -584,8 +564,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
                 reason = f"the policy raised {type(exc).__name__}: {exc}".rstrip(": ")
             else:
                 reason = step.error or "failed"
-                if run.backtracker is not None:  # it could have gone on, but what the call cost is unknown
-                    reason = _blind(run, exc, reason)
+                if run.backtracker is not None:  # it could have gone on, but the next call could not do better
+                    reason = _setup(exc, reason) if isinstance(exc, _SETUP_ERRORS) else _blind(run, exc, reason)
             yield _Finish("failed", reason)
             return _ended(run, "failed", reason, exc)
     status = _STATUS[decision.outcome]
@@ -613,6 +593,19 @@ class _Wait:
     async def async_(self, run: LiveRun) -> None:
         import asyncio
         await asyncio.sleep(self.seconds)
+
+
+#: Errors that say loomc is set up wrongly (a missing extra, a bad setting): every call would meet them
+#: again, so a backtracker does not go on from them, paying for calls whose result cannot be measured.
+_SETUP_ERRORS = (ConfigError, EmbeddingsUnavailable)
+
+
+def _setup(exc: BaseException | None, error: str) -> str:
+    """Why a run with a backtracker stopped on a setup error, as its reason and a note."""
+    reason = f"{error}; every call would meet this again, so the run stopped instead of going on from another state"
+    if exc is not None and hasattr(exc, "add_note"):
+        exc.add_note("loomc: fix the setup, then resume the run")
+    return reason
 
 
 def _blind(run: LiveRun, exc: BaseException | None, error: str) -> str:

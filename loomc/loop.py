@@ -741,6 +741,9 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
         # (With any setting given, a function in the policy slot is a predicate, as before.)
         return loop()(policy)  # type: ignore[return-value]
     built = build_policy(policy, budget=budget, converge_on=converge_on, backtrack=backtrack, on_stall=on_stall)
+    for part in built.walk():
+        for probe in part.probes():
+            probe.check_installed()  # semantic_delta without sentence-transformers: now, not after a paid call
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
         if value is not None and not callable(value):
             raise ConfigError(f"{name}={value!r} must be a function")

@@ -151,6 +151,10 @@ class Probe:
         """What in this probe only an async loop can await (an ``async def`` judge), or ``None``."""
         return None
 
+    def check_installed(self) -> None:
+        """Raise now if what this probe needs is not installed here (an extra). ``@loop`` asks at
+        decoration, before any paid call; a policy built only to replay recorded runs is never asked."""
+
 
 class Signal(Policy):
     """A policy that fires or not: budgets and convergence detectors."""

@@ -21,19 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomc.errors import ConfigError, LoomcError
+from loomc.errors import ConfigError, EmbeddingsUnavailable
 from loomc.history import History
 from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, name_of
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DISTANCE, VECTOR = "semantic_delta", "semantic_delta.vector"
 
+_NEEDS_PACKAGE = 'semantic_delta needs sentence-transformers: pip install "loomc[embeddings]"'
 _models: dict[str, Any] = {}
 _models_lock = threading.Lock()
-
-
-class EmbeddingsUnavailable(LoomcError, ImportError):
-    """sentence-transformers, or the model's weights, cannot be loaded here."""
 
 
 def load_model(model: Any = DEFAULT_MODEL) -> Any:
@@ -53,8 +50,7 @@ def load_model(model: Any = DEFAULT_MODEL) -> Any:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
-            raise EmbeddingsUnavailable(
-                'semantic_delta needs sentence-transformers: pip install "loomc[embeddings]"') from None
+            raise EmbeddingsUnavailable(_NEEDS_PACKAGE) from None
         loaded = None
         if os.path.isdir(key):
             loaded = SentenceTransformer(key, device="cpu")
@@ -114,6 +110,12 @@ class _Embedder(Probe):
     model: Any
     embed_fn: Callable[[list[str]], Any] | None
     _loaded: list[Any] = field(default_factory=list, compare=False)
+
+    def check_installed(self) -> None:
+        if self.embed_fn is None and isinstance(self.model, (str, os.PathLike)):
+            import importlib.util  # finds the package without importing it (and torch with it)
+            if importlib.util.find_spec("sentence_transformers") is None:
+                raise EmbeddingsUnavailable(_NEEDS_PACKAGE + ", or pass embed_fn= (any function texts -> vectors)")
 
     def _embed(self, text: str) -> list[float]:
         if self.embed_fn is not None:

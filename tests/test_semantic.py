@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from decimal import Decimal
 
 import pytest
 
-from loomc import Budget, loop, semantic_delta
+from loomc import Budget, LastGood, loop, semantic_delta
 from loomc.semantic import DISTANCE, VECTOR, cosine_distance, load_model
 
 pytest.importorskip("sentence_transformers")
@@ -120,8 +121,41 @@ def test_a_text_fn_that_finds_no_text_fails_its_step_instead_of_converging_on_no
 
 
 def test_import_loomc_and_building_the_detector_import_no_torch():
-    code = "import sys, loomc\nloomc.semantic_delta(0.05)\nprint('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    code = ("import sys, loomc\nloomc.loop(converge_on=loomc.semantic_delta(0.05), checkpoint='memory')(lambda s: s)\n"
+            "print('torch' in sys.modules, 'sentence_transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False False"
+
+
+def test_without_sentence_transformers_a_loop_is_refused_before_its_first_call(monkeypatch):
+    """Regression: the missing extra was found by the first step, after its paid call, as that step's error."""
+    from loomc.errors import EmbeddingsUnavailable
+    from loomc.history import History, Step
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if it were not installed
+    with pytest.raises(EmbeddingsUnavailable, match=r'pip install "loomc\[embeddings\]", or pass embed_fn='):
+        loop(converge_on=semantic_delta(0.05), checkpoint="memory")
+    # Nothing is needed where no model is asked: an embed_fn of your own, or replaying recorded distances.
+    loop(converge_on=semantic_delta(0.05, embed_fn=lambda texts: [[1.0]] * len(texts)), checkpoint="memory")
+    recorded = History([Step(0, "a"), Step(1, "b", metrics={DISTANCE: 0.01})])
+    assert semantic_delta(0.05).replay(recorded).stopped_after == 2
+
+
+def test_a_model_that_cannot_load_stops_a_loop_with_a_backtracker_after_one_call():
+    """Regression: with LastGood, each step failed to load the model and the loop went on, paying for
+    calls it could never measure, and counted none of their cost (cost_fn came after the embedding)."""
+    calls = []
+
+    @loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, model="no-such-model"),
+          backtrack=LastGood(), cost_fn=lambda s: 0.1,
+          checkpoint="memory")
+    def draft(state):
+        calls.append(state)
+        return state + "x"
+
+    run = draft.run("a")
+    assert run.status == "failed" and len(calls) == 1 and run.history.total_cost == Decimal("0.1")
+    assert run.reason.startswith("EmbeddingsUnavailable: the embedding model 'no-such-model' is not in the local")
+    assert run.reason.endswith("; every call would meet this again, so the run stopped instead of going on from "
+                               "another state")
 
 
 def test_without_sentence_transformers_the_error_says_what_to_install():

@@ -13,6 +13,7 @@ import pytest
 from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, NoStateReturned, Outcome,
                    PolicyTypeError, StallError, always, judge, loop, never, predicate, score_plateau,
                    semantic_delta)
+from conftest import sync_or_async
 from loomc.budget import DEFAULT_BUDGET
 from loomc.history import History, Step
 
@@ -767,6 +768,27 @@ def test_a_scorer_and_a_judge_may_charge_their_own_calls_and_a_predicate_is_told
                                          r"use judge\(fn\), whose charges join the step") as caught:
         other(0)
     assert caught.value.history.total_cost == Decimal("0.10") and caught.value.state == 1  # the paid step is kept
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_judge_that_raises_does_not_hide_what_the_call_cost_from_the_usd_cap(aio):
+    """Regression: a judge ran before cost_fn, so a judge that raised (its own API down) left the paid
+    step at $0. With LastGood the loop went on, and the USD cap never saw the spend."""
+    calls = []
+
+    def broken_judge(state):
+        raise ConnectionError("the grading model is down")
+
+    async def async_cost(state):
+        return 0.1
+
+    runner = loop(budget=Budget(usd=0.35, iterations=20), converge_on=judge(broken_judge), backtrack=LastGood(),
+                  cost_fn=async_cost if aio else (lambda state: 0.1), checkpoint="memory")(
+        sync_or_async(lambda state: calls.append(state) or state + 1, aio))
+    run = asyncio.run(runner.run(0)) if aio else runner.run(0)
+    assert run.status == "budget_exhausted" and len(calls) == 3 and run.total_cost == Decimal("0.3")
+    assert [s.cost for s in run.history] == [Decimal("0.1")] * 3
+    assert run.history[0].error == "ConnectionError: the grading model is down" and run.history[0].state == 1
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
