@@ -595,16 +595,17 @@ class _Wait:
         await asyncio.sleep(self.seconds)
 
 
-#: Errors that say loomc is set up wrongly (a missing extra, a bad setting): every call would meet them
-#: again, so a backtracker does not go on from them, paying for calls whose result cannot be measured.
-_SETUP_ERRORS = (ConfigError, EmbeddingsUnavailable)
+#: Errors that say the loop is set up wrongly (a missing extra, a bad setting, an fn that forgot to return
+#: its state): the next call would meet them again, so a backtracker does not go on from them, paying for
+#: calls whose result cannot be measured or priced.
+_SETUP_ERRORS = (ConfigError, EmbeddingsUnavailable, NoStateReturned)
 
 
 def _setup(exc: BaseException | None, error: str) -> str:
     """Why a run with a backtracker stopped on a setup error, as its reason and a note."""
-    reason = f"{error}; every call would meet this again, so the run stopped instead of going on from another state"
+    reason = f"{error}; the next call would meet it again, so the run stopped instead of going on from another state"
     if exc is not None and hasattr(exc, "add_note"):
-        exc.add_note("loomc: fix the setup, then resume the run")
+        exc.add_note("loomc: fix it, then resume the run")
     return reason
 
 

@@ -154,7 +154,7 @@ def test_a_model_that_cannot_load_stops_a_loop_with_a_backtracker_after_one_call
     run = draft.run("a")
     assert run.status == "failed" and len(calls) == 1 and run.history.total_cost == Decimal("0.1")
     assert run.reason.startswith("EmbeddingsUnavailable: the embedding model 'no-such-model' is not in the local")
-    assert run.reason.endswith("; every call would meet this again, so the run stopped instead of going on from "
+    assert run.reason.endswith("; the next call would meet it again, so the run stopped instead of going on from "
                                "another state")
 
 

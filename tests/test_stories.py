@@ -376,13 +376,23 @@ def test_a_fn_that_forgets_to_return_its_state_fails_on_that_step_saying_so():
         loop(budget=Budget(iterations=3), checkpoint="memory")(refine)({"draft": "a"})
     assert len(e.value.history) == 1 and e.value.history[0].error.startswith("NoStateReturned")
 
-    async def arefine(state):
-        state["draft"] += "!"
+    # With a backtracker the run stops too. Regression: LastGood went on, and each call that lost its
+    # `return` on one branch was paid for, but cost_fn had no state to price, so the USD cap never saw it.
+    calls = []
 
-    retried = loop(budget=Budget(iterations=2), backtrack=LastGood(), checkpoint="memory")(arefine)
+    async def arefine(state):
+        calls.append(state)
+        if len(calls) == 1:
+            return {"draft": "ab"}
+        state = {"draft": state["draft"] + "!"}  # this branch forgot its return
+
+    retried = loop(budget=Budget(usd=0.35, iterations=10), backtrack=LastGood(), cost_fn=lambda s: 0.1,
+                   checkpoint="memory")(arefine)
     run = asyncio.run(retried.run({"draft": "a"}))
-    assert [s.error.split(":")[0] for s in run.history] == ["NoStateReturned", "NoStateReturned"]
-    assert run.status == "budget_exhausted" and run.state == {"draft": "a"}
+    assert [s.error and s.error.split(":")[0] for s in run.history] == [None, "NoStateReturned"]
+    assert run.status == "failed" and len(calls) == 2 and run.state == {"draft": "ab"}
+    assert run.reason.endswith("; the next call would meet it again, so the run stopped instead of going on from "
+                               "another state")
 
 
 def test_a_backtrack_alone_continues_from_the_best_state():
