@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import sys
 from decimal import Decimal
 from fractions import Fraction
@@ -444,6 +445,15 @@ def test_only_policies_and_functions_compose(junk):
         score_plateau(3) | junk
     with pytest.raises(PolicyTypeError):
         junk & score_plateau(3)
+
+
+def test_a_number_where_a_policy_goes_is_read_as_a_target_score_in_the_hint():
+    with pytest.raises(PolicyTypeError, match=re.escape(
+            "; to stop once a step scores 0.95 or more, write predicate(lambda h: (h[-1].score or 0) >= 0.95)")):
+        loop(converge_on=0.95, scorer=lambda s: s)
+    with pytest.raises(PolicyTypeError) as caught:
+        score_plateau(3) | True
+    assert "to stop once" not in str(caught.value)
 
 
 def test_bool_of_a_policy_raises_so_or_cannot_pick_one():
