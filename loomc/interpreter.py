@@ -872,8 +872,9 @@ def _in_step(name: str) -> LiveRun:
         raise LoomcError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
                          "decorated with @loop. A thread that fn starts does not carry the loop's context: "
                          "submit its work as pool.submit(contextvars.copy_context().run, work, ...) "
-                         "(asyncio.to_thread does this for you). A predicate in the policy cannot charge: "
-                         "for a verdict that costs money use judge(fn), whose charges join the step")
+                         "(asyncio.to_thread does this for you)." + (
+                             " A predicate in the policy cannot charge: for a verdict that costs money use "
+                             "judge(fn), whose charges join the step" if "charge" in name else ""))
     if run.in_flight < 0:
         raise LoomcError(f"loomc.{name}() was called for run {run.id} after its step ended (from a thread fn "
                          "left running?); charge before fn returns, so the spend joins its step")

@@ -715,8 +715,9 @@ def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd
     seen.clear()
     loop(budget=Budget(usd=1, iterations=1), checkpoint="memory")(holding_parent).run({"todo": 1})
     assert seen == [Decimal("1")]
-    with pytest.raises(LoomcError, match=r"loomc.usd_left\(\) was called outside a loop iteration"):
+    with pytest.raises(LoomcError, match=r"loomc.usd_left\(\) was called outside a loop iteration") as caught:
         loomc.usd_left()
+    assert "cannot charge" not in str(caught.value)  # the charge() hint is for charge()
 
 
 def test_loop_without_parentheses_decorates_with_the_defaults(tmp_path, monkeypatch):
