@@ -254,7 +254,8 @@ class _Spine:
     def __init__(self, steps: list[Step]) -> None:
         self.steps = steps
         self.memo: dict[Hashable, list[Any]] = {}
-        self.sums: list[_Summary] = [_EMPTY]  # the summary fold, kept apart: every step reads it
+        # The summary fold, kept apart and up to date (one entry per prefix): every step reads it.
+        self.sums: list[_Summary] = list(toolz.accumulate(_summarise, steps, _EMPTY))
 
 
 class History(Sequence[Step]):
@@ -287,8 +288,9 @@ class History(Sequence[Step]):
             old = spine
             spine = _Spine(old.steps[: self._n])
             spine.memo = {k: v[: self._n + 1] for k, v in old.memo.items()}
-            spine.sums = old.sums[: self._n + 1]
         spine.steps.append(step)
+        sums = spine.sums
+        sums.append(_summarise(sums[-1], step))
         h = _new_object(History)  # History._view, written out: the loop appends on every step
         h._spine, h._n = spine, self._n + 1
         return h
@@ -376,13 +378,9 @@ class History(Sequence[Step]):
     # Derivations every policy and the CLI need.
 
     def _summary(self) -> _Summary:
-        """``fold(_summarise)``, written out: budgets, backtrackers and commits read it on every step."""
-        sums, n = self._spine.sums, self._n
-        if len(sums) <= n:
-            steps = self._spine.steps
-            for i in range(len(sums) - 1, n):
-                sums.append(_summarise(sums[-1], steps[i]))
-        return sums[n]
+        """``fold(_summarise)``, kept up to date by ``append``: budgets, backtrackers and commits read it on
+        every step."""
+        return self._spine.sums[self._n]
 
     @property
     def total_cost(self) -> Decimal:
