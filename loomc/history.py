@@ -357,23 +357,18 @@ class History(Sequence[Step]):
 
         ``key`` must identify ``fn`` and ``init`` (a frozen policy value works).
         """
-        n = self._n
         memo = self._spine.memo.get(key)
-        if memo is None:
-            memo = self._spine.memo[key] = [init]
-        done = len(memo) - 1  # steps folded so far
-        if done >= n:
-            return memo[n]  # type: ignore[no-any-return]
-        steps = self._spine.steps
-        if done == n - 1:  # the usual case in a live loop: one new step
-            value = fn(memo[-1], steps[done])
+        if memo is not None and len(memo) == self._n:  # the usual case in a live loop: one new step
+            value = fn(memo[-1], self._spine.steps[self._n - 1])
             memo.append(value)
             return value
-        value = memo[-1]
-        for i in range(done, n):
+        if memo is None:
+            memo = self._spine.memo[key] = [init]
+        steps, value = self._spine.steps, memo[-1]
+        for i in range(len(memo) - 1, self._n):
             value = fn(value, steps[i])
             memo.append(value)
-        return value  # type: ignore[no-any-return]
+        return memo[self._n]  # type: ignore[no-any-return]
 
     # Derivations every policy and the CLI need.
 
