@@ -489,8 +489,8 @@ class _Finish:
 def stored(step: Step) -> StoredStep:
     """The store's form of a step; :class:`StateEncodeError` if its state is not JSON-friendly."""
     state = step.state
-    return _new_tuple(StoredStep, (step[0], None if state is None else codec.encode(state), step[1], step[2],
-                                   step[3], step[4], step[5], step[6], step[7]))
+    # StoredStep is (n, state_json, then the Step's own fields 1 to 7: cost ... events).
+    return _new_tuple(StoredStep, (step[0], None if state is None else codec.encode(state), *step[1:8]))
 
 
 _BACKTRACK, _CONTINUE, _STALLED = Outcome.BACKTRACK, Outcome.CONTINUE, Outcome.STALLED
