@@ -232,7 +232,8 @@ def as_policy(value: Any, side: str = "operand") -> Policy:
         return Predicate(value)
     hint = ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):  # converge_on=0.95: a target score
-        hint = f"; to stop once a step scores {value!r} or more, write predicate(lambda h: (h[-1].score or 0) >= {value!r})"
+        hint = (f"; to stop once a step scores {value!r} or more, write "
+                f"predicate(lambda h: (h[-1].score or 0) >= {value!r})")
     raise PolicyTypeError(
         f"cannot combine a policy with {type(value).__name__} {value!r} ({side}): "
         "use a policy (score_plateau(...), Budget(...), never, always) "
