@@ -79,7 +79,7 @@ def time_hand_written(path: Path, durability: str, steps: int) -> tuple[float, f
     return elapsed / steps, cpu / steps
 
 
-def overhead(tmp: Path, rounds: int = 5) -> None:
+def overhead(tmp: Path, rounds: int = 9) -> None:
     print("overhead: 5,000 steps, full policy + scorer + cost_fn vs a hand-written INSERT+COMMIT loop")
     print(f"  ({rounds} interleaved rounds; the ratio is best against best, since the machine is shared and noisy;")
     print("   the range is that of the rounds' own ratios)")
