@@ -316,11 +316,18 @@ class _Call(tuple):  # type: ignore[type-arg]
                         except Exception as e:
                             run.blind = e  # the call's cost is unknown
                             raise
-                    for probe in run.probes:
-                        found = probe.measure(new_state, run.history)
-                        metrics.update(await found if inspect.isawaitable(found) else found)
-                    if run.awaits_score:
-                        score = await run.scorer(new_state)  # type: ignore[misc]
+                    if run.probes or run.awaits_score:
+                        # Judges and the scorer are cut short at the wall-clock deadline, as fn is; the
+                        # price above never is, so that what the call cost is always counted.
+                        judging = _judged(run, new_state, metrics)
+                        left = None if run.wall_cap is None else run.wall_cap - run.elapsed(run.clock())
+                        score = await (judging if left is None else asyncio.wait_for(judging, max(left, 0.0)))
+                except asyncio.TimeoutError as e:
+                    over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
+                    exc = DeadlineExceeded(
+                        f"the wall-clock budget ({run.wall_cap:g}s) ran out while the call's result was being "
+                        "measured (a judge or the scorer), which was cancelled; the state fn returned is kept on "
+                        "this step") if over else e
                 except BaseException as e:  # cancelled while measuring: fn's state is kept, then it stops
                     exc = e
             return _settle(run, n, new_state, exc, wall, t0, metrics, score)
@@ -329,6 +336,15 @@ class _Call(tuple):  # type: ignore[type-arg]
 
 
 _UNSET: Any = object()  # a score not yet measured
+
+
+async def _judged(run: LiveRun, state: Any, metrics: dict[str, Any]) -> Any:
+    """An async loop's measurements of ``state`` after its price: each probe's metrics (into ``metrics``),
+    then the score an ``async def`` scorer gives (``_UNSET`` if the scorer is sync: ``_settle`` asks it)."""
+    for probe in run.probes:
+        found = probe.measure(state, run.history)
+        metrics.update(await found if inspect.isawaitable(found) else found)
+    return await run.scorer(state) if run.awaits_score else _UNSET  # type: ignore[misc]
 
 
 def _returned_none(run: LiveRun) -> NoStateReturned:

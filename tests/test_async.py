@@ -13,7 +13,7 @@ import pytest
 
 import loomc
 from loomc import (AsyncLoopRunner, BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, SQLiteStore,
-                   SpecChangedWarning, StallError, loop, predicate, score_plateau)
+                   SpecChangedWarning, StallError, judge, loop, predicate, score_plateau)
 
 
 def run(coro):
@@ -98,6 +98,29 @@ def test_a_hung_iteration_is_cancelled_at_a_one_second_wall_clock(tmp_path):
     assert history[1].events == ("budget exhausted",)
     assert SQLiteStore(db).get_run(e.value.run_id).status == "budget_exhausted"
     assert e.value.state == 1
+
+
+def test_a_hung_judge_is_cancelled_at_the_wall_clock_deadline_and_the_paid_step_is_kept(tmp_path):
+    """Regression: only fn was cut short at the deadline; a judge that hung held a 1 s run for as
+    long as it hung. Now the judge is cancelled too, and the step keeps fn's state and its price."""
+    db = str(tmp_path / "j.db")
+
+    async def hung_judge(state):
+        await asyncio.sleep(30)  # without the deadline the run takes this long, and fails the check below
+
+    @loop(budget=Budget(wall_clock="1s"), converge_on=judge(hung_judge), cost_fn=lambda s: 0.1, checkpoint=db)
+    async def draft(state):
+        return state + 1
+
+    t0 = time.monotonic()
+    with pytest.raises(BudgetExhausted) as e:
+        run(draft(0))
+    assert time.monotonic() - t0 < 5, "the judge was cancelled at the deadline, not awaited"
+    (step,) = e.value.history
+    assert step.error.startswith("DeadlineExceeded: the wall-clock budget (1s) ran out while the call's result "
+                                 "was being measured (a judge or the scorer)")
+    assert step.state == 1 and step.cost == Decimal("0.1") and step.events == ("budget exhausted",)
+    assert SQLiteStore(db).get_run(e.value.run_id).total_cost == Decimal("0.1")
 
 
 def test_forty_concurrent_loops_share_one_store_without_mixing_histories(tmp_path):
