@@ -172,6 +172,31 @@ class ParentCap(Signal):
         return f"parent_cap(run={self.parent!r}, usd={float(self.usd)!r})"
 
 
+@dataclass(frozen=True, repr=False)
+class ParentClock(Signal):
+    """The wall-clock time a parent run's budget leaves for one child run (nested loops).
+
+    Added to a child's policy when it starts inside a run with a wall-clock cap (or inside one
+    nested in such a run). Before each of the child's calls, ``time_left()`` gives the active
+    seconds left to the parent's step; the child stops when there are none. Once that step is
+    over it gives ``None`` and never fires (a replay of the child's history has no parent clock).
+    """
+
+    parent: str
+    time_left: Callable[[], float | None] = field(compare=False)
+
+    kind = max_outcome = Outcome.BUDGET_EXHAUSTED
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        left = self.time_left()
+        if left is not None and left <= 0:
+            return f"wall_clock: the parent run {self.parent}'s wall-clock budget has no time left for this child"
+        return None
+
+    def __repr__(self) -> str:
+        return f"parent_clock(run={self.parent!r})"
+
+
 def budget_from_repr(text: str) -> Budget | None:
     """The Budget whose ``repr`` is ``text`` (as a run's notes record a raise), or None if it is not one."""
     import ast

@@ -165,6 +165,13 @@ class LiveRun:
         what its children hold for their own steps in flight."""
         return usd_room(self.policy, self.history, self.pending + self.reserved, self.holds)
 
+    def time_left(self) -> float | None:
+        """Active seconds this run's wall-clock cap still allows, and those of every run it is nested in
+        (the least of them); ``None`` when none of them has a wall-clock cap."""
+        left = None if self.wall_cap is None else self.wall_cap - self.elapsed(self.clock())
+        above = None if self.parent is None else self.parent.time_left()
+        return above if left is None else left if above is None else min(left, above)
+
     def hold(self, usd: Decimal) -> None:
         """A child run's step starts: hold its estimate of the parent's room until the step is billed."""
         parent = self.parent

@@ -26,7 +26,7 @@ from typing import Any
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
-from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, budget_from_repr, raised
+from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, warn_at_caller)
 from loomc.history import IN_STORE, ZERO, History, Step
@@ -273,12 +273,14 @@ class LoopRunner:
     def _live(self, run_id: str, policy: Policy, history: History, initial: Any, initial_json: str | None,
               source: Step | None, state_type: Any, drive: Drive, prior_active: float = 0.0,
               parent: LiveRun | None = None) -> LiveRun:
-        if parent is not None:  # the parent's USD cap binds the child
-            room = parent.usd_room()
-            if room is not None:
-                step = parent.in_flight  # siblings started in this step share the parent's room while it runs
+        if parent is not None:  # the parent's USD and wall-clock caps bind the child
+            room, step = parent.usd_room(), parent.in_flight
+            if room is not None:  # siblings started in this step share the parent's room while it runs
                 policy = either(policy, ParentCap(parent.id, room + history.total_cost,
                                                   lambda: parent.usd_room() if parent.in_flight == step else None))
+            if parent.time_left() is not None:
+                policy = either(policy, ParentClock(
+                    parent.id, lambda: parent.time_left() if parent.in_flight == step else None))
         return LiveRun(id=run_id, fn=self.fn, policy=policy, store=self.store, owner=drive.owner, history=history,
                        initial_state=initial, source=source, clock=self.clock, prior_active=prior_active,
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,

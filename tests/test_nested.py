@@ -44,6 +44,36 @@ def test_the_parents_cap_binds_the_child_and_the_child_says_so(tmp_path):
     assert run.total_cost == Decimal("1.00") and run.status == "budget_exhausted", "never over the parent's cap"
 
 
+def test_the_parents_wall_clock_binds_its_children_down_every_level(tmp_path):
+    """Regression: a child ran its own 30 calls of 0.1 s inside one step of a parent capped at 1 s, so
+    the parent's run took 3 s; only the USD cap was passed down."""
+    from conftest import FakeClock
+    db, clock = str(tmp_path / "clock.db"), FakeClock()
+
+    @loop(budget=Budget(iterations=30), clock=clock, checkpoint=db)
+    def grandchild(state):
+        clock.advance(0.1)  # each call takes 0.1 s of everybody's time
+        return state + 1
+
+    @loop(budget=Budget(iterations=5), clock=clock, checkpoint=db)  # no wall-clock cap of its own
+    def child(state):
+        return grandchild.run(state).state
+
+    @loop(budget=Budget(wall_clock="1s", iterations=5), clock=clock, checkpoint=db)
+    def parent(state):
+        clock.advance(0.35)  # the parent's own call, before it starts the child
+        return child.run(state).state
+
+    with pytest.raises(loomc.BudgetExhausted) as e:
+        parent(0)
+    store = SQLiteStore(db)
+    kid, grandkid = store.get_run(f"{e.value.run_id}-0-0"), store.get_run(f"{e.value.run_id}-0-0-0-0")
+    assert grandkid.steps == 7 and grandkid.status == "budget_exhausted"  # 0.35 s + 7 x 0.1 s passes 1 s
+    assert grandkid.reason == f"wall_clock: the parent run {kid.id}'s wall-clock budget has no time left for this child"
+    assert kid.steps == 1 and kid.status == "budget_exhausted" and e.value.state == 7
+    assert len(e.value.history) == 1 and re.match(r"wall_clock: 1\.\ds active of 1s$", e.value.reason)
+
+
 def test_exact_totals_across_three_levels(tmp_path):
     db = str(tmp_path / "three.db")
 
