@@ -138,7 +138,11 @@ def what_next(run: RunRecord, through_parent: bool = False) -> str:
         return f"resume its parent run {clean(run.parent_run_id)}, which goes on with it"
     command = f"loomc resume {clean(run.id)}"
     if run.status == "budget_exhausted":
-        cap = (run.reason or "").partition(":")[0]
+        cap, _, why = (run.reason or "").partition(":")
+        if cap in _RAISE and run.parent_run_id is not None and why.startswith(f" the parent run {run.parent_run_id}'s"):
+            # Stopped by its parent's cap (parent_cap, parent_clock): a cap of its own would not help.
+            return (f"its parent's cap stopped it: `loomc resume {clean(run.parent_run_id)} {_RAISE[cap]}` "
+                    "gives the parent more")
         if cap in _RAISE:
             return f"`{command} {_RAISE[cap]}` continues it under a larger cap"
     if run.status == "stalled":

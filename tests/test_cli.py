@@ -379,6 +379,11 @@ def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
     ("cancelled", "KeyboardInterrupt", None, "`loomc resume r` continues it"),
     ("failed", "RuntimeError: boom", "p", "resume its parent run p, which goes on with it"),
     ("failed", "RuntimeError: boom", "q", "`loomc resume r` continues it"),  # the parent committed that step
+    ("budget_exhausted", "wall_clock: the parent run q's wall-clock budget has no time left for this child", "q",
+     "its parent's cap stopped it: `loomc resume q --wall-clock 30m` gives the parent more"),
+    ("budget_exhausted", "usd: the parent run q's budget leaves $0.3000 for this child; $0.3000 spent + $0.1000 "
+     "for the next step would pass it", "q",
+     "its parent's cap stopped it: `loomc resume q --budget-usd X` gives the parent more"),
 ])
 def test_show_says_how_to_go_on_with_a_run_that_stopped_short(status, reason, parent, hint):
     from loomc.cli import show_table
