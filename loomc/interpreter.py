@@ -298,16 +298,12 @@ class _Call(tuple):  # type: ignore[type-arg]
             try:
                 result = run.fn(state)
                 if inspect.isawaitable(result):
-                    left = None if run.wall_cap is None else run.wall_cap - run.elapsed(t0)
-                    result = await (result if left is None else asyncio.wait_for(result, max(left, 0.0)))
+                    result = await _by_deadline(run, result, t0)
                 if result is None:
                     raise _returned_none(run)
                 new_state, exc = result, None
             except asyncio.TimeoutError as e:
-                over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
-                new_state, exc = None, (DeadlineExceeded(
-                    f"the wall-clock budget ({run.wall_cap:g}s) ran out during this call, which was cancelled")
-                    if over else e)
+                new_state, exc = None, _past_deadline(run, e, "during this call, which was cancelled")
             except RunLocked:
                 raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:
@@ -326,15 +322,10 @@ class _Call(tuple):  # type: ignore[type-arg]
                     if run.probes or run.awaits_score:
                         # Judges and the scorer are cut short at the wall-clock deadline, as fn is; the
                         # price above never is, so that what the call cost is always counted.
-                        judging = _judged(run, new_state, metrics)
-                        left = None if run.wall_cap is None else run.wall_cap - run.elapsed(run.clock())
-                        score = await (judging if left is None else asyncio.wait_for(judging, max(left, 0.0)))
+                        score = await _by_deadline(run, _judged(run, new_state, metrics), run.clock())
                 except asyncio.TimeoutError as e:
-                    over = run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap
-                    exc = DeadlineExceeded(
-                        f"the wall-clock budget ({run.wall_cap:g}s) ran out while the call's result was being "
-                        "measured (a judge or the scorer), which was cancelled; the state fn returned is kept on "
-                        "this step") if over else e
+                    exc = _past_deadline(run, e, "while the call's result was being measured (a judge or the "
+                                         "scorer), which was cancelled; the state fn returned is kept on this step")
                 except BaseException as e:  # cancelled while measuring: fn's state is kept, then it stops
                     exc = e
             return _settle(run, n, new_state, exc, wall, t0, metrics, score)
@@ -343,6 +334,22 @@ class _Call(tuple):  # type: ignore[type-arg]
 
 
 _UNSET: Any = object()  # a score not yet measured
+
+
+async def _by_deadline(run: LiveRun, awaitable: Any, now: float) -> Any:
+    """``await awaitable``, cancelled once the run's wall-clock cap is reached (``now`` on the run's clock)."""
+    if run.wall_cap is None:
+        return await awaitable
+    import asyncio
+    return await asyncio.wait_for(awaitable, max(run.wall_cap - run.elapsed(now), 0.0))
+
+
+def _past_deadline(run: LiveRun, e: BaseException, what: str) -> BaseException:
+    """What a TimeoutError ``e`` means: DeadlineExceeded (the budget ran out ``what``) if the run's wall-clock
+    cap is reached, else ``e`` itself (a timeout of fn's own)."""
+    if run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap:
+        return DeadlineExceeded(f"the wall-clock budget ({run.wall_cap:g}s) ran out {what}")
+    return e
 
 
 async def _judged(run: LiveRun, state: Any, metrics: dict[str, Any]) -> Any:
