@@ -24,17 +24,24 @@
   says so; pass ``batch=True`` for results of the OpenAI Batch API, whose responses do not.
 - Money stays ``Decimal`` from the price to the ledger.
 - A model genai-prices does not know is refused when the adapter is built, unless you pass
-  explicit ``rates`` (dollars per million tokens).
-- A response without usage raises :class:`UsageMissing` when a USD budget applies: never a
-  silent zero that would let the budget overspend.
+  explicit ``rates`` (dollars per million tokens; tool calls per thousand). Other models a
+  response bills (an advisor, a fallback) can be given ``model_rates={name: rates}``.
+- Paid tool calls are priced too: Anthropic's web searches (``server_tool_use``) and the
+  Responses API's ``web_search_call`` and ``file_search_call`` output items.
+- An Anthropic response with ``usage.iterations`` (compaction, an advisor, a fallback model) is
+  priced iteration by iteration, each at its own model's prices: compaction and advisor tokens
+  are not in the top-level counts.
+- A response without usage raises :class:`UsageMissing` when a USD budget applies, and any other
+  part whose price is unknown raises :class:`~loomc.CostUnknown`: never a silent zero that would
+  let the budget overspend.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -43,7 +50,13 @@ from loomc.errors import ConfigError, CostUnknown, LoomcError
 from loomc.history import to_decimal
 
 MILLION = Decimal(1_000_000)
-RATE_KEYS = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
+THOUSAND = Decimal(1_000)
+TOKEN_RATES = ("input", "output", "cache_read", "cache_write", "cache_write_1h")  # dollars per million tokens
+CALL_RATES = ("web_search", "file_search")  # dollars per thousand tool calls
+RATE_KEYS = TOKEN_RATES + CALL_RATES
+# genai-prices' name for each paid tool call, and its price field (dollars per thousand calls).
+_CALLS = {"web_search": ("web_searches", "web_searches_kcount"),
+          "file_search": ("storage_searches", "storage_searches_kcount")}
 
 
 class UsageMissing(CostUnknown):
@@ -66,9 +79,16 @@ class TokenUsage:
     cache_write_1h: int | None = None
     reasoning: int = 0
     context: tuple[tuple[str, str], ...] = ()  # genai-prices price_context: tier, batch, speed
+    web_search: int = 0  # paid tool calls, priced per call
+    file_search: int = 0
+
+    def calls(self) -> dict[str, int]:
+        """The paid tool calls made, by kind (``web_search``, ``file_search``)."""
+        return {kind: n for kind in CALL_RATES if (n := getattr(self, kind))}
 
     def __post_init__(self) -> None:
-        if min(self.input, self.output, self.cache_read, self.cache_write, self.reasoning) < 0:
+        if min(self.input, self.output, self.cache_read, self.cache_write, self.reasoning, self.web_search,
+               self.file_search) < 0:
             raise ValueError(f"negative token counts in {self}")
         if self.cache_read + self.cache_write > self.input:
             raise ValueError(f"cache reads and writes ({self.cache_read} + {self.cache_write}) exceed the "
@@ -89,30 +109,46 @@ def _n(value: Any) -> int:
     return int(value or 0)
 
 
-def anthropic_usage(response: Any) -> TokenUsage:
-    """TokenUsage of an Anthropic ``Message`` (an SDK object or its dict)."""
+def _anthropic_tokens(usage: Any, context: tuple[tuple[str, str], ...] = (), web_search: int = 0) -> TokenUsage:
+    """TokenUsage of an Anthropic usage block: the top-level one, or one entry of ``usage.iterations``."""
+    written, read = _n(_get(usage, "cache_creation_input_tokens")), _n(_get(usage, "cache_read_input_tokens"))
+    split = _get(usage, "cache_creation")
+    return TokenUsage(input=_n(_get(usage, "input_tokens")) + written + read, output=_n(_get(usage, "output_tokens")),
+                      cache_read=read, cache_write=written,
+                      cache_write_5m=None if split is None else _n(_get(split, "ephemeral_5m_input_tokens")),
+                      cache_write_1h=None if split is None else _n(_get(split, "ephemeral_1h_input_tokens")),
+                      reasoning=_n(_get(_get(usage, "output_tokens_details"), "thinking_tokens")),
+                      context=context, web_search=web_search)
+
+
+def _anthropic_usage_block(response: Any) -> Any:
     usage = _get(response, "usage")
     if usage is None:
         raise UsageMissing("the Anthropic response has no usage")
-    written, read = _n(_get(usage, "cache_creation_input_tokens")), _n(_get(usage, "cache_read_input_tokens"))
-    split = _get(usage, "cache_creation")
-    five = _get(split, "ephemeral_5m_input_tokens")
-    hour = _get(split, "ephemeral_1h_input_tokens")
+    return usage
+
+
+def anthropic_usage(response: Any) -> TokenUsage:
+    """TokenUsage of an Anthropic ``Message`` (an SDK object or its dict), from its top-level counts.
+
+    ``AnthropicAdapter`` also prices ``usage.iterations`` (compaction, advisor and fallback
+    iterations), which these counts leave out or price at another model.
+    """
+    usage = _anthropic_usage_block(response)
     context = []
     if _get(usage, "service_tier") == "batch":
         context.append(("processing", "batch"))
     if _get(usage, "speed") == "fast":
         context.append(("speed", "fast"))
-    return TokenUsage(input=_n(_get(usage, "input_tokens")) + written + read, output=_n(_get(usage, "output_tokens")),
-                      cache_read=read, cache_write=written,
-                      cache_write_5m=None if split is None else _n(five),
-                      cache_write_1h=None if split is None else _n(hour),
-                      reasoning=_n(_get(_get(usage, "output_tokens_details"), "thinking_tokens")),
-                      context=tuple(context))
+    return _anthropic_tokens(usage, tuple(context), _n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
 
 
 def openai_usage(response: Any) -> TokenUsage:
-    """TokenUsage of an OpenAI ``ChatCompletion`` or Responses-API ``Response`` (object or dict)."""
+    """TokenUsage of an OpenAI ``ChatCompletion`` or Responses-API ``Response`` (object or dict).
+
+    The Responses API's ``web_search_call`` and ``file_search_call`` output items are counted as
+    paid tool calls.
+    """
     usage = _get(response, "usage")
     if usage is None:
         raise UsageMissing("the OpenAI response has no usage (for a stream, ask for "
@@ -126,24 +162,36 @@ def openai_usage(response: Any) -> TokenUsage:
                           cache_write=_n(_get(details, "cache_write_tokens")),
                           reasoning=_n(_get(out, "reasoning_tokens")), context=context)
     details, out = _get(usage, "input_tokens_details"), _get(usage, "output_tokens_details")
+    kinds = [_get(item, "type") for item in _get(response, "output") or ()]
     return TokenUsage(input=_n(_get(usage, "input_tokens")), output=_n(_get(usage, "output_tokens")),
                       cache_read=_n(_get(details, "cached_tokens")),
                       cache_write=_n(_get(details, "cache_write_tokens")),
-                      reasoning=_n(_get(out, "reasoning_tokens")), context=context)
+                      reasoning=_n(_get(out, "reasoning_tokens")), context=context,
+                      web_search=kinds.count("web_search_call"), file_search=kinds.count("file_search_call"))
+
+
+Line = tuple[str, TokenUsage]  # a model and the usage billed at its prices
+Priced = tuple[Decimal, CostUnknown | None]  # the dollars known, and what could not be priced
 
 
 class _Adapter:
     provider = ""
 
     def __init__(self, model: str, *, rates: Mapping[str, float | str | Decimal] | None = None,
-                 batch: bool = False) -> None:
+                 batch: bool = False,
+                 model_rates: Mapping[str, Mapping[str, float | str | Decimal]] | None = None) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{type(self).__name__}(model={model!r}): give the model name you call")
-        self.model = model.split("/", 1)[1] if model.startswith(f"{self.provider}/") else model
+        self.model = self._name(model)
         self.batch = batch
         self.rates = None if rates is None else _rates(rates)
+        self.model_rates = {self._name(name): _rates(r, f"model_rates[{name!r}]")
+                            for name, r in (model_rates or {}).items()}
         if self.rates is None:
             self._check_known()
+
+    def _name(self, model: str) -> str:
+        return model.split("/", 1)[1] if model.startswith(f"{self.provider}/") else model
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model!r}{', rates=...' if self.rates else ''})"
@@ -161,32 +209,50 @@ class _Adapter:
                 f"per million tokens: {type(self).__name__}({self.model!r}, rates={{'input': 3.0, 'output': 15.0, "
                 "'cache_read': 0.3, 'cache_write': 3.75}})") from None
 
-    def cost_from_usage(self, usage: TokenUsage) -> Decimal:
-        """Dollars for ``usage`` at this model's prices, exactly."""
-        context = dict(usage.context)
-        if self.batch:
-            context["processing"] = "batch"
-        if self.rates is not None:
-            return _price_with_rates(usage, self.rates)
-        prices = _genai_prices()
-        counts: dict[str, int] = {"input_tokens": usage.input, "output_tokens": usage.output}
-        if usage.cache_read:
-            counts["cache_read_tokens"] = usage.cache_read
-        if usage.cache_write:
-            counts["cache_write_tokens"] = usage.cache_write
-            if usage.cache_write_5m:
-                counts["cache_write_5m_tokens"] = usage.cache_write_5m
-            if usage.cache_write_1h:
-                counts["cache_write_1h_tokens"] = usage.cache_write_1h
-        if usage.reasoning:
-            counts["output_reasoning_tokens"] = usage.reasoning
-        price = prices.calc_price(prices.Usage(**counts), self.model, provider_id=self.provider,
-                                  price_context=context or None)
-        return to_decimal(price.total_price, "price")
+    def cost_from_usage(self, usage: TokenUsage, model: str | None = None) -> Decimal:
+        """Dollars for ``usage`` at the prices of ``model`` (this adapter's model by default), exactly.
+
+        Raises :class:`~loomc.CostUnknown` if a part of it has no known price.
+        """
+        return _known(self._price(self.model if model is None else self._name(model), usage))
 
     def cost_from_response(self, response: Any) -> Decimal:
-        """Dollars that ``response`` cost. Raises UsageMissing if it has no usage."""
-        return self.cost_from_usage(self.usage(response))
+        """Dollars that ``response`` cost. Raises UsageMissing if it has no usage, CostUnknown if a
+        part of it has no known price."""
+        return _known(self._priced(response))
+
+    def _priced(self, response: Any) -> Priced:
+        return self._price_lines([(self.model, self.usage(response))])
+
+    def _price_lines(self, lines: list[Line]) -> Priced:
+        priced = [self._price(model, usage) for model, usage in lines]
+        return sum((usd for usd, _ in priced), Decimal(0)), _together(problem for _, problem in priced)
+
+    def _price(self, model: str, usage: TokenUsage) -> Priced:
+        """What ``usage`` cost at ``model``'s prices, and what of it has no known price."""
+        rates = self.rates if model == self.model else self.model_rates.get(model)
+        if rates is not None:
+            usd = _price_with_rates(usage, rates)
+            missing = [kind for kind in usage.calls() if kind not in rates]
+            return usd, (CostUnknown(f"{_calls_text(usage, missing)} to {model} have no price: add "
+                                     f"{', '.join(f'{k!r}: ...' for k in missing)} (dollars per thousand calls) to "
+                                     f"{'rates' if model == self.model else f'model_rates[{model!r}]'}")
+                         if missing else None)
+        try:
+            prices = _genai_prices()
+            price = prices.calc_price(prices.Usage(**_counts(usage)), model, provider_id=self.provider,
+                                      price_context=dict(usage.context, **({"processing": "batch"} if self.batch
+                                                                           else {})) or None)
+        except (ConfigError, LookupError):
+            return Decimal(0), CostUnknown(
+                f"{_tokens_text(usage)} billed to the {self.provider} model {model!r}, whose prices are not known: "
+                f"pass them, as in {type(self).__name__}({self.model!r}, model_rates={{{model!r}: "
+                "{'input': 5.0, 'output': 25.0}}) in dollars per million tokens")
+        missing = [kind for kind in usage.calls() if getattr(price.model_price, _CALLS[kind][1], None) is None]
+        return to_decimal(price.total_price, "price"), (
+            CostUnknown(f"{_calls_text(usage, missing)} to {model} have no price in genai-prices: pass "
+                        f"{type(self).__name__}({self.model!r}, rates={{...}}) with "
+                        f"{', '.join(f'{k!r}' for k in missing)} in dollars per thousand calls") if missing else None)
 
     def charge(self, response: Any, item: str | None = None) -> Decimal:
         """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.
@@ -195,15 +261,21 @@ class _Adapter:
         next line, and the state need not carry the response. Returns the dollars charged.
         """
         from loomc.interpreter import charge
-        usd = self._billed(response)
-        charge(usd, item=item)
+        usd, problem = self._billed(response)
+        if usd or problem is None:
+            charge(usd, item=item)
+        if problem is not None:
+            raise problem
         return usd
 
     async def acharge(self, response: Any, item: str | None = None) -> Decimal:
         """:meth:`charge` for async iterations: ``await adapter.acharge(reply)``."""
         from loomc.interpreter import acharge
-        usd = self._billed(response)
-        await acharge(usd, item=item)
+        usd, problem = self._billed(response)
+        if usd or problem is None:
+            await acharge(usd, item=item)
+        if problem is not None:
+            raise problem
         return usd
 
     def cost_fn(self, state: Any) -> Decimal:
@@ -212,17 +284,21 @@ class _Adapter:
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
-        return self._billed(response)
+        return _known(self._billed(response))
 
-    def _billed(self, response: Any) -> Decimal:
-        """What ``response`` cost; a response without usage is an error under a USD cap, else $0 and a warning."""
+    def _billed(self, response: Any) -> Priced:
+        """What ``response`` cost. A part whose price is unknown is an error under a USD cap (returned,
+        with the dollars that are known); without one it is counted as $0, with a warning."""
         try:
-            return self.cost_from_response(response)
+            usd, problem = self._priced(response)
         except UsageMissing as e:
-            if _usd_capped():
-                raise UsageMissing(f"{e}; a USD budget is set, so loomc will not count this call as $0") from None
-            warnings.warn(f"loomc: {e}; counted as $0 (no USD budget is set)", stacklevel=3)  # the caller's caller
-            return Decimal(0)
+            usd, problem = Decimal(0), e
+        if problem is None:
+            return usd, None
+        if _usd_capped():
+            return usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0")
+        warnings.warn(f"loomc: {problem}; counted as $0 (no USD budget is set)", stacklevel=3)  # the caller's caller
+        return usd, None
 
     def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:
         """A ``judge`` detector that asks this model, through ``client``, whether the state is done.
@@ -267,6 +343,29 @@ class AnthropicAdapter(_Adapter):
     def usage(self, response: Any) -> TokenUsage:
         return anthropic_usage(response)
 
+    def _priced(self, response: Any) -> Priced:
+        """The top-level counts, or, when the response lists ``usage.iterations``, each iteration.
+
+        Compaction and advisor iterations are not in the top-level counts, and an advisor or a
+        fallback iteration names its own model. The iterations that served the reply (``message``,
+        ``fallback_message``) are priced at their own model, and so are the top-level counts at this
+        adapter's model; the dearer of the two counts, so that no reading of the counts undercharges.
+        """
+        top = anthropic_usage(response)
+        entries = _get(_anthropic_usage_block(response), "iterations") or ()
+        if not entries:
+            return self._price_lines([(self.model, top)])
+        served: list[Line] = []
+        extra: list[Line] = ([(self.model, TokenUsage(input=0, output=0, context=top.context,
+                                                      web_search=top.web_search))] if top.web_search else [])
+        for entry in entries:
+            line = (self._name(_get(entry, "model") or self.model), _anthropic_tokens(entry, top.context))
+            (served if _get(entry, "type") in ("message", "fallback_message") else extra).append(line)
+        whole, whole_problem = self._price_lines([(self.model, replace(top, web_search=0))])
+        parts, parts_problem = self._price_lines(served)
+        usd, problem = self._price_lines(extra)
+        return max(whole, parts) + usd, _together((parts_problem, whole_problem, problem))
+
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
         return client.messages.create(model=self.model, max_tokens=max_tokens,
                                       messages=[{"role": "user", "content": text}])
@@ -293,13 +392,17 @@ class OpenAIAdapter(_Adapter):
         return str(_get(_get(choices[0], "message"), "content") or "") if choices else ""
 
 
-def _rates(rates: Mapping[str, Any]) -> dict[str, Decimal]:
+def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:
+    if not isinstance(rates, Mapping):
+        raise ConfigError(f"{name}={rates!r}: give a dict of dollars per million tokens, as in "
+                          "{'input': 3.0, 'output': 15.0}")
     unknown = set(rates) - set(RATE_KEYS)
     if unknown or "input" not in rates or "output" not in rates:
-        raise ConfigError(f"rates={dict(rates)!r}: give dollars per million tokens for 'input' and 'output', "
-                          f"and optionally {', '.join(repr(k) for k in RATE_KEYS[2:])}")
+        raise ConfigError(f"{name}={dict(rates)!r}: give dollars per million tokens for 'input' and 'output', "
+                          f"and optionally {', '.join(repr(k) for k in TOKEN_RATES[2:])}; and dollars per thousand "
+                          f"calls for {' and '.join(repr(k) for k in CALL_RATES)}")
     try:
-        out = {k: to_decimal(v, f"rates[{k!r}]") for k, v in rates.items()}
+        out = {k: to_decimal(v, f"{name}[{k!r}]") for k, v in rates.items()}
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     out.setdefault("cache_read", out["input"])
@@ -309,12 +412,54 @@ def _rates(rates: Mapping[str, Any]) -> dict[str, Decimal]:
 
 
 def _price_with_rates(u: TokenUsage, r: dict[str, Decimal]) -> Decimal:
+    """Tokens and the tool calls ``r`` prices; the caller reports calls it has no price for."""
     hour = u.cache_write_1h or 0
     five = u.cache_write - hour
     uncached = u.input - u.cache_read - u.cache_write
     total = (uncached * r["input"] + u.cache_read * r["cache_read"] + five * r["cache_write"]
-             + hour * r["cache_write_1h"] + u.output * r["output"])
-    return total / MILLION
+             + hour * r["cache_write_1h"] + u.output * r["output"]) / MILLION
+    return total + sum((n * r[kind] / THOUSAND for kind, n in u.calls().items() if kind in r), Decimal(0))
+
+
+def _counts(usage: TokenUsage) -> dict[str, int]:
+    """``usage`` as genai-prices' Usage fields."""
+    counts: dict[str, int] = {"input_tokens": usage.input, "output_tokens": usage.output}
+    if usage.cache_read:
+        counts["cache_read_tokens"] = usage.cache_read
+    if usage.cache_write:
+        counts["cache_write_tokens"] = usage.cache_write
+        if usage.cache_write_5m:
+            counts["cache_write_5m_tokens"] = usage.cache_write_5m
+        if usage.cache_write_1h:
+            counts["cache_write_1h_tokens"] = usage.cache_write_1h
+    if usage.reasoning:
+        counts["output_reasoning_tokens"] = usage.reasoning
+    for kind, n in usage.calls().items():
+        counts[_CALLS[kind][0]] = n
+    return counts
+
+
+def _together(problems: Iterable[CostUnknown | None]) -> CostUnknown | None:
+    """One error for the parts that could not be priced, or None."""
+    unknown = [e for e in problems if e is not None]
+    return unknown[0] if len(unknown) == 1 else CostUnknown("; ".join(map(str, unknown))) if unknown else None
+
+
+def _known(priced: Priced) -> Decimal:
+    usd, problem = priced
+    if problem is not None:
+        raise problem
+    return usd
+
+
+def _calls_text(usage: TokenUsage, kinds: list[str]) -> str:
+    return " and ".join(f"{usage.calls()[k]} {k.replace('_', ' ')} call{'s' if usage.calls()[k] != 1 else ''}"
+                        for k in kinds)
+
+
+def _tokens_text(usage: TokenUsage) -> str:
+    calls = _calls_text(usage, list(usage.calls()))
+    return f"{usage.input} input and {usage.output} output tokens{' and ' + calls if calls else ''}"
 
 
 def _genai_prices() -> Any:

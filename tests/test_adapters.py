@@ -364,3 +364,120 @@ def test_a_call_whose_cost_is_unknown_ends_a_usd_capped_run_even_with_a_backtrac
 
     calls.clear()
     assert uncapped.run(0).status == "budget_exhausted" and len(calls) == 5  # no USD cap: the backtracker goes on
+
+
+OPUS = {"input": Decimal("5"), "output": Decimal("25")}  # claude-opus-4-7, the advisor below
+
+
+def beta_message(usage: dict):
+    from anthropic.types.beta import BetaMessage
+    return BetaMessage.model_validate({"id": "msg_2", "type": "message", "role": "assistant",
+                                       "model": "claude-sonnet-4-6", "content": [{"type": "text", "text": "Done."}],
+                                       "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
+
+
+def iteration(kind: str, tokens_in: int, tokens_out: int, model: str | None = None, cache_read: int = 0) -> dict:
+    entry = {"type": kind, "input_tokens": tokens_in, "output_tokens": tokens_out, "cache_creation_input_tokens": 0,
+             "cache_read_input_tokens": cache_read}
+    return {**entry, "model": model} if model else entry
+
+
+def test_anthropic_iterations_tool_calls_and_an_advisor_are_each_priced_at_their_own_model(sonnet):
+    """Before, this reply was priced from its top-level counts alone: $0.027 of the $0.7595 it cost.
+    Compaction and advisor tokens are not in those counts, the advisor bills at Opus's prices, and each
+    web search costs $0.01."""
+    reply = beta_message({
+        "input_tokens": 4000, "output_tokens": 1000,
+        "server_tool_use": {"web_search_requests": 5, "web_fetch_requests": 2},
+        "iterations": [iteration("message", 2000, 400), iteration("advisor_message", 30000, 1500, "claude-opus-4-7"),
+                       iteration("compaction", 150000, 3000), iteration("message", 2000, 600)]})
+    executor = (4000 * SONNET["input"] + 1000 * SONNET["output"]) / M
+    advisor = (30000 * OPUS["input"] + 1500 * OPUS["output"]) / M
+    compaction = (150000 * SONNET["input"] + 3000 * SONNET["output"]) / M
+    searches = 5 * Decimal("10") / 1000  # web fetches are billed as tokens only
+    assert sonnet.cost_from_response(reply) == executor + advisor + compaction + searches == Decimal("0.7595")
+    plain = message({"input_tokens": 4000, "output_tokens": 1000,
+                     "server_tool_use": {"web_search_requests": 5, "web_fetch_requests": 0}})
+    assert sonnet.cost_from_response(plain) == executor + searches  # a plain Message's searches too
+
+
+def test_anthropic_top_level_counts_are_charged_when_they_exceed_the_iterations(sonnet):
+    """The serving iterations and the top-level counts are two readings of the same tokens; the
+    dearer one is charged, so neither can undercount."""
+    larger_top = beta_message({"input_tokens": 9000, "output_tokens": 900,
+                               "iterations": [iteration("message", 2000, 400)]})
+    assert sonnet.cost_from_response(larger_top) == (9000 * SONNET["input"] + 900 * SONNET["output"]) / M
+    served_by_opus = beta_message({"input_tokens": 2000, "output_tokens": 400, "iterations": [
+        iteration("message", 1000, 0), iteration("fallback_message", 1000, 400, "claude-opus-4-7")]})
+    assert sonnet.cost_from_response(served_by_opus) == (
+        1000 * SONNET["input"] + 1000 * OPUS["input"] + 400 * OPUS["output"]) / M
+
+
+def test_a_model_or_tool_call_without_a_price_is_named_and_can_be_given_one(sonnet):
+    from loomc import CostUnknown
+    reply = beta_message({"input_tokens": 100, "output_tokens": 10, "iterations": [
+        iteration("message", 100, 10), iteration("advisor_message", 1000, 100, "claude-made-up-9")]})
+    with pytest.raises(CostUnknown, match="'claude-made-up-9', whose prices are not known.*model_rates="):
+        sonnet.cost_from_response(reply)
+    priced = AnthropicAdapter("claude-sonnet-4-6",
+                              model_rates={"anthropic/claude-made-up-9": {"input": 20, "output": 80}})
+    assert priced.cost_from_response(reply) == (100 * SONNET["input"] + 10 * SONNET["output"]
+                                                + 1000 * 20 + 100 * 80) / M
+    with pytest.raises(ConfigError, match=r"model_rates\['claude-x'\]=.*'input'"):
+        AnthropicAdapter("claude-sonnet-4-6", model_rates={"claude-x": {"output": 1}})
+    with pytest.raises(ConfigError, match=r"model_rates\['claude-x'\]=3: give a dict"):
+        AnthropicAdapter("claude-sonnet-4-6", model_rates={"claude-x": 3})
+
+    searched = message({"input_tokens": 100, "output_tokens": 10,
+                        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}})
+    own = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10})
+    with pytest.raises(CostUnknown, match="3 web search calls to claude-made-up-9 have no price: add 'web_search'"):
+        own.cost_from_response(searched)
+    own = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10, "web_search": 10})
+    assert own.cost_from_response(searched) == (100 * 2 + 10 * 10) / M + Decimal("0.03")
+    old = AnthropicAdapter("claude-3-haiku-20240307")  # genai-prices has no web-search price for it
+    with pytest.raises(CostUnknown, match="3 web search calls to claude-3-haiku-20240307 have no price in genai"):
+        old.cost_from_response(searched)
+
+
+def test_openai_responses_tool_calls_are_priced_per_call():
+    adapter = OpenAIAdapter("gpt-5")
+    data = {"id": "r1", "object": "response", "created_at": 1, "model": "gpt-5", "parallel_tool_calls": True,
+            "tool_choice": "auto", "tools": [],
+            "output": [{"type": "web_search_call", "id": f"ws{i}", "status": "completed",
+                        "action": {"type": "search", "query": "loomc"}} for i in range(3)]
+            + [{"type": "file_search_call", "id": f"fs{i}", "status": "completed", "queries": ["q"]} for i in range(2)],
+            "usage": {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                      "output_tokens": 100, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1100}}
+    tokens = (1000 * GPT5["input"] + 100 * GPT5["output"]) / M
+    # Before, the five tool calls ($0.035) were left out: $0.00225 of $0.03725.
+    assert adapter.cost_from_response(Response.model_validate(data)) == tokens + Decimal("0.03") + Decimal("0.005")
+    assert adapter.cost_from_response(json.loads(Response.model_validate(data).model_dump_json())) \
+        == Decimal("0.03725")
+
+
+def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run(sonnet):
+    from loomc import LastGood
+    reply = beta_message({"input_tokens": 1000, "output_tokens": 100, "iterations": [
+        iteration("message", 1000, 100), iteration("advisor_message", 1000, 100, "claude-made-up-9")]})
+    known = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
+    calls: list[int] = []
+
+    @loop(budget=Budget(usd=1.0, iterations=10), backtrack=LastGood(), checkpoint="memory")
+    def capped(s):
+        calls.append(s)
+        sonnet.charge(reply)
+        return s + 1
+
+    run = capped.run(0)
+    assert run.status == "failed" and len(calls) == 1 and run.total_cost == known
+    assert run.reason.startswith("CostUnknown: ") and "a USD budget is set" in run.reason
+
+    @loop(budget=Budget(iterations=2), checkpoint="memory")
+    def uncapped(s):
+        sonnet.charge(reply)
+        return s + 1
+
+    with pytest.warns(UserWarning, match="claude-made-up-9.*counted as \\$0"):
+        run = uncapped.run(0)
+    assert run.status == "budget_exhausted" and run.total_cost == 2 * known
