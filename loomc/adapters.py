@@ -81,6 +81,7 @@ class TokenUsage:
     context: tuple[tuple[str, str], ...] = ()  # genai-prices price_context: tier, batch, speed
     web_search: int = 0  # paid tool calls, priced per call
     file_search: int = 0
+    inference_geo: str | None = None  # Anthropic's US-only inference ("us") costs 1.1 times the token prices
 
     def calls(self) -> dict[str, int]:
         """The paid tool calls made, by kind (``web_search``, ``file_search``)."""
@@ -109,8 +110,9 @@ def _n(value: Any) -> int:
     return int(value or 0)
 
 
-def _anthropic_tokens(usage: Any, context: tuple[tuple[str, str], ...] = (), web_search: int = 0) -> TokenUsage:
-    """TokenUsage of an Anthropic usage block: the top-level one, or one entry of ``usage.iterations``."""
+def _anthropic_tokens(usage: Any, top: TokenUsage | None = None, web_search: int = 0) -> TokenUsage:
+    """TokenUsage of an Anthropic usage block: the top-level one, or one entry of ``usage.iterations``
+    (which takes the request's tier and inference geography from ``top``)."""
     written, read = _n(_get(usage, "cache_creation_input_tokens")), _n(_get(usage, "cache_read_input_tokens"))
     split = _get(usage, "cache_creation")
     return TokenUsage(input=_n(_get(usage, "input_tokens")) + written + read, output=_n(_get(usage, "output_tokens")),
@@ -118,7 +120,8 @@ def _anthropic_tokens(usage: Any, context: tuple[tuple[str, str], ...] = (), web
                       cache_write_5m=None if split is None else _n(_get(split, "ephemeral_5m_input_tokens")),
                       cache_write_1h=None if split is None else _n(_get(split, "ephemeral_1h_input_tokens")),
                       reasoning=_n(_get(_get(usage, "output_tokens_details"), "thinking_tokens")),
-                      context=context, web_search=web_search)
+                      context=() if top is None else top.context, web_search=web_search,
+                      inference_geo=_get(usage, "inference_geo") if top is None else top.inference_geo)
 
 
 def _anthropic_usage_block(response: Any) -> Any:
@@ -140,7 +143,8 @@ def anthropic_usage(response: Any) -> TokenUsage:
         context.append(("processing", "batch"))
     if _get(usage, "speed") == "fast":
         context.append(("speed", "fast"))
-    return _anthropic_tokens(usage, tuple(context), _n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
+    tokens = _anthropic_tokens(usage, web_search=_n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
+    return replace(tokens, context=tuple(context))
 
 
 def openai_usage(response: Any) -> TokenUsage:
@@ -176,6 +180,9 @@ Priced = tuple[Decimal, CostUnknown | None]  # the dollars known, and what could
 
 class _Adapter:
     provider = ""
+    # What the tokens cost, as a multiple of genai-prices' prices, by the inference geography the
+    # response reports (genai-prices does not model it).
+    geo_multipliers: Mapping[str, Decimal] = {}
 
     def __init__(self, model: str, *, rates: Mapping[str, float | str | Decimal] | None = None,
                  batch: bool = False,
@@ -248,8 +255,14 @@ class _Adapter:
                 f"{_tokens_text(usage)} billed to the {self.provider} model {model!r}, whose prices are not known: "
                 f"pass them, as in {type(self).__name__}({self.model!r}, model_rates={{{model!r}: "
                 "{'input': 5.0, 'output': 25.0}}) in dollars per million tokens")
+        usd = to_decimal(price.total_price, "price")
         missing = [kind for kind in usage.calls() if getattr(price.model_price, _CALLS[kind][1], None) is None]
-        return to_decimal(price.total_price, "price"), (
+        geo = self.geo_multipliers.get(usage.inference_geo or "")
+        if geo is not None:  # on the tokens, not on the tool calls
+            calls = sum((n * to_decimal(getattr(price.model_price, _CALLS[kind][1]), "price") / THOUSAND
+                         for kind, n in usage.calls().items() if kind not in missing), Decimal(0))
+            usd = (usd - calls) * geo + calls
+        return usd, (
             CostUnknown(f"{_calls_text(usage, missing)} to {model} have no price in genai-prices: pass "
                         f"{type(self).__name__}({self.model!r}, rates={{...}}) with "
                         f"{', '.join(f'{k!r}' for k in missing)} in dollars per thousand calls") if missing else None)
@@ -339,6 +352,7 @@ class AnthropicAdapter(_Adapter):
     """Prices Anthropic ``Message`` responses; ``judge`` asks through ``client.messages.create``."""
 
     provider = "anthropic"
+    geo_multipliers = {"us": Decimal("1.1")}  # US-only inference (inference_geo="us")
 
     def usage(self, response: Any) -> TokenUsage:
         return anthropic_usage(response)
@@ -359,7 +373,7 @@ class AnthropicAdapter(_Adapter):
         extra: list[Line] = ([(self.model, TokenUsage(input=0, output=0, context=top.context,
                                                       web_search=top.web_search))] if top.web_search else [])
         for entry in entries:
-            line = (self._name(_get(entry, "model") or self.model), _anthropic_tokens(entry, top.context))
+            line = (self._name(_get(entry, "model") or self.model), _anthropic_tokens(entry, top))
             (served if _get(entry, "type") in ("message", "fallback_message") else extra).append(line)
         whole, whole_problem = self._price_lines([(self.model, replace(top, web_search=0))])
         parts, parts_problem = self._price_lines(served)

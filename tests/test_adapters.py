@@ -481,3 +481,18 @@ def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run
     with pytest.warns(UserWarning, match="claude-made-up-9.*counted as \\$0"):
         run = uncapped.run(0)
     assert run.status == "budget_exhausted" and run.total_cost == 2 * known
+
+
+def test_us_only_inference_costs_a_tenth_more_on_the_tokens(sonnet):
+    """genai-prices does not model Anthropic's inference_geo; a reply run in the US only was
+    counted at the global price, a tenth short."""
+    usage = {"input_tokens": 1000, "output_tokens": 100, "inference_geo": "us",
+             "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 0}}
+    tokens = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
+    assert sonnet.cost_from_response(message(usage)) == tokens * Decimal("1.1") + Decimal("0.02")
+    assert sonnet.cost_from_response(message({**usage, "inference_geo": "global"})) == tokens + Decimal("0.02")
+    advised = beta_message({**usage, "iterations": [iteration("message", 1000, 100),
+                                                    iteration("advisor_message", 1000, 0, "claude-opus-4-7")]})
+    assert sonnet.cost_from_response(advised) == (tokens + 1000 * OPUS["input"] / M) * Decimal("1.1") + Decimal("0.02")
+    exact = AnthropicAdapter("claude-sonnet-4-6", rates={"input": 3, "output": 15, "web_search": 10})
+    assert exact.cost_from_response(message(usage)) == tokens + Decimal("0.02")  # explicit rates: as given
