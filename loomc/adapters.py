@@ -20,6 +20,7 @@
     5-minute and 1-hour cache writes are priced apart.
   - OpenAI's cached tokens are a subset of the prompt or input tokens.
   - Thinking and reasoning tokens are already in the output count and are never added twice.
+  - OpenAI's audio tokens are a part of the prompt and completion tokens, at audio prices.
 - The service tier (flex, priority, fast) and batch pricing are honoured where the response
   says so; pass ``batch=True`` for results of the OpenAI Batch API, whose responses do not.
 - Money stays ``Decimal`` from the price to the ledger.
@@ -53,10 +54,13 @@ MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
 TOKEN_RATES = ("input", "output", "cache_read", "cache_write", "cache_write_1h")  # dollars per million tokens
 CALL_RATES = ("web_search", "file_search")  # dollars per thousand tool calls
-RATE_KEYS = TOKEN_RATES + CALL_RATES
-# genai-prices' name for each paid tool call, and its price field (dollars per thousand calls).
-_CALLS = {"web_search": ("web_searches", "web_searches_kcount"),
-          "file_search": ("storage_searches", "storage_searches_kcount")}
+# Parts of a usage with prices of their own: genai-prices' count and price fields, the unit a rate
+# is given in, and what one of them is called.
+_PARTS = {"input_audio": ("input_audio_tokens", "input_audio_mtok", MILLION, "audio input token"),
+          "output_audio": ("output_audio_tokens", "output_audio_mtok", MILLION, "audio output token"),
+          "web_search": ("web_searches", "web_searches_kcount", THOUSAND, "web search call"),
+          "file_search": ("storage_searches", "storage_searches_kcount", THOUSAND, "file search call")}
+RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
 
 
 class UsageMissing(CostUnknown):
@@ -79,23 +83,27 @@ class TokenUsage:
     cache_write_1h: int | None = None
     reasoning: int = 0
     context: tuple[tuple[str, str], ...] = ()  # genai-prices price_context: tier, batch, speed
+    input_audio: int = 0  # parts of input and output, at audio prices
+    output_audio: int = 0
     web_search: int = 0  # paid tool calls, priced per call
     file_search: int = 0
     inference_geo: str | None = None  # Anthropic's US-only inference ("us") costs 1.1 times the token prices
 
-    def calls(self) -> dict[str, int]:
-        """The paid tool calls made, by kind (``web_search``, ``file_search``)."""
-        return {kind: n for kind in CALL_RATES if (n := getattr(self, kind))}
+    def parts(self) -> dict[str, int]:
+        """The counts with prices of their own (audio tokens, tool calls), by kind, where not zero."""
+        return {kind: n for kind in _PARTS if (n := getattr(self, kind))}
 
     def __post_init__(self) -> None:
-        if min(self.input, self.output, self.cache_read, self.cache_write, self.reasoning, self.web_search,
-               self.file_search) < 0:
+        if min(self.input, self.output, self.cache_read, self.cache_write, self.reasoning, *self.parts().values()) < 0:
             raise ValueError(f"negative token counts in {self}")
         if self.cache_read + self.cache_write > self.input:
             raise ValueError(f"cache reads and writes ({self.cache_read} + {self.cache_write}) exceed the "
                              f"{self.input} input tokens")
-        if self.reasoning > self.output:
-            raise ValueError(f"{self.reasoning} reasoning tokens exceed the {self.output} output tokens")
+        if self.reasoning > self.output or self.output_audio > self.output:
+            raise ValueError(f"{self.reasoning} reasoning or {self.output_audio} audio tokens exceed the "
+                             f"{self.output} output tokens")
+        if self.input_audio > self.input:
+            raise ValueError(f"{self.input_audio} audio tokens exceed the {self.input} input tokens")
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -164,7 +172,8 @@ def openai_usage(response: Any) -> TokenUsage:
         return TokenUsage(input=_n(_get(usage, "prompt_tokens")), output=_n(_get(usage, "completion_tokens")),
                           cache_read=_n(_get(details, "cached_tokens")),
                           cache_write=_n(_get(details, "cache_write_tokens")),
-                          reasoning=_n(_get(out, "reasoning_tokens")), context=context)
+                          reasoning=_n(_get(out, "reasoning_tokens")), context=context,
+                          input_audio=_n(_get(details, "audio_tokens")), output_audio=_n(_get(out, "audio_tokens")))
     details, out = _get(usage, "input_tokens_details"), _get(usage, "output_tokens_details")
     kinds = [_get(item, "type") for item in _get(response, "output") or ()]
     return TokenUsage(input=_n(_get(usage, "input_tokens")), output=_n(_get(usage, "output_tokens")),
@@ -240,9 +249,9 @@ class _Adapter:
         rates = self.rates if model == self.model else self.model_rates.get(model)
         if rates is not None:
             usd = _price_with_rates(usage, rates)
-            missing = [kind for kind in usage.calls() if kind not in rates]
-            return usd, (CostUnknown(f"{_calls_text(usage, missing)} to {model} have no price: add "
-                                     f"{', '.join(f'{k!r}: ...' for k in missing)} (dollars per thousand calls) to "
+            missing = [kind for kind in usage.parts() if kind not in rates]
+            return usd, (CostUnknown(f"{_parts_text(usage, missing)} to {model} have no price: add "
+                                     f"{_rate_keys_text(missing)} to "
                                      f"{'rates' if model == self.model else f'model_rates[{model!r}]'}")
                          if missing else None)
         try:
@@ -256,16 +265,17 @@ class _Adapter:
                 f"pass them, as in {type(self).__name__}({self.model!r}, model_rates={{{model!r}: "
                 "{'input': 5.0, 'output': 25.0}}) in dollars per million tokens")
         usd = to_decimal(price.total_price, "price")
-        missing = [kind for kind in usage.calls() if getattr(price.model_price, _CALLS[kind][1], None) is None]
+        missing = [kind for kind in usage.parts() if getattr(price.model_price, _PARTS[kind][1], None) is None]
         geo = self.geo_multipliers.get(usage.inference_geo or "")
         if geo is not None:  # on the tokens, not on the tool calls
-            calls = sum((n * to_decimal(getattr(price.model_price, _CALLS[kind][1]), "price") / THOUSAND
-                         for kind, n in usage.calls().items() if kind not in missing), Decimal(0))
+            calls = sum((n * to_decimal(getattr(price.model_price, _PARTS[kind][1]), "price") / THOUSAND
+                         for kind, n in usage.parts().items() if kind in CALL_RATES and kind not in missing),
+                        Decimal(0))
             usd = (usd - calls) * geo + calls
         return usd, (
-            CostUnknown(f"{_calls_text(usage, missing)} to {model} have no price in genai-prices: pass "
-                        f"{type(self).__name__}({self.model!r}, rates={{...}}) with "
-                        f"{', '.join(f'{k!r}' for k in missing)} in dollars per thousand calls") if missing else None)
+            CostUnknown(f"{_parts_text(usage, missing)} to {model} have no price in genai-prices: pass "
+                        f"{type(self).__name__}({model!r}, rates={{...}}) with {_rate_keys_text(missing)}")
+            if missing else None)
 
     def charge(self, response: Any, item: str | None = None) -> Decimal:
         """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.
@@ -413,8 +423,9 @@ def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:
     unknown = set(rates) - set(RATE_KEYS)
     if unknown or "input" not in rates or "output" not in rates:
         raise ConfigError(f"{name}={dict(rates)!r}: give dollars per million tokens for 'input' and 'output', "
-                          f"and optionally {', '.join(repr(k) for k in TOKEN_RATES[2:])}; and dollars per thousand "
-                          f"calls for {' and '.join(repr(k) for k in CALL_RATES)}")
+                          f"and optionally {', '.join(repr(k) for k in TOKEN_RATES[2:])}, 'input_audio' and "
+                          f"'output_audio'; and dollars per thousand calls for "
+                          f"{' and '.join(repr(k) for k in CALL_RATES)}")
     try:
         out = {k: to_decimal(v, f"{name}[{k!r}]") for k, v in rates.items()}
     except (TypeError, ValueError) as e:
@@ -426,13 +437,16 @@ def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:
 
 
 def _price_with_rates(u: TokenUsage, r: dict[str, Decimal]) -> Decimal:
-    """Tokens and the tool calls ``r`` prices; the caller reports calls it has no price for."""
+    """Tokens, and the parts with prices of their own that ``r`` prices (the caller reports the
+    others); audio tokens ``r`` has no price for are left at the text prices."""
     hour = u.cache_write_1h or 0
     five = u.cache_write - hour
-    uncached = u.input - u.cache_read - u.cache_write
+    audio_in = u.input_audio if "input_audio" in r else 0
+    audio_out = u.output_audio if "output_audio" in r else 0
+    uncached = max(u.input - u.cache_read - u.cache_write - audio_in, 0)
     total = (uncached * r["input"] + u.cache_read * r["cache_read"] + five * r["cache_write"]
-             + hour * r["cache_write_1h"] + u.output * r["output"]) / MILLION
-    return total + sum((n * r[kind] / THOUSAND for kind, n in u.calls().items() if kind in r), Decimal(0))
+             + hour * r["cache_write_1h"] + (u.output - audio_out) * r["output"]) / MILLION
+    return total + sum((n * r[kind] / _PARTS[kind][2] for kind, n in u.parts().items() if kind in r), Decimal(0))
 
 
 def _counts(usage: TokenUsage) -> dict[str, int]:
@@ -448,8 +462,8 @@ def _counts(usage: TokenUsage) -> dict[str, int]:
             counts["cache_write_1h_tokens"] = usage.cache_write_1h
     if usage.reasoning:
         counts["output_reasoning_tokens"] = usage.reasoning
-    for kind, n in usage.calls().items():
-        counts[_CALLS[kind][0]] = n
+    for kind, n in usage.parts().items():
+        counts[_PARTS[kind][0]] = n
     return counts
 
 
@@ -466,14 +480,19 @@ def _known(priced: Priced) -> Decimal:
     return usd
 
 
-def _calls_text(usage: TokenUsage, kinds: list[str]) -> str:
-    return " and ".join(f"{usage.calls()[k]} {k.replace('_', ' ')} call{'s' if usage.calls()[k] != 1 else ''}"
-                        for k in kinds)
+def _parts_text(usage: TokenUsage, kinds: list[str]) -> str:
+    counts = usage.parts()
+    return " and ".join(f"{counts[k]} {_PARTS[k][3]}{'s' if counts[k] != 1 else ''}" for k in kinds)
+
+
+def _rate_keys_text(kinds: list[str]) -> str:
+    return ", ".join(f"{k!r} (dollars per {'thousand calls' if k in CALL_RATES else 'million tokens'})"
+                     for k in kinds)
 
 
 def _tokens_text(usage: TokenUsage) -> str:
-    calls = _calls_text(usage, list(usage.calls()))
-    return f"{usage.input} input and {usage.output} output tokens{' and ' + calls if calls else ''}"
+    parts = _parts_text(usage, [k for k in usage.parts() if k in CALL_RATES])
+    return f"{usage.input} input and {usage.output} output tokens{' and ' + parts if parts else ''}"
 
 
 def _genai_prices() -> Any:

@@ -496,3 +496,25 @@ def test_us_only_inference_costs_a_tenth_more_on_the_tokens(sonnet):
     assert sonnet.cost_from_response(advised) == (tokens + 1000 * OPUS["input"] / M) * Decimal("1.1") + Decimal("0.02")
     exact = AnthropicAdapter("claude-sonnet-4-6", rates={"input": 3, "output": 15, "web_search": 10})
     assert exact.cost_from_response(message(usage)) == tokens + Decimal("0.02")  # explicit rates: as given
+
+
+def test_openai_audio_tokens_are_priced_at_audio_prices():
+    """gpt-audio bills audio at $32 in and $64 out per million tokens, against $2.50 and $10 for
+    text; every prompt and completion token was priced as text."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
+             "prompt_tokens_details": {"audio_tokens": 800, "cached_tokens": 0},
+             "completion_tokens_details": {"audio_tokens": 400, "reasoning_tokens": 0}}
+    reply = chat(usage)
+    text_in, text_out = Decimal("2.5"), Decimal("10")
+    expected = (200 * text_in + 800 * Decimal("32") + 100 * text_out + 400 * Decimal("64")) / M
+    assert OpenAIAdapter("gpt-audio").cost_from_response(reply) == expected == Decimal("0.0527")
+    from loomc import CostUnknown
+    with pytest.raises(CostUnknown, match="800 audio input tokens and 400 audio output tokens to "
+                                          "gpt-4o-audio-preview have no price in genai-prices.*'input_audio'"):
+        OpenAIAdapter("gpt-4o-audio-preview").cost_from_response(reply)  # genai-prices lists its text prices only
+    exact = OpenAIAdapter("gpt-4o-audio-preview", rates={"input": 2.5, "output": 10, "input_audio": 40,
+                                                         "output_audio": 80})
+    assert exact.cost_from_response(reply) == (200 * text_in + 800 * 40 + 100 * text_out + 400 * 80) / M
+    with pytest.raises(CostUnknown, match="add 'output_audio' \\(dollars per million tokens\\) to rates"):
+        OpenAIAdapter("gpt-4o-audio-preview", rates={"input": 2.5, "output": 10, "input_audio": 40}
+                      ).cost_from_response(reply)
