@@ -328,33 +328,51 @@ class _Adapter:
 
         ``prompt`` may contain ``{state}``; it should ask for a yes or a no. Each judge
         call is priced and charged to the step as its own line item (``"judge"``).
-        Works with sync and async clients.
+        Works with sync and async clients. A reply cut off at ``max_tokens`` before it says
+        anything (a reasoning model thinks first) is a ConfigError, which ends the run: every later
+        verdict would be a paid "no".
         """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ConfigError(f"judge(max_tokens={max_tokens!r}): give the reply's token limit, a positive integer")
         if "{state}" not in prompt:
             prompt = prompt.rstrip() + "\n\n{state}"
 
         def ask(state: Any) -> Any:
             reply = self._ask(client, prompt.replace("{state}", str(state)), max_tokens)
             if inspect.isawaitable(reply):
-                return self._settle_later(reply, name)
-            return self._settle(reply, name)
+                return self._settle_later(reply, name, max_tokens)
+            return self._settle(reply, name, max_tokens)
 
         ask.__name__ = f"{type(self).__name__}({self.model!r}).judge"
         return judge(ask, name=name)
 
-    def _settle(self, reply: Any, item: str) -> str:
+    def _settle(self, reply: Any, item: str, max_tokens: int) -> str:
         self.charge(reply, item)
-        return self._text(reply)
+        return self._verdict(reply, max_tokens)
 
-    async def _settle_later(self, reply: Any, item: str) -> str:
+    async def _settle_later(self, reply: Any, item: str, max_tokens: int) -> str:
         reply = await reply
         await self.acharge(reply, item)
-        return self._text(reply)
+        return self._verdict(reply, max_tokens)
+
+    def _verdict(self, reply: Any, max_tokens: int) -> str:
+        text = self._text(reply)
+        if not text.strip() and self._cut_off(reply):
+            raise ConfigError(
+                f"the judge's reply from {self.model} was cut off at max_tokens={max_tokens} before it said "
+                "anything (a reasoning model spends its tokens thinking first), so every verdict would be a "
+                f"paid no: give it room, as in {type(self).__name__}({self.model!r}).judge(client, prompt, "
+                "max_tokens=2000)")
+        return text
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
         raise NotImplementedError
 
     def _text(self, reply: Any) -> str:
+        raise NotImplementedError
+
+    def _cut_off(self, reply: Any) -> bool:
+        """Whether the reply stopped at its token limit."""
         raise NotImplementedError
 
 
@@ -398,6 +416,9 @@ class AnthropicAdapter(_Adapter):
         return "".join(_get(block, "text") or "" for block in (_get(reply, "content") or ())
                        if _get(block, "type") == "text")
 
+    def _cut_off(self, reply: Any) -> bool:
+        return _get(reply, "stop_reason") == "max_tokens"
+
 
 class OpenAIAdapter(_Adapter):
     """Prices ``ChatCompletion`` and Responses-API ``Response``; ``judge`` uses chat completions."""
@@ -414,6 +435,10 @@ class OpenAIAdapter(_Adapter):
     def _text(self, reply: Any) -> str:
         choices = _get(reply, "choices") or []
         return str(_get(_get(choices[0], "message"), "content") or "") if choices else ""
+
+    def _cut_off(self, reply: Any) -> bool:
+        choices = _get(reply, "choices") or []
+        return bool(choices) and _get(choices[0], "finish_reason") == "length"
 
 
 def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:

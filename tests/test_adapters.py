@@ -518,3 +518,53 @@ def test_openai_audio_tokens_are_priced_at_audio_prices():
     with pytest.raises(CostUnknown, match="add 'output_audio' \\(dollars per million tokens\\) to rates"):
         OpenAIAdapter("gpt-4o-audio-preview", rates={"input": 2.5, "output": 10, "input_audio": 40}
                       ).cost_from_response(reply)
+
+
+def test_a_judge_cut_off_before_it_answers_ends_the_run_instead_of_paying_for_every_no():
+    """A reasoning model given the default 8 tokens spends them thinking and returns no text. Each
+    verdict read as a no, so the loop paid for all 20 calls its cap allowed and never converged."""
+    import asyncio
+    from loomc import LastGood
+    calls: list[dict] = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        calls.append(body)
+        limit = body["max_completion_tokens"]
+        done = limit > 8
+        data = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-5",
+                "choices": [{"index": 0, "finish_reason": "stop" if done else "length",
+                             "message": {"role": "assistant", "content": "Yes" if done else ""}}],
+                "usage": {"prompt_tokens": 300, "completion_tokens": limit, "total_tokens": 300 + limit,
+                          "completion_tokens_details": {"reasoning_tokens": limit - 1 if done else limit}}}
+        return httpx2.Response(200, json=data)
+
+    client = OpenAI(api_key="test-key", http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+                    max_retries=0)
+    adapter = OpenAIAdapter("gpt-5")
+    run = loop(budget=Budget(usd=1.0, iterations=20), converge_on=adapter.judge(client, "Is it done?"),
+               backtrack=LastGood(), cost_fn=lambda s: 0.04, checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "failed" and len(calls) == 1
+    assert "cut off at max_tokens=8 before it said anything" in run.reason and "max_tokens=2000" in run.reason
+    assert run.total_cost == Decimal("0.04") + (300 * GPT5["input"] + 8 * GPT5["output"]) / M  # the judge's call too
+    calls.clear()
+    roomy = loop(budget=Budget(usd=1.0, iterations=20), checkpoint="memory",
+                 converge_on=adapter.judge(client, "Is it done?", max_tokens=500))(lambda s: s + 1).run(0)
+    assert roomy.status == "completed" and len(calls) == 1
+    with pytest.raises(ConfigError, match="judge\\(max_tokens=0\\)"):
+        adapter.judge(client, "Is it done?", max_tokens=0)
+
+    def cut_short(request):
+        data = message({"input_tokens": 200, "output_tokens": 8}, text="").model_dump()
+        return httpx2.Response(200, json={**data, "content": [], "stop_reason": "max_tokens"})
+
+    aclient = AsyncAnthropic(api_key="test-key", max_retries=0,
+                             http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(cut_short)))
+
+    @loop(budget=Budget(iterations=20), converge_on=AnthropicAdapter("claude-sonnet-4-6").judge(aclient, "Done?"),
+          backtrack=LastGood(), checkpoint="memory")
+    async def draft(state):
+        return state + 1
+
+    arun = asyncio.run(draft.run(0))
+    assert arun.status == "failed" and len(arun.history) == 1 and "claude-sonnet-4-6 was cut off" in arun.reason
