@@ -390,8 +390,9 @@ class AnthropicAdapter(_Adapter):
 
         Compaction and advisor iterations are not in the top-level counts, and an advisor or a
         fallback iteration names its own model. The iterations that served the reply (``message``,
-        ``fallback_message``) are priced at their own model, and so are the top-level counts at this
-        adapter's model; the dearer of the two counts, so that no reading of the counts undercharges.
+        ``fallback_message``) are priced one by one at their own model's prices: each is its own
+        request, for long-context tiers too. Should the top-level counts hold more tokens than those
+        iterations, they are priced as well, at this adapter's model, and the dearer reading counts.
         """
         top = anthropic_usage(response)
         entries = _get(_anthropic_usage_block(response), "iterations") or ()
@@ -403,9 +404,11 @@ class AnthropicAdapter(_Adapter):
         for entry in entries:
             line = (self._name(_get(entry, "model") or self.model), _anthropic_tokens(entry, top))
             (served if _get(entry, "type") in ("message", "fallback_message") else extra).append(line)
-        whole, whole_problem = self._price_lines([(self.model, replace(top, web_search=0))])
         parts, parts_problem = self._price_lines(served)
         usd, problem = self._price_lines(extra)
+        if all(getattr(top, count) <= sum(getattr(u, count) for _, u in served) for count in ("input", "output")):
+            return parts + usd, _together((parts_problem, problem))
+        whole, whole_problem = self._price_lines([(self.model, replace(top, web_search=0))])
         return max(whole, parts) + usd, _together((parts_problem, whole_problem, problem))
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:

@@ -568,3 +568,14 @@ def test_a_judge_cut_off_before_it_answers_ends_the_run_instead_of_paying_for_ev
 
     arun = asyncio.run(draft.run(0))
     assert arun.status == "failed" and len(arun.history) == 1 and "claude-sonnet-4-6 was cut off" in arun.reason
+
+
+def test_each_serving_iteration_is_its_own_request_for_long_context_prices():
+    """Claude Sonnet 4.5 doubles its input price past 200,000 input tokens in one request. Two
+    server-side tool turns of 150,000 tokens each are two requests below the line, although the
+    top-level counts add up to 300,000."""
+    adapter = AnthropicAdapter("claude-sonnet-4-5")
+    reply = beta_message({"input_tokens": 300000, "output_tokens": 0, "iterations": [
+        iteration("message", 150000, 0), iteration("message", 150000, 0)]})
+    assert adapter.cost_from_response(reply) == 2 * 150000 * SONNET["input"] / M == Decimal("0.9")
+    assert adapter.cost_from_response(message({"input_tokens": 300000, "output_tokens": 0})) == Decimal("1.8")
