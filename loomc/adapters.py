@@ -250,9 +250,8 @@ class _Adapter:
         if rates is not None:
             usd = _price_with_rates(usage, rates)
             missing = [kind for kind in usage.parts() if kind not in rates]
-            return usd, (CostUnknown(f"{_parts_text(usage, missing)} to {model} have no price: add "
-                                     f"{_rate_keys_text(missing)} to "
-                                     f"{'rates' if model == self.model else f'model_rates[{model!r}]'}")
+            return usd, (CostUnknown(f"no price is given for {_parts_text(usage, missing)} to {model}: add "
+                                     f"{_rate_keys_text(missing)} to {self._rates_for(model)}")
                          if missing else None)
         try:
             prices = _genai_prices()
@@ -272,10 +271,15 @@ class _Adapter:
                          for kind, n in usage.parts().items() if kind in CALL_RATES and kind not in missing),
                         Decimal(0))
             usd = (usd - calls) * geo + calls
-        return usd, (
-            CostUnknown(f"{_parts_text(usage, missing)} to {model} have no price in genai-prices: pass "
-                        f"{type(self).__name__}({model!r}, rates={{...}}) with {_rate_keys_text(missing)}")
-            if missing else None)
+        if not missing:
+            return usd, None
+        keyword = "rates={...}" if model == self.model else f"model_rates={{{model!r}: {{...}}}}"
+        return usd, CostUnknown(f"genai-prices has no price for {_parts_text(usage, missing)} to {model}: pass "
+                                f"{keyword} with {_rate_keys_text(missing)}, and the token prices")
+
+    def _rates_for(self, model: str) -> str:
+        """Where the prices of ``model`` are given."""
+        return "rates" if model == self.model else f"model_rates[{model!r}]"
 
     def charge(self, response: Any, item: str | None = None) -> Decimal:
         """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.
@@ -320,7 +324,8 @@ class _Adapter:
             return usd, None
         if _usd_capped():
             return usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0")
-        warnings.warn(f"loomc: {problem}; counted as $0 (no USD budget is set)", stacklevel=3)  # the caller's caller
+        warnings.warn(f"loomc: {problem}; what has no price is counted as $0 (no USD budget is set)",
+                      stacklevel=3)  # the caller's caller
         return usd, None
 
     def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:
