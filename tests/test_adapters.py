@@ -431,12 +431,14 @@ def test_a_model_or_tool_call_without_a_price_is_named_and_can_be_given_one(sonn
     searched = message({"input_tokens": 100, "output_tokens": 10,
                         "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}})
     own = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10})
-    with pytest.raises(CostUnknown, match="no price is given for 3 web search calls to claude-made-up-9: add 'web_search'"):
+    with pytest.raises(CostUnknown, match="no price is given for 3 web search calls to claude-made-up-9: "
+                                          "add 'web_search'"):
         own.cost_from_response(searched)
     own = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10, "web_search": 10})
     assert own.cost_from_response(searched) == (100 * 2 + 10 * 10) / M + Decimal("0.03")
     old = AnthropicAdapter("claude-3-haiku-20240307")  # genai-prices has no web-search price for it
-    with pytest.raises(CostUnknown, match="genai-prices has no price for 3 web search calls to claude-3-haiku-20240307"):
+    with pytest.raises(CostUnknown, match="genai-prices has no price for 3 web search calls to "
+                                          "claude-3-haiku-20240307"):
         old.cost_from_response(searched)
 
 
