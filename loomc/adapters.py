@@ -251,7 +251,8 @@ class _Adapter:
             usd = _price_with_rates(usage, rates)
             missing = [kind for kind in usage.parts() if kind not in rates]
             return usd, (CostUnknown(f"no price is given for {_parts_text(usage, missing)} to {model}: add "
-                                     f"{_rate_keys_text(missing)} to {self._rates_for(model)}")
+                                     f"{_rate_keys_text(missing)} to "
+                                     f"{'rates' if model == self.model else f'model_rates[{model!r}]'}")
                          if missing else None)
         try:
             prices = _genai_prices()
@@ -276,10 +277,6 @@ class _Adapter:
         keyword = "rates={...}" if model == self.model else f"model_rates={{{model!r}: {{...}}}}"
         return usd, CostUnknown(f"genai-prices has no price for {_parts_text(usage, missing)} to {model}: pass "
                                 f"{keyword} with {_rate_keys_text(missing)}, and the token prices")
-
-    def _rates_for(self, model: str) -> str:
-        """Where the prices of ``model`` are given."""
-        return "rates" if model == self.model else f"model_rates[{model!r}]"
 
     def charge(self, response: Any, item: str | None = None) -> Decimal:
         """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.
