@@ -133,6 +133,12 @@ def _anthropic_tokens(usage: Any, top: TokenUsage | None = None, web_search: int
 
 
 def _anthropic_usage_block(response: Any) -> Any:
+    kind = _get(response, "type")
+    if isinstance(kind, str) and kind.startswith(("message_", "content_block_")):
+        # A stream event: message_delta's usage leaves the input tokens out (None), message_start's
+        # counts one output token; neither is what the call cost.
+        raise ConfigError(f"this is a {kind} stream event, not a whole message: price the message the "
+                          "stream ends with, stream.get_final_message()")
     usage = _get(response, "usage")
     if usage is None:
         raise UsageMissing("the Anthropic response has no usage")

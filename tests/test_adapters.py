@@ -581,3 +581,25 @@ def test_each_serving_iteration_is_its_own_request_for_long_context_prices():
         iteration("message", 150000, 0), iteration("message", 150000, 0)]})
     assert adapter.cost_from_response(reply) == 2 * 150000 * SONNET["input"] / M == Decimal("0.9")
     assert adapter.cost_from_response(message({"input_tokens": 300000, "output_tokens": 0})) == Decimal("1.8")
+
+
+def test_an_anthropic_stream_event_is_refused_not_priced_without_its_input(sonnet):
+    """The last event of a stream, message_delta, carries output_tokens but input_tokens=None: it
+    was priced at $0.0018, the output alone, with the input counted as $0."""
+    from anthropic.types import RawMessageDeltaEvent, RawMessageStartEvent
+    delta = RawMessageDeltaEvent.model_validate({"type": "message_delta", "usage": {"output_tokens": 120},
+                                                 "delta": {"stop_reason": "end_turn", "stop_sequence": None}})
+    start = RawMessageStartEvent.model_validate({"type": "message_start", "message": message(
+        {"input_tokens": 5000, "output_tokens": 1}).model_dump()})
+    for event in (delta, start, delta.model_dump()):
+        with pytest.raises(ConfigError, match="stream event, not a whole message: .*get_final_message"):
+            sonnet.cost_from_response(event)
+
+    @loop(budget=Budget(usd=1.0, iterations=5), checkpoint="memory")
+    def streamed(state):
+        sonnet.charge(delta)
+        return state + 1
+
+    run = streamed.run(0)
+    assert run.status == "failed" and len(run.history) == 1 and run.reason.startswith("ConfigError: this is a "
+                                                                                       "message_delta stream event")
