@@ -167,10 +167,14 @@ def openai_usage(response: Any) -> TokenUsage:
     The Responses API's ``web_search_call`` and ``file_search_call`` output items are counted as
     paid tool calls.
     """
+    kind = _get(response, "type")
+    if isinstance(kind, str) and kind.startswith("response.") and _get(response, "response") is not None:
+        response = _get(response, "response")  # a Responses stream event: response.completed holds the whole reply
     usage = _get(response, "usage")
     if usage is None:
-        raise UsageMissing("the OpenAI response has no usage (for a stream, ask for "
-                           "stream_options={'include_usage': True} and price the last chunk)")
+        raise UsageMissing(f"the OpenAI {'stream event ' + repr(kind) if kind else 'response'} has no usage (for a "
+                           "Chat Completions stream, ask for stream_options={'include_usage': True} and price the "
+                           "last chunk; for a Responses stream, price the response.completed event)")
     tier = _get(response, "service_tier")
     context = (("service_tier", tier),) if tier in ("flex", "priority", "fast", "scale") else ()
     if _get(usage, "prompt_tokens") is not None:  # Chat Completions

@@ -603,3 +603,17 @@ def test_an_anthropic_stream_event_is_refused_not_priced_without_its_input(sonne
     run = streamed.run(0)
     assert run.status == "failed" and len(run.history) == 1 and run.reason.startswith("ConfigError: this is a "
                                                                                        "message_delta stream event")
+
+
+def test_a_responses_stream_is_priced_from_its_completed_event():
+    from openai.types.responses import ResponseCompletedEvent, ResponseCreatedEvent
+    data = response({"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                     "output_tokens": 100, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": 1100}).model_dump()
+    done = ResponseCompletedEvent.model_validate({"type": "response.completed", "sequence_number": 9, "response": data})
+    adapter = OpenAIAdapter("gpt-5")
+    assert adapter.cost_from_response(done) == (1000 * GPT5["input"] + 100 * GPT5["output"]) / M
+    created = ResponseCreatedEvent.model_validate({"type": "response.created", "sequence_number": 0,
+                                                   "response": {**data, "usage": None}})
+    with pytest.raises(UsageMissing, match="stream event 'response.created' has no usage.*response.completed event"):
+        adapter.cost_from_response(created)
