@@ -61,6 +61,8 @@ _PARTS = {"input_audio": ("input_audio_tokens", "input_audio_mtok", MILLION, "au
           "web_search": ("web_searches", "web_searches_kcount", THOUSAND, "web search call"),
           "file_search": ("storage_searches", "storage_searches_kcount", THOUSAND, "file search call")}
 RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
+# Tiers a response may report that cost more than the standard prices.
+_SURCHARGES = {("speed", "fast"), ("service_tier", "priority")}
 
 
 class UsageMissing(CostUnknown):
@@ -264,11 +266,15 @@ class _Adapter:
                                      f"{_rate_keys_text(missing)} to "
                                      f"{'rates' if model == self.model else f'model_rates[{model!r}]'}")
                          if missing else None)
+        context = dict(usage.context, **({"processing": "batch"} if self.batch else {}))
         try:
             prices = _genai_prices()
-            price = prices.calc_price(prices.Usage(**_counts(usage)), model, provider_id=self.provider,
-                                      price_context=dict(usage.context, **({"processing": "batch"} if self.batch
-                                                                           else {})) or None)
+            counts = prices.Usage(**_counts(usage))
+            price = prices.calc_price(counts, model, provider_id=self.provider, price_context=context or None)
+            # A dearer tier genai-prices has no price for comes back at the standard price: that is no price.
+            dearer = [f"{k}={v}" for k, v in context.items() if (k, v) in _SURCHARGES]
+            unpriced_tier = bool(dearer) and bool(usage.input or usage.output) and price.total_price == (
+                prices.calc_price(counts, model, provider_id=self.provider).total_price)
         except (ConfigError, LookupError):
             return Decimal(0), CostUnknown(
                 f"{_tokens_text(usage)} billed to the {self.provider} model {model!r}, whose prices are not known: "
@@ -282,11 +288,12 @@ class _Adapter:
                          for kind, n in usage.parts().items() if kind in CALL_RATES and kind not in missing),
                         Decimal(0))
             usd = (usd - calls) * geo + calls
-        if not missing:
-            return usd, None
         keyword = "rates={...}" if model == self.model else f"model_rates={{{model!r}: {{...}}}}"
-        return usd, CostUnknown(f"genai-prices has no price for {_parts_text(usage, missing)} to {model}: pass "
-                                f"{keyword} with {_rate_keys_text(missing)}, and the token prices")
+        return usd, _together((
+            CostUnknown(f"genai-prices has no price for {_parts_text(usage, missing)} to {model}: pass "
+                        f"{keyword} with {_rate_keys_text(missing)}, and the token prices") if missing else None,
+            CostUnknown(f"genai-prices has no {' '.join(dearer)} price for {model}, only its standard price, which "
+                        f"would undercount: pass {keyword} with the prices of that tier") if unpriced_tier else None))
 
     def charge(self, response: Any, item: str | None = None) -> Decimal:
         """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.

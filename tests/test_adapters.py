@@ -617,3 +617,19 @@ def test_a_responses_stream_is_priced_from_its_completed_event():
                                                    "response": {**data, "usage": None}})
     with pytest.raises(UsageMissing, match="stream event 'response.created' has no usage.*response.completed event"):
         adapter.cost_from_response(created)
+
+
+def test_a_dearer_tier_genai_prices_has_no_price_for_is_unknown_not_standard():
+    """Fast mode and the priority tier cost more than the standard prices. Where genai-prices lists
+    no price for the tier, it answers with the standard one; that was taken as the cost."""
+    from loomc import CostUnknown
+    fast = {"input_tokens": 1000, "output_tokens": 100, "speed": "fast"}
+    assert AnthropicAdapter("claude-opus-5").cost_from_response(message(fast)) == (1000 * 10 + 100 * 50) / M
+    with pytest.raises(CostUnknown, match="genai-prices has no speed=fast price for claude-opus-4-6.*rates="):
+        AnthropicAdapter("claude-opus-4-6").cost_from_response(message(fast))
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    assert OpenAIAdapter("gpt-4o").cost_from_response(chat(usage, tier="priority")) == (
+        1000 * Decimal("4.25") + 100 * 17) / M
+    with pytest.raises(CostUnknown, match="no service_tier=priority price for gpt-3.5-turbo"):
+        OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="priority"))
+    assert OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="flex")) > 0  # a discount: no error
