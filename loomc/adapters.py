@@ -325,7 +325,13 @@ class _Adapter:
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
-        return _known(self._billed(response))
+        usd, problem = self._billed(response)
+        if problem is not None:
+            if usd:  # the part that is known still counts: the step fails with it charged
+                from loomc.interpreter import charge
+                charge(usd)
+            raise problem
+        return usd
 
     def _billed(self, response: Any) -> Priced:
         """What ``response`` cost. A part whose price is unknown is an error under a USD cap (returned,

@@ -484,6 +484,13 @@ def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run
         run = uncapped.run(0)
     assert run.status == "budget_exhausted" and run.total_cost == 2 * known
 
+    @loop(budget=Budget(usd=1.0, iterations=10), backtrack=LastGood(), cost_fn=sonnet.cost_fn, checkpoint="memory")
+    def priced_after(s):
+        return {"_response": reply.model_dump(), "n": s["n"] + 1}
+
+    run = priced_after.run({"n": 0})  # the same through cost_fn: the known part is charged, then the run ends
+    assert run.status == "failed" and len(run.history) == 1 and run.total_cost == known
+
 
 def test_us_only_inference_costs_a_tenth_more_on_the_tokens(sonnet):
     """genai-prices does not model Anthropic's inference_geo; a reply run in the US only was
