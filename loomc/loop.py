@@ -748,7 +748,14 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
             probe.check_installed()  # semantic_delta without sentence-transformers: now, not after a paid call
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
         if value is not None and not callable(value):
-            raise ConfigError(f"{name}={value!r} must be a function")
+            hint = f": to price with it, pass cost_fn={value!r}.cost_fn" if callable(getattr(value, "cost_fn", None)) \
+                else ""
+            raise ConfigError(f"{name}={value!r} must be a function{hint}")
+    adapter, method = getattr(cost_fn, "__self__", None), getattr(cost_fn, "__name__", "")
+    if method in ("charge", "acharge") and callable(getattr(adapter, "cost_fn", None)):
+        raise ConfigError(f"cost_fn={adapter!r}.{method} prices a response you hand it inside fn ({method}(reply)); "
+                          f"as cost_fn= pass {adapter!r}.cost_fn, which prices the response kept at "
+                          "state['_response']")
     check_one_argument(scorer, "scorer(state)")
     check_one_argument(cost_fn, "cost_fn(state)")
     if built.needs_score and scorer is None:

@@ -640,3 +640,15 @@ def test_a_dearer_tier_genai_prices_has_no_price_for_is_unknown_not_standard():
     with pytest.raises(CostUnknown, match="no service_tier=priority price for gpt-3.5-turbo"):
         OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="priority"))
     assert OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="flex")) > 0  # a discount: no error
+
+
+def test_an_adapter_or_its_charge_given_as_cost_fn_is_refused_at_decoration(sonnet):
+    """cost_fn=adapter.charge was taken: each step then raised UsageMissing on the state, after its paid call."""
+    with pytest.raises(ConfigError, match=r"must be a function: to price with it, pass "
+                                          r"cost_fn=AnthropicAdapter\('claude-sonnet-4-6'\)\.cost_fn"):
+        loop(budget=Budget(usd=1), cost_fn=sonnet, checkpoint="memory")
+    for method in (sonnet.charge, sonnet.acharge):
+        with pytest.raises(ConfigError, match=r"\.(a)?charge prices a response you hand it inside fn .* as cost_fn= "
+                                              r"pass AnthropicAdapter\('claude-sonnet-4-6'\)\.cost_fn"):
+            loop(budget=Budget(usd=1), cost_fn=method, checkpoint="memory")
+    assert loop(budget=Budget(usd=1), cost_fn=sonnet.cost_fn, checkpoint="memory")(lambda s: s)
