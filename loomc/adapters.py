@@ -49,6 +49,7 @@ from typing import Any
 from loomc.detectors import Judge, judge
 from loomc.errors import ConfigError, CostUnknown, LoomcError
 from loomc.history import to_decimal
+from loomc.policy import builds_policy
 
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
@@ -348,6 +349,7 @@ class _Adapter:
                       stacklevel=3)  # the caller's caller
         return usd, None
 
+    @builds_policy("adapter.judge(client, 'Is this done? Answer yes or no.\\n\\n{state}')")
     def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:
         """A ``judge`` detector that asks this model, through ``client``, whether the state is done.
 

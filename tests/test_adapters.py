@@ -652,3 +652,10 @@ def test_an_adapter_or_its_charge_given_as_cost_fn_is_refused_at_decoration(sonn
                                               r"pass AnthropicAdapter\('claude-sonnet-4-6'\)\.cost_fn"):
             loop(budget=Budget(usd=1), cost_fn=method, checkpoint="memory")
     assert loop(budget=Budget(usd=1), cost_fn=sonnet.cost_fn, checkpoint="memory")(lambda s: s)
+
+
+def test_an_adapter_judge_passed_uncalled_is_refused_with_the_call_to_write(sonnet):
+    from loomc import PolicyTypeError
+    with pytest.raises(PolicyTypeError, match=r"judge builds a policy, it is not one: call it, as in "
+                                              r"adapter\.judge\(client, "):
+        loop(budget=Budget(usd=1), converge_on=sonnet.judge, checkpoint="memory")
