@@ -267,6 +267,10 @@ class _Adapter:
                                      f"{_rate_keys_text(missing)} to "
                                      f"{'rates' if model == self.model else f'model_rates[{model!r}]'}")
                          if missing else None)
+        return self._price_listed(model, usage)
+
+    def _price_listed(self, model: str, usage: TokenUsage) -> Priced:
+        """What ``usage`` cost at the prices genai-prices lists for ``model``, and what it lists no price for."""
         context = dict(usage.context, **({"processing": "batch"} if self.batch else {}))
         try:
             prices = _genai_prices()
