@@ -40,14 +40,14 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 from loomc.detectors import Judge, judge
-from loomc.errors import ConfigError, CostUnknown, LoomcError
+from loomc.budget import NoCostWarning
+from loomc.errors import ConfigError, CostUnknown, LoomcError, counted, warn_at_caller
 from loomc.history import to_decimal
 from loomc.policy import builds_policy
 
@@ -62,6 +62,8 @@ _PARTS = {"input_audio": ("input_audio_tokens", "input_audio_mtok", MILLION, "au
           "web_search": ("web_searches", "web_searches_kcount", THOUSAND, "web search call"),
           "file_search": ("storage_searches", "storage_searches_kcount", THOUSAND, "file search call")}
 RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
+# Responses-API output items billed outside the token counts, in ways a response does not tell.
+_UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call")
 # Tiers a response may report that cost more than the standard prices.
 _SURCHARGES = {("speed", "fast"), ("service_tier", "priority")}
 
@@ -349,8 +351,7 @@ class _Adapter:
             return usd, None
         if _usd_capped():
             return usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0")
-        warnings.warn(f"loomc: {problem}; what has no price is counted as $0 (no USD budget is set)",
-                      stacklevel=3)  # the caller's caller
+        warn_at_caller(f"loomc: {problem}; what has no price is counted as $0 (no USD budget is set)", UserWarning)
         return usd, None
 
     @builds_policy("adapter.judge(client, 'Is this done? Answer yes or no.\\n\\n{state}')")
@@ -461,6 +462,15 @@ class OpenAIAdapter(_Adapter):
 
     def usage(self, response: Any) -> TokenUsage:
         return openai_usage(response)
+
+    def _priced(self, response: Any) -> Priced:
+        kinds = [_get(item, "type") for item in _get(response, "output") or ()]
+        unpriced = sorted({kind for kind in kinds if kind in _UNPRICED_ITEMS})
+        if unpriced:
+            warn_at_caller(f"loomc: this response holds {' and '.join(counted(kinds.count(k), k) for k in unpriced)}, "
+                           f"billed by the image or the container rather than in its token counts, which {self!r} "
+                           "cannot price: record that spend with loomc.charge(usd, item='...')", NoCostWarning)
+        return super()._priced(response)
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
         return client.chat.completions.create(model=self.model, max_completion_tokens=max_tokens,

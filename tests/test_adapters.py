@@ -659,3 +659,24 @@ def test_an_adapter_judge_passed_uncalled_is_refused_with_the_call_to_write(sonn
     with pytest.raises(PolicyTypeError, match=r"judge builds a policy, it is not one: call it, as in "
                                               r"adapter\.judge\(client, "):
         loop(budget=Budget(usd=1), converge_on=sonnet.judge, checkpoint="memory")
+
+
+def test_image_generation_and_code_interpreter_calls_are_named_as_unpriced():
+    """They bill by the image or the container, which a response does not tell: counting them as
+    $0 without a word let a USD cap overspend silently."""
+    from loomc import NoCostWarning
+    data = {"id": "r1", "object": "response", "created_at": 1, "model": "gpt-5", "parallel_tool_calls": True,
+            "tool_choice": "auto", "tools": [],
+            "output": [{"type": "image_generation_call", "id": "ig1", "status": "completed", "result": None},
+                       {"type": "code_interpreter_call", "id": "ci1", "status": "completed", "code": "1+1",
+                        "container_id": "c1", "outputs": None},
+                       {"type": "code_interpreter_call", "id": "ci2", "status": "completed", "code": "2+2",
+                        "container_id": "c1", "outputs": None}],
+            "usage": {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                      "output_tokens": 100, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1100}}
+    adapter = OpenAIAdapter("gpt-5")
+    with pytest.warns(NoCostWarning, match="holds 2 code_interpreter_calls and 1 image_generation_call, .* "
+                                           "loomc.charge\\(usd, item='...'\\)") as caught:
+        usd = adapter.cost_from_response(Response.model_validate(data))
+    assert usd == (1000 * GPT5["input"] + 100 * GPT5["output"]) / M
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
