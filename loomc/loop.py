@@ -748,9 +748,9 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
             probe.check_installed()  # semantic_delta without sentence-transformers: now, not after a paid call
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
         if value is not None and not callable(value):
-            hint = f": to price with it, pass cost_fn={value!r}.cost_fn" if callable(getattr(value, "cost_fn", None)) \
-                else ""
-            raise ConfigError(f"{name}={value!r} must be a function{hint}")
+            adapter_given = name == "cost_fn" and callable(getattr(value, "cost_fn", None))
+            raise ConfigError(f"{name}={value!r} must be a function"
+                              + (f": to price with it, pass cost_fn={value!r}.cost_fn" if adapter_given else ""))
     adapter, method = getattr(cost_fn, "__self__", None), getattr(cost_fn, "__name__", "")
     if method in ("charge", "acharge") and callable(getattr(adapter, "cost_fn", None)):
         raise ConfigError(f"cost_fn={adapter!r}.{method} prices a response you hand it inside fn ({method}(reply)); "
