@@ -54,13 +54,13 @@ from loomc.policy import builds_policy
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
 TOKEN_RATES = ("input", "output", "cache_read", "cache_write", "cache_write_1h")  # dollars per million tokens
-CALL_RATES = ("web_search", "file_search")  # dollars per thousand tool calls
 # Parts of a usage with prices of their own: genai-prices' count and price fields, the unit a rate
 # is given in, and what one of them is called.
 _PARTS = {"input_audio": ("input_audio_tokens", "input_audio_mtok", MILLION, "audio input token"),
           "output_audio": ("output_audio_tokens", "output_audio_mtok", MILLION, "audio output token"),
           "web_search": ("web_searches", "web_searches_kcount", THOUSAND, "web search call"),
           "file_search": ("storage_searches", "storage_searches_kcount", THOUSAND, "file search call")}
+CALL_RATES = tuple(kind for kind, part in _PARTS.items() if part[2] is THOUSAND)  # dollars per thousand tool calls
 RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
 # Responses-API output items billed outside the token counts, in ways a response does not tell.
 _UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call")
@@ -123,18 +123,16 @@ def _n(value: Any) -> int:
     return int(value or 0)
 
 
-def _anthropic_tokens(usage: Any, top: TokenUsage | None = None, web_search: int = 0) -> TokenUsage:
-    """TokenUsage of an Anthropic usage block: the top-level one, or one entry of ``usage.iterations``
-    (which takes the request's tier and inference geography from ``top``)."""
+def _anthropic_tokens(usage: Any, **request: Any) -> TokenUsage:
+    """TokenUsage of an Anthropic usage block, the top-level one or one entry of ``usage.iterations``;
+    ``request`` gives what the request as a whole reports (tier, inference geography, web searches)."""
     written, read = _n(_get(usage, "cache_creation_input_tokens")), _n(_get(usage, "cache_read_input_tokens"))
     split = _get(usage, "cache_creation")
     return TokenUsage(input=_n(_get(usage, "input_tokens")) + written + read, output=_n(_get(usage, "output_tokens")),
                       cache_read=read, cache_write=written,
                       cache_write_5m=None if split is None else _n(_get(split, "ephemeral_5m_input_tokens")),
                       cache_write_1h=None if split is None else _n(_get(split, "ephemeral_1h_input_tokens")),
-                      reasoning=_n(_get(_get(usage, "output_tokens_details"), "thinking_tokens")),
-                      context=() if top is None else top.context, web_search=web_search,
-                      inference_geo=_get(usage, "inference_geo") if top is None else top.inference_geo)
+                      reasoning=_n(_get(_get(usage, "output_tokens_details"), "thinking_tokens")), **request)
 
 
 def _anthropic_usage_block(response: Any) -> Any:
@@ -156,14 +154,17 @@ def anthropic_usage(response: Any) -> TokenUsage:
     ``AnthropicAdapter`` also prices ``usage.iterations`` (compaction, advisor and fallback
     iterations), which these counts leave out or price at another model.
     """
-    usage = _anthropic_usage_block(response)
+    return _anthropic_top(_anthropic_usage_block(response))
+
+
+def _anthropic_top(usage: Any) -> TokenUsage:
     context = []
     if _get(usage, "service_tier") == "batch":
         context.append(("processing", "batch"))
     if _get(usage, "speed") == "fast":
         context.append(("speed", "fast"))
-    tokens = _anthropic_tokens(usage, web_search=_n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
-    return replace(tokens, context=tuple(context))
+    return _anthropic_tokens(usage, context=tuple(context), inference_geo=_get(usage, "inference_geo"),
+                             web_search=_n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
 
 
 def openai_usage(response: Any) -> TokenUsage:
@@ -426,15 +427,16 @@ class AnthropicAdapter(_Adapter):
         request, for long-context tiers too. Should the top-level counts hold more tokens than those
         iterations, they are priced as well, at this adapter's model, and the dearer reading counts.
         """
-        top = anthropic_usage(response)
-        entries = _get(_anthropic_usage_block(response), "iterations") or ()
+        usage = _anthropic_usage_block(response)
+        top, entries = _anthropic_top(usage), _get(usage, "iterations") or ()
         if not entries:
             return self._price_lines([(self.model, top)])
         served: list[Line] = []
         extra: list[Line] = ([(self.model, TokenUsage(input=0, output=0, context=top.context,
                                                       web_search=top.web_search))] if top.web_search else [])
         for entry in entries:
-            line = (self._name(_get(entry, "model") or self.model), _anthropic_tokens(entry, top))
+            line = (self._name(_get(entry, "model") or self.model),
+                    _anthropic_tokens(entry, context=top.context, inference_geo=top.inference_geo))
             (served if _get(entry, "type") in ("message", "fallback_message") else extra).append(line)
         parts, parts_problem = self._price_lines(served)
         usd, problem = self._price_lines(extra)
@@ -551,11 +553,11 @@ def _known(priced: Priced) -> Decimal:
 
 def _parts_text(usage: TokenUsage, kinds: list[str]) -> str:
     counts = usage.parts()
-    return " and ".join(f"{counts[k]} {_PARTS[k][3]}{'s' if counts[k] != 1 else ''}" for k in kinds)
+    return " and ".join(counted(counts[k], _PARTS[k][3]) for k in kinds)
 
 
 def _rate_keys_text(kinds: list[str]) -> str:
-    return ", ".join(f"{k!r} (dollars per {'thousand calls' if k in CALL_RATES else 'million tokens'})"
+    return ", ".join(f"{k!r} (dollars per {'thousand calls' if _PARTS[k][2] is THOUSAND else 'million tokens'})"
                      for k in kinds)
 
 
