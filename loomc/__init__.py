@@ -26,7 +26,8 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
 from loomc.history import History, Step
 from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
                                step_number, usd_left)
-from loomc.loop import AsyncLoopRunner, LoopRunner, SpecChangedWarning, __version__, build_policy, load_history, loop
+from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
+                        build_policy, load_history, loop)
 from loomc.notebook import Comparison, compare
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
 from loomc.semantic import SemanticDelta, semantic_delta
@@ -42,6 +43,6 @@ __all__ = [
     "OrphanedChildWarning", "Outcome", "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay", "Run",
     "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
-    "SQLiteStore", "StallError", "StateEncodeError", "StateRoundTripWarning", "Step", "step_number",
-    "StepConflict", "StoreError", "usd_left", "__version__",
+    "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StateRoundTripWarning", "Step",
+    "step_number", "StepConflict", "StoreError", "usd_left", "__version__",
 ]

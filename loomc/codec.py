@@ -248,6 +248,39 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
                        StateRoundTripWarning)
 
 
+def stored_difference(state: Any, stored: str) -> str | None:
+    """Where ``state`` first differs from the state stored as the JSON ``stored``, compared as the store
+    would hold it (so key order and a tuple for a list do not count); ``None`` when they are the same."""
+    try:
+        now = json.loads(encode(state))
+    except Exception:  # StateEncodeError: it cannot be the state that was stored
+        return "the state passed cannot be stored as JSON, so it is not the one stored"
+    return _first_difference(now, json.loads(stored), "state")
+
+
+def _first_difference(now: Any, then: Any, where: str) -> str | None:
+    if isinstance(now, dict) and isinstance(then, dict):
+        for key in {**now, **then}:
+            if key not in now or key not in then:
+                here, there = (_short(now[key]), "absent") if key in now else ("absent", _short(then[key]))
+                return f"{where}[{key!r}] is {here} in the state passed, {there} in the stored one"
+            found = _first_difference(now[key], then[key], f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(now, list) and isinstance(then, list):
+        for i, (a, b) in enumerate(zip(now, then)):
+            found = _first_difference(a, b, f"{where}[{i}]")
+            if found is not None:
+                return found
+        if len(now) == len(then):
+            return None
+        return f"{where} has {len(now)} items in the state passed, {len(then)} in the stored one"
+    if type(now) is type(then) and (now == then or (now != now and then != then)):  # NaN is stored as NaN
+        return None
+    return f"{where} is {_short(now)} in the state passed, {_short(then)} in the stored one"
+
+
 def _a(name: str) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 

@@ -69,6 +69,8 @@ class Run:
     history: History
     policy: Policy
     error: BaseException | None = None
+    # Warnings that opening the run found, told where the run is driven from (see LiveRun.notices).
+    _notices: tuple[tuple[str, type[Warning]], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def total_cost(self) -> Decimal:
@@ -690,7 +692,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
                   f"({counted(len(h), 'step')}, ${h.total_cost:.4f}){_failing(h)}; the state it reached is on "
                   f".state; {hint}",
                   run_id=run.id, state=state, history=h, reason=reason)
-    return Run(run.id, status, reason, state, h, run.policy, exc)
+    return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices))
 
 
 def _failing(h: History) -> str:

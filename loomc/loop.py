@@ -47,6 +47,11 @@ class SpecChangedWarning(UserWarning):
     """Resume found that ``fn``'s source or the policy changed since the run started."""
 
 
+class StateMismatchWarning(UserWarning):
+    """A run stored under the id was continued (or returned) rather than started from the different state
+    passed (``resume=True``, or a child run its parent's step called again)."""
+
+
 # What `loomc resume` is importing, while it imports it. A script without an
 # `if __name__ == "__main__":` guard would start its own run at import, and pay for calls nobody asked for.
 _IMPORTING: list[str] = []
@@ -70,13 +75,17 @@ def _refuse_at_import(fn: Callable[..., Any]) -> None:
                           "`if __name__ == \"__main__\":`")
 
 
-def _tell(live: LiveRun) -> None:
+def _tell(opened: LiveRun | Run) -> None:
     """Warn what opening the run found, from the thread that drives it, pointing at the caller's line
     (an async run is opened on the store's writer thread)."""
-    for message, category in live.notices:
+    if isinstance(opened, Run):  # a stored run that had completed: nothing is driven
+        for message, category in opened._notices:
+            warn_at_caller(message, category)
+        return
+    for message, category in opened.notices:
         warn_at_caller(message, category)
-    live.notices.clear()
-    logs.run_opened(live)
+    opened.notices.clear()
+    logs.run_opened(opened)
 
 
 def _check_run_id(run_id: Any) -> None:
@@ -89,6 +98,26 @@ def refuse_completed(record: RunRecord) -> None:
     if record.status == "completed":
         raise RunAlreadyFinished(f"run {record.id} already completed ({record.reason}); there is nothing "
                                  f"to resume. See it with `loomc show {record.id}`")
+
+
+def _other_state(state: Any, record: RunRecord, parent: LiveRun | None) -> str | None:
+    """What to warn when the stored run ``record`` goes on (or is returned) in place of a run from ``state``,
+    which differs from the state it started with; ``None`` when they are the same."""
+    if record.initial_state is None:
+        return None
+    difference = codec.stored_difference(state, record.initial_state)
+    if difference is None:
+        return None
+    done = record.status == "completed"
+    if parent is None:
+        went = "returns it as it completed" if done else "goes on with it"
+        return (f"run {record.id} is stored, so resume=True {went} and does not use the state passed now, which "
+                f"differs from the one the run started with: {difference}. To start a new run from this state, "
+                "pass another run_id")
+    return (f"child run {record.id} is stored (step {parent.in_flight} of run {parent.id} is running again), so "
+            f"{'its result is reused' if done else 'it goes on'} and nothing is paid for twice; but the state passed "
+            f"to it now differs from the one it started with: {difference}. To start a new child for a new state, "
+            "give the child a run_id= derived from its state (a hash of it)")
 
 
 def refuse_reached(budget: Budget, record: RunRecord) -> None:
@@ -325,8 +354,13 @@ class LoopRunner:
             live = self._restore(record, self.policy, Drive(), parent=None)
             if parent is not None:
                 parent.spend(live.history.total_cost)
-            return _ended(live, "completed", record.reason or "completed", None)
-        return self._reopen(run_id, None, parent)
+        else:
+            live = self._reopen(run_id, None, parent)
+        mismatch = _other_state(state, record, parent)
+        if mismatch is not None:
+            live.notices.append((mismatch, StateMismatchWarning))
+        return _ended(live, "completed", record.reason or "completed", None) if record.status == "completed" \
+            else live
 
     def _start(self, state: Any, run_id: str | None, parent: LiveRun | None = None) -> LiveRun:
         try:
@@ -475,9 +509,9 @@ class LoopRunner:
 
     def _steps(self, opened: LiveRun | Run) -> Generator[Step, None, Run]:
         """The committed Steps of an opened run, then its Run (a finished child's Run at once)."""
+        _tell(opened)
         if isinstance(opened, Run):
             return _no_steps(opened)
-        _tell(opened)
         if not self.progress:
             return steps(opened)  # no wrapping generator: one resume less per step
         return self._watched_steps(opened)
@@ -493,6 +527,8 @@ class LoopRunner:
 
         ``resume=True`` (with ``run_id=``) continues the run stored under that id if there is one,
         or returns it if it completed, so a script run again after a crash goes on where it stopped.
+        ``state`` is then not used: :class:`StateMismatchWarning` says so when it differs from the
+        state the stored run started with.
         """
         parent, run_id = self._plan(run_id, resume)
         return exhaust(self._steps(self._open(state, run_id, parent, resume)))
@@ -550,10 +586,10 @@ class AsyncLoopRunner(LoopRunner):
 
     async def _steps_of(self, opened: LiveRun | Run, ended: list[Run]) -> AsyncGenerator[Step, None]:
         """The committed Steps of an opened run, each once it is asked for; the Run goes in ``ended``."""
+        _tell(opened)
         if isinstance(opened, Run):
             ended.append(opened)
             return
-        _tell(opened)
         with self._watched(opened) as live:
             stream = steps_async(live, ended)
             try:

@@ -5,7 +5,9 @@ The first time (while MARKER does not exist) it kills itself with SIGKILL, the w
 crash would: during child step 2 of parent step 1 (WHEN "inside", the default), or right
 after the child of parent step 1 completed, before the parent step commits (WHEN "after").
 WHEN "charged" crashes where "inside" does, with write-ahead charges in both loops: $0.02 per
-parent step before its child starts, $0.001 per child step.
+parent step before its child starts, $0.001 per child step. WHEN "changed" crashes where "after"
+does, and the child's state says whether the crash is still to come, so the re-run step passes its
+child another state than the first time.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def child(state: dict) -> dict:
 def parent(state: dict) -> dict:
     if WHEN == "charged":
         loomc.charge(0.02)
-    result = child({"n": 0, "parent_step": loomc.step_number()})
-    if WHEN == "after" and loomc.step_number() == 1:
+    extra = {"first_try": not os.path.exists(MARKER)} if WHEN == "changed" else {}
+    result = child({"n": 0, "parent_step": loomc.step_number(), **extra})
+    if WHEN in ("after", "changed") and loomc.step_number() == 1:
         crash_once()
     return {"done": state["done"] + 1, "child_n": state["child_n"] + result["n"]}
 

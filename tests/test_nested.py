@@ -234,6 +234,24 @@ def test_a_crash_after_a_child_completed_reuses_it_instead_of_paying_twice(tmp_p
     assert store.get_run("nested").total_cost == Decimal("0.12")
 
 
+def test_a_reused_child_that_is_passed_another_state_says_so(tmp_path):
+    """The parent's step ran again after a crash and called its completed child with another state:
+    the child's stored result (from the old state) was reused without a word."""
+    db, marker = tmp_path / "changed.db", tmp_path / "crashed-once"
+    script = [sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker), "changed"]
+    assert subprocess.run(script, capture_output=True, timeout=120).returncode == -9
+    done = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"done": 3, "child_n": 12}
+    assert SQLiteStore(db).get_run("nested-1-0").attempts == 1, "reused, not run again"
+    assert ("StateMismatchWarning: child run nested-1-0 is stored (step 1 of run nested is running again), so its "
+            "result is reused and nothing is paid for twice; but the state passed to it now differs from the one it "
+            "started with: state['first_try'] is False in the state passed, True in the stored one. To start a new "
+            "child for a new state, give the child a run_id= derived from its state (a hash of it)") in done.stderr
+    assert done.stderr.count("StateMismatchWarning") == 1, "only the child the re-run step met again"
+    assert "nested_crashy.py" in done.stderr.split("StateMismatchWarning")[0].splitlines()[-1], "at the child's call"
+
+
 def test_a_crash_after_the_parent_charged_counts_its_childs_spend_in_the_interrupted_step(tmp_path):
     db, marker = tmp_path / "charged.db", tmp_path / "crashed-once"
     script = [sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker), "charged"]

@@ -1158,3 +1158,62 @@ def test_a_policy_that_raises_after_a_paid_step_keeps_the_step_and_resume_asks_i
     run = go(refine.resume_run("p"))
     assert calls == [0, 1, 2, 3] and run.status == "completed" and run.state == 4  # step 1 is not paid for twice
     assert store.get_run("p").total_cost == Decimal("0.4")
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_resume_true_with_another_state_says_the_stored_run_is_used_and_where_the_states_differ(tmp_path, aio):
+    """A notebook cell (or a job) run again under the same run_id with an edited state: resume=True
+    returned the stored run's result, computed from the old state, without a word."""
+    import warnings
+    from loomc import StateMismatchWarning
+    seen = []
+
+    def body(state):
+        seen.append(state["task"])
+        if state["task"] == "fail once" and len(seen) == 1:
+            raise RuntimeError("the model is down")
+        return {**state, "i": state["i"] + 1}
+
+    if aio:
+        async def fix(state: dict) -> dict:
+            return body(state)
+    else:
+        def fix(state: dict) -> dict:
+            return body(state)
+    runner = loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: h[-1].state["i"] >= 2),
+                  checkpoint=str(tmp_path / "cells.db"))(fix)
+
+    async def in_a_coroutine(state, run_id):
+        return await runner.run(state, run_id=run_id, resume=True)
+
+    def call(state, run_id):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = asyncio.run(in_a_coroutine(state, run_id)) if aio else runner.run(state, run_id=run_id, resume=True)
+        return run, [w for w in caught if w.category is StateMismatchWarning]
+
+    run, told = call({"task": "fix bug 42", "i": 0}, "cell")
+    assert run.state == {"task": "fix bug 42", "i": 2} and not told
+    run, told = call({"i": 0, "task": "fix bug 42"}, "cell")  # the same state, keys in another order
+    assert run.state["task"] == "fix bug 42" and not told and seen == ["fix bug 42"] * 2
+    run, told = call({"task": "fix bug 43", "i": 0}, "cell")
+    assert run.state == {"task": "fix bug 42", "i": 2} and seen == ["fix bug 42"] * 2, "the completed run, as before"
+    assert [str(w.message) for w in told] == [
+        "run cell is stored, so resume=True returns it as it completed and does not use the state passed now, "
+        "which differs from the one the run started with: state['task'] is 'fix bug 43' in the state passed, "
+        "'fix bug 42' in the stored one. To start a new run from this state, pass another run_id"]
+    assert told[0].filename == __file__, "the warning points at the line that ran the loop"
+
+    async def steps_of(stream):
+        return [step async for step in stream]
+
+    with pytest.warns(StateMismatchWarning, match="state passed, 'fix bug 42' in the stored one"):  # the cell's iter()
+        stream = runner.iter({"task": "fix bug 44", "i": 0}, run_id="cell", resume=True)
+        assert (asyncio.run(steps_of(stream)) if aio else list(stream)) == [] and stream.run.state["i"] == 2
+
+    seen.clear()
+    assert call({"task": "fail once", "i": 0}, "job")[0].status == "failed"
+    run, told = call({"task": "fail once", "i": 0, "extra": [1, 2]}, "job")
+    assert run.status == "completed" and run.state == {"task": "fail once", "i": 2}, "the stored run went on"
+    assert len(told) == 1 and "resume=True goes on with it and does not use the state passed now" in str(told[0].message)
+    assert "state['extra'] is [1, 2] in the state passed, absent in the stored one" in str(told[0].message)
