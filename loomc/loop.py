@@ -114,10 +114,14 @@ def _other_state(state: Any, record: RunRecord, parent: LiveRun | None) -> str |
         return (f"run {record.id} is stored, so resume=True {went} and does not use the state passed now, which "
                 f"differs from the one the run started with: {difference}. To start a new run from this state, "
                 "pass another run_id")
-    return (f"child run {record.id} is stored (step {parent.in_flight} of run {parent.id} is running again), so "
-            f"{'its result is reused' if done else 'it goes on'} and nothing is paid for twice; but the state passed "
-            f"to it now differs from the one it started with: {difference}. To start a new child for a new state, "
-            "give the child a run_id= derived from its state (a hash of it)")
+    again = record.parent_run_id == parent.id and record.parent_step == parent.in_flight
+    why = (f"step {parent.in_flight} of run {parent.id} is running again" if again else
+           f"started in step {record.parent_step} of run {record.parent_run_id}" if record.parent_run_id else
+           "started as a run of its own")
+    return (f"child run {record.id} is stored ({why}), so {'its result is reused' if done else 'it goes on'} and "
+            f"nothing is paid for twice; but the state passed to it now differs from the one it started with: "
+            f"{difference}. To start a new child for a new state, give the child a run_id= derived from its state "
+            "(a hash of it)")
 
 
 def refuse_reached(budget: Budget, record: RunRecord) -> None:

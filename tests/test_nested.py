@@ -252,6 +252,30 @@ def test_a_reused_child_that_is_passed_another_state_says_so(tmp_path):
     assert "nested_crashy.py" in done.stderr.split("StateMismatchWarning")[0].splitlines()[-1], "at the child's call"
 
 
+def test_a_child_named_once_and_called_by_every_step_says_the_later_steps_get_the_first_result(tmp_path):
+    from loomc import StateMismatchWarning
+    db = str(tmp_path / "named.db")
+
+    @loop(budget=Budget(iterations=3), converge_on=predicate(lambda h: True), checkpoint=db)
+    def summary(state: dict) -> dict:
+        return {**state, "words": len(state["text"].split())}
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    def write(state: dict) -> dict:
+        text = state["text"] + " more"
+        return {"text": text, "words": summary({"text": text}, run_id="summary")["words"]}
+
+    with pytest.warns(StateMismatchWarning) as told:
+        run = write.run({"text": "a draft"}, run_id="w")
+    assert run.state == {"text": "a draft more more", "words": 3}, "step 1 got step 0's summary"
+    assert [str(w.message) for w in told] == [
+        "child run summary is stored (started in step 0 of run w), so its result is reused and nothing is paid for "
+        "twice; but the state passed to it now differs from the one it started with: state['text'] is 'a draft "
+        "more more' in the state passed, 'a draft more' in the stored one. To start a new child for a new state, "
+        "give the child a run_id= derived from its state (a hash of it)"]
+    assert told[0].filename == __file__
+
+
 def test_a_crash_after_the_parent_charged_counts_its_childs_spend_in_the_interrupted_step(tmp_path):
     db, marker = tmp_path / "charged.db", tmp_path / "crashed-once"
     script = [sys.executable, str(HERE / "nested_crashy.py"), str(db), str(marker), "charged"]
