@@ -142,7 +142,10 @@ class CostUnknown(LoomcError):
 
 
 class StateEncodeError(LoomcError, TypeError):
-    """``fn`` returned a state that cannot be stored as JSON."""
+    """``fn`` returned a state that cannot be stored as JSON. ``returned`` holds that state, as ``fn``
+    returned it: the call was paid for, and the store could not keep it."""
+
+    returned: Any = None
 
 
 class NoStateReturned(LoomcError, TypeError):

@@ -547,7 +547,9 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             record = stored(step)
         except StateEncodeError as e:
             if exc is None or isinstance(exc, Exception):  # an interrupt stays the one to tell
-                exc = StateEncodeError(f"run {run.id} step {n}: {e}")
+                exc = StateEncodeError(f"run {run.id} step {n}: {e}. What fn returned, paid for and not stored, "
+                                       "is on this error's .returned")
+                exc.returned = step.state
             fatal = True
             step = step.replace(state=None, error=f"StateEncodeError: {e}")
             record = stored(step)

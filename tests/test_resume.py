@@ -481,12 +481,18 @@ def test_the_state_type_is_recorded_when_fn_has_no_annotation(tmp_path):
 def test_an_unencodable_state_fails_its_step_with_the_field_and_keeps_the_cost(tmp_path):
     db = str(tmp_path / "x.db")
 
+    conn = object()
+
     @loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.25, checkpoint=db)
     def step(s):
-        return {"ok": 1, "inner": {"conn": object()}}
+        return {"ok": 1, "inner": {"conn": conn}}
 
     with pytest.raises(StateEncodeError, match=r"state\['inner'\]\['conn'\] is an object") as e:
         step({"ok": 0})
+    # The call was paid for: what it returned is not lost with the store's refusal (it used to be).
+    assert e.value.returned == {"ok": 1, "inner": {"conn": conn}} and e.value.returned["inner"]["conn"] is conn
+    assert str(e.value).endswith("What fn returned, paid for and not stored, is on this error's .returned")
+    assert e.value.state == {"ok": 0}, "the state the run would go on from"
     record = SQLiteStore(db).get_run(e.value.run_id)
     assert record.status == "failed" and record.total_cost == Decimal("0.25")
     (only,) = SQLiteStore(db).load_steps(e.value.run_id)
