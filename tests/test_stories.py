@@ -357,14 +357,16 @@ def test_a_sync_fn_that_forgets_to_await_an_async_call_is_told_to_await_it():
     def refine(state):
         return {"draft": rewrite(state["draft"])}  # a coroutine, never awaited
 
-    with pytest.warns(RuntimeWarning, match="never awaited"):  # Python's own word on it, as the coroutine goes
-        run = refine.run({"draft": "a"})
-        import gc
-        gc.collect()
+    run = refine.run({"draft": "a"})
     assert run.status == "failed" and run.history[0].error.startswith(
         "StateEncodeError: state['draft'] is a coroutine (<coroutine object")
     assert "that was never awaited, which cannot be stored as JSON; a sync fn cannot await it: " \
            "write fn as `async def` and await the call" in run.history[0].error
+    assert asyncio.iscoroutine(run.error.returned["draft"]), "what fn returned, kept on the error"
+    with pytest.warns(RuntimeWarning, match="never awaited"):  # Python's own word on it, as the coroutine goes
+        del run
+        import gc
+        gc.collect()
 
 
 def test_a_fn_that_forgets_to_return_its_state_fails_on_that_step_saying_so():
