@@ -286,6 +286,16 @@ class LoopRunner:
         self.spec_hash = _spec_hash(fn, policy, self.state_type)
         self._store: CheckpointStore | None = None
         self._types: dict[str, Any] = {}  # state types seen by this runner, by recorded path
+        self._probes = tuple(probe for part in policy.walk() for probe in part.probes())
+        self._prepared = not self._probes
+
+    def _ready(self) -> None:
+        """Load what the policy's measures need (semantic_delta's model) before a run's first call: one that
+        cannot be loaded raises here, with nothing recorded and nothing paid for, not after the first call."""
+        if not self._prepared:
+            for probe in self._probes:
+                probe.prepare()
+            self._prepared = True
 
     def __repr__(self) -> str:
         return f"<loop {getattr(self.fn, '__qualname__', self.fn)} policy={self.policy!r}>"
@@ -535,6 +545,7 @@ class LoopRunner:
         state the stored run started with.
         """
         parent, run_id = self._plan(run_id, resume)
+        self._ready()
         return exhaust(self._steps(self._open(state, run_id, parent, resume)))
 
     def iter(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> StepStream:
@@ -547,6 +558,7 @@ class LoopRunner:
         only the Steps committed from now on are yielded.
         """
         parent, run_id = self._plan(run_id, resume)
+        self._ready()
         opened = self._open(state, run_id, parent, resume)
         return StepStream(self._steps(opened), opened)
 
@@ -556,6 +568,7 @@ class LoopRunner:
 
     def resume_run(self, run_id: str, *, budget: Budget | None = None, take_over: bool = False) -> Run:
         """Continue a run from its last committed step and return the whole :class:`Run`."""
+        self._ready()
         return exhaust(self._steps(self._reopen(run_id, budget, None, take_over)))
 
     def resume(self, run_id: str, *, budget: Budget | None = None, take_over: bool = False) -> Any:
@@ -581,6 +594,12 @@ def _no_steps(run: Run) -> Generator[Step, None, Run]:
 class AsyncLoopRunner(LoopRunner):
     """What ``@loop`` returns for an ``async def``: ``await runner(state)``."""
 
+    async def _aready(self) -> None:
+        """``_ready`` off the event loop: loading a model takes seconds."""
+        if not self._prepared:
+            import asyncio
+            await asyncio.to_thread(self._ready)
+
     async def _go(self, opened: LiveRun | Run) -> Run:
         """Drive an opened run to its end."""
         ended: list[Run] = []
@@ -605,6 +624,7 @@ class AsyncLoopRunner(LoopRunner):
     async def run(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
                   resume: bool = False) -> Run:
         parent, run_id = self._plan(run_id, resume)
+        await self._aready()
         return await self._go(await offload(self.store, self._open, state, run_id, parent, resume))
 
     def iter(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
@@ -618,6 +638,7 @@ class AsyncLoopRunner(LoopRunner):
 
     async def resume_run(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
                          take_over: bool = False) -> Run:
+        await self._aready()
         return await self._go(await offload(self.store, self._reopen, run_id, budget, None, take_over))
 
     async def resume(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
@@ -695,6 +716,7 @@ class AsyncStepStream:
 
     async def _produce(self, parent: LiveRun | None, run_id: str | None) -> AsyncGenerator[Step, None]:
         runner = self._runner
+        await runner._aready()
         opened = self._opened = await offload(runner.store, runner._open, self._state, run_id, parent, self._resume)
         stream = runner._steps_of(opened, self._ended)
         try:

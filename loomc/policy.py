@@ -155,6 +155,10 @@ class Probe:
         """Raise now if what this probe needs is not installed here (an extra). ``@loop`` asks at
         decoration, before any paid call; a policy built only to replay recorded runs is never asked."""
 
+    def prepare(self) -> None:
+        """Load what measuring needs (a model), or raise: asked before a run's first call, so that what
+        cannot be loaded fails before any call is paid for. A replay never asks."""
+
 
 class Signal(Policy):
     """A policy that fires or not: budgets and convergence detectors."""

