@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import inspect
@@ -398,7 +399,13 @@ class LoopRunner:
         except StepConflict as e:
             raise StepConflict(f"{e}: continue it with {loop_name(self.fn)}.resume({run_id!r}), "
                                "or start a new run under another run_id") from None
-        return self._live(run_id, self.policy, History(), state, initial_json, None, decode_as, drive, parent=parent)
+        # fn may change its state in place: the first call gets a copy, so the caller's object stays as it was
+        # (a notebook that runs the loop again on its `draft` would otherwise start from the last state).
+        try:
+            first = copy.deepcopy(state)
+        except Exception:  # an object that cannot be copied: the stored JSON is a copy too
+            first = codec.decode(initial_json, decode_as, run_id=run_id, step="initial")
+        return self._live(run_id, self.policy, History(), first, initial_json, None, decode_as, drive, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None,
                 take_over: bool = False) -> LiveRun:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from decimal import Decimal
 
@@ -250,3 +251,49 @@ def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(
 
     run = asyncio.run(main())
     assert run.state == 4 and run.status == "budget_exhausted"
+
+
+@dataclasses.dataclass
+class Uncopyable:
+    text: str
+
+    def __deepcopy__(self, memo):
+        raise TypeError("holds a handle that cannot be copied")
+
+
+def test_a_fn_that_edits_its_state_in_place_leaves_the_callers_object_as_it_was():
+    """Regression: the quick start's fn edits its state in place, and the first call got the caller's own
+    object, so `draft` ended as the last state: a notebook that ran the loop again on `draft` (to try
+    another policy) started from where the first run stopped, without a word."""
+    def refine(state):
+        state["report"] += "!"
+        state["history"].append(len(state["report"]))
+        return state
+
+    draft = {"report": "draft", "history": []}
+    first = loop(budget=Budget(iterations=3), checkpoint="memory")(refine).run(draft)
+    assert draft == {"report": "draft", "history": []}, "the caller's object is untouched"
+    assert first.state == {"report": "draft!!!", "history": [6, 7, 8]}
+    again = loop(budget=Budget(iterations=2), checkpoint="memory")(refine).run(draft)
+    assert again.state == {"report": "draft!!", "history": [6, 7]}, "another policy, from the same draft"
+
+    seen = []
+
+    def child_fn(state):
+        state["notes"].append("child")
+        return state
+
+    child = loop(budget=Budget(iterations=1), checkpoint="memory")(child_fn)
+
+    def parent_fn(state):
+        child.run(state)  # the child edits the state it is given: the parent's own stays as it was
+        seen.append(list(state["notes"]))
+        return state
+
+    loop(budget=Budget(iterations=1), checkpoint="memory")(parent_fn).run({"notes": []})
+    assert seen == [[]]
+
+    blob = Uncopyable("draft")  # cannot be deep-copied: the first call gets the stored copy
+    got = []
+    loop(budget=Budget(iterations=1), checkpoint="memory")(lambda s: got.append(s) or s).run(blob)
+    assert got == [blob] and got[0] is not blob and isinstance(got[0], Uncopyable)
