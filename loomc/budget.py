@@ -24,7 +24,7 @@ from decimal import Decimal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loomc.errors import ConfigError
+from loomc.errors import ConfigError, dollars
 from loomc.history import History, to_decimal
 from loomc.policy import AnyOf, Outcome, Policies, Signal
 
@@ -108,10 +108,10 @@ class Budget(Signal):
             spent, largest = history._summary()[:2]
             estimate = self.step_estimate if self.step_estimate is not None else largest
             if spent + estimate > self.usd:
-                return (f"usd: ${spent:.4f} spent + ${estimate:.4f} for the next step "
-                        f"would pass the ${self.usd:.4f} cap")
+                return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step "
+                        f"would pass the {dollars(self.usd)} cap")
             if spent >= self.usd and spent > 0:
-                return f"usd: ${spent:.4f} spent of ${self.usd:.4f}"
+                return f"usd: {dollars(spent)} spent of {dollars(self.usd)}"
         if self.wall_clock is not None and elapsed >= self.wall_clock:
             return f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
         return None
@@ -164,8 +164,8 @@ class ParentCap(Signal):
                 return f"usd: the parent run {self.parent}'s budget has nothing left for this child"
             usd = min(usd, spent + room)  # the child's committed spend is in the parent's already
         if spent + largest > usd or (spent >= usd and spent > 0):
-            return (f"usd: the parent run {self.parent}'s budget leaves ${usd:.4f} for this child; "
-                    f"${spent:.4f} spent + ${largest:.4f} for the next step would pass it")
+            return (f"usd: the parent run {self.parent}'s budget leaves {dollars(usd)} for this child; "
+                    f"{dollars(spent)} spent + {dollars(largest)} for the next step would pass it")
         return None
 
     def __repr__(self) -> str:

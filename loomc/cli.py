@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from loomc.errors import LoomcError, RunAtImport, clean, counted, shorten
+from loomc.errors import LoomcError, RunAtImport, clean, counted, dollars, shorten
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead
 
@@ -60,10 +60,6 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
 
 
-def money(d: Decimal) -> str:
-    return f"${d:.4f}"
-
-
 # --- the two tables ----------------------------------------------------------
 
 def shown_status(status: str, owner: str | None) -> str:
@@ -96,7 +92,7 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
         shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
-        row = line % (rid, shown, steps, "$" + format(Decimal(cost), ".4f"), local_time(created, minutes))
+        row = line % (rid, shown, steps, dollars(cost), local_time(created, minutes))
         add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
     return "\n".join(lines)
 
@@ -153,7 +149,7 @@ def what_next(run: RunRecord, through_parent: bool = False) -> str:
 def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
                pending: Mapping[int, Decimal] | None = None, through_parent: bool = False) -> str:
     cap = _BUDGET_USD.search(run.policy or "")
-    spent = money(run.total_cost) + (f" of ${Decimal(cap[1]):.4f} budget" if cap else " (no USD cap)")
+    spent = dollars(run.total_cost) + (f" of {dollars(cap[1])} budget" if cap else " (no USD cap)")
     status = shown_status(run.status, run.owner)
     last_failed = bool(steps) and steps[-1].error == run.reason
     where = f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if last_failed \
@@ -167,7 +163,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
             f"Stopped: {stopped}",
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
-    head += [f"Uncommitted: {money(usd)} charged during step {n}, which never committed; "
+    head += [f"Uncommitted: {dollars(usd)} charged during step {n}, which never committed; "
              "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]
     by_step: dict[int, list[RunRecord]] = {}
@@ -178,7 +174,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     # %-formatting and no per-row lists: a run may have tens of thousands of steps.
     for s, total in zip(steps, running_costs(steps)):
         n, score, error, events = s.n, s.score, s.error, s.events
-        row = "%4d%10s%10s%s" % (n, "$" + format(s.cost, ".4f"), "$" + format(total, ".4f"),
+        row = "%4d%10s%10s%s" % (n, dollars(s.cost), dollars(total),
                                  "      -  " if score is None else "%9.4f" % score)
         if error:
             row += "  " + paint(shorten(error, f"--step {n} shows it whole"), "red")
@@ -188,7 +184,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
                 row += "  " + "  ".join(f"<- {clean(e)}" for e in marks)
         if n in by_step:
             for child in by_step[n]:
-                row += f"  [child {clean(child.id)}: {money(child.total_cost)}]"
+                row += f"  [child {clean(child.id)}: {dollars(child.total_cost)}]"
         add(row.rstrip())
     return "\n".join(lines)
 
@@ -250,7 +246,7 @@ def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:
     """One step, nothing cut: cost, score, timing, events, the whole error, metrics and state."""
     spent = sum((s.cost for s in steps[: step.n + 1]), Decimal(0))
     lines = [f"Run: {clean(run.id)}  Step: {step.n} of {counted(len(steps), 'step')} (0 to {len(steps) - 1})",
-             f"Cost: {money(step.cost)} (the run had spent {money(spent)} after it)",
+             f"Cost: {dollars(step.cost)} (the run had spent {dollars(spent)} after it)",
              f"Score: {'-' if step.score is None else format(step.score, 'g')}",
              f"Started: {iso(step.started_at)}  Took: {step.duration:.3f}s"]
     if step.events:

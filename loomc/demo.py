@@ -21,6 +21,7 @@ import click
 
 import loomc
 from loomc import BestScore, Budget, Escalate, loop, predicate, score_plateau
+from loomc.errors import dollars
 
 BUGGY = '''\
 def mean(xs):
@@ -105,7 +106,7 @@ def progress(step: loomc.Step) -> None:
     marks = "".join(f"  <- {e}" for e in step.events if e != "failed")
     note = step.state["note"] if step.ok else step.error
     score_text = "-" if step.score is None else f"{step.score:.2f}"
-    click.echo(f"  step {step.n:>2}  ${step.cost:.4f}  tests passing {score_text:>4}  {note}{marks}")
+    click.echo(f"  step {step.n:>2}  {dollars(step.cost)}  tests passing {score_text:>4}  {note}{marks}")
 
 
 @loop(budget=Budget(usd=1.00, iterations=25),

@@ -17,6 +17,7 @@ import os
 import sys
 import unicodedata
 import warnings
+from decimal import Decimal
 from typing import Any
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -33,6 +34,22 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
 def counted(n: int, noun: str) -> str:
     """``1 step``, ``2 steps``: a count for the messages loomc prints."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def dollars(amount: Any) -> str:
+    """An amount of dollars as loomc prints it: to the hundredth of a cent, and to two significant digits
+    below that, so the steps of a cheap model never show as ``$0.0000``.
+
+    >>> dollars(Decimal("0.15")), dollars(Decimal("0.00003")), dollars(Decimal("0.0000123")), dollars(Decimal(0))
+    ('$0.1500', '$0.00003', '$0.000012', '$0.0000')
+    """
+    value = Decimal(amount)
+    if not value or abs(value) >= _CENT_HUNDREDTH:
+        return f"${value:.4f}"
+    return f"${value:.{1 - value.adjusted()}f}".rstrip("0")
+
+
+_CENT_HUNDREDTH = Decimal("0.0001")
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable

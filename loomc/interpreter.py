@@ -25,7 +25,8 @@ from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned,
-                          RunError, RunLocked, StallError, StateEncodeError, attach_run, counted, warn_at_caller)
+                          RunError, RunLocked, StallError, StateEncodeError, attach_run, counted, dollars,
+                          warn_at_caller)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -88,7 +89,7 @@ class Run:
 
     def __repr__(self) -> str:
         return (f"Run(id={self.id!r}, status={self.status!r}, steps={len(self.history)}, "
-                f"cost=${self.total_cost:.4f}, reason={self.reason!r})")
+                f"cost={dollars(self.total_cost)}, reason={self.reason!r})")
 
     def _repr_html_(self) -> str:
         from loomc.notebook import run_html
@@ -463,7 +464,7 @@ def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
     """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
     if not hasattr(exc, "add_note"):
         return
-    exc.add_note(f"loomc: step {step.n} of run {run.id} (${step.cost:.4f}) was not committed; it is on this "
+    exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
                  "error's .history[-1]" + (", with what fn returned" if step.ok else "") +
                  ". A resume goes on from the last committed step")
 
@@ -487,7 +488,7 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
     if cost and not step.cost:
-        warn_at_caller(f"loomc: run {run.id} has a USD cap of ${usd_cap(run.policy):.4f}, but step {step.n} "
+        warn_at_caller(f"loomc: run {run.id} has a USD cap of {dollars(usd_cap(run.policy))}, but step {step.n} "
                        "reported no cost: nothing tells loomc what fn spends, so the cap cannot stop it. Call "
                        "loomc.charge(usd) (or adapter.charge(reply)) inside fn after each paid call, or pass "
                        "cost_fn=. (Checked once, on the first successful step; a step that truly cost nothing "
@@ -691,7 +692,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
         hint = (f"give a larger budget: {name}.resume({run.id!r}, budget=Budget(...))" if cls is BudgetExhausted
                 else f"inspect it with `loomc show {run.id}`; {name}.resume({run.id!r}) gives it more calls")
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
-                  f"({counted(len(h), 'step')}, ${h.total_cost:.4f}){_failing(h)}; the state it reached is on "
+                  f"({counted(len(h), 'step')}, {dollars(h.total_cost)}){_failing(h)}; the state it reached is on "
                   f".state; {hint}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices))
@@ -832,7 +833,7 @@ def _commit_interrupted(run: LiveRun, why: str) -> None:
     if n < 0 or not cost:
         return
     run.in_flight, run.pending = -1, ZERO
-    step = Step(n, None, cost=cost, error=f"Interrupted: {why}, during this step after spending ${cost:.4f}",
+    step = Step(n, None, cost=cost, error=f"Interrupted: {why}, during this step after spending {dollars(cost)}",
                 started_at=time.time(), events=("interrupted",))
     h = run.history = run.history.append(step)
     run.store.commit_step(run.id, stored(step), _new_tuple(Totals, (h.total_cost, len(h), run.elapsed(run.clock()))),
@@ -860,7 +861,7 @@ def _bill_parent(run: LiveRun, cost: Decimal) -> None:
         run.orphan_told = True
         where = (f"counts it in its step {parent.in_flight} instead" if counted
                  else "cannot count it: that run is between steps or over")
-        warn_at_caller(f"loomc: child run {run.id} spent ${cost:.4f} after its parent run {parent.id}'s step "
+        warn_at_caller(f"loomc: child run {run.id} spent {dollars(cost)} after its parent run {parent.id}'s step "
                        f"{run.parent_step} had ended, so {parent.id}'s ledger {where}. fn left a task or thread "
                        "running: wait for every child run before fn returns (asyncio.TaskGroup cancels the "
                        "others when one fails; asyncio.gather does not)", OrphanedChildWarning)

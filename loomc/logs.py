@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import usd_cap
-from loomc.errors import counted, shorten
+from loomc.errors import counted, dollars, shorten
 from loomc.policy import name_of
 
 if TYPE_CHECKING:
@@ -52,16 +52,16 @@ def run_opened(live: LiveRun) -> None:
     h = live.history
     child = "" if live.parent is None else f", a child run of {live.parent.id} step {live.parent_step}"
     if live.resumed:
-        log.info("run %s resumed at step %d (%s, $%.4f spent before), policy %s%s",
-                 live.id, len(h), counted(len(h), "step"), h.total_cost, live.policy, child)
+        log.info("run %s resumed at step %d (%s, %s spent before), policy %s%s",
+                 live.id, len(h), counted(len(h), "step"), dollars(h.total_cost), live.policy, child)
     else:
         log.info("run %s started: %s, policy %s%s", live.id, name_of(live.fn), live.policy, child)
     live.on_step = (*live.on_step, partial(_step_line, log, live, usd_cap(live.policy)))
 
 
 def _step_line(log: Any, live: LiveRun, cap: Decimal | None, step: Step) -> None:
-    total = f"${live.history.total_cost:.4f}" + ("" if cap is None else f" of ${cap:.4f}")
-    parts = [f"${step.cost:.4f} (total {total})"]
+    total = dollars(live.history.total_cost) + ("" if cap is None else f" of {dollars(cap)}")
+    parts = [f"{dollars(step.cost)} (total {total})"]
     if step.score is not None:
         parts.append(f"score {step.score:.4g}")
     if step.error is not None:
@@ -77,6 +77,6 @@ def run_stopped(run_id: str, status: str, reason: str, history: History) -> None
     level = INFO if status == "completed" else WARNING
     if log is None or not log.isEnabledFor(level):
         return
-    log.log(level, "run %s stopped, %s: %s (%s, $%.4f)", run_id, status.replace("_", " "),
+    log.log(level, "run %s stopped, %s: %s (%s, %s)", run_id, status.replace("_", " "),
             shorten(reason, f"`loomc show {run_id}` shows it whole"), counted(len(history), "step"),
-            history.total_cost)
+            dollars(history.total_cost))

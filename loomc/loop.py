@@ -29,7 +29,7 @@ from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
-                          RunAtImport, RunNotFound, StepConflict, counted, warn_at_caller)
+                          RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
 from loomc.history import IN_STORE, ZERO, History, Step
 from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, steps,
                                steps_async, stored)
@@ -130,7 +130,7 @@ def refuse_reached(budget: Budget, record: RunRecord) -> None:
     under it, and a raise is kept as the run's budget, so it would also bind every later resume."""
     reached = []
     if budget.usd is not None and budget.usd <= record.total_cost:
-        reached.append(f"usd={budget.usd} but it has spent ${record.total_cost:.4f}")
+        reached.append(f"usd={budget.usd} but it has spent {dollars(record.total_cost)}")
     if budget.iterations is not None and budget.iterations <= record.steps:
         reached.append(f"iterations={budget.iterations} but it has made {counted(record.steps, 'call')}")
     if budget.wall_clock is not None and budget.wall_clock <= record.active_seconds:
@@ -504,8 +504,8 @@ class LoopRunner:
             return history  # the call is made again as step n, and reuses the children it started
         children = _spent_by_children(self.store, record.id, n)
         cost = charged + children
-        spent = f"${cost:.4f}" if not children else \
-            f"${cost:.4f} (${charged:.4f} charged, ${children:.4f} in child runs)"
+        spent = dollars(cost) if not children else \
+            f"{dollars(cost)} ({dollars(charged)} charged, {dollars(children)} in child runs)"
         step = Step(n, None, cost=cost, error=f"Interrupted: the process died during this step after spending {spent}",
                     started_at=time.time(), events=("interrupted",))
         history = history.append(step)

@@ -10,11 +10,10 @@ import html
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import iteration_cap, usd_cap
-from loomc.errors import counted
+from loomc.errors import counted, dollars
 from loomc.history import History, Step, running_costs
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
@@ -26,10 +25,6 @@ MAX_ROWS = 40  # longer runs show their first and last 20 steps
 
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def money(d: Decimal) -> str:
-    return f"${d:.4f}"
 
 
 def steps_table(history: History) -> str:
@@ -44,7 +39,7 @@ def steps_table(history: History) -> str:
             continue
         s = history[i]
         score = "-" if s.score is None else f"{s.score:.4f}"
-        rows.append(f"<tr><td>{s.n}</td><td>{money(s.cost)}</td><td>{money(cumulative[i])}</td><td>{score}</td>"
+        rows.append(f"<tr><td>{s.n}</td><td>{dollars(s.cost)}</td><td>{dollars(cumulative[i])}</td><td>{score}</td>"
                     f"<td>{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
     return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>error</th>"
             f"<th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
@@ -52,7 +47,7 @@ def steps_table(history: History) -> str:
 
 def run_html(run: Run) -> str:
     cap = usd_cap(run.policy)
-    spent = money(run.total_cost) + (f" of {money(cap)}" if cap is not None else "")
+    spent = dollars(run.total_cost) + (f" of {dollars(cap)}" if cap is not None else "")
     return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
             f" &middot; {counted(len(run.history), 'step')} &middot; {spent}</p>"
             f"<p>Stopped: {esc(run.reason)}</p><p>Policy: <code>{esc(repr(run.policy))}</code></p>"
@@ -90,7 +85,7 @@ class Comparison:
         for name, r in self.replays:
             stop = "-" if r.stopped_after is None else str(r.stopped_after)
             outcome = "runs on" if r.stopped_after is None else r.decision.outcome.name.lower()
-            out.append((name, stop, money(r.cost), outcome, r.decision.reason))
+            out.append((name, stop, dollars(r.cost), outcome, r.decision.reason))
         return out
 
     def __str__(self) -> str:
@@ -101,7 +96,7 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        return (f"<p>{len(self.history)} recorded steps, {money(self.history.total_cost)}</p><table><thead><tr>"
+        return (f"<p>{len(self.history)} recorded steps, {dollars(self.history.total_cost)}</p><table><thead><tr>"
                 "<th>policy</th><th>steps</th><th>cost</th><th>outcome</th><th>why</th></tr></thead>"
                 f"<tbody>{body}</tbody></table>")
 
@@ -153,7 +148,7 @@ class Progress:
             self.best = step.score
         if step.events:
             self.event = step.events[-1]
-        spent = money(self.spent) + (f"/{money(self.cap)}" if self.cap is not None else "")
+        spent = dollars(self.spent) + (f"/{dollars(self.cap)}" if self.cap is not None else "")
         best = "-" if self.best is None else f"{self.best:.3f}"
         self.bar.set_postfix_str(f"{spent} best {best}" + (f" {self.event}" if self.event else ""), refresh=False)
         self.bar.update(1)

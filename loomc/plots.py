@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loomc.errors import dollars
 from loomc.history import History, running_costs
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def plot_comparison(comparison: Comparison, ax: Any = None) -> Any:
     for name, replay in comparison.replays:
         if replay.stopped_after is not None:
             ax.axvline(replay.stopped_after - 0.5, linestyle="--",
-                       label=f"{name}: stop after {replay.stopped_after} (${replay.cost:.4f})")
+                       label=f"{name}: stop after {replay.stopped_after} ({dollars(replay.cost)})")
     ax.set_xlabel("step")
     ax.set_ylabel("cumulative cost ($)")
     ax.legend(loc="best", fontsize="small")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from loomc.errors import ConfigError, PolicyTypeError, counted
+from loomc.errors import ConfigError, PolicyTypeError, counted, dollars
 from loomc.history import History
 
 
@@ -529,7 +529,7 @@ class Replay:
             head = f"{self.policy}: would not have stopped within the {self.steps_recorded} recorded steps"
         else:
             head = (f"{self.policy}: would have stopped after {counted(self.stopped_after, 'step')} "
-                    f"(${self.cost:.4f}), {self.decision.outcome.name.lower()}: {self.decision.reason}")
+                    f"({dollars(self.cost)}), {self.decision.outcome.name.lower()}: {self.decision.reason}")
         if self.backtracks:
             marks = ", ".join(f"step {n} -> {'initial' if to is None else to}" for n, to in self.backtracks)
             head += f"; backtracks: {marks}"

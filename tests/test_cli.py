@@ -83,6 +83,24 @@ def test_show_marks_backtracks_and_convergence(tmp_path):
     assert "Stopped: score_plateau" in out and "Status: completed" in out
 
 
+def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
+    """Regression: steps of a cheap model ($0.00003 each) showed as $0.0000 in `loomc show`, the run's
+    spend as $0.0001, and the notebook's table likewise: as if nothing had been recorded."""
+    db = str(tmp_path / "cheap.db")
+
+    @loop(budget=Budget(usd=0.01, iterations=3), cost_fn=lambda s: 0.00003, checkpoint=db)
+    def classify(state):
+        return state + 1
+
+    run = classify.run(0, run_id="cheap")
+    shown = invoke("show", "cheap", "--db", db).output
+    assert "Spent: $0.00009 of $0.0100 budget in 3 steps" in shown
+    assert "   1  $0.00003  $0.00006      -" in shown
+    assert re.search(r"cheap +budget_exhausted +3 +\$0\.00009 ", invoke("runs", "--db", db).output)
+    assert "$0.00009" in repr(run) and "<td>$0.00003</td><td>$0.00006</td>" in run._repr_html_()
+    assert invoke("show", "cheap", "--step", "2", "--db", db).output.count("$0.00009") == 1
+
+
 def test_runs_filters_and_json(tmp_path):
     db = str(tmp_path / "f.db")
     make_failed_run(db)
