@@ -40,7 +40,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -317,15 +317,16 @@ class _Adapter:
             raise problem
         return usd
 
-    async def acharge(self, response: Any, item: str | None = None) -> Decimal:
-        """:meth:`charge` for async iterations: ``await adapter.acharge(reply)``."""
-        from loomc.interpreter import acharge
+    def acharge(self, response: Any, item: str | None = None) -> Coroutine[Any, Any, Decimal]:
+        """:meth:`charge` for async iterations: ``await adapter.acharge(reply)``.
+
+        The response is priced, and its spend joins the step, the moment this is called: an
+        ``await`` forgotten loses the write-ahead to the store, never the money.
+        """
+        from loomc.interpreter import named, spent
         usd, problem = self._billed(response)
-        if usd or problem is None:
-            await acharge(usd, item=item)
-        if problem is not None:
-            raise problem
-        return usd
+        counted = spent("acharge", usd, item) if usd or problem is None else None
+        return named(_written(counted, usd, problem), f"{type(self).__name__}.acharge")
 
     def cost_fn(self, state: Any) -> Decimal:
         """``@loop(cost_fn=adapter.cost_fn)``: price the response kept on the state as ``_response``."""
@@ -564,6 +565,17 @@ def _rate_keys_text(kinds: list[str]) -> str:
 def _tokens_text(usage: TokenUsage) -> str:
     parts = _parts_text(usage, [k for k in usage.parts() if k in CALL_RATES])
     return f"{usage.input} input and {usage.output} output tokens{' and ' + parts if parts else ''}"
+
+
+async def _written(counted: tuple[Any, int, Decimal] | None, usd: Decimal, problem: CostUnknown | None) -> Decimal:
+    """What ``adapter.acharge`` awaits once its spend is counted: the write-ahead, then the part it could not
+    price, if any."""
+    if counted is not None:
+        from loomc.interpreter import write_ahead
+        await write_ahead(*counted)
+    if problem is not None:
+        raise problem
+    return usd
 
 
 def _genai_prices() -> Any:

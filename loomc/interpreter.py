@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 from operator import itemgetter
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
@@ -36,7 +36,7 @@ from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
            Outcome.STALLED: "stalled"}
-
+T = TypeVar("T")
 
 _SPENDING = threading.Lock()  # charges are rare next to steps: one lock for every run will do
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
@@ -929,16 +929,37 @@ def charge(usd: float | Decimal | str, item: str | None = None) -> None:
             loomc.charge(price(reply))      # durable now, even if we crash next line
             ...
     """
-    run = _in_step("charge")
-    amount = to_decimal(usd, "charge(usd)")
-    run.spend(amount, item)  # spent whatever the store says: a write that fails still counts in the step
-    run.store.charge(run.id, run.in_flight, amount)
+    run, step, amount = spent("charge", usd, item)
+    run.store.charge(run.id, step, amount)
 
 
-async def acharge(usd: float | Decimal | str, item: str | None = None) -> None:
-    """:func:`charge` for async iterations: the write goes to the store's writer thread."""
-    run = _in_step("acharge")
-    amount = to_decimal(usd, "acharge(usd)")
+def acharge(usd: float | Decimal | str, item: str | None = None) -> Coroutine[Any, Any, None]:
+    """:func:`charge` for async iterations: ``await loomc.acharge(usd)``; the write goes to the store's
+    writer thread.
+
+    The spend joins the step the moment ``acharge`` is called, before the ``await``: an ``await``
+    forgotten (Python warns of it) loses the write-ahead to the store, never the money from the
+    step's cost and the USD cap.
+    """
+    return named(write_ahead(*spent("acharge", usd, item)), "loomc.acharge")
+
+
+def spent(name: str, usd: float | Decimal | str, item: str | None) -> tuple[LiveRun, int, Decimal]:
+    """Add ``usd`` to the step in flight (for ``name``, charge or acharge): the run, the step and the amount,
+    for the write-ahead. Spent whatever the store then says: a write that fails still counts in the step."""
+    run = _in_step(name)
+    amount = to_decimal(usd, f"{name}(usd)")
     run.spend(amount, item)
-    await offload(run.store, run.store.charge, run.id, run.in_flight, amount)
+    return run, run.in_flight, amount
+
+
+async def write_ahead(run: LiveRun, step: int, amount: Decimal) -> None:
+    """An async loop's write-ahead of a charge, on the store's writer thread."""
+    await offload(run.store, run.store.charge, run.id, step, amount)
+
+
+def named(coroutine: Coroutine[Any, Any, T], name: str) -> Coroutine[Any, Any, T]:
+    """``coroutine``, named ``name`` in Python's warning if it is never awaited."""
+    coroutine.__qualname__ = name  # type: ignore[attr-defined]
+    return coroutine
 

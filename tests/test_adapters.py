@@ -17,6 +17,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
+import loomc
 from loomc import Budget, ConfigError, SQLiteStore, StateRoundTripWarning, loop, predicate
 from loomc.interpreter import current_run
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, UsageMissing
@@ -199,6 +200,41 @@ def test_acharge_in_an_async_loop(sonnet):
 
     run = asyncio.run(step.run(0))
     assert run.total_cost == 3 * (2000 * SONNET["input"] + 10 * SONNET["output"]) / M
+
+
+def test_a_forgotten_await_on_acharge_still_counts_the_spend(sonnet, tmp_path):
+    """Regression: `loomc.acharge(usd)` and `adapter.acharge(reply)` without `await` did nothing but make a
+    coroutine Python warned of: the spend never reached the step, so the USD cap could not see it."""
+    import asyncio
+    import warnings
+    reply = message({"input_tokens": 2000, "output_tokens": 10})
+    per_call = (2000 * SONNET["input"] + 10 * SONNET["output"]) / M
+    db = str(tmp_path / "a.db")
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    async def forgot(state):
+        loomc.acharge(0.01)
+        sonnet.acharge(reply)
+        return state + 1
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    async def awaited(state):
+        await loomc.acharge(0.01)
+        assert await sonnet.acharge(reply) == per_call
+        return state + 1
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lost = asyncio.run(forgot.run(0))
+        import gc
+        gc.collect()
+    assert lost.total_cost == 2 * (Decimal("0.01") + per_call), "counted though never awaited"
+    told = {str(w.message) for w in caught if w.category is RuntimeWarning}
+    assert told == {"coroutine 'loomc.acharge' was never awaited",
+                    "coroutine 'AnthropicAdapter.acharge' was never awaited"}, told
+    kept = asyncio.run(awaited.run(0))
+    assert kept.total_cost == lost.total_cost, "awaited, each counted once"
+    assert SQLiteStore(db).get_run(kept.id).total_cost == kept.total_cost
 
 
 def test_cost_fn_reads_the_response_from_the_state_into_the_ledger(sonnet):
