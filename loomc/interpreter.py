@@ -901,10 +901,15 @@ def usd_left() -> Decimal | None:
 
 
 def _in_step(name: str) -> LiveRun:
-    """The run whose step is in flight in this context, else a LoomcError that says why there is none."""
+    """The run whose step is in flight in this context, else a LoomcError that says why there is none.
+
+    Called where no run is (a thread started without the loop's context), it is a ConfigError: the code
+    is built that way, so every step would meet it again, and a backtracker stops rather than paying for
+    calls whose spend cannot be recorded.
+    """
     run = _CURRENT.get()
     if run is None:
-        raise LoomcError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
+        raise ConfigError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
                          "decorated with @loop. A thread that fn starts does not carry the loop's context: "
                          "submit its work as pool.submit(contextvars.copy_context().run, work, ...) "
                          "(asyncio.to_thread does this for you)." + (

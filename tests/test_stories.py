@@ -237,6 +237,21 @@ def test_threads_that_fn_starts_charge_its_step_exactly_when_they_carry_its_cont
     with pytest.raises(LoomcError, match=r"does not carry the loop's context: submit its work as "
                                          r"pool.submit\(contextvars.copy_context\(\).run, work, ...\)"):
         loop(budget=Budget(iterations=1), checkpoint="memory")(contextless)(0)
+    # Every step would meet it again, and the spend it tried to record is unknown: a backtracker stops at
+    # once. (It went on, each call paid for and none recorded, until the iteration cap.)
+    calls = []
+
+    def paid_in_a_pool(state):
+        calls.append(state)
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(loomc.charge, 0.25).result()
+        return state + 1
+
+    stopped = loop(budget=Budget(usd=1, iterations=10), backtrack=LastGood(), checkpoint="memory")(
+        paid_in_a_pool).run(0)
+    assert stopped.status == "failed" and calls == [0]
+    assert stopped.reason.endswith("the next call would meet it again, so the run stopped instead of going on "
+                                   "from another state")
     late = []
 
     def leaves_a_thread(state):
