@@ -38,10 +38,10 @@ def history_of(*rows) -> History:
 def sync_or_async(body, aio: bool):
     """``body`` as a loop's fn, ``async def`` when ``aio``: one test for both drivers."""
     if aio:
-        async def step(state: int) -> int:
+        async def step(state):
             return body(state)
     else:
-        def step(state: int) -> int:
+        def step(state):
             return body(state)
     return step
 

@@ -1180,14 +1180,8 @@ def test_resume_true_with_another_state_says_the_stored_run_is_used_and_where_th
             raise RuntimeError("the model is down")
         return {**state, "i": state["i"] + 1}
 
-    if aio:
-        async def fix(state: dict) -> dict:
-            return body(state)
-    else:
-        def fix(state: dict) -> dict:
-            return body(state)
     runner = loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: h[-1].state["i"] >= 2),
-                  checkpoint=str(tmp_path / "cells.db"))(fix)
+                  checkpoint=str(tmp_path / "cells.db"))(sync_or_async(body, aio))
 
     async def in_a_coroutine(state, run_id):
         return await runner.run(state, run_id=run_id, resume=True)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import sync_or_async
 from loomc import Budget, LastGood, loop, semantic_delta
 from loomc.semantic import DISTANCE, VECTOR, cosine_distance, load_model
 
@@ -151,15 +152,9 @@ def test_a_model_that_cannot_load_is_an_error_before_the_first_call_with_nothing
         calls.append(state)
         return state + "x"
 
-    if aio:
-        async def draft(state: str) -> str:
-            return body(state)
-    else:
-        def draft(state: str) -> str:
-            return body(state)
     db = tmp_path / "s.db"
     runner = loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, model="no-such-model"),
-                  backtrack=LastGood(), cost_fn=lambda s: 0.1, checkpoint=str(db))(draft)
+                  backtrack=LastGood(), cost_fn=lambda s: 0.1, checkpoint=str(db))(sync_or_async(body, aio))
     for start in (lambda: runner.run("a"), lambda: runner.iter("a", run_id="cell", resume=True),
                   lambda: runner.resume_run("some-run")):
         with pytest.raises(EmbeddingsUnavailable, match="the embedding model 'no-such-model' is not in the local"):
