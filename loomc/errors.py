@@ -36,6 +36,9 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+_CENT_HUNDREDTH = Decimal("0.0001")
+
+
 def dollars(amount: Any) -> str:
     """An amount of dollars as loomc prints it: to the hundredth of a cent, and to two significant digits
     below that, so the steps of a cheap model never show as ``$0.0000``.
@@ -47,9 +50,6 @@ def dollars(amount: Any) -> str:
     if not value or abs(value) >= _CENT_HUNDREDTH:
         return f"${value:.4f}"
     return f"${value:.{1 - value.adjusted()}f}".rstrip("0")
-
-
-_CENT_HUNDREDTH = Decimal("0.0001")
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable

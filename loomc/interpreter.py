@@ -36,7 +36,7 @@ from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
            Outcome.STALLED: "stalled"}
-T = TypeVar("T")
+T = TypeVar("T")  # what a coroutine named by ``named`` returns
 
 _SPENDING = threading.Lock()  # charges are rare next to steps: one lock for every run will do
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)

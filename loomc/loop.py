@@ -79,14 +79,12 @@ def _refuse_at_import(fn: Callable[..., Any]) -> None:
 def _tell(opened: LiveRun | Run) -> None:
     """Warn what opening the run found, from the thread that drives it, pointing at the caller's line
     (an async run is opened on the store's writer thread)."""
-    if isinstance(opened, Run):  # a stored run that had completed: nothing is driven
-        for message, category in opened._notices:
-            warn_at_caller(message, category)
-        return
-    for message, category in opened.notices:
+    # A Run: a stored run that had completed, returned as it is; nothing is driven.
+    for message, category in opened._notices if isinstance(opened, Run) else opened.notices:
         warn_at_caller(message, category)
-    opened.notices.clear()
-    logs.run_opened(opened)
+    if isinstance(opened, LiveRun):
+        opened.notices.clear()
+        logs.run_opened(opened)
 
 
 def _check_run_id(run_id: Any) -> None:
@@ -365,7 +363,8 @@ class LoopRunner:
                 return self._start(state, run_id, parent)
             except StepConflict:  # another process started it meanwhile (one job launched twice): join it
                 record = self.store.get_run(run_id)
-        if record.status == "completed":
+        completed = record.status == "completed"
+        if completed:
             live = self._restore(record, self.policy, Drive(), parent=None)
             if parent is not None:
                 parent.spend(live.history.total_cost)
@@ -374,8 +373,7 @@ class LoopRunner:
         mismatch = _other_state(state, record, parent)
         if mismatch is not None:
             live.notices.append((mismatch, StateMismatchWarning))
-        return _ended(live, "completed", record.reason or "completed", None) if record.status == "completed" \
-            else live
+        return _ended(live, "completed", record.reason or "completed", None) if completed else live
 
     def _start(self, state: Any, run_id: str | None, parent: LiveRun | None = None) -> LiveRun:
         try:
