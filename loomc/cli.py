@@ -121,7 +121,7 @@ def _brief(status: str, reason: str | None) -> str:
     return clean(reason) if len(reason) <= BRIEF_CHARS else clean(reason[:BRIEF_CHARS]) + "..."
 
 
-_BUDGET_USD = re.compile(r"Budget\(usd=([0-9.]+)")
+_BUDGET_USD = re.compile(r"Budget\(usd=([0-9.eE+-]+)")
 _RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m"}
 
 

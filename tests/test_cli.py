@@ -99,6 +99,9 @@ def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
     assert re.search(r"cheap +budget_exhausted +3 +\$0\.00009 ", invoke("runs", "--db", db).output)
     assert "$0.00009" in repr(run) and "<td>$0.00003</td><td>$0.00006</td>" in run._repr_html_()
     assert invoke("show", "cheap", "--step", "2", "--db", db).output.count("$0.00009") == 1
+    tiny = loop(budget=Budget(usd=0.00005), cost_fn=lambda s: 0.00003, checkpoint=db)(lambda s: s + 1)
+    tiny.run(0, run_id="tiny")  # its policy reads Budget(usd=5e-05)
+    assert "Spent: $0.00003 of $0.00005 budget in 1 step" in invoke("show", "tiny", "--db", db).output
 
 
 def test_runs_filters_and_json(tmp_path):
