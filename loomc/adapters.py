@@ -72,6 +72,10 @@ class UsageMissing(CostUnknown):
     """A response carried no token usage, so its cost is unknown."""
 
 
+class AlreadyPricedWarning(UserWarning):
+    """A response this run had priced already was priced again (the same id): it is counted once."""
+
+
 @dataclass(frozen=True)
 class TokenUsage:
     """Token counts normalised across providers.
@@ -344,7 +348,12 @@ class _Adapter:
 
     def _billed(self, response: Any) -> Priced:
         """What ``response`` cost. A part whose price is unknown is an error under a USD cap (returned,
-        with the dollars that are known); without one it is counted as $0, with a warning."""
+        with the dollars that are known); without one it is counted as $0, with a warning. A response
+        the run has priced already is counted once."""
+        again = _priced_before(response)
+        if again is not None:
+            warn_at_caller(again, AlreadyPricedWarning)
+            return Decimal(0), None
         try:
             usd, problem = self._priced(response)
         except UsageMissing as e:
@@ -576,6 +585,24 @@ async def _written(counted: tuple[Any, int, Decimal] | None, usd: Decimal, probl
     if problem is not None:
         raise problem
     return usd
+
+
+def _priced_before(response: Any) -> str | None:
+    """What to warn if the run whose step is in flight has priced ``response`` (by its id) before; else
+    ``None``, and the run remembers it. The API billed each response once, so it is counted once: priced by
+    both ``charge(reply)`` and ``cost_fn``, or found again by ``cost_fn`` in a state fn returned without a
+    new call."""
+    from loomc.interpreter import current_run
+    run = current_run()
+    rid = _get(response, "id") or _get(_get(response, "response"), "id")  # a reply, or a stream event holding one
+    if run is None or not isinstance(rid, str):
+        return None
+    if rid not in run.priced:
+        run.priced.add(rid)
+        return None
+    return (f"loomc: run {run.id} has priced response {rid} already, so it is counted once, not again in step "
+            f"{run.in_flight}. Price each reply one way (adapter.charge(reply) in fn, or cost_fn=adapter.cost_fn); "
+            "with cost_fn, a state fn returns without a new call should not carry the old state['_response']")
 
 
 def _genai_prices() -> Any:

@@ -146,6 +146,7 @@ class LiveRun:
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
     ended: Run | None = None  # the Run, once a stream of this run's steps was closed early
     resumed: bool = False  # a resume of a stored run, not a new one
+    priced: set[str] = field(default_factory=set)  # ids of the responses an adapter priced for this run
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)

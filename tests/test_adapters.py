@@ -5,7 +5,9 @@ Expected figures are computed here from the providers' published per-million-tok
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import sys
 from decimal import Decimal
 
@@ -23,6 +25,7 @@ from loomc.interpreter import current_run
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, UsageMissing
 
 M = Decimal(1_000_000)
+IDS = itertools.count(1)  # each reply a test builds gets its own id, as every API call's reply does
 # Published rates, dollars per million tokens.
 SONNET = {"input": Decimal("3"), "output": Decimal("15"), "read": Decimal("0.30"), "w5m": Decimal("3.75"),
           "w1h": Decimal("6")}
@@ -31,13 +34,13 @@ GPT5 = {"input": Decimal("1.25"), "cached": Decimal("0.125"), "output": Decimal(
 
 
 def message(usage: dict, text: str = "Yes.") -> Message:
-    return Message.model_validate({"id": "msg_1", "type": "message", "role": "assistant",
+    return Message.model_validate({"id": f"msg_{next(IDS)}", "type": "message", "role": "assistant",
                                    "model": "claude-sonnet-4-6", "content": [{"type": "text", "text": text}],
                                    "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
 
 
 def chat(usage: dict | None, tier: str | None = None, text: str = "yes") -> ChatCompletion:
-    data = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+    data = {"id": f"chatcmpl-{next(IDS)}", "object": "chat.completion", "created": 1, "model": "gpt-4o",
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": text}}]}
     if usage is not None:
@@ -48,7 +51,7 @@ def chat(usage: dict | None, tier: str | None = None, text: str = "yes") -> Chat
 
 
 def response(usage: dict, tier: str | None = None) -> Response:
-    data = {"id": "r1", "object": "response", "created_at": 1, "model": "gpt-5", "output": [],
+    data = {"id": f"resp_{next(IDS)}", "object": "response", "created_at": 1, "model": "gpt-5", "output": [],
             "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}
     if tier:
         data["service_tier"] = tier
@@ -172,16 +175,16 @@ def step_run_id() -> str:
 
 
 def test_charge_records_the_price_of_a_response_at_once_as_a_line_item(tmp_path, sonnet):
-    reply = message({"input_tokens": 1000, "output_tokens": 100})
+    usage = {"input_tokens": 1000, "output_tokens": 100}
     per_call = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
     db = tmp_path / "c.db"
     seen = []
 
     @loop(budget=Budget(usd=1.0, iterations=2), checkpoint=str(db))
     def step(state):
-        seen.append(sonnet.charge(reply))
+        seen.append(sonnet.charge(message(usage)))
         assert SQLiteStore(db).pending_charges(step_run_id()) == {len(seen) - 1: per_call}  # written already
-        sonnet.charge(reply, item="critique")
+        sonnet.charge(message(usage), item="critique")
         return {"n": state["n"] + 1}
 
     run = step.run({"n": 0})
@@ -191,11 +194,9 @@ def test_charge_records_the_price_of_a_response_at_once_as_a_line_item(tmp_path,
 
 def test_acharge_in_an_async_loop(sonnet):
     import asyncio
-    reply = message({"input_tokens": 2000, "output_tokens": 10})
-
     @loop(budget=Budget(iterations=3), checkpoint="memory")
     async def step(state):
-        await sonnet.acharge(reply)
+        await sonnet.acharge(message({"input_tokens": 2000, "output_tokens": 10}))
         return state + 1
 
     run = asyncio.run(step.run(0))
@@ -207,20 +208,20 @@ def test_a_forgotten_await_on_acharge_still_counts_the_spend(sonnet, tmp_path):
     coroutine Python warned of: the spend never reached the step, so the USD cap could not see it."""
     import asyncio
     import warnings
-    reply = message({"input_tokens": 2000, "output_tokens": 10})
+    usage = {"input_tokens": 2000, "output_tokens": 10}
     per_call = (2000 * SONNET["input"] + 10 * SONNET["output"]) / M
     db = str(tmp_path / "a.db")
 
     @loop(budget=Budget(iterations=2), checkpoint=db)
     async def forgot(state):
         loomc.acharge(0.01)
-        sonnet.acharge(reply)
+        sonnet.acharge(message(usage))
         return state + 1
 
     @loop(budget=Budget(iterations=2), checkpoint=db)
     async def awaited(state):
         await loomc.acharge(0.01)
-        assert await sonnet.acharge(reply) == per_call
+        assert await sonnet.acharge(message(usage)) == per_call
         return state + 1
 
     with warnings.catch_warnings(record=True) as caught:
@@ -238,16 +239,52 @@ def test_a_forgotten_await_on_acharge_still_counts_the_spend(sonnet, tmp_path):
 
 
 def test_cost_fn_reads_the_response_from_the_state_into_the_ledger(sonnet):
-    reply = message({"input_tokens": 1000, "output_tokens": 100})
-
     @loop(budget=Budget(usd=0.05), cost_fn=sonnet.cost_fn, checkpoint="memory")
     def step(state):
+        reply = message({"input_tokens": 1000, "output_tokens": 100})
         return {"n": state["n"] + 1, "_response": reply.model_dump()}
 
     run = step.run({"n": 0})
     per_call = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
     assert run.history[0].cost == per_call and run.total_cost == per_call * len(run.history)
     assert run.total_cost + per_call > Decimal("0.05") >= run.total_cost
+
+
+def test_a_reply_priced_twice_is_counted_once(sonnet):
+    """Regression: a reply priced by both charge(reply) and cost_fn was counted twice, and a state fn
+    returned without a new call (nothing left to fix) had its old state['_response'] priced again on
+    every such step: the ledger, and the USD cap, ran at up to twice the bill."""
+    from loomc.adapters import AlreadyPricedWarning
+    usage = {"input_tokens": 1000, "output_tokens": 100}
+    per_call = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
+
+    @loop(budget=Budget(usd=1.0, iterations=2), cost_fn=sonnet.cost_fn, checkpoint="memory")
+    def both(state):
+        reply = message(usage)
+        sonnet.charge(reply)
+        return {"n": state["n"] + 1, "_response": reply.model_dump()}
+
+    def told(runner, state):
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = runner.run(state)
+        return run, [str(w.message) for w in caught if w.category is AlreadyPricedWarning]
+
+    run, warned = told(both, {"n": 0})
+    assert [s.cost for s in run.history] == [per_call, per_call] and len(warned) == 2
+    assert re.search(r"has priced response msg_\d+ already, so it is counted once, not again in step 0\. Price "
+                     r"each reply one way", warned[0])
+
+    @loop(budget=Budget(usd=1.0, iterations=4), cost_fn=sonnet.cost_fn, checkpoint="memory")
+    def fixer(state):
+        if state["n"] >= 2:  # nothing left to fix: no call, the state as it was
+            return {**state, "n": state["n"] + 1}
+        return {"n": state["n"] + 1, "_response": message(usage).model_dump()}
+
+    run, warned = told(fixer, {"n": 0})
+    assert [s.cost for s in run.history] == [per_call, per_call, 0, 0] and len(warned) == 2
+    assert "not again in step 2" in warned[0] and "should not carry the old state['_response']" in warned[0]
 
 
 def anthropic_client(replies: list[str], calls: list[dict], cls=Anthropic):
@@ -407,7 +444,7 @@ OPUS = {"input": Decimal("5"), "output": Decimal("25")}  # claude-opus-4-7, the 
 
 def beta_message(usage: dict):
     from anthropic.types.beta import BetaMessage
-    return BetaMessage.model_validate({"id": "msg_2", "type": "message", "role": "assistant",
+    return BetaMessage.model_validate({"id": f"msg_{next(IDS)}", "type": "message", "role": "assistant",
                                        "model": "claude-sonnet-4-6", "content": [{"type": "text", "text": "Done."}],
                                        "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
 
@@ -480,7 +517,7 @@ def test_a_model_or_tool_call_without_a_price_is_named_and_can_be_given_one(sonn
 
 def test_openai_responses_tool_calls_are_priced_per_call():
     adapter = OpenAIAdapter("gpt-5")
-    data = {"id": "r1", "object": "response", "created_at": 1, "model": "gpt-5", "parallel_tool_calls": True,
+    data = {"id": f"resp_{next(IDS)}", "object": "response", "created_at": 1, "model": "gpt-5", "parallel_tool_calls": True,
             "tool_choice": "auto", "tools": [],
             "output": [{"type": "web_search_call", "id": f"ws{i}", "status": "completed",
                         "action": {"type": "search", "query": "loomc"}} for i in range(3)]
@@ -496,15 +533,17 @@ def test_openai_responses_tool_calls_are_priced_per_call():
 
 def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run(sonnet):
     from loomc import LastGood
-    reply = beta_message({"input_tokens": 1000, "output_tokens": 100, "iterations": [
-        iteration("message", 1000, 100), iteration("advisor_message", 1000, 100, "claude-made-up-9")]})
+    def reply():
+        return beta_message({"input_tokens": 1000, "output_tokens": 100, "iterations": [
+            iteration("message", 1000, 100), iteration("advisor_message", 1000, 100, "claude-made-up-9")]})
+
     known = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
     calls: list[int] = []
 
     @loop(budget=Budget(usd=1.0, iterations=10), backtrack=LastGood(), checkpoint="memory")
     def capped(s):
         calls.append(s)
-        sonnet.charge(reply)
+        sonnet.charge(reply())
         return s + 1
 
     run = capped.run(0)
@@ -513,7 +552,7 @@ def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run
 
     @loop(budget=Budget(iterations=2), checkpoint="memory")
     def uncapped(s):
-        sonnet.charge(reply)
+        sonnet.charge(reply())
         return s + 1
 
     with pytest.warns(UserWarning, match="claude-made-up-9.*counted as \\$0"):
@@ -522,7 +561,7 @@ def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run
 
     @loop(budget=Budget(usd=1.0, iterations=10), backtrack=LastGood(), cost_fn=sonnet.cost_fn, checkpoint="memory")
     def priced_after(s):
-        return {"_response": reply.model_dump(), "n": s["n"] + 1}
+        return {"_response": reply().model_dump(), "n": s["n"] + 1}
 
     run = priced_after.run({"n": 0})  # the same through cost_fn: the known part is charged, then the run ends
     assert run.status == "failed" and len(run.history) == 1 and run.total_cost == known
@@ -577,7 +616,7 @@ def test_a_judge_cut_off_before_it_answers_ends_the_run_instead_of_paying_for_ev
         calls.append(body)
         limit = body["max_completion_tokens"]
         done = limit > 8
-        data = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-5",
+        data = {"id": f"chatcmpl-{next(IDS)}", "object": "chat.completion", "created": 1, "model": "gpt-5",
                 "choices": [{"index": 0, "finish_reason": "stop" if done else "length",
                              "message": {"role": "assistant", "content": "Yes" if done else ""}}],
                 "usage": {"prompt_tokens": 300, "completion_tokens": limit, "total_tokens": 300 + limit,
@@ -701,7 +740,7 @@ def test_image_generation_and_code_interpreter_calls_are_named_as_unpriced():
     """They bill by the image or the container, which a response does not tell: counting them as
     $0 without a word let a USD cap overspend silently."""
     from loomc import NoCostWarning
-    data = {"id": "r1", "object": "response", "created_at": 1, "model": "gpt-5", "parallel_tool_calls": True,
+    data = {"id": f"resp_{next(IDS)}", "object": "response", "created_at": 1, "model": "gpt-5", "parallel_tool_calls": True,
             "tool_choice": "auto", "tools": [],
             "output": [{"type": "image_generation_call", "id": "ig1", "status": "completed", "result": None},
                        {"type": "code_interpreter_call", "id": "ci1", "status": "completed", "code": "1+1",
