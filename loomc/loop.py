@@ -401,8 +401,8 @@ class LoopRunner:
         # (a notebook that runs the loop again on its `draft` would otherwise start from the last state).
         try:
             first = copy.deepcopy(state)
-        except Exception:  # an object that cannot be copied: the stored JSON is a copy too
-            first = codec.decode(initial_json, decode_as, run_id=run_id, step="initial")
+        except Exception:  # it holds what cannot be copied (a client in a private attribute, say): as before
+            first = state
         return self._live(run_id, self.policy, History(), first, initial_json, None, decode_as, drive, parent=parent)
 
     def _reopen(self, run_id: str, budget: Budget | None, parent: LiveRun | None = None,

@@ -293,7 +293,9 @@ def test_a_fn_that_edits_its_state_in_place_leaves_the_callers_object_as_it_was(
     loop(budget=Budget(iterations=1), checkpoint="memory")(parent_fn).run({"notes": []})
     assert seen == [[]]
 
-    blob = Uncopyable("draft")  # cannot be deep-copied: the first call gets the stored copy
+    # A state that cannot be deep-copied (a client kept in a private attribute, say) is handed over as it
+    # is, as before: the stored JSON would lose what the copy could not take.
+    blob = Uncopyable("draft")
     got = []
     loop(budget=Budget(iterations=1), checkpoint="memory")(lambda s: got.append(s) or s).run(blob)
-    assert got == [blob] and got[0] is not blob and isinstance(got[0], Uncopyable)
+    assert got == [blob] and got[0] is blob
