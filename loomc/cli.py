@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
+from loomc.budget import budget_from_repr
 from loomc.errors import LoomcError, RunAtImport, clean, counted, dollars, shorten
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead
@@ -121,7 +122,17 @@ def _brief(status: str, reason: str | None) -> str:
     return clean(reason) if len(reason) <= BRIEF_CHARS else clean(reason[:BRIEF_CHARS]) + "..."
 
 
-_BUDGET_USD = re.compile(r"Budget\(usd=([0-9.eE+-]+)")
+_BUDGET = re.compile(r"Budget\([^()]*\)")
+
+
+def _usd_cap(policy: str) -> Decimal | None:
+    """The USD cap in a policy's repr, read the way a resume reads a recorded raise (budget_from_repr)."""
+    for text in _BUDGET.findall(policy):
+        budget = budget_from_repr(text)
+        if budget is not None and budget.usd is not None:
+            return budget.usd
+    return None
+
 _RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m"}
 
 
@@ -148,8 +159,8 @@ def what_next(run: RunRecord, through_parent: bool = False) -> str:
 
 def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
                pending: Mapping[int, Decimal] | None = None, through_parent: bool = False) -> str:
-    cap = _BUDGET_USD.search(run.policy or "")
-    spent = dollars(run.total_cost) + (f" of {dollars(cap[1])} budget" if cap else " (no USD cap)")
+    cap = _usd_cap(run.policy or "")
+    spent = dollars(run.total_cost) + (" (no USD cap)" if cap is None else f" of {dollars(cap)} budget")
     status = shown_status(run.status, run.owner)
     last_failed = bool(steps) and steps[-1].error == run.reason
     where = f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if last_failed \
