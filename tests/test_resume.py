@@ -164,6 +164,28 @@ def test_resume_errors_name_the_run(tmp_path):
         step.resume(run.id)
 
 
+def test_resuming_in_a_database_with_no_run_says_the_run_is_stored_elsewhere(tmp_path, monkeypatch):
+    # A cron job or a second terminal in another directory: the default database there is not the run's.
+    started, elsewhere = tmp_path / "project", tmp_path / "home"
+    started.mkdir(), elsewhere.mkdir()
+    monkeypatch.delenv("LOOMC_DB", raising=False)
+    monkeypatch.chdir(started)
+    step = loop(budget=Budget(iterations=2))(lambda s: s + 1)
+    run = step.run(0)
+    monkeypatch.chdir(elsewhere)
+    again = loop(budget=Budget(iterations=2))(lambda s: s + 1)
+    with pytest.raises(RunNotFound) as e:
+        again.resume(run.id)
+    said = str(e.value)
+    assert f"no run {run.id!r} in {elsewhere / '.loomc' / 'checkpoints.db'}, which holds no run at all (this " \
+           "process created it just now)" in said
+    assert f"working directory ({elsewhere} here)" in said and "$LOOMC_DB" in said
+    # Where the database holds runs, an unknown id is only that.
+    with pytest.raises(RunNotFound) as e:
+        step.resume("nosuchrun")
+    assert str(e.value) == f"no run 'nosuchrun' in {started / '.loomc' / 'checkpoints.db'}"
+
+
 def test_a_budget_exhausted_run_resumes_with_a_larger_budget_and_the_raise_is_recorded(tmp_path):
     db = str(tmp_path / "r.db")
     step = loop(budget=Budget(usd=0.5), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)

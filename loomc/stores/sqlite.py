@@ -204,7 +204,8 @@ class SQLiteStore:
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory; give the path of a database file in it, "
                              f"such as {self.path / 'checkpoints.db'}")
-        if not self.path.exists():
+        self._created = not self.path.exists()  # by this object: a run looked up in it is elsewhere
+        if self._created:
             if not create:
                 raise StoreError(f"no loomc database at {self.path}; run a loop first, or give the path of "
                                  "an existing one (--db, $LOOMC_DB)")
@@ -515,8 +516,20 @@ class SQLiteStore:
         row = conn.execute(f"SELECT {_RUN_COLUMNS}, r.initial_state {_RUNS_FROM} WHERE r.id = ?",
                            (run_id,)).fetchone()
         if row is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.path}")
+            raise RunNotFound(f"no run {run_id!r} in {self.path}{self._elsewhere(conn)}")
         return _run_record(row, row[-1])
+
+    def _elsewhere(self, conn: sqlite3.Connection | sqlite3.Cursor) -> str:
+        """Where to look instead, for a run looked up in a database that holds no run at all."""
+        if conn.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None:
+            return ""
+        said = ", which holds no run at all" + (" (this process created it just now)" if self._created else "")
+        if self.path.is_relative_to(Path.cwd()):  # a relative path, perhaps from another working directory
+            said += (f". A relative path, the default .loomc/checkpoints.db included, is read from the working "
+                     f"directory ({Path.cwd()} here): run from the directory the run started in, or")
+        else:
+            said += ":"
+        return said + " pass checkpoint= (or set $LOOMC_DB to) the path of the database the run was stored in"
 
     def get_run(self, run_id: str) -> RunRecord:
         return self._get(self._conn(), run_id)
