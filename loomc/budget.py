@@ -108,6 +108,8 @@ class Budget(Signal):
             spent, largest = history._summary()[:2]
             estimate = self.step_estimate if self.step_estimate is not None else largest
             if spent + estimate > self.usd:
+                if spent > self.usd:
+                    return _past_cap(history, spent, self.usd)
                 return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step "
                         f"would pass the {dollars(self.usd)} cap")
             if spent >= self.usd and spent > 0:
@@ -130,6 +132,22 @@ class Budget(Signal):
         if self.step_estimate is not None:
             args.append(f"step_estimate={float(self.step_estimate)!r}")
         return f"Budget({', '.join(args)})"
+
+
+def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
+    """Why the spend went past the cap: the last step cost more than the room left before it.
+
+    The cap is checked before each call, so the step that passed it is the last one; it either
+    made several paid calls (checked by nobody inside the step) or cost more than the estimate.
+    """
+    said = f"usd: {dollars(spent)} spent, past the {dollars(cap)} cap"
+    last = history[-1]
+    room = cap - (spent - last.cost)
+    if room < 0:  # already past it before (a replay of a smaller cap): nothing more to tell
+        return said
+    return (f"{said}: step {last.n} alone cost {dollars(last.cost)} with {dollars(room)} left. The cap is checked "
+            "before each call of fn: inside one, check loomc.usd_left() before each paid call; "
+            "Budget(step_estimate=) covers steps that grow")
 
 
 #: The cap a loop gets when it is given no budget: 100 calls of ``fn``.

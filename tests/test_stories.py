@@ -737,6 +737,32 @@ def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd
     assert "cannot charge" not in str(caught.value)  # the charge() hint is for charge()
 
 
+def test_a_run_past_its_usd_cap_says_which_step_passed_it_and_how_to_keep_under(tmp_path):
+    import loomc
+
+    def agent(state):  # an agentic step that never asks usd_left(): ten paid calls under a $0.10 cap
+        for _ in range(10):
+            loomc.charge(0.05)
+        return state + 1
+
+    db = str(tmp_path / "over.db")
+    run = loop(budget=Budget(usd=0.10), checkpoint=db)(agent).run(0)
+    assert run.status == "budget_exhausted" and run.total_cost == Decimal("0.50")
+    assert run.reason.startswith("usd: $0.5000 spent, past the $0.1000 cap: step 0 alone cost $0.5000 with "
+                                 "$0.1000 left. The cap is checked before each call of fn")
+    assert "loomc.usd_left()" in run.reason and "step_estimate=" in run.reason
+    assert run.reason in str(run.error)
+    # A step that cost more than the estimate (a conversation that grew): it is named with the room it had.
+    costs = iter([0.1, 0.1, 0.9])
+    grew = loop(budget=Budget(usd=1), cost_fn=lambda s: next(costs), checkpoint="memory")(lambda s: s + 1).run(0)
+    assert grew.reason.startswith("usd: $1.1000 spent, past the $1.0000 cap: step 2 alone cost $0.9000 with "
+                                  "$0.8000 left")
+    # Reaching the cap exactly, or a step that would pass it, reads as before.
+    assert loop(budget=Budget(usd=0.10), cost_fn=lambda s: 0.05, checkpoint="memory")(
+        lambda s: s + 1).run(0).reason == "usd: $0.1000 spent + $0.0500 for the next step would pass the $0.1000 cap"
+    assert loomc.load_history(db, run.id)[-1].events == ("budget exhausted",)
+
+
 def test_loop_without_parentheses_decorates_with_the_defaults(tmp_path, monkeypatch):
     """`@loop` above a def made the function the loop's *policy* (a predicate) and returned the
     decorator, so `refine(state)` later failed with a message about @loop and a dict."""
