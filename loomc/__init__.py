@@ -22,10 +22,11 @@ from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown,
                           EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
-                          RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StoreError)
+                          RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StopRequested,
+                          StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
-                               step_number, usd_left)
+                               request_stop, step_number, usd_left)
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)
 from loomc.notebook import Comparison, compare
@@ -40,9 +41,10 @@ __all__ = [
     "Comparison", "ConfigError", "CorruptStore", "CostUnknown", "DeadlineExceeded", "Decision", "DEFAULT_BUDGET",
     "EmbeddingsUnavailable", "Escalate", "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop",
     "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoStateReturned", "open_store",
-    "OrphanedChildWarning", "Outcome", "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay", "Run",
+    "OrphanedChildWarning", "Outcome", "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay",
+    "request_stop", "Run",
     "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
     "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StateRoundTripWarning", "Step",
-    "step_number", "StepConflict", "StoreError", "usd_left", "__version__",
+    "step_number", "StepConflict", "StopRequested", "StoreError", "usd_left", "__version__",
 ]

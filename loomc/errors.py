@@ -118,6 +118,28 @@ class StallError(RunError):
     """A stall handler (``Escalate``) gave up on the run."""
 
 
+class StopRequested(SystemExit):
+    """A run stopped because :func:`loomc.request_stop` asked it to (a SIGTERM handler, say).
+
+    It stopped between two steps: the call in flight when the stop was asked for went on to its
+    end and was committed. Carries ``run_id``, ``state`` and ``history`` (``run_id`` is None for a
+    run refused before it started). It is a ``SystemExit``, not a :class:`LoomcError`: the process
+    was asked to stop, so ``except Exception`` does not swallow it, and uncaught it ends the process
+    quietly with ``code`` (128 + the signal's number, as the signal would have; 1 without one).
+    """
+
+    def __init__(self, message: str, code: int, *, run_id: str | None = None, state: Any = None,
+                 history: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.run_id = run_id
+        self.state = state
+        self.history = history
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class StoreError(LoomcError):
     """The checkpoint store refused an operation or is unusable."""
 

@@ -25,8 +25,8 @@ from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned,
-                          RunError, RunLocked, StallError, StateEncodeError, attach_run, counted, dollars,
-                          warn_at_caller)
+                          RunError, RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted,
+                          dollars, warn_at_caller)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -40,6 +40,10 @@ T = TypeVar("T")  # what a coroutine named by ``named`` returns
 
 _SPENDING = threading.Lock()  # charges are rare next to steps: one lock for every run will do
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
+# The runs this process drives right now, by id(): request_stop asks each of them to stop.
+_LIVE: dict[int, LiveRun] = {}
+# Why the process is stopping, once a signal asked it to (request_stop as a signal handler): no run starts after it.
+_STOPPING: list[tuple[str, int]] = []  # (why, exit status)
 
 
 class DeadlineExceeded(LoomcError):
@@ -147,6 +151,8 @@ class LiveRun:
     ended: Run | None = None  # the Run, once a stream of this run's steps was closed early
     resumed: bool = False  # a resume of a stored run, not a new one
     priced: set[str] = field(default_factory=set)  # ids of the responses an adapter priced for this run
+    stop: str | None = None  # why request_stop asked the run to stop before its next call
+    stop_code: int = 1  # the exit status StopRequested then carries
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)
@@ -537,6 +543,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         run.source = None if decision.to is None else h[decision.to]
     n = len(h)  # the number of the next call; it starts from run.source's state
     while decision.outcome < _STALLED:
+        if run.stop is not None:  # request_stop: the call before this one was let finish and is committed
+            return (yield from _stop_asked(run))
         # fn may change its state in place: the step it came from reads its own from the JSON from now on.
         step, exc, end = yield _Call((hand_out(run.source, run.initial), n))
         elapsed = run.elapsed(end)
@@ -607,6 +615,17 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
+
+
+def _stop_asked(run: LiveRun) -> Generator[Any, Any, Run]:
+    """End the run ``cancelled`` before its next call, as request_stop asked, with StopRequested to raise."""
+    n = len(run.history)
+    reason = (f"{run.stop}; stopped before step {n}" +
+              (", with every call made let finish and committed" if n else ", before any call was made"))
+    yield _Finish("cancelled", reason)
+    name = loop_name(run.fn)
+    exc = StopRequested(f"run {run.id} stopped: {reason}; resume it with {name}.resume({run.id!r})", run.stop_code)
+    return _ended(run, "cancelled", reason, exc)
 
 
 def _waiting(run: LiveRun, decision: Decision, elapsed: float,
@@ -682,7 +701,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     h = run.history
     state = run.returned_state()
     if exc is not None:
-        if not isinstance(exc, LoomcError):
+        if not isinstance(exc, (LoomcError, StopRequested)):
             attach_run(exc, run.id, state, h, loop_name(run.fn))
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):
@@ -717,6 +736,7 @@ def _failing(h: History) -> str:
 def steps(run: LiveRun) -> Generator[Step, None, Run]:
     """Run the machine, performing each effect directly; yield each Step once it is committed."""
     gen, value = _machine(run), None
+    _driven(run)
     try:
         while True:
             effect = gen.send(value)
@@ -730,6 +750,15 @@ def steps(run: LiveRun) -> Generator[Step, None, Run]:
     except BaseException as e:
         _abandon(run, e)
         raise
+    finally:
+        _LIVE.pop(id(run), None)
+
+
+def _driven(run: LiveRun) -> None:
+    """Count the run among those this process drives, which request_stop asks to stop."""
+    _LIVE[id(run)] = run
+    if _STOPPING and run.stop is None:  # it started as the process was stopping: it stops before its first call
+        run.stop, run.stop_code = _STOPPING[0]
 
 
 def _log_end(run: Run) -> None:
@@ -752,6 +781,7 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
     the generator early ends the run as cancelled. The Run is appended to ``ended``.
     """
     gen, value = _machine(run), None
+    _driven(run)
     try:
         while True:
             effect = gen.send(value)
@@ -765,6 +795,8 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
     except BaseException as e:
         await _shielded(offload(run.store, _abandon, run, e))
         raise
+    finally:
+        _LIVE.pop(id(run), None)
 
 
 async def _shielded(awaitable: Any) -> Any:
@@ -866,6 +898,49 @@ def _bill_parent(run: LiveRun, cost: Decimal) -> None:
                        f"{run.parent_step} had ended, so {parent.id}'s ledger {where}. fn left a task or thread "
                        "running: wait for every child run before fn returns (asyncio.TaskGroup cancels the "
                        "others when one fails; asyncio.gather does not)", OrphanedChildWarning)
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> int:
+    """Stop every run of this process after the call it has in flight; return how many were asked.
+
+    Each run lets its call in flight go on to its end and commits it, then ends ``cancelled``
+    before its next call, releasing its lease, and raises :class:`StopRequested`. Its signature is
+    a signal handler's, for a container's shutdown (``docker stop``, Kubernetes)::
+
+        signal.signal(signal.SIGTERM, loomc.request_stop)
+
+    Called so, with a signal, the process is stopping: a run that would start or resume after it
+    is refused, and a second signal, or one that comes while no run is live, exits at once with
+    ``SystemExit(128 + signum)``, as the signal would have (a call in flight is then cut short).
+    Called from code, without a signal, it stops the runs live at that moment only.
+    """
+    live = list(_LIVE.values())
+    if signum is not None:
+        if _STOPPING or not live:
+            raise SystemExit(128 + signum)
+        _STOPPING.append((f"{_signal_name(signum)} received", 128 + signum))
+        why, code = _STOPPING[0]
+    else:
+        why, code = "loomc.request_stop() was called", 1
+    for run in live:
+        if run.stop is None:
+            run.stop, run.stop_code = why, code
+    return len(live)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def refuse_when_stopping() -> None:
+    """Refuse to start or resume a run once a signal has asked the process to stop (request_stop)."""
+    if _STOPPING:
+        why, code = _STOPPING[0]
+        raise StopRequested(f"{why}: this process is stopping, so no run starts or resumes in it", code)
 
 
 def current_run() -> LiveRun | None:

@@ -31,8 +31,8 @@ from loomc.budget import DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
 from loomc.history import IN_STORE, ZERO, History, Step
-from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, steps,
-                               steps_async, stored)
+from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, refuse_when_stopping,
+                               steps, steps_async, stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
                           either, loop_name, name_of, never)
 from loomc.stall import Escalate
@@ -354,6 +354,7 @@ class LoopRunner:
         nothing twice.
         """
         _refuse_at_import(self.fn)
+        refuse_when_stopping()
         if run_id is None or (parent is None and not resume):
             return self._start(state, run_id)
         try:
@@ -409,6 +410,7 @@ class LoopRunner:
                 take_over: bool = False) -> LiveRun:
         _check_run_id(run_id)
         _refuse_at_import(self.fn)
+        refuse_when_stopping()
         store = self.store
         record = before = store.get_run(run_id)
         refuse_completed(record)

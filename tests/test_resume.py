@@ -1081,6 +1081,107 @@ def test_a_container_shutdown_with_a_sigterm_handler_frees_the_run_for_the_next_
     assert again.stdout.split() == [w for k in range(done, 6) for w in ("step", str(k))] + ["final", "6"]
 
 
+def test_request_stop_as_the_sigterm_handler_lets_the_call_in_flight_finish_and_commits_it(tmp_path):
+    """With sys.exit as the handler, the call in flight was cut short: paid for, and its work lost on
+    every deploy. loomc.request_stop lets it finish, commits it, then ends the run `cancelled`."""
+    db, script = tmp_path / "pod.db", tmp_path / "job.py"
+    script.write_text(
+        "import signal, sys, time, loomc\n"
+        "from loomc import Budget, loop\n"
+        "signal.signal(signal.SIGTERM, loomc.request_stop)\n"
+        "@loop(budget=Budget(iterations=5, usd=5), converge_on=lambda h: h[-1].state == 4, checkpoint=sys.argv[1])\n"
+        "def slow(s):\n"
+        "    print('step', s, flush=True)\n"
+        "    time.sleep(0.5)\n"
+        "    loomc.charge(0.25)  # the paid answer, once the call is done\n"
+        "    print('paid', s, flush=True)\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    print('final', slow(0, run_id='job', resume=True), flush=True)\n")
+    pod = subprocess.Popen([sys.executable, str(script), str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    assert pod.stdout is not None and pod.stdout.readline() == "step 0\n" and pod.stdout.readline() == "paid 0\n"
+    assert pod.stdout.readline() == "step 1\n"
+    pod.send_signal(signal.SIGTERM)  # during step 1's call
+    out, err = pod.communicate(timeout=60)
+    assert out == "paid 1\n", "the call in flight went on to its end, and no other started"
+    assert pod.returncode == 128 + signal.SIGTERM and err == "", err  # a quiet exit, as the signal's own
+    record = SQLiteStore(db).get_run("job")
+    assert record.status == "cancelled" and record.owner is None and record.steps == 2
+    assert record.total_cost == Decimal("0.50")
+    assert record.reason == "SIGTERM received; stopped before step 2, with every call made let finish and committed"
+    again = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == ["step", "2", "paid", "2", "step", "3", "paid", "3", "final", "4"], \
+        "step 1 was not paid for twice"
+    assert SQLiteStore(db).get_run("job").total_cost == Decimal("1.00")
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_request_stop_stops_every_live_run_after_its_step_and_raises_stop_requested(tmp_path, aio, monkeypatch):
+    from loomc import interpreter
+    monkeypatch.setattr(interpreter, "_STOPPING", [])  # what a signal leaves set, for this test only
+    db = str(tmp_path / "stop.db")
+
+    def body(s):
+        if s == 2:
+            assert loomc.request_stop() == 1  # the one run live
+        return s + 1
+
+    step = loop(budget=Budget(iterations=10), checkpoint=db)(sync_or_async(body, aio))
+
+    def drive(call):
+        return asyncio.run(call) if aio else call
+
+    with pytest.raises(loomc.StopRequested) as e:
+        drive(step(0, run_id="a"))
+    stop = e.value
+    assert isinstance(stop, SystemExit) and not isinstance(stop, Exception), "except Exception does not swallow it"
+    assert stop.code == 1 and stop.run_id == "a" and stop.state == 3 and [s.n for s in stop.history] == [0, 1, 2]
+    assert str(stop) == ("run a stopped: loomc.request_stop() was called; stopped before step 3, with every call "
+                         f"made let finish and committed; resume it with {'await ' if aio else ''}step.resume('a')")
+    assert SQLiteStore(db).get_run("a").status == "cancelled"
+    # Called from code, it stopped the runs live then; the next run goes on, and so does a resume.
+    assert drive(step.run(5)).status == "budget_exhausted"
+    resumed = drive(step.run(0, run_id="a", resume=True))
+    assert resumed.status == "budget_exhausted" and resumed.state == 10 and len(resumed.history) == 10
+    assert interpreter.request_stop() == 0 and not interpreter._LIVE, "nothing live, nothing asked"
+
+
+def test_request_stop_from_a_signal_stops_the_process_runs_and_refuses_new_ones(tmp_path, monkeypatch):
+    from loomc import interpreter
+    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    db = str(tmp_path / "sig.db")
+    seen = []
+
+    def fixer(s):
+        seen.append(s)
+        if s == 1:
+            loomc.request_stop(signal.SIGTERM, None)  # as the handler would, while the call is in flight
+        return s + 1
+
+    step = loop(budget=Budget(iterations=10), checkpoint=db)(fixer)
+    run = step.run(0, run_id="s")
+    assert seen == [0, 1] and run.status == "cancelled" and run.state == 2
+    assert run.reason == "SIGTERM received; stopped before step 2, with every call made let finish and committed"
+    assert isinstance(run.error, loomc.StopRequested) and run.error.code == 128 + signal.SIGTERM
+    # The process is stopping: no run starts or resumes, and nothing is recorded for one.
+    for start in (lambda: step.run(0, run_id="later"), lambda: step.resume_run("s")):
+        with pytest.raises(loomc.StopRequested, match="SIGTERM received: this process is stopping, so no run "
+                                                      "starts or resumes in it") as e:
+            start()
+        assert e.value.code == 128 + signal.SIGTERM
+    assert [r.id for r in SQLiteStore(db).list_runs()] == ["s"] and seen == [0, 1]
+    # A second signal, or one while no run is live, exits at once, as the signal itself would have.
+    with pytest.raises(SystemExit) as e:
+        loomc.request_stop(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM and not isinstance(e.value, loomc.StopRequested)
+    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    with pytest.raises(SystemExit) as e:
+        loomc.request_stop(signal.SIGINT, None)
+    assert e.value.code == 128 + signal.SIGINT
+
+
 def test_large_states_the_run_no_longer_needs_are_read_back_from_the_store_not_kept_in_memory(tmp_path, monkeypatch):
     """A code fixer carrying a 100 KB repository snapshot kept every step's JSON in memory (about
     1 MB per step at 1 MB states); a resume loaded every stored state before reading one."""
