@@ -326,6 +326,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
         click.echo(f"    {snippet}", err=True)
         sys.exit(1)
     runner.store = store
+    _stop_on_sigterm()
     try:
         ended = runner.resume_run(run_id, budget=budget, take_over=take_over)
         if inspect.iscoroutine(ended):  # an async def loop: run it to its end on an event loop of its own
@@ -335,8 +336,19 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
         fail(str(e))
     click.echo(show_table(store.get_run(run_id), store.load_steps(run_id, with_states=False),
                           store.children(run_id)))
+    if isinstance(ended.error, SystemExit):  # StopRequested: stopped by a SIGTERM, exit as the signal asks
+        sys.exit(ended.error.code)
     if ended.status not in ("completed",):
         sys.exit(2)
+
+
+def _stop_on_sigterm() -> None:
+    """A SIGTERM (a container's shutdown) lets the resumed run's call in flight finish and commit, then
+    stops it (loomc.request_stop), unless the loop's own module installed a handler of its own."""
+    import signal
+    from loomc.interpreter import request_stop
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, request_stop)
 
 
 def _import_runner(fn_path: str | None) -> tuple[Any, str]:

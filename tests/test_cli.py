@@ -435,6 +435,37 @@ def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):
     assert SQLiteStore(tmp_path / "s.db").get_run("script-run").fn_path == f"{script}:bump"
 
 
+def test_loomc_resume_stopped_by_sigterm_finishes_the_call_in_flight_and_exits_143(tmp_path):
+    """A worker pod running `loomc resume` gets SIGTERM on a deploy: the call in flight is let finish."""
+    import signal
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from loomc import Budget, loop, predicate\n"
+        "@loop(budget=Budget(iterations=10), converge_on=predicate(lambda h: h[-1].state >= 6))\n"
+        "def bump(s):\n"
+        "    if s == 1 and os.environ.get('CRASH') == '1':\n"
+        "        raise SystemExit('power cut')\n"
+        "    print('step', s, flush=True)\n"
+        "    time.sleep(0.5)\n"
+        "    print('done', s, flush=True)\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    bump(0, run_id='w')\n")
+    env = {**os.environ, "LOOMC_DB": str(tmp_path / "w.db")}
+    subprocess.run([sys.executable, str(script)], env={**env, "CRASH": "1"}, capture_output=True, cwd=tmp_path)
+    worker = subprocess.Popen(["loomc", "resume", "w"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=tmp_path)
+    assert worker.stdout is not None and worker.stdout.readline() == "step 1\n"
+    worker.send_signal(signal.SIGTERM)  # during step 1's call
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM, err
+    assert out.startswith("done 1\nRun: w  Status: cancelled\n"), "no call started after the signal"
+    assert "Status: cancelled" in out and "Stopped: SIGTERM received; stopped before step 2" in out
+    record = SQLiteStore(tmp_path / "w.db").get_run("w")
+    assert record.status == "cancelled" and record.steps == 2 and record.owner is None
+
+
 def test_resume_refuses_a_script_that_starts_a_run_when_imported(tmp_path):
     """Regression: `loomc resume` imported a script without a __main__ guard, and its top-level
     code started (and paid for) a whole new run before the resume."""
