@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import json
+import sys
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
@@ -201,11 +202,15 @@ def decoder(state_type: Any, run_id: str,
     return decode_step
 
 
-def resolve_state_type(annotated: Any, recorded: str | None, known: dict[str, Any] | None = None) -> Any:
+def resolve_state_type(annotated: Any, recorded: str | None, known: dict[str, Any] | None = None,
+                       home: str | None = None) -> Any:
     """The type to decode with: ``fn``'s annotation, else the type recorded with the run.
 
     ``known`` maps recorded paths to types this process has already seen (a
-    class defined inside a function cannot be imported again).
+    class defined inside a function cannot be imported again). ``home`` is the
+    module ``fn`` lives in: a type recorded by a script run as ``__main__`` is
+    looked up there when this process's ``__main__`` lacks it (``loomc resume``
+    imports the script under another name; so does another script that imports it).
     """
     if is_typed(annotated):
         return annotated
@@ -215,6 +220,12 @@ def resolve_state_type(annotated: Any, recorded: str | None, known: dict[str, An
         try:
             return import_path(recorded)
         except (ImportError, AttributeError) as e:
+            module, _, qualname = recorded.partition(":")
+            if module == "__main__" and home and home in sys.modules:
+                try:
+                    return attribute(sys.modules[home], qualname)
+                except AttributeError:
+                    pass
             raise ConfigError(f"the run's state type {recorded} cannot be imported ({e}), and loomc will not "
                               "hand back a plain dict in its place; annotate fn's state parameter with the "
                               "type, or define the type at module level") from None

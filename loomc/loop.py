@@ -285,6 +285,7 @@ class LoopRunner:
         self.spec_hash = _spec_hash(fn, policy, self.state_type)
         self._store: CheckpointStore | None = None
         self._types: dict[str, Any] = {}  # state types seen by this runner, by recorded path
+        self._home = getattr(fn, "__module__", None)  # where a type recorded by fn's script as __main__ is
         self._probes = tuple(probe for part in policy.walk() for probe in part.probes())
         self._prepared = not self._probes
 
@@ -385,7 +386,7 @@ class LoopRunner:
         state_type = codec.type_path(self.state_type) or codec.type_path(type(state))
         if state_type is not None and not codec.is_typed(self.state_type):
             self._types[state_type] = type(state)
-        decode_as = codec.resolve_state_type(self.state_type, state_type, self._types)
+        decode_as = codec.resolve_state_type(self.state_type, state_type, self._types, self._home)
         codec.warn_if_changed(state, initial_json, decode_as)
         drive = Drive()
         try:
@@ -480,7 +481,7 @@ class LoopRunner:
 
     def _restore(self, record: RunRecord, policy: Policy, drive: Drive, parent: LiveRun | None = None) -> LiveRun:
         """A LiveRun over the committed history of ``record``; reads only."""
-        state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types)
+        state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types, self._home)
         run_id = record.id
         history = stored_history(self.store, run_id, state_type)
         source = _current_step(history)

@@ -435,6 +435,40 @@ def test_resume_loads_a_loop_defined_in_a_script_run_as_main(tmp_path):
     assert SQLiteStore(tmp_path / "s.db").get_run("script-run").fn_path == f"{script}:bump"
 
 
+def test_a_typed_state_recorded_by_a_script_run_as_main_resumes_from_loomc_resume_and_from_an_import(tmp_path):
+    """The run recorded its state type as __main__:Draft. `loomc resume` imports the script under
+    another name, so the type was not found there, and the resume failed, telling the user to define
+    at module level a type that already was."""
+    script = tmp_path / "drafts.py"
+    script.write_text(
+        "import os\n"
+        "from pydantic import BaseModel\n"
+        "from loomc import Budget, loop\n"
+        "class Draft(BaseModel):\n"
+        "    text: str\n"
+        "    n: int = 0\n"
+        "@loop(budget=Budget(iterations=5), converge_on=lambda h: h[-1].state.n >= 3)\n"
+        "def polish(state):  # no annotation: the type is the one recorded with the run\n"
+        "    assert isinstance(state, Draft), type(state)\n"
+        "    if state.n == 1 and os.environ.get('CRASH'):\n"
+        "        raise SystemExit('power cut')\n"
+        "    return Draft(text=state.text + '!', n=state.n + 1)\n"
+        "if __name__ == '__main__':\n"
+        "    polish(Draft(text='hi'), run_id=os.environ['RUN'])\n")
+    env = {**os.environ, "LOOMC_DB": str(tmp_path / "d.db"), "CRASH": "1"}
+    for run_id in ("cli", "import"):
+        subprocess.run([sys.executable, str(script)], env={**env, "RUN": run_id}, capture_output=True, cwd=tmp_path)
+        assert SQLiteStore(tmp_path / "d.db").get_run(run_id).state_type == "__main__:Draft"
+    env.pop("CRASH")
+    proc = subprocess.run(["loomc", "resume", "cli"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Status: completed" in proc.stdout
+    other = subprocess.run([sys.executable, "-c", "import drafts; print(drafts.polish.resume('import'))"], env=env,
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == "text='hi!!!' n=3"
+
+
 def test_loomc_resume_stopped_by_sigterm_finishes_the_call_in_flight_and_exits_143(tmp_path):
     """A worker pod running `loomc resume` gets SIGTERM on a deploy: the call in flight is let finish."""
     import signal
