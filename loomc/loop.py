@@ -441,7 +441,7 @@ class LoopRunner:
         extra = {"take_over": True} if take_over else {}  # a store that predates take_over still resumes
         record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note, **extra)
         raising = budget is not None or before_raise is not None
-        changed = (f"run {run_id}: {self._changes(before, repr(policy), raising)} since the run started"
+        changed = (f"run {run_id}: {self._changes(before, repr(policy), raising)}"
                    if record.spec_hash and record.spec_hash != self.spec_hash else None)
         try:
             try:
@@ -471,13 +471,13 @@ class LoopRunner:
         a raise is in play, which hides the loop's own), else fn's source or the state type."""
         changes = []
         if before.fn_path and self.fn_path and before.fn_path != self.fn_path:
-            changes.append(f"the function is {self.fn_path} (it was {before.fn_path})")
+            changes.append(f"the function is {self.fn_path} (it was {before.fn_path} when the run started)")
         if not raising and before.policy and before.policy != policy:
-            changes.append(f"the policy is {policy} (it was {before.policy})")
+            changes.append(f"the policy is {policy} (it was {before.policy} when the run last ran)")
         if changes:
             return " and ".join(changes)
-        return "fn's source, the loop's policy or the state type changed" if raising else \
-            "fn's source or the state type changed"
+        return ("fn's source, the loop's policy or the state type changed" if raising else
+                "fn's source or the state type changed") + " since the run started"
 
     def _restore(self, record: RunRecord, policy: Policy, drive: Drive, parent: LiveRun | None = None) -> LiveRun:
         """A LiveRun over the committed history of ``record``; reads only."""

@@ -479,10 +479,12 @@ def test_a_changed_spec_warning_names_what_changed_where_the_record_tells(tmp_pa
     with pytest.warns(SpecChangedWarning) as caught:
         loop(budget=Budget(iterations=3), checkpoint=db)(bump_v2).resume_run(first.id)
     assert str(caught[0].message).startswith(
-        f"run {first.id}: the function is {__name__}:bump_v2 (it was {__name__}:bump_v1) and the policy is "
-        "Budget(iterations=3) (it was Budget(iterations=2)) since the run started; resuming with the current code")
+        f"run {first.id}: the function is {__name__}:bump_v2 (it was {__name__}:bump_v1 when the run started) and "
+        "the policy is Budget(iterations=3) (it was Budget(iterations=2) when the run last ran); resuming with the "
+        "current code")
     second = loop(budget=Budget(iterations=2), checkpoint=db)(bump_v1).run(0)
-    with pytest.warns(SpecChangedWarning, match=r"the function is .*:bump_v2 \(it was .*:bump_v1\) since the run"):
+    with pytest.warns(SpecChangedWarning, match=r"the function is .*:bump_v2 \(it was .*:bump_v1 when the run "
+                                                 r"started\); resuming"):
         loop(budget=Budget(iterations=5), checkpoint=db)(bump_v2).resume_run(second.id, budget=Budget(iterations=5))
     third = loop(budget=Budget(iterations=2), checkpoint=db)(lambda s: s + 1).run(0)
     with pytest.warns(SpecChangedWarning, match="fn's source or the state type changed since the run started"):
