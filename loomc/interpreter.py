@@ -639,15 +639,23 @@ def _waiting(run: LiveRun, decision: Decision, elapsed: float,
 
 @dataclass
 class _Wait:
-    """Wait before the next call: a backtracker's backoff after a failed step."""
+    """Wait before the next call: a backtracker's backoff after a failed step. A stop asked for
+    (request_stop: a container's shutdown has a grace period) ends it early, in slices of 0.1 s."""
     seconds: float
 
     def sync(self, run: LiveRun) -> None:
-        time.sleep(self.seconds)
+        end = time.monotonic() + self.seconds
+        while run.stop is None and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, _WAIT_SLICE))
 
     async def async_(self, run: LiveRun) -> None:
         import asyncio
-        await asyncio.sleep(self.seconds)
+        end = time.monotonic() + self.seconds
+        while run.stop is None and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, _WAIT_SLICE))
+
+
+_WAIT_SLICE = 0.1
 
 
 #: Errors that say the loop is set up wrongly (a missing extra, a bad setting, an fn that forgot to return

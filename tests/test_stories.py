@@ -925,3 +925,35 @@ def test_a_ctrl_c_during_the_wait_stops_the_run_as_cancelled_with_the_failed_ste
     record, steps = store.get_run("waiting"), store.load_steps("waiting")
     assert record.status == "cancelled" and [s.error is None for s in steps] == [True, False]
     assert steps[1].events == ("backtrack to step 0", "wait 30s")
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_stop_asked_for_during_a_backoff_wait_ends_the_wait_and_the_run(tmp_path, aio, monkeypatch):
+    """A container's SIGTERM came during a 30 s backoff: the wait went on past the grace period."""
+    import signal
+    import time
+    import loomc
+    from loomc import SQLiteStore, interpreter
+    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    store = SQLiteStore(tmp_path / "w.db")
+
+    def flaky(s):
+        if s == 1:
+            raise RuntimeError("429 Too Many Requests")
+        return s + 1
+
+    refine = loop(budget=Budget(iterations=5), backtrack=LastGood(wait="30s"), checkpoint=store)(
+        sync_or_async(flaky, aio))
+    previous = signal.signal(signal.SIGALRM, loomc.request_stop)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)  # lands while the loop waits 30 s after step 1 failed
+    t0 = time.monotonic()
+    try:
+        run = asyncio.run(refine.run(0, run_id="waiting")) if aio else refine.run(0, run_id="waiting")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - t0 < 20, "the wait ended at the stop, not after 30 s"
+    assert run.status == "cancelled" and run.reason.startswith("SIGALRM received; stopped before step 2")
+    assert isinstance(run.error, loomc.StopRequested) and run.error.code == 128 + signal.SIGALRM
+    steps = store.load_steps("waiting")
+    assert [s.error is None for s in steps] == [True, False] and steps[1].events == ("backtrack to step 0", "wait 30s")
