@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import os
 import sys
 import threading
 import time
@@ -44,6 +45,10 @@ _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc
 _LIVE: dict[int, LiveRun] = {}
 # Why the process is stopping, once a signal asked it to (request_stop as a signal handler): no run starts after it.
 _STOPPING: list[tuple[str, int]] = []  # (why, exit status)
+if hasattr(os, "register_at_fork"):
+    # A forked child (a multiprocessing worker that fn starts) drives none of its parent's runs: with request_stop
+    # as the SIGTERM handler it inherits, a SIGTERM (Pool.terminate) exits it, rather than asking them to stop.
+    os.register_at_fork(after_in_child=_LIVE.clear)
 
 
 class DeadlineExceeded(LoomcError):

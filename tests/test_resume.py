@@ -1184,6 +1184,30 @@ def test_request_stop_from_a_signal_stops_the_process_runs_and_refuses_new_ones(
     assert e.value.code == 128 + signal.SIGINT
 
 
+def test_a_worker_process_forked_by_fn_still_exits_on_sigterm_with_request_stop_as_the_handler(tmp_path, monkeypatch):
+    """A forked worker inherits the handler and, before, the parent's live runs: request_stop asked
+    those to stop and returned, so Pool.terminate()'s SIGTERM left the worker running."""
+    import multiprocessing
+    from loomc import interpreter
+    monkeypatch.setattr(interpreter, "_STOPPING", [])
+
+    def fixer(s):  # an agentic fixer running the tests in a worker process
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        worker.start()
+        time.sleep(0.2)
+        worker.terminate()  # SIGTERM
+        worker.join(20)
+        return worker.exitcode
+
+    previous = signal.signal(signal.SIGTERM, loomc.request_stop)
+    try:
+        run = loop(budget=Budget(iterations=1), checkpoint=str(tmp_path / "f.db"))(fixer).run(0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert run.state == 128 + signal.SIGTERM, "the worker exited, as the signal asked, instead of running on"
+    assert run.status == "budget_exhausted" and not interpreter._STOPPING, "the parent was not asked to stop"
+
+
 def test_large_states_the_run_no_longer_needs_are_read_back_from_the_store_not_kept_in_memory(tmp_path, monkeypatch):
     """A code fixer carrying a 100 KB repository snapshot kept every step's JSON in memory (about
     1 MB per step at 1 MB states); a resume loaded every stored state before reading one."""
