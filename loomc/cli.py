@@ -23,7 +23,7 @@ import click
 from loomc.budget import budget_from_repr
 from loomc.errors import LoomcError, RunAtImport, clean, counted, dollars, shorten
 from loomc.history import running_costs
-from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead
+from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
 STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yellow", "stalled": "magenta",
@@ -63,9 +63,21 @@ def iso(ts: float) -> str:
 
 # --- the two tables ----------------------------------------------------------
 
-def shown_status(status: str, owner: str | None) -> str:
-    """The status to print: a run still marked running whose process on this host is gone has ``crashed``."""
-    return "crashed" if status == "running" and owner is not None and owner_is_dead(owner) else status
+def shown_status(status: str, owner: str | None, lease_expires: float | None) -> str:
+    """The status to print: a run still marked running that no process drives has ``crashed`` (its process on
+    this host is gone, or its lease ran out, which a live process renews wherever it runs)."""
+    return "crashed" if status == "running" and unheld(owner, lease_expires, time.time()) else status
+
+
+def _gone(run: RunRecord, n: int) -> str:
+    """Why no process drives a crashed run, which stopped during step ``n``: its process died here, its
+    lease ran out, or nobody owns it."""
+    if run.owner is None:
+        return f"no process drives it: it stopped during step {n}"
+    if owner_is_dead(run.owner):
+        return f"its process ({clean(run.owner)}) died during step {n}"
+    return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
+            f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")
 
 
 #: How much of a run's stop reason ``loomc runs --why`` shows; ``loomc show`` shows it whole.
@@ -73,15 +85,15 @@ BRIEF_CHARS = 50
 
 
 def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
-    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason)``
-    rows; with ``why``, a last column says briefly why each run stopped.
+    """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason,
+    lease_expires)`` rows; with ``why``, a last column says briefly why each run stopped.
 
     Built with %-formatting from widths worked out once: it prints every run, and there may be tens of
     thousands of them.
     """
     ids = [(run_id if run_id.isalnum() else clean(run_id)) + ("  (child)" if parent else "")
-           for run_id, _, _, _, _, parent, _, _ in rows]
-    statuses = [shown_status(row[1], row[6]) for row in rows]
+           for run_id, _, _, _, _, parent, _, _, _ in rows]
+    statuses = [shown_status(row[1], row[6], row[8]) for row in rows]
     id_w = max(15, max(map(len, ids), default=0) + 3)
     st_w = max(10, max(map(len, statuses), default=0) + 1)
     head = f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  " + (f"{'CREATED':<21}STOPPED" if why
@@ -89,7 +101,7 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     lines = [head, "-" * ((89 if why else 68) + id_w - 15 + st_w - 10)]
     colour, add, line = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s"
     minutes: dict[int, str] = {}
-    for rid, status, (_, _, steps, cost, created, _, _, reason) in zip(ids, statuses, rows):
+    for rid, status, (_, _, steps, cost, created, _, _, reason, _) in zip(ids, statuses, rows):
         shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
@@ -161,13 +173,13 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
                pending: Mapping[int, Decimal] | None = None, through_parent: bool = False) -> str:
     cap = _usd_cap(run.policy or "")
     spent = dollars(run.total_cost) + (" (no USD cap)" if cap is None else f" of {dollars(cap)} budget")
-    status = shown_status(run.status, run.owner)
+    status = shown_status(run.status, run.owner, run.lease_expires)
     last_failed = bool(steps) and steps[-1].error == run.reason
     where = f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if last_failed \
         else "`loomc export --json` has it"
     stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
-        stopped = f"its process ({clean(run.owner)}) died during step {len(steps)}; {what_next(run, through_parent)}"
+        stopped = f"{_gone(run, len(steps))}; {what_next(run, through_parent)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent)}"
     head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
@@ -224,12 +236,12 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
         from loomc.export import run_fields
         records = store.list_runs(status=stored, limit=fetch)
         if crashed:
-            records = [r for r in records if shown_status(r.status, r.owner) == "crashed"][:limit]
+            records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == "crashed"][:limit]
         click.echo(json.dumps([run_fields(r) for r in records], indent=2))
     else:
         rows = store.run_rows(status=stored, limit=fetch)
         if crashed:
-            rows = [r for r in rows if shown_status(r[1], r[6]) == "crashed"][:limit]
+            rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == "crashed"][:limit]
         click.echo(runs_table(rows, why))
 
 
@@ -384,17 +396,18 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
     return obj, ""
 
 
-FINISHED = [status for status in STATUS_COLORS if status not in ("running", "crashed")]  # what prune may choose
+PRUNABLE = [status for status in STATUS_COLORS if status != "running"]  # what prune may choose
 
 
 @main.command()
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--older-than", required=True, help="choose runs last updated longer ago than this: '30d', '12h', '90m'")
-@click.option("--status", "statuses", multiple=True, type=click.Choice(FINISHED),
-              help="choose runs that ended so (default: completed); repeat it for several")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(PRUNABLE),
+              help="choose runs that ended so, or crashed ones that no process drives (default: completed); "
+                   "repeat it for several")
 @click.option("--yes", is_flag=True, help="delete them and compact the file; without it, only say what would go")
 def prune(db: str | None, older_than: str, statuses: tuple[str, ...], yes: bool) -> None:
-    """Delete old finished runs, with their steps and child runs, and give the disk space back."""
+    """Delete old finished (or crashed) runs, with their steps and child runs, and give the disk space back."""
     from loomc.budget import parse_duration
     try:
         before = time.time() - parse_duration(older_than, "--older-than")

@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -632,6 +633,56 @@ def test_a_long_error_is_cut_in_the_table_and_show_step_prints_one_step_whole(tm
     assert stopped.startswith("Stopped: RuntimeError: HTTP 500: <html>\\nxxx") and len(stopped) < 400
     assert stopped.endswith("... (50,043 characters; `loomc show stopped-long --step 0` shows it whole); "
                             "`loomc resume stopped-long` continues it")
+
+
+def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_delete_old_ones(tmp_path):
+    """A pod that died on another host left its run `running` in `loomc runs` for good: only a dead
+    process on this host was seen. Nor could `loomc prune` delete old crashed runs and their states."""
+    db = str(tmp_path / "crashes.db")
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=5), checkpoint=sys.argv[1])\n"
+        "def job(s):\n"
+        "    if s == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    job(0, run_id=sys.argv[2])\n")
+    for run_id in ("here", "elsewhere", "ownerless", "held", "recent"):
+        died = subprocess.run([sys.executable, str(script), db, run_id], capture_output=True)
+        assert died.returncode == -9
+    now = time.time()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400 WHERE id != 'recent'")
+        # Another host's process: this one cannot probe it, but its lease ran out long ago.
+        conn.execute("UPDATE runs SET owner = 'pod-7f9c:1:t1', lease_expires = ? WHERE id = 'elsewhere'", (now - 60,))
+        conn.execute("UPDATE runs SET owner = NULL, lease_expires = NULL WHERE id = 'ownerless'")
+        # Another host's live process: its lease is renewed, so it is running, however old its last step.
+        conn.execute("UPDATE runs SET owner = 'pod-1a2b:1:t1', lease_expires = ? WHERE id = 'held'", (now + 300,))
+    listed = {line.split()[0]: line.split()[1] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    assert listed == {"here": "crashed", "elsewhere": "crashed", "ownerless": "crashed", "held": "running",
+                      "recent": "crashed"}
+    crashed = invoke("runs", "--db", db, "--status", "crashed", "--json").output
+    assert sorted(r["id"] for r in json.loads(crashed)) == ["elsewhere", "here", "ownerless", "recent"]
+    stopped = {run_id: invoke("show", run_id, "--db", db).output.splitlines()[1] for run_id in listed}
+    assert re.match(r"Stopped: its process \(.+\) died during step 2; `loomc resume here` continues it$",
+                    stopped["here"]), stopped["here"]
+    assert stopped["elsewhere"].startswith("Stopped: its process (pod-7f9c:1:t1) stopped renewing its lease during "
+                                           "step 2 (it ran out at ")
+    assert stopped["elsewhere"].endswith("): it died, on another host or in a container, or it hangs; "
+                                         "`loomc resume elsewhere` continues it")
+    assert stopped["ownerless"] == "Stopped: no process drives it: it stopped during step 2; `loomc resume " \
+                                   "ownerless` continues it"
+    assert stopped["held"] == "Stopped: still running"
+    dry = invoke("prune", "--db", db, "--older-than", "30d", "--status", "crashed")
+    assert dry.exit_code == 0 and dry.output.startswith("Would delete 3 runs, 6 steps and "), dry.output
+    done = invoke("prune", "--db", db, "--older-than", "30d", "--status", "crashed", "--yes")
+    assert done.exit_code == 0 and done.output.startswith("Deleted 3 runs, 6 steps"), done.output
+    assert sorted(r.id for r in SQLiteStore(db).list_runs()) == ["held", "recent"]
+    refused = invoke("prune", "--db", db, "--older-than", "30d", "--status", "running")
+    assert refused.exit_code == 2 and "'crashed'" in refused.output
 
 
 def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_their_children(tmp_path):

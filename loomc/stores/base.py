@@ -218,10 +218,16 @@ def may_take(run: RunRecord, owner: str, now: float, take_over: bool = False) ->
     Never from a drive of this process that still runs, however long its step: its lease is
     known to be live even where nothing renews it.
     """
-    if run.owner is None or run.owner == owner:
+    if run.owner == owner or unheld(run.owner, run.lease_expires, now):
         return True
-    return run.owner not in _DRIVING and (take_over or (run.lease_expires or 0) < now
-                                          or owner_is_dead(run.owner))
+    return take_over and run.owner not in _DRIVING
+
+
+def unheld(owner: str | None, lease_expires: float | None, now: float) -> bool:
+    """Whether no live drive holds a run stored as running: nobody owns it, or its owner is no live
+    drive of this process and its lease ran out (nothing renews it) or its process here died.
+    ``loomc runs`` calls such a run ``crashed``."""
+    return owner is None or (owner not in _DRIVING and ((lease_expires or 0) < now or owner_is_dead(owner)))
 
 
 def locked_message(run: RunRecord, now: float) -> str:

@@ -28,7 +28,7 @@ from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, Sch
                           StepConflict, StoreError, warn_at_caller)
 from loomc.history import _new_tuple
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
-                               no_such_step)
+                               no_such_step, unheld)
 
 #: The schema this loomc writes. 1 is the original loomc 0.2 layout.
 SCHEMA_VERSION = 3
@@ -550,10 +550,11 @@ class SQLiteStore:
         return [_run_record(row) for row in self._listing(_RUN_COLUMNS, status, limit)]
 
     def run_rows(self, status: str | None = None, limit: int | None = None) -> list[tuple[Any, ...]]:
-        """``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason)`` per run, newest first: the
-        listing."""
+        """``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason, lease_expires)`` per run,
+        newest first: the listing."""
         return self._listing("r.id, r.status, coalesce(s.step_n + 1, r.steps), coalesce(s.cum_cost, r.total_cost), "
-                             "r.created_at, r.parent_run_id, r.owner, r.reason", status, limit).fetchall()
+                             "r.created_at, r.parent_run_id, r.owner, r.reason, r.lease_expires", status,
+                             limit).fetchall()
 
     def children(self, run_id: str) -> list[RunRecord]:
         rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} {_RUNS_FROM} WHERE r.parent_run_id = ? "
@@ -572,27 +573,42 @@ class SQLiteStore:
         the file (VACUUM, then a WAL checkpoint: deleted rows alone give no disk space back).
 
         Only top-level runs are chosen; a child goes with its parent, never alone, so no ledger
-        is left counting a run that is gone. A run still ``running`` is never chosen.
+        is left counting a run that is gone. A run still ``running`` is never chosen, unless
+        ``"crashed"`` is asked for: then those that no process drives (see ``unheld``) are, as
+        decided again inside the deleting transaction, so a run resumed meanwhile stays.
         """
         if "running" in statuses:
-            raise ConfigError("prune never deletes a running run (it may be live, or resumable after a crash)")
-        marks = ", ".join("?" * len(statuses))
-        chosen = ("WITH RECURSIVE chosen(id) AS (SELECT id FROM runs WHERE parent_run_id IS NULL AND status IN "
-                  f"({marks}) AND updated_at < ? "
+            raise ConfigError("prune never deletes a running run (it may be live, or resumable after a crash); "
+                              "--status crashed chooses those that no process drives")
+        ended = tuple(s for s in statuses if s != "crashed")
+        marks = ", ".join("?" * len(ended))
+        chosen = ("WITH RECURSIVE chosen(id) AS (SELECT id FROM runs WHERE parent_run_id IS NULL AND updated_at < ? "
+                  f"AND (status IN ({marks}) OR id IN (SELECT value FROM json_each(?))) "
                   "UNION SELECT r.id FROM runs r JOIN chosen c ON r.parent_run_id = c.id) ")
-        args = (*statuses, before)
+
+        def args(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            crashed = []
+            if "crashed" in statuses:
+                now = time.time()
+                crashed = [run_id for run_id, owner, lease in conn.execute(
+                    "SELECT id, owner, lease_expires FROM runs WHERE parent_run_id IS NULL AND status = 'running' "
+                    "AND updated_at < ?", (before,)) if unheld(owner, lease, now)]
+            return (before, *ended, json.dumps(crashed))
+
         conn = self._conn()
+        chosen_now = args(conn)
         runs, children = conn.execute(chosen + "SELECT count(*), count(parent_run_id) FROM runs "
-                                      "WHERE id IN (SELECT id FROM chosen)", args).fetchone()
+                                      "WHERE id IN (SELECT id FROM chosen)", chosen_now).fetchone()
         steps, state_bytes = conn.execute(chosen + "SELECT count(*), coalesce(sum(length(state_blob)), 0) "
-                                          "FROM steps WHERE run_id IN (SELECT id FROM chosen)", args).fetchone()
+                                          "FROM steps WHERE run_id IN (SELECT id FROM chosen)", chosen_now).fetchone()
         found = {"runs": runs, "children": children, "steps": steps, "state_bytes": state_bytes}
         if not apply or not runs:
             return found
 
         def delete(conn: sqlite3.Connection) -> None:
+            chosen_then = args(conn)  # in the write transaction: no resume can claim a run while it deletes
             for table, column in (("charges", "run_id"), ("steps", "run_id"), ("runs", "id")):  # runs last
-                conn.execute(chosen + f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM chosen)", args)
+                conn.execute(chosen + f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM chosen)", chosen_then)
 
         self._write(delete)
         try:
