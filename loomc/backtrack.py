@@ -15,6 +15,13 @@ API is not called again at once)::
     >>> LastGood(wait="2s", max_wait="5m")   # 2 s, 4 s, 8 s ... 256 s, then 300 s
     LastGood(wait='2s', max_wait='5m')
 
+Both take ``on=``, the exceptions they go on from (an API's rate limit, a timeout); any
+other exception fails the run at once, as without a backtracker, rather than spending one
+call after another on a bug::
+
+    >>> LastGood(on=(TimeoutError, ConnectionError))
+    LastGood(on=(TimeoutError, ConnectionError))
+
 Without a backtracker an exception in ``fn`` fails the run.
 """
 
@@ -24,10 +31,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from loomc.budget import parse_duration
+from loomc.errors import ConfigError
 from loomc.history import History, Step
 from loomc.policy import CONTINUE, Decision, Outcome, Role
 
 Duration = str | float | timedelta | None
+Failures = type[Exception] | tuple[type[Exception], ...] | None
 
 
 class Backtracker(Role):
@@ -38,12 +47,26 @@ class Backtracker(Role):
     max_outcome = Outcome.BACKTRACK
     wait: Duration
     max_wait: Duration
+    on: Failures
 
-    def _check_waits(self) -> None:
-        first = None if self.wait is None else parse_duration(self.wait, f"{type(self).__name__}: wait")
-        most = parse_duration(self.max_wait, f"{type(self).__name__}: max_wait")
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        first = None if self.wait is None else parse_duration(self.wait, f"{name}: wait")
+        most = parse_duration(self.max_wait, f"{name}: max_wait")
         object.__setattr__(self, "_first_wait", first)
         object.__setattr__(self, "_most_wait", most)
+        kinds = None if self.on is None else self.on if isinstance(self.on, tuple) else (self.on,)
+        if kinds is not None and (not kinds or not all(isinstance(k, type) and issubclass(k, Exception)
+                                                        for k in kinds)):
+            raise ConfigError(f"{name}: on={self.on!r}: give the Exception classes it goes on from, as in "
+                              f"{name}(on=(TimeoutError, ConnectionError)), or leave on= out to go on from every "
+                              "failure (a KeyboardInterrupt or a cancellation always stops the run)")
+        object.__setattr__(self, "_on", kinds)
+
+    def goes_on_from(self, exc: BaseException) -> bool:
+        """Whether a failure with ``exc`` is one this backtracker carries on from (``on=``)."""
+        kinds: tuple[type[Exception], ...] | None = self._on  # type: ignore[attr-defined]
+        return kinds is None or isinstance(exc, kinds)
 
     def _back(self, to: Step | None, why: str, history: History | None = None) -> Decision:
         """Back to ``to``; after a failure (``history`` given) with the backoff's wait, if there is one."""
@@ -59,9 +82,13 @@ class Backtracker(Role):
         return Decision(Outcome.BACKTRACK, why, None if to is None else to.n, by=repr(self), wait=wait)
 
     def _args(self) -> str:
-        if self.wait is None:
-            return ""
-        return f"wait={self.wait!r}" + ("" if self.max_wait == "1m" else f", max_wait={self.max_wait!r}")
+        args = []
+        if self.wait is not None:
+            args.append(f"wait={self.wait!r}" + ("" if self.max_wait == "1m" else f", max_wait={self.max_wait!r}"))
+        if self._on is not None:  # type: ignore[attr-defined]
+            names = ", ".join(k.__qualname__ for k in self._on)  # type: ignore[attr-defined]
+            args.append(f"on=({names}{',' if len(self._on) == 1 else ''})")  # type: ignore[attr-defined]
+        return ", ".join(args)
 
 
 @dataclass(frozen=True, repr=False)
@@ -73,10 +100,8 @@ class BestScore(Backtracker):
 
     wait: Duration = None
     max_wait: Duration = "1m"
+    on: Failures = None
     needs_score = True
-
-    def __post_init__(self) -> None:
-        self._check_waits()
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         try:
@@ -106,9 +131,7 @@ class LastGood(Backtracker):
 
     wait: Duration = None
     max_wait: Duration = "1m"
-
-    def __post_init__(self) -> None:
-        self._check_waits()
+    on: Failures = None
 
     def decide(self, history: History, elapsed: float = 0.0) -> Decision:
         if not history or history[-1].ok:

@@ -556,7 +556,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         # Fatal: the step is committed, then the run stops. An interrupt (Ctrl-C, a cancelled task) that came
         # after fn returned always is; an error is, unless a backtracker can go on from it.
         fatal = exc is not None and (not isinstance(exc, Exception) or (not isinstance(exc, DeadlineExceeded) and (
-            run.backtracker is None or isinstance(exc, _SETUP_ERRORS)
+            run.backtracker is None or isinstance(exc, _SETUP_ERRORS) or not run.backtracker.goes_on_from(exc)
             or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))))
         try:
             record = stored(step)
@@ -614,7 +614,12 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             else:
                 reason = step.error or "failed"
                 if run.backtracker is not None:  # it could have gone on, but the next call could not do better
-                    reason = _setup(exc, reason) if isinstance(exc, _SETUP_ERRORS) else _blind(run, exc, reason)
+                    if isinstance(exc, _SETUP_ERRORS):
+                        reason = _setup(exc, reason)
+                    elif not run.backtracker.goes_on_from(exc):
+                        reason = _not_on(run.backtracker, exc, reason)
+                    else:
+                        reason = _blind(run, exc, reason)
             yield _Finish("failed", reason)
             return _ended(run, "failed", reason, exc)
     status = _STATUS[decision.outcome]
@@ -672,6 +677,14 @@ _SETUP_ERRORS = (ConfigError, EmbeddingsUnavailable, NoStateReturned)
 def _setup(exc: BaseException | None, error: str) -> str:
     """Why a run with a backtracker stopped on a setup error, as its reason and a note."""
     reason = f"{error}; the next call would meet it again, so the run stopped instead of going on from another state"
+    if exc is not None and hasattr(exc, "add_note"):
+        exc.add_note("loomc: fix it, then resume the run")
+    return reason
+
+
+def _not_on(backtracker: Backtracker, exc: BaseException | None, error: str) -> str:
+    """Why a run stopped on a failure its backtracker's ``on=`` does not cover, as its reason and a note."""
+    reason = f"{error}; {backtracker!r} does not go on from a {type(exc).__name__}, so the run stopped"
     if exc is not None and hasattr(exc, "add_note"):
         exc.add_note("loomc: fix it, then resume the run")
     return reason

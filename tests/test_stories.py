@@ -80,6 +80,46 @@ def test_a_flaky_step_under_last_good_carries_on_and_counts_against_the_budget()
     assert run.state["k"] == 4
 
 
+class RateLimited(Exception):
+    """What a flaky API raises: worth going on from."""
+
+
+@pytest.mark.parametrize("aio", [False, True])
+@pytest.mark.parametrize("backtracker", [LastGood, BestScore])
+def test_a_backtracker_given_on_goes_on_from_those_failures_only_and_stops_at_a_bug(aio, backtracker, tmp_path):
+    """Without on=, a bug after the paid call (a KeyError reading the reply) made every call fail, each
+    paid for, until the budget or a stall stopped the run."""
+    import loomc
+    calls = []
+
+    def fix(s):
+        calls.append(s)
+        loomc.charge(0.10)  # the paid call
+        if len(calls) == 2:
+            raise RateLimited("429 Too Many Requests")
+        if len(calls) == 4:
+            raise KeyError("usage")  # a bug: the next call would meet it again
+        return s + 1
+
+    policy = Budget(usd=5, iterations=10) | backtracker(on=(RateLimited, TimeoutError))
+    refine = loop(policy=policy, scorer=lambda s: s, checkpoint=str(tmp_path / "on.db"))(sync_or_async(fix, aio))
+    run = asyncio.run(refine.run(0)) if aio else refine.run(0)
+    assert calls == [0, 1, 1, 2] and run.status == "failed", "it went on from the 429, and stopped at the bug"
+    assert run.reason == (f"KeyError: 'usage'; {backtracker.__name__}(on=(RateLimited, TimeoutError)) does not go "
+                          "on from a KeyError, so the run stopped")
+    assert run.history[1].events == ("backtrack to step 0",) and run.history[3].events == ("failed",)
+    assert run.total_cost == Decimal("0.40") and run.state == 2
+    assert isinstance(run.error, KeyError) and "loomc: fix it, then resume the run" in run.error.__notes__
+    # A subclass counts; KeyboardInterrupt and the like are never gone on from, and cannot be asked for.
+    assert LastGood(on=Exception).goes_on_from(RateLimited()) and not LastGood(on=TimeoutError).goes_on_from(
+        RateLimited())
+    assert repr(LastGood(on=TimeoutError, wait="2s")) == "LastGood(wait='2s', on=(TimeoutError,))"
+    for bad in ([RateLimited], (), "RateLimited", KeyboardInterrupt, (TimeoutError, 3)):
+        with pytest.raises(ConfigError, match=rf"{backtracker.__name__}: on=.*: give the Exception classes it goes "
+                                              r"on from, as in"):
+            backtracker(on=bad)
+
+
 def test_a_stall_escalates_with_the_last_good_state():
     fn, _ = scripted([0.5], fail_at={1, 2, 3, 4})
     refine = loop(backtrack=LastGood(), on_stall=Escalate(after=3), scorer=score, checkpoint="memory")(fn)
