@@ -258,7 +258,12 @@ class _Adapter:
         return _known(self._priced(response))
 
     def _priced(self, response: Any) -> Priced:
-        return self._price_lines([(self.model, self.usage(response))])
+        reply, batched = _batch_result(response)
+        return self._priced_reply(reply, batched)
+
+    def _priced_reply(self, response: Any, batched: bool) -> Priced:
+        """What a reply cost; ``batched`` when it came as one result of a batch API (at batch prices)."""
+        return self._price_lines([(self.model, _at_batch_prices(self.usage(response), batched))])
 
     def _price_lines(self, lines: list[Line]) -> Priced:
         priced = [self._price(model, usage) for model, usage in lines]
@@ -350,12 +355,13 @@ class _Adapter:
         """What ``response`` cost. A part whose price is unknown is an error under a USD cap (returned,
         with the dollars that are known); without one it is counted as $0, with a warning. A response
         the run has priced already is counted once."""
-        again = _priced_before(response)
-        if again is not None:
-            warn_at_caller(again, AlreadyPricedWarning)
-            return Decimal(0), None
         try:
-            usd, problem = self._priced(response)
+            response, batched = _batch_result(response)
+            again = _priced_before(response)
+            if again is not None:
+                warn_at_caller(again, AlreadyPricedWarning)
+                return Decimal(0), None
+            usd, problem = self._priced_reply(response, batched)
         except UsageMissing as e:
             usd, problem = Decimal(0), e
         if problem is None:
@@ -428,7 +434,7 @@ class AnthropicAdapter(_Adapter):
     def usage(self, response: Any) -> TokenUsage:
         return anthropic_usage(response)
 
-    def _priced(self, response: Any) -> Priced:
+    def _priced_reply(self, response: Any, batched: bool) -> Priced:
         """The top-level counts, or, when the response lists ``usage.iterations``, each iteration.
 
         Compaction and advisor iterations are not in the top-level counts, and an advisor or a
@@ -438,7 +444,7 @@ class AnthropicAdapter(_Adapter):
         iterations, they are priced as well, at this adapter's model, and the dearer reading counts.
         """
         usage = _anthropic_usage_block(response)
-        top, entries = _anthropic_top(usage), _get(usage, "iterations") or ()
+        top, entries = _at_batch_prices(_anthropic_top(usage), batched), _get(usage, "iterations") or ()
         if not entries:
             return self._price_lines([(self.model, top)])
         served: list[Line] = []
@@ -475,14 +481,14 @@ class OpenAIAdapter(_Adapter):
     def usage(self, response: Any) -> TokenUsage:
         return openai_usage(response)
 
-    def _priced(self, response: Any) -> Priced:
+    def _priced_reply(self, response: Any, batched: bool) -> Priced:
         kinds = [_get(item, "type") for item in _get(response, "output") or ()]
         unpriced = sorted({kind for kind in kinds if kind in _UNPRICED_ITEMS})
         if unpriced:
             warn_at_caller(f"loomc: this response holds {' and '.join(counted(kinds.count(k), k) for k in unpriced)}, "
                            f"billed by the image or the container rather than in its token counts, which {self!r} "
                            "cannot price: record that spend with loomc.charge(usd, item='...')", NoCostWarning)
-        return super()._priced(response)
+        return super()._priced_reply(response, batched)
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
         return client.chat.completions.create(model=self.model, max_completion_tokens=max_tokens,
@@ -585,6 +591,41 @@ async def _written(counted: tuple[Any, int, Decimal] | None, usd: Decimal, probl
     if problem is not None:
         raise problem
     return usd
+
+
+def _batch_result(response: Any) -> tuple[Any, bool]:
+    """The reply inside one result of a batch API, and True; else ``response`` itself, and False.
+
+    An Anthropic ``MessageBatchIndividualResponse`` holds its message in ``result`` when it succeeded;
+    a line of an OpenAI Batch API output file holds its reply in ``response.body`` when its status is 200.
+    Either holds no reply otherwise, and loomc does not know what such a request was billed.
+    """
+    custom_id = _get(response, "custom_id")
+    if custom_id is None:
+        return response, False
+    result = _get(response, "result")
+    if result is not None:  # Anthropic
+        kind = _get(result, "type")
+        message = _get(result, "message")
+        if kind == "succeeded" and message is not None:
+            return message, True
+        raise UsageMissing(f"batch result {custom_id!r} {kind}, so it holds no message to price: charge the results "
+                           "that succeeded (result.type == 'succeeded'), and record what else you know was billed "
+                           "with loomc.charge(usd)")
+    line = _get(response, "response")
+    body = _get(line, "body")
+    if body is not None and _get(line, "status_code") == 200:  # OpenAI
+        return body, True
+    raise UsageMissing(f"batch output line {custom_id!r} holds no reply to price (status {_get(line, 'status_code')}, "
+                       f"error {_get(response, 'error')!r}): charge the lines whose response.status_code is 200, "
+                       "and record what else you know was billed with loomc.charge(usd)")
+
+
+def _at_batch_prices(usage: TokenUsage, batched: bool) -> TokenUsage:
+    """``usage`` priced as a batch API's (half price, as genai-prices lists it) when it came from one."""
+    if not batched or ("processing", "batch") in usage.context:
+        return usage
+    return replace(usage, context=(*usage.context, ("processing", "batch")))
 
 
 def _priced_before(response: Any) -> str | None:

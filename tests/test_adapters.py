@@ -91,6 +91,46 @@ def test_anthropic_batch_tier_is_half_price(sonnet):
     assert sonnet.cost_from_response(batch) == (1000 * SONNET["input"] + 500 * SONNET["output"]) / M / 2
 
 
+def test_one_result_of_a_batch_api_is_priced_at_batch_prices_and_a_result_with_no_reply_is_named(sonnet):
+    """A batch's results loop charged each item as it came: `the Anthropic response has no usage`, and the
+    results that do hold a reply were left to be unwrapped, and to be known as batch priced, by hand."""
+    from anthropic.types.messages import MessageBatchIndividualResponse
+
+    def item(result: dict) -> MessageBatchIndividualResponse:
+        return MessageBatchIndividualResponse.model_validate({"custom_id": f"doc-{next(IDS)}", "result": result})
+
+    reply = message({"input_tokens": 1000, "output_tokens": 500})  # the usage need not say "batch"
+    done = item({"type": "succeeded", "message": reply.model_dump()})
+    half = (1000 * SONNET["input"] + 500 * SONNET["output"]) / M / 2
+    assert sonnet.cost_from_response(done) == half
+    errored = item({"type": "errored", "error": {"type": "error", "error": {"type": "overloaded_error",
+                                                                           "message": "Overloaded"}}})
+    with pytest.raises(UsageMissing, match=r"batch result 'doc-\d+' errored, so it holds no message to price: "
+                                           r"charge the results that succeeded"):
+        sonnet.cost_from_response(errored)
+    gpt = OpenAIAdapter("gpt-4o")
+    body = chat({"prompt_tokens": 2000, "completion_tokens": 300, "total_tokens": 2300}).model_dump()
+    line = {"id": "batch_req_1", "custom_id": "doc-1", "response": {"status_code": 200, "request_id": "r1",
+                                                                    "body": body}, "error": None}
+    assert gpt.cost_from_response(line) == (2000 * GPT4O["input"] + 300 * GPT4O["output"]) / M / 2
+    failed = {"id": "batch_req_2", "custom_id": "doc-2", "response": None,
+              "error": {"code": "batch_expired", "message": "expired"}}
+    with pytest.raises(UsageMissing, match=r"batch output line 'doc-2' holds no reply to price \(status None"):
+        gpt.cost_from_response(failed)
+
+    @loop(budget=Budget(usd=1, iterations=1), checkpoint="memory")
+    def collect(state):  # each batch result, charged as the loop reads it
+        for result in (done, line):
+            (sonnet if result is done else gpt).charge(result)
+        return state + 1
+
+    run = collect.run(0)
+    assert run.history[0].cost == half + (2000 * GPT4O["input"] + 300 * GPT4O["output"]) / M / 2
+    with pytest.warns(loomc.adapters.AlreadyPricedWarning):  # the message inside is the reply: counted once
+        loop(budget=Budget(iterations=1), checkpoint="memory")(lambda s: [sonnet.charge(done), sonnet.charge(reply),
+                                                                          s][-1]).run(0)
+
+
 def test_openai_chat_cached_tokens_are_a_subset_of_prompt_tokens():
     adapter = OpenAIAdapter("gpt-4o")
     comp = chat({"prompt_tokens": 2000, "completion_tokens": 300, "total_tokens": 2300,
