@@ -940,6 +940,9 @@ def request_stop(signum: int | None = None, frame: Any = None) -> int:
     ``SystemExit(128 + signum)``, as the signal would have (a call in flight is then cut short).
     Called from code, without a signal, it stops the runs live at that moment only.
     """
+    if signum is not None and (isinstance(signum, bool) or not isinstance(signum, int)):
+        raise ConfigError(f"request_stop(signum={signum!r}): give the signal's number (signal.SIGTERM), as a signal "
+                          "handler is given it, or nothing to stop the live runs from code")
     live = list(_LIVE.values())
     if signum is not None:
         if _STOPPING or not live:

@@ -1182,6 +1182,10 @@ def test_request_stop_from_a_signal_stops_the_process_runs_and_refuses_new_ones(
     with pytest.raises(SystemExit) as e:
         loomc.request_stop(signal.SIGINT, None)
     assert e.value.code == 128 + signal.SIGINT
+    for bad in ("SIGTERM", True, 15.0):
+        with pytest.raises(ConfigError, match=r"request_stop\(signum=.*\): give the signal's number"):
+            loomc.request_stop(bad)
+    assert not interpreter._STOPPING
 
 
 def test_a_worker_process_forked_by_fn_still_exits_on_sigterm_with_request_stop_as_the_handler(tmp_path, monkeypatch):
