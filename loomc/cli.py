@@ -229,19 +229,20 @@ def main() -> None:
 def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, why: bool) -> None:
     """List runs, newest first."""
     store = open_db(db)
-    # "crashed" is not stored: it is a run stored as running whose process is gone.
-    crashed = status == "crashed"
-    stored, fetch = ("running", None) if crashed else (status, limit)
+    # "crashed" is not stored: it is a run stored as running that no process drives. Both are stored as running,
+    # so either is chosen among those by the status it is shown with.
+    split = status in ("crashed", "running")
+    stored, fetch = ("running", None) if split else (status, limit)
     if as_json:
         from loomc.export import run_fields
         records = store.list_runs(status=stored, limit=fetch)
-        if crashed:
-            records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == "crashed"][:limit]
+        if split:
+            records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == status][:limit]
         click.echo(json.dumps([run_fields(r) for r in records], indent=2))
     else:
         rows = store.run_rows(status=stored, limit=fetch)
-        if crashed:
-            rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == "crashed"][:limit]
+        if split:
+            rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == status][:limit]
         click.echo(runs_table(rows, why))
 
 

@@ -666,6 +666,9 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
                       "recent": "crashed"}
     crashed = invoke("runs", "--db", db, "--status", "crashed", "--json").output
     assert sorted(r["id"] for r in json.loads(crashed)) == ["elsewhere", "here", "ownerless", "recent"]
+    for flag in ([], ["--json"]):  # running means driven: the crashed ones, stored as running too, are left out
+        running = invoke("runs", "--db", db, "--status", "running", *flag).output
+        assert "held" in running and not any(run_id in running for run_id in ("elsewhere", "here", "ownerless"))
     stopped = {run_id: invoke("show", run_id, "--db", db).output.splitlines()[1] for run_id in listed}
     assert re.match(r"Stopped: its process \(.+\) died during step 2; `loomc resume here` continues it$",
                     stopped["here"]), stopped["here"]
