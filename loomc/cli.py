@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from loomc.budget import budget_from_repr
-from loomc.errors import LoomcError, RunAtImport, clean, counted, dollars, shorten
+from loomc.errors import LoomcError, RunAtImport, StopRequested, clean, counted, dollars, shorten
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -349,7 +349,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
         fail(str(e))
     click.echo(show_table(store.get_run(run_id), store.load_steps(run_id, with_states=False),
                           store.children(run_id)))
-    if isinstance(ended.error, SystemExit):  # StopRequested: stopped by a SIGTERM, exit as the signal asks
+    if isinstance(ended.error, StopRequested):  # stopped by a SIGTERM: exit as the signal asks
         sys.exit(ended.error.code)
     if ended.status not in ("completed",):
         sys.exit(2)

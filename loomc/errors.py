@@ -118,26 +118,18 @@ class StallError(RunError):
     """A stall handler (``Escalate``) gave up on the run."""
 
 
-class StopRequested(SystemExit):
+class StopRequested(RunError):
     """A run stopped because :func:`loomc.request_stop` asked it to (a SIGTERM handler, say).
 
-    It stopped between two steps: the call in flight when the stop was asked for went on to its
-    end and was committed. Carries ``run_id``, ``state`` and ``history`` (``run_id`` is None for a
-    run refused before it started). It is a ``SystemExit``, not a :class:`LoomcError`: the process
-    was asked to stop, so ``except Exception`` does not swallow it, and uncaught it ends the process
-    quietly with ``code`` (128 + the signal's number, as the signal would have; 1 without one).
+    It stopped between two steps: the call in flight when the stop was asked for went on to its end
+    and was committed. ``run_id`` is None for a run refused before it started, as the process was
+    stopping. ``code`` is the exit status the stop asks for: 128 + the signal's number, as the signal
+    would have given (143 for SIGTERM), else 1.
     """
 
-    def __init__(self, message: str, code: int, *, run_id: str | None = None, state: Any = None,
-                 history: Any = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: int, **run: Any) -> None:
+        super().__init__(message, **run)
         self.code = code
-        self.run_id = run_id
-        self.state = state
-        self.history = history
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class StoreError(LoomcError):

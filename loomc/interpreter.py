@@ -553,11 +553,12 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         # fn may change its state in place: the step it came from reads its own from the JSON from now on.
         step, exc, end = yield _Call((hand_out(run.source, run.initial), n))
         elapsed = run.elapsed(end)
-        # Fatal: the step is committed, then the run stops. An interrupt (Ctrl-C, a cancelled task) that came
-        # after fn returned always is; an error is, unless a backtracker can go on from it.
-        fatal = exc is not None and (not isinstance(exc, Exception) or (not isinstance(exc, DeadlineExceeded) and (
-            run.backtracker is None or isinstance(exc, _SETUP_ERRORS) or not run.backtracker.goes_on_from(exc)
-            or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown))))))
+        if exc is None:
+            fatal = False
+        elif isinstance(exc, StopRequested):  # a run fn started stopped as asked: so does this one, at once
+            return (yield from _stop_asked(run, exc))
+        else:
+            fatal = _fatal(run, exc)
         try:
             record = stored(step)
         except StateEncodeError as e:
@@ -627,14 +628,34 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     return _ended(run, status, decision.reason, None, decision)
 
 
-def _stop_asked(run: LiveRun) -> Generator[Any, Any, Run]:
-    """End the run ``cancelled`` before its next call, as request_stop asked, with StopRequested to raise."""
+def _fatal(run: LiveRun, exc: BaseException) -> bool:
+    """Whether the step's failure stops the run (the step is committed first). An interrupt (Ctrl-C, a
+    cancelled task) that came after fn returned always does; an error does, unless a backtracker can go on
+    from it."""
+    return not isinstance(exc, Exception) or (not isinstance(exc, DeadlineExceeded) and (
+        run.backtracker is None or isinstance(exc, _SETUP_ERRORS) or not run.backtracker.goes_on_from(exc)
+        or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown)))))
+
+
+def _stop_asked(run: LiveRun, inner: StopRequested | None = None) -> Generator[Any, Any, Run]:
+    """End the run ``cancelled`` before its next call, as request_stop asked, with StopRequested to raise.
+
+    With ``inner``, a run that fn started in step n stopped so, and the step is not committed: as after a
+    crash, a resume makes step n again, and that goes on with the runs it started, whose paid steps are kept.
+    """
     n = len(run.history)
-    reason = (f"{run.stop}; stopped before step {n}" +
-              (", with every call made let finish and committed" if n else ", before any call was made"))
+    if inner is None:
+        reason = (f"{run.stop}; stopped before step {n}" +
+                  (", with every call made let finish and committed" if n else ", before any call was made"))
+    else:
+        if run.stop is None:
+            run.stop, run.stop_code = f"a run in its step stopped ({inner.reason})", inner.code
+        reason = (f"{run.stop}; stopped during step {n}, as the runs it started did: a resume makes step {n} "
+                  "again, going on with them")
     yield _Finish("cancelled", reason)
     name = loop_name(run.fn)
-    exc = StopRequested(f"run {run.id} stopped: {reason}; resume it with {name}.resume({run.id!r})", run.stop_code)
+    exc = StopRequested(f"run {run.id} stopped: {reason}; resume it with {name}.resume({run.id!r})", run.stop_code,
+                        reason=reason)
     return _ended(run, "cancelled", reason, exc)
 
 
@@ -727,7 +748,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     h = run.history
     state = run.returned_state()
     if exc is not None:
-        if not isinstance(exc, (LoomcError, StopRequested)):
+        if not isinstance(exc, LoomcError):
             attach_run(exc, run.id, state, h, loop_name(run.fn))
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):

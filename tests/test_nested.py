@@ -528,3 +528,38 @@ def test_a_childs_step_whose_commit_was_interrupted_is_still_billed_to_its_paren
     assert kid.steps == 2 and kid.total_cost == Decimal("0.2"), "the child's interrupted commit went in"
     assert store.get_run("par").total_cost == Decimal("0.2"), "the parent counts all its child spent"
     assert store.load_steps("par")[0].error.endswith("after spending $0.2000")
+
+
+def test_a_stop_asked_for_inside_a_child_run_stops_the_parent_and_its_resume_goes_on_with_the_child(tmp_path):
+    """The child's paid steps are kept: the parent's step is not committed (as after a crash), so its
+    resume makes that step again, and the step resumes the child where it stopped, paying for nothing twice."""
+    db = str(tmp_path / "stop.db")
+    calls: list[int] = []
+    stop_at = [2]
+
+    @loop(budget=Budget(usd=5, iterations=5), converge_on=predicate(lambda h: h[-1].state >= 4), checkpoint=db)
+    def draft(s):
+        calls.append(s)
+        loomc.charge(0.10)
+        if s == stop_at[0]:
+            loomc.request_stop()  # a SIGTERM, say: this call finishes and commits, then every run stops
+        return s + 1
+
+    @loop(budget=Budget(usd=5, iterations=3), converge_on=predicate(lambda h: True), checkpoint=db)
+    def chapter(s):
+        return draft(s)
+
+    with pytest.raises(loomc.StopRequested) as e:
+        chapter(0, run_id="book")
+    assert e.value.run_id == "book" and calls == [0, 1, 2]
+    assert e.value.reason == ("loomc.request_stop() was called; stopped during step 0, as the runs it started did: "
+                              "a resume makes step 0 again, going on with them")
+    store = SQLiteStore(db)
+    assert store.get_run("book").status == "cancelled" and store.load_steps("book") == []
+    assert store.get_run("book-0-0").status == "cancelled" and len(store.load_steps("book-0-0")) == 3
+    stop_at[0] = -1
+    assert chapter.resume("book") == 4
+    assert calls == [0, 1, 2, 3], "the child went on from its step 3: no call was made twice"
+    steps = store.load_steps("book")
+    assert [s.n for s in steps] == [0] and steps[0].cost == Decimal("0.40")
+    assert store.get_run("book").total_cost == Decimal("0.40")
