@@ -668,6 +668,9 @@ def _waiting(run: LiveRun, decision: Decision, elapsed: float,
     return decision, (*events, f"wait {decision.wait:g}s")
 
 
+_WAIT_SLICE = 0.1  # how soon a backoff wait sees a stop asked for
+
+
 @dataclass
 class _Wait:
     """Wait before the next call: a backtracker's backoff after a failed step. A stop asked for
@@ -684,9 +687,6 @@ class _Wait:
         end = time.monotonic() + self.seconds
         while run.stop is None and (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, _WAIT_SLICE))
-
-
-_WAIT_SLICE = 0.1
 
 
 #: Errors that say the loop is set up wrongly (a missing extra, a bad setting, an fn that forgot to return
