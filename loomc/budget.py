@@ -155,6 +155,40 @@ DEFAULT_BUDGET = Budget(iterations=100)
 
 
 @dataclass(frozen=True, repr=False)
+class UnreportedSpend(Signal):
+    """A USD cap that nothing else backs holds only while the spend is reported: after ``calls`` calls that
+    all reported $0 (a forgotten ``charge``), the run stops, as a loop with no budget would.
+
+    Added to a run's policy when its budget caps dollars only (no ``iterations``, no ``wall_clock``,
+    no ``Budget.unbounded()``); a run that reports any cost is never stopped by it.
+    """
+
+    calls: int
+    usd: Decimal
+
+    kind = max_outcome = Outcome.BUDGET_EXHAUSTED
+
+    def fire(self, history: History, elapsed: float) -> str | None:
+        if len(history) < self.calls or history._summary()[0]:
+            return None
+        return (f"usd: {len(history)} calls made, and not one reported what it cost, so the {dollars(self.usd)} "
+                "cap could not stop the run; it stops here, at the calls a loop with no budget makes. Report "
+                "what fn spends (loomc.charge, cost_fn=, an adapter), or give Budget(iterations=) for more calls")
+
+    def __repr__(self) -> str:
+        return f"unreported_spend(calls={self.calls})"
+
+
+def unreported_spend(policy: Any) -> UnreportedSpend | None:
+    """The stop for ``policy`` when its only cap is in dollars (see UnreportedSpend), else None."""
+    usd = _cap(policy, "usd")
+    if usd is None or _cap(policy, "iterations") is not None or _cap(policy, "wall_clock") is not None or any(
+            isinstance(p, Budget) and p.unbounded_ for p in policy.walk()):
+        return None
+    return UnreportedSpend(DEFAULT_BUDGET.iterations, usd)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, repr=False)
 class ParentCap(Signal):
     """The dollars a parent run's budget leaves for one child run (nested loops).
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
-from loomc.budget import Budget, NoCostWarning, usd_cap, usd_room, wall_clock_cap
+from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned,
                           RunError, RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted,
                           dollars, warn_at_caller)
@@ -500,11 +500,14 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
     if cost and not step.cost:
+        unreported = next((p for p in run.policy.walk() if isinstance(p, UnreportedSpend)), None)
         warn_at_caller(f"loomc: run {run.id} has a USD cap of {dollars(usd_cap(run.policy))}, but step {step.n} "
                        "reported no cost: nothing tells loomc what fn spends, so the cap cannot stop it. Call "
                        "loomc.charge(usd) (or adapter.charge(reply)) inside fn after each paid call, or pass "
                        "cost_fn=. (Checked once, on the first successful step; a step that truly cost nothing "
-                       "can ignore this.)", NoCostWarning)
+                       "can ignore this." + (" With no cap but the USD one, the run stops after "
+                                             f"{unreported.calls} calls that all report no cost.)"
+                                             if unreported is not None else ")"), NoCostWarning)
 
 
 def _notify(run: LiveRun, step: Step) -> None:

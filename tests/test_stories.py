@@ -207,6 +207,43 @@ def test_the_usd_budget_is_predictive_and_the_estimate_can_be_given():
     assert len(never_start.run(0).history) == 0, "the check happens before the first call"
 
 
+def test_a_budget_in_dollars_alone_stops_a_run_whose_calls_report_no_cost_where_a_loop_with_no_budget_would(tmp_path):
+    """`Budget(usd=5)` and a forgotten `charge`: the cap could never stop the run, and nothing else did.
+    NoCostWarning said so once, and the loop went on paying for calls without end."""
+    from loomc import NoCostWarning, SQLiteStore
+    calls = []
+
+    def forgot(state):  # pays for a model call, and tells loomc nothing
+        calls.append(state)
+        return state + 1
+
+    db = str(tmp_path / "u.db")
+    refine = loop(budget=Budget(usd=5), checkpoint=db)(forgot)
+    with pytest.warns(NoCostWarning, match="With no cap but the USD one, the run stops after 100 calls that all "
+                                           "report no cost"):
+        run = refine.run(0, run_id="forgot")
+    assert run.status == "budget_exhausted" and len(calls) == 100 == len(run.history)
+    assert run.reason == ("usd: 100 calls made, and not one reported what it cost, so the $5.0000 cap could not "
+                          "stop the run; it stops here, at the calls a loop with no budget makes. Report what fn "
+                          "spends (loomc.charge, cost_fn=, an adapter), or give Budget(iterations=) for more calls")
+    assert SQLiteStore(db).load_steps("forgot")[-1].events == ("budget exhausted",)
+    assert refine.replay("forgot").stopped_after == 100, "a replay of the loop stops where the loop did"
+    assert Budget(usd=5).replay(run.history).stopped_after is None, "the policy itself is unchanged"
+    # More calls, asked for by name, go on; a resume that only raises the dollars stops again at once.
+    assert refine.resume_run("forgot", budget=Budget(usd=10)).steps == 100
+    with pytest.warns(NoCostWarning, match="step 100 reported no cost.*can ignore this.\\)$"):  # capped now
+        assert refine.resume_run("forgot", budget=Budget(iterations=120)).steps == 120
+    # A run that reports a cost, or whose budget bounds it otherwise, is never stopped so.
+    reports = loop(budget=Budget(usd=5), cost_fn=lambda s: 0.001 if s == 1 else 0,
+                   converge_on=predicate(lambda h: len(h) == 150), checkpoint="memory")(lambda s: s + 1)
+    assert reports.run(0).status == "completed"
+    for budget in (Budget(usd=5, wall_clock="1h"), Budget(usd=5) | Budget.unbounded()):
+        free = loop(policy=budget | predicate(lambda h: len(h) == 150), checkpoint="memory")(lambda s: s + 1)
+        with pytest.warns(NoCostWarning) as caught:
+            assert free.run(0).status == "completed"
+        assert "the run stops after" not in str(caught[0].message)
+
+
 def test_a_usd_cap_that_nothing_reports_costs_to_is_pointed_out_once(tmp_path):
     import warnings
     import loomc
