@@ -183,7 +183,7 @@ def unreported_spend(policy: Any) -> UnreportedSpend | None:
     """The stop for ``policy`` when its only cap is in dollars (see UnreportedSpend), else None."""
     usd = _cap(policy, "usd")
     if usd is None or _cap(policy, "iterations") is not None or _cap(policy, "wall_clock") is not None or any(
-            isinstance(p, Budget) and p.unbounded_ for p in policy.walk()):
+            isinstance(p, Budget) and p.unbounded_ for p in top_level(policy)):
         return None
     return UnreportedSpend(DEFAULT_BUDGET.iterations, usd)  # type: ignore[arg-type]
 
@@ -290,10 +290,14 @@ def _cap(policy: Any, field: str) -> Any:
 
     Only the parts of a ``|`` count: a cap inside ``&`` or ``~`` is a condition, not a cap.
     """
-    parts = policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
-    caps = [getattr(p, field, None) for p in parts if isinstance(p, (Budget, ParentCap))]
+    caps = [getattr(p, field, None) for p in top_level(policy) if isinstance(p, (Budget, ParentCap))]
     found = [c for c in caps if c is not None]
     return min(found) if found else None
+
+
+def top_level(policy: Any) -> tuple[Any, ...]:
+    """The parts of ``policy``'s top ``|``: where a Budget is a cap (under ``&`` or ``~`` it is a condition)."""
+    return policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
 
 
 def usd_cap(policy: Any) -> Decimal | None:

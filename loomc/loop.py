@@ -27,7 +27,7 @@ from typing import Any
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
-from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised,
+from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised, top_level,
                           unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
@@ -162,7 +162,8 @@ def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = N
                  backtrack: Any = None, on_stall: Any = None) -> Policy:
     """The one policy value that ``@loop``'s keyword slots describe.
 
-    A policy with no ``Budget`` anywhere in it gets :data:`~loomc.budget.DEFAULT_BUDGET`.
+    A policy with no ``Budget`` at its top gets :data:`~loomc.budget.DEFAULT_BUDGET` (a Budget under ``&``
+    or ``~`` is a condition, which caps nothing).
     """
     parts: list[Policy] = []
     if policy is not None:
@@ -186,7 +187,7 @@ def build_policy(policy: Any = None, *, budget: Any = None, converge_on: Any = N
             raise PolicyTypeError(f"on_stall={on_stall!r}: pass Escalate(after=N)")
         parts.append(on_stall)
     combined: Policy = functools.reduce(either, parts) if parts else DEFAULT_BUDGET
-    if not any(isinstance(p, Budget) for p in combined.walk()):
+    if not any(isinstance(p, Budget) for p in top_level(combined)):
         combined = either(DEFAULT_BUDGET, combined)
     return combined
 

@@ -358,6 +358,12 @@ def test_no_budget_means_the_documented_default_cap_and_unbounded_must_be_asked_
     free = loop(budget=Budget.unbounded(), converge_on=predicate(lambda h: h[-1].state >= 250),
                 checkpoint="memory")(lambda s: s + 1)
     assert free(0) == 250
+    # A Budget under & (or ~) is a condition, not a cap: it used to count as a budget, and the loop ran on without end.
+    conditional = loop(converge_on=predicate(lambda h: h[-1].state >= 10**9) & Budget(usd=1),
+                       checkpoint="memory")(lambda s: s + 1)
+    assert repr(conditional.policy) == "Budget(iterations=100) | (predicate(<lambda>) & Budget(usd=1.0))"
+    assert len(conditional.run(0).history) == 100
+    assert loop(policy=~Budget(iterations=5), checkpoint="memory")(lambda s: s + 1).policy.parts[0] == DEFAULT_BUDGET
 
 
 # --- precedence: every pair -----------------------------------------------
