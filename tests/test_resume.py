@@ -1083,14 +1083,15 @@ def test_a_container_shutdown_with_a_sigterm_handler_frees_the_run_for_the_next_
     assert again.stdout.split() == [w for k in range(done, 6) for w in ("step", str(k))] + ["final", "6"]
 
 
-def test_request_stop_as_the_sigterm_handler_lets_the_call_in_flight_finish_and_commits_it(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # a container's shutdown; Ctrl-C in a terminal
+def test_request_stop_as_the_sigterm_handler_lets_the_call_in_flight_finish_and_commits_it(tmp_path, sig):
     """With sys.exit as the handler, the call in flight was cut short: paid for, and its work lost on
     every deploy. loomc.request_stop lets it finish, commits it, then ends the run `cancelled`."""
     db, script = tmp_path / "pod.db", tmp_path / "job.py"
     script.write_text(
         "import signal, sys, time, loomc\n"
         "from loomc import Budget, loop\n"
-        "signal.signal(signal.SIGTERM, loomc.request_stop)\n"
+        f"signal.signal(signal.{sig.name}, loomc.request_stop)\n"
         "@loop(budget=Budget(iterations=5, usd=5), converge_on=lambda h: h[-1].state == 4, checkpoint=sys.argv[1])\n"
         "def slow(s):\n"
         "    print('step', s, flush=True)\n"
@@ -1107,14 +1108,14 @@ def test_request_stop_as_the_sigterm_handler_lets_the_call_in_flight_finish_and_
                            text=True)
     assert pod.stdout is not None and pod.stdout.readline() == "step 0\n" and pod.stdout.readline() == "paid 0\n"
     assert pod.stdout.readline() == "step 1\n"
-    pod.send_signal(signal.SIGTERM)  # during step 1's call
+    pod.send_signal(sig)  # during step 1's call
     out, err = pod.communicate(timeout=60)
     assert out == "paid 1\n", "the call in flight went on to its end, and no other started"
-    assert pod.returncode == 128 + signal.SIGTERM and err == "", err  # a quiet exit, as the signal's own
+    assert pod.returncode == 128 + sig and err == "", err  # a quiet exit, as the signal's own
     record = SQLiteStore(db).get_run("job")
     assert record.status == "cancelled" and record.owner is None and record.steps == 2
     assert record.total_cost == Decimal("0.50")
-    assert record.reason == "SIGTERM received; stopped before step 2, with every call made let finish and committed"
+    assert record.reason == f"{sig.name} received; stopped before step 2, with every call made let finish and committed"
     again = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split() == ["step", "2", "paid", "2", "step", "3", "paid", "3", "final", "4"], \
