@@ -26,7 +26,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, dollars
 from loomc.history import History, to_decimal
-from loomc.policy import AnyOf, Outcome, Policies, Signal
+from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
                        r"(?:(?P<s>\d+(?:\.\d+)?)s)?$")
@@ -179,13 +179,14 @@ class UnreportedSpend(Signal):
         return f"unreported_spend(calls={self.calls})"
 
 
-def unreported_spend(policy: Any) -> UnreportedSpend | None:
-    """The stop for ``policy`` when its only cap is in dollars (see UnreportedSpend), else None."""
+def with_unreported_spend(policy: Policy) -> Policy:
+    """``policy`` as a run drives it: when its only cap is in dollars, with the stop for spend that goes
+    unreported (see UnreportedSpend); else ``policy`` itself."""
     usd = _cap(policy, "usd")
     if usd is None or _cap(policy, "iterations") is not None or _cap(policy, "wall_clock") is not None or any(
             isinstance(p, Budget) and p.unbounded_ for p in top_level(policy)):
-        return None
-    return UnreportedSpend(DEFAULT_BUDGET.iterations, usd)  # type: ignore[arg-type]
+        return policy
+    return either(policy, UnreportedSpend(DEFAULT_BUDGET.iterations, usd))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, repr=False)

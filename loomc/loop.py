@@ -28,7 +28,7 @@ from typing import Any
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised, top_level,
-                          unreported_spend)
+                          with_unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
 from loomc.history import IN_STORE, ZERO, History, Step
@@ -318,9 +318,7 @@ class LoopRunner:
     def _live(self, run_id: str, policy: Policy, history: History, initial: Any, initial_json: str | None,
               source: Step | None, state_type: Any, drive: Drive, prior_active: float = 0.0,
               parent: LiveRun | None = None) -> LiveRun:
-        unreported = unreported_spend(policy)
-        if unreported is not None:  # a cap in dollars alone cannot stop a loop whose spend goes unreported
-            policy = either(policy, unreported)
+        policy = with_unreported_spend(policy)  # a cap in dollars alone cannot stop a loop whose spend goes unreported
         if parent is not None:  # the parent's USD and wall-clock caps bind the child
             room, step = parent.usd_room(), parent.in_flight
             if room is not None:  # siblings started in this step share the parent's room while it runs
@@ -596,9 +594,8 @@ class LoopRunner:
     def replay(self, run_id: str, policy: Policy | None = None) -> Any:
         """What ``policy`` (default: this loop's) would have done on a recorded run, as this loop runs it (a
         cap in dollars alone comes with the stop for spend that goes unreported)."""
-        policy = self.policy if policy is None else as_policy(policy)
-        unreported = unreported_spend(policy)
-        return (policy if unreported is None else either(policy, unreported)).replay(load_history(self.store, run_id))
+        policy = with_unreported_spend(self.policy if policy is None else as_policy(policy))
+        return policy.replay(load_history(self.store, run_id))
 
 
 def _no_steps(run: Run) -> Generator[Step, None, Run]:
