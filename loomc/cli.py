@@ -21,7 +21,8 @@ from typing import Any, NoReturn
 import click
 
 from loomc.budget import budget_from_repr
-from loomc.errors import LoomcError, RunAtImport, StopRequested, clean, counted, dollars, shorten
+from loomc.errors import (TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted, dollars,
+                          shorten)
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -189,6 +190,12 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     head += [f"Uncommitted: {dollars(usd)} charged during step {n}, which never committed; "
              "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]
+    failed = [s for s in steps if s.error]
+    if failed:
+        which = "the first" if len(failed) > 1 else "it"
+        shows = f"where {which} was raised" if TRACEBACK_METRIC in failed[0].metrics else f"{which} whole"
+        head.append(f"Failed: {counted(len(failed), 'step')}; `loomc show {clean(run.id)} --step {failed[0].n}` "
+                    f"shows {shows}")
     by_step: dict[int, list[RunRecord]] = {}
     for child in children:
         by_step.setdefault(child.parent_step if child.parent_step is not None else -1, []).append(child)
@@ -277,9 +284,13 @@ def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:
         lines.append("Events: " + ", ".join(clean(e) for e in step.events))
     if step.error:
         lines += ["Error:", *(f"  {clean(line)}" for line in step.error.split("\n"))]
-    if step.metrics:
+    metrics = dict(step.metrics)
+    where = metrics.pop(TRACEBACK_METRIC, None)
+    if where:
+        lines += ["Raised at:", *(f"  {clean(line)}" for line in str(where).split("\n"))]
+    if metrics:
         lines += ["Metrics:", *(f"  {clean(line)}" for line in
-                                json.dumps(step.metrics, indent=2, ensure_ascii=False).split("\n"))]
+                                json.dumps(metrics, indent=2, ensure_ascii=False).split("\n"))]
     if step.state_json is None:
         lines.append("State: none (the call failed)")
     else:

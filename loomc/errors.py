@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ASYNCIO = os.path.join(os.path.dirname(os.__file__), "asyncio") + os.sep
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:
@@ -29,6 +30,46 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+#: The key of ``Step.metrics`` that holds where a failed step's error was raised (:func:`where_raised`).
+TRACEBACK_METRIC = "traceback"
+#: The longest traceback a failed step keeps; a longer one keeps its start and its end, where the
+#: error was raised.
+TRACEBACK_CHARS = 8_000
+
+
+def where_raised(exc: BaseException) -> str | None:
+    """Where ``exc`` was raised, as Python prints it, without loomc's own frames; ``None`` when no
+    frame of the user's code is in it (an error loomc made, which says all there is to say).
+
+    Chained exceptions (``raise ... from``, an error while handling another) are kept, as Python
+    shows them. The text is at most :data:`TRACEBACK_CHARS` long.
+    """
+    import traceback  # only a failed step pays for it
+
+    top = traceback.TracebackException.from_exception(exc)
+    found, seen, todo = False, set(), [top]
+    while todo:
+        te = todo.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        frames = [f for f in te.stack if not f.filename.startswith(_PACKAGE)]
+        while frames and frames[0].filename.startswith(_ASYNCIO):  # how loomc awaited fn, not fn's own
+            del frames[0]
+        te.stack = traceback.StackSummary.from_list(frames)
+        found = found or bool(te.stack)
+        todo += [t for t in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())) if t]
+    if not found:
+        return None
+    text = "".join(top.format()).rstrip("\n")
+    if len(text) > TRACEBACK_CHARS:
+        half = TRACEBACK_CHARS // 2
+        head, tail = text[:half], text[-half:]
+        head, tail = head[:head.rfind("\n")], tail[tail.find("\n") + 1:]
+        text = f"{head}\n  ... ({len(text) - len(head) - len(tail)} characters cut)\n{tail}"
+    return text
 
 
 def counted(n: int, noun: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, overload
 
 import toolz
 
-from loomc.errors import counted
+from loomc.errors import TRACEBACK_METRIC, counted
 
 T = TypeVar("T")
 
@@ -114,6 +114,13 @@ class Step(tuple):  # type: ignore[type-arg]
 
     def _state_source(self) -> dict[str, Any]:
         return {"state": self[8]}
+
+    @property
+    def traceback(self) -> str | None:
+        """Where a failed call's error was raised, as Python prints it but without loomc's own frames;
+        None for a step that did not fail in the user's code. The store keeps it in ``metrics``, so
+        ``loomc show RUN --step N`` shows it too."""
+        return self[6].get(TRACEBACK_METRIC)  # type: ignore[no-any-return]
 
     @property
     def scored(self) -> bool:

@@ -27,7 +27,7 @@ from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned,
                           RunError, RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted,
-                          dollars, warn_at_caller)
+                          TRACEBACK_METRIC, dollars, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -414,6 +414,10 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
     cost = run.pending
     run.in_flight, run.pending = -1, ZERO
     end = run.clock()
+    if error is not None and isinstance(exc, Exception):  # read after the clock: it is no part of the call
+        where = where_raised(exc)
+        if where is not None:
+            metrics[TRACEBACK_METRIC] = where
     return fresh_step(n, state, cost, score, error, wall, end - t0, metrics, run.decode), exc, end
 
 

@@ -28,7 +28,8 @@ def esc(value: Any) -> str:
 
 
 def steps_table(history: History) -> str:
-    """An HTML table of the steps: cost, cumulative cost, score, error and events."""
+    """An HTML table of the steps: cost, cumulative cost, score, error (where it was raised on hovering) and
+    events."""
     rows = []
     shown = range(len(history)) if len(history) <= MAX_ROWS else \
         [*range(MAX_ROWS // 2), -1, *range(len(history) - MAX_ROWS // 2, len(history))]
@@ -39,8 +40,10 @@ def steps_table(history: History) -> str:
             continue
         s = history[i]
         score = "-" if s.score is None else f"{s.score:.4f}"
+        where = s.traceback  # shown on hovering over the error
+        error = f'<td title="{esc(where)}">' if where else "<td>"
         rows.append(f"<tr><td>{s.n}</td><td>{dollars(s.cost)}</td><td>{dollars(cumulative[i])}</td><td>{score}</td>"
-                    f"<td>{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
+                    f"{error}{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
     return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>error</th>"
             f"<th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 

@@ -728,3 +728,60 @@ def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_the
     bad = invoke("prune", "--db", db, "--older-than", "a month")
     assert bad.exit_code == 1 and "--older-than='a month' is not a duration" in bad.output
     assert invoke("prune", "--db", db, "--older-than", "1d", "--status", "running").exit_code == 2
+
+
+def _parse(reply):
+    try:
+        return reply["usage"]["tokens"]
+    except KeyError as e:
+        raise ValueError("the reply has no usage") from e
+
+
+def test_a_failed_step_keeps_where_it_was_raised_for_loomc_show_and_step_traceback(tmp_path):
+    """A backtracker went on from a `KeyError: 'usage'` three times, and nothing said where it came
+    from: the step kept only the error's one line, and the traceback was gone with the exception."""
+    from loomc import LastGood, MemoryStore
+    import loomc
+    db = str(tmp_path / "tb.db")
+    package = os.path.dirname(loomc.__file__)
+
+    for store in (db, MemoryStore()):
+        @loop(budget=Budget(iterations=3), backtrack=LastGood(), checkpoint=store)
+        def fix(state):
+            reply = {"text": "x"} if state >= 1 else {"usage": {"tokens": 3}}
+            return state + _parse(reply)
+
+        run = fix.run(0, run_id="tb")
+        assert [s.ok for s in run.history] == [True, False, False] and run.history[0].traceback is None
+        where = run.history[1].traceback
+        assert where.startswith("Traceback (most recent call last):") and package not in where
+        assert "in fix\n    return state + _parse(reply)" in where and 'return reply["usage"]["tokens"]' in where
+        assert "KeyError: 'usage'\n\nThe above exception was the direct cause" in where
+        assert where.endswith("ValueError: the reply has no usage") and run.history[1].metrics == {"traceback": where}
+        assert load_history(fix.store, "tb")[1].traceback == where  # the store keeps it
+    assert json.loads(invoke("export", "tb", "--db", db, "--json").output)["steps"][2]["metrics"]["traceback"] == where
+
+    shown = invoke("show", "tb", "--db", db).output.splitlines()
+    assert shown[4] == "Failed: 2 steps; `loomc show tb --step 1` shows where the first was raised"
+    one = invoke("show", "tb", "--db", db, "--step", "1").output
+    assert "Error:\n  ValueError: the reply has no usage\nRaised at:\n  Traceback (most recent call last):\n" in one
+    assert '\n      return reply["usage"]["tokens"]\n' in one and "Metrics:" not in one
+
+    # An error loomc raised itself says all there is in its message: no traceback, of loomc's insides.
+    @loop(budget=Budget(iterations=2), backtrack=LastGood(), checkpoint=db)
+    def forgets(state):
+        state["n"] = 1
+
+    assert [s.traceback for s in forgets.run({}, run_id="none").history] == [None]
+    assert "\nFailed: 1 step; `loomc show none --step 0` shows it whole\n" in invoke("show", "none", "--db", db).output
+
+    # An async fn awaited under a deadline starts at its own frame, not at asyncio's wait_for.
+    @loop(budget=Budget(iterations=1, wall_clock="1m"), checkpoint="memory")
+    async def fetch(state):
+        await asyncio.sleep(0)
+        raise ConnectionError("reset " + "x" * 20_000)
+
+    failed = asyncio.run(fetch.run(0)).history[0]
+    assert failed.traceback.startswith('Traceback (most recent call last):\n  File "' + __file__)
+    assert len(failed.traceback) <= 8_100 and " characters cut)\n" in failed.traceback
+    assert failed.traceback.endswith("x" * 100) and failed.error == "ConnectionError: reset " + "x" * 20_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import html
 import io
 from decimal import Decimal
 
@@ -39,7 +40,9 @@ def test_run_html_escapes_states_errors_and_policy_text():
     page = run._repr_html_()
     assert "<script>" not in page and "<img" not in page
     assert "&lt;script&gt;" in page and "$0.2000 of $1.0000" in page
-    assert page.count("&lt;script&gt;") == 2, "in the error and in the state"
+    assert page.count("&lt;script&gt;") == 3, "in the error, in where it was raised, and in the state"
+    where = html.escape(run.history[1].traceback, quote=True)
+    assert f'<td title="{where}">ValueError: &lt;script&gt;' in page and "raise ValueError(HOSTILE)" in where
     assert "ValueError" in page and "backtrack to step 0" in page and run.reason in page
     policy_page = (Budget(usd=1) | score_plateau(3) | (predicate(lambda h: True) & ~score_plateau(5)))._repr_html_()
     assert "either (|)" in policy_page and "both (&amp;)" in policy_page and "not (~)" in policy_page
