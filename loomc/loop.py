@@ -461,7 +461,11 @@ class LoopRunner:
                 live.first_policy = without_stall_handler(policy)
             if take_over and before.owner is not None:
                 live.took_over_from = before.owner
-            live.history = self._settle_interrupted(record, live.history, drive.owner)
+            # A run left running by another process (none: a resume that never began; this one: a drive that
+            # ended here, its step recorded, but could not release the run) died in the step it was making.
+            died = before.status == "running" and before.owner is not None \
+                and process_of(before.owner) != process_of(drive.owner)
+            live.history = self._settle_interrupted(record, live.history, drive.owner, died)
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash
         except BaseException:  # a resume that cannot start leaves the run as it was
@@ -494,24 +498,29 @@ class LoopRunner:
         return self._live(run_id, policy, history, initial, record.initial_state, source, state_type, drive,
                           record.active_seconds, parent)
 
-    def _settle_interrupted(self, record: RunRecord, history: History, owner: str) -> History:
-        """Spend charged by a step that never committed becomes a failed step: counted once.
+    def _settle_interrupted(self, record: RunRecord, history: History, owner: str, died: bool) -> History:
+        """The step a process died in (``died``), or that charged before a failed commit, becomes a failed
+        step, ``interrupted``: a call of fn, counted against the iteration cap, with what it charged.
 
-        Charges are recorded under the number of the step in flight, and a commit
-        removes its step's charges, so only the next step number can have any. The
-        child runs that step started are counted in it too: the next call is a new
-        step, which starts children of its own.
+        Charges are recorded under the number of the step in flight, and a commit removes its step's
+        charges, so only the next step number can have any. The child runs that step started are
+        counted in it too: the next call is a new step, which starts children of its own. A step that
+        charged nothing but started children is left to be made again instead, so that it reuses them
+        and no child is paid for twice.
         """
         n = len(history)
         charged = self.store.pending_charges(record.id).get(n)
         if charged is None:
-            return history  # the call is made again as step n, and reuses the children it started
-        children = _spent_by_children(self.store, record.id, n)
-        cost = charged + children
-        spent = dollars(cost) if not children else \
-            f"{dollars(cost)} ({dollars(charged)} charged, {dollars(children)} in child runs)"
-        step = Step(n, None, cost=cost, error=f"Interrupted: the process died during this step after spending {spent}",
-                    started_at=time.time(), events=("interrupted",))
+            if not died or any(c.parent_step == n for c in self.store.children(record.id)):
+                return history  # the call is made again as step n, and reuses the children it started
+            cost, error = ZERO, "Interrupted: the process died during this step, which charged nothing (its cost is unknown)"
+        else:
+            children = _spent_by_children(self.store, record.id, n)
+            cost = charged + children
+            spent = dollars(cost) if not children else \
+                f"{dollars(cost)} ({dollars(charged)} charged, {dollars(children)} in child runs)"
+            error = f"Interrupted: the process died during this step after spending {spent}"
+        step = Step(n, None, cost=cost, error=error, started_at=time.time(), events=("interrupted",))
         history = history.append(step)
         self.store.commit_step(record.id, stored(step), Totals(history.total_cost, len(history),
                                                                record.active_seconds),

@@ -99,9 +99,12 @@ def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
         assert run.total_cost == Decimal("0.01") * 60
     else:
         # every charge is counted once: the 30 good steps plus each interrupted step that had charged
+        # (a process killed before its step's charge, or between steps, left an interrupted step of $0)
         interrupted = [s for s in steps if s.error is not None]
-        assert all(s.error.startswith("Interrupted") and s.cost == Decimal("0.01") for s in interrupted)
-        assert run.total_cost == Decimal("0.01") * len(steps)
+        charged = [s for s in interrupted if "after spending $0.0100" in s.error]
+        assert all(s.error.startswith("Interrupted") and s.cost == (Decimal("0.01") if s in charged else 0)
+                   for s in interrupted)
+        assert run.total_cost == Decimal("0.01") * (60 + len(charged))
         assert store.pending_charges("crashrun") == {}
     assert run.attempts >= 2
 
@@ -125,7 +128,9 @@ step({{"start": 7}}, run_id="early")
         return {"start": s["start"] + 1}
     with pytest.warns(SpecChangedWarning, match="early"):  # this step is not the one that started it
         run = step.resume_run("early")
-    assert run.state == {"start": 10}
+    # The call the process died in was a call of fn: it counts against the cap of 3, as step 0.
+    assert [s.error for s in run.history][0].startswith("Interrupted: the process died during this step")
+    assert run.state == {"start": 9} and "interrupted" in run.history[0].events
 
 
 def test_resume_counts_the_spend_against_the_same_caps(tmp_path):
@@ -982,7 +987,9 @@ def test_take_over_resumes_a_run_whose_owner_on_another_host_is_known_to_be_gone
         more.resume("job")
     with pytest.warns(SpecChangedWarning):
         run = more.resume_run("job", take_over=True)
-    assert first.state == 4 and run.state == 6 and run.total_cost == Decimal("0.6")
+    # The pod died making step 4: that call counts against the cap of 6, as an interrupted step of $0.
+    assert first.state == 4 and run.state == 5 and run.total_cost == Decimal("0.5")
+    assert run.history[4].events == ("interrupted",) and run.history[4].cost == 0
     assert "taken over from pod-7f9c:1:t1.ab" in SQLiteStore(db).get_run("job").notes[0]
 
 
@@ -1016,6 +1023,42 @@ def test_run_with_resume_goes_on_where_a_killed_script_stopped_and_never_pays_tw
     assert record.total_cost == Decimal("0.6"), "five calls and the killed one, each $0.10, counted once"
     with pytest.raises(ConfigError, match="resume=True needs run_id="):
         loop(budget=Budget(iterations=1), checkpoint=str(db))(lambda s: s).run(0, resume=True)
+
+
+def test_a_step_that_kills_its_process_every_time_is_bounded_by_the_iteration_cap(tmp_path):
+    """A crash loop: a container restarted after each OOM at step 2 resumed the run, which made the same
+    call again and died again. The calls it died in were never counted, so Budget(iterations=5) never
+    stopped it: each restart paid for one more call, without end."""
+    db, calls = tmp_path / "oom.db", tmp_path / "calls"
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=5), checkpoint=sys.argv[1])\n"
+        "def job(s):\n"
+        "    with open(sys.argv[2], 'a') as f:\n"
+        "        f.write(f'{s}\\n')\n"
+        "    if s == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # out of memory, every time\n"
+        "    return s + 1\n"
+        "job(0, run_id='oom', resume=True)\n")
+    codes = [subprocess.run([sys.executable, str(script), str(db), str(calls)], capture_output=True, text=True,
+                            timeout=120).returncode for _ in range(6)]
+    assert codes[:3] == [-9, -9, -9] and codes[3:] == [1, 1, 1], "then BudgetExhausted, with no call made"
+    assert calls.read_text().split() == ["0", "1", "2", "2", "2"], "five calls under a cap of five"
+    store = SQLiteStore(db)
+    assert store.get_run("oom").status == "budget_exhausted"
+    steps = store.load_steps("oom")
+    assert [s.error for s in steps[2:]] == [
+        "Interrupted: the process died during this step, which charged nothing (its cost is unknown)"] * 3
+    assert all(s.events == ("interrupted",) and s.cost == 0 for s in steps[2:])
+
+    # A run that nobody owns was left by a resume that never began: no call was made, none is counted.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'running', owner = NULL, lease_expires = NULL WHERE id = 'oom'")
+    again = loop(budget=Budget(iterations=5), checkpoint=str(db))(lambda s: s + 1)
+    with pytest.warns(SpecChangedWarning):
+        assert len(again.resume_run("oom").history) == 5
 
 
 def test_one_job_launched_six_times_at_once_runs_once_and_the_others_are_told_it_is_being_run(tmp_path):
