@@ -154,13 +154,24 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
 DEFAULT_BUDGET = Budget(iterations=100)
 
 
+#: Calls in a row cut short before they could report a cost (their process died, say), after which a
+#: dollars-only cap stops the run: it cannot tell what they spent.
+CUT_SHORT_IN_A_ROW = 3
+
+
+def _cut_short(step: Any) -> bool:
+    """An ``interrupted`` step that carries no cost: its call's cost is unknown."""
+    return not step.cost and "interrupted" in step.events
+
+
 @dataclass(frozen=True, repr=False)
 class UnreportedSpend(Signal):
     """A USD cap that nothing else backs holds only while the spend is reported: after ``calls`` calls that
-    all reported $0 (a forgotten ``charge``), the run stops, as a loop with no budget would.
+    all reported $0 (a forgotten ``charge``), the run stops, as a loop with no budget would; and after
+    :data:`CUT_SHORT_IN_A_ROW` calls in a row cut short at $0 (a step that kills its process every time).
 
     Added to a run's policy when its budget caps dollars only (no ``iterations``, no ``wall_clock``,
-    no ``Budget.unbounded()``); a run that reports any cost is never stopped by it.
+    no ``Budget.unbounded()``); a run whose calls report their cost is never stopped by it.
     """
 
     calls: int
@@ -169,9 +180,17 @@ class UnreportedSpend(Signal):
     kind = max_outcome = Outcome.BUDGET_EXHAUSTED
 
     def fire(self, history: History, elapsed: float) -> str | None:
-        if len(history) < self.calls or history._summary()[0]:
+        n = len(history)
+        if n >= CUT_SHORT_IN_A_ROW and _cut_short(history[-1]) \
+                and all(_cut_short(history[i]) for i in range(n - CUT_SHORT_IN_A_ROW, n - 1)):
+            return (f"unreported_spend: the last {CUT_SHORT_IN_A_ROW} calls (steps {n - CUT_SHORT_IN_A_ROW} to {n - 1}) were cut "
+                    f"short before they reported what they cost (their process died), so the {dollars(self.usd)} "
+                    "cap cannot tell what they spent; a step that kills its process every time would be paid for "
+                    "once per restart. Give Budget(iterations=) to go on, and charge right after each paid call "
+                    "(loomc.charge) so that such calls count")
+        if n < self.calls or history._summary()[0]:
             return None
-        return (f"usd: {len(history)} calls made, and not one reported what it cost, so the {dollars(self.usd)} "
+        return (f"unreported_spend: {len(history)} calls made, and not one reported what it cost, so the {dollars(self.usd)} "
                 "cap could not stop the run; it stops here, at the calls a loop with no budget makes. Report "
                 "what fn spends (loomc.charge, cost_fn=, an adapter), or give Budget(iterations=) for more calls")
 

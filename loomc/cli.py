@@ -146,7 +146,8 @@ def _usd_cap(policy: str) -> Decimal | None:
             return budget.usd
     return None
 
-_RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m"}
+_RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m",
+          "unreported_spend": "--iterations N"}  # a dollars-only cap that could not see the spend
 
 
 def what_next(run: RunRecord, through_parent: bool = False) -> str:

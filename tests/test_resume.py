@@ -1025,16 +1025,17 @@ def test_run_with_resume_goes_on_where_a_killed_script_stopped_and_never_pays_tw
         loop(budget=Budget(iterations=1), checkpoint=str(db))(lambda s: s).run(0, resume=True)
 
 
-def test_a_step_that_kills_its_process_every_time_is_bounded_by_the_iteration_cap(tmp_path):
+@pytest.mark.parametrize("budget", ["Budget(iterations=5)", "Budget(usd=5), cost_fn=lambda s: 0.25"])
+def test_a_step_that_kills_its_process_every_time_is_bounded_by_its_budget(tmp_path, budget):
     """A crash loop: a container restarted after each OOM at step 2 resumed the run, which made the same
-    call again and died again. The calls it died in were never counted, so Budget(iterations=5) never
-    stopped it: each restart paid for one more call, without end."""
+    call again and died again. The calls it died in were never counted, so neither Budget(iterations=5)
+    nor a cap in dollars stopped it: each restart paid for one more call, without end."""
     db, calls = tmp_path / "oom.db", tmp_path / "calls"
     script = tmp_path / "job.py"
     script.write_text(
         "import os, signal, sys\n"
         "from loomc import Budget, loop\n"
-        "@loop(budget=Budget(iterations=5), checkpoint=sys.argv[1])\n"
+        f"@loop(budget={budget}, checkpoint=sys.argv[1])\n"
         "def job(s):\n"
         "    with open(sys.argv[2], 'a') as f:\n"
         "        f.write(f'{s}\\n')\n"
@@ -1045,13 +1046,22 @@ def test_a_step_that_kills_its_process_every_time_is_bounded_by_the_iteration_ca
     codes = [subprocess.run([sys.executable, str(script), str(db), str(calls)], capture_output=True, text=True,
                             timeout=120).returncode for _ in range(6)]
     assert codes[:3] == [-9, -9, -9] and codes[3:] == [1, 1, 1], "then BudgetExhausted, with no call made"
-    assert calls.read_text().split() == ["0", "1", "2", "2", "2"], "five calls under a cap of five"
+    assert calls.read_text().split() == ["0", "1", "2", "2", "2"], "two good calls and three it died in"
     store = SQLiteStore(db)
-    assert store.get_run("oom").status == "budget_exhausted"
+    record = store.get_run("oom")
+    assert record.status == "budget_exhausted"
     steps = store.load_steps("oom")
     assert [s.error for s in steps[2:]] == [
         "Interrupted: the process died during this step, which charged nothing (its cost is unknown)"] * 3
-    assert all(s.events == ("interrupted",) and s.cost == 0 for s in steps[2:])
+    assert all(s.events[0] == "interrupted" and s.cost == 0 for s in steps[2:])
+    from click.testing import CliRunner
+    from loomc.cli import main
+    shown = CliRunner().invoke(main, ["show", "oom", "--db", str(db)]).output
+    assert "; `loomc resume oom --iterations N` continues it under a larger cap\n" in shown
+    if "usd" in budget:  # a cap in dollars cannot see what those calls spent: it stops after three in a row
+        assert record.reason.startswith("unreported_spend: the last 3 calls (steps 2 to 4) were cut short before "
+                                        "they reported what they cost (their process died), so the $5.0000 cap")
+        return
 
     # A run that nobody owns was left by a resume that never began: no call was made, none is counted.
     with sqlite3.connect(db) as conn:
@@ -1059,6 +1069,22 @@ def test_a_step_that_kills_its_process_every_time_is_bounded_by_the_iteration_ca
     again = loop(budget=Budget(iterations=5), checkpoint=str(db))(lambda s: s + 1)
     with pytest.warns(SpecChangedWarning):
         assert len(again.resume_run("oom").history) == 5
+
+
+def test_a_dollars_only_cap_stops_after_three_calls_in_a_row_cut_short_at_no_cost():
+    from loomc.budget import UnreportedSpend
+    from loomc.history import History, Step
+    stop = UnreportedSpend(100, Decimal(5))
+
+    def history(*kinds):
+        return History([Step(n, n, cost=0.1) if k == "ok" else
+                        Step(n, cost=0.1 if k == "paid" else 0, error="Interrupted", events=("interrupted",))
+                        for n, k in enumerate(kinds)])
+
+    assert stop.fire(history("ok", "cut", "cut", "cut"), 0).startswith("unreported_spend: the last 3 calls (steps 1 to 3)")
+    assert stop.fire(history("cut", "cut", "ok", "cut", "cut"), 0) is None, "not in a row"
+    assert stop.fire(history("cut", "cut", "paid"), 0) is None, "a call that charged before it died counts"
+    assert stop.fire(history("cut", "cut"), 0) is None
 
 
 def test_one_job_launched_six_times_at_once_runs_once_and_the_others_are_told_it_is_being_run(tmp_path):
