@@ -155,7 +155,7 @@ DEFAULT_BUDGET = Budget(iterations=100)
 
 
 #: Calls in a row cut short before they could report a cost (their process died, say), after which a
-#: dollars-only cap stops the run: it cannot tell what they spent.
+#: budget with no iteration cap stops the run: neither dollars nor active time can see them.
 CUT_SHORT_IN_A_ROW = 3
 
 
@@ -166,16 +166,19 @@ def _cut_short(step: Any) -> bool:
 
 @dataclass(frozen=True, repr=False)
 class UnreportedSpend(Signal):
-    """A USD cap that nothing else backs holds only while the spend is reported: after ``calls`` calls that
-    all reported $0 (a forgotten ``charge``), the run stops, as a loop with no budget would; and after
-    :data:`CUT_SHORT_IN_A_ROW` calls in a row cut short at $0 (a step that kills its process every time).
+    """Caps that do not count calls hold only while the calls report what they spend.
 
-    Added to a run's policy when its budget caps dollars only (no ``iterations``, no ``wall_clock``,
-    no ``Budget.unbounded()``); a run whose calls report their cost is never stopped by it.
+    - After :data:`CUT_SHORT_IN_A_ROW` calls in a row cut short at $0 (a step that kills its process
+      every time: neither its cost nor the time it ran is known), the run stops.
+    - With ``calls`` (a cap in dollars alone), after that many calls that all reported $0 (a
+      forgotten ``charge``), the run stops too, as a loop with no budget would. ``usd`` is that cap.
+
+    Added to a run's policy when its budget has no ``iterations`` cap (and is no
+    ``Budget.unbounded()``); a run whose calls report their cost is never stopped by it.
     """
 
-    calls: int
-    usd: Decimal
+    calls: int | None = None
+    usd: Decimal | None = None
 
     kind = max_outcome = Outcome.BUDGET_EXHAUSTED
 
@@ -183,30 +186,32 @@ class UnreportedSpend(Signal):
         n = len(history)
         if n >= CUT_SHORT_IN_A_ROW and _cut_short(history[-1]) \
                 and all(_cut_short(history[i]) for i in range(n - CUT_SHORT_IN_A_ROW, n - 1)):
-            return (f"unreported_spend: the last {CUT_SHORT_IN_A_ROW} calls (steps {n - CUT_SHORT_IN_A_ROW} to {n - 1}) were cut "
-                    f"short before they reported what they cost (their process died), so the {dollars(self.usd)} "
-                    "cap cannot tell what they spent; a step that kills its process every time would be paid for "
-                    "once per restart. Give Budget(iterations=) to go on, and charge right after each paid call "
-                    "(loomc.charge) so that such calls count")
-        if n < self.calls or history._summary()[0]:
+            return (f"unreported_spend: the last {CUT_SHORT_IN_A_ROW} calls (steps {n - CUT_SHORT_IN_A_ROW} to "
+                    f"{n - 1}) were cut short before they reported what they cost (their process died), so the "
+                    "budget cannot tell what they spent, nor how long they ran; a step that kills its process "
+                    "every time would be paid for once per restart. Give Budget(iterations=) to go on, and charge "
+                    "right after each paid call (loomc.charge) so that such calls count")
+        if self.calls is None or n < self.calls or history._summary()[0]:
             return None
-        return (f"unreported_spend: {len(history)} calls made, and not one reported what it cost, so the {dollars(self.usd)} "
-                "cap could not stop the run; it stops here, at the calls a loop with no budget makes. Report "
-                "what fn spends (loomc.charge, cost_fn=, an adapter), or give Budget(iterations=) for more calls")
+        return (f"unreported_spend: {n} calls made, and not one reported what it cost, so the "
+                f"{dollars(self.usd)} cap could not stop the run; it stops here, at the calls a loop with no "
+                "budget makes. Report what fn spends (loomc.charge, cost_fn=, an adapter), or give "
+                "Budget(iterations=) for more calls")
 
     def __repr__(self) -> str:
-        return f"unreported_spend(calls={self.calls})"
+        return f"unreported_spend(calls={self.calls})" if self.calls is not None else "unreported_spend()"
 
 
 def with_unreported_spend(policy: Policy) -> Policy:
-    """``policy`` as a run drives it: when its only cap is in dollars, with the stop for spend that goes
+    """``policy`` as a run drives it: when no cap counts its calls, with the stop for calls whose spend goes
     unreported (see UnreportedSpend); else ``policy`` itself."""
-    usd = _cap(policy, "usd")
-    if usd is None or _cap(policy, "iterations") is not None or _cap(policy, "wall_clock") is not None or any(
+    if _cap(policy, "iterations") is not None or any(
             isinstance(p, Budget) and p.unbounded_ for p in top_level(policy)):
         return policy
-    return either(policy, UnreportedSpend(DEFAULT_BUDGET.iterations, usd))  # type: ignore[arg-type]
-
+    usd = _cap(policy, "usd")
+    if usd is not None and _cap(policy, "wall_clock") is None:
+        return either(policy, UnreportedSpend(DEFAULT_BUDGET.iterations, usd))  # type: ignore[arg-type]
+    return either(policy, UnreportedSpend())
 
 @dataclass(frozen=True, repr=False)
 class ParentCap(Signal):

@@ -504,7 +504,7 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
     if cost and not step.cost:
-        unreported = next((p for p in run.policy.walk() if isinstance(p, UnreportedSpend)), None)
+        unreported = next((p for p in run.policy.walk() if isinstance(p, UnreportedSpend) and p.calls), None)
         warn_at_caller(f"loomc: run {run.id} has a USD cap of {dollars(usd_cap(run.policy))}, but step {step.n} "
                        "reported no cost: nothing tells loomc what fn spends, so the cap cannot stop it. Call "
                        "loomc.charge(usd) (or adapter.charge(reply)) inside fn after each paid call, or pass "

@@ -1025,11 +1025,12 @@ def test_run_with_resume_goes_on_where_a_killed_script_stopped_and_never_pays_tw
         loop(budget=Budget(iterations=1), checkpoint=str(db))(lambda s: s).run(0, resume=True)
 
 
-@pytest.mark.parametrize("budget", ["Budget(iterations=5)", "Budget(usd=5), cost_fn=lambda s: 0.25"])
+@pytest.mark.parametrize("budget", ["Budget(iterations=5)", "Budget(usd=5), cost_fn=lambda s: 0.25",
+                                    "Budget(usd=5, wall_clock='1h'), cost_fn=lambda s: 0.25"])
 def test_a_step_that_kills_its_process_every_time_is_bounded_by_its_budget(tmp_path, budget):
     """A crash loop: a container restarted after each OOM at step 2 resumed the run, which made the same
     call again and died again. The calls it died in were never counted, so neither Budget(iterations=5)
-    nor a cap in dollars stopped it: each restart paid for one more call, without end."""
+    nor caps in dollars and time stopped it: each restart paid for one more call, without end."""
     db, calls = tmp_path / "oom.db", tmp_path / "calls"
     script = tmp_path / "job.py"
     script.write_text(
@@ -1058,9 +1059,10 @@ def test_a_step_that_kills_its_process_every_time_is_bounded_by_its_budget(tmp_p
     from loomc.cli import main
     shown = CliRunner().invoke(main, ["show", "oom", "--db", str(db)]).output
     assert "; `loomc resume oom --iterations N` continues it under a larger cap\n" in shown
-    if "usd" in budget:  # a cap in dollars cannot see what those calls spent: it stops after three in a row
+    if "usd" in budget:  # caps in dollars and time cannot see those calls: the run stops after three in a row
         assert record.reason.startswith("unreported_spend: the last 3 calls (steps 2 to 4) were cut short before "
-                                        "they reported what they cost (their process died), so the $5.0000 cap")
+                                        "they reported what they cost (their process died), so the budget cannot "
+                                        "tell what they spent, nor how long they ran")
         return
 
     # A run that nobody owns was left by a resume that never began: no call was made, none is counted.
@@ -1071,10 +1073,10 @@ def test_a_step_that_kills_its_process_every_time_is_bounded_by_its_budget(tmp_p
         assert len(again.resume_run("oom").history) == 5
 
 
-def test_a_dollars_only_cap_stops_after_three_calls_in_a_row_cut_short_at_no_cost():
+def test_a_budget_without_an_iteration_cap_stops_after_three_calls_in_a_row_cut_short_at_no_cost():
     from loomc.budget import UnreportedSpend
     from loomc.history import History, Step
-    stop = UnreportedSpend(100, Decimal(5))
+    stop = UnreportedSpend()  # as a budget with no iteration cap gets it
 
     def history(*kinds):
         return History([Step(n, n, cost=0.1) if k == "ok" else
