@@ -8,6 +8,17 @@ import pytest
 from loomc import History, Step
 
 
+@pytest.fixture(autouse=True)
+def on_a_local_disk(tmp_path_factory, monkeypatch):
+    """Every test's files are on a local disk, whatever machine runs them (a CI container's overlay, say):
+    the tests of the filesystem warnings give their own mount tables."""
+    from loomc.stores import sqlite as sqlite_store
+    mounts = tmp_path_factory.getbasetemp() / "mounts"
+    if not mounts.exists():
+        mounts.write_text("/dev/vda / ext4 rw,relatime 0 0\n")
+    monkeypatch.setattr(sqlite_store, "MOUNTS", str(mounts))
+
+
 class FakeClock:
     """A clock the test moves by hand: the loop never sleeps in tests."""
 

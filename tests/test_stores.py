@@ -510,6 +510,29 @@ def test_a_ctrl_c_that_lands_inside_a_commit_still_commits_the_paid_step_then_st
     store.close()
 
 
+def test_a_checkpoint_created_on_a_containers_own_filesystem_is_pointed_out(tmp_path, monkeypatch):
+    """In a Kubernetes pod the working directory is on the container's overlay root, which the container
+    restarted after a crash does not have: the default checkpoint went with it, silently, and
+    `run(..., resume=True)` started over, paying again for every step."""
+    import warnings
+    from loomc import ContainerFilesystemWarning
+    from loomc.stores import sqlite as sqlite_store
+    volume = tmp_path / "data"
+    mounts = tmp_path / "mounts"
+    mounts.write_text("overlay / overlay rw,relatime,lowerdir=/var/lib/a:/var/lib/b,upperdir=/u,workdir=/w 0 0\n"
+                      f"/dev/sdb {volume} ext4 rw,relatime 0 0\n")
+    monkeypatch.setattr(sqlite_store, "MOUNTS", str(mounts))
+    with pytest.warns(ContainerFilesystemWarning, match=r"is on the container's own filesystem \(overlay\)") as caught:
+        store = SQLiteStore(tmp_path / "app" / ".loomc" / "checkpoints.db")
+    assert caught[0].filename == __file__ and "Keep the checkpoint on a volume" in str(caught[0].message)
+    store.create_run(make_run("r"))  # it works: the warning is about what a crash leaves
+    store.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SQLiteStore(tmp_path / "app" / ".loomc" / "checkpoints.db")  # said when it was created, not on every open
+        SQLiteStore(volume / "checkpoints.db")  # a volume mounted into the container keeps it
+
+
 def test_a_checkpoint_on_a_network_filesystem_is_pointed_out_once_opened(tmp_path, monkeypatch):
     """WAL keeps its index in shared memory, which hosts cannot share over NFS, SMB or EFS."""
     import warnings

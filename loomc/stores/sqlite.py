@@ -46,6 +46,16 @@ NETWORK_FILESYSTEMS = frozenset({
 })
 
 
+#: Filesystem types of a container's own root (its image under a writable layer). A new container starts
+#: with a fresh one, and Kubernetes restarts a container that died as a new container.
+CONTAINER_FILESYSTEMS = frozenset({"overlay", "aufs", "fuse.fuse-overlayfs"})
+
+
+class ContainerFilesystemWarning(UserWarning):
+    """The checkpoint database was created on a container's own filesystem (overlay), which a new
+    container, as Kubernetes makes to restart one that died, does not have."""
+
+
 class NetworkFilesystemWarning(UserWarning):
     """The checkpoint database is on a network filesystem (NFS, SMB, EFS...), where SQLite's WAL mode
     is not safe for processes on more than one host."""
@@ -222,6 +232,12 @@ class SQLiteStore:
                            "share: loops on more than one host writing this file can corrupt it, and a commit "
                            "is only as durable as the server makes it. Keep the checkpoint on a local disk "
                            "(checkpoint=, --db, $LOOMC_DB), one file per host", NetworkFilesystemWarning)
+        elif self._created and kind in CONTAINER_FILESYSTEMS:
+            warn_at_caller(f"{self.path} is on the container's own filesystem ({kind}), which a new container does "
+                           "not have: Kubernetes restarts a container that died as a new one, so after a crash "
+                           "this file, with every checkpoint in it, is gone, and a resume finds nothing to go on "
+                           "from. Keep the checkpoint on a volume (checkpoint=, --db, $LOOMC_DB)",
+                           ContainerFilesystemWarning)
         self._forget_connections()
         self._charged: set[tuple[str, int]] = set()  # (run, step) with write-ahead charges to clear
         _OPEN.add(self)
