@@ -277,8 +277,10 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         try:
+            # Each thread uses only its own connection (self._local); check_same_thread=False lets a store that is
+            # closed or dropped close them all, whichever thread does it (SQLite itself is serialized here).
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                   check_same_thread=True)
+                                   check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -287,7 +289,7 @@ class SQLiteStore:
             self._migrate(conn)
         except sqlite3.DatabaseError as e:
             raise _store_error(str(self.path), e) from None
-        self._local.conn, self._local.cursor = conn, conn.cursor()
+        self._local.conn, self._local.cursor, self._local.closer = conn, conn.cursor(), _ClosedWithThread(conn)
         with self._guard:
             self._all.append(conn)
         return conn
@@ -356,19 +358,23 @@ class SQLiteStore:
         with self._guard:
             if conn in self._all:
                 self._all.remove(conn)
-        del self._local.conn, self._local.cursor
+        del self._local.conn, self._local.cursor, self._local.closer
         conn.close()
 
     def __del__(self) -> None:
-        """A store dropped without close() closes the connections it can (those of the thread that
-        drops it: usually all of them), rather than leave them to the collector (unclosed-database
-        ResourceWarnings on Python 3.13). A forked child lists only its own connections."""
+        """A store dropped without close() closes its connections, every thread's, rather than leave them
+        to the collector (unclosed-database ResourceWarnings on Python 3.13). A forked child lists only
+        its own connections."""
         try:
             conns, wake = self._all, self._wake
         except AttributeError:  # __init__ failed before they existed
             return
         wake.set()  # a keeper thread, if any, ends now
-        _close_quietly(conns)
+        for conn in conns:  # not through a module function: at interpreter shutdown those may be gone
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def close(self) -> None:
         with self._guard:
@@ -713,12 +719,31 @@ def _held(owner: str, seconds: float) -> tuple[str, float, float]:
     return owner, time.monotonic() + seconds / 2, seconds
 
 
+class _ClosedWithThread:
+    """Held in a thread's local storage next to its connection: when the thread ends (or the store's
+    locals go), this closes the connection, rather than leave it to the collector (an unclosed-database
+    ResourceWarning on Python 3.13). Never in a forked child, where the connection is the parent's:
+    closing it there could checkpoint and remove the parent's WAL."""
+
+    __slots__ = ("conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.pid = conn, os.getpid()
+
+    def __del__(self, _getpid: Any = os.getpid) -> None:  # bound now: module globals may be gone at shutdown
+        if _getpid() == self.pid:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+
+
 def _close_quietly(conns: list[sqlite3.Connection]) -> None:
-    """Close the connections this thread may close; another thread's closes with that thread."""
+    """Close the connections, quietly: one already closed, or anything at interpreter shutdown."""
     for conn in conns:
         try:
             conn.close()
-        except Exception:  # sqlite3.ProgrammingError: another thread's; anything, at interpreter shutdown
+        except Exception:  # anything, at interpreter shutdown
             pass
 
 
