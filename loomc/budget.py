@@ -213,6 +213,7 @@ def with_unreported_spend(policy: Policy) -> Policy:
         return either(policy, UnreportedSpend(DEFAULT_BUDGET.iterations, usd))  # type: ignore[arg-type]
     return either(policy, UnreportedSpend())
 
+
 @dataclass(frozen=True, repr=False)
 class ParentCap(Signal):
     """The dollars a parent run's budget leaves for one child run (nested loops).

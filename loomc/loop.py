@@ -513,7 +513,8 @@ class LoopRunner:
         if charged is None:
             if not died or any(c.parent_step == n for c in self.store.children(record.id)):
                 return history  # the call is made again as step n, and reuses the children it started
-            cost, error = ZERO, "Interrupted: the process died during this step, which charged nothing (its cost is unknown)"
+            cost, error = ZERO, ("Interrupted: the process died during this step, which charged nothing "
+                                 "(its cost is unknown)")
         else:
             children = _spent_by_children(self.store, record.id, n)
             cost = charged + children

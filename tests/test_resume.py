@@ -1083,7 +1083,8 @@ def test_a_budget_without_an_iteration_cap_stops_after_three_calls_in_a_row_cut_
                         Step(n, cost=0.1 if k == "paid" else 0, error="Interrupted", events=("interrupted",))
                         for n, k in enumerate(kinds)])
 
-    assert stop.fire(history("ok", "cut", "cut", "cut"), 0).startswith("unreported_spend: the last 3 calls (steps 1 to 3)")
+    assert stop.fire(history("ok", "cut", "cut", "cut"), 0).startswith(
+        "unreported_spend: the last 3 calls (steps 1 to 3)")
     assert stop.fire(history("cut", "cut", "ok", "cut", "cut"), 0) is None, "not in a row"
     assert stop.fire(history("cut", "cut", "paid"), 0) is None, "a call that charged before it died counts"
     assert stop.fire(history("cut", "cut"), 0) is None

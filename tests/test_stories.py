@@ -223,9 +223,10 @@ def test_a_budget_in_dollars_alone_stops_a_run_whose_calls_report_no_cost_where_
                                            "report no cost"):
         run = refine.run(0, run_id="forgot")
     assert run.status == "budget_exhausted" and len(calls) == 100 == len(run.history)
-    assert run.reason == ("unreported_spend: 100 calls made, and not one reported what it cost, so the $5.0000 cap could not "
-                          "stop the run; it stops here, at the calls a loop with no budget makes. Report what fn "
-                          "spends (loomc.charge, cost_fn=, an adapter), or give Budget(iterations=) for more calls")
+    assert run.reason == ("unreported_spend: 100 calls made, and not one reported what it cost, so the $5.0000 cap "
+                          "could not stop the run; it stops here, at the calls a loop with no budget makes. Report "
+                          "what fn spends (loomc.charge, cost_fn=, an adapter), or give Budget(iterations=) for more "
+                          "calls")
     assert SQLiteStore(db).load_steps("forgot")[-1].events == ("budget exhausted",)
     assert refine.replay("forgot").stopped_after == 100, "a replay of the loop stops where the loop did"
     assert Budget(usd=5).replay(run.history).stopped_after is None, "the policy itself is unchanged"

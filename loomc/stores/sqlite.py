@@ -198,6 +198,32 @@ _FINISH = ("UPDATE runs SET status = :status, reason = :reason, updated_at = :no
            "WHERE id = :run AND (:owner IS NULL OR owner = :owner OR owner IS NULL)")
 
 
+def _close_quietly(conns: list[sqlite3.Connection]) -> None:
+    """Close the connections, quietly: one already closed, or anything at interpreter shutdown."""
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:  # anything, at interpreter shutdown
+            pass
+
+
+class _ClosedWithThread:
+    """Held in a thread's local storage next to its connection: when the thread ends (or the store's
+    locals go), this closes the connection, rather than leave it to the collector (an unclosed-database
+    ResourceWarning on Python 3.13). Never in a forked child, where the connection is the parent's:
+    closing it there could checkpoint and remove the parent's WAL."""
+
+    __slots__ = ("conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.pid = conn, os.getpid()
+
+    # What it calls is bound here, at definition: at interpreter shutdown the module's globals may be gone.
+    def __del__(self, _getpid: Any = os.getpid, _close: Any = _close_quietly) -> None:
+        if _getpid() == self.pid:
+            _close([self.conn])
+
+
 class SQLiteStore:
     """A CheckpointStore in one SQLite file, shared safely by threads and processes.
 
@@ -361,7 +387,7 @@ class SQLiteStore:
         del self._local.conn, self._local.cursor, self._local.closer
         conn.close()
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Any = _close_quietly) -> None:  # bound at definition, as in _ClosedWithThread
         """A store dropped without close() closes its connections, every thread's, rather than leave them
         to the collector (unclosed-database ResourceWarnings on Python 3.13). A forked child lists only
         its own connections."""
@@ -370,11 +396,7 @@ class SQLiteStore:
         except AttributeError:  # __init__ failed before they existed
             return
         wake.set()  # a keeper thread, if any, ends now
-        for conn in conns:  # not through a module function: at interpreter shutdown those may be gone
-            try:
-                conn.close()
-            except Exception:
-                pass
+        _close(conns)
 
     def close(self) -> None:
         with self._guard:
@@ -717,34 +739,6 @@ def _store_error(where: Any, e: sqlite3.Error) -> StoreError:
 def _held(owner: str, seconds: float) -> tuple[str, float, float]:
     """A lease just taken or renewed for ``seconds``: its owner, when half its life is gone (monotonic), its length."""
     return owner, time.monotonic() + seconds / 2, seconds
-
-
-class _ClosedWithThread:
-    """Held in a thread's local storage next to its connection: when the thread ends (or the store's
-    locals go), this closes the connection, rather than leave it to the collector (an unclosed-database
-    ResourceWarning on Python 3.13). Never in a forked child, where the connection is the parent's:
-    closing it there could checkpoint and remove the parent's WAL."""
-
-    __slots__ = ("conn", "pid")
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn, self.pid = conn, os.getpid()
-
-    def __del__(self, _getpid: Any = os.getpid) -> None:  # bound now: module globals may be gone at shutdown
-        if _getpid() == self.pid:
-            try:
-                self.conn.close()
-            except Exception:
-                pass
-
-
-def _close_quietly(conns: list[sqlite3.Connection]) -> None:
-    """Close the connections, quietly: one already closed, or anything at interpreter shutdown."""
-    for conn in conns:
-        try:
-            conn.close()
-        except Exception:  # anything, at interpreter shutdown
-            pass
 
 
 def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
