@@ -147,7 +147,7 @@ def _usd_cap(policy: str) -> Decimal | None:
     return None
 
 _RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m",
-          "unreported_spend": "--iterations N"}  # a dollars-only cap that could not see the spend
+          "unreported_spend": "--iterations N"}  # caps that do not count calls could not see their spend
 
 
 def what_next(run: RunRecord, through_parent: bool = False) -> str:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from operator import itemgetter
-from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -685,15 +685,19 @@ class _Wait:
     seconds: float
 
     def sync(self, run: LiveRun) -> None:
-        end = time.monotonic() + self.seconds
-        while run.stop is None and (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, _WAIT_SLICE))
+        for nap in self._naps(run):
+            time.sleep(nap)
 
     async def async_(self, run: LiveRun) -> None:
         import asyncio
+        for nap in self._naps(run):
+            await asyncio.sleep(nap)
+
+    def _naps(self, run: LiveRun) -> Iterator[float]:
+        """The sleeps the wait is made of, each at most a slice, until its end or a stop asked for."""
         end = time.monotonic() + self.seconds
         while run.stop is None and (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, _WAIT_SLICE))
+            yield min(left, _WAIT_SLICE)
 
 
 #: Errors that say the loop is set up wrongly (a missing extra, a bad setting, an fn that forgot to return

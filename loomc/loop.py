@@ -318,7 +318,7 @@ class LoopRunner:
     def _live(self, run_id: str, policy: Policy, history: History, initial: Any, initial_json: str | None,
               source: Step | None, state_type: Any, drive: Drive, prior_active: float = 0.0,
               parent: LiveRun | None = None) -> LiveRun:
-        policy = with_unreported_spend(policy)  # a cap in dollars alone cannot stop a loop whose spend goes unreported
+        policy = with_unreported_spend(policy)  # caps that do not count calls cannot see spend that goes unreported
         if parent is not None:  # the parent's USD and wall-clock caps bind the child
             room, step = parent.usd_room(), parent.in_flight
             if room is not None:  # siblings started in this step share the parent's room while it runs
@@ -603,7 +603,7 @@ class LoopRunner:
 
     def replay(self, run_id: str, policy: Policy | None = None) -> Any:
         """What ``policy`` (default: this loop's) would have done on a recorded run, as this loop runs it (a
-        cap in dollars alone comes with the stop for spend that goes unreported)."""
+        budget with no iteration cap comes with the stop for spend that goes unreported)."""
         policy = with_unreported_spend(self.policy if policy is None else as_policy(policy))
         return policy.replay(load_history(self.store, run_id))
 
