@@ -22,8 +22,8 @@ from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown,
                           EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
-                          RunNotFound, SchemaTooNew, StallError, StateEncodeError, StepConflict, StopRequested,
-                          StoreError)
+                          RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
+                          StopRequested, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
                                request_stop, step_number, usd_left)
@@ -47,6 +47,6 @@ __all__ = [
     "request_stop", "Run",
     "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
-    "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StateRoundTripWarning", "Step",
+    "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StatePruned", "StateRoundTripWarning", "Step",
     "step_number", "StepConflict", "StopRequested", "StoreError", "usd_left", "__version__",
 ]

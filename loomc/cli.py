@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 import click
 
 from loomc.budget import budget_from_repr
-from loomc.errors import (TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted, dollars,
-                          shorten)
+from loomc.errors import (PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted,
+                          dollars, iso, shorten)
 from loomc.history import running_costs
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -55,11 +55,6 @@ def open_db(db: str | None) -> Any:
         return SQLiteStore(db_path(db), create=False)
     except LoomcError as e:
         fail(str(e))
-
-
-def iso(ts: float) -> str:
-    """Local time, ISO 8601 to the second: ``2026-07-03T12:00:19``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
 
 
 # --- the two tables ----------------------------------------------------------
@@ -197,6 +192,10 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         shows = f"where {which} was raised" if TRACEBACK_METRIC in failed[0].metrics else f"{which} whole"
         head.append(f"Failed: {counted(len(failed), 'step')}; `loomc show {clean(run.id)} --step {failed[0].n}` "
                     f"shows {shows}")
+    pruned = [s.metrics[PRUNED_METRIC] for s in steps if PRUNED_METRIC in s.metrics]
+    if pruned:
+        head.append(f"Pruned: the states of {counted(len(pruned), 'step')} were removed by `loomc prune --states` at "
+                    f"{iso(max(pruned))}; every step's record is kept")
     by_step: dict[int, list[RunRecord]] = {}
     for child in children:
         by_step.setdefault(child.parent_step if child.parent_step is not None else -1, []).append(child)
@@ -289,10 +288,14 @@ def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:
     where = metrics.pop(TRACEBACK_METRIC, None)
     if where:
         lines += ["Raised at:", *(f"  {clean(line)}" for line in str(where).split("\n"))]
+    pruned = metrics.pop(PRUNED_METRIC, None)
     if metrics:
         lines += ["Metrics:", *(f"  {clean(line)}" for line in
                                 json.dumps(metrics, indent=2, ensure_ascii=False).split("\n"))]
-    if step.state_json is None:
+    if pruned is not None:
+        lines.append(f"State: removed by `loomc prune --states` at {iso(pruned)}, which keeps the states of each "
+                     "run's last, last good and best steps")
+    elif step.state_json is None:
         lines.append("State: none (the call failed)")
     else:
         shown = json.dumps(json.loads(step.state_json), indent=2, ensure_ascii=False)
@@ -418,9 +421,14 @@ PRUNABLE = [status for status in STATUS_COLORS if status != "running"]  # what p
 @click.option("--status", "statuses", multiple=True, type=click.Choice(PRUNABLE),
               help="choose runs that ended so, or crashed ones that no process drives (default: completed); "
                    "repeat it for several")
+@click.option("--states", is_flag=True,
+              help="keep the runs and every step's record; remove only the states no resume or result needs")
 @click.option("--yes", is_flag=True, help="delete them and compact the file; without it, only say what would go")
-def prune(db: str | None, older_than: str, statuses: tuple[str, ...], yes: bool) -> None:
-    """Delete old finished (or crashed) runs, with their steps and child runs, and give the disk space back."""
+def prune(db: str | None, older_than: str, statuses: tuple[str, ...], states: bool, yes: bool) -> None:
+    """Delete old finished (or crashed) runs, with their steps and child runs, and give the disk space back.
+
+    With --states the runs stay, and only the states of steps that no resume or result needs go.
+    """
     from loomc.budget import parse_duration
     try:
         before = time.time() - parse_duration(older_than, "--older-than")
@@ -430,11 +438,14 @@ def prune(db: str | None, older_than: str, statuses: tuple[str, ...], yes: bool)
     chosen = statuses or ("completed",)
     path = store.path
     size = _file_size(path)
+    which = f"the runs {' or '.join(chosen)} and last updated before {iso(before)}"
     try:
+        if states:
+            _prune_states(store.prune_states(chosen, before, apply=yes), which, yes, size, path)
+            return
         found = store.prune(chosen, before, apply=yes)
     except LoomcError as e:
         fail(str(e))
-    which = f"the runs {' or '.join(chosen)} and last updated before {iso(before)}"
     children = f" ({counted(found['children'], 'child run')} among them)" if found["children"] else ""
     what = (f"{counted(found['runs'], 'run')}{children}, {counted(found['steps'], 'step')} and "
             f"{_size(found['state_bytes'])} of states: {which}, with their child runs")
@@ -444,6 +455,21 @@ def prune(db: str | None, older_than: str, statuses: tuple[str, ...], yes: bool)
         click.echo(f"Would delete {what}.\nRun again with --yes to delete them; the file is then compacted.")
     else:
         click.echo(f"Deleted {what}.\nThe file went from {_size(size)} to {_size(_file_size(path))}.")
+
+
+def _prune_states(found: dict[str, int], which: str, yes: bool, size: int, path: Any) -> None:
+    if not found["states"]:
+        click.echo(f"Nothing to remove: {which} hold no state that a resume or their result does not need.")
+        return
+    children = f" ({counted(found['children'], 'child run')} among them)" if found["children"] else ""
+    what = (f"{counted(found['states'], 'state')} ({_size(found['state_bytes'])}) from "
+            f"{counted(found['runs'], 'run')}{children}: {which}, with their child runs. Each run keeps its "
+            "initial state, the states of its last, last good and best steps, and every step's record "
+            "(cost, score, error, events)")
+    if not yes:
+        click.echo(f"Would remove {what}.\nRun again with --yes to remove them; the file is then compacted.")
+    else:
+        click.echo(f"Removed {what}.\nThe file went from {_size(size)} to {_size(_file_size(path))}.")
 
 
 def _file_size(path: Any) -> int:

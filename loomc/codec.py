@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 import pydantic_core
 
-from loomc.errors import CheckpointDecodeError, ConfigError, StateEncodeError, warn_at_caller
+from loomc.errors import CheckpointDecodeError, ConfigError, StateEncodeError, StatePruned, iso, warn_at_caller
 
 _PLAIN = (dict, list, str, int, float, bool, type(None))
 
@@ -188,9 +188,9 @@ def decoder(state_type: Any, run_id: str,
     """``decode`` for one run: ``(state_json, step) -> state``, as the run's steps read their states.
 
     ``fetch(step)`` reads a step's JSON from the store (``None``: it has no state), for the cells
-    that hold ``IN_STORE``.
+    that hold ``IN_STORE``. A cell holding a ``PrunedState`` raises :class:`StatePruned`.
     """
-    from loomc.history import IN_STORE
+    from loomc.history import IN_STORE, PrunedState
 
     def decode_step(text: Any, step: Any) -> Any:
         if text is IN_STORE:
@@ -198,6 +198,11 @@ def decoder(state_type: Any, run_id: str,
             text = fetch(step)
             if text is None:  # a failed call's step
                 return None
+        elif type(text) is PrunedState:
+            raise StatePruned(
+                f"run {run_id} step {step}: its state was removed by `loomc prune --states` at {iso(text.at)}, "
+                "which keeps every step's record but only the states a resume or the run's result needs (the "
+                "initial state, and the last, last good and best steps' states); read one of those instead")
         return decode(text, state_type, run_id=run_id, step=step)
     return decode_step
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import unicodedata
 import warnings
 from decimal import Decimal
@@ -37,6 +38,8 @@ TRACEBACK_METRIC = "traceback"
 #: The longest traceback a failed step keeps; a longer one keeps its start and its end, where the
 #: error was raised.
 TRACEBACK_CHARS = 8_000
+#: The key of ``Step.metrics`` on a step whose state ``loomc prune --states`` removed: when (Unix time).
+PRUNED_METRIC = "loomc.state_pruned_at"
 
 
 def where_raised(exc: BaseException) -> str | None:
@@ -70,6 +73,11 @@ def where_raised(exc: BaseException) -> str | None:
         head, tail = head[:head.rfind("\n")], tail[tail.find("\n") + 1:]
         text = f"{head}\n  ... ({len(text) - len(head) - len(tail)} characters cut)\n{tail}"
     return text
+
+
+def iso(ts: float) -> str:
+    """Local time, ISO 8601 to the second: ``2026-07-03T12:00:19``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
 
 
 def counted(n: int, noun: str) -> str:
@@ -226,6 +234,10 @@ class NoStateReturned(LoomcError, TypeError):
 
 class CheckpointDecodeError(LoomcError):
     """A stored state no longer decodes into the state type."""
+
+
+class StatePruned(CheckpointDecodeError):
+    """A step's state was read after ``loomc prune --states`` removed it (the step's record is kept)."""
 
 
 class RunAtImport(LoomcError):

@@ -10,7 +10,8 @@ import json
 from decimal import Decimal
 from typing import Any
 
-from loomc.history import History, Step
+from loomc.codec import decoder
+from loomc.history import History, Step, stored_state
 from loomc.stores.base import CheckpointStore, RunRecord
 
 FORMAT = "loomc.export/1"
@@ -44,7 +45,9 @@ def history_from_export(data: dict[str, Any] | str) -> History:
         data = json.loads(data)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a loomc export (expected format {FORMAT!r}); make one with `loomc export <id> --json`")
+    decode = decoder(None, data["run"]["id"])  # reads only the states `loomc prune --states` removed: it raises
     return History([Step(s["step_n"], s["state"], cost=Decimal(s["cost_usd"]),
                          score=None if s["score"] is None else float(s["score"]), error=s["error"],
                          started_at=s["timestamp"], duration=s["duration"], metrics=s["metrics"],
-                         events=s["events"]) for s in data["steps"]])
+                         events=s["events"], state_json=stored_state(s["metrics"], None), decode=decode)
+                    for s in data["steps"]])

@@ -25,11 +25,11 @@ import operator
 from operator import itemgetter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, TypeVar, overload
+from typing import Any, NamedTuple, TypeVar, overload
 
 import toolz
 
-from loomc.errors import TRACEBACK_METRIC, counted
+from loomc.errors import PRUNED_METRIC, TRACEBACK_METRIC, counted
 
 T = TypeVar("T")
 
@@ -66,6 +66,19 @@ _UNREAD = object()  # the state of a stored step that has not been decoded yet
 #: A cell's JSON when only the store holds it: the run's decoder fetches it by step number.
 IN_STORE: Any = object()
 Decoder = Callable[[Any, Any], Any]  # (state_json or IN_STORE, step number) -> the state
+
+
+def stored_state(metrics: Mapping[str, Any], state_json: Any) -> Any:
+    """What a stored step's state cell holds: ``state_json``, or a ``PrunedState`` if its state was pruned."""
+    at = metrics.get(PRUNED_METRIC) if metrics else None
+    return state_json if at is None else PrunedState(at)
+
+
+class PrunedState(NamedTuple):
+    """A cell's JSON once ``loomc prune --states`` removed the step's state (``at``, Unix time): the run's
+    decoder raises :class:`~loomc.errors.StatePruned` when something reads it."""
+
+    at: float
 
 
 class Step(tuple):  # type: ignore[type-arg]

@@ -32,7 +32,8 @@ from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsU
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
                            state_cell, to_decimal, with_events)
-from loomc.policy import CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, waited
+from loomc.policy import (CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, steps_to_keep,
+                          waited)
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
@@ -740,11 +741,12 @@ HEAVY_STATE = 32_768
 def _let_go(run: LiveRun, h: History) -> None:
     """Drop the large states the run no longer needs from memory; the store keeps them.
 
-    Kept: the newest step's, the one the next call starts from, the best and the last good
-    (where a backtrack or a stop can go). Every other step reads its state back from the store.
+    Kept: those of ``steps_to_keep`` (where a backtrack or a stop can go) and the one the next call
+    starts from. Every other step reads its state back from the store.
     """
-    summary = h._summary()
-    keep = {len(h) - 1, summary[2], summary[4], -1 if run.source is None else run.source[0]}  # + best, last good
+    keep = steps_to_keep(h)
+    if run.source is not None:
+        keep.add(run.source[0])
     held = []
     for cell in run.heavy:
         if cell[2] in keep:

@@ -31,7 +31,7 @@ from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget
                           with_unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
-from loomc.history import IN_STORE, ZERO, History, Step
+from loomc.history import IN_STORE, ZERO, History, Step, stored_state
 from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, refuse_when_stopping,
                                steps, steps_async, stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
@@ -759,7 +759,7 @@ def history_from_stored(steps: Iterable[StoredStep], state_type: Any, run_id: st
     decode = codec.decoder(state_type, run_id, fetch)
     return History([Step(s.n, cost=s.cost, score=s.score, error=s.error, started_at=s.started_at,
                          duration=s.duration, metrics=s.metrics, events=s.events,
-                         state_json=IN_STORE if fetch is not None else s.state_json,
+                         state_json=stored_state(s.metrics, IN_STORE if fetch is not None else s.state_json),
                          decode=decode)
                     for s in steps])
 

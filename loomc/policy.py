@@ -203,6 +203,15 @@ def _current_step(history: History) -> Any:
     return last if last.ok else history.last_good
 
 
+def steps_to_keep(history: History) -> set[int]:
+    """The steps whose states a stopped run may still go back to, or return: its newest step, its last good
+    and best steps, and the one its last backtrack pointed to. The other states serve only to look back."""
+    if not history:
+        return set()
+    summary, current = history._summary(), _current_step(history)
+    return {len(history) - 1, summary[2], summary[4], -1 if current is None else current[0]} - {-1}
+
+
 def check_one_argument(fn: Callable[..., Any] | None, call: str) -> None:
     """:class:`ConfigError` now if loomc could not make ``call`` (``"fn(state)"``) with ``fn``.
 

@@ -730,6 +730,118 @@ def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_the
     assert invoke("prune", "--db", db, "--older-than", "1d", "--status", "running").exit_code == 2
 
 
+SCORES = [0.1, 0.5, 0.3, 0.9, 0.2, 0.6, None, 0.7, 0.8, 0.85, 0.1, 0.2]  # None: the call fails
+
+
+def test_prune_states_keeps_every_run_and_step_record_and_the_states_a_resume_needs(tmp_path):
+    """An agent whose state carries its whole transcript stores it again at every step: the file grows as
+    the square of the steps. `prune --states` keeps the runs, every step's record and the states a
+    resume goes on from or a run returns; it gives the rest of the disk back."""
+    from loomc import BestScore, StatePruned
+    db = str(tmp_path / "grow.db")
+    given = []
+
+    @loop(budget=Budget(iterations=12), backtrack=BestScore(), scorer=lambda s: s["score"], checkpoint=db)
+    def agent(state):
+        given.append(state)
+        score = SCORES[len(given) - 1] if len(given) <= len(SCORES) else 0.95
+        if score is None:
+            raise RuntimeError("the model timed out")
+        return {"transcript": state["transcript"] + ["turn %d " % len(given) + "x" * 20_000], "score": score}
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    def child(state):
+        return {"text": state["text"] + "y" * 10_000}
+
+    @loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: len(h) >= 2), checkpoint=db)
+    def parent(state):
+        return {"text": child.run(state).state["text"][:50]}
+
+    agent.run({"transcript": [], "score": 0}, run_id="agent")  # budget_exhausted after 12 calls
+    parent.run({"text": ""}, run_id="family")  # completed, with two child runs that exhausted their budgets
+    child.run({"text": ""}, run_id="recent")
+    with sqlite3.connect(db) as conn:  # all but `recent` were last updated 40 days ago
+        conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400 WHERE id != 'recent'")
+        conn.execute("INSERT INTO runs (id, status, created_at, updated_at) VALUES ('live', 'running', 0, 0)")
+    before = load_history(db, "agent")
+    records = [(s.n, s.cost, s.score, s.error, s.events) for s in before]
+    assert [s.n for s in before if s.events] == [2, 4, 5, 6, 7, 8, 9, 10, 11]  # after step 3, back to it each time
+    best = before[3].state
+    size = os.path.getsize(db) + os.path.getsize(db + "-wal")
+    args = ["prune", "--db", db, "--older-than", "30d", "--status", "completed", "--status", "budget_exhausted",
+            "--states"]
+
+    # Kept: the agent's steps 3 (its best, where the last backtrack pointed) and 11 (its last, and last good),
+    # each child's last step, the parent's last step. Step 6 failed and has no state.
+    dry = invoke(*args)
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.startswith("Would remove 14 states (") and (
+        " from 4 runs (2 child runs among them): the runs completed or budget_exhausted and last updated before "
+        in dry.output), dry.output
+    assert "Each run keeps its initial state, the states of its last, last good and best steps" in dry.output
+    assert load_history(db, "agent")[0].state == before[0].state, "a dry run removes nothing"
+    done = invoke(*args, "--yes")
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("Removed 14 states (") and "The file went from " in done.output
+    after = os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0)
+    assert after < size / 3, (size, after)  # the disk space came back
+    assert invoke(*args).output.startswith("Nothing to remove: the runs completed or budget_exhausted")
+
+    thinned = load_history(db, "agent")
+    assert [(s.n, s.cost, s.score, s.error, s.events) for s in thinned] == records
+    assert thinned[3].state == best and thinned[11].state == before[11].state and thinned[6].state is None
+    with pytest.raises(StatePruned, match=r"run agent step 5: its state was removed by `loomc prune --states` at "):
+        thinned[5].state
+    assert sorted(r.id for r in SQLiteStore(db).list_runs()) == sorted(
+        ["agent", "family", "recent", "live", *(c.id for c in SQLiteStore(db).children("family"))])
+    assert all(s.state is not None for s in load_history(db, "recent")), "a recent run keeps every state"
+    kids = SQLiteStore(db).children("family")
+    assert [[s.n for s in SQLiteStore(db).load_steps(k.id) if s.state_json] for k in kids] == [[2], [2]]
+
+    shown = invoke("show", "agent", "--db", db).output
+    assert "Pruned: the states of 9 steps were removed by `loomc prune --states` at " in shown
+    assert "State: removed by `loomc prune --states` at " in invoke("show", "agent", "--db", db, "--step", "5").output
+    exported = json.loads(invoke("export", "agent", "--db", db, "--json").output)
+    assert exported["steps"][5]["state"] is None and "loomc.state_pruned_at" in exported["steps"][5]["metrics"]
+    again = history_from_export(exported)
+    assert again[3].state == best
+    with pytest.raises(StatePruned, match="run agent step 5"):
+        again[5].state
+
+    # A resume goes on from where it would have: BestScore's best, step 3.
+    given.clear()
+    run = agent.resume_run("agent", budget=Budget(iterations=13))
+    assert given == [best] and run.steps == 13 and run.status == "budget_exhausted"
+
+
+def test_prune_states_leaves_a_run_that_changed_after_it_was_chosen(tmp_path, monkeypatch):
+    """Each run is thinned in a write transaction of its own, only if it has not changed since it was
+    chosen: a resume in another process that ran in between keeps every state it may need."""
+    db = str(tmp_path / "race.db")
+
+    @loop(budget=Budget(iterations=4), checkpoint=db)
+    def bulky(state):
+        return {"i": state["i"] + 1}
+
+    for run_id in ("a", "b"):
+        bulky.run({"i": 0}, run_id=run_id)
+    store = SQLiteStore(db)
+    write = store._write
+
+    def resumed_meanwhile(fn, run_id, *args):
+        if run_id == "a":  # another process touched run a (a resume, then its finish) after prune chose it
+            with sqlite3.connect(db) as other:
+                other.execute("UPDATE runs SET updated_at = updated_at + 1 WHERE id = 'a'")
+            other.close()
+        return write(fn, run_id, *args)
+
+    monkeypatch.setattr(store, "_write", resumed_meanwhile)
+    found = store.prune_states(("budget_exhausted",), time.time() + 60, apply=True)
+    assert found["runs"] == 1 and found["states"] == 3
+    assert [s.state["i"] for s in load_history(db, "a")] == [1, 2, 3, 4]
+    assert [s.n for s in SQLiteStore(db).load_steps("b") if s.state_json] == [3]
+
+
 def _parse(reply):
     try:
         return reply["usage"]["tokens"]

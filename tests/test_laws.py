@@ -129,6 +129,18 @@ def test_replay_stops_where_the_policy_first_fires(a, rows):
     assert r.stopped_after == first
 
 
+def scripted(outcomes: list, given_states: list):
+    """``fn`` of a scripted run: call ``k`` keeps the state it was given, then fails (``outcomes[k]`` is None)
+    or returns a state that scores ``outcomes[k]`` and says which call made it from which."""
+    def fn(state):
+        k = len(given_states)
+        given_states.append(state)
+        if outcomes[k] is None:
+            raise RuntimeError(f"call {k} failed")
+        return {"k": k, "from": state.get("k"), "score": outcomes[k], "pad": "x" * k}
+    return fn
+
+
 @settings(max_examples=60, deadline=None)
 @given(outcomes=st.lists(st.one_of(st.none(), st.floats(0, 1, allow_nan=False)), min_size=1, max_size=12),
        backtracker=st.sampled_from(["best", "last_good"]))
@@ -142,17 +154,7 @@ def test_dropping_states_from_memory_changes_nothing_a_run_reads_or_returns(outc
 
     def drive(heavy: int):
         given_states: list[dict] = []
-        returned: list[dict] = []
-
-        def fn(state):
-            k = len(given_states)
-            given_states.append(state)
-            if outcomes[k] is None:
-                raise RuntimeError(f"call {k} failed")
-            new = {"k": k, "from": state.get("k"), "score": outcomes[k]}
-            returned.append(new)
-            return new
-
+        fn = scripted(outcomes, given_states)
         policy = Budget(iterations=len(outcomes)) | (BestScore() if backtracker == "best" else LastGood())
         normal, interpreter.HEAVY_STATE = interpreter.HEAVY_STATE, heavy
         try:
@@ -165,3 +167,40 @@ def test_dropping_states_from_memory_changes_nothing_a_run_reads_or_returns(outc
     kept = drive(heavy=10**9)
     dropped = drive(heavy=1)
     assert dropped == kept
+
+
+@settings(max_examples=40, deadline=None)
+@given(outcomes=st.lists(st.one_of(st.none(), st.floats(0, 1, allow_nan=False)), min_size=2, max_size=12),
+       split=st.integers(1, 11), backtracker=st.sampled_from(["best", "last_good", None]))
+def test_pruning_states_changes_nothing_a_resume_reads_or_returns(outcomes, split, backtracker):
+    """`loomc prune --states` keeps only the states of steps_to_keep. A run stopped after ``split``
+    calls, pruned, then resumed to the end must go exactly as the same run resumed unpruned: the
+    same calls with the same states, the same result. A state the resume needed and the prune took
+    would raise StatePruned. (None in ``outcomes`` is a call that fails.)"""
+    import tempfile
+    import time
+    from loomc import BestScore, LastGood, SQLiteStore, loop
+
+    def drive(db: str, prune: bool):
+        given_states: list[dict] = []
+        fn = scripted(outcomes, given_states)
+        role = {"best": BestScore(), "last_good": LastGood(), None: never}[backtracker]
+        store = SQLiteStore(db, durability="normal")
+        runner = loop(policy=Budget(iterations=min(split, len(outcomes) - 1)) | role, scorer=lambda s: s["score"],
+                      checkpoint=store)(fn)
+        try:
+            runner.run({"k": None}, run_id="r")
+        except RuntimeError:
+            pass  # without a backtracker a failed call fails the run; the resume goes on from it
+        if prune:
+            store.prune_states(("budget_exhausted", "failed"), time.time() + 60, apply=True)
+        try:
+            run = runner.resume_run("r", budget=Budget(iterations=len(outcomes)))
+        except RuntimeError as e:
+            return given_states, "failed", str(e), [(s.score, s.error) for s in e.history]
+        return given_states, run.status, run.state, [(s.score, s.error) for s in run.history]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = drive(f"{tmp}/pruned.db", prune=True)
+        kept = drive(f"{tmp}/kept.db", prune=False)
+    assert pruned == kept

@@ -24,9 +24,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from loomc.errors import (ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
+from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
                           StepConflict, StoreError, warn_at_caller)
-from loomc.history import _new_tuple
+from loomc.history import History, Step, _new_tuple
+from loomc.policy import steps_to_keep
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
                                no_such_step, unheld)
 
@@ -621,24 +622,7 @@ class SQLiteStore:
         ``"crashed"`` is asked for: then those that no process drives (see ``unheld``) are, as
         decided again inside the deleting transaction, so a run resumed meanwhile stays.
         """
-        if "running" in statuses:
-            raise ConfigError("prune never deletes a running run (it may be live, or resumable after a crash); "
-                              "--status crashed chooses those that no process drives")
-        ended = tuple(s for s in statuses if s != "crashed")
-        marks = ", ".join("?" * len(ended))
-        chosen = ("WITH RECURSIVE chosen(id) AS (SELECT id FROM runs WHERE parent_run_id IS NULL AND updated_at < ? "
-                  f"AND (status IN ({marks}) OR id IN (SELECT value FROM json_each(?))) "
-                  "UNION SELECT r.id FROM runs r JOIN chosen c ON r.parent_run_id = c.id) ")
-
-        def args(conn: sqlite3.Connection) -> tuple[Any, ...]:
-            crashed = []
-            if "crashed" in statuses:
-                now = time.time()
-                crashed = [run_id for run_id, owner, lease in conn.execute(
-                    "SELECT id, owner, lease_expires FROM runs WHERE parent_run_id IS NULL AND status = 'running' "
-                    "AND updated_at < ?", (before,)) if unheld(owner, lease, now)]
-            return (before, *ended, json.dumps(crashed))
-
+        chosen, args = _chosen_runs(statuses, before)
         conn = self._conn()
         chosen_now = args(conn)
         runs, children = conn.execute(chosen + "SELECT count(*), count(parent_run_id) FROM runs "
@@ -655,12 +639,47 @@ class SQLiteStore:
                 conn.execute(chosen + f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM chosen)", chosen_then)
 
         self._write(delete)
+        self._compact(conn)
+        return found
+
+    def prune_states(self, statuses: tuple[str, ...], before: float, *, apply: bool) -> dict[str, int]:
+        """The runs ``prune`` would choose, kept, without the states no resume or result needs; with ``apply``,
+        remove those states and compact the file.
+
+        Each run keeps its initial state, every step's record (cost, score, error, events, metrics),
+        and the states of ``steps_to_keep``: its last, last good and best steps and where its last
+        backtrack pointed, which are those a resume goes on from and a stopped run returns. Every
+        other state becomes NULL, with ``metrics["loomc.state_pruned_at"]`` saying when; reading it
+        raises StatePruned. Each run is thinned in a transaction of its own, and only if it has not
+        changed since it was chosen (a run resumed meanwhile keeps its states).
+        """
+        chosen, args = _chosen_runs(statuses, before)
+        conn = self._conn()
+        runs = conn.execute(chosen + "SELECT id, updated_at FROM runs WHERE id IN (SELECT id FROM chosen)",
+                            args(conn)).fetchall()
+        found = {"runs": 0, "children": 0, "states": 0, "state_bytes": 0}
+        now = time.time()
+        for run_id, updated_at in runs:
+            if apply:
+                thinned = self._write(_thin, run_id, updated_at, statuses, now)
+            else:
+                thinned = _thin(conn, run_id, updated_at, statuses, None)
+            if thinned is not None and thinned[0]:
+                found["runs"] += 1
+                found["children"] += thinned[2]
+                found["states"] += thinned[0]
+                found["state_bytes"] += thinned[1]
+        if apply and found["states"]:
+            self._compact(conn)
+        return found
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        """Give the space of deleted rows back to the disk."""
         try:
             conn.execute("VACUUM")  # in WAL mode it writes the compacted file through the log...
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # ...which this empties into the file
         except sqlite3.Error as e:
             raise _store_error(conn, e) from e
-        return found
 
     def load_step(self, run_id: str, n: int) -> StoredStep:
         """Step ``n`` of a run, with its state (the CLI's ``show --step``); StoreError if there is none."""
@@ -679,6 +698,52 @@ class SQLiteStore:
             out[step_n] = out.get(step_n, Decimal(0)) + Decimal(usd)
             self._charged.add((run_id, step_n))  # a commit of that step must clear them
         return out
+
+
+def _chosen_runs(statuses: tuple[str, ...], before: float) -> tuple[str, Any]:
+    """What ``prune`` chooses: a ``WITH`` clause naming the ``chosen`` run ids, and ``args(conn)``, its arguments
+    as they are now (which runs no process drives is read from the file)."""
+    if "running" in statuses:
+        raise ConfigError("prune never deletes a running run (it may be live, or resumable after a crash); "
+                          "--status crashed chooses those that no process drives")
+    ended = tuple(s for s in statuses if s != "crashed")
+    marks = ", ".join("?" * len(ended))
+    chosen = ("WITH RECURSIVE chosen(id) AS (SELECT id FROM runs WHERE parent_run_id IS NULL AND updated_at < ? "
+              f"AND (status IN ({marks}) OR id IN (SELECT value FROM json_each(?))) "
+              "UNION SELECT r.id FROM runs r JOIN chosen c ON r.parent_run_id = c.id) ")
+
+    def args(conn: sqlite3.Connection) -> tuple[Any, ...]:
+        crashed = []
+        if "crashed" in statuses:
+            now = time.time()
+            crashed = [run_id for run_id, owner, lease in conn.execute(
+                "SELECT id, owner, lease_expires FROM runs WHERE parent_run_id IS NULL AND status = 'running' "
+                "AND updated_at < ?", (before,)) if unheld(owner, lease, now)]
+        return (before, *ended, json.dumps(crashed))
+    return chosen, args
+
+
+def _thin(conn: sqlite3.Connection, run_id: str, updated_at: float, statuses: tuple[str, ...],
+          at: float | None) -> tuple[int, int, int] | None:
+    """The states of one run that no resume or result needs: how many, their size, and 1 for a child run
+    (``None``: the run changed since it was chosen). With ``at``, remove them, marking each step."""
+    row = conn.execute("SELECT status, owner, lease_expires, updated_at, parent_run_id FROM runs WHERE id = ?",
+                       (run_id,)).fetchone()
+    if row is None or row[3] != updated_at:
+        return None  # deleted, resumed or finished again since it was chosen: leave it
+    if row[0] == "running" and not ("crashed" in statuses and unheld(row[1], row[2], time.time())):
+        return None
+    steps = [(n, has_state, size, Step(n, score=score, error=error, events=json.loads(events) if events else ()))
+             for n, has_state, size, score, error, events in conn.execute(
+                 "SELECT step_n, state_blob IS NOT NULL, coalesce(length(state_blob), 0), score, error, events "
+                 "FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))]
+    keep = steps_to_keep(History([step for *_, step in steps]))
+    going = [(n, size) for n, has_state, size, _ in steps if has_state and n not in keep]
+    if at is not None and going:
+        conn.execute("UPDATE steps SET state_blob = NULL, metrics = json_set(coalesce(metrics, '{}'), ?, ?) "
+                     "WHERE run_id = ? AND step_n IN (SELECT value FROM json_each(?))",
+                     (f'$."{PRUNED_METRIC}"', at, run_id, json.dumps([n for n, _ in going])))
+    return len(going), sum(size for _, size in going), int(row[4] is not None)
 
 
 def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any) -> Any:
