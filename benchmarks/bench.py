@@ -15,9 +15,9 @@
   (skipped without valgrind), steady where times are not.
 - bytecodes: the Python bytecodes one step of the full-policy loop executes, per function
   (an opcode trace, so it shows where loomc's Python goes, not how long it takes).
-- memory: the peak memory a run of 1 MB states adds while it runs and when it is resumed, at
-  50 and 200 steps. Target: flat in the number of steps (large states the run no longer needs
-  stay in the store).
+- memory: the peak memory a run of 1 MB states adds while it runs, when it is resumed and when
+  it is exported (`loomc export --json`), at 50 and 200 steps. Target: flat in the number of
+  steps (large states the run no longer needs stay in the store).
 """
 
 from __future__ import annotations
@@ -247,8 +247,13 @@ except OSError:  # not Linux: the peak since the process started
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[2] == "run":
     step.run({"blob": "", "i": 0}, run_id="m")
-else:  # the run the first process made
+elif sys.argv[2] == "resume":  # the run the first process made
     step.resume_run("m", budget=Budget(iterations=int(sys.argv[3]) + 1))
+else:  # `loomc export m --json` of it, as the command writes it
+    from loomc.export import export_text
+    with open("/dev/null", "w") as out:
+        for piece in export_text(step.store, "m"):
+            out.write(piece)
 try:
     peak = rss_kb("VmHWM")
 except OSError:
@@ -259,12 +264,14 @@ print((peak - before) / 1024)
 
 def memory(tmp: Path) -> None:
     """Peak memory a run of 1 MB states adds, as it runs and as it resumes (fresh processes)."""
-    print("memory: peak RSS added by a run of 1 MB states, then by its resume (each in a fresh process)")
+    print("memory: peak RSS added by a run of 1 MB states, then by its resume, then by exporting it as JSON "
+          "(each in a fresh process)")
     for steps in (50, 200):
         db = tmp / f"memory-{steps}.db"
         grew = [float(subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(db), kind, str(steps)],
-                                     capture_output=True, text=True, check=True).stdout) for kind in ("run", "resume")]
-        print(f"  {steps:4} steps: run {grew[0]:6.0f} MB   resume {grew[1]:6.0f} MB   "
+                                     capture_output=True, text=True, check=True).stdout)
+                for kind in ("run", "resume", "export")]
+        print(f"  {steps:4} steps: run {grew[0]:6.0f} MB   resume {grew[1]:6.0f} MB   export {grew[2]:6.0f} MB   "
               f"(the states total {steps} MB; target: flat in the number of steps)")
 
 

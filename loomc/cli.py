@@ -309,10 +309,12 @@ def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:
 @click.option("--json", "as_json", is_flag=True, required=True, help="print the whole run as JSON")
 def export(run_id: str, db: str | None, as_json: bool) -> None:
     """Print a whole run, with every step's state, as JSON."""
-    from loomc.export import export_run
+    from loomc.export import export_text
     store = open_db(db)
     try:
-        click.echo(json.dumps(export_run(store, run_id), indent=2, ensure_ascii=False))
+        for piece in export_text(store, run_id):
+            click.echo(piece, nl=False)
+        click.echo()
     except LoomcError as e:
         fail(str(e))
 

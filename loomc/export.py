@@ -7,12 +7,13 @@ dollar amounts are decimal strings, so nothing is lost to float rounding.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
 from loomc.codec import decoder
 from loomc.history import History, Step, stored_state
-from loomc.stores.base import CheckpointStore, RunRecord
+from loomc.stores.base import CheckpointStore, RunRecord, StoredStep
 
 FORMAT = "loomc.export/1"
 
@@ -28,15 +29,47 @@ def run_fields(run: RunRecord) -> dict[str, Any]:
 def export_run(store: CheckpointStore, run_id: str) -> dict[str, Any]:
     """The whole run: its record, initial state and every step with its state; and, for a run whose process
     died mid-step, what that step charged without committing (by step number)."""
+    head, stored, step_fields = _parts(store, run_id)
+    return {**head, "steps": [step_fields(s) for s in stored]}
+
+
+def export_text(store: CheckpointStore, run_id: str) -> Iterator[str]:
+    """``export_run`` as indented JSON text, in pieces: one step's state at a time is read and held, so a
+    run of a gigabyte of states exports in the memory of its largest one."""
+    head, stored, step_fields = _parts(store, run_id)
+    if not stored:
+        yield json.dumps({**head, "steps": []}, indent=2, ensure_ascii=False)
+        return
+    # The head with one marker step, split around it; each step is indented as the list's item.
+    start, _, end = json.dumps({**head, "steps": [_MARK]}, indent=2, ensure_ascii=False).rpartition(json.dumps(_MARK))
+    yield start
+    for k, s in enumerate(stored):
+        text = json.dumps(step_fields(s), indent=2, ensure_ascii=False).replace("\n", "\n    ")
+        yield text if k == 0 else ",\n    " + text
+    yield end
+
+
+_MARK = "loomc.export: a step goes here"
+
+
+def _parts(store: CheckpointStore, run_id: str) -> tuple[dict[str, Any], list[StoredStep],
+                                                         Callable[[StoredStep], dict[str, Any]]]:
+    """The run's fields, its steps (without their states, where the store can read one alone), and the
+    export's fields of a step, which reads its state from the store then."""
     run = store.get_run(run_id)
-    steps = [{"step_n": s.n, "state": None if s.state_json is None else json.loads(s.state_json),
-              "cost_usd": str(s.cost), "score": s.score, "error": s.error, "timestamp": s.started_at,
-              "duration": s.duration, "metrics": s.metrics, "events": list(s.events)}
-             for s in store.load_steps(run_id)]
+    load_step = getattr(store, "load_step", None)
+    alone = callable(load_step)
+    stored = store.load_steps(run_id, with_states=not alone)
     pending = {str(n): str(usd) for n, usd in store.pending_charges(run_id).items()}
-    return {"format": FORMAT, "run": {**run_fields(run), "initial_state": json.loads(run.initial_state),
-                                      "uncommitted_charges_usd": pending},
-            "steps": steps}
+    head = {"format": FORMAT, "run": {**run_fields(run), "initial_state": json.loads(run.initial_state),
+                                      "uncommitted_charges_usd": pending}}
+
+    def step_fields(s: StoredStep) -> dict[str, Any]:
+        text = load_step(run_id, s.n).state_json if alone else s.state_json  # type: ignore[misc]
+        return {"step_n": s.n, "state": None if text is None else json.loads(text), "cost_usd": str(s.cost),
+                "score": s.score, "error": s.error, "timestamp": s.started_at, "duration": s.duration,
+                "metrics": s.metrics, "events": list(s.events)}
+    return head, stored, step_fields
 
 
 def history_from_export(data: dict[str, Any] | str) -> History:

@@ -143,6 +143,41 @@ def test_export_round_trips_the_whole_run(tmp_path):
     assert score_plateau(2).replay(rebuilt).stopped_after == score_plateau(2).replay(original).stopped_after
 
 
+def test_export_writes_one_state_at_a_time_the_same_json_as_export_run(tmp_path, monkeypatch):
+    """`loomc export` of a run of 100 MB of states used to hold them all, and their JSON, at once (333 MB
+    of memory); it now reads and writes one state at a time, and prints the same bytes."""
+    from loomc import MemoryStore
+    from loomc.export import export_run, export_text
+    db = str(tmp_path / "x.db")
+
+    @loop(budget=Budget(iterations=3), checkpoint=db)
+    def notes(state):
+        return {"text": state["text"] + "é\u202e\n", "list": [1, {"a": None}]}
+
+    notes.run({"text": "ü"}, run_id="n")
+    store = SQLiteStore(db)
+    whole = json.dumps(export_run(store, "n"), indent=2, ensure_ascii=False)
+    assert invoke("export", "n", "--json", "--db", db).output == whole + "\n"
+    read = []
+    load_step = store.load_step
+    monkeypatch.setattr(store, "load_step", lambda run_id, n: read.append(n) or load_step(run_id, n))
+    pieces = export_text(store, "n")
+    assert next(pieces).endswith('"steps": [\n    ') and read == []
+    assert json.loads(next(pieces))["step_n"] == 0 and read == [0], "one state read per step written"
+    assert "".join(pieces) and read == [0, 1, 2]
+
+    memory = MemoryStore()  # a store without states in a file: the same text
+    loop(budget=Budget(iterations=2), checkpoint=memory)(notes.fn).run({"text": "ü"}, run_id="m")
+    assert "".join(export_text(memory, "m")) == json.dumps(export_run(memory, "m"), indent=2, ensure_ascii=False)
+    with sqlite3.connect(db) as conn:  # a run killed before its first commit: no steps
+        conn.execute("INSERT INTO runs (id, status, created_at, updated_at, initial_state) "
+                     "VALUES ('empty', 'running', 0, 0, '{}')")
+    conn.close()
+    assert "".join(export_text(store, "empty")) == json.dumps(export_run(store, "empty"), indent=2,
+                                                               ensure_ascii=False)
+    assert json.loads(invoke("export", "empty", "--json", "--db", db).output)["steps"] == []
+
+
 @pytest.mark.parametrize("args, words", [
     (["show", "nosuchrun"], "no run 'nosuchrun'"),
     (["export", "nosuchrun", "--json"], "no run 'nosuchrun'"),
