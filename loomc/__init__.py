@@ -47,6 +47,7 @@ __all__ = [
     "request_stop", "Run",
     "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
-    "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StatePruned", "StateRoundTripWarning", "Step",
+    "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StatePruned", "StateRoundTripWarning",
+    "Step",
     "step_number", "StepConflict", "StopRequested", "StoreError", "usd_left", "__version__",
 ]

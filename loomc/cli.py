@@ -24,6 +24,7 @@ from loomc.budget import budget_from_repr
 from loomc.errors import (PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted,
                           dollars, iso, shorten)
 from loomc.history import running_costs
+from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
@@ -80,30 +81,46 @@ def _gone(run: RunRecord, n: int) -> str:
 BRIEF_CHARS = 50
 
 
+#: The widest loop name ``loomc runs`` shows; a longer one is cut (``loomc show`` has it whole).
+LOOP_CHARS = 24
+
+
 def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason,
-    lease_expires)`` rows; with ``why``, a last column says briefly why each run stopped.
+    lease_expires, fn_path)`` rows; with ``why``, a last column says briefly why each run stopped.
 
     Built with %-formatting from widths worked out once: it prints every run, and there may be tens of
     thousands of them.
     """
     ids = [(run_id if run_id.isalnum() else clean(run_id)) + ("  (child)" if parent else "")
-           for run_id, _, _, _, _, parent, _, _, _ in rows]
+           for run_id, _, _, _, _, parent, _, _, _, _ in rows]
     statuses = [shown_status(row[1], row[6], row[8]) for row in rows]
+    labels: dict[str | None, str] = {}  # the runs of one loop share its label: made once
+    loops = [labels[row[9]] if row[9] in labels else labels.setdefault(row[9], loop_label(row[9])) for row in rows]
     id_w = max(15, max(map(len, ids), default=0) + 3)
+    loop_w = max(6, max(map(len, loops), default=0) + 2)
     st_w = max(10, max(map(len, statuses), default=0) + 1)
-    head = f"{'ID':<{id_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  " + (f"{'CREATED':<21}STOPPED" if why
-                                                                           else "CREATED")
-    lines = [head, "-" * ((89 if why else 68) + id_w - 15 + st_w - 10)]
-    colour, add, line = color_on(), lines.append, f"%-{id_w}s%s%5s%10s  %s"
+    head = f"{'ID':<{id_w}}{'LOOP':<{loop_w}}{'STATUS':<{st_w}}{'STEPS':>5}{'COST':>10}  " + (
+        f"{'CREATED':<21}STOPPED" if why else "CREATED")
+    lines = [head, "-" * max(len(head), id_w + loop_w + st_w + 36)]  # as wide as a row's CREATED column
+    colour, add, line = color_on(), lines.append, f"%-{id_w}s%-{loop_w}s%s%5s%10s  %s"
     minutes: dict[int, str] = {}
-    for rid, status, (_, _, steps, cost, created, _, _, reason, _) in zip(ids, statuses, rows):
+    for rid, name, status, (_, _, steps, cost, created, _, _, reason, _, _) in zip(ids, loops, statuses, rows):
         shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
-        row = line % (rid, shown, steps, dollars(cost), local_time(created, minutes))
+        row = line % (rid, name, shown, steps, dollars(cost), local_time(created, minutes))
         add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
     return "\n".join(lines)
+
+
+def loop_label(fn_path: str | None) -> str:
+    """The name a run's loop is listed by: its function's (``-`` for a lambda, a partial or a callable
+    object, which record none), cut to :data:`LOOP_CHARS`."""
+    if not fn_path:
+        return "-"
+    name = clean(fn_name_of_path(fn_path))
+    return name if len(name) <= LOOP_CHARS else name[:LOOP_CHARS - 3] + "..."
 
 
 def local_time(at: float, minutes: dict[int, str]) -> str:
@@ -179,7 +196,8 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         stopped = f"{_gone(run, len(steps))}; {what_next(run, through_parent)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent)}"
-    head = [f"Run: {clean(run.id)}  Status: {paint(status, STATUS_COLORS.get(status))}",
+    head = [f"Run: {clean(run.id)}  Loop: {loop_label(run.fn_path)}  "
+            f"Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {stopped}",
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
@@ -233,8 +251,11 @@ def main() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many runs")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
 @click.option("--why", is_flag=True, help="add a column saying briefly why each run stopped")
-def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, why: bool) -> None:
-    """List runs, newest first."""
+@click.option("--loop", "loop_name", metavar="NAME",
+              help="only runs of this loop: its function's name, or its module:qualname")
+def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, why: bool,
+         loop_name: str | None) -> None:
+    """List runs, newest first: each with its loop, status, steps, cost and start."""
     store = open_db(db)
     # "crashed" is not stored: it is a run stored as running that no process drives. Both are stored as running,
     # so either is chosen among those by the status it is shown with.
@@ -242,15 +263,20 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
     stored, fetch = ("running", None) if split else (status, limit)
     if as_json:
         from loomc.export import run_fields
-        records = store.list_runs(status=stored, limit=fetch)
+        records = store.list_runs(status=stored, limit=fetch, loop=loop_name)
         if split:
             records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == status][:limit]
         click.echo(json.dumps([run_fields(r) for r in records], indent=2))
     else:
-        rows = store.run_rows(status=stored, limit=fetch)
+        rows = store.run_rows(status=stored, limit=fetch, loop=loop_name)
         if split:
             rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == status][:limit]
         click.echo(runs_table(rows, why))
+        if loop_name is not None and not rows and not store.run_rows(loop=loop_name, limit=1):
+            names = sorted({clean(fn_name_of_path(r[9])) for r in store.run_rows() if r[9]})
+            click.echo(f"No run of a loop named {clean(loop_name)!r} here; "
+                       + (f"the loops with runs: {', '.join(names)}" if names else "no run has a named loop"),
+                       err=True)
 
 
 @main.command()
@@ -333,7 +359,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
            wall_clock: str | None, take_over: bool) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
     from loomc.budget import Budget
-    from loomc.loop import fn_name_of_path, refuse_child, refuse_completed, refuse_reached
+    from loomc.loop import refuse_child, refuse_completed, refuse_reached
     store = open_db(db)
     try:  # a bad cap is refused before anything is imported
         budget = Budget(usd=budget_usd, iterations=iterations, wall_clock=wall_clock) \

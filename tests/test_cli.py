@@ -84,6 +84,46 @@ def test_show_marks_backtracks_and_convergence(tmp_path):
     assert "Stopped: score_plateau" in out and "Status: completed" in out
 
 
+def test_runs_names_each_runs_loop_and_lists_one_loop_on_request(tmp_path):
+    """A file that several loops share listed hex ids and statuses: nothing said which loop a run was, so
+    the failed `refine_report` runs could not be told from the `summarize` ones."""
+    db = str(tmp_path / "loops.db")
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    def refine_report(state):
+        return state + 1
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    def summarize_each_chapter_of_the_book_twice(state):
+        return state + 1
+
+    refine_report.run(0, run_id="r1")
+    summarize_each_chapter_of_the_book_twice.run(0, run_id="s1")
+    refine_report.run(0, run_id="r2")
+    loop(budget=Budget(iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="anon")
+    listed = invoke("runs", "--db", db).output.splitlines()
+    assert listed[0].split() == ["ID", "LOOP", "STATUS", "STEPS", "COST", "CREATED"]
+    assert {line.split()[0]: line.split()[1] for line in listed[2:]} == {
+        "r1": "refine_report", "r2": "refine_report", "s1": "summarize_each_chapte...", "anon": "-"}
+    assert len(listed[1]) == len(listed[2].rstrip()), "the rule is as wide as a row"
+    only = invoke("runs", "--db", db, "--loop", "refine_report").output.splitlines()
+    assert [line.split()[0] for line in only[2:]] == ["r2", "r1"]
+    path = SQLiteStore(db).get_run("s1").fn_path
+    assert path.endswith(":test_runs_names_each_runs_loop_and_lists_one_loop_on_request.<locals>."
+                         "summarize_each_chapter_of_the_book_twice")
+    for name in (path, "summarize_each_chapter_of_the_book_twice"):
+        assert [line.split()[0] for line in invoke("runs", "--db", db, "--loop", name).output.splitlines()[2:]] \
+            == ["s1"]
+        assert [r["id"] for r in json.loads(invoke("runs", "--db", db, "--loop", name, "--json").output)] == ["s1"]
+    assert [line.split()[0] for line in invoke("runs", "--db", db, "--loop", "refine_report", "--limit", "1",
+                                               "--why").output.splitlines()[2:]] == ["r2"]
+    missed = CliRunner().invoke(main, ["runs", "--db", db, "--loop", "refine"])
+    assert missed.exit_code == 0 and len(missed.stdout.splitlines()) == 2  # the header alone
+    assert missed.stderr.strip() == ("No run of a loop named 'refine' here; the loops with runs: refine_report, "
+                                     "summarize_each_chapter_of_the_book_twice")
+    assert invoke("show", "r1", "--db", db).output.startswith("Run: r1  Loop: refine_report  Status: ")
+
+
 def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
     """Regression: steps of a cheap model ($0.00003 each) showed as $0.0000 in `loomc show`, the run's
     spend as $0.0001, and the notebook's table likewise: as if nothing had been recorded."""
@@ -97,7 +137,7 @@ def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
     shown = invoke("show", "cheap", "--db", db).output
     assert "Spent: $0.00009 of $0.0100 budget in 3 steps" in shown
     assert "   1  $0.00003  $0.00006      -" in shown
-    assert re.search(r"cheap +budget_exhausted +3 +\$0\.00009 ", invoke("runs", "--db", db).output)
+    assert re.search(r"cheap +classify +budget_exhausted +3 +\$0\.00009 ", invoke("runs", "--db", db).output)
     assert "$0.00009" in repr(run) and "<td>$0.00003</td><td>$0.00006</td>" in run._repr_html_()
     assert invoke("show", "cheap", "--step", "2", "--db", db).output.count("$0.00009") == 1
     tiny = loop(budget=Budget(usd=0.00005), cost_fn=lambda s: 0.00003, checkpoint=db)(lambda s: s + 1)
@@ -241,7 +281,7 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     (row,) = json.loads(subprocess.run(["loomc", "runs", "--json"], capture_output=True, text=True, env=env).stdout)
     assert row["status"] == "running" and row["steps"] == 2  # as stored; the tables say what happened
     listed = subprocess.run(["loomc", "runs"], capture_output=True, text=True, env=env).stdout
-    assert listed.splitlines()[2].split()[:3] == [row["id"], "crashed", "2"]
+    assert listed.splitlines()[2].split()[:4] == [row["id"], "fix_code", "crashed", "2"]
     for flag in ([], ["--json"]):
         only = subprocess.run(["loomc", "runs", "--status", "crashed", *flag], capture_output=True, text=True, env=env)
         assert row["id"] in only.stdout
@@ -274,7 +314,7 @@ def test_only_runs_whose_process_is_gone_are_crashed(tmp_path):
     store.create_run(make_run("live").replace(owner=alive.owner))
     store.create_run(make_run("gone").replace(owner=f"{socket.gethostname()}:999999999:t1.abcdef"))
     store.create_run(make_run("elsewhere").replace(owner="another-host:1:abcdef"))
-    listed = {line.split()[0]: line.split()[1] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    listed = {line.split()[0]: line.split()[2] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
     assert listed == {"live": "running", "gone": "crashed", "elsewhere": "running"}
     assert invoke("runs", "--status", "crashed", "--db", db).output.splitlines()[2].split()[0] == "gone"
     assert [r["id"] for r in json.loads(invoke("runs", "--status", "crashed", "--json", "--db", db).output)] == ["gone"]
@@ -530,7 +570,7 @@ def test_loomc_resume_stopped_by_sigterm_finishes_the_call_in_flight_and_exits_1
     worker.send_signal(signal.SIGTERM)  # during step 1's call
     out, err = worker.communicate(timeout=60)
     assert worker.returncode == 128 + signal.SIGTERM, err
-    assert out.startswith("done 1\nRun: w  Status: cancelled\n"), "no call started after the signal"
+    assert out.startswith("done 1\nRun: w  Loop: bump  Status: cancelled\n"), "no call started after the signal"
     assert "Status: cancelled" in out and "Stopped: SIGTERM received; stopped before step 2" in out
     record = SQLiteStore(tmp_path / "w.db").get_run("w")
     assert record.status == "cancelled" and record.steps == 2 and record.owner is None
@@ -696,7 +736,7 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
         conn.execute("UPDATE runs SET owner = NULL, lease_expires = NULL WHERE id = 'ownerless'")
         # Another host's live process: its lease is renewed, so it is running, however old its last step.
         conn.execute("UPDATE runs SET owner = 'pod-1a2b:1:t1', lease_expires = ? WHERE id = 'held'", (now + 300,))
-    listed = {line.split()[0]: line.split()[1] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    listed = {line.split()[0]: line.split()[2] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
     assert listed == {"here": "crashed", "elsewhere": "crashed", "ownerless": "crashed", "held": "running",
                       "recent": "crashed"}
     crashed = invoke("runs", "--db", db, "--status", "crashed", "--json").output
