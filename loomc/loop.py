@@ -368,6 +368,7 @@ class LoopRunner:
                 return self._start(state, run_id, parent)
             except StepConflict:  # another process started it meanwhile (one job launched twice): join it
                 record = self.store.get_run(run_id)
+        self._refuse_other_loops(record, parent)
         completed = record.status == "completed"
         if completed:
             live = self._restore(record, self.policy, Drive(), parent=None)
@@ -379,6 +380,22 @@ class LoopRunner:
         if mismatch is not None:
             live.notices.append((mismatch, StateMismatchWarning))
         return _ended(live, "completed", record.reason or "completed", None) if completed else live
+
+    def _refuse_other_loops(self, record: RunRecord, parent: LiveRun | None) -> None:
+        """StepConflict if the run stored under the id was started by another loop (another function's name):
+        two loops share a run id, and going on, or returning its result, would hand this loop the other's.
+        An explicit ``resume(run_id)`` only warns (SpecChangedWarning): a renamed function goes on so."""
+        if not record.fn_path or not self.fn_path:
+            return  # a lambda, a partial or a callable object records no name
+        theirs, mine = fn_name_of_path(record.fn_path), fn_name_of_path(self.fn_path)
+        if theirs == mine:
+            return
+        what = "child run" if parent is not None else "run"
+        would = "get its result" if record.status == "completed" else "go on with it"
+        raise StepConflict(
+            f"{what} {record.id} is stored as a run of loop {theirs} ({record.fn_path}), not of {mine}: two loops "
+            f"share the run id, and {mine} would {would}. Give each loop's runs ids of their own "
+            f"(run_id=f\"{mine}-...\"); if {theirs} was renamed {mine}, go on with it by {mine}.resume({record.id!r})")
 
     def _start(self, state: Any, run_id: str | None, parent: LiveRun | None = None) -> LiveRun:
         try:

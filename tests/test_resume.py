@@ -1396,6 +1396,49 @@ def test_a_policy_that_raises_after_a_paid_step_keeps_the_step_and_resume_asks_i
     assert store.get_run("p").total_cost == Decimal("0.4")
 
 
+def test_resume_true_refuses_a_run_another_loop_started_under_the_same_id(tmp_path):
+    """Two jobs that both named their runs f"nightly-{date}": the second one's `run(..., resume=True)`
+    went on with the first one's run, or returned its result as its own, with a SpecChangedWarning only."""
+    from loomc import StepConflict
+    db = str(tmp_path / "two.db")
+    calls = []
+
+    def refine(s):
+        calls.append("refine")
+        if s == 1:
+            raise RuntimeError("the model is down")
+        return s + 1
+
+    def summarize(s):
+        calls.append("summarize")
+        return s + 100
+
+    refining = loop(budget=Budget(iterations=3), checkpoint=db)(refine)
+    summarizing = loop(budget=Budget(iterations=3), checkpoint=db)(summarize)
+    assert refining.run(0, run_id="nightly-1", resume=True).status == "failed"  # at its second call
+    assert refining.run(10, run_id="nightly-2", resume=True).status == "budget_exhausted"
+    calls.clear()
+    for run_id, would in (("nightly-1", "go on with it"), ("nightly-2", "go on with it")):
+        with pytest.raises(StepConflict) as refused:
+            summarizing.run(0, run_id=run_id, resume=True)
+        assert str(refused.value) == (
+            f"run {run_id} is stored as a run of loop refine ({__name__}:test_resume_true_refuses_a_run_another_"
+            f"loop_started_under_the_same_id.<locals>.refine), not of summarize: two loops share the run id, and "
+            f"summarize would {would}. Give each loop's runs ids of their own (run_id=f\"summarize-...\"); if "
+            f"refine was renamed summarize, go on with it by summarize.resume('{run_id}')")
+    completed = loop(budget=Budget(iterations=3), converge_on=predicate(lambda h: True), checkpoint=db)(refine)
+    completed.run(5, run_id="nightly-3")
+    with pytest.raises(StepConflict, match="summarize would get its result"):
+        loop(budget=Budget(iterations=3), converge_on=predicate(lambda h: True),
+             checkpoint=db)(summarize).run(5, run_id="nightly-3", resume=True)
+    assert calls == ["refine"], "nothing was called by the loop refused"
+    assert SQLiteStore(db).get_run("nightly-1").status == "failed", "the other loop's run is as it was"
+    with pytest.warns(SpecChangedWarning, match="the function is .*summarize \\(it was .*refine when"):
+        assert summarizing.resume_run("nightly-1").status == "budget_exhausted"  # named: a renamed loop goes on
+    assert calls == ["refine", "summarize"]  # the one call its cap of 3 left
+    assert refining.run(10, run_id="nightly-4", resume=True).status == "budget_exhausted"  # its own ids: as before
+
+
 @pytest.mark.parametrize("aio", [False, True])
 def test_resume_true_with_another_state_says_the_stored_run_is_used_and_where_the_states_differ(tmp_path, aio):
     """A notebook cell (or a job) run again under the same run_id with an edited state: resume=True
