@@ -850,9 +850,14 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
             probe.check_installed()  # semantic_delta without sentence-transformers: now, not after a paid call
     for name, value in (("scorer", scorer), ("cost_fn", cost_fn), ("clock", clock)):
         if value is not None and not callable(value):
-            adapter_given = name == "cost_fn" and callable(getattr(value, "cost_fn", None))
-            raise ConfigError(f"{name}={value!r} must be a function"
-                              + (f": to price with it, pass cost_fn={value!r}.cost_fn" if adapter_given else ""))
+            hint = ""
+            if name == "cost_fn" and callable(getattr(value, "cost_fn", None)):
+                hint = f": to price with it, pass cost_fn={value!r}.cost_fn"
+            elif name in ("cost_fn", "scorer") and isinstance(value, str):
+                hint = f" of the state fn returned; to read a field of it, write {name}=lambda state: state[{value!r}]"
+            elif name == "cost_fn" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                hint = f" of the state fn returned; for the same cost every call, write cost_fn=lambda state: {value!r}"
+            raise ConfigError(f"{name}={value!r} must be a function{hint}")
     adapter, method = getattr(cost_fn, "__self__", None), getattr(cost_fn, "__name__", "")
     if method in ("charge", "acharge") and callable(getattr(adapter, "cost_fn", None)):
         raise ConfigError(f"cost_fn={adapter!r}.{method} prices a response you hand it inside fn ({method}(reply)); "

@@ -588,6 +588,15 @@ def test_decoration_time_errors_for_wrong_slots():
         loop(budget=5)
     with pytest.raises(ConfigError, match="checkpoint"):
         loop(checkpoint=42)
+    # A fixed price or a field's name where a function goes: the error writes the function meant.
+    with pytest.raises(ConfigError, match=re.escape("cost_fn=0.05 must be a function of the state fn returned; for "
+                                                    "the same cost every call, write cost_fn=lambda state: 0.05")):
+        loop(budget=Budget(usd=1), cost_fn=0.05)
+    with pytest.raises(ConfigError, match=re.escape("to read a field of it, write scorer=lambda state: "
+                                                    "state['score']")):
+        loop(scorer="score")
+    with pytest.raises(ConfigError, match=r"^clock=5 must be a function$"):
+        loop(clock=5)
 
 
 @pytest.mark.parametrize("make", [
