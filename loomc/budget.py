@@ -85,6 +85,10 @@ class Budget(Signal):
               else to_decimal(step_estimate, "Budget(step_estimate=...)"))
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
+        if self.usd is not None and not self.usd:  # the first call has no estimate, so it would still be made
+            raise ConfigError(f"Budget(usd={usd!r}): a cap of $0 allows no call that costs anything, yet the first "
+                              "call, whose price is not known before it, would still be made; give the dollars the "
+                              "run may spend, or leave usd= out for no dollar cap")
         if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
                                        or iterations < 1):
             raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
