@@ -316,12 +316,13 @@ class _Adapter:
         """Price ``response`` and record the spend at once (``loomc.charge``), inside an iteration.
 
         Call it right after the paid call: the spend is counted even if the process dies on the
-        next line, and the state need not carry the response. Returns the dollars charged.
+        next line, and the state need not carry the response. Returns the dollars charged. It is
+        the step's line item ``item``, by default the adapter's model (``step.metrics["cost_items"]``).
         """
         from loomc.interpreter import charge
         usd, problem = self._billed(response)
         if usd or problem is None:
-            charge(usd, item=item)
+            charge(usd, item=self.model if item is None else item)
         if problem is not None:
             raise problem
         return usd
@@ -334,7 +335,7 @@ class _Adapter:
         """
         from loomc.interpreter import named, spent
         usd, problem = self._billed(response)
-        counted = spent("acharge", usd, item) if usd or problem is None else None
+        counted = spent("acharge", usd, self.model if item is None else item) if usd or problem is None else None
         return named(_written(counted, usd, problem), f"{type(self).__name__}.acharge")
 
     def cost_fn(self, state: Any) -> Decimal:

@@ -23,7 +23,7 @@ import click
 from loomc.budget import budget_from_repr
 from loomc.errors import (PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted,
                           dollars, iso, shorten)
-from loomc.history import running_costs
+from loomc.history import running_costs, spend_by_item
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -201,6 +201,9 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
             f"Stopped: {stopped}",
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
+    items = spend_by_item(steps, clean)
+    if items:
+        head.append(f"By item: {items}")
     head += [f"Uncommitted: {dollars(usd)} charged during step {n}, which never committed; "
              "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
     head += [f"Note: {clean(n)}" for n in run.notes]

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 import toolz
 
-from loomc.errors import PRUNED_METRIC, TRACEBACK_METRIC, counted
+from loomc.errors import PRUNED_METRIC, TRACEBACK_METRIC, counted, dollars
 
 T = TypeVar("T")
 
@@ -258,6 +258,25 @@ def running_costs(steps: Iterable[Any]) -> Iterator[Decimal]:
     [Decimal('0.1'), Decimal('0.35')]
     """
     return toolz.accumulate(operator.add, (s.cost for s in steps))  # type: ignore[no-any-return]
+
+
+def spend_by_item(steps: Sequence[Any], name: Callable[[str], str] = str) -> str:
+    """What the steps (anything with ``cost`` and ``metrics``) spent on each line item, dearest first, then
+    the rest: ``claude-sonnet-4-5 $0.0800 in 4 steps; judge $0.0100 in 2 steps; the rest $0.0040``.
+    Empty if no step has line items (``loomc.charge(usd, item)``, an adapter's model, the judge).
+    ``name`` shows an item's name (the CLI escapes it)."""
+    totals: dict[str, Decimal] = {}
+    calls: dict[str, int] = {}
+    for s in steps:
+        for item, usd in (s.metrics.get("cost_items") or {}).items():
+            totals[item] = totals.get(item, ZERO) + Decimal(usd)
+            calls[item] = calls.get(item, 0) + 1
+    if not totals:
+        return ""
+    rest = sum((s.cost for s in steps), ZERO) - sum(totals.values(), ZERO)
+    parts = [f"{name(item)} {dollars(usd)} in {counted(calls[item], 'step')}"
+             for item, usd in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return "; ".join(parts + ([f"the rest {dollars(rest)}"] if rest else []))
 
 
 def _same_score(a: float | None, b: float | None) -> bool:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from loomc.budget import iteration_cap, usd_cap
 from loomc.errors import counted, dollars
-from loomc.history import History, Step, running_costs
+from loomc.history import History, Step, running_costs, spend_by_item
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
 if TYPE_CHECKING:
@@ -53,9 +53,14 @@ def run_html(run: Run) -> str:
     spent = dollars(run.total_cost) + (f" of {dollars(cap)}" if cap is not None else "")
     return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
             f" &middot; {counted(len(run.history), 'step')} &middot; {spent}</p>"
-            f"<p>Stopped: {esc(run.reason)}</p><p>Policy: <code>{esc(repr(run.policy))}</code></p>"
+            f"<p>Stopped: {esc(run.reason)}</p>{_items(run.history)}<p>Policy: <code>{esc(repr(run.policy))}</code></p>"
             f"<p>State: <code>{esc(_short(run.state))}</code></p>"
             f"{steps_table(run.history)}</div>")
+
+
+def _items(history: History) -> str:
+    items = spend_by_item(history)
+    return f"<p>By item: {esc(items)}</p>" if items else ""
 
 
 def _short(value: Any, limit: int = 300) -> str:

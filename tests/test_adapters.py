@@ -229,7 +229,8 @@ def test_charge_records_the_price_of_a_response_at_once_as_a_line_item(tmp_path,
 
     run = step.run({"n": 0})
     assert seen == [per_call, per_call] and run.total_cost == 4 * per_call
-    assert run.history[0].metrics["cost_items"] == {"critique": str(per_call)}
+    # Each charge is a line item: the one named, and the model's for the charge that names none.
+    assert run.history[0].metrics["cost_items"] == {sonnet.model: str(per_call), "critique": str(per_call)}
 
 
 def test_acharge_in_an_async_loop(sonnet):
@@ -241,6 +242,7 @@ def test_acharge_in_an_async_loop(sonnet):
 
     run = asyncio.run(step.run(0))
     assert run.total_cost == 3 * (2000 * SONNET["input"] + 10 * SONNET["output"]) / M
+    assert run.history[2].metrics["cost_items"] == {sonnet.model: str(run.total_cost / 3)}
 
 
 def test_a_forgotten_await_on_acharge_still_counts_the_spend(sonnet, tmp_path):

@@ -124,6 +124,29 @@ def test_runs_names_each_runs_loop_and_lists_one_loop_on_request(tmp_path):
     assert invoke("show", "r1", "--db", db).output.startswith("Run: r1  Loop: refine_report  Status: ")
 
 
+def test_show_says_what_the_run_spent_on_each_line_item(tmp_path):
+    """A run that cost $3 where $1 was expected: which calls took the money? Each step's line items
+    (`loomc.charge(usd, item)`, an adapter's model, the judge) are summed over the run."""
+    import loomc
+    db = str(tmp_path / "items.db")
+
+    @loop(budget=Budget(usd=1, iterations=4), checkpoint=db)
+    def write(state):
+        loomc.charge(0.02, "claude-sonnet-4-5")
+        if state % 2:
+            loomc.charge(0.005, "judge")
+        loomc.charge(0.001)
+        return state + 1
+
+    write.run(0, run_id="items")
+    shown = invoke("show", "items", "--db", db).output.splitlines()
+    assert shown[3:5] == ["Spent: $0.0940 of $1.0000 budget in 4 steps, 1 attempt",
+                          "By item: claude-sonnet-4-5 $0.0800 in 4 steps; judge $0.0100 in 2 steps; the rest $0.0040"]
+    make_failed_run(db)
+    plain = invoke("show", "a1b2c3d4e5f6", "--db", db).output.splitlines()
+    assert not any(line.startswith("By item:") for line in plain), "no line items, no line"
+
+
 def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
     """Regression: steps of a cheap model ($0.00003 each) showed as $0.0000 in `loomc show`, the run's
     spend as $0.0001, and the notebook's table likewise: as if nothing had been recorded."""

@@ -49,6 +49,22 @@ def test_run_html_escapes_states_errors_and_policy_text():
     assert "&lt;lambda&gt;" in policy_page and "<lambda>" not in policy_page
 
 
+def test_run_html_says_what_the_run_spent_on_each_line_item():
+    import loomc
+
+    def fn(state):
+        loomc.charge(0.03, HOSTILE)
+        loomc.charge(0.01, "judge")
+        return state + 1
+
+    run = loop(budget=Budget(usd=1, iterations=2), cost_fn=lambda s: 0.005, checkpoint="memory")(fn).run(0)
+    page = run._repr_html_()
+    assert f"<p>By item: {html.escape(HOSTILE)} $0.0600 in 2 steps; judge $0.0200 in 2 steps; the rest $0.0100</p>" \
+        in page and "<script>" not in page
+    plain = loop(budget=Budget(iterations=1), cost_fn=lambda s: 0.005, checkpoint="memory")(lambda s: s + 1).run(0)
+    assert "By item" not in plain._repr_html_()
+
+
 def test_long_runs_show_their_first_and_last_steps():
     run = loop(budget=Budget(iterations=100), checkpoint="memory")(lambda s: s + 1).run(0)
     page = run._repr_html_()
