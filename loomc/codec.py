@@ -91,13 +91,17 @@ def encode(state: Any) -> str:
         return pydantic_core.to_json(state, inf_nan_mode="constants").decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
-        advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else
+        advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
                   "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
                   "dataclasses), or convert it before returning")
         raise StateEncodeError(f"{where} {why}, which cannot be stored as JSON; {advice} ({e})") from None
 
 
 _NEVER_AWAITED = "that was never awaited"
+_SURROGATE = "holding a lone surrogate, invalid in UTF-8"
+_SURROGATE_ADVICE = ("such a str comes from bytes decoded with errors='surrogateescape' (file names from os.listdir, "
+                     "a subprocess's output): decode them with errors='replace', or keep the bytes as text with "
+                     "os.fsencode(name).decode('utf-8', 'backslashreplace')")
 _AWAIT_IT = "a sync fn cannot await it: write fn as `async def` and await the call"
 
 
@@ -124,6 +128,8 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
         for k in value:
             if not isinstance(k, (str, int, float, bool)) and k is not None:
                 return f"{where} key {k!r}", f"is {_a(type(k).__name__)} ({_short(k)})"
+            if isinstance(k, str) and not _encodes(k):
+                return f"{where} key {k!r}", f"is a str ({_short(k)}) {_SURROGATE}"
         parts = ((f"{where}[{k!r}]", v) for k, v in value.items())
     elif isinstance(value, (list, tuple)):
         parts = ((f"{where}[{i}]", v) for i, v in enumerate(value))
@@ -136,6 +142,8 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
         return _too_deep(where)
     if inspect.isawaitable(value):  # an async call made from a sync fn
         return where, f"is {_a(type(value).__name__)} ({_short(value)}) {_NEVER_AWAITED}"
+    if isinstance(value, str):
+        return where, f"is a str ({_short(value)}) {_SURROGATE}"
     return where, f"is {_a(type(value).__name__)} ({_short(value)})"
 
 

@@ -547,6 +547,11 @@ def nested(depth: int) -> list:
     (cyclic, r"state\['tree'\]\['children'\]\[0\]\['parent'\] refers back to a value that contains it"),
     (lambda: nested(400), r"state\['tree'\] nests lists or dicts too deeply"),
     (lambda: nested(5000), r"state\['tree'\] nests lists or dicts too deeply"),  # deeper than Python's stack
+    # A file name from os.listdir that is not UTF-8: its str holds a lone surrogate (surrogateescape).
+    (lambda: ["ok.py", os.fsdecode(b"bad\xff.py")], r"state\['tree'\]\[1\] is a str \('bad\\udcff.py'\) "
+                                                     r"holding a lone surrogate, invalid in UTF-8, .* decode them with "
+                                                     r"errors='replace'"),
+    (lambda: {os.fsdecode(b"\xff"): 1}, r"state\['tree'\] key '\\udcff' is a str .* holding a lone surrogate"),
 ])
 def test_a_cyclic_or_too_deep_state_fails_its_step_with_the_path_and_keeps_the_cost(tmp_path, make, words):
     """Regression: looking for the bad field followed the cycle (or the depth) into a RecursionError,
