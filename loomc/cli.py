@@ -485,12 +485,26 @@ def prune(db: str | None, older_than: str, statuses: tuple[str, ...], states: bo
     elif not yes:
         click.echo(f"Would delete {what}.\nRun again with --yes to delete them; the file is then compacted.")
     else:
-        click.echo(f"Deleted {what}.\nThe file went from {_size(size)} to {_size(_file_size(path))}.")
+        click.echo(f"Deleted {what}.")
+    if yes:
+        _compacted(found["live"], size, path)
+
+
+def _compacted(live: int, size: int, path: Any) -> None:
+    """Say what compacting did (``live``, from the store's prune: -1 nothing to do, 0 done, else live runs)."""
+    if live == 0:
+        click.echo(f"The file went from {_size(size)} to {_size(_file_size(path))}.")
+    elif live > 0:
+        click.echo(f"The file was not compacted: {counted(live, 'run')} {'is' if live == 1 else 'are'} live, and "
+                   "compacting rewrites the whole file while their commits wait. New steps reuse the space freed; "
+                   "run this again when no run is live to give it back to the disk.")
 
 
 def _prune_states(found: dict[str, int], which: str, yes: bool, size: int, path: Any) -> None:
     if not found["states"]:
         click.echo(f"Nothing to remove: {which} hold no state that a resume or their result does not need.")
+        if yes:
+            _compacted(found["live"], size, path)
         return
     children = f" ({counted(found['children'], 'child run')} among them)" if found["children"] else ""
     what = (f"{counted(found['states'], 'state')} ({_size(found['state_bytes'])}) from "
@@ -500,7 +514,8 @@ def _prune_states(found: dict[str, int], which: str, yes: bool, size: int, path:
     if not yes:
         click.echo(f"Would remove {what}.\nRun again with --yes to remove them; the file is then compacted.")
     else:
-        click.echo(f"Removed {what}.\nThe file went from {_size(size)} to {_size(_file_size(path))}.")
+        click.echo(f"Removed {what}.")
+        _compacted(found["live"], size, path)
 
 
 def _file_size(path: Any) -> int:

@@ -828,6 +828,46 @@ def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_the
     assert invoke("prune", "--db", db, "--older-than", "1d", "--status", "running").exit_code == 2
 
 
+def test_prune_does_not_compact_the_file_while_a_run_is_live_and_compacts_it_later(tmp_path):
+    """Compacting rewrites the whole file in one write transaction (about 7 s per GB here): a live run's
+    commits waited for it, and past the 60 s busy timeout they failed. Prune now leaves the file as it is
+    while a run is live (new steps reuse the space), and a later prune with no run live compacts it."""
+    db = str(tmp_path / "busy.db")
+
+    @loop(budget=Budget(iterations=20), checkpoint=db)
+    def bulky(state):
+        return {"text": "x" * 20_000, "i": state["i"] + 1}
+
+    bulky.run({"text": "", "i": 0}, run_id="old")
+    bulky.run({"text": "", "i": 0}, run_id="older")
+    with sqlite3.connect(db) as conn:  # both 40 days old; a run another host drives now, its lease live
+        conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400")
+        conn.execute("INSERT INTO runs (id, status, created_at, updated_at, owner, lease_expires) "
+                     "VALUES ('elsewhere', 'running', 0, 0, 'pod-7f9c:1:t1', ?)", (time.time() + 600,))
+    conn.close()
+
+    def size():
+        return os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0)
+
+    before = size()
+    kept = invoke("prune", "--db", db, "--older-than", "30d", "--status", "budget_exhausted", "--states", "--yes")
+    assert kept.output.splitlines()[1] == (
+        "The file was not compacted: 1 run is live, and compacting rewrites the whole file while their commits "
+        "wait. New steps reuse the space freed; run this again when no run is live to give it back to the disk.")
+    assert size() >= before * 0.9, "not compacted"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] > 0, "the space is free for new steps"
+        conn.execute("UPDATE runs SET status = 'completed', owner = NULL, lease_expires = NULL "
+                     "WHERE id = 'elsewhere'")
+    conn.close()
+    # Nothing left to remove, but the space an earlier prune freed: given back now that no run is live.
+    later = invoke("prune", "--db", db, "--older-than", "30d", "--status", "budget_exhausted", "--states", "--yes")
+    assert later.output.startswith("Nothing to remove") and "\nThe file went from " in later.output
+    assert size() < before / 4
+    again = invoke("prune", "--db", db, "--older-than", "30d", "--status", "budget_exhausted", "--states", "--yes")
+    assert again.output.startswith("Nothing to remove") and "The file" not in again.output, "nothing to give back"
+
+
 SCORES = [0.1, 0.5, 0.3, 0.9, 0.2, 0.6, None, 0.7, 0.8, 0.85, 0.1, 0.2]  # None: the call fails
 
 

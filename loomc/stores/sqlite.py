@@ -639,7 +639,7 @@ class SQLiteStore:
         steps, state_bytes = conn.execute(chosen + "SELECT count(*), coalesce(sum(length(state_blob)), 0) "
                                           "FROM steps WHERE run_id IN (SELECT id FROM chosen)", chosen_now).fetchone()
         found = {"runs": runs, "children": children, "steps": steps, "state_bytes": state_bytes}
-        if not apply or not runs:
+        if not apply:
             return found
 
         def delete(conn: sqlite3.Connection) -> None:
@@ -647,8 +647,9 @@ class SQLiteStore:
             for table, column in (("charges", "run_id"), ("steps", "run_id"), ("runs", "id")):  # runs last
                 conn.execute(chosen + f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM chosen)", chosen_then)
 
-        self._write(delete)
-        self._compact(conn)
+        if runs:
+            self._write(delete)
+        found["live"] = self._compact(conn, bool(runs))
         return found
 
     def prune_states(self, statuses: tuple[str, ...], before: float, *, apply: bool) -> dict[str, int]:
@@ -678,17 +679,32 @@ class SQLiteStore:
                 found["children"] += thinned[2]
                 found["states"] += thinned[0]
                 found["state_bytes"] += thinned[1]
-        if apply and found["states"]:
-            self._compact(conn)
+        if apply:
+            found["live"] = self._compact(conn, bool(found["states"]))
         return found
 
-    def _compact(self, conn: sqlite3.Connection) -> None:
-        """Give the space of deleted rows back to the disk."""
+    def _compact(self, conn: sqlite3.Connection, changed: bool) -> int:
+        """Give the space that deleted rows left free back to the disk (VACUUM, then a WAL checkpoint), unless
+        runs are live: the number of live runs that kept it from compacting (-1: there was nothing to give
+        back, neither ``changed`` rows now nor free pages left by an earlier prune; 0: it compacted).
+
+        VACUUM rewrites the whole file in one write transaction (seconds per GB), and a live run's
+        commits would wait for it, or fail past the busy timeout. Left uncompacted, the free pages
+        are reused by new steps, and a later prune with no run live compacts the file.
+        """
         try:
+            if not changed and not conn.execute("PRAGMA freelist_count").fetchone()[0]:
+                return -1
+            now = time.time()
+            live = sum(not unheld(owner, lease, now) for owner, lease in conn.execute(
+                "SELECT owner, lease_expires FROM runs WHERE status = 'running'"))
+            if live:
+                return live
             conn.execute("VACUUM")  # in WAL mode it writes the compacted file through the log...
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # ...which this empties into the file
         except sqlite3.Error as e:
             raise _store_error(conn, e) from e
+        return 0
 
     def load_step(self, run_id: str, n: int) -> StoredStep:
         """Step ``n`` of a run, with its state (the CLI's ``show --step``); StoreError if there is none."""
