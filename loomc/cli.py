@@ -111,7 +111,19 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
         row = line % (rid, name, shown, steps, dollars(cost), local_time(created, minutes))
         add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
+    if len(rows) > 1:
+        add(_total(rows))
     return "\n".join(lines)
+
+
+def _total(rows: list[tuple[Any, ...]]) -> str:
+    """What the runs listed spent in all: a child run's spend is in its parent's already, so a child is added
+    only when its parent is not listed."""
+    listed = {row[0] for row in rows}
+    total = sum((Decimal(row[3]) for row in rows if row[5] not in listed), Decimal(0))
+    inside = any(row[5] in listed for row in rows)
+    return (f"{counted(len(rows), 'run')}, {dollars(total)} in all"
+            + (" (a child run's spend counted once, in its parent's)" if inside else ""))
 
 
 def loop_label(fn_path: str | None) -> str:
@@ -256,9 +268,15 @@ def main() -> None:
 @click.option("--why", is_flag=True, help="add a column saying briefly why each run stopped")
 @click.option("--loop", "loop_name", metavar="NAME",
               help="only runs of this loop: its function's name, or its module:qualname")
+@click.option("--since", metavar="D", help="only runs started within this long: '24h', '7d', '90m'")
 def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, why: bool,
-         loop_name: str | None) -> None:
+         loop_name: str | None, since: str | None) -> None:
     """List runs, newest first: each with its loop, status, steps, cost and start."""
+    from loomc.budget import parse_duration
+    try:
+        started = None if since is None else time.time() - parse_duration(since, "--since")
+    except LoomcError as e:
+        fail(str(e))
     store = open_db(db)
     # "crashed" is not stored: it is a run stored as running that no process drives. Both are stored as running,
     # so either is chosen among those by the status it is shown with.
@@ -266,12 +284,12 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
     stored, fetch = ("running", None) if split else (status, limit)
     if as_json:
         from loomc.export import run_fields
-        records = store.list_runs(status=stored, limit=fetch, loop=loop_name)
+        records = store.list_runs(status=stored, limit=fetch, loop=loop_name, since=started)
         if split:
             records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == status][:limit]
         click.echo(json.dumps([run_fields(r) for r in records], indent=2))
     else:
-        rows = store.run_rows(status=stored, limit=fetch, loop=loop_name)
+        rows = store.run_rows(status=stored, limit=fetch, loop=loop_name, since=started)
         if split:
             rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == status][:limit]
         click.echo(runs_table(rows, why))

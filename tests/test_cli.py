@@ -103,11 +103,12 @@ def test_runs_names_each_runs_loop_and_lists_one_loop_on_request(tmp_path):
     loop(budget=Budget(iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="anon")
     listed = invoke("runs", "--db", db).output.splitlines()
     assert listed[0].split() == ["ID", "LOOP", "STATUS", "STEPS", "COST", "CREATED"]
-    assert {line.split()[0]: line.split()[1] for line in listed[2:]} == {
+    assert listed[-1] == "4 runs, $0.0000 in all"
+    assert {line.split()[0]: line.split()[1] for line in listed[2:-1]} == {
         "r1": "refine_report", "r2": "refine_report", "s1": "summarize_each_chapte...", "anon": "-"}
     assert len(listed[1]) == len(listed[2].rstrip()), "the rule is as wide as a row"
     only = invoke("runs", "--db", db, "--loop", "refine_report").output.splitlines()
-    assert [line.split()[0] for line in only[2:]] == ["r2", "r1"]
+    assert [line.split()[0] for line in only[2:-1]] == ["r2", "r1"]
     path = SQLiteStore(db).get_run("s1").fn_path
     assert path.endswith(":test_runs_names_each_runs_loop_and_lists_one_loop_on_request.<locals>."
                          "summarize_each_chapter_of_the_book_twice")
@@ -145,6 +146,37 @@ def test_show_says_what_the_run_spent_on_each_line_item(tmp_path):
     make_failed_run(db)
     plain = invoke("show", "a1b2c3d4e5f6", "--db", db).output.splitlines()
     assert not any(line.startswith("By item:") for line in plain), "no line items, no line"
+
+
+def test_runs_says_what_the_runs_listed_spent_in_all_and_lists_recent_ones(tmp_path):
+    """"How much did the nightly jobs spend today?" needed the JSON and a sum by hand, which counted a child
+    run's spend twice: it is in its parent's step already."""
+    db = str(tmp_path / "spend.db")
+
+    @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.25, checkpoint=db)
+    def research(state):
+        return state + 1
+
+    @loop(budget=Budget(iterations=1), cost_fn=lambda s: 0.05, checkpoint=db)
+    def write_report(state):
+        return research.run(state).state  # a child run that spends $0.50, billed to this step
+
+    write_report.run(0, run_id="report")
+    research.run(0, run_id="alone")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET created_at = created_at - 2 * 86400 WHERE id = 'alone'")
+    conn.close()
+    listed = invoke("runs", "--db", db).output.splitlines()
+    assert listed[-1] == "3 runs, $1.0500 in all (a child run's spend counted once, in its parent's)"
+    assert invoke("runs", "--db", db, "--loop", "research").output.splitlines()[-1] == "2 runs, $1.0000 in all"
+    recent = invoke("runs", "--db", db, "--since", "1d").output.splitlines()
+    assert [line.split()[0] for line in recent[2:-1]] == ["report-0-0", "report"] and recent[-1].startswith("2 runs")
+    assert [r["id"] for r in json.loads(invoke("runs", "--db", db, "--since", "1d", "--json").output)] == [
+        "report-0-0", "report"]
+    one = invoke("runs", "--db", db, "--since", "1d", "--loop", "write_report").output.splitlines()
+    assert len(one) == 3 and one[-1].startswith("report "), "one run: no line of totals"
+    bad = invoke("runs", "--db", db, "--since", "lately")
+    assert bad.exit_code == 1 and "--since='lately' is not a duration" in bad.output
 
 
 def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
@@ -337,7 +369,7 @@ def test_only_runs_whose_process_is_gone_are_crashed(tmp_path):
     store.create_run(make_run("live").replace(owner=alive.owner))
     store.create_run(make_run("gone").replace(owner=f"{socket.gethostname()}:999999999:t1.abcdef"))
     store.create_run(make_run("elsewhere").replace(owner="another-host:1:abcdef"))
-    listed = {line.split()[0]: line.split()[2] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    listed = {line.split()[0]: line.split()[2] for line in invoke("runs", "--db", db).output.splitlines()[2:-1]}
     assert listed == {"live": "running", "gone": "crashed", "elsewhere": "running"}
     assert invoke("runs", "--status", "crashed", "--db", db).output.splitlines()[2].split()[0] == "gone"
     assert [r["id"] for r in json.loads(invoke("runs", "--status", "crashed", "--json", "--db", db).output)] == ["gone"]
@@ -759,7 +791,7 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
         conn.execute("UPDATE runs SET owner = NULL, lease_expires = NULL WHERE id = 'ownerless'")
         # Another host's live process: its lease is renewed, so it is running, however old its last step.
         conn.execute("UPDATE runs SET owner = 'pod-1a2b:1:t1', lease_expires = ? WHERE id = 'held'", (now + 300,))
-    listed = {line.split()[0]: line.split()[2] for line in invoke("runs", "--db", db).output.splitlines()[2:]}
+    listed = {line.split()[0]: line.split()[2] for line in invoke("runs", "--db", db).output.splitlines()[2:-1]}
     assert listed == {"here": "crashed", "elsewhere": "crashed", "ownerless": "crashed", "held": "running",
                       "recent": "crashed"}
     crashed = invoke("runs", "--db", db, "--status", "crashed", "--json").output

@@ -104,7 +104,8 @@ def test_exact_totals_across_three_levels(tmp_path):
     assert f"[child {run.id}-0-0: $0.0260]" in out
     listing = CliRunner().invoke(main, ["runs", "--db", db]).output
     assert listing.count("(child)") == 12
-    header, _, *rows = listing.splitlines()
+    header, _, *rows, total = listing.splitlines()
+    assert total == "13 runs, $0.5040 in all (a child run's spend counted once, in its parent's)", "not thrice"
     column = header.index("STATUS")  # a child's longer id widens the column; it never pushes the status over
     assert all(row[column - 2:column] == "  " and row[column:].split()[0] in ("completed", "budget_exhausted")
                for row in rows), listing

@@ -579,7 +579,8 @@ class SQLiteStore:
     def get_run(self, run_id: str) -> RunRecord:
         return self._get(self._conn(), run_id)
 
-    def _listing(self, columns: str, status: str | None, limit: int | None, loop: str | None) -> sqlite3.Cursor:
+    def _listing(self, columns: str, status: str | None, limit: int | None, loop: str | None,
+                 since: float | None) -> sqlite3.Cursor:
         sql = f"SELECT {columns} {_RUNS_FROM}"
         where: list[str] = []
         args: list[Any] = []
@@ -589,6 +590,9 @@ class SQLiteStore:
         if loop is not None:  # the loop's name alone (its function's), or its whole "module:qualname"
             where.append("(r.fn_path = ? OR substr(r.fn_path, -length(?) - 1) IN (':' || ?, '.' || ?))")
             args += [loop] * 4
+        if since is not None:
+            where.append("r.created_at >= ?")
+            args.append(since)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY r.created_at DESC, r.id"
@@ -598,17 +602,18 @@ class SQLiteStore:
         return self._conn().execute(sql, args)
 
     def list_runs(self, status: str | None = None, limit: int | None = None, *,
-                  loop: str | None = None) -> list[RunRecord]:
-        """The runs, newest first; ``loop`` keeps those of one loop, named as ``fn_name`` or ``module:qualname``."""
-        return [_run_record(row) for row in self._listing(_RUN_COLUMNS, status, limit, loop)]
+                  loop: str | None = None, since: float | None = None) -> list[RunRecord]:
+        """The runs, newest first; ``loop`` keeps those of one loop, named as ``fn_name`` or ``module:qualname``,
+        ``since`` those started at that Unix time or later."""
+        return [_run_record(row) for row in self._listing(_RUN_COLUMNS, status, limit, loop, since)]
 
     def run_rows(self, status: str | None = None, limit: int | None = None, *,
-                 loop: str | None = None) -> list[tuple[Any, ...]]:
+                 loop: str | None = None, since: float | None = None) -> list[tuple[Any, ...]]:
         """``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason, lease_expires, fn_path)`` per
         run, newest first: the listing."""
         return self._listing("r.id, r.status, coalesce(s.step_n + 1, r.steps), coalesce(s.cum_cost, r.total_cost), "
                              "r.created_at, r.parent_run_id, r.owner, r.reason, r.lease_expires, r.fn_path", status,
-                             limit, loop).fetchall()
+                             limit, loop, since).fetchall()
 
     def children(self, run_id: str) -> list[RunRecord]:
         rows = self._conn().execute(f"SELECT {_RUN_COLUMNS} {_RUNS_FROM} WHERE r.parent_run_id = ? "
