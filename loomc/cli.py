@@ -513,9 +513,10 @@ def _compacted(live: int, size: int, path: Any) -> None:
     if live == 0:
         click.echo(f"The file went from {_size(size)} to {_size(_file_size(path))}.")
     elif live > 0:
-        click.echo(f"The file was not compacted: {counted(live, 'run')} {'is' if live == 1 else 'are'} live, and "
-                   "compacting rewrites the whole file while their commits wait. New steps reuse the space freed; "
-                   "run this again when no run is live to give it back to the disk.")
+        one = live == 1
+        click.echo(f"The file was not compacted: {counted(live, 'run')} {'is' if one else 'are'} live, and "
+                   f"compacting rewrites the whole file while {'its' if one else 'their'} commits wait. New steps "
+                   "reuse the space freed; run this again when no run is live to give it back to the disk.")
 
 
 def _prune_states(found: dict[str, int], which: str, yes: bool, size: int, path: Any) -> None:

@@ -884,7 +884,7 @@ def test_prune_does_not_compact_the_file_while_a_run_is_live_and_compacts_it_lat
     before = size()
     kept = invoke("prune", "--db", db, "--older-than", "30d", "--status", "budget_exhausted", "--states", "--yes")
     assert kept.output.splitlines()[1] == (
-        "The file was not compacted: 1 run is live, and compacting rewrites the whole file while their commits "
+        "The file was not compacted: 1 run is live, and compacting rewrites the whole file while its commits "
         "wait. New steps reuse the space freed; run this again when no run is live to give it back to the disk.")
     assert size() >= before * 0.9, "not compacted"
     with sqlite3.connect(db) as conn:
