@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from decimal import Decimal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -229,13 +229,24 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     if pruned:
         head.append(f"Pruned: the states of {counted(len(pruned), 'step')} were removed by `loomc prune --states` at "
                     f"{iso(max(pruned))}; every step's record is kept")
+    return "\n".join([*head, STEP_HEADER, "-" * 56, *step_rows(steps, children)])
+
+
+STEP_HEADER = "STEP      COST     CUMUL    SCORE  ERROR"
+
+
+def step_rows(steps: Sequence[StoredStep], children: Sequence[RunRecord] = (), before: Decimal = Decimal(0)
+              ) -> Iterator[str]:
+    """The table's row of each step, its cumulative cost counted from ``before`` (what earlier steps cost),
+    each child run marked on the step that started it."""
     by_step: dict[int, list[RunRecord]] = {}
     for child in children:
         by_step.setdefault(child.parent_step if child.parent_step is not None else -1, []).append(child)
-    lines = [*head, "STEP      COST     CUMUL    SCORE  ERROR", "-" * 56]
-    add = lines.append
+    costs = running_costs(steps)
+    if before:
+        costs = (before + total for total in costs)
     # %-formatting and no per-row lists: a run may have tens of thousands of steps.
-    for s, total in zip(steps, running_costs(steps)):
+    for s, total in zip(steps, costs):
         n, score, error, events = s.n, s.score, s.error, s.events
         row = "%4d%10s%10s%s" % (n, dollars(s.cost), dollars(total),
                                  "      -  " if score is None else "%9.4f" % score)
@@ -248,8 +259,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         if n in by_step:
             for child in by_step[n]:
                 row += f"  [child {clean(child.id)}: {dollars(child.total_cost)}]"
-        add(row.rstrip())
-    return "\n".join(lines)
+        yield row.rstrip()
 
 
 # --- commands ----------------------------------------------------------------
@@ -305,7 +315,9 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
 @click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
 @click.option("--step", "step_n", type=click.IntRange(min=0),
               help="show this one step whole: its error, metrics and state")
-def show(run_id: str, db: str | None, step_n: int | None) -> None:
+@click.option("--follow", is_flag=True,
+              help="then print each step as it commits, until the run stops (exit 0 if it completed, else 2)")
+def show(run_id: str, db: str | None, step_n: int | None, follow: bool) -> None:
     """Every step of a run: cost, cumulative cost, score, error and events; or one step whole (--step)."""
     store = open_db(db)
     try:
@@ -318,6 +330,40 @@ def show(run_id: str, db: str | None, step_n: int | None) -> None:
         fail(str(e))
     click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id),
                           open_parent_step(store, run) is not None))
+    if follow:
+        try:
+            sys.exit(_follow(store, run, steps))
+        except KeyboardInterrupt:  # stop watching; the run goes on
+            sys.exit(130)
+        except LoomcError as e:
+            fail(str(e))
+
+
+#: How often ``loomc show --follow`` looks for new steps, in seconds.
+FOLLOW_EVERY = 0.5
+
+
+def _follow(store: Any, run: RunRecord, steps: list[StoredStep]) -> int:
+    """Print each step of ``run`` as it commits (``steps``: those printed already) until no process drives it,
+    then how it stopped; the exit status, as ``loomc resume`` gives it (0 completed, 2 otherwise)."""
+    spent, seen = sum((s.cost for s in steps), Decimal(0)), len(steps)
+    while True:
+        status = shown_status(run.status, run.owner, run.lease_expires)
+        new = store.load_steps(run.id, with_states=False, start=seen)  # after the status: none is missed
+        if new:
+            children = store.children(run.id)
+            for row in step_rows(new, [c for c in children if (c.parent_step or 0) >= seen], spent):
+                click.echo(row)
+            spent += sum((s.cost for s in new), Decimal(0))
+            seen += len(new)
+        if status != "running":
+            break
+        time.sleep(FOLLOW_EVERY)
+        run = store.get_run(run.id)
+    stopped = _gone(run, seen) if status == "crashed" else run.reason or status
+    click.echo(f"Stopped: {paint(status, STATUS_COLORS.get(status))}: {clean(stopped)}; spent {dollars(spent)} "
+               f"in {counted(seen, 'step')}")
+    return 0 if status == "completed" else 2
 
 
 def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:

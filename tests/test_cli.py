@@ -328,6 +328,49 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch):
     assert cli.paint("failed", "red") == "failed"
 
 
+FOLLOWED = """
+import os, signal, sys, time
+import loomc
+from loomc import Budget, loop
+@loop(budget=Budget(iterations=15), checkpoint=sys.argv[1])
+def slow(state):
+    time.sleep(0.1)
+    loomc.charge(0.01)
+    if state == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # dies during this step
+    return state + 1
+slow.run(0, run_id="watched")
+"""
+
+
+@pytest.mark.parametrize("die_at", [None, 5])
+def test_show_follow_prints_each_step_as_it_commits_until_the_run_stops(tmp_path, die_at):
+    """Watching a loop that runs in a pod from another shell meant running `loomc show` again and again."""
+    db = str(tmp_path / "watch.db")
+    script = tmp_path / "slow.py"
+    script.write_text(FOLLOWED)
+    looping = subprocess.Popen([sys.executable, str(script), db, str(-1 if die_at is None else die_at)])
+    for _ in range(200):  # until the run is stored
+        if os.path.exists(db) and SQLiteStore(db).list_runs():
+            break
+        time.sleep(0.05)
+    watched = subprocess.run(["loomc", "show", "watched", "--db", db, "--follow"], capture_output=True, text=True,
+                             timeout=60)
+    looping.wait(timeout=60)
+    lines = watched.stdout.splitlines()
+    at = lines.index("STEP      COST     CUMUL    SCORE  ERROR")
+    rows, last = lines[at + 2:-1], lines[-1]
+    made = 15 if die_at is None else die_at
+    assert [int(row.split()[0]) for row in rows] == list(range(made)), watched.stdout  # each step once, in order
+    assert rows[-1].split()[1:3] == ["$0.0100", f"${made / 100:.4f}"]  # the cumulative cost runs on
+    assert watched.returncode == 2
+    if die_at is None:
+        assert last == "Stopped: budget_exhausted: iterations: 15 of 15 calls made; spent $0.1500 in 15 steps"
+    else:
+        assert re.fullmatch(r"Stopped: crashed: its process \(.+\) died during step 5; spent \$0\.0500 in 5 steps",
+                            last), last
+
+
 def test_demo_crash_then_resume_from_the_cli(tmp_path):
     env = {**os.environ, "LOOMC_DB": str(tmp_path / "demo.db")}
     crashed = subprocess.run(["loomc", "demo", "--crash-at", "2"], capture_output=True, text=True, env=env,

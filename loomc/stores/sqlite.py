@@ -620,10 +620,12 @@ class SQLiteStore:
                                     "ORDER BY r.parent_step, r.created_at", (run_id,))
         return [_run_record(row) for row in rows]
 
-    def load_steps(self, run_id: str, *, with_states: bool = True) -> list[StoredStep]:
+    def load_steps(self, run_id: str, *, with_states: bool = True, start: int = 0) -> list[StoredStep]:
+        """The run's steps in order, from step ``start`` on (``loomc show --follow`` reads only the new ones)."""
         conn = self._conn()
         self._get(conn, run_id)
-        rows = conn.execute(_step_select("state_blob" if with_states else "NULL") + "ORDER BY step_n", (run_id,))
+        rows = conn.execute(_step_select("state_blob" if with_states else "NULL") + "AND step_n >= ? ORDER BY step_n",
+                            (run_id, start))
         return [_stored_step(row) for row in rows]
 
     def prune(self, statuses: tuple[str, ...], before: float, *, apply: bool) -> dict[str, int]:
