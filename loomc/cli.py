@@ -593,6 +593,22 @@ def _size(n: int) -> str:
 
 
 @main.command()
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--db", type=click.Path(dir_okay=False), help=DB_HELP)
+def backup(dest: str, db: str | None) -> None:
+    """Copy the database to the new file DEST, consistently, while loops go on writing to it."""
+    store = open_db(db)
+    started = time.time()
+    try:
+        copied = store.backup(dest)
+    except LoomcError as e:
+        fail(str(e))
+    click.echo(f"Copied {counted(copied['runs'], 'run')} and {counted(copied['steps'], 'step')} "
+               f"({_size(copied['bytes'])}) to {clean(os.path.abspath(dest))}, as they stood at {iso(started)}. "
+               f"Read it with --db {clean(dest)}; resume from it by pointing $LOOMC_DB or checkpoint= at it.")
+
+
+@main.command()
 @click.option("--db", type=click.Path(dir_okay=False),
               help="SQLite file to write to (default: $LOOMC_DB, else ./.loomc/checkpoints.db)")
 @click.option("--crash-at", type=click.IntRange(min=0), help="die like a real crash (SIGKILL) during this step")

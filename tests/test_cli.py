@@ -371,6 +371,62 @@ def test_show_follow_prints_each_step_as_it_commits_until_the_run_stops(tmp_path
                             last), last
 
 
+BUSY = """
+import sys
+from loomc import Budget, SQLiteStore, loop
+@loop(budget=Budget(iterations=400), cost_fn=lambda s: 0.01, checkpoint=SQLiteStore(sys.argv[1], durability="normal"))
+def busy(state):
+    return {"i": state["i"] + 1, "pad": "z" * 500}
+for k in range(1000):
+    busy.run({"i": 0, "pad": ""}, run_id=f"busy-{k}")
+"""
+
+
+def test_backup_copies_a_consistent_database_while_loops_write_to_it(tmp_path):
+    """`cp checkpoints.db backup.db` while a loop runs copied a file whose last commits (here, all of them)
+    were still in the write-ahead log: the copy missed them. `loomc backup` copies through SQLite."""
+    db = str(tmp_path / "live.db")
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY)
+    writer = subprocess.Popen([sys.executable, str(script), db])
+    try:
+        for _ in range(400):  # until some steps are committed
+            if os.path.exists(db) and len(SQLiteStore(db).list_runs()) >= 2:
+                break
+            time.sleep(0.05)
+        done = invoke("backup", str(tmp_path / "copy.db"), "--db", db)
+        assert writer.poll() is None, "the loops were still writing during the backup"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert done.exit_code == 0 and done.output.startswith("Copied "), done.output
+    copy = SQLiteStore(tmp_path / "copy.db")
+    runs = copy.list_runs()
+    assert len(runs) >= 2
+    for run in runs:  # every run whole as of one moment: its steps 0..n-1, each cost counted once
+        steps = copy.load_steps(run.id)
+        assert [s.n for s in steps] == list(range(len(steps)))
+        assert [json.loads(s.state_json)["i"] for s in steps] == list(range(1, len(steps) + 1))
+    finished = [r for r in runs if r.status == "budget_exhausted"]
+    assert finished and all(r.steps == 400 and r.total_cost == Decimal("4.00") for r in finished)
+    again = invoke("backup", str(tmp_path / "copy.db"), "--db", db)
+    assert again.exit_code == 1 and "exists already: loomc backup writes a new file, and never overwrites" \
+        in again.output
+
+    # A store still open: every commit is in the write-ahead log, which a copy of the file alone misses.
+    import shutil
+    store = SQLiteStore(tmp_path / "open.db")
+    loop(budget=Budget(iterations=50), checkpoint=store)(lambda s: s + 1).run(0, run_id="w")
+    shutil.copy(tmp_path / "open.db", tmp_path / "cp.db")
+    with sqlite3.connect(tmp_path / "cp.db") as plain:
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            plain.execute("SELECT count(*) FROM steps")
+    plain.close()
+    assert store.backup(tmp_path / "snap.db") == {"runs": 1, "steps": 50,
+                                                  "bytes": os.path.getsize(tmp_path / "snap.db")}
+    assert [s.n for s in SQLiteStore(tmp_path / "snap.db").load_steps("w")] == list(range(50))
+
+
 def test_demo_crash_then_resume_from_the_cli(tmp_path):
     env = {**os.environ, "LOOMC_DB": str(tmp_path / "demo.db")}
     crashed = subprocess.run(["loomc", "demo", "--crash-at", "2"], capture_output=True, text=True, env=env,

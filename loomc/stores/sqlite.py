@@ -690,6 +690,29 @@ class SQLiteStore:
             found["live"] = self._compact(conn, bool(found["states"]))
         return found
 
+    def backup(self, dest: str | os.PathLike[str]) -> dict[str, int]:
+        """Copy the whole database to the new file ``dest``, as one consistent snapshot, while loops may go on
+        writing: SQLite's online backup, which reads through this connection, the write-ahead log included
+        (a file copy of the database alone misses the steps the log still holds). What it holds: runs, steps
+        and bytes. StoreError if ``dest`` exists already."""
+        target = Path(dest).expanduser().resolve()
+        if target.exists() or target == self.path:
+            raise StoreError(f"{target} exists already: loomc backup writes a new file, and never overwrites one; "
+                             "give another path, or move that file aside")
+        conn = self._conn()
+        try:
+            copy = sqlite3.connect(target)
+            try:
+                conn.backup(copy)
+                runs, steps = copy.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)"
+                                           ).fetchone()
+                copy.execute("PRAGMA journal_mode = WAL")  # as loomc opens every file
+            finally:
+                copy.close()
+        except sqlite3.Error as e:
+            raise _store_error(str(target), e) from e
+        return {"runs": runs, "steps": steps, "bytes": target.stat().st_size}
+
     def _compact(self, conn: sqlite3.Connection, changed: bool) -> int:
         """Give the space that deleted rows left free back to the disk (VACUUM, then a WAL checkpoint), unless
         runs are live: the number of live runs that kept it from compacting (-1: there was nothing to give
