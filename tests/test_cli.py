@@ -425,6 +425,7 @@ def test_backup_copies_a_consistent_database_while_loops_write_to_it(tmp_path):
     assert store.backup(tmp_path / "snap.db") == {"runs": 1, "steps": 50,
                                                   "bytes": os.path.getsize(tmp_path / "snap.db")}
     assert [s.n for s in SQLiteStore(tmp_path / "snap.db").load_steps("w")] == list(range(50))
+    assert store.backup(tmp_path / "new" / "folder" / "snap.db")["steps"] == 50, "its folder is made"
 
 
 def test_demo_crash_then_resume_from_the_cli(tmp_path):

@@ -701,6 +701,11 @@ class SQLiteStore:
                              "give another path, or move that file aside")
         conn = self._conn()
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot make the folder {target.parent} for the backup ({e.strerror}); give a path "
+                             "in a folder you can write to") from None
+        try:
             copy = sqlite3.connect(target)
             try:
                 conn.backup(copy)
