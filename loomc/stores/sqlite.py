@@ -246,12 +246,8 @@ class SQLiteStore:
             if not create:
                 raise StoreError(f"no loomc database at {self.path}; run a loop first, or give the path of "
                                  "an existing one (--db, $LOOMC_DB)")
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create {self.path.parent} for the checkpoint database "
-                                 f"({e.strerror or e}); pass checkpoint= (or --db, or $LOOMC_DB) a path "
-                                 "in a writable directory") from None
+            _make_folder(self.path.parent, "the checkpoint database",
+                         "pass checkpoint= (or --db, or $LOOMC_DB) a path in a writable directory")
         kind = filesystem_type(self.path.parent)
         if kind in NETWORK_FILESYSTEMS:
             warn_at_caller(f"{self.path} is on a network filesystem ({kind}). SQLite's WAL mode, which loomc "
@@ -700,11 +696,7 @@ class SQLiteStore:
             raise StoreError(f"{target} exists already: loomc backup writes a new file, and never overwrites one; "
                              "give another path, or move that file aside")
         conn = self._conn()
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot make the folder {target.parent} for the backup ({e.strerror}); give a path "
-                             "in a folder you can write to") from None
+        _make_folder(target.parent, "the backup", "give a path in a writable directory")
         try:
             copy = sqlite3.connect(target)
             try:
@@ -758,6 +750,14 @@ class SQLiteStore:
             out[step_n] = out.get(step_n, Decimal(0)) + Decimal(usd)
             self._charged.add((run_id, step_n))  # a commit of that step must clear them
         return out
+
+
+def _make_folder(folder: Path, what: str, advice: str) -> None:
+    """Make ``folder`` (and its parents) for ``what``; StoreError with ``advice`` if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {folder} for {what} ({e.strerror or e}); {advice}") from None
 
 
 def _chosen_runs(statuses: tuple[str, ...], before: float) -> tuple[str, Any]:
