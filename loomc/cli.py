@@ -95,8 +95,8 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     ids = [(run_id if run_id.isalnum() else clean(run_id)) + ("  (child)" if parent else "")
            for run_id, _, _, _, _, parent, _, _, _, _ in rows]
     statuses = [shown_status(row[1], row[6], row[8]) for row in rows]
-    labels: dict[str | None, str] = {}  # the runs of one loop share its label: made once
-    loops = [labels[row[9]] if row[9] in labels else labels.setdefault(row[9], loop_label(row[9])) for row in rows]
+    labels = {fn_path: loop_label(fn_path) for fn_path in {row[9] for row in rows}}  # once per loop, not per row
+    loops = [labels[row[9]] for row in rows]
     id_w = max(15, max(map(len, ids), default=0) + 3)
     loop_w = max(6, max(map(len, loops), default=0) + 2)
     st_w = max(10, max(map(len, statuses), default=0) + 1)
@@ -351,8 +351,7 @@ def _follow(store: Any, run: RunRecord, steps: list[StoredStep]) -> int:
         status = shown_status(run.status, run.owner, run.lease_expires)
         new = store.load_steps(run.id, with_states=False, start=seen)  # after the status: none is missed
         if new:
-            children = store.children(run.id)
-            for row in step_rows(new, [c for c in children if (c.parent_step or 0) >= seen], spent):
+            for row in step_rows(new, store.children(run.id), spent):
                 click.echo(row)
             spent += sum((s.cost for s in new), Decimal(0))
             seen += len(new)
@@ -544,18 +543,23 @@ def prune(db: str | None, older_than: str, statuses: tuple[str, ...], states: bo
     children = f" ({counted(found['children'], 'child run')} among them)" if found["children"] else ""
     what = (f"{counted(found['runs'], 'run')}{children}, {counted(found['steps'], 'step')} and "
             f"{_size(found['state_bytes'])} of states: {which}, with their child runs")
-    if not found["runs"]:
-        click.echo(f"Nothing to delete: no run is {' or '.join(chosen)} and last updated before {iso(before)}.")
+    nothing = f"Nothing to delete: no run is {' or '.join(chosen)} and last updated before {iso(before)}."
+    _tell(found["runs"], nothing, "delete", what, found, yes, size, path)
+
+
+def _tell(chosen: int, nothing: str, verb: str, what: str, found: dict[str, int], yes: bool, size: int,
+          path: Any) -> None:
+    """What a prune found (``chosen`` things to ``verb``, described by ``what``) and did, then what compacting did
+    (``found["live"]``, from the store: -1 nothing to do, 0 done, else the live runs that kept it from it)."""
+    if not chosen:
+        click.echo(nothing)
     elif not yes:
-        click.echo(f"Would delete {what}.\nRun again with --yes to delete them; the file is then compacted.")
+        click.echo(f"Would {verb} {what}.\nRun again with --yes to {verb} them; the file is then compacted.")
     else:
-        click.echo(f"Deleted {what}.")
-    if yes:
-        _compacted(found["live"], size, path)
-
-
-def _compacted(live: int, size: int, path: Any) -> None:
-    """Say what compacting did (``live``, from the store's prune: -1 nothing to do, 0 done, else live runs)."""
+        click.echo(f"{verb.capitalize()}d {what}.")
+    if not yes:
+        return
+    live = found["live"]
     if live == 0:
         click.echo(f"The file went from {_size(size)} to {_size(_file_size(path))}.")
     elif live > 0:
@@ -566,21 +570,13 @@ def _compacted(live: int, size: int, path: Any) -> None:
 
 
 def _prune_states(found: dict[str, int], which: str, yes: bool, size: int, path: Any) -> None:
-    if not found["states"]:
-        click.echo(f"Nothing to remove: {which} hold no state that a resume or their result does not need.")
-        if yes:
-            _compacted(found["live"], size, path)
-        return
     children = f" ({counted(found['children'], 'child run')} among them)" if found["children"] else ""
     what = (f"{counted(found['states'], 'state')} ({_size(found['state_bytes'])}) from "
             f"{counted(found['runs'], 'run')}{children}: {which}, with their child runs. Each run keeps its "
             "initial state, the states of its last, last good and best steps, and every step's record "
             "(cost, score, error, events)")
-    if not yes:
-        click.echo(f"Would remove {what}.\nRun again with --yes to remove them; the file is then compacted.")
-    else:
-        click.echo(f"Removed {what}.")
-        _compacted(found["live"], size, path)
+    nothing = f"Nothing to remove: {which} hold no state that a resume or their result does not need."
+    _tell(found["states"], nothing, "remove", what, found, yes, size, path)
 
 
 def _file_size(path: Any) -> int:

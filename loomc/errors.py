@@ -38,6 +38,8 @@ TRACEBACK_METRIC = "traceback"
 #: The longest traceback a failed step keeps; a longer one keeps its start and its end, where the
 #: error was raised.
 TRACEBACK_CHARS = 8_000
+#: The key of ``Step.metrics`` that holds a step's line items, ``{item: dollars as text}`` (``charge(usd, item)``).
+COST_ITEMS_METRIC = "cost_items"
 #: The key of ``Step.metrics`` on a step whose state ``loomc prune --states`` removed: when (Unix time).
 PRUNED_METRIC = "loomc.state_pruned_at"
 

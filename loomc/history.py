@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 import toolz
 
-from loomc.errors import PRUNED_METRIC, TRACEBACK_METRIC, counted, dollars
+from loomc.errors import COST_ITEMS_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, counted, dollars
 
 T = TypeVar("T")
 
@@ -268,7 +268,7 @@ def spend_by_item(steps: Sequence[Any], name: Callable[[str], str] = str) -> str
     totals: dict[str, Decimal] = {}
     calls: dict[str, int] = {}
     for s in steps:
-        for item, usd in (s.metrics.get("cost_items") or {}).items():
+        for item, usd in (s.metrics.get(COST_ITEMS_METRIC) or {}).items():
             totals[item] = totals.get(item, ZERO) + Decimal(usd)
             calls[item] = calls.get(item, 0) + 1
     if not totals:

@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (BudgetExhausted, ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned,
-                          RunError, RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted,
-                          TRACEBACK_METRIC, dollars, warn_at_caller, where_raised)
+from loomc.errors import (COST_ITEMS_METRIC, TRACEBACK_METRIC, BudgetExhausted, ConfigError, CostUnknown,
+                          EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError, RunLocked, StallError,
+                          StateEncodeError, StopRequested, attach_run, counted, dollars, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -411,7 +411,7 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
             f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, scorer or "
             "judge); the state fn returned is kept on this step")
     if run.items:
-        metrics["cost_items"] = {name: str(usd) for name, usd in run.items.items()}
+        metrics[COST_ITEMS_METRIC] = {name: str(usd) for name, usd in run.items.items()}
     cost = run.pending
     run.in_flight, run.pending = -1, ZERO
     end = run.clock()
