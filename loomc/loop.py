@@ -397,6 +397,23 @@ class LoopRunner:
             f"share the run id, and {mine} would {would}. Give each loop's runs ids of their own "
             f"(run_id=f\"{mine}-...\"); if {theirs} was renamed {mine}, go on with it by {mine}.resume({record.id!r})")
 
+    def _taken(self, run_id: str) -> str:
+        """What to do about starting a run under ``run_id``, which a stored run has: by what that run is."""
+        name, elsewhere = loop_name(self.fn), "or start a new run under another run_id"
+        try:
+            record = self.store.get_run(run_id)
+        except LoomcError:
+            record = None
+        if record is not None and record.fn_path and self.fn_path and (
+                fn_name_of_path(record.fn_path) != fn_name_of_path(self.fn_path)):
+            mine = fn_name_of_path(self.fn_path)
+            return (f"it is a run of loop {fn_name_of_path(record.fn_path)} ({record.fn_path}); give {mine}'s "
+                    f"runs ids of their own (run_id=f\"{mine}-...\")")
+        if record is not None and record.status == "completed":
+            return (f"it completed ({record.reason}). Its result, with no call made: "
+                    f"{name}(state, run_id={run_id!r}, resume=True); {elsewhere}")
+        return f"continue it with {name}.resume({run_id!r}), {elsewhere}"
+
     def _start(self, state: Any, run_id: str | None, parent: LiveRun | None = None) -> LiveRun:
         try:
             initial_json = codec.encode(state)
@@ -417,8 +434,7 @@ class LoopRunner:
                 parent_run_id=None if parent is None else parent.id,
                 parent_step=None if parent is None else parent.in_flight))
         except StepConflict as e:
-            raise StepConflict(f"{e}: continue it with {loop_name(self.fn)}.resume({run_id!r}), "
-                               "or start a new run under another run_id") from None
+            raise StepConflict(f"{e}: {self._taken(run_id)}") from None
         # fn may change its state in place: the first call gets a copy, so the caller's object stays as it was
         # (a notebook that runs the loop again on its `draft` would otherwise start from the last state).
         try:

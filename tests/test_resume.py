@@ -695,6 +695,26 @@ def test_starting_a_run_under_an_id_already_taken_points_to_resume_and_changes_n
     assert record.status == first.status and record.total_cost == Decimal("0.2")
     assert len(SQLiteStore(db).load_steps("2026-11-22")) == 2
 
+    # A completed run: its result is there for the asking, with no call made.
+    @loop(budget=Budget(iterations=5), converge_on=lambda h: h[-1].state >= 1, checkpoint=db)
+    def weekly(s):
+        calls.append(s)
+        return s + 1
+
+    assert weekly.run(0, run_id="w1").status == "completed"
+    with pytest.raises(StepConflict, match=r"run w1 already exists in .*: it completed \(predicate\(<lambda>\) is "
+                                           r"true\)\. Its result, with no call made: weekly\(state, run_id='w1', "
+                                           r"resume=True\); or start a new run under another run_id"):
+        weekly.run(5, run_id="w1")
+    calls.clear()
+    assert weekly(0, run_id="w1", resume=True) == 1 and calls == []
+    # Another loop's run: resuming it would be wrong, so the message does not offer it.
+    with pytest.raises(StepConflict, match=r"run w1 already exists in .*: it is a run of loop weekly "
+                                           r"\(test_resume:.*\.weekly\); give nightly's runs ids of their own "
+                                           r"\(run_id=f\"nightly-\.\.\.\"\)$"):
+        nightly.run(0, run_id="w1")
+    assert calls == []
+
 
 def test_two_processes_cannot_resume_one_run_and_a_dead_owner_is_taken_over(tmp_path):
     db = tmp_path / "lease.db"
