@@ -205,6 +205,7 @@ def openai_usage(response: Any) -> TokenUsage:
 
 Line = tuple[str, TokenUsage]  # a model and the usage billed at its prices
 Priced = tuple[Decimal, CostUnknown | None]  # the dollars known, and what could not be priced
+Billed = tuple[Decimal, CostUnknown | None, "tuple[int, int] | None"]  # and the input and output tokens
 
 
 class _Adapter:
@@ -320,9 +321,9 @@ class _Adapter:
         the step's line item ``item``, by default the adapter's model (``step.metrics["cost_items"]``).
         """
         from loomc.interpreter import charge
-        usd, problem = self._billed(response)
+        usd, problem, tokens = self._billed(response)
         if usd or problem is None:
-            charge(usd, item=self.model if item is None else item)
+            charge(usd, item=self.model if item is None else item, tokens=tokens)
         if problem is not None:
             raise problem
         return usd
@@ -334,8 +335,9 @@ class _Adapter:
         ``await`` forgotten loses the write-ahead to the store, never the money.
         """
         from loomc.interpreter import named, spent
-        usd, problem = self._billed(response)
-        counted = spent("acharge", usd, self.model if item is None else item) if usd or problem is None else None
+        usd, problem, tokens = self._billed(response)
+        counted = (spent("acharge", usd, self.model if item is None else item, tokens) if usd or problem is None
+                   else None)
         return named(_written(counted, usd, problem), f"{type(self).__name__}.acharge")
 
     def cost_fn(self, state: Any) -> Decimal:
@@ -344,7 +346,7 @@ class _Adapter:
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
-        usd, problem = self._billed(response)
+        usd, problem, _ = self._billed(response)
         if problem is not None:
             if usd:  # the part that is known still counts: the step fails with it charged
                 from loomc.interpreter import charge
@@ -352,25 +354,32 @@ class _Adapter:
             raise problem
         return usd
 
-    def _billed(self, response: Any) -> Priced:
-        """What ``response`` cost. A part whose price is unknown is an error under a USD cap (returned,
-        with the dollars that are known); without one it is counted as $0, with a warning. A response
-        the run has priced already is counted once."""
+    def _billed(self, response: Any) -> Billed:
+        """What ``response`` cost, and its tokens. A part whose price is unknown is an error under a USD cap
+        (returned, with the dollars that are known); without one it is counted as $0, with a warning. A
+        response the run has priced already is counted once (and its tokens not at all)."""
+        tokens = None
         try:
             response, batched = _batch_result(response)
             again = _priced_before(response)
             if again is not None:
                 warn_at_caller(again, AlreadyPricedWarning)
-                return Decimal(0), None
+                return Decimal(0), None, None
             usd, problem = self._priced_reply(response, batched)
+            tokens = self._tokens(response)
         except UsageMissing as e:
             usd, problem = Decimal(0), e
         if problem is None:
-            return usd, None
+            return usd, None, tokens
         if _usd_capped():
-            return usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0")
+            return usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0"), tokens
         warn_at_caller(f"loomc: {problem}; what has no price is counted as $0 (no USD budget is set)", UserWarning)
-        return usd, None
+        return usd, None, tokens
+
+    def _tokens(self, response: Any) -> tuple[int, int]:
+        """The input and output tokens billed for a reply (cached and reasoning tokens are parts of them)."""
+        usage = self.usage(response)
+        return usage.input, usage.output
 
     @builds_policy("adapter.judge(client, 'Is this done? Answer yes or no.\\n\\n{state}')")
     def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:
@@ -461,6 +470,19 @@ class AnthropicAdapter(_Adapter):
             return parts + usd, _together((parts_problem, problem))
         whole, whole_problem = self._price_lines([(self.model, replace(top, web_search=0))])
         return max(whole, parts) + usd, _together((parts_problem, whole_problem, problem))
+
+    def _tokens(self, response: Any) -> tuple[int, int]:
+        """As priced: the iterations that served the reply (or the top-level counts, where they hold more),
+        and the compaction and advisor iterations besides."""
+        usage = _anthropic_usage_block(response)
+        top, entries = _anthropic_top(usage), _get(usage, "iterations") or ()
+        served, extra = [0, 0], [0, 0]
+        for entry in entries:
+            counts = _anthropic_tokens(entry)
+            into = served if _get(entry, "type") in ("message", "fallback_message") else extra
+            into[0] += counts.input
+            into[1] += counts.output
+        return max(top.input, served[0]) + extra[0], max(top.output, served[1]) + extra[1]
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
         return client.messages.create(model=self.model, max_tokens=max_tokens,

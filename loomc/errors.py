@@ -40,6 +40,9 @@ TRACEBACK_METRIC = "traceback"
 TRACEBACK_CHARS = 8_000
 #: The key of ``Step.metrics`` that holds a step's line items, ``{item: dollars as text}`` (``charge(usd, item)``).
 COST_ITEMS_METRIC = "cost_items"
+#: The key of ``Step.metrics`` that holds the tokens of a step's line items, ``{item: {"input": n, "output": n}}``
+#: (``charge(usd, item, tokens=(n, n))``, an adapter's charge).
+TOKENS_METRIC = "tokens"
 #: The key of ``Step.metrics`` on a step whose state ``loomc prune --states`` removed: when (Unix time).
 PRUNED_METRIC = "loomc.state_pruned_at"
 

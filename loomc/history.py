@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 import toolz
 
-from loomc.errors import COST_ITEMS_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, counted, dollars
+from loomc.errors import COST_ITEMS_METRIC, PRUNED_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, counted, dollars
 
 T = TypeVar("T")
 
@@ -262,19 +262,27 @@ def running_costs(steps: Iterable[Any]) -> Iterator[Decimal]:
 
 def spend_by_item(steps: Sequence[Any], name: Callable[[str], str] = str) -> str:
     """What the steps (anything with ``cost`` and ``metrics``) spent on each line item, dearest first, then
-    the rest: ``claude-sonnet-4-5 $0.0800 in 4 steps; judge $0.0100 in 2 steps; the rest $0.0040``.
+    the rest: ``claude-sonnet-4-5 $0.0800 in 4 steps, 12,400 tokens in and 900 out; judge $0.0100 in 2 steps;
+    the rest $0.0040`` (an item's tokens where they were told).
     Empty if no step has line items (``loomc.charge(usd, item)``, an adapter's model, the judge).
     ``name`` shows an item's name (the CLI escapes it)."""
     totals: dict[str, Decimal] = {}
     calls: dict[str, int] = {}
+    tokens: dict[str, list[int]] = {}
     for s in steps:
-        for item, usd in (s.metrics.get(COST_ITEMS_METRIC) or {}).items():
+        metrics = s.metrics
+        for item, usd in (metrics.get(COST_ITEMS_METRIC) or {}).items():
             totals[item] = totals.get(item, ZERO) + Decimal(usd)
             calls[item] = calls.get(item, 0) + 1
+        for item, told in (metrics.get(TOKENS_METRIC) or {}).items():
+            sums = tokens.setdefault(item, [0, 0])
+            sums[0] += told.get("input", 0)
+            sums[1] += told.get("output", 0)
     if not totals:
         return ""
     rest = sum((s.cost for s in steps), ZERO) - sum(totals.values(), ZERO)
-    parts = [f"{name(item)} {dollars(usd)} in {counted(calls[item], 'step')}"
+    parts = [f"{name(item)} {dollars(usd)} in {counted(calls[item], 'step')}" + (
+                 f", {tokens[item][0]:,} tokens in and {tokens[item][1]:,} out" if item in tokens else "")
              for item, usd in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
     return "; ".join(parts + ([f"the rest {dollars(rest)}"] if rest else []))
 

@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (COST_ITEMS_METRIC, TRACEBACK_METRIC, BudgetExhausted, ConfigError, CostUnknown,
-                          EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError, RunLocked, StallError,
-                          StateEncodeError, StopRequested, attach_run, counted, dollars, warn_at_caller, where_raised)
+from loomc.errors import (COST_ITEMS_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted, ConfigError,
+                          CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError, RunLocked,
+                          StallError, StateEncodeError, StopRequested, attach_run, counted, dollars, warn_at_caller,
+                          where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -139,6 +140,7 @@ class LiveRun:
     wall_cap: float | None = None
     probes: tuple[Probe, ...] = ()
     items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # their input and output tokens, where told
     state_type: Any = None  # what a resume decodes the stored states as
     unverified: bool = True  # while a check of the first commits (below) is still to come
     round_trip_unchecked: bool = True  # until this process has committed a state of the run and checked it
@@ -210,8 +212,9 @@ class LiveRun:
         self.children[self.in_flight] = k + 1
         return f"{self.id}-{self.in_flight}-{k}"
 
-    def spend(self, usd: Decimal, item: str | None = None) -> None:
-        """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost.
+    def spend(self, usd: Decimal, item: str | None = None, tokens: tuple[int, int] | None = None) -> None:
+        """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost, and
+        the line item ``item`` with its ``tokens`` (input, output), if given.
 
         Threads that ``fn`` starts may charge at once (with the loop's context), hence the lock.
         """
@@ -219,6 +222,10 @@ class LiveRun:
             self.pending += usd
             if item is not None:
                 self.items[item] = self.items.get(item, ZERO) + usd
+                if tokens is not None:
+                    counts = self.tokens.setdefault(item, [0, 0])
+                    counts[0] += tokens[0]
+                    counts[1] += tokens[1]
 
     def elapsed(self, now: float) -> float:
         return self.prior_active + (now - self.session_start)
@@ -263,8 +270,8 @@ class _Call(tuple):  # type: ignore[type-arg]
         """Put step ``n`` in flight; its state, number, and when it starts (wall clock, run clock)."""
         state, n = self
         run.in_flight, run.pending = n, ZERO
-        if run.items:
-            run.items = {}
+        if run.items:  # tokens are told only with a line item: none without them
+            run.items, run.tokens = {}, {}
         if run.parent is not None:  # children side by side: each holds its estimate of the parent's room
             run.hold(max(run.history._summary()[1], run.estimate))
         return state, n, time.time(), run.clock()
@@ -412,6 +419,9 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
             "judge); the state fn returned is kept on this step")
     if run.items:
         metrics[COST_ITEMS_METRIC] = {name: str(usd) for name, usd in run.items.items()}
+        if run.tokens:
+            metrics[TOKENS_METRIC] = {name: {"input": n_in, "output": n_out}
+                                      for name, (n_in, n_out) in run.tokens.items()}
     cost = run.pending
     run.in_flight, run.pending = -1, ZERO
     end = run.clock()
@@ -1060,24 +1070,27 @@ def _in_step(name: str) -> LiveRun:
     return run
 
 
-def charge(usd: float | Decimal | str, item: str | None = None) -> None:
+def charge(usd: float | Decimal | str, item: str | None = None, *, tokens: tuple[int, int] | None = None) -> None:
     """Record spend the moment it happens, inside an iteration.
 
     The amount is written to the store at once (write-ahead), added to the
     step's cost when the step commits, and counted on resume if the process
     dies before that, never twice. ``item`` names a line item (``"judge"``),
-    recorded in the step's ``metrics["cost_items"]``::
+    recorded in the step's ``metrics["cost_items"]``; ``tokens``, the call's
+    input and output token counts, are added up by line item in
+    ``metrics["tokens"]`` (an adapter's charge tells them)::
 
         def step(state):
             reply = client.messages.create(...)
             loomc.charge(price(reply))      # durable now, even if we crash next line
             ...
     """
-    run, step, amount = spent("charge", usd, item)
+    run, step, amount = spent("charge", usd, item, tokens)
     run.store.charge(run.id, step, amount)
 
 
-def acharge(usd: float | Decimal | str, item: str | None = None) -> Coroutine[Any, Any, None]:
+def acharge(usd: float | Decimal | str, item: str | None = None, *,
+            tokens: tuple[int, int] | None = None) -> Coroutine[Any, Any, None]:
     """:func:`charge` for async iterations: ``await loomc.acharge(usd)``; the write goes to the store's
     writer thread.
 
@@ -1085,16 +1098,32 @@ def acharge(usd: float | Decimal | str, item: str | None = None) -> Coroutine[An
     forgotten (Python warns of it) loses the write-ahead to the store, never the money from the
     step's cost and the USD cap.
     """
-    return named(write_ahead(*spent("acharge", usd, item)), "loomc.acharge")
+    return named(write_ahead(*spent("acharge", usd, item, tokens)), "loomc.acharge")
 
 
-def spent(name: str, usd: float | Decimal | str, item: str | None) -> tuple[LiveRun, int, Decimal]:
+def spent(name: str, usd: float | Decimal | str, item: str | None,
+          tokens: tuple[int, int] | None = None) -> tuple[LiveRun, int, Decimal]:
     """Add ``usd`` to the step in flight (for ``name``, charge or acharge): the run, the step and the amount,
     for the write-ahead. Spent whatever the store then says: a write that fails still counts in the step."""
     run = _in_step(name)
     amount = to_decimal(usd, f"{name}(usd)")
-    run.spend(amount, item)
+    wrong = None if tokens is None else _wrong_tokens(name, item, tokens)
+    run.spend(amount, item, None if wrong else tokens)
+    if wrong:  # the money is spent all the same: the step counts it, then fails
+        raise ConfigError(f"{wrong} (the {dollars(amount)} charged is counted in the step)")
     return run, run.in_flight, amount
+
+
+def _wrong_tokens(name: str, item: str | None, tokens: Any) -> str:
+    """What is wrong with ``tokens``: they must be (input, output), two counts, told with their line item."""
+    if not (isinstance(tokens, tuple) and len(tokens) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in tokens)):
+        return (f"{name}(tokens={tokens!r}): give the call's (input, output) token counts, a tuple of two whole "
+                "numbers >= 0, as in tokens=(1200, 350)")
+    if item is None:
+        return (f"{name}(usd, tokens={tokens!r}) names no line item: tokens are counted by line item, so name the "
+                f"one they belong to, as in {name}(usd, item='gpt-4o', tokens={tokens!r})")
+    return ""
 
 
 async def write_ahead(run: LiveRun, step: int, amount: Decimal) -> None:

@@ -233,6 +233,75 @@ def test_charge_records_the_price_of_a_response_at_once_as_a_line_item(tmp_path,
     assert run.history[0].metrics["cost_items"] == {sonnet.model: str(per_call), "critique": str(per_call)}
 
 
+def test_charges_tell_each_line_items_tokens_and_show_adds_them_up(tmp_path, sonnet):
+    """Why did step 9 cost ten times step 1? The dollars alone do not say that the transcript grew:
+    each adapter charge tells its tokens, added up by line item on the step and over the run."""
+    from click.testing import CliRunner
+    from loomc.cli import main
+    db = str(tmp_path / "t.db")
+    advised = beta_message({"input_tokens": 4000, "output_tokens": 1000, "iterations": [
+        iteration("message", 2000, 400), iteration("advisor_message", 30000, 1500, "claude-opus-4-7"),
+        iteration("compaction", 150000, 3000), iteration("message", 2000, 600)]})
+
+    @loop(budget=Budget(usd=5.0, iterations=3), checkpoint=db)
+    def step(state):
+        sonnet.charge(message({"input_tokens": 1000 * (state + 1), "output_tokens": 100,
+                               "cache_read_input_tokens": 500}))  # cache reads are a part of the input
+        sonnet.charge(message({"input_tokens": 50, "output_tokens": 1}), item="judge")
+        if state == 2:
+            sonnet.charge(advised)  # served, compaction and advisor iterations: 184,000 in, 5,500 out
+            with pytest.warns(loomc.adapters.AlreadyPricedWarning):
+                sonnet.charge(advised)  # the same reply again: neither its dollars nor its tokens twice
+        return state + 1
+
+    run = step.run(0, run_id="tok")
+    assert [s.metrics["tokens"] for s in run.history] == [
+        {sonnet.model: {"input": 1500, "output": 100}, "judge": {"input": 50, "output": 1}},
+        {sonnet.model: {"input": 2500, "output": 100}, "judge": {"input": 50, "output": 1}},
+        {sonnet.model: {"input": 3500 + 184000, "output": 100 + 5500}, "judge": {"input": 50, "output": 1}}]
+    shown = CliRunner().invoke(main, ["show", "tok", "--db", db]).output.splitlines()
+    items = {sonnet.model: sum(Decimal(s.metrics["cost_items"][sonnet.model]) for s in run.history),
+             "judge": 3 * (50 * SONNET["input"] + 1 * SONNET["output"]) / M}
+    assert shown[4] == (f"By item: {sonnet.model} {loomc.errors.dollars(items[sonnet.model])} in 3 steps, 191,500 "
+                        f"tokens in and 5,800 out; judge {loomc.errors.dollars(items['judge'])} in 3 steps, 150 "
+                        "tokens in and 3 out")
+
+
+def test_charge_with_tokens_needs_a_line_item_and_two_counts_and_counts_the_money_anyway():
+    @loop(budget=Budget(usd=1.0, iterations=3), checkpoint="memory")
+    def no_item(state):
+        loomc.charge(0.25, tokens=(1200, 350))
+        return state
+
+    run = no_item.run(0)
+    assert run.status == "failed" and run.total_cost == Decimal("0.25")
+    assert run.history[0].error == (
+        "ConfigError: charge(usd, tokens=(1200, 350)) names no line item: tokens are counted by line item, so name "
+        "the one they belong to, as in charge(usd, item='gpt-4o', tokens=(1200, 350)) (the $0.2500 charged is "
+        "counted in the step)")
+    for wrong in ((1200,), (1200, -1), (1200.0, 350), [1200, 350], (True, 350)):
+        @loop(budget=Budget(usd=1.0, iterations=3), checkpoint="memory")
+        def bad(state):
+            loomc.charge(0.25, "gpt-4o", tokens=wrong)
+            return state
+
+        run = bad.run(0)
+        assert run.status == "failed" and run.total_cost == Decimal("0.25")
+        assert "give the call's (input, output) token counts, a tuple of two whole numbers >= 0" in run.history[0].error
+
+    @loop(budget=Budget(usd=1.0, iterations=2), checkpoint="memory")
+    def told(state):
+        loomc.charge(0.25, "gpt-4o", tokens=(1200, 350))
+        loomc.charge(0.05, "gpt-4o", tokens=(100, 0))
+        loomc.charge(0.01, "search")
+        return state
+
+    run = told.run(0)
+    assert run.history[1].metrics["tokens"] == {"gpt-4o": {"input": 1300, "output": 350}}
+    assert loomc.history.spend_by_item(run.history) == (
+        "gpt-4o $0.6000 in 2 steps, 2,600 tokens in and 700 out; search $0.0200 in 2 steps")
+
+
 def test_acharge_in_an_async_loop(sonnet):
     import asyncio
     @loop(budget=Budget(iterations=3), checkpoint="memory")
@@ -243,6 +312,7 @@ def test_acharge_in_an_async_loop(sonnet):
     run = asyncio.run(step.run(0))
     assert run.total_cost == 3 * (2000 * SONNET["input"] + 10 * SONNET["output"]) / M
     assert run.history[2].metrics["cost_items"] == {sonnet.model: str(run.total_cost / 3)}
+    assert run.history[2].metrics["tokens"] == {sonnet.model: {"input": 2000, "output": 10}}
 
 
 def test_a_forgotten_await_on_acharge_still_counts_the_spend(sonnet, tmp_path):
