@@ -22,7 +22,7 @@ import click
 
 from loomc.budget import budget_from_repr
 from loomc.errors import (PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted,
-                          dollars, iso, shorten)
+                          dollars, iso, shorten, took)
 from loomc.history import running_costs, spend_by_item
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
@@ -229,10 +229,10 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     if pruned:
         head.append(f"Pruned: the states of {counted(len(pruned), 'step')} were removed by `loomc prune --states` at "
                     f"{iso(max(pruned))}; every step's record is kept")
-    return "\n".join([*head, STEP_HEADER, "-" * 56, *step_rows(steps, children)])
+    return "\n".join([*head, STEP_HEADER, "-" * 65, *step_rows(steps, children)])
 
 
-STEP_HEADER = "STEP      COST     CUMUL    SCORE  ERROR"
+STEP_HEADER = "STEP      COST     CUMUL    SCORE     TIME  ERROR"
 
 
 def step_rows(steps: Sequence[StoredStep], children: Sequence[RunRecord] = (), before: Decimal = Decimal(0)
@@ -248,8 +248,8 @@ def step_rows(steps: Sequence[StoredStep], children: Sequence[RunRecord] = (), b
     # %-formatting and no per-row lists: a run may have tens of thousands of steps.
     for s, total in zip(steps, costs):
         n, score, error, events = s.n, s.score, s.error, s.events
-        row = "%4d%10s%10s%s" % (n, dollars(s.cost), dollars(total),
-                                 "      -  " if score is None else "%9.4f" % score)
+        row = "%4d%10s%10s%s%9s" % (n, dollars(s.cost), dollars(total),
+                                    "      -  " if score is None else "%9.4f" % score, took(s.duration))
         if error:
             row += "  " + paint(shorten(error, f"--step {n} shows it whole"), "red")
         if events:
@@ -318,7 +318,7 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
 @click.option("--follow", is_flag=True,
               help="then print each step as it commits, until the run stops (exit 0 if it completed, else 2)")
 def show(run_id: str, db: str | None, step_n: int | None, follow: bool) -> None:
-    """Every step of a run: cost, cumulative cost, score, error and events; or one step whole (--step)."""
+    """Every step of a run: cost, cumulative cost, score, time, error and events; or one step whole (--step)."""
     store = open_db(db)
     try:
         run = store.get_run(run_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import iteration_cap, usd_cap
-from loomc.errors import counted, dollars
+from loomc.errors import counted, dollars, took
 from loomc.history import History, Step, running_costs, spend_by_item
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
@@ -28,23 +28,23 @@ def esc(value: Any) -> str:
 
 
 def steps_table(history: History) -> str:
-    """An HTML table of the steps: cost, cumulative cost, score, error (where it was raised on hovering) and
-    events."""
+    """An HTML table of the steps: cost, cumulative cost, score, how long the call took, error (where it was
+    raised on hovering) and events."""
     rows = []
     shown = range(len(history)) if len(history) <= MAX_ROWS else \
         [*range(MAX_ROWS // 2), -1, *range(len(history) - MAX_ROWS // 2, len(history))]
     cumulative = list(running_costs(history))
     for i in shown:
         if i == -1:
-            rows.append(f'<tr><td colspan="6">... {len(history) - MAX_ROWS} more steps ...</td></tr>')
+            rows.append(f'<tr><td colspan="7">... {len(history) - MAX_ROWS} more steps ...</td></tr>')
             continue
         s = history[i]
         score = "-" if s.score is None else f"{s.score:.4f}"
         where = s.traceback  # shown on hovering over the error
         error = f'<td title="{esc(where)}">' if where else "<td>"
         rows.append(f"<tr><td>{s.n}</td><td>{dollars(s.cost)}</td><td>{dollars(cumulative[i])}</td><td>{score}</td>"
-                    f"{error}{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
-    return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>error</th>"
+                    f"<td>{took(s.duration)}</td>{error}{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
+    return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>time</th><th>error</th>"
             f"<th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 

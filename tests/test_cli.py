@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from decimal import Decimal
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def test_runs_and_show_print_the_readme_layouts_byte_for_byte(tmp_path):
     assert runs.exit_code == 0, runs.output
     expected_runs = readme_block("$ loomc runs").split("\n\n", 1)[1]
     assert runs.output == expected_runs.replace("2026-07-03T12:00:19", iso(created))
+    # The calls took no time here; the README shows the times of real model calls.
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany("UPDATE steps SET duration = ? WHERE step_n = ?", [(4.21, 0), (38.6, 1), (185.2, 2), (0.4, 3)])
     show = invoke("show", run_id, "--db", db)
     assert show.exit_code == 0
     assert show.output == readme_block("$ loomc show a1b2c3d4e5f6").split("\n\n", 1)[1]
@@ -79,7 +83,7 @@ def test_show_marks_backtracks_and_convergence(tmp_path):
     run = climb.run(0.0)
     out = invoke("show", run.id, "--db", db).output
     rows = out.splitlines()
-    assert re.search(r"^   3 .*0\.6000  <- backtrack to step 2$", out, re.M)
+    assert re.search(r"^   3 .*0\.6000 +[0-9.]+s  <- backtrack to step 2$", out, re.M)
     assert rows[-1].endswith("<- converged")
     assert "Stopped: score_plateau" in out and "Status: completed" in out
 
@@ -358,11 +362,12 @@ def test_show_follow_prints_each_step_as_it_commits_until_the_run_stops(tmp_path
                              timeout=60)
     looping.wait(timeout=60)
     lines = watched.stdout.splitlines()
-    at = lines.index("STEP      COST     CUMUL    SCORE  ERROR")
+    at = lines.index("STEP      COST     CUMUL    SCORE     TIME  ERROR")
     rows, last = lines[at + 2:-1], lines[-1]
     made = 15 if die_at is None else die_at
     assert [int(row.split()[0]) for row in rows] == list(range(made)), watched.stdout  # each step once, in order
     assert rows[-1].split()[1:3] == ["$0.0100", f"${made / 100:.4f}"]  # the cumulative cost runs on
+    assert all(0.1 <= float(row.split()[4].rstrip("s")) < 10 for row in rows)  # each step sleeps 0.1 s or more
     assert watched.returncode == 2
     if die_at is None:
         assert last == "Stopped: budget_exhausted: iterations: 15 of 15 calls made; spent $0.1500 in 15 steps"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import html
+import re
 import io
 from decimal import Decimal
 
@@ -63,6 +64,27 @@ def test_run_html_says_what_the_run_spent_on_each_line_item():
         in page and "<script>" not in page
     plain = loop(budget=Budget(iterations=1), cost_fn=lambda s: 0.005, checkpoint="memory")(lambda s: s + 1).run(0)
     assert "By item" not in plain._repr_html_()
+
+
+def test_the_steps_table_says_how_long_each_call_took():
+    import time
+
+    def fn(state):
+        time.sleep(0.05 if state == 1 else 0)
+        return state + 1
+
+    page = loop(budget=Budget(iterations=3), checkpoint="memory")(fn).run(0)._repr_html_()
+    assert "<th>score</th><th>time</th><th>error</th>" in page
+    took = re.findall(r"<tr><td>(\d+)</td>(?:<td>[^<]*</td>){3}<td>([^<]*)</td>", page)
+    assert [n for n, _ in took] == ["0", "1", "2"]
+    assert 0.05 <= float(took[1][1].rstrip("s")) < 1 and all(float(t.rstrip("s")) < 0.05 for _, t in took[::2])
+
+
+def test_loomc_prints_dollars_and_times_as_its_docstrings_say():
+    import doctest
+    from loomc import errors
+    result = doctest.testmod(errors)
+    assert result.attempted >= 2 and result.failed == 0
 
 
 def test_long_runs_show_their_first_and_last_steps():
