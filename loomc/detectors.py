@@ -114,6 +114,9 @@ class _JudgeProbe(Probe):
     async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
         return {self.name: clear_yes(await verdict)}
 
+    def __repr__(self) -> str:  # what a failure names: "raised by judge(is_done), after fn returned"
+        return f"judge({name_of(self.judge_fn)})"
+
     def needs_async(self) -> str | None:
         fn = self.judge_fn
         return f"judge({name_of(fn)}) is an async def" if inspect.iscoroutinefunction(fn) else None

@@ -307,6 +307,8 @@ class _Call(tuple):  # type: ignore[type-arg]
                         metrics.update(found)
                 except BaseException as e:  # Ctrl-C while a judge ran: fn's state is kept, then it stops
                     exc = e
+                    if isinstance(e, Exception):
+                        _blame(e, "cost_fn" if run.blind is e else repr(probe))
             return _settle(run, n, new_state, exc, wall, t0, metrics)
         finally:
             _CURRENT.reset(token)
@@ -351,6 +353,8 @@ class _Call(tuple):  # type: ignore[type-arg]
                                          "scorer), which was cancelled; the state fn returned is kept on this step")
                 except BaseException as e:  # cancelled while measuring: fn's state is kept, then it stops
                     exc = e
+                    if run.blind is e:  # a probe or the scorer that raised said so in _judged
+                        _blame(e, "cost_fn")
             return _settle(run, n, new_state, exc, wall, t0, metrics, score)
         finally:
             _CURRENT.reset(token)
@@ -379,9 +383,41 @@ async def _judged(run: LiveRun, state: Any, metrics: dict[str, Any]) -> Any:
     """An async loop's measurements of ``state`` after its price: each probe's metrics (into ``metrics``),
     then the score an ``async def`` scorer gives (``_UNSET`` if the scorer is sync: ``_settle`` asks it)."""
     for probe in run.probes:
-        found = probe.measure(state, run.history)
-        metrics.update(await found if inspect.isawaitable(found) else found)
-    return await run.scorer(state) if run.awaits_score else _UNSET  # type: ignore[misc]
+        try:
+            found = probe.measure(state, run.history)
+            metrics.update(await found if inspect.isawaitable(found) else found)
+        except Exception as e:
+            _blame(e, repr(probe))
+            raise
+    if not run.awaits_score:
+        return _UNSET
+    try:
+        return await run.scorer(state)  # type: ignore[misc]
+    except Exception as e:
+        _blame(e, "the scorer")
+        raise
+
+
+def _blame(e: BaseException, what: str) -> None:
+    """Mark ``e`` as raised by ``what`` (cost_fn, a probe, the scorer), measuring what fn returned."""
+    try:
+        setattr(e, _RAISED_BY, what)
+    except (AttributeError, TypeError):  # an exception type that takes no attributes: it says less, that is all
+        pass
+
+
+_RAISED_BY = "loomc_raised_by"
+
+
+def _raised_after(run: LiveRun, n: int, exc: Exception, error: str, by: str | None) -> str:
+    """The step's error for ``exc``, raised by ``by`` after fn returned, saying so; the exception says it too."""
+    if by is None:
+        return error
+    said = (f"raised by {by}, after fn returned: step {n} keeps the state fn returned"
+            + ("; the call's price from cost_fn is not in its cost" if by == "cost_fn" else ""))
+    if hasattr(exc, "add_note"):  # Python 3.11 and later
+        exc.add_note(f"loomc: {said}")
+    return f"{error} ({said})"
 
 
 def _returned_none(run: LiveRun) -> NoStateReturned:
@@ -407,6 +443,8 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                 raw = run.scorer(state)
             except BaseException as e:
                 exc = e
+                if isinstance(e, Exception):
+                    _blame(e, "the scorer")
         if exc is None:
             try:
                 score = None if raw is None else float(raw)
@@ -414,9 +452,13 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                 exc = TypeError(f"scorer(state) must return a number (higher is better) or None, got "
                                 f"{type(raw).__name__}: {raw!r}")
     if exc is not None:
-        error = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else (
-            f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, scorer or "
-            "judge); the state fn returned is kept on this step")
+        if not isinstance(exc, Exception):
+            error = (f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, "
+                     "scorer or judge); the state fn returned is kept on this step")
+        elif state is None:  # fn raised
+            error = f"{type(exc).__name__}: {exc}"
+        else:  # fn returned; what measured its result raised
+            error = _raised_after(run, n, exc, f"{type(exc).__name__}: {exc}", getattr(exc, _RAISED_BY, None))
     if run.items:
         metrics[COST_ITEMS_METRIC] = {name: str(usd) for name, usd in run.items.items()}
         if run.tokens:
@@ -735,8 +777,7 @@ def _not_on(backtracker: Backtracker, exc: BaseException | None, error: str) -> 
 
 def _blind(run: LiveRun, exc: BaseException | None, error: str) -> str:
     """Why a run with a backtracker stopped on a call whose cost is unknown, as its reason and a note."""
-    source = "cost_fn(state) raised " if exc is run.blind else ""
-    reason = (f"{source}{error}; without what the call cost, the USD cap cannot hold, so the run stopped "
+    reason = (f"{error}; without what the call cost, the USD cap cannot hold, so the run stopped "
               f"instead of going on from another state")
     if exc is not None and hasattr(exc, "add_note"):
         exc.add_note(f"loomc: {reason}. Fix the pricing, then resume the run")

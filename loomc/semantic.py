@@ -111,6 +111,9 @@ class _Embedder(Probe):
     embed_fn: Callable[[list[str]], Any] | None
     _loaded: list[Any] = field(default_factory=list, compare=False)
 
+    def __repr__(self) -> str:  # what a failure names: "raised by semantic_delta's embedding, after fn returned"
+        return "semantic_delta's embedding"
+
     def check_installed(self) -> None:
         if self.embed_fn is None and isinstance(self.model, (str, os.PathLike)):
             import importlib.util  # finds the package without importing it (and torch with it)

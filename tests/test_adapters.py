@@ -476,7 +476,8 @@ def test_a_judge_that_raises_is_recorded_on_its_step_not_swallowed():
 
     run = loop(budget=Budget(iterations=6), converge_on=judge(flaky), backtrack=LastGood(), checkpoint="memory")(
         lambda s: s + 1).run(0)
-    assert run.history[0].error == "TimeoutError: judge timed out"
+    assert run.history[0].error == ("TimeoutError: judge timed out (raised by judge(flaky), after fn returned: step "
+                                    "0 keeps the state fn returned)"), "the error names the judge, not fn"
     assert run.history[0].state == 1, "the step's state is kept"
     assert run.status == "completed" and run.state == 3
 
@@ -507,8 +508,9 @@ def test_a_call_whose_cost_is_unknown_ends_a_usd_capped_run_even_with_a_backtrac
 
     run = paid.run(0)
     assert run.status == "failed" and len(calls) == 1
-    assert run.reason == ("cost_fn(state) raised KeyError: 'usage'; without what the call cost, the USD cap cannot "
-                          "hold, so the run stopped instead of going on from another state")
+    assert run.reason == ("KeyError: 'usage' (raised by cost_fn, after fn returned: step 0 keeps the state fn "
+                          "returned; the call's price from cost_fn is not in its cost); without what the call cost, "
+                          "the USD cap cannot hold, so the run stopped instead of going on from another state")
     with pytest.raises(KeyError) as caught:
         paid(0)
     assert any("Fix the pricing, then resume the run" in note for note in getattr(caught.value, "__notes__", [])) \
@@ -540,7 +542,7 @@ def test_a_call_whose_cost_is_unknown_ends_a_usd_capped_run_even_with_a_backtrac
     for runner in (apaid, apaid_async_cost):
         calls.clear()
         run = asyncio.run(runner.run(0))
-        assert run.status == "failed" and len(calls) == 1 and run.reason.startswith("cost_fn(state) raised KeyError")
+        assert run.status == "failed" and len(calls) == 1 and run.reason.startswith("KeyError: 'usage' (raised by cost_fn")
 
     @loop(budget=Budget(iterations=5), backtrack=LastGood(), cost_fn=broken_pricing, checkpoint="memory")
     def uncapped(s):

@@ -301,7 +301,8 @@ def test_an_async_loop_awaits_an_async_scorer_and_cost_fn():
 
     flaky = loop(budget=Budget(iterations=2), backtrack=LastGood(), scorer=broken, checkpoint="memory")(draft.fn)
     failed = asyncio.run(flaky.run(0))
-    assert failed.history[0].error == "ValueError: grader down" and failed.history[0].state == 1
+    assert failed.history[0].error == ("ValueError: grader down (raised by the scorer, after fn returned: step 0 "
+                                       "keeps the state fn returned)") and failed.history[0].state == 1
     with pytest.raises(ConfigError, match=r"scorer=grade is an async def, which a sync loop cannot await"):
         loop(scorer=grade, checkpoint="memory")(lambda s: s)
     with pytest.raises(ConfigError, match=r"cost_fn=price is an async def"):

@@ -117,7 +117,9 @@ def test_a_text_fn_that_finds_no_text_fails_its_step_instead_of_converging_on_no
     run = run_texts([{"other": 1}, {"other": 2}], text_fn=lambda s: s.get("draft"), embed_fn=embed)
     assert run.status == "failed" and embedded == []
     assert run.history[0].error == ("TypeError: semantic_delta's text_fn <lambda>(state) returned None, not the text "
-                                    "to compare; return the output's text (an empty string if there is none)")
+                                    "to compare; return the output's text (an empty string if there is none) "
+                                    "(raised by semantic_delta's embedding, after fn returned: step 0 keeps the "
+                                    "state fn returned)")
 
 
 def test_import_loomc_and_building_the_detector_import_no_torch():

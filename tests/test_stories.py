@@ -947,7 +947,46 @@ def test_a_judge_that_raises_does_not_hide_what_the_call_cost_from_the_usd_cap(a
     run = asyncio.run(runner.run(0)) if aio else runner.run(0)
     assert run.status == "budget_exhausted" and len(calls) == 3 and run.total_cost == Decimal("0.3")
     assert [s.cost for s in run.history] == [Decimal("0.1")] * 3
-    assert run.history[0].error == "ConnectionError: the grading model is down" and run.history[0].state == 1
+    assert run.history[0].error == ("ConnectionError: the grading model is down (raised by judge(broken_judge), "
+                                    "after fn returned: step 0 keeps the state fn returned)")
+    assert run.history[0].state == 1
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_an_error_raised_after_fn_returned_names_what_raised_it_not_fn(aio):
+    """`KeyError: 'score'` from a scorer read as an error of fn: the user looked for it in fn, which had
+    returned, and its state was kept. The step's error, the run's reason and the exception now say which
+    of cost_fn, a probe or the scorer raised it; an error of fn's own reads as before."""
+    def attempt(**measures):
+        runner = loop(budget=Budget(iterations=2), checkpoint="memory", **measures)(
+            sync_or_async(lambda state: {"draft": state["draft"] + "!"}, aio))
+        with pytest.raises(Exception) as caught:
+            asyncio.run(runner({"draft": "a"})) if aio else runner({"draft": "a"})
+        assert caught.value.history[0].state == {"draft": "a!"}, "the state fn returned is kept on the step"
+        return caught.value.history[0].error, caught.value.__notes__[0]
+
+    def grade(state):
+        return state["score"]
+
+    def is_done(state):
+        raise ConnectionError("the grading model is down")
+
+    assert attempt(scorer=grade) == (
+        "KeyError: 'score' (raised by the scorer, after fn returned: step 0 keeps the state fn returned)",
+        "loomc: raised by the scorer, after fn returned: step 0 keeps the state fn returned")
+    error, note = attempt(cost_fn=lambda state: state["usage"]["cost"])
+    assert error == ("KeyError: 'usage' (raised by cost_fn, after fn returned: step 0 keeps the state fn returned; "
+                     "the call's price from cost_fn is not in its cost)") and note == f"loomc: {error[19:-1]}"
+    error, note = attempt(converge_on=judge(is_done), cost_fn=lambda state: 0.1)
+    assert error == ("ConnectionError: the grading model is down (raised by judge(is_done), after fn returned: step 0 "
+                     "keeps the state fn returned)")
+    # fn's own error: no word of the others.
+    runner = loop(budget=Budget(iterations=2), scorer=grade, checkpoint="memory")(
+        sync_or_async(lambda state: state["missing"], aio))
+    with pytest.raises(KeyError) as caught:
+        asyncio.run(runner({"draft": "a"})) if aio else runner({"draft": "a"})
+    assert caught.value.history[0].error == "KeyError: 'missing'" and not any(
+        "raised by" in note for note in caught.value.__notes__)
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
