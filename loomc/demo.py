@@ -56,6 +56,7 @@ TESTS = [
 ]
 
 # Priced like a mid-size model: $3 per million input tokens, $15 per million output tokens.
+MODEL = "simulated-model"
 INPUT_PER_TOKEN = Decimal(3) / 1_000_000
 OUTPUT_PER_TOKEN = Decimal(15) / 1_000_000
 
@@ -118,7 +119,8 @@ def fix_code(state: dict[str, Any]) -> dict[str, Any]:
     # Seeded by the step number: deterministic (a resume replays the same calls), and a
     # backtracked state does not meet the same "model output" again.
     code, note, tokens_in, tokens_out = simulated_model(state["code"], loomc.step_number() or 0)
-    loomc.charge(tokens_in * INPUT_PER_TOKEN + tokens_out * OUTPUT_PER_TOKEN)  # paid: durable now
+    loomc.charge(tokens_in * INPUT_PER_TOKEN + tokens_out * OUTPUT_PER_TOKEN, MODEL,  # paid: durable now
+                 tokens=(tokens_in, tokens_out))
     if _CRASH_AT and loomc.step_number() == _CRASH_AT[0]:
         click.echo(f"  step {_CRASH_AT[0]:>2}  the process dies here (SIGKILL), after paying for the call")
         sys.stdout.flush()

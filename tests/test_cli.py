@@ -528,6 +528,8 @@ def test_demo_runs_to_completion_and_prints_how_to_inspect(tmp_path):
                           env={k: v for k, v in os.environ.items() if k != "LOOMC_DB"})
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout and "Inspect it: loomc show " in proc.stdout
+    # Its calls are priced from their (simulated) tokens, which the ledger keeps with them.
+    assert "\nBy item: simulated-model $0.2143 in 5 steps, 37,037 tokens in and 6,877 out\n" in proc.stdout
     assert (tmp_path / ".loomc" / "checkpoints.db").exists() and "No crash" not in proc.stdout
     late = subprocess.run(["loomc", "demo", "--crash-at", "99", "--db", str(tmp_path / "late.db")],
                           capture_output=True, text=True, cwd=tmp_path)
