@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import usd_cap
-from loomc.errors import counted, dollars, shorten
+from loomc.errors import counted, dollars, shorten, took
 from loomc.policy import name_of
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def run_opened(live: LiveRun) -> None:
 
 def _step_line(log: Any, live: LiveRun, cap: Decimal | None, step: Step) -> None:
     total = dollars(live.history.total_cost) + ("" if cap is None else f" of {dollars(cap)}")
-    parts = [f"{dollars(step.cost)} (total {total})"]
+    parts = [f"{dollars(step.cost)} (total {total}) in {took(step.duration)}"]
     if step.score is not None:
         parts.append(f"score {step.score:.4g}")
     if step.error is not None:
