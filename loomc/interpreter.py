@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from operator import itemgetter
-from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -212,7 +212,7 @@ class LiveRun:
         self.children[self.in_flight] = k + 1
         return f"{self.id}-{self.in_flight}-{k}"
 
-    def spend(self, usd: Decimal, item: str | None = None, tokens: tuple[int, int] | None = None) -> None:
+    def spend(self, usd: Decimal, item: str | None = None, tokens: Sequence[int] | None = None) -> None:
         """Spend inside the step in flight (a charge, or a child's step): it joins the step's cost, and
         the line item ``item`` with its ``tokens`` (input, output), if given.
 
@@ -1111,7 +1111,7 @@ def _in_step(name: str) -> LiveRun:
     return run
 
 
-def charge(usd: float | Decimal | str, item: str | None = None, *, tokens: tuple[int, int] | None = None) -> None:
+def charge(usd: float | Decimal | str, item: str | None = None, *, tokens: Sequence[int] | None = None) -> None:
     """Record spend the moment it happens, inside an iteration.
 
     The amount is written to the store at once (write-ahead), added to the
@@ -1131,7 +1131,7 @@ def charge(usd: float | Decimal | str, item: str | None = None, *, tokens: tuple
 
 
 def acharge(usd: float | Decimal | str, item: str | None = None, *,
-            tokens: tuple[int, int] | None = None) -> Coroutine[Any, Any, None]:
+            tokens: Sequence[int] | None = None) -> Coroutine[Any, Any, None]:
     """:func:`charge` for async iterations: ``await loomc.acharge(usd)``; the write goes to the store's
     writer thread.
 
@@ -1143,7 +1143,7 @@ def acharge(usd: float | Decimal | str, item: str | None = None, *,
 
 
 def spent(name: str, usd: float | Decimal | str, item: str | None,
-          tokens: tuple[int, int] | None = None) -> tuple[LiveRun, int, Decimal]:
+          tokens: Sequence[int] | None = None) -> tuple[LiveRun, int, Decimal]:
     """Add ``usd`` to the step in flight (for ``name``, charge or acharge): the run, the step and the amount,
     for the write-ahead. Spent whatever the store then says: a write that fails still counts in the step."""
     run = _in_step(name)
@@ -1157,10 +1157,10 @@ def spent(name: str, usd: float | Decimal | str, item: str | None,
 
 def _wrong_tokens(name: str, item: str | None, tokens: Any) -> str:
     """What is wrong with ``tokens``: they must be (input, output), two counts, told with their line item."""
-    if not (isinstance(tokens, tuple) and len(tokens) == 2
+    if not (isinstance(tokens, (tuple, list)) and len(tokens) == 2
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in tokens)):
-        return (f"{name}(tokens={tokens!r}): give the call's (input, output) token counts, a tuple of two whole "
-                "numbers >= 0, as in tokens=(1200, 350)")
+        return (f"{name}(tokens={tokens!r}): give the call's (input, output) token counts, two whole numbers "
+                ">= 0, as in tokens=(1200, 350)")
     if item is None:
         return (f"{name}(usd, tokens={tokens!r}) names no line item: tokens are counted by line item, so name the "
                 f"one they belong to, as in {name}(usd, item='gpt-4o', tokens={tokens!r})")

@@ -279,7 +279,7 @@ def test_charge_with_tokens_needs_a_line_item_and_two_counts_and_counts_the_mone
         "ConfigError: charge(usd, tokens=(1200, 350)) names no line item: tokens are counted by line item, so name "
         "the one they belong to, as in charge(usd, item='gpt-4o', tokens=(1200, 350)) (the $0.2500 charged is "
         "counted in the step)")
-    for wrong in ((1200,), (1200, -1), (1200.0, 350), [1200, 350], (True, 350)):
+    for wrong in ((1200,), (1200, -1), (1200.0, 350), "12", (True, 350), {"input": 1200, "output": 350}):
         @loop(budget=Budget(usd=1.0, iterations=3), checkpoint="memory")
         def bad(state):
             loomc.charge(0.25, "gpt-4o", tokens=wrong)
@@ -287,12 +287,12 @@ def test_charge_with_tokens_needs_a_line_item_and_two_counts_and_counts_the_mone
 
         run = bad.run(0)
         assert run.status == "failed" and run.total_cost == Decimal("0.25")
-        assert "give the call's (input, output) token counts, a tuple of two whole numbers >= 0" in run.history[0].error
+        assert "give the call's (input, output) token counts, two whole numbers >= 0" in run.history[0].error
 
     @loop(budget=Budget(usd=1.0, iterations=2), checkpoint="memory")
     def told(state):
         loomc.charge(0.25, "gpt-4o", tokens=(1200, 350))
-        loomc.charge(0.05, "gpt-4o", tokens=(100, 0))
+        loomc.charge(0.05, "gpt-4o", tokens=[100, 0])  # a list will do
         loomc.charge(0.01, "search")
         return state
 
