@@ -24,8 +24,8 @@ from decimal import Decimal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loomc.errors import ConfigError, dollars
-from loomc.history import History, to_decimal
+from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, dollars
+from loomc.history import History, cost_unknown, to_decimal
 from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
@@ -109,11 +109,14 @@ class Budget(Signal):
         if self.iterations is not None and len(history) >= self.iterations:
             return f"iterations: {len(history)} of {self.iterations} calls made"
         if self.usd is not None:
-            spent, largest = history._summary()[:2]
+            spent, largest, _, _, _, unknown = history._summary()
             estimate = self.step_estimate if self.step_estimate is not None else largest
-            if spent + estimate > self.usd:
+            # A failed call whose cost is unknown may have cost as much as any: it is counted at the estimate.
+            if spent + (estimate * (unknown + 1) if unknown else estimate) > self.usd:
                 if spent > self.usd:
                     return _past_cap(history, spent, self.usd)
+                if unknown and estimate:
+                    return _unknown_costs(history, spent, estimate, unknown, self.usd)
                 return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step "
                         f"would pass the {dollars(self.usd)} cap")
             if spent >= self.usd and spent > 0:
@@ -152,6 +155,21 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
     return (f"{said}: step {last.n} alone cost {dollars(last.cost)} with {dollars(room)} left. The cap is checked "
             "before each call of fn: inside one, check loomc.usd_left() before each paid call; "
             "Budget(step_estimate=) covers steps that grow")
+
+
+def _unknown_costs(history: History, spent: Decimal, estimate: Decimal, unknown: int, cap: Decimal) -> str:
+    """Why the cap stops a run whose failed calls left their cost unknown, counted at the estimate."""
+    steps = [s.n for s in history if s.error is not None and cost_unknown(s)]
+    raised = sum(COST_UNKNOWN_METRIC in history[n].metrics for n in steps)
+    why = ", or ".join(part for part in (
+        "fn raised before cost_fn, which prices only a state fn returned, could price it" if raised else "",
+        "the process died before it charged" if len(steps) > raised else "") if part)
+    where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}" if len(steps) == (
+        steps[-1] - steps[0] + 1) else f"the last, step {steps[-1]}"
+    return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step would pass the {dollars(cap)} cap, "
+            f"with {counted(unknown, 'failed call')} of unknown cost counted at {dollars(estimate)}"
+            f"{' each' if unknown > 1 else ''} ({where}: {why}). Charge each paid call inside fn, right after it "
+            "(loomc.charge, adapter.charge), so that a failed call counts what it cost")
 
 
 #: The cap a loop gets when it is given no budget: 100 calls of ``fn``.
@@ -239,15 +257,17 @@ class ParentCap(Signal):
     kind = max_outcome = Outcome.BUDGET_EXHAUSTED
 
     def fire(self, history: History, elapsed: float) -> str | None:
-        spent, largest = history._summary()[:2]
+        spent, largest, _, _, _, unknown = history._summary()
         usd, room = self.usd, None if self.room_now is None else self.room_now()
         if room is not None:
             if room <= 0:
                 return f"usd: the parent run {self.parent}'s budget has nothing left for this child"
             usd = min(usd, spent + room)  # the child's committed spend is in the parent's already
-        if spent + largest > usd or (spent >= usd and spent > 0):
+        if spent + largest * (unknown + 1) > usd or (spent >= usd and spent > 0):
             return (f"usd: the parent run {self.parent}'s budget leaves {dollars(usd)} for this child; "
-                    f"{dollars(spent)} spent + {dollars(largest)} for the next step would pass it")
+                    f"{dollars(spent)} spent + {dollars(largest)} for the next step would pass it" +
+                    (f", with {counted(unknown, 'failed call')} of unknown cost counted at {dollars(largest)}"
+                     f"{' each' if unknown > 1 else ''}" if unknown and largest else ""))
         return None
 
     def __repr__(self) -> str:

@@ -29,7 +29,8 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 import toolz
 
-from loomc.errors import COST_ITEMS_METRIC, PRUNED_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, counted, dollars
+from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, PRUNED_METRIC, TOKENS_METRIC, TRACEBACK_METRIC,
+                          counted, dollars)
 
 T = TypeVar("T")
 
@@ -447,17 +448,25 @@ class History(Sequence[Step]):
         return None if i < 0 else self._spine.steps[i]
 
 
-# (total cost, largest cost, best step, best score, last good step): one fold serves every
-# derivation the budgets and backtrackers read on each step.
-_Summary = tuple[Decimal, Decimal, int, float, int]
-_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1)
+# (total cost, largest cost, best step, best score, last good step, calls of unknown cost): one fold
+# serves every derivation the budgets and backtrackers read on each step.
+_Summary = tuple[Decimal, Decimal, int, float, int, int]
+_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1, 0)
 
 
 def _summarise(acc: _Summary, step: Step) -> _Summary:
-    total, largest, best, best_score, last_good = acc
+    total, largest, best, best_score, last_good, unknown = acc
     cost, score = step[1], step[2]
     if step[3] is None:
         last_good = step[0]
         if score is not None and score == score and (best < 0 or score > best_score):  # NaN != NaN
             best, best_score = step[0], score
-    return (total + cost, cost if cost > largest else largest, best, best_score, last_good)
+    elif cost_unknown(step):
+        unknown += 1
+    return (total + cost, cost if cost > largest else largest, best, best_score, last_good, unknown)
+
+
+def cost_unknown(step: Step) -> bool:
+    """Whether a failed step's call may have cost more than it recorded, by how much nobody knows: ``fn``
+    raised under a ``cost_fn`` (which prices only a returned state), or the call was cut short at $0."""
+    return COST_UNKNOWN_METRIC in step.metrics or (not step.cost and "interrupted" in step.events)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (COST_ITEMS_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted, ConfigError,
+from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted, ConfigError,
                           CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError, RunLocked,
                           StallError, StateEncodeError, StopRequested, attach_run, counted, dollars, warn_at_caller,
                           where_raised)
@@ -457,6 +457,8 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                      "scorer or judge); the state fn returned is kept on this step")
         elif state is None:  # fn raised
             error = f"{type(exc).__name__}: {exc}"
+            if run.cost_fn is not None:  # which prices only a returned state: what the call cost is unknown
+                metrics[COST_UNKNOWN_METRIC] = True
         else:  # fn returned; what measured its result raised
             error = _raised_after(run, n, exc, f"{type(exc).__name__}: {exc}", getattr(exc, _RAISED_BY, None))
     if run.items:

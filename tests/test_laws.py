@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loomc import Budget, History, Step, always, never, predicate, score_plateau
+from loomc.errors import COST_UNKNOWN_METRIC
 
 
 def last_above_half(h):
@@ -46,16 +47,19 @@ SIGNALS = st.recursive(
     max_leaves=6,
 )
 
-# A step as a compact tuple: (score or None or NaN, cost in cents, failed?)
+# A step as a compact tuple: (score or None or NaN, cost in cents, failed?), where a failure may leave
+# its call's cost unknown ("unknown": fn raised under a cost_fn), which a USD cap counts at its estimate.
 ROWS = st.lists(
-    st.tuples(st.one_of(st.none(), st.floats(0, 1), st.just(float("nan"))), st.integers(0, 10), st.booleans()),
+    st.tuples(st.one_of(st.none(), st.floats(0, 1), st.just(float("nan"))), st.integers(0, 10),
+              st.sampled_from([False, True, "unknown"])),
     max_size=12,
 )
 
 
 def build(rows) -> History:
     return History([Step(n, None if failed else {"n": n}, cost=Decimal(cents) / 100,
-                         score=None if failed else score, error="ValueError: x" if failed else None)
+                         score=None if failed else score, error="ValueError: x" if failed else None,
+                         metrics={COST_UNKNOWN_METRIC: True} if failed == "unknown" else {})
                     for n, (score, cents, failed) in enumerate(rows)])
 
 

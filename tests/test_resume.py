@@ -134,14 +134,16 @@ step({{"start": 7}}, run_id="early")
 
 
 def test_resume_counts_the_spend_against_the_same_caps(tmp_path):
+    import loomc
     db = str(tmp_path / "b.db")
     calls = {"n": 0}
 
-    @loop(budget=Budget(usd=2.00), cost_fn=lambda s: 0.05, checkpoint=db)
+    @loop(budget=Budget(usd=2.00), checkpoint=db)
     def step(s):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise ConnectionError("network down")
+            raise ConnectionError("network down")  # before the paid call: nothing charged
+        loomc.charge(0.05)
         return s + 1
 
     with pytest.raises(ConnectionError) as e:
@@ -155,6 +157,24 @@ def test_resume_counts_the_spend_against_the_same_caps(tmp_path):
     assert len(run.history) == 41 and run.history[3].error == "ConnectionError: network down"
     assert [s.n for s in run.history] == list(range(41))
     assert run.state == 40
+
+    # Priced by cost_fn, the failed call's cost is unknown (fn raised before cost_fn could price it): the
+    # cap counts it at the estimate, $0.05, so the same run stops one call earlier.
+    calls["n"] = 0
+
+    @loop(budget=Budget(usd=2.00), cost_fn=lambda s: 0.05, checkpoint=db)
+    def priced(s):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ConnectionError("network down")
+        return s + 1
+
+    with pytest.raises(ConnectionError) as e:
+        priced(0)
+    run = priced.resume_run(e.value.run_id)
+    assert run.status == "budget_exhausted" and run.total_cost == Decimal("1.95") and len(run.history) == 40
+    assert run.reason.startswith("usd: $1.9500 spent + $0.0500 for the next step would pass the $2.0000 cap, with "
+                                 "1 failed call of unknown cost counted at $0.0500 (step 3: fn raised before cost_fn")
 
 
 def test_resume_errors_name_the_run(tmp_path):

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 
+import loomc
 from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, NoStateReturned, Outcome,
                    PolicyTypeError, StallError, always, judge, loop, never, predicate, score_plateau,
                    semantic_delta)
@@ -950,6 +951,50 @@ def test_a_judge_that_raises_does_not_hide_what_the_call_cost_from_the_usd_cap(a
     assert run.history[0].error == ("ConnectionError: the grading model is down (raised by judge(broken_judge), "
                                     "after fn returned: step 0 keeps the state fn returned)")
     assert run.history[0].state == 1
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_failed_calls_a_cost_fn_cannot_price_count_at_the_estimate_so_the_usd_cap_holds(aio):
+    """Regression: `cost_fn` prices the state fn returns, so a call that fails after the model answered
+    (its reply did not parse) counted $0. Under `Budget(usd=1.0)` alone with `LastGood()`, a fn that kept
+    failing after its paid call ran without end: the cap saw $0.40 spent, whatever was paid."""
+    paid = []
+
+    def refine(state):
+        paid.append(Decimal("0.40"))  # the model call, paid whatever happens next
+        if len(paid) > 20:
+            raise RuntimeError("gone on without end")  # not one LastGood goes on from: the run fails
+        if len(paid) > 1:
+            raise ValueError("the reply did not parse")
+        return {"draft": "v1", "cost": 0.40}
+
+    runner = loop(budget=Budget(usd=1.0), backtrack=LastGood(on=(ValueError,)), cost_fn=lambda s: s["cost"],
+                  checkpoint="memory")(sync_or_async(refine, aio))
+    run = asyncio.run(runner.run({"draft": "", "cost": 0})) if aio else runner.run({"draft": "", "cost": 0})
+    assert run.status == "budget_exhausted" and len(paid) == 2 and sum(paid) <= Decimal("1.0")
+    assert run.reason == (
+        "usd: $0.4000 spent + $0.4000 for the next step would pass the $1.0000 cap, with 1 failed call of unknown "
+        "cost counted at $0.4000 (step 1: fn raised before cost_fn, which prices only a state fn returned, could "
+        "price it). Charge each paid call inside fn, right after it (loomc.charge, adapter.charge), so that a "
+        "failed call counts what it cost")
+    assert run.history[1].metrics["loomc.cost_unknown"] is True and run.total_cost == Decimal("0.4")
+    assert Budget(usd=1.0).replay(run.history).stopped_after == 2, "a replay stops where the run did"
+
+    # Charged inside fn, a failed call counts what it cost: nothing is left to guess.
+    del paid[:]
+
+    def charged(state):
+        paid.append(Decimal("0.10"))
+        loomc.charge(Decimal("0.10"))
+        if len(paid) > 1:
+            raise ValueError("the reply did not parse")
+        return {"draft": "v1"}
+
+    runner = loop(budget=Budget(usd=1.0), backtrack=LastGood(on=(ValueError,)), checkpoint="memory")(
+        sync_or_async(charged, aio))
+    run = asyncio.run(runner.run({"draft": ""})) if aio else runner.run({"draft": ""})
+    assert run.status == "budget_exhausted" and len(paid) == 10 and run.total_cost == sum(paid) == Decimal("1.0")
+    assert not any("loomc.cost_unknown" in s.metrics for s in run.history)
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
