@@ -605,7 +605,8 @@ def _tokens_text(usage: TokenUsage) -> str:
     return f"{usage.input} input and {usage.output} output tokens{' and ' + parts if parts else ''}"
 
 
-async def _written(counted: tuple[Any, int, Decimal] | None, usd: Decimal, problem: CostUnknown | None) -> Decimal:
+async def _written(counted: tuple[Any, int, Decimal, str] | None, usd: Decimal,
+                   problem: CostUnknown | None) -> Decimal:
     """What ``adapter.acharge`` awaits once its spend is counted: the write-ahead, then the part it could not
     price, if any."""
     if counted is not None:

@@ -25,10 +25,10 @@ from typing import Any, TypeVar
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
-from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted, ConfigError,
-                          CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError, RunLocked,
-                          StallError, StateEncodeError, StopRequested, attach_run, counted, dollars, warn_at_caller,
-                          where_raised)
+from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
+                          ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError,
+                          RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted, dollars,
+                          warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
@@ -1128,8 +1128,10 @@ def charge(usd: float | Decimal | str, item: str | None = None, *, tokens: Seque
             loomc.charge(price(reply))      # durable now, even if we crash next line
             ...
     """
-    run, step, amount = spent("charge", usd, item, tokens)
+    run, step, amount, wrong = spent("charge", usd, item, tokens)
     run.store.charge(run.id, step, amount)
+    if wrong:  # the money is spent and written all the same: the step counts it, then fails
+        raise ConfigError(wrong)
 
 
 def acharge(usd: float | Decimal | str, item: str | None = None, *,
@@ -1145,33 +1147,36 @@ def acharge(usd: float | Decimal | str, item: str | None = None, *,
 
 
 def spent(name: str, usd: float | Decimal | str, item: str | None,
-          tokens: Sequence[int] | None = None) -> tuple[LiveRun, int, Decimal]:
+          tokens: Sequence[int] | None = None) -> tuple[LiveRun, int, Decimal, str]:
     """Add ``usd`` to the step in flight (for ``name``, charge or acharge): the run, the step and the amount,
-    for the write-ahead. Spent whatever the store then says: a write that fails still counts in the step."""
+    for the write-ahead, and what is wrong with ``tokens`` (``""``: nothing), to raise after it. Spent
+    whatever the store then says: a write that fails still counts in the step."""
     run = _in_step(name)
     amount = to_decimal(usd, f"{name}(usd)")
-    wrong = None if tokens is None else _wrong_tokens(name, item, tokens)
+    wrong = "" if tokens is None else _wrong_tokens(name, item, tokens, amount)
     run.spend(amount, item, None if wrong else tokens)
-    if wrong:  # the money is spent all the same: the step counts it, then fails
-        raise ConfigError(f"{wrong} (the {dollars(amount)} charged is counted in the step)")
-    return run, run.in_flight, amount
+    return run, run.in_flight, amount, wrong
 
 
-def _wrong_tokens(name: str, item: str | None, tokens: Any) -> str:
+def _wrong_tokens(name: str, item: str | None, tokens: Any, amount: Decimal) -> str:
     """What is wrong with ``tokens``: they must be (input, output), two counts, told with their line item."""
     if not (isinstance(tokens, (tuple, list)) and len(tokens) == 2
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in tokens)):
-        return (f"{name}(tokens={tokens!r}): give the call's (input, output) token counts, two whole numbers "
-                ">= 0, as in tokens=(1200, 350)")
-    if item is None:
-        return (f"{name}(usd, tokens={tokens!r}) names no line item: tokens are counted by line item, so name the "
-                f"one they belong to, as in {name}(usd, item='gpt-4o', tokens={tokens!r})")
-    return ""
+        wrong = (f"{name}(tokens={tokens!r}): give the call's (input, output) token counts, two whole numbers >= 0, "
+                 "as in tokens=(1200, 350)")
+    elif item is None:
+        wrong = (f"{name}(usd, tokens={tokens!r}) names no line item: tokens are counted by line item, so name the "
+                 f"one they belong to, as in {name}(usd, item='gpt-4o', tokens={tokens!r})")
+    else:
+        return ""
+    return f"{wrong} (the {dollars(amount)} charged is counted in the step)"
 
 
-async def write_ahead(run: LiveRun, step: int, amount: Decimal) -> None:
-    """An async loop's write-ahead of a charge, on the store's writer thread."""
+async def write_ahead(run: LiveRun, step: int, amount: Decimal, wrong: str = "") -> None:
+    """An async loop's write-ahead of a charge, on the store's writer thread; then ``wrong``, if told, raised."""
     await offload(run.store, run.store.charge, run.id, step, amount)
+    if wrong:
+        raise ConfigError(wrong)
 
 
 def named(coroutine: Coroutine[Any, Any, T], name: str) -> Coroutine[Any, Any, T]:

@@ -267,14 +267,22 @@ def test_charges_tell_each_line_items_tokens_and_show_adds_them_up(tmp_path, son
                         "tokens in and 3 out")
 
 
-def test_charge_with_tokens_needs_a_line_item_and_two_counts_and_counts_the_money_anyway():
-    @loop(budget=Budget(usd=1.0, iterations=3), checkpoint="memory")
+def test_charge_with_tokens_needs_a_line_item_and_two_counts_and_counts_the_money_anyway(tmp_path):
+    import asyncio
+    db = tmp_path / "w.db"
+    written = []
+
+    @loop(budget=Budget(usd=1.0, iterations=3), checkpoint=str(db))
     def no_item(state):
-        loomc.charge(0.25, tokens=(1200, 350))
+        try:
+            loomc.charge(0.25, tokens=(1200, 350))
+        finally:
+            written.append(SQLiteStore(db).pending_charges(step_run_id()))
         return state
 
     run = no_item.run(0)
     assert run.status == "failed" and run.total_cost == Decimal("0.25")
+    assert written == [{0: Decimal("0.25")}], "written ahead before the error, as any charge"
     assert run.history[0].error == (
         "ConfigError: charge(usd, tokens=(1200, 350)) names no line item: tokens are counted by line item, so name "
         "the one they belong to, as in charge(usd, item='gpt-4o', tokens=(1200, 350)) (the $0.2500 charged is "
@@ -300,6 +308,15 @@ def test_charge_with_tokens_needs_a_line_item_and_two_counts_and_counts_the_mone
     assert run.history[1].metrics["tokens"] == {"gpt-4o": {"input": 1300, "output": 350}}
     assert loomc.history.spend_by_item(run.history) == (
         "gpt-4o $0.6000 in 2 steps, 2,600 tokens in and 700 out; search $0.0200 in 2 steps")
+
+    @loop(budget=Budget(usd=1.0, iterations=3), checkpoint=str(db))
+    async def async_no_item(state):
+        await loomc.acharge(0.25, tokens=(1200, 350))
+        return state
+
+    run = asyncio.run(async_no_item.run(0))
+    assert run.status == "failed" and run.total_cost == Decimal("0.25")
+    assert run.history[0].error.startswith("ConfigError: acharge(usd, tokens=(1200, 350)) names no line item")
 
 
 def test_acharge_in_an_async_loop(sonnet):
