@@ -161,15 +161,14 @@ def _unknown_costs(history: History, spent: Decimal, estimate: Decimal, unknown:
     """Why the cap stops a run whose failed calls left their cost unknown, counted at the estimate."""
     steps = [s.n for s in history if s.error is not None and cost_unknown(s)]
     raised = sum(COST_UNKNOWN_METRIC in history[n].metrics for n in steps)
-    why = ", or ".join(part for part in (
-        "fn raised before cost_fn, which prices only a state fn returned, could price it" if raised else "",
-        "the process died before it charged" if len(steps) > raised else "") if part)
+    why = " or ".join(part for part in ("which cost_fn could not price" if raised else "",
+                                        "whose process died before it charged" if len(steps) > raised else "")
+                      if part)
     where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}" if len(steps) == (
         steps[-1] - steps[0] + 1) else f"the last, step {steps[-1]}"
     return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step would pass the {dollars(cap)} cap, "
-            f"with {counted(unknown, 'failed call')} of unknown cost counted at {dollars(estimate)}"
-            f"{' each' if unknown > 1 else ''} ({where}: {why}). Charge each paid call inside fn, right after it "
-            "(loomc.charge, adapter.charge), so that a failed call counts what it cost")
+            f"counting {counted(unknown, 'failed call')} of unknown cost ({where}, {why}) at {dollars(estimate)}"
+            f"{' each' if unknown > 1 else ''}; charge inside fn (loomc.charge) so that a failure counts what it cost")
 
 
 #: The cap a loop gets when it is given no budget: 100 calls of ``fn``.

@@ -973,10 +973,9 @@ def test_failed_calls_a_cost_fn_cannot_price_count_at_the_estimate_so_the_usd_ca
     run = asyncio.run(runner.run({"draft": "", "cost": 0})) if aio else runner.run({"draft": "", "cost": 0})
     assert run.status == "budget_exhausted" and len(paid) == 2 and sum(paid) <= Decimal("1.0")
     assert run.reason == (
-        "usd: $0.4000 spent + $0.4000 for the next step would pass the $1.0000 cap, with 1 failed call of unknown "
-        "cost counted at $0.4000 (step 1: fn raised before cost_fn, which prices only a state fn returned, could "
-        "price it). Charge each paid call inside fn, right after it (loomc.charge, adapter.charge), so that a "
-        "failed call counts what it cost")
+        "usd: $0.4000 spent + $0.4000 for the next step would pass the $1.0000 cap, counting 1 failed call of "
+        "unknown cost (step 1, which cost_fn could not price) at $0.4000; charge inside fn (loomc.charge) so that a "
+        "failure counts what it cost")
     assert run.history[1].metrics["loomc.cost_unknown"] is True and run.total_cost == Decimal("0.4")
     assert Budget(usd=1.0).replay(run.history).stopped_after == 2, "a replay stops where the run did"
 
