@@ -158,17 +158,17 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
 
 
 def _unknown_costs(history: History, spent: Decimal, estimate: Decimal, unknown: int, cap: Decimal) -> str:
-    """Why the cap stops a run whose failed calls left their cost unknown, counted at the estimate."""
+    """Why the cap stops a run whose failed calls left their cost unknown, counted at the estimate (in
+    under 200 characters for the usual amounts: ``loomc show`` cuts a reason there)."""
     steps = [s.n for s in history if s.error is not None and cost_unknown(s)]
     raised = sum(COST_UNKNOWN_METRIC in history[n].metrics for n in steps)
-    why = " or ".join(part for part in ("which cost_fn could not price" if raised else "",
-                                        "whose process died before it charged" if len(steps) > raised else "")
-                      if part)
+    that = " or ".join(part for part in ("that cost_fn could not price" if raised else "",
+                                         "that died before charging" if len(steps) > raised else "") if part)
     where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}" if len(steps) == (
         steps[-1] - steps[0] + 1) else f"the last, step {steps[-1]}"
     return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step would pass the {dollars(cap)} cap, "
-            f"counting {counted(unknown, 'failed call')} of unknown cost ({where}, {why}) at {dollars(estimate)}"
-            f"{' each' if unknown > 1 else ''}; charge inside fn (loomc.charge) so that a failure counts what it cost")
+            f"counting {counted(unknown, 'failed call')} ({where}) {that} at {dollars(estimate)}"
+            f"{' each' if unknown > 1 else ''}; charge each paid call inside fn (loomc.charge)")
 
 
 #: The cap a loop gets when it is given no budget: 100 calls of ``fn``.

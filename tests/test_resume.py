@@ -174,7 +174,7 @@ def test_resume_counts_the_spend_against_the_same_caps(tmp_path):
     run = priced.resume_run(e.value.run_id)
     assert run.status == "budget_exhausted" and run.total_cost == Decimal("1.95") and len(run.history) == 40
     assert run.reason.startswith("usd: $1.9500 spent + $0.0500 for the next step would pass the $2.0000 cap, "
-                                 "counting 1 failed call of unknown cost (step 3, which cost_fn could not price)")
+                                 "counting 1 failed call (step 3) that cost_fn could not price at $0.0500")
 
 
 def test_resume_errors_name_the_run(tmp_path):

@@ -973,9 +973,9 @@ def test_failed_calls_a_cost_fn_cannot_price_count_at_the_estimate_so_the_usd_ca
     run = asyncio.run(runner.run({"draft": "", "cost": 0})) if aio else runner.run({"draft": "", "cost": 0})
     assert run.status == "budget_exhausted" and len(paid) == 2 and sum(paid) <= Decimal("1.0")
     assert run.reason == (
-        "usd: $0.4000 spent + $0.4000 for the next step would pass the $1.0000 cap, counting 1 failed call of "
-        "unknown cost (step 1, which cost_fn could not price) at $0.4000; charge inside fn (loomc.charge) so that a "
-        "failure counts what it cost")
+        "usd: $0.4000 spent + $0.4000 for the next step would pass the $1.0000 cap, counting 1 failed call (step 1) "
+        "that cost_fn could not price at $0.4000; charge each paid call inside fn (loomc.charge)")
+    assert len(run.reason) < 200, "loomc show cuts a reason at 200 characters"
     assert run.history[1].metrics["loomc.cost_unknown"] is True and run.total_cost == Decimal("0.4")
     assert Budget(usd=1.0).replay(run.history).stopped_after == 2, "a replay stops where the run did"
 
@@ -994,6 +994,28 @@ def test_failed_calls_a_cost_fn_cannot_price_count_at_the_estimate_so_the_usd_ca
     run = asyncio.run(runner.run({"draft": ""})) if aio else runner.run({"draft": ""})
     assert run.status == "budget_exhausted" and len(paid) == 10 and run.total_cost == sum(paid) == Decimal("1.0")
     assert not any("loomc.cost_unknown" in s.metrics for s in run.history)
+
+
+def test_a_call_cut_short_before_it_charged_counts_at_the_estimate_too():
+    """A call whose process died before it charged is recorded at $0 by the resume: its cost is as
+    unknown as that of a call cost_fn could not price, and the cap counts both alike."""
+    def failed(n, unknown=False, died=False):
+        return Step(n, None, cost=Decimal(0), error="Interrupted: the process died" if died else "ValueError: x",
+                    events=("interrupted",) if died else ("failed",),
+                    metrics={"loomc.cost_unknown": True} if unknown else {})
+
+    paid = Step(0, {"n": 0}, cost=Decimal("0.30"))
+    died = History([paid, failed(1, died=True)])
+    assert Budget(usd=0.8).decide(died, 0).reason == (
+        "usd: $0.3000 spent + $0.3000 for the next step would pass the $0.8000 cap, counting 1 failed call (step 1) "
+        "that died before charging at $0.3000; charge each paid call inside fn (loomc.charge)")
+    known = History([paid, failed(1), failed(2)])  # failures that charged nothing, under no cost_fn: $0, known
+    assert not Budget(usd=0.8).decide(known, 0).stops
+    both = History([paid, failed(1, unknown=True), Step(2, {"n": 2}, cost=Decimal("0.05")), failed(3, died=True)])
+    assert Budget(usd=1.0).decide(both, 0).reason == (
+        "usd: $0.3500 spent + $0.3000 for the next step would pass the $1.0000 cap, counting 2 failed calls (the "
+        "last, step 3) that cost_fn could not price or that died before charging at $0.3000 each; charge each paid "
+        "call inside fn (loomc.charge)")
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
