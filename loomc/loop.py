@@ -385,17 +385,24 @@ class LoopRunner:
         """StepConflict if the run stored under the id was started by another loop (another function's name):
         two loops share a run id, and going on, or returning its result, would hand this loop the other's.
         An explicit ``resume(run_id)`` only warns (SpecChangedWarning): a renamed function goes on so."""
-        if not record.fn_path or not self.fn_path:
-            return  # a lambda, a partial or a callable object records no name
-        theirs, mine = fn_name_of_path(record.fn_path), fn_name_of_path(self.fn_path)
-        if theirs == mine:
+        theirs = self._other_loop(record)
+        if theirs is None:
             return
+        mine = fn_name_of_path(self.fn_path)
         what = "child run" if parent is not None else "run"
         would = "get its result" if record.status == "completed" else "go on with it"
         raise StepConflict(
             f"{what} {record.id} is stored as a run of loop {theirs} ({record.fn_path}), not of {mine}: two loops "
             f"share the run id, and {mine} would {would}. Give each loop's runs ids of their own "
             f"(run_id=f\"{mine}-...\"); if {theirs} was renamed {mine}, go on with it by {mine}.resume({record.id!r})")
+
+    def _other_loop(self, record: RunRecord) -> str | None:
+        """The name of the loop that started ``record`` if it is another loop than this one (another function
+        name), else ``None``. A lambda, a partial or a callable object records no name: never another."""
+        if not record.fn_path or not self.fn_path:
+            return None
+        theirs = fn_name_of_path(record.fn_path)
+        return None if theirs == fn_name_of_path(self.fn_path) else theirs
 
     def _taken(self, run_id: str) -> str:
         """What to do about starting a run under ``run_id``, which a stored run has: by what that run is."""
@@ -404,11 +411,11 @@ class LoopRunner:
             record = self.store.get_run(run_id)
         except LoomcError:
             record = None
-        if record is not None and record.fn_path and self.fn_path and (
-                fn_name_of_path(record.fn_path) != fn_name_of_path(self.fn_path)):
+        theirs = None if record is None else self._other_loop(record)
+        if record is not None and theirs is not None:
             mine = fn_name_of_path(self.fn_path)
-            return (f"it is a run of loop {fn_name_of_path(record.fn_path)} ({record.fn_path}); give {mine}'s "
-                    f"runs ids of their own (run_id=f\"{mine}-...\")")
+            return (f"it is a run of loop {theirs} ({record.fn_path}); give {mine}'s runs ids of their own "
+                    f"(run_id=f\"{mine}-...\")")
         if record is not None and record.status == "completed":
             return (f"it completed ({record.reason}). Its result, with no call made: "
                     f"{name}(state, run_id={run_id!r}, resume=True); {elsewhere}")

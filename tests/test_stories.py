@@ -1016,6 +1016,12 @@ def test_a_call_cut_short_before_it_charged_counts_at_the_estimate_too():
         "usd: $0.3500 spent + $0.3000 for the next step would pass the $1.0000 cap, counting 2 failed calls (the "
         "last, step 3) that cost_fn could not price or that died before charging at $0.3000 each; charge each paid "
         "call inside fn (loomc.charge)")
+    # A child's share of its parent's cap counts them alike.
+    from loomc.budget import ParentCap
+    assert ParentCap("p", Decimal("0.8")).fire(died, 0) == (
+        "usd: the parent run p's budget leaves $0.8000 for this child; $0.3000 spent + $0.3000 for the next step "
+        "would pass it, with 1 failed call of unknown cost counted at $0.3000")
+    assert ParentCap("p", Decimal("0.8")).fire(known, 0) is None
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
