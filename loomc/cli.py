@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 import click
 
 from loomc.budget import budget_from_repr
-from loomc.errors import (PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport, StopRequested, clean, counted,
-                          dollars, iso, shorten, took)
+from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
+                          StopRequested, clean, counted, dollars, iso, shorten, took)
 from loomc.history import running_costs, spend_by_item
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
@@ -252,6 +252,8 @@ def step_rows(steps: Sequence[StoredStep], children: Sequence[RunRecord] = (), b
                                     "      -  " if score is None else "%9.4f" % score, took(s.duration))
         if error:
             row += "  " + paint(shorten(error, f"--step {n} shows it whole"), "red")
+            if COST_UNKNOWN_METRIC in s.metrics:  # the $0 above is not what the call cost
+                row += "  <- cost unknown"
         if events:
             marks = [e for e in events if e != "failed"]
             if marks:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import iteration_cap, usd_cap
-from loomc.errors import counted, dollars, took
+from loomc.errors import COST_UNKNOWN_METRIC, counted, dollars, took
 from loomc.history import History, Step, running_costs, spend_by_item
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
@@ -43,9 +43,14 @@ def steps_table(history: History) -> str:
         where = s.traceback  # shown on hovering over the error
         error = f'<td title="{esc(where)}">' if where else "<td>"
         rows.append(f"<tr><td>{s.n}</td><td>{dollars(s.cost)}</td><td>{dollars(cumulative[i])}</td><td>{score}</td>"
-                    f"<td>{took(s.duration)}</td>{error}{esc(s.error or '')}</td><td>{esc(', '.join(s.events))}</td></tr>")
+                    f"<td>{took(s.duration)}</td>{error}{esc(s.error or '')}</td><td>{esc(', '.join(_marks(s)))}</td></tr>")
     return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>time</th><th>error</th>"
             f"<th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _marks(step: Step) -> tuple[str, ...]:
+    """A step's events, and ``cost unknown`` where its $0 is not what its call cost (cost_fn could not price it)."""
+    return (*step.events, "cost unknown") if COST_UNKNOWN_METRIC in step.metrics else step.events
 
 
 def run_html(run: Run) -> str:

@@ -977,6 +977,10 @@ def test_failed_calls_a_cost_fn_cannot_price_count_at_the_estimate_so_the_usd_ca
         "that cost_fn could not price at $0.4000; charge each paid call inside fn (loomc.charge)")
     assert len(run.reason) < 200, "loomc show cuts a reason at 200 characters"
     assert run.history[1].metrics["loomc.cost_unknown"] is True and run.total_cost == Decimal("0.4")
+    from loomc.cli import step_rows  # loomc show and the notebook say the $0 is not what the call cost
+    assert list(step_rows(run.history))[1].endswith("ValueError: the reply did not parse  <- cost unknown  "
+                                                    "<- budget exhausted")
+    assert "<td>budget exhausted, cost unknown</td>" in run._repr_html_()
     assert Budget(usd=1.0).replay(run.history).stopped_after == 2, "a replay stops where the run did"
 
     # Charged inside fn, a failed call counts what it cost: nothing is left to guess.
