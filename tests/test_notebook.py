@@ -70,14 +70,14 @@ def test_the_steps_table_says_how_long_each_call_took():
     import time
 
     def fn(state):
-        time.sleep(0.05 if state == 1 else 0)
+        time.sleep(0.2 if state == 1 else 0)
         return state + 1
 
     page = loop(budget=Budget(iterations=3), checkpoint="memory")(fn).run(0)._repr_html_()
     assert "<th>score</th><th>time</th><th>error</th>" in page
     took = re.findall(r"<tr><td>(\d+)</td>(?:<td>[^<]*</td>){3}<td>([^<]*)</td>", page)
     assert [n for n, _ in took] == ["0", "1", "2"]
-    assert 0.05 <= float(took[1][1].rstrip("s")) < 1 and all(float(t.rstrip("s")) < 0.05 for _, t in took[::2])
+    assert 0.2 <= float(took[1][1].rstrip("s")) < 5 and all(float(t.rstrip("s")) < 0.2 for _, t in took[::2])
 
 
 def test_loomc_prints_dollars_and_times_as_its_docstrings_say():
