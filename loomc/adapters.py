@@ -205,7 +205,7 @@ def openai_usage(response: Any) -> TokenUsage:
 
 Line = tuple[str, TokenUsage]  # a model and the usage billed at its prices
 Priced = tuple[Decimal, CostUnknown | None]  # the dollars known, and what could not be priced
-Billed = tuple[Decimal, CostUnknown | None, "tuple[int, int] | None"]  # and the input and output tokens
+Billed = tuple[Decimal, CostUnknown | None, tuple[int, int] | None]  # and the input and output tokens
 
 
 class _Adapter:

@@ -118,8 +118,7 @@ class _JudgeProbe(Probe):
         return f"judge({name_of(self.judge_fn)})"
 
     def needs_async(self) -> str | None:
-        fn = self.judge_fn
-        return f"judge({name_of(fn)}) is an async def" if inspect.iscoroutinefunction(fn) else None
+        return f"{self!r} is an async def" if inspect.iscoroutinefunction(self.judge_fn) else None
 
 
 @dataclass(frozen=True, repr=False)
@@ -145,8 +144,7 @@ class Judge(Signal):
             return f"{self!r} said yes"
         return None
 
-    def __repr__(self) -> str:
-        return f"judge({name_of(self.judge_fn)})"
+    __repr__ = _JudgeProbe.__repr__  # the judge and the probe that asks it are written alike
 
 
 @builds_policy('judge(lambda state: ask_grader(state))')

@@ -43,9 +43,10 @@ def steps_table(history: History) -> str:
         where = s.traceback  # shown on hovering over the error
         error = f'<td title="{esc(where)}">' if where else "<td>"
         rows.append(f"<tr><td>{s.n}</td><td>{dollars(s.cost)}</td><td>{dollars(cumulative[i])}</td><td>{score}</td>"
-                    f"<td>{took(s.duration)}</td>{error}{esc(s.error or '')}</td><td>{esc(', '.join(_marks(s)))}</td></tr>")
-    return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>time</th><th>error</th>"
-            f"<th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+                    f"<td>{took(s.duration)}</td>{error}{esc(s.error or '')}</td>"
+                    f"<td>{esc(', '.join(_marks(s)))}</td></tr>")
+    return ("<table><thead><tr><th>step</th><th>cost</th><th>cumulative</th><th>score</th><th>time</th>"
+            f"<th>error</th><th>events</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _marks(step: Step) -> tuple[str, ...]:
