@@ -461,6 +461,8 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
                 metrics[COST_UNKNOWN_METRIC] = True
         else:  # fn returned; what measured its result raised
             error = _raised_after(run, n, exc, f"{type(exc).__name__}: {exc}", getattr(exc, _RAISED_BY, None))
+            if exc is run.blind:  # cost_fn itself
+                metrics[COST_UNKNOWN_METRIC] = True
     if run.items:
         metrics[COST_ITEMS_METRIC] = {name: str(usd) for name, usd in run.items.items()}
         if run.tokens:

@@ -1039,7 +1039,10 @@ def test_an_error_raised_after_fn_returned_names_what_raised_it_not_fn(aio):
         with pytest.raises(Exception) as caught:
             asyncio.run(runner({"draft": "a"})) if aio else runner({"draft": "a"})
         assert caught.value.history[0].state == {"draft": "a!"}, "the state fn returned is kept on the step"
+        last_metrics[:] = [caught.value.history[0].metrics]
         return caught.value.history[0].error, caught.value.__notes__[0]
+
+    last_metrics: list = []
 
     def grade(state):
         return state["score"]
@@ -1050,9 +1053,11 @@ def test_an_error_raised_after_fn_returned_names_what_raised_it_not_fn(aio):
     assert attempt(scorer=grade) == (
         "KeyError: 'score' (raised by the scorer, after fn returned: step 0 keeps the state fn returned)",
         "loomc: raised by the scorer, after fn returned: step 0 keeps the state fn returned")
+    assert "loomc.cost_unknown" not in last_metrics[0], "no cost_fn here: the call's cost is what it charged"
     error, note = attempt(cost_fn=lambda state: state["usage"]["cost"])
     assert error == ("KeyError: 'usage' (raised by cost_fn, after fn returned: step 0 keeps the state fn returned; "
                      "the call's price from cost_fn is not in its cost)") and note == f"loomc: {error[19:-1]}"
+    assert last_metrics[0]["loomc.cost_unknown"] is True, "what the call cost is unknown, as for a failed fn"
     error, note = attempt(converge_on=judge(is_done), cost_fn=lambda state: 0.1)
     assert error == ("ConnectionError: the grading model is down (raised by judge(is_done), after fn returned: step 0 "
                      "keeps the state fn returned)")
