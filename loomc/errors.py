@@ -44,7 +44,8 @@ COST_ITEMS_METRIC = "cost_items"
 #: (``charge(usd, item, tokens=(n, n))``, an adapter's charge).
 TOKENS_METRIC = "tokens"
 #: The key of ``Step.metrics`` on a failed step whose call's cost is unknown: ``fn`` raised under a
-#: ``cost_fn``, which prices only a state ``fn`` returned. A USD cap counts such a call at its estimate.
+#: ``cost_fn``, which prices only a state ``fn`` returned, or ``cost_fn`` itself raised. A USD cap counts
+#: such a call at its estimate.
 COST_UNKNOWN_METRIC = "loomc.cost_unknown"
 #: The key of ``Step.metrics`` on a step whose state ``loomc prune --states`` removed: when (Unix time).
 PRUNED_METRIC = "loomc.state_pruned_at"

@@ -468,5 +468,6 @@ def _summarise(acc: _Summary, step: Step) -> _Summary:
 
 def cost_unknown(step: Step) -> bool:
     """Whether a failed step's call may have cost more than it recorded, by how much nobody knows: ``fn``
-    raised under a ``cost_fn`` (which prices only a returned state), or the call was cut short at $0."""
+    raised under a ``cost_fn`` (which prices only a returned state), ``cost_fn`` raised, or the call was
+    cut short at $0."""
     return COST_UNKNOWN_METRIC in step.metrics or (not step.cost and "interrupted" in step.events)
