@@ -204,6 +204,8 @@ def openai_usage(response: Any) -> TokenUsage:
 
 
 Line = tuple[str, TokenUsage]  # a model and the usage billed at its prices
+# The kinds of an Anthropic reply's usage.iterations that served the reply (the others: compaction, advisor).
+_SERVING = ("message", "fallback_message")
 Priced = tuple[Decimal, CostUnknown | None]  # the dollars known, and what could not be priced
 Billed = tuple[Decimal, CostUnknown | None, tuple[int, int] | None]  # and the input and output tokens
 
@@ -463,7 +465,7 @@ class AnthropicAdapter(_Adapter):
         for entry in entries:
             line = (self._name(_get(entry, "model") or self.model),
                     _anthropic_tokens(entry, context=top.context, inference_geo=top.inference_geo))
-            (served if _get(entry, "type") in ("message", "fallback_message") else extra).append(line)
+            (served if _get(entry, "type") in _SERVING else extra).append(line)
         parts, parts_problem = self._price_lines(served)
         usd, problem = self._price_lines(extra)
         if all(getattr(top, count) <= sum(getattr(u, count) for _, u in served) for count in ("input", "output")):
@@ -479,7 +481,7 @@ class AnthropicAdapter(_Adapter):
         served, extra = [0, 0], [0, 0]
         for entry in entries:
             counts = _anthropic_tokens(entry)
-            into = served if _get(entry, "type") in ("message", "fallback_message") else extra
+            into = served if _get(entry, "type") in _SERVING else extra
             into[0] += counts.input
             into[1] += counts.output
         return max(top.input, served[0]) + extra[0], max(top.output, served[1]) + extra[1]

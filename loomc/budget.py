@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, dollars
-from loomc.history import History, cost_unknown, to_decimal
+from loomc.history import History, cost_unknown, cut_short, to_decimal
 from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
@@ -160,10 +160,11 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
 def _unknown_costs(history: History, spent: Decimal, estimate: Decimal, unknown: int, cap: Decimal) -> str:
     """Why the cap stops a run whose failed calls left their cost unknown, counted at the estimate (in
     under 200 characters for the usual amounts: ``loomc show`` cuts a reason there)."""
-    steps = [s.n for s in history if s.error is not None and cost_unknown(s)]
-    raised = sum(COST_UNKNOWN_METRIC in history[n].metrics for n in steps)
-    that = " or ".join(part for part in ("that cost_fn could not price" if raised else "",
-                                         "that died before charging" if len(steps) > raised else "") if part)
+    unknown_steps = [s for s in history if s.error is not None and cost_unknown(s)]
+    steps = [s.n for s in unknown_steps]
+    died = sum(cut_short(s) and COST_UNKNOWN_METRIC not in s.metrics for s in unknown_steps)
+    that = " or ".join(part for part in ("that cost_fn could not price" if died < len(steps) else "",
+                                         "that died before charging" if died else "") if part)
     where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}" if len(steps) == (
         steps[-1] - steps[0] + 1) else f"the last, step {steps[-1]}"
     return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step would pass the {dollars(cap)} cap, "
@@ -178,11 +179,6 @@ DEFAULT_BUDGET = Budget(iterations=100)
 #: Calls in a row cut short before they could report a cost (their process died, say), after which a
 #: budget with no iteration cap stops the run: neither dollars nor active time can see them.
 CUT_SHORT_IN_A_ROW = 3
-
-
-def _cut_short(step: Any) -> bool:
-    """An ``interrupted`` step that carries no cost: its call's cost is unknown."""
-    return not step.cost and "interrupted" in step.events
 
 
 @dataclass(frozen=True, repr=False)
@@ -205,8 +201,8 @@ class UnreportedSpend(Signal):
 
     def fire(self, history: History, elapsed: float) -> str | None:
         n = len(history)
-        if n >= CUT_SHORT_IN_A_ROW and _cut_short(history[-1]) \
-                and all(_cut_short(history[i]) for i in range(n - CUT_SHORT_IN_A_ROW, n - 1)):
+        if n >= CUT_SHORT_IN_A_ROW and cut_short(history[-1]) \
+                and all(cut_short(history[i]) for i in range(n - CUT_SHORT_IN_A_ROW, n - 1)):
             return (f"unreported_spend: the last {CUT_SHORT_IN_A_ROW} calls (steps {n - CUT_SHORT_IN_A_ROW} to "
                     f"{n - 1}) were cut short before they reported what they cost (their process died), so the "
                     "budget cannot tell what they spent, nor how long they ran; a step that kills its process "

@@ -470,4 +470,9 @@ def cost_unknown(step: Step) -> bool:
     """Whether a failed step's call may have cost more than it recorded, by how much nobody knows: ``fn``
     raised under a ``cost_fn`` (which prices only a returned state), ``cost_fn`` raised, or the call was
     cut short at $0."""
-    return COST_UNKNOWN_METRIC in step.metrics or (not step.cost and "interrupted" in step.events)
+    return COST_UNKNOWN_METRIC in step.metrics or cut_short(step)
+
+
+def cut_short(step: Any) -> bool:
+    """An ``interrupted`` step that carries no cost: its call died before it charged anything."""
+    return not step.cost and "interrupted" in step.events

@@ -409,7 +409,7 @@ def _blame(e: BaseException, what: str) -> None:
 _RAISED_BY = "loomc_raised_by"
 
 
-def _raised_after(run: LiveRun, n: int, exc: Exception, error: str, by: str | None) -> str:
+def _raised_after(n: int, exc: Exception, error: str, by: str | None) -> str:
     """The step's error for ``exc``, raised by ``by`` after fn returned, saying so; the exception says it too."""
     if by is None:
         return error
@@ -460,7 +460,7 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
             if run.cost_fn is not None:  # which prices only a returned state: what the call cost is unknown
                 metrics[COST_UNKNOWN_METRIC] = True
         else:  # fn returned; what measured its result raised
-            error = _raised_after(run, n, exc, f"{type(exc).__name__}: {exc}", getattr(exc, _RAISED_BY, None))
+            error = _raised_after(n, exc, f"{type(exc).__name__}: {exc}", getattr(exc, _RAISED_BY, None))
             if exc is run.blind:  # cost_fn itself
                 metrics[COST_UNKNOWN_METRIC] = True
     if run.items:
