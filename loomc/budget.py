@@ -9,7 +9,8 @@
   is the largest step cost seen so far, or ``step_estimate`` when given (which
   also guards the first call). Dollars are summed as Decimals, exactly.
 - ``iterations`` counts calls of ``fn``, failed calls included.
-- ``wall_clock`` counts the run's active time, across resumes.
+- ``wall_clock`` counts the run's active time, across resumes. It is predictive
+  too: the next call is counted at the longest call so far.
 
 A loop given no budget at all runs under :data:`DEFAULT_BUDGET`
 (``Budget(iterations=100)``); ``Budget.unbounded()`` asks for no cap by name.
@@ -24,9 +25,9 @@ from decimal import Decimal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, dollars
+from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, dollars, took
 from loomc.history import History, cost_unknown, cut_short, to_decimal
-from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either
+from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
                        r"(?:(?P<s>\d+(?:\.\d+)?)s)?$")
@@ -109,7 +110,7 @@ class Budget(Signal):
         if self.iterations is not None and len(history) >= self.iterations:
             return f"iterations: {len(history)} of {self.iterations} calls made"
         if self.usd is not None:
-            spent, largest, _, _, _, unknown = history._summary()
+            spent, largest, _, _, _, unknown, _ = history._summary()
             estimate = self.step_estimate if self.step_estimate is not None else largest
             # A failed call whose cost is unknown may have cost as much as any: it is counted at the estimate.
             if spent + (estimate * (unknown + 1) if unknown else estimate) > self.usd:
@@ -121,8 +122,13 @@ class Budget(Signal):
                         f"would pass the {dollars(self.usd)} cap")
             if spent >= self.usd and spent > 0:
                 return f"usd: {dollars(spent)} spent of {dollars(self.usd)}"
-        if self.wall_clock is not None and elapsed >= self.wall_clock:
-            return f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
+        if self.wall_clock is not None:
+            # Predictive like the USD cap: the next call is counted at the longest call so far.
+            if elapsed >= self.wall_clock:
+                return f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
+            if elapsed + history._summary()[6] > self.wall_clock:
+                return (f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the "
+                        f"{self.wall_clock_text or format(self.wall_clock, 'g') + 's'} cap")
         return None
 
     def __repr__(self) -> str:
@@ -252,7 +258,7 @@ class ParentCap(Signal):
     kind = max_outcome = Outcome.BUDGET_EXHAUSTED
 
     def fire(self, history: History, elapsed: float) -> str | None:
-        spent, largest, _, _, _, unknown = history._summary()
+        spent, largest, _, _, _, unknown, _ = history._summary()
         usd, room = self.usd, None if self.room_now is None else self.room_now()
         if room is not None:
             if room <= 0:
@@ -286,8 +292,13 @@ class ParentClock(Signal):
 
     def fire(self, history: History, elapsed: float) -> str | None:
         left = self.time_left()
-        if left is not None and left <= 0:
+        if left is None:
+            return None
+        if left <= 0:
             return f"wall_clock: the parent run {self.parent}'s wall-clock budget has no time left for this child"
+        if history._summary()[6] > left:  # predictive, as Budget(wall_clock=) is
+            return (f"wall_clock: the parent run {self.parent}'s wall-clock budget leaves {took(left)} for this "
+                    f"child; {next_call_time(history)} would pass it")
         return None
 
     def __repr__(self) -> str:

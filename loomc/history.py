@@ -448,22 +448,23 @@ class History(Sequence[Step]):
         return None if i < 0 else self._spine.steps[i]
 
 
-# (total cost, largest cost, best step, best score, last good step, calls of unknown cost): one fold
-# serves every derivation the budgets and backtrackers read on each step.
-_Summary = tuple[Decimal, Decimal, int, float, int, int]
-_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1, 0)
+# (total cost, largest cost, best step, best score, last good step, calls of unknown cost, longest call
+# in seconds): one fold serves every derivation the budgets and backtrackers read on each step.
+_Summary = tuple[Decimal, Decimal, int, float, int, int, float]
+_EMPTY: _Summary = (ZERO, ZERO, -1, 0.0, -1, 0, 0.0)
 
 
 def _summarise(acc: _Summary, step: Step) -> _Summary:
-    total, largest, best, best_score, last_good, unknown = acc
-    cost, score = step[1], step[2]
+    total, largest, best, best_score, last_good, unknown, longest = acc
+    cost, score, took = step[1], step[2], step[5]
     if step[3] is None:
         last_good = step[0]
         if score is not None and score == score and (best < 0 or score > best_score):  # NaN != NaN
             best, best_score = step[0], score
     elif cost_unknown(step):
         unknown += 1
-    return (total + cost, cost if cost > largest else largest, best, best_score, last_good, unknown)
+    return (total + cost, cost if cost > largest else largest, best, best_score, last_good, unknown,
+            took if took > longest else longest)
 
 
 def cost_unknown(step: Step) -> bool:

@@ -726,7 +726,7 @@ def _stop_asked(run: LiveRun, inner: StopRequested | None = None) -> Generator[A
 def _waiting(run: LiveRun, decision: Decision, elapsed: float,
              events: tuple[str, ...]) -> tuple[Decision, tuple[str, ...]]:
     """A backtrack that waits before the next call, with its events; or the stop it becomes (see ``waited``)."""
-    stop = waited(decision, elapsed, run.wall_cap)
+    stop = waited(decision, run.history, elapsed, run.wall_cap)
     if stop is not decision:
         return stop, (stop.event(),)
     return decision, (*events, f"wait {decision.wait:g}s")

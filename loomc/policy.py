@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from loomc.errors import ConfigError, PolicyTypeError, counted, dollars
+from loomc.errors import ConfigError, PolicyTypeError, counted, dollars, took
 from loomc.history import History
 
 
@@ -545,13 +545,29 @@ class Replay:
         return head
 
 
-def waited(decision: Decision, elapsed: float, wall_cap: float | None) -> Decision:
-    """A decision to wait before the next call, or the stop it becomes when the wait would reach the
-    wall-clock cap: no call could start under the cap after it. The live loop and replay both ask."""
-    if wall_cap is not None and elapsed + decision.wait >= wall_cap:
-        return Decision(Outcome.BUDGET_EXHAUSTED, f"wall_clock: {elapsed:.1f}s active of {wall_cap:g}s, and the "
-                        f"{decision.wait:g}s wait before the next call would reach the cap", by=decision.by)
-    return decision
+def waited(decision: Decision, history: History, elapsed: float, wall_cap: float | None) -> Decision:
+    """A decision to wait before the next call, or the stop it becomes when the wall-clock cap would stop
+    the call after it: the wait reaches the cap, or leaves less than the longest call so far (the time
+    ``Budget(wall_clock=)`` counts the next call at). The live loop and replay both ask."""
+    if wall_cap is None:
+        return decision
+    wait, then = decision.wait, elapsed + decision.wait
+    if then >= wall_cap:
+        why = f"the {wait:g}s wait before the next call would reach the cap"
+    elif then + history._summary()[6] > wall_cap:
+        why = f"the {wait:g}s wait + {next_call_time(history)} would pass the cap"
+    else:
+        return decision
+    return Decision(Outcome.BUDGET_EXHAUSTED, f"wall_clock: {elapsed:.1f}s active of {wall_cap:g}s, and {why}",
+                    by=decision.by)
+
+
+def next_call_time(history: History) -> str:
+    """The time the wall clock counts the next call at, said as the reason of a stop by it: the longest
+    call so far (as the USD cap counts the next call at the dearest), naming the step that took it."""
+    longest = history._summary()[6]
+    n = next(step.n for step in history if step.duration == longest)
+    return f"{took(longest)} for the next call (as long as step {n}, the longest yet)"
 
 
 def replay(policy: Policy, history: History) -> Replay:
@@ -566,7 +582,7 @@ def replay(policy: Policy, history: History) -> Replay:
             elapsed += history[k - 1].duration
         d = policy.decide(prefix, elapsed)
         if d.wait:
-            d = waited(d, elapsed, cap)
+            d = waited(d, prefix, elapsed, cap)
             elapsed += 0.0 if d.stops else d.wait  # the next call starts after the wait
         if d.stops:
             return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))

@@ -47,11 +47,12 @@ SIGNALS = st.recursive(
     max_leaves=6,
 )
 
-# A step as a compact tuple: (score or None or NaN, cost in cents, failed?), where a failure may leave
-# its call's cost unknown ("unknown": fn raised under a cost_fn), which a USD cap counts at its estimate.
+# A step as a compact tuple: (score or None or NaN, cost in cents, failed?, seconds the call took), where
+# a failure may leave its call's cost unknown ("unknown": fn raised under a cost_fn), which a USD cap
+# counts at its estimate; the wall-clock cap counts the next call at the longest so far.
 ROWS = st.lists(
     st.tuples(st.one_of(st.none(), st.floats(0, 1), st.just(float("nan"))), st.integers(0, 10),
-              st.sampled_from([False, True, "unknown"])),
+              st.sampled_from([False, True, "unknown"]), st.sampled_from([0.0, 0.5, 2.0, 12.0])),
     max_size=12,
 )
 
@@ -59,8 +60,8 @@ ROWS = st.lists(
 def build(rows) -> History:
     return History([Step(n, None if failed else {"n": n}, cost=Decimal(cents) / 100,
                          score=None if failed else score, error="ValueError: x" if failed else None,
-                         metrics={COST_UNKNOWN_METRIC: True} if failed == "unknown" else {})
-                    for n, (score, cents, failed) in enumerate(rows)])
+                         metrics={COST_UNKNOWN_METRIC: True} if failed == "unknown" else {}, duration=took)
+                    for n, (score, cents, failed, took) in enumerate(rows)])
 
 
 ELAPSED = st.floats(0, 60)

@@ -348,9 +348,42 @@ def test_iterations_and_wall_clock_are_checked_before_every_call(clock):
         return state + 1
 
     run = loop(budget=Budget(wall_clock="10s"), clock=clock, checkpoint="memory")(slow).run(0)
-    assert len(run.history) == 3 and "wall_clock" in run.reason
+    assert len(run.history) == 2 and run.reason.startswith("wall_clock: 8.00s active + 4.00s for the next call")
     run = loop(budget=Budget(iterations=7), checkpoint="memory")(lambda s: s + 1).run(0)
     assert len(run.history) == 7 and run.state == 7
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_the_wall_clock_counts_the_next_call_at_the_longest_so_far_so_no_call_ends_past_the_cap(clock, aio):
+    """Regression: the wall clock was checked before each call, but not ahead, as the USD cap is. With
+    calls of 4 minutes under `wall_clock="10m"`, a sync loop started a third call at 8 minutes and ended
+    at 12 (a job given 10 minutes before its CI timeout was killed in that call); an async loop started
+    it too, and cancelled it at 10 minutes, paid for and thrown away."""
+    made = []
+
+    def call(state):
+        made.append(state)
+        clock.advance([60, 240, 90, 90, 90][state])  # the second call is the longest: 4 minutes
+        loomc.charge(0.10)
+        return state + 1
+
+    refine = loop(budget=Budget(wall_clock="10m"), clock=clock, checkpoint="memory")(sync_or_async(call, aio))
+    run = asyncio.run(refine.run(0)) if aio else refine.run(0)
+    # 1 + 4 + 1.5 minutes = 6m30s; + 4 would be 10m30s: the fourth call is not made.
+    assert made == [0, 1, 2] and run.status == "budget_exhausted" and run.total_cost == Decimal("0.3")
+    assert run.reason == ("wall_clock: 6m30s active + 4m00s for the next call (as long as step 1, the longest yet) "
+                          "would pass the 10m cap")
+    assert [s.events for s in run.history] == [(), (), ("budget exhausted",)]
+    assert refine.policy.replay(run.history).stopped_after == 3  # replay stops where the live loop did
+
+    # The first call has no time to go by, so only a cap already reached stops it; and a call that ends
+    # exactly at the cap may be made.
+    made.clear()
+    clock.advance(1)
+    exact = loop(budget=Budget(wall_clock=120), clock=clock, checkpoint="memory")(
+        sync_or_async(lambda s: made.append(s) or clock.advance(60) or s + 1, aio))
+    run = asyncio.run(exact.run(0)) if aio else exact.run(0)
+    assert made == [0, 1] and run.reason == "wall_clock: 120.0s active of 120s"
 
 
 def test_no_budget_means_the_documented_default_cap_and_unbounded_must_be_asked_for():
@@ -1095,22 +1128,26 @@ def test_a_backtracker_waits_longer_after_each_failure_in_a_row_before_calling_a
     assert repr(refine.policy) == "Budget(iterations=8) | LastGood(wait=0.05, max_wait=0.15)"
 
 
-def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock):
+@pytest.mark.parametrize("wait, why", [
+    ("8m", "the 480s wait before the next call would reach the cap"),  # 2 + 8 minutes: no time left at all
+    (450, "the 450s wait + 1m00s for the next call (as long as step 0, the longest yet) would pass the cap"),
+])
+def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock, wait, why):
     def slow(s):
-        clock.advance(60 if s == 0 else 480)  # a call of 1 minute, then one of 8 that fails
+        clock.advance(60)  # calls of 1 minute; the second fails
         if s == 1:
             raise RuntimeError("503 Service Unavailable")
         return s + 1
 
-    refine = loop(budget=Budget(wall_clock="10m"), backtrack=BestScore(wait="2m", max_wait="1h"),
+    refine = loop(budget=Budget(wall_clock="10m"), backtrack=BestScore(wait=wait, max_wait="1h"),
                   scorer=lambda s: 1.0, checkpoint="memory", clock=clock)(slow)
-    run = refine.run(0)  # 9 minutes spent, and 2 more to wait: past the cap, so no wait and no call
+    run = refine.run(0)  # 2 minutes spent, then the wait, then a call of a minute: past the cap, so no wait
     assert run.status == "budget_exhausted" and run.steps == 2 and run.state == 1
     assert run.history[1].events == ("budget exhausted",)
-    assert run.reason == "wall_clock: 540.0s active of 600s, and the 120s wait before the next call would reach the cap"
+    assert run.reason == f"wall_clock: 120.0s active of 600s, and {why}"
     again = refine.policy.replay(run.history)  # replay stops where the live loop did, for the same reason
     assert again.stopped_after == 2 and again.decision.outcome is Outcome.BUDGET_EXHAUSTED
-    assert again.decision.reason.endswith("and the 120s wait before the next call would reach the cap")
+    assert again.decision.reason == run.reason
     with pytest.raises(ConfigError, match=r"LastGood: wait='soon' is not a duration"):
         LastGood(wait="soon")
 
