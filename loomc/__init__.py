@@ -26,7 +26,7 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           StopRequested, StoreError)
 from loomc.history import History, Step
 from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
-                               request_stop, step_number, usd_left)
+                               request_stop, step_number, time_left, usd_left)
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)
 from loomc.notebook import Comparison, compare
@@ -49,5 +49,5 @@ __all__ = [
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
     "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StatePruned", "StateRoundTripWarning",
     "Step",
-    "step_number", "StepConflict", "StopRequested", "StoreError", "usd_left", "__version__",
+    "step_number", "StepConflict", "StopRequested", "StoreError", "time_left", "usd_left", "__version__",
 ]

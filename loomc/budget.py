@@ -125,11 +125,15 @@ class Budget(Signal):
         if self.wall_clock is not None:
             # Predictive like the USD cap: the next call is counted at the longest call so far.
             if elapsed >= self.wall_clock:
-                return f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
+                return _past_clock(history, elapsed, self) or f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
             if elapsed + history._summary()[6] > self.wall_clock:
-                return (f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the "
-                        f"{self.wall_clock_text or format(self.wall_clock, 'g') + 's'} cap")
+                return f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the {self._cap_text} cap"
         return None
+
+    @property
+    def _cap_text(self) -> str:
+        """The wall-clock cap as given (``10m``), or in seconds."""
+        return self.wall_clock_text or f"{self.wall_clock:g}s"
 
     def __repr__(self) -> str:
         if self.unbounded_:
@@ -161,6 +165,19 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
     return (f"{said}: step {last.n} alone cost {dollars(last.cost)} with {dollars(room)} left. The cap is checked "
             "before each call of fn: inside one, check loomc.usd_left() before each paid call; "
             "Budget(step_estimate=) covers steps that grow")
+
+
+def _past_clock(history: History, elapsed: float, budget: Budget) -> str | None:
+    """Why the active time went past the cap, when the last call took longer than any before it (the
+    time the cap counted it at), so that it started with room for those and not for itself."""
+    if not history or elapsed <= budget.wall_clock:  # type: ignore[operator]
+        return None
+    last, before = history[-1], history.prefix(len(history) - 1)._summary()[6]
+    if last.duration <= before:
+        return None  # the call took no longer than counted: the time past the cap is loomc's own
+    return (f"wall_clock: {took(elapsed)} active, past the {budget._cap_text} cap: step {last.n} took "
+            f"{took(last.duration)}{f' (calls before it took up to {took(before)})' if before else ''}; the cap is "
+            "checked between calls of fn: inside one, ask loomc.time_left() before each slow call")
 
 
 def _unknown_costs(history: History, spent: Decimal, estimate: Decimal, unknown: int, cap: Decimal) -> str:

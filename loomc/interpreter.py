@@ -1094,6 +1094,24 @@ def usd_left() -> Decimal | None:
     return _in_step("usd_left").usd_room()
 
 
+def time_left() -> float | None:
+    """Active seconds the run may still take in the step in flight before it passes its wall-clock cap,
+    or ``None`` when no wall-clock cap applies (a parent's cap on a child run counts, the least of them).
+
+    The cap is checked before each call of ``fn``, counting it at the longest call so far; a step that
+    makes several slow calls (an agent that calls the model until the tests pass) checks this before
+    each of them, as it checks :func:`usd_left` for dollars::
+
+        def fix(state):
+            while not state["tests_pass"]:
+                left = loomc.time_left()
+                if left is not None and left < 120:   # the next call could take two minutes
+                    break
+                ...
+    """
+    return _in_step("time_left").time_left()
+
+
 def _in_step(name: str) -> LiveRun:
     """The run whose step is in flight in this context, else a LoomcError that says why there is none.
 

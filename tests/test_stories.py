@@ -866,6 +866,67 @@ def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd
     assert "cannot charge" not in str(caught.value)  # the charge() hint is for charge()
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_step_that_makes_several_slow_calls_keeps_under_the_wall_clock_by_asking_time_left(clock, aio):
+    """An agentic step (calls until done) runs inside one check of the wall clock, as it does inside one
+    check of the USD cap: loomc.time_left() is the time counterpart of usd_left()."""
+    seen: list[float | None] = []
+
+    def agent(state):
+        while state["todo"]:
+            left = loomc.time_left()
+            seen.append(left)
+            if left is not None and left < 60:  # a call takes a minute
+                break
+            clock.advance(60)
+            state = {"todo": state["todo"] - 1}
+        return state
+
+    def run(runner, state):
+        return asyncio.run(runner.run(state)) if aio else runner.run(state)
+
+    capped = loop(budget=Budget(wall_clock="5m", iterations=3), clock=clock, checkpoint="memory")
+    done = run(capped(sync_or_async(agent, aio)), {"todo": 10})
+    assert seen == [300, 240, 180, 120, 60, 0] and done.state == {"todo": 5} and len(done.history) == 1
+    assert done.reason == "wall_clock: 300.0s active of 300s"
+    seen.clear()
+    run(loop(budget=Budget(iterations=1), clock=clock, checkpoint="memory")(sync_or_async(agent, aio)), {"todo": 1})
+    assert seen == [None]  # no wall-clock cap: nothing to keep under
+
+    def parent(state):  # a child run's time is its parent's
+        clock.advance(100)
+        return loop(budget=Budget(iterations=1), clock=clock, checkpoint="memory")(agent).run(state).state
+
+    seen.clear()
+    loop(budget=Budget(wall_clock=150, iterations=1), clock=clock, checkpoint="memory")(parent).run({"todo": 1})
+    assert seen == [50]
+    with pytest.raises(loomc.LoomcError, match=r"loomc.time_left\(\) was called outside a loop iteration"):
+        loomc.time_left()
+
+
+def test_a_run_past_its_wall_clock_cap_says_which_call_took_longer_than_counted(clock):
+    def agent(calls):  # a step of `calls` slow calls, never asking time_left()
+        def fn(state):
+            for seconds in calls[state]:
+                clock.advance(seconds)
+            return state + 1
+        return fn
+
+    run = loop(budget=Budget(wall_clock="2m"), clock=clock, checkpoint="memory")(agent([[60, 60, 60]])).run(0)
+    assert run.reason == ("wall_clock: 3m00s active, past the 2m cap: step 0 took 3m00s; the cap is checked between "
+                          "calls of fn: inside one, ask loomc.time_left() before each slow call")
+    # Calls of 30 s, then one of 2 minutes, started with room for one of 30 s.
+    run = loop(budget=Budget(wall_clock=120), clock=clock, checkpoint="memory")(agent([[30], [30], [120]])).run(0)
+    assert run.reason.startswith("wall_clock: 3m00s active, past the 120s cap: step 2 took 2m00s (calls before "
+                                 "it took up to 30.0s); the cap is checked")
+    assert len(run.reason) < 200  # all of it on loomc show's line
+    # Time past the cap that no call took longer than counted (loomc's own, here an on_step callback's)
+    # reads as before.
+    run = loop(budget=Budget(wall_clock=110), clock=clock, checkpoint="memory",
+               on_step=lambda step: clock.advance(15))(agent([[50], [50], [50]])).run(0)
+    assert len(run.history) == 2 and run.reason == "wall_clock: 115.0s active of 110s"
+
+
 def test_a_run_past_its_usd_cap_says_which_step_passed_it_and_how_to_keep_under(tmp_path):
     import loomc
 
