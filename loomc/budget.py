@@ -167,6 +167,10 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
             "Budget(step_estimate=) covers steps that grow")
 
 
+#: How the error of an async step cancelled at the wall-clock deadline starts (interpreter.DeadlineExceeded).
+_CUT_AT_THE_DEADLINE = "DeadlineExceeded: the wall-clock budget ("
+
+
 def _past_clock(history: History, elapsed: float, budget: Budget) -> str | None:
     """Why the active time went past the cap, when the last call took longer than any before it (the
     time the cap counted it at), so that it started with room for those and not for itself."""
@@ -175,6 +179,8 @@ def _past_clock(history: History, elapsed: float, budget: Budget) -> str | None:
     last, before = history[-1], history.prefix(len(history) - 1)._summary()[6]
     if last.duration <= before:
         return None  # the call took no longer than counted: the time past the cap is loomc's own
+    if (last.error or "").startswith(_CUT_AT_THE_DEADLINE):
+        return None  # an async call cancelled at the deadline: its error says so, and it did not go on past it
     return (f"wall_clock: {took(elapsed)} active, past the {budget._cap_text} cap: step {last.n} took "
             f"{took(last.duration)}{f' (calls before it took up to {took(before)})' if before else ''}; the cap is "
             "checked between calls of fn: inside one, ask loomc.time_left() before each slow call")
