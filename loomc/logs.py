@@ -62,6 +62,8 @@ def run_opened(live: LiveRun) -> None:
 def _step_line(log: Any, live: LiveRun, cap: Decimal | None, step: Step) -> None:
     total = dollars(live.history.total_cost) + ("" if cap is None else f" of {dollars(cap)}")
     parts = [f"{dollars(step.cost)} (total {total}) in {took(step.duration)}"]
+    if live.wall_cap is not None:  # the time the run has had against its wall-clock cap, as the dollars
+        parts[0] += f" ({took(live.elapsed(live.clock()))} active of {took(live.wall_cap)})"
     if step.score is not None:
         parts.append(f"score {step.score:.4g}")
     if step.error is not None:

@@ -49,6 +49,19 @@ def test_info_logs_the_start_every_step_and_a_warning_says_why_the_run_stopped(t
                                                     "made (4 steps, $0.0500)")
 
 
+def test_a_run_under_a_wall_clock_cap_logs_its_active_time_against_it(caplog):
+    from conftest import FakeClock
+    caplog.set_level(logging.INFO, logger="loomc")
+    clock = FakeClock()
+    slow = loop(budget=Budget(wall_clock="10m"), clock=clock, checkpoint="memory")(
+        lambda s: clock.advance(150) or s + 1)
+    run = slow.run(0, run_id="wc")
+    got = lines(caplog)
+    assert got[1] == ("INFO", "run wc step 0: $0.0000 (total $0.0000) in 2m30s (2m30s active of 10m00s)")
+    assert got[4] == ("INFO", "run wc step 3: $0.0000 (total $0.0000) in 2m30s (10m00s active of 10m00s); budget exhausted")
+    assert run.steps == 4 and got[-1][0] == "WARNING"
+
+
 def test_a_resume_says_where_it_goes_on_and_a_completed_run_ends_at_info(tmp_path, caplog):
     def reached_three(h):
         return h[-1].state == 3
