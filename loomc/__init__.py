@@ -20,12 +20,12 @@ from loomc.budget import DEFAULT_BUDGET, Budget, NoCostWarning, parse_duration
 from loomc.codec import StateRoundTripWarning
 from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown,
-                          EmbeddingsUnavailable, LoomcError,
+                          DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
                           StopRequested, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import (CallbackWarning, DeadlineExceeded, OrphanedChildWarning, Run, acharge, charge,
+from loomc.interpreter import (CallbackWarning, OrphanedChildWarning, Run, acharge, charge,
                                request_stop, step_number, time_left, usd_left)
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)

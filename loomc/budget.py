@@ -25,7 +25,7 @@ from decimal import Decimal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, dollars, took
+from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, cut_at_deadline, dollars, took
 from loomc.history import History, cost_unknown, cut_short, to_decimal
 from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time
 
@@ -124,16 +124,12 @@ class Budget(Signal):
                 return f"usd: {dollars(spent)} spent of {dollars(self.usd)}"
         if self.wall_clock is not None:
             # Predictive like the USD cap: the next call is counted at the longest call so far.
-            if elapsed >= self.wall_clock:
-                return _past_clock(history, elapsed, self) or f"wall_clock: {elapsed:.1f}s active of {self.wall_clock:g}s"
-            if elapsed + history._summary()[6] > self.wall_clock:
-                return f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the {self._cap_text} cap"
+            cap, said = self.wall_clock, self.wall_clock_text or f"{self.wall_clock:g}s"
+            if elapsed >= cap:
+                return _past_clock(history, elapsed, cap, said) or f"wall_clock: {elapsed:.1f}s active of {cap:g}s"
+            if elapsed + history.longest > cap:
+                return f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the {said} cap"
         return None
-
-    @property
-    def _cap_text(self) -> str:
-        """The wall-clock cap as given (``10m``), or in seconds."""
-        return self.wall_clock_text or f"{self.wall_clock:g}s"
 
     def __repr__(self) -> str:
         if self.unbounded_:
@@ -167,21 +163,17 @@ def _past_cap(history: History, spent: Decimal, cap: Decimal) -> str:
             "Budget(step_estimate=) covers steps that grow")
 
 
-#: How the error of an async step cancelled at the wall-clock deadline starts (interpreter.DeadlineExceeded).
-_CUT_AT_THE_DEADLINE = "DeadlineExceeded: the wall-clock budget ("
-
-
-def _past_clock(history: History, elapsed: float, budget: Budget) -> str | None:
-    """Why the active time went past the cap, when the last call took longer than any before it (the
-    time the cap counted it at), so that it started with room for those and not for itself."""
-    if not history or elapsed <= budget.wall_clock:  # type: ignore[operator]
+def _past_clock(history: History, elapsed: float, cap: float, said: str) -> str | None:
+    """Why the active time went past the cap (``said`` as given), when the last call took longer than any
+    before it (the time the cap counted it at), so that it started with room for those and not for itself."""
+    if not history or elapsed <= cap:
         return None
-    last, before = history[-1], history.prefix(len(history) - 1)._summary()[6]
+    last, before = history[-1], history.prefix(len(history) - 1).longest
     if last.duration <= before:
         return None  # the call took no longer than counted: the time past the cap is loomc's own
-    if (last.error or "").startswith(_CUT_AT_THE_DEADLINE):
+    if cut_at_deadline(last.error):
         return None  # an async call cancelled at the deadline: its error says so, and it did not go on past it
-    return (f"wall_clock: {took(elapsed)} active, past the {budget._cap_text} cap: step {last.n} took "
+    return (f"wall_clock: {took(elapsed)} active, past the {said} cap: step {last.n} took "
             f"{took(last.duration)}{f' (calls before it took up to {took(before)})' if before else ''}; the cap is "
             "checked between calls of fn: inside one, ask loomc.time_left() before each slow call")
 
@@ -319,7 +311,7 @@ class ParentClock(Signal):
             return None
         if left <= 0:
             return f"wall_clock: the parent run {self.parent}'s wall-clock budget has no time left for this child"
-        if history._summary()[6] > left:  # predictive, as Budget(wall_clock=) is
+        if history.longest > left:  # predictive, as Budget(wall_clock=) is
             return (f"wall_clock: the parent run {self.parent}'s wall-clock budget leaves {took(left)} for this "
                     f"child; {next_call_time(history)} would pass it")
         return None

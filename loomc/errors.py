@@ -242,6 +242,22 @@ class EmbeddingsUnavailable(LoomcError, ImportError):
     """sentence-transformers, or the model's weights, cannot be loaded here."""
 
 
+class DeadlineExceeded(LoomcError):
+    """An async iteration was cancelled because the wall-clock budget ran out during it."""
+
+    @classmethod
+    def at(cls, cap: float, what: str) -> DeadlineExceeded:
+        return cls(f"{_RAN_OUT} ({cap:g}s) ran out {what}")
+
+
+_RAN_OUT = "the wall-clock budget"
+
+
+def cut_at_deadline(error: str | None) -> bool:
+    """Whether a step's error says its call (or what measured it) was cancelled at the wall-clock deadline."""
+    return error is not None and error.startswith(f"{DeadlineExceeded.__name__}: {_RAN_OUT} (")
+
+
 class CostUnknown(LoomcError):
     """What a call cost cannot be known (a priced response without usage). Under a USD cap it ends
     the run, backtracker or not: without the cost the cap cannot hold."""

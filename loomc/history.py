@@ -436,6 +436,11 @@ class History(Sequence[Step]):
         return self._summary()[1]
 
     @property
+    def longest(self) -> float:
+        """The longest call so far, in seconds (the wall-clock budget's estimate of the next)."""
+        return self._summary()[6]
+
+    @property
     def best(self) -> Step | None:
         """The step with the highest score (earliest on ties); NaN never wins."""
         i = self._summary()[2]

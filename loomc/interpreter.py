@@ -26,7 +26,8 @@ from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
-                          ConfigError, CostUnknown, EmbeddingsUnavailable, LoomcError, NoStateReturned, RunError,
+                          ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
+                          NoStateReturned, RunError,
                           RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted, dollars,
                           warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
@@ -51,10 +52,6 @@ if hasattr(os, "register_at_fork"):
     # A forked child (a multiprocessing worker that fn starts) drives none of its parent's runs: with request_stop
     # as the SIGTERM handler it inherits, a SIGTERM (Pool.terminate) exits it, rather than asking them to stop.
     os.register_at_fork(after_in_child=_LIVE.clear)
-
-
-class DeadlineExceeded(LoomcError):
-    """An async iteration was cancelled because the wall-clock budget ran out during it."""
 
 
 class CallbackWarning(UserWarning):
@@ -375,7 +372,7 @@ def _past_deadline(run: LiveRun, e: BaseException, what: str) -> BaseException:
     """What a TimeoutError ``e`` means: DeadlineExceeded (the budget ran out ``what``) if the run's wall-clock
     cap is reached, else ``e`` itself (a timeout of fn's own)."""
     if run.wall_cap is not None and run.elapsed(run.clock()) >= run.wall_cap:
-        return DeadlineExceeded(f"the wall-clock budget ({run.wall_cap:g}s) ran out {what}")
+        return DeadlineExceeded.at(run.wall_cap, what)
     return e
 
 

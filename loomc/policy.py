@@ -554,7 +554,7 @@ def waited(decision: Decision, history: History, elapsed: float, wall_cap: float
     wait, then = decision.wait, elapsed + decision.wait
     if then >= wall_cap:
         why = f"the {wait:g}s wait before the next call would reach the cap"
-    elif then + history._summary()[6] > wall_cap:
+    elif then + history.longest > wall_cap:
         why = f"the {wait:g}s wait + {next_call_time(history)} would pass the cap"
     else:
         return decision
@@ -565,7 +565,7 @@ def waited(decision: Decision, history: History, elapsed: float, wall_cap: float
 def next_call_time(history: History) -> str:
     """The time the wall clock counts the next call at, said as the reason of a stop by it: the longest
     call so far (as the USD cap counts the next call at the dearest), naming the step that took it."""
-    longest = history._summary()[6]
+    longest = history.longest
     n = next(step.n for step in history if step.duration == longest)
     return f"{took(longest)} for the next call (as long as step {n}, the longest yet)"
 
