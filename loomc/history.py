@@ -25,7 +25,7 @@ import operator
 from operator import itemgetter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, NamedTuple, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import toolz
 
@@ -306,6 +306,9 @@ class _Spine:
         self.sums: list[_Summary] = list(toolz.accumulate(_summarise, steps, _EMPTY))
 
 
+_NOT_THE_STATE = "a History is a run's steps (a predicate gets it, not the state); the newest state is h[-1].state"
+
+
 class History(Sequence[Step]):
     """An immutable sequence of Steps, oldest first, with O(1) append."""
 
@@ -373,11 +376,21 @@ class History(Sequence[Step]):
             if start == 0 and stride == 1:
                 return History._view(self._spine, max(stop, 0))
             return tuple(self._spine.steps[start:stop:stride])
-        if i < 0:
-            i += self._n
+        try:
+            if i < 0:
+                i += self._n
+        except TypeError:  # h["done"]: a predicate read as if it were given the state
+            raise TypeError(f"History indices are step numbers, not {i!r}: {_NOT_THE_STATE}") from None
         if not 0 <= i < self._n:
             raise IndexError(f"step {i} is not in a history of {self._n} steps")
         return self._spine.steps[i]
+
+    if not TYPE_CHECKING:  # a type checker still reports a name the History lacks
+        def __getattr__(self, name: str) -> Any:
+            """Only for a name the History lacks: h.done, h.get(...), as if a predicate were given the state."""
+            if name.startswith("_"):  # copy, pickle and IPython probe such names: the plain error
+                raise AttributeError(name)
+            raise AttributeError(f"'History' object has no attribute {name!r}: {_NOT_THE_STATE}")
 
     def __iter__(self) -> Iterator[Step]:
         steps = self._spine.steps

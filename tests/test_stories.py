@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import re
 import sys
@@ -608,6 +609,24 @@ def test_a_plain_callable_becomes_a_predicate_and_repr_shows_the_structure():
     assert repr(score_plateau(3) | score_plateau(4) | Budget(iterations=3)).count("|") == 2
     assert len((score_plateau(3) | score_plateau(4) | Budget(iterations=3)).parts) == 3
     assert repr(~(score_plateau(3) | always)) == "~(score_plateau(patience=3, min_delta=0.01) | always)"
+
+
+@pytest.mark.parametrize("wrong, error", [
+    (lambda s: s["done"], "TypeError: History indices are step numbers, not 'done'"),
+    (lambda s: s.done, "AttributeError: 'History' object has no attribute 'done'"),
+    (lambda s: s.get("done"), "AttributeError: 'History' object has no attribute 'get'"),
+])
+def test_a_predicate_written_as_if_it_were_given_the_state_fails_saying_what_it_is_given(wrong, error):
+    """Regression: `converge_on=lambda s: s["done"]` failed after the first call with `the policy raised
+    TypeError: '<' not supported between instances of 'str' and 'int'`, which named nothing."""
+    run = loop(budget=Budget(iterations=3), converge_on=wrong, cost_fn=lambda s: 0.1, checkpoint="memory")(
+        lambda s: {"done": True}).run({"done": False})
+    assert run.status == "failed" and run.steps == 1  # the paid step is kept, as for any policy that raises
+    assert run.reason == (f"the policy raised {error}: a History is a run's steps (a predicate gets it, not the "
+                          "state); the newest state is h[-1].state")
+    h = run.history
+    assert h[-1].state == {"done": True} and len(h[0:1]) == 1  # what it is for still works
+    assert not hasattr(h, "_repr_html_") and copy.deepcopy(h) == h  # probes of private names: plain errors
 
 
 def test_a_policy_that_needs_scores_is_refused_at_decoration_time():
