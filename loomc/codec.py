@@ -18,7 +18,8 @@ from typing import Any, get_type_hints
 
 import pydantic_core
 
-from loomc.errors import CheckpointDecodeError, ConfigError, StateEncodeError, StatePruned, iso, warn_at_caller
+from loomc.errors import (CheckpointDecodeError, ConfigError, StateEncodeError, StatePruned, iso, short_repr,
+                          warn_at_caller)
 
 _PLAIN = (dict, list, str, int, float, bool, type(None))
 
@@ -105,11 +106,6 @@ _SURROGATE_ADVICE = ("such a str comes from bytes decoded with errors='surrogate
 _AWAIT_IT = "a sync fn cannot await it: write fn as `async def` and await the call"
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 _PLAIN_CONTAINERS = (dict, list, tuple)
 
 
@@ -127,9 +123,9 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
     if isinstance(value, dict):
         for k in value:
             if not isinstance(k, (str, int, float, bool)) and k is not None:
-                return f"{where} key {k!r}", f"is {_a(type(k).__name__)} ({_short(k)})"
+                return f"{where} key {k!r}", f"is {_a(type(k).__name__)} ({short_repr(k)})"
             if isinstance(k, str) and not _encodes(k):
-                return f"{where} key {k!r}", f"is a str ({_short(k)}) {_SURROGATE}"
+                return f"{where} key {k!r}", f"is a str ({short_repr(k)}) {_SURROGATE}"
         parts = ((f"{where}[{k!r}]", v) for k, v in value.items())
     elif isinstance(value, (list, tuple)):
         parts = ((f"{where}[{i}]", v) for i, v in enumerate(value))
@@ -141,10 +137,10 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
     if isinstance(value, _PLAIN_CONTAINERS):  # each part stores, the whole does not: it is too deep
         return _too_deep(where)
     if inspect.isawaitable(value):  # an async call made from a sync fn
-        return where, f"is {_a(type(value).__name__)} ({_short(value)}) {_NEVER_AWAITED}"
+        return where, f"is {_a(type(value).__name__)} ({short_repr(value)}) {_NEVER_AWAITED}"
     if isinstance(value, str):
-        return where, f"is a str ({_short(value)}) {_SURROGATE}"
-    return where, f"is {_a(type(value).__name__)} ({_short(value)})"
+        return where, f"is a str ({short_repr(value)}) {_SURROGATE}"
+    return where, f"is {_a(type(value).__name__)} ({short_repr(value)})"
 
 
 def _field_names(value: Any) -> list[str]:
@@ -286,7 +282,7 @@ def _first_difference(now: Any, then: Any, where: str) -> str | None:
     if isinstance(now, dict) and isinstance(then, dict):
         for key in {**now, **then}:
             if key not in now or key not in then:
-                here, there = (_short(now[key]), "absent") if key in now else ("absent", _short(then[key]))
+                here, there = (short_repr(now[key]), "absent") if key in now else ("absent", short_repr(then[key]))
                 return f"{where}[{key!r}] is {here} in the state passed, {there} in the stored one"
             found = _first_difference(now[key], then[key], f"{where}[{key!r}]")
             if found is not None:
@@ -302,7 +298,7 @@ def _first_difference(now: Any, then: Any, where: str) -> str | None:
         return f"{where} has {len(now)} items in the state passed, {len(then)} in the stored one"
     if type(now) is type(then) and (now == then or (now != now and then != then)):  # NaN is stored as NaN
         return None
-    return f"{where} is {_short(now)} in the state passed, {_short(then)} in the stored one"
+    return f"{where} is {short_repr(now)} in the state passed, {short_repr(then)} in the stored one"
 
 
 def _a(name: str) -> str:
@@ -333,7 +329,7 @@ def _difference(live: Any, back: Any, where: str) -> str | None:
     if not names:
         if live == back or (live != live and back != back):  # NaN is stored as NaN
             return None
-        return f"{where} is {_short(live)}, and comes back as {_short(back)}"
+        return f"{where} is {short_repr(live)}, and comes back as {short_repr(back)}"
     for name in names:
         found = _difference(getattr(live, name), getattr(back, name), f"{where}.{name}")
         if found is not None:

@@ -89,6 +89,12 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters with ``...``, for a value shown inside a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def took(seconds: float) -> str:
     """How long a call took, as loomc prints it, in 5 to 7 characters; ``-`` when it is not known (a step
     whose process died, a step from loomc 0.2).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import iteration_cap, usd_cap
-from loomc.errors import COST_UNKNOWN_METRIC, counted, dollars, took
+from loomc.errors import COST_UNKNOWN_METRIC, counted, dollars, short_repr, took
 from loomc.history import History, Step, running_costs, spend_by_item
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
@@ -60,18 +60,13 @@ def run_html(run: Run) -> str:
     return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
             f" &middot; {counted(len(run.history), 'step')} &middot; {spent}</p>"
             f"<p>Stopped: {esc(run.reason)}</p>{_items(run.history)}<p>Policy: <code>{esc(repr(run.policy))}</code></p>"
-            f"<p>State: <code>{esc(_short(run.state))}</code></p>"
+            f"<p>State: <code>{esc(short_repr(run.state, 300))}</code></p>"
             f"{steps_table(run.history)}</div>")
 
 
 def _items(history: History) -> str:
     items = spend_by_item(history)
     return f"<p>By item: {esc(items)}</p>" if items else ""
-
-
-def _short(value: Any, limit: int = 300) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def policy_html(policy: Policy) -> str:

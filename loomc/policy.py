@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from loomc.errors import ConfigError, PolicyTypeError, counted, dollars, took
+from loomc.errors import ConfigError, PolicyTypeError, counted, dollars, short_repr, took
 from loomc.history import History
 
 
@@ -460,15 +460,21 @@ class Predicate(Signal):
         if not history or not history[-1].ok:
             return None
         verdict = self.fn(history)
-        return f"predicate({name_of(self.fn)}) is true" if verdict is True or _yes(verdict) else None
+        if verdict is True or (verdict and type(verdict).__name__ in _BOOLS):
+            return f"predicate({name_of(self.fn)}) is true"
+        if verdict is False or not verdict:
+            return None  # a falsy value (None from `h[-1].score and ...`) is a no, whatever its type
+        # A truthy value that is no boolean ("clean", 1, the state): a yes to Python, none to loomc, which
+        # would go on to the budget without a word. Said now, after one call, with the step kept.
+        raise PolicyTypeError(f"predicate({name_of(self.fn)}) returned {short_repr(verdict, 40)} ({type(verdict).__name__}), "
+                              "which is neither True nor False; only True converges, so return a bool (a comparison, "
+                              "or bool(...) if any truthy value means done)")
 
     def __repr__(self) -> str:
         return f"predicate({name_of(self.fn)})"
 
 
-def _yes(value: Any) -> bool:
-    # numpy booleans and other bool-likes count; truthy non-booleans (1, "no") do not.
-    return type(value).__name__ in ("bool_", "bool") and bool(value)
+_BOOLS = ("bool", "bool_")  # numpy's booleans count as booleans (numpy.bool, numpy.bool_ before numpy 2)
 
 
 def name_of(fn: Any) -> str:

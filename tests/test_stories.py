@@ -629,6 +629,29 @@ def test_a_predicate_written_as_if_it_were_given_the_state_fails_saying_what_it_
     assert not hasattr(h, "_repr_html_") and copy.deepcopy(h) == h  # probes of private names: plain errors
 
 
+def test_a_predicate_that_returns_a_truthy_non_boolean_fails_the_run_after_one_call_rather_than_never_firing():
+    """Regression: only True converges, so `lambda h: h[-1].state["tests"] == 6 and h[-1].state["lint"]`,
+    which returns "clean" when done, never fired, and the loop paid for calls up to its budget without a
+    word about why it did not stop."""
+    import numpy
+
+    def ran(verdict):
+        return loop(budget=Budget(iterations=3), converge_on=predicate(lambda h: verdict), cost_fn=lambda s: 0.1,
+                    checkpoint="memory")(lambda s: s + 1).run(0)
+
+    run = ran("clean")
+    assert run.status == "failed" and run.steps == 1 and run.total_cost == Decimal("0.1")  # the paid step is kept
+    assert run.reason == ("the policy raised PolicyTypeError: predicate(<lambda>) returned 'clean' (str), which is "
+                          "neither True nor False; only True converges, so return a bool (a comparison, or "
+                          "bool(...) if any truthy value means done)")
+    assert ran(1).reason.startswith("the policy raised PolicyTypeError: predicate(<lambda>) returned 1 (int)")
+    assert "returned {'done': True, 'notes': 'xxxxxxxxxxxx... (dict)" in ran({"done": True, "notes": "x" * 99}).reason
+    # True and numpy's True converge; a falsy value of any type is a no, as before.
+    assert ran(True).status == ran(numpy.bool_(True)).status == "completed"
+    for no in (False, None, 0, "", [], numpy.bool_(False)):
+        assert ran(no).status == "budget_exhausted", no
+
+
 def test_a_policy_that_needs_scores_is_refused_at_decoration_time():
     with pytest.raises(ConfigError, match="scorer="):
         loop(converge_on=score_plateau(3))
