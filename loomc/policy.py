@@ -442,6 +442,7 @@ class Predicate(Signal):
 
     ``fn`` is not asked on an empty history, nor right after a failed step
     (which has no state and cannot have converged), so ``h[-1].state`` is safe.
+    A falsy answer is a no; a truthy one that is no boolean raises PolicyTypeError.
 
     >>> done = predicate(lambda h: h[-1].state == "done")
     """
