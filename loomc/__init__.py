@@ -25,7 +25,7 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
                           StopRequested, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import (CallbackWarning, OrphanedChildWarning, Run, acharge, charge,
+from loomc.interpreter import (CallbackWarning, NoScoreWarning, OrphanedChildWarning, Run, acharge, charge,
                                request_stop, step_number, time_left, usd_left)
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)
@@ -42,7 +42,8 @@ __all__ = [
     "Comparison", "ConfigError", "ContainerFilesystemWarning", "CorruptStore", "CostUnknown", "DeadlineExceeded",
     "Decision", "DEFAULT_BUDGET",
     "EmbeddingsUnavailable", "Escalate", "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop",
-    "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoStateReturned", "open_store",
+    "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoScoreWarning", "NoStateReturned",
+    "open_store",
     "OrphanedChildWarning", "Outcome", "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay",
     "request_stop", "Run",
     "RunAlreadyFinished", "RunAtImport", "RunError", "RunLocked", "RunNotFound", "SchemaTooNew",

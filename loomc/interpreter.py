@@ -34,8 +34,8 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
                            state_cell, to_decimal, with_events)
-from loomc.policy import (CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, steps_to_keep,
-                          waited)
+from loomc.policy import (CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, score_readers,
+                          steps_to_keep, waited)
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
 _STATUS = {Outcome.CONVERGED: "completed", Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
@@ -52,6 +52,10 @@ if hasattr(os, "register_at_fork"):
     # A forked child (a multiprocessing worker that fn starts) drives none of its parent's runs: with request_stop
     # as the SIGTERM handler it inherits, a SIGTERM (Pool.terminate) exits it, rather than asking them to stop.
     os.register_at_fork(after_in_child=_LIVE.clear)
+
+
+class NoScoreWarning(UserWarning):
+    """A run whose policy reads scores, but whose scorer gave its first successful step no score."""
 
 
 class CallbackWarning(UserWarning):
@@ -142,6 +146,7 @@ class LiveRun:
     unverified: bool = True  # while a check of the first commits (below) is still to come
     round_trip_unchecked: bool = True  # until this process has committed a state of the run and checked it
     cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
+    score_unchecked: bool = False  # a policy that reads scores, none scored yet: until a successful step was checked
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
     drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
     parent_step: int = -1  # the parent's step this child run belongs to
@@ -171,6 +176,7 @@ class LiveRun:
         self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
         self.usd_capped = usd_cap(self.policy) is not None
         self.cost_unchecked = self.cost_fn is None and self.usd_capped
+        self.score_unchecked = self.scorer is not None and self.policy.needs_score and self.history.best is None
         self.blind: BaseException | None = None  # what cost_fn raised on the last call, if it did
         self.awaits_cost = inspect.iscoroutinefunction(self.cost_fn)
         self.awaits_score = inspect.iscoroutinefunction(self.scorer)
@@ -552,11 +558,19 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     text = record.state_json
     round_trip = run.round_trip_unchecked and text is not None
     cost = run.cost_unchecked and step.ok
+    score = run.score_unchecked and step.ok
     run.round_trip_unchecked &= not round_trip
     run.cost_unchecked &= not cost
-    run.unverified = run.round_trip_unchecked or run.cost_unchecked
+    run.score_unchecked &= not score
+    run.unverified = run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
+    if score and step.score is None:
+        warn_at_caller(f"loomc: run {run.id}'s policy reads scores ({', '.join(score_readers(run.policy))}), but the "
+                       f"scorer returned None for step {step.n}: a step without a score never converges, backtracks "
+                       "or stalls, so only the budget would stop the run. Return a number from the scorer (higher "
+                       "is better); did it forget `return`? (Checked once, on the first successful step; a scorer "
+                       "that cannot grade a first draft can ignore this.)", NoScoreWarning)
     if cost and not step.cost:
         unreported = next((p for p in run.policy.walk() if isinstance(p, UnreportedSpend) and p.calls), None)
         warn_at_caller(f"loomc: run {run.id} has a USD cap of {dollars(usd_cap(run.policy))}, but step {step.n} "

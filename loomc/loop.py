@@ -35,7 +35,7 @@ from loomc.history import IN_STORE, ZERO, History, Step, stored_state
 from loomc.interpreter import (LiveRun, Run, _abandon, _ended, current_run, exhaust, offload, refuse_when_stopping,
                                steps, steps_async, stored)
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
-                          either, loop_name, name_of, never)
+                          either, loop_name, name_of, never, score_readers)
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
 from loomc.stores.base import (CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
@@ -889,9 +889,7 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     check_one_argument(scorer, "scorer(state)")
     check_one_argument(cost_fn, "cost_fn(state)")
     if built.needs_score and scorer is None:
-        needy = [repr(p) for p in built.walk() if p.needs_score and not isinstance(p, (Policies,))
-                 and not hasattr(p, "parts")]
-        raise ConfigError(f"{', '.join(needy)} reads step scores, but no scorer= was given; "
+        raise ConfigError(f"{', '.join(score_readers(built))} reads step scores, but no scorer= was given; "
                           "pass scorer=lambda state: <a float, higher is better>")
     try:
         callbacks = (on_step,) if callable(on_step) else tuple(on_step)

@@ -212,6 +212,11 @@ def steps_to_keep(history: History) -> set[int]:
     return {len(history) - 1, summary[2], summary[4], -1 if current is None else current[0]} - {-1}
 
 
+def score_readers(policy: Policy) -> list[str]:
+    """The parts of ``policy`` that read step scores, as written (``score_plateau(...)``, ``BestScore()``)."""
+    return [repr(p) for p in policy.walk() if p.needs_score and not hasattr(p, "parts")]
+
+
 def check_one_argument(fn: Callable[..., Any] | None, call: str) -> None:
     """:class:`ConfigError` now if loomc could not make ``call`` (``"fn(state)"``) with ``fn``.
 

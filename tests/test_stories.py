@@ -14,7 +14,7 @@ import pytest
 
 import loomc
 from loomc import (BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, NoStateReturned, Outcome,
-                   PolicyTypeError, StallError, always, judge, loop, never, predicate, score_plateau,
+                   PolicyTypeError, SQLiteStore, StallError, always, judge, loop, never, predicate, score_plateau,
                    semantic_delta)
 from conftest import sync_or_async
 from loomc.budget import DEFAULT_BUDGET
@@ -627,6 +627,43 @@ def test_a_predicate_written_as_if_it_were_given_the_state_fails_saying_what_it_
     h = run.history
     assert h[-1].state == {"done": True} and len(h[0:1]) == 1  # what it is for still works
     assert not hasattr(h, "_repr_html_") and copy.deepcopy(h) == h  # probes of private names: plain errors
+
+
+def test_a_scorer_that_gives_no_score_under_a_policy_that_reads_scores_is_told_once(tmp_path):
+    """Regression: a scorer that forgot its `return` gave every step None; score_plateau, BestScore and
+    Escalate then never acted, and the run paid for every call its budget allowed, silently."""
+    import warnings
+    from loomc import NoScoreWarning
+
+    def grade(state):
+        state["score"]  # no return
+
+    policy = dict(budget=Budget(iterations=4), converge_on=score_plateau(2), backtrack=BestScore(),
+                  on_stall=Escalate(after=3))
+    refine = loop(**policy, scorer=grade, checkpoint=str(tmp_path / "s.db"))(lambda s: {"score": 0.5})
+    with pytest.warns(NoScoreWarning) as caught:
+        run = refine.run({"score": 0}, run_id="s")
+    assert len(caught) == 1 and run.steps == 4  # once per run, on its first successful step
+    assert str(caught[0].message) == (
+        "loomc: run s's policy reads scores (score_plateau(patience=2, min_delta=0.01), BestScore()), but the scorer "
+        "returned None for step 0: a step without a score never converges, backtracks or stalls, so only the budget "
+        "would stop the run. Return a number from the scorer (higher is better); did it forget `return`? (Checked "
+        "once, on the first successful step; a scorer that cannot grade a first draft can ignore this.)")
+    # Turned into an error, it stops the run after that step, committed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoScoreWarning)
+        with pytest.raises(NoScoreWarning):
+            refine({"score": 0}, run_id="t")
+    assert SQLiteStore(tmp_path / "s.db").get_run("t").steps == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoScoreWarning)  # none of these is told
+        loop(**policy, scorer=lambda s: s["score"], checkpoint="memory")(lambda s: {"score": 0.5}).run({"score": 0})
+        unread = loop(budget=Budget(iterations=2), scorer=grade, checkpoint="memory")(lambda s: s).run({"score": 0})
+        assert unread.status == "budget_exhausted"  # a policy that reads no score: nothing to tell
+        scored_once = iter([0.5, None, None, None])
+        run = loop(**policy, scorer=lambda s: next(scored_once), checkpoint=str(tmp_path / "s.db"))(
+            lambda s: {"score": 0.5}).run({"score": 0}, run_id="u")
+        assert run.steps == 4  # step 0 was scored: a later step without a score is the scorer's choice
 
 
 def test_a_predicate_that_returns_a_truthy_non_boolean_fails_the_run_after_one_call_rather_than_never_firing():
