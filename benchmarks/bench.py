@@ -289,6 +289,10 @@ def main() -> None:
         _one(*sys.argv[2:5])
         return
     chosen = sys.argv[1:] or list(SECTIONS)
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown:
+        sys.exit(f"usage: python benchmarks/bench.py [{' | '.join(SECTIONS)} ...] (all of them if none is named); "
+                 f"not a section: {', '.join(unknown)}")
     print(f"loomc {loomc.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
