@@ -124,12 +124,17 @@ class Budget(Signal):
                 return f"usd: {dollars(spent)} spent of {dollars(self.usd)}"
         if self.wall_clock is not None:
             # Predictive like the USD cap: the next call is counted at the longest call so far.
-            cap, said = self.wall_clock, self.wall_clock_text or f"{self.wall_clock:g}s"
+            cap, said = self.wall_clock, self.wall_clock_said
             if elapsed >= cap:
                 return _past_clock(history, elapsed, cap, said) or f"wall_clock: {elapsed:.1f}s active of {cap:g}s"
             if elapsed + history.longest > cap:
                 return f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the {said} cap"
         return None
+
+    @property
+    def wall_clock_said(self) -> str:
+        """The wall-clock cap as messages say it: as it was given (``10m``), else in seconds (``90s``)."""
+        return self.wall_clock_text or f"{self.wall_clock:g}s"
 
     def __repr__(self) -> str:
         if self.unbounded_:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
-from loomc.budget import budget_from_repr
+from loomc.budget import Budget, budget_from_repr
 from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
                           StopRequested, clean, counted, dollars, iso, shorten, took)
 from loomc.history import running_costs, spend_by_item
@@ -162,12 +162,13 @@ def _brief(status: str, reason: str | None) -> str:
 _BUDGET = re.compile(r"Budget\([^()]*\)")
 
 
-def _usd_cap(policy: str) -> Decimal | None:
-    """The USD cap in a policy's repr, read the way a resume reads a recorded raise (budget_from_repr)."""
+def _recorded_budget(policy: str, cap: str) -> Budget | None:
+    """The first Budget in a policy's repr with a ``cap`` (``usd``, ``wall_clock``), read the way a resume
+    reads a recorded raise (budget_from_repr)."""
     for text in _BUDGET.findall(policy):
         budget = budget_from_repr(text)
-        if budget is not None and budget.usd is not None:
-            return budget.usd
+        if budget is not None and getattr(budget, cap) is not None:
+            return budget
     return None
 
 _RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock": "--wall-clock 30m",
@@ -197,8 +198,8 @@ def what_next(run: RunRecord, through_parent: bool = False) -> str:
 
 def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
                pending: Mapping[int, Decimal] | None = None, through_parent: bool = False) -> str:
-    cap = _usd_cap(run.policy or "")
-    spent = dollars(run.total_cost) + (" (no USD cap)" if cap is None else f" of {dollars(cap)} budget")
+    usd, wall = _recorded_budget(run.policy or "", "usd"), _recorded_budget(run.policy or "", "wall_clock")
+    spent = dollars(run.total_cost) + (" (no USD cap)" if usd is None else f" of {dollars(usd.usd)} budget")
     status = shown_status(run.status, run.owner, run.lease_expires)
     last_failed = bool(steps) and steps[-1].error == run.reason
     where = f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if last_failed \
@@ -213,6 +214,8 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
             f"Stopped: {stopped}",
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
+    if wall is not None:  # the time it has had against that cap, as the dollars against theirs
+        head.append(f"Active: {took(run.active_seconds)} of the {wall.wall_clock_said} cap")
     items = spend_by_item(steps, clean)
     if items:
         head.append(f"By item: {items}")
@@ -426,7 +429,6 @@ def export(run_id: str, db: str | None, as_json: bool) -> None:
 def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: int | None,
            wall_clock: str | None, take_over: bool) -> None:
     """Resume a run, if its function can be imported from the recorded module:qualname."""
-    from loomc.budget import Budget
     from loomc.loop import refuse_child, refuse_completed, refuse_reached
     store = open_db(db)
     try:  # a bad cap is refused before anything is imported

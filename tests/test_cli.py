@@ -183,6 +183,21 @@ def test_runs_says_what_the_runs_listed_spent_in_all_and_lists_recent_ones(tmp_p
     assert bad.exit_code == 1 and "--since='lately' is not a duration" in bad.output
 
 
+def test_show_gives_a_run_under_a_wall_clock_cap_its_active_time_against_the_cap(tmp_path):
+    from conftest import FakeClock
+    db, clock = str(tmp_path / "w.db"), FakeClock()
+    slow = loop(budget=Budget(wall_clock="10m", usd=1), cost_fn=lambda s: 0.01, clock=clock, checkpoint=db)(
+        lambda s: clock.advance(150) or s + 1)
+    slow.run(0, run_id="w")
+    shown = invoke("show", "w", "--db", db).output.splitlines()
+    assert shown[3:5] == ["Spent: $0.0400 of $1.0000 budget in 4 steps, 1 attempt", "Active: 10m00s of the 10m cap"]
+    assert "loomc resume w --wall-clock 30m" in shown[1]
+    loop(budget=Budget(wall_clock=90, iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="secs")
+    assert re.search(r"^Active: \S+ of the 90s cap$", invoke("show", "secs", "--db", db).output, re.M)
+    loop(budget=Budget(iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="none")
+    assert "Active:" not in invoke("show", "none", "--db", db).output  # no wall-clock cap: no line
+
+
 def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
     """Regression: steps of a cheap model ($0.00003 each) showed as $0.0000 in `loomc show`, the run's
     spend as $0.0001, and the notebook's table likewise: as if nothing had been recorded."""
