@@ -124,11 +124,13 @@ class Budget(Signal):
                 return f"usd: {dollars(spent)} spent of {dollars(self.usd)}"
         if self.wall_clock is not None:
             # Predictive like the USD cap: the next call is counted at the longest call so far.
-            cap, said = self.wall_clock, self.wall_clock_said
+            cap = self.wall_clock  # how it is said (wall_clock_said) is worked out only for a reason
             if elapsed >= cap:
-                return _past_clock(history, elapsed, cap, said) or f"wall_clock: {elapsed:.1f}s active of {cap:g}s"
+                return _past_clock(history, elapsed, cap, self.wall_clock_said) or \
+                    f"wall_clock: {elapsed:.1f}s active of {cap:g}s"
             if elapsed + history.longest > cap:
-                return f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the {said} cap"
+                return (f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the "
+                        f"{self.wall_clock_said} cap")
         return None
 
     @property

@@ -468,7 +468,7 @@ class Predicate(Signal):
         verdict = self.fn(history)
         if verdict is True or (verdict and type(verdict).__name__ in _BOOLS):
             return f"predicate({name_of(self.fn)}) is true"
-        if verdict is False or not verdict:
+        if not verdict:
             return None  # a falsy value (None from `h[-1].score and ...`) is a no, whatever its type
         # A truthy value that is no boolean ("clean", 1, the state): a yes to Python, none to loomc, which
         # would go on to the budget without a word. Said now, after one call, with the step kept.
