@@ -395,16 +395,23 @@ def wall_clock_cap(policy: Any) -> float | None:
 def usd_room(policy: Any, history: History, pending: Decimal, held: Decimal = Decimal(0)) -> Decimal | None:
     """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one.
 
-    ``pending`` is what the step in flight has spent so far. A child run's room is also at most
-    its parent's room at this moment, less that, plus ``held``: what the child itself holds of
-    the parent's room for this step.
+    ``pending`` is what the step in flight has spent so far. Each earlier call whose cost is unknown
+    is counted at the estimate the cap counts it at, as it is before each call. A child run's room is
+    also at most its parent's room at this moment, less that, plus ``held``: what the child itself
+    holds of the parent's room for this step.
     """
-    cap = usd_cap(policy)
-    if cap is None:
-        return None
-    room = max(Decimal(0), cap - history.total_cost - pending)
-    for part in policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,):
-        live = part.room_now() if isinstance(part, ParentCap) and part.room_now is not None else None
-        if live is not None:
-            room = min(room, max(Decimal(0), live + held - pending))
-    return room
+    spent, largest, _, _, _, unknown, _ = history._summary()
+    room: Decimal | None = None
+    for part in top_level(policy):
+        if isinstance(part, Budget) and part.usd is not None:
+            estimate = largest if part.step_estimate is None else part.step_estimate
+            limits: tuple[Decimal, ...] = (part.usd - spent,)
+        elif isinstance(part, ParentCap):
+            estimate, live = largest, None if part.room_now is None else part.room_now()
+            limits = (part.usd - spent,) if live is None else (part.usd - spent, live + held)
+        else:
+            continue
+        for limit in limits:
+            left = limit - pending - estimate * unknown
+            room = left if room is None or left < room else room
+    return None if room is None else max(Decimal(0), room)

@@ -1088,8 +1088,9 @@ def usd_left() -> Decimal | None:
     when no USD cap applies (a parent's cap on a child run counts).
 
     That is the cap, less what the run spent before this step and what this step has charged so
-    far (``loomc.charge``, an adapter's ``charge``, child runs). A cost that ``cost_fn`` adds once
-    ``fn`` returns is not known yet. The budget is checked before each call of ``fn``; a step that
+    far (``loomc.charge``, an adapter's ``charge``, child runs), and an earlier call of unknown cost
+    at the estimate the cap counts it at. A cost that ``cost_fn`` adds once ``fn`` returns is not
+    known yet. The budget is checked before each call of ``fn``; a step that
     makes several paid calls checks this before each of them::
 
         def fix(state):

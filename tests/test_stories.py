@@ -946,6 +946,29 @@ def test_a_step_that_makes_several_paid_calls_stops_before_the_cap_by_asking_usd
     assert "cannot charge" not in str(caught.value)  # the charge() hint is for charge()
 
 
+def test_usd_left_counts_an_earlier_call_of_unknown_cost_as_the_cap_does():
+    """A failed call that cost_fn could not price counts at the estimate before each call; usd_left() inside a
+    later step counted it at $0, so an agentic step that spent by it could take the run past the cap."""
+    import loomc
+    seen: list[Decimal | None] = []
+
+    def fix(state):
+        seen.append(loomc.usd_left())
+        if len(seen) == 2:
+            raise RuntimeError("the reply did not parse")  # paid for, price unknown
+        return {"i": state["i"] + 1}
+
+    run = loop(policy=Budget(usd=2.00) | LastGood(), cost_fn=lambda s: 0.40, checkpoint="memory")(fix).run({"i": 0})
+    # Step 1's call counts at $0.40 from step 2 on, as the cap's reason says.
+    assert seen == [Decimal("2.00"), Decimal("1.60"), Decimal("1.20"), Decimal("0.80"), Decimal("0.40")]
+    assert "counting 1 failed call (step 1)" in run.reason
+    seen.clear()
+    # Each cap counts it at its own estimate: step_estimate= where given.
+    capped = Budget(usd=2.00, step_estimate=0.50) | Budget(usd=3.00) | LastGood()
+    loop(policy=capped, cost_fn=lambda s: 0.40, checkpoint="memory")(fix).run({"i": 0})
+    assert seen[:3] == [Decimal("2.00"), Decimal("1.60"), Decimal("1.10")]
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 def test_a_step_that_makes_several_slow_calls_keeps_under_the_wall_clock_by_asking_time_left(clock, aio):
     """An agentic step (calls until done) runs inside one check of the wall clock, as it does inside one
