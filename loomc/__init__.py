@@ -25,8 +25,8 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
                           StopRequested, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import (CallbackWarning, NoScoreWarning, OrphanedChildWarning, Run, acharge, charge,
-                               request_stop, step_number, time_left, usd_left)
+from loomc.interpreter import (CallbackWarning, NoScoreWarning, NoVerdictWarning, OrphanedChildWarning, Run, acharge,
+                               charge, request_stop, step_number, time_left, usd_left)
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)
 from loomc.notebook import Comparison, compare
@@ -43,6 +43,7 @@ __all__ = [
     "Decision", "DEFAULT_BUDGET",
     "EmbeddingsUnavailable", "Escalate", "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop",
     "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoScoreWarning", "NoStateReturned",
+    "NoVerdictWarning",
     "open_store",
     "OrphanedChildWarning", "Outcome", "parse_duration", "Policy", "PolicyTypeError", "predicate", "replay", "Replay",
     "request_stop", "Run",

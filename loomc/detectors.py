@@ -100,8 +100,13 @@ def clear_yes(verdict: Any) -> bool:
     return False
 
 
+def _recorded(verdict: Any) -> bool | None:
+    """A verdict as the step records it: yes or no, or ``None`` for a judge that gave none (a no, told once)."""
+    return None if verdict is None else clear_yes(verdict)
+
+
 @dataclass(frozen=True, repr=False)
-class _JudgeProbe(Probe):
+class JudgeProbe(Probe):
     name: str
     judge_fn: Callable[[Any], Any]
 
@@ -109,10 +114,10 @@ class _JudgeProbe(Probe):
         verdict = self.judge_fn(state)
         if inspect.isawaitable(verdict):
             return self._later(verdict)
-        return {self.name: clear_yes(verdict)}
+        return {self.name: _recorded(verdict)}
 
     async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
-        return {self.name: clear_yes(await verdict)}
+        return {self.name: _recorded(await verdict)}
 
     def __repr__(self) -> str:  # what a failure names: "raised by judge(is_done), after fn returned"
         return f"judge({name_of(self.judge_fn)})"
@@ -137,14 +142,14 @@ class Judge(Signal):
     kind = Outcome.CONVERGED
 
     def probes(self) -> tuple[Probe, ...]:
-        return (_JudgeProbe(self.name, self.judge_fn),)
+        return (JudgeProbe(self.name, self.judge_fn),)
 
     def fire(self, history: History, elapsed: float) -> str | None:
         if history and history[-1].metrics.get(self.name) is True:
             return f"{self!r} said yes"
         return None
 
-    __repr__ = _JudgeProbe.__repr__  # the judge and the probe that asks it are written alike
+    __repr__ = JudgeProbe.__repr__  # the judge and the probe that asks it are written alike
 
 
 @builds_policy('judge(lambda state: ask_grader(state))')

@@ -34,6 +34,7 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
                            state_cell, to_decimal, with_events)
+from loomc.detectors import JudgeProbe
 from loomc.policy import (CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, score_readers,
                           steps_to_keep, waited)
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
@@ -56,6 +57,10 @@ if hasattr(os, "register_at_fork"):
 
 class NoScoreWarning(UserWarning):
     """A run whose policy reads scores, but whose scorer gave its first successful step no score."""
+
+
+class NoVerdictWarning(UserWarning):
+    """A run whose judge returned ``None`` for its first successful step, so it could never say yes."""
 
 
 class CallbackWarning(UserWarning):
@@ -147,6 +152,7 @@ class LiveRun:
     round_trip_unchecked: bool = True  # until this process has committed a state of the run and checked it
     cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
     score_unchecked: bool = False  # a policy that reads scores, none scored yet: until a successful step was checked
+    judges_unchecked: tuple[JudgeProbe, ...] = ()  # the judges that asked none of the run's successful steps yet
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
     drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
     parent_step: int = -1  # the parent's step this child run belongs to
@@ -177,6 +183,8 @@ class LiveRun:
         self.usd_capped = usd_cap(self.policy) is not None
         self.cost_unchecked = self.cost_fn is None and self.usd_capped
         self.score_unchecked = self.scorer is not None and self.policy.needs_score and self.history.best is None
+        if self.history.last_good is None:
+            self.judges_unchecked = tuple(p for p in self.probes if isinstance(p, JudgeProbe))
         self.blind: BaseException | None = None  # what cost_fn raised on the last call, if it did
         self.awaits_cost = inspect.iscoroutinefunction(self.cost_fn)
         self.awaits_score = inspect.iscoroutinefunction(self.scorer)
@@ -562,7 +570,10 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     run.round_trip_unchecked &= not round_trip
     run.cost_unchecked &= not cost
     run.score_unchecked &= not score
-    run.unverified = run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked
+    judges = run.judges_unchecked if step.ok else ()
+    if judges:
+        run.judges_unchecked = ()
+    run.unverified = run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked or bool(run.judges_unchecked)
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
     if score and step.score is None:
@@ -571,6 +582,13 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
                        "or stalls, so only the budget would stop the run. Return a number from the scorer (higher "
                        "is better); did it forget `return`? (Checked once, on the first successful step; a scorer "
                        "that cannot grade a first draft can ignore this.)", NoScoreWarning)
+    for judge in judges:
+        if step.metrics.get(judge.name, False) is None:
+            warn_at_caller(f"loomc: run {run.id}'s {judge!r} returned None for step {step.n}: only True or a clear "
+                           "yes ('yes') converges, so a judge that gives no verdict never stops the run, and only "
+                           "the budget would. Return its verdict; did it forget `return`, or pass on a model reply "
+                           "with no text (a chat message's content is None when the model refused or called a "
+                           "tool)? (Checked once, on the first successful step.)", NoVerdictWarning)
     if cost and not step.cost:
         unreported = next((p for p in run.policy.walk() if isinstance(p, UnreportedSpend) and p.calls), None)
         warn_at_caller(f"loomc: run {run.id} has a USD cap of {dollars(usd_cap(run.policy))}, but step {step.n} "

@@ -667,6 +667,59 @@ def test_a_scorer_that_gives_no_score_under_a_policy_that_reads_scores_is_told_o
         assert run.steps == 4  # step 0 was scored: a later step without a score is the scorer's choice
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
+    """Regression: a judge that forgot its `return`, or passed on a chat reply whose content is None, was a no on
+    every step, and the run paid for every call its budget allowed, with nothing saying why it never converged."""
+    import asyncio
+    import warnings
+    from loomc import NoVerdictWarning, judge
+
+    def forgot(state):
+        state["draft"] == "final"  # no return
+
+    async def forgot_async(state):
+        forgot(state)
+
+    calls = iter([RuntimeError("rate limit"), None, None, None])
+
+    def body(state):
+        failure = next(calls)
+        if failure is not None:
+            raise failure
+        return {"draft": "final"}
+
+    def run_of(runner, state, **kwargs):
+        return asyncio.run(runner.run(state, **kwargs)) if aio else runner.run(state, **kwargs)
+
+    refine = loop(budget=Budget(iterations=4), converge_on=judge(forgot_async if aio else forgot), backtrack=LastGood(),
+                  checkpoint=str(tmp_path / "j.db"))(sync_or_async(body, aio))
+    with pytest.warns(NoVerdictWarning) as caught:
+        run = run_of(refine, {"draft": ""}, run_id="j")
+    assert len(caught) == 1 and run.steps == 4 and run.status == "budget_exhausted"
+    name = "forgot_async" if aio else "forgot"
+    # Step 0 failed, so no judge asked it: the first successful step is the one checked.
+    assert str(caught[0].message) == (
+        f"loomc: run j's judge({name}) returned None for step 1: only True or a clear yes ('yes') converges, so a "
+        "judge that gives no verdict never stops the run, and only the budget would. Return its verdict; did it "
+        "forget `return`, or pass on a model reply with no text (a chat message's content is None when the model "
+        "refused or called a tool)? (Checked once, on the first successful step.)")
+    assert run.history[1].metrics["judge"] is None and "judge" not in run.history[0].metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoVerdictWarning)  # none of these is told
+        said_no = loop(budget=Budget(iterations=2), converge_on=judge(lambda s: False), checkpoint="memory")(
+            sync_or_async(lambda s: s, aio))
+        assert run_of(said_no, {"draft": ""}).history[-1].metrics == {"judge": False}
+        said_yes_later = iter(["no", None, "yes"])
+        later = loop(budget=Budget(iterations=5), converge_on=judge(lambda s: next(said_yes_later)),
+                     checkpoint="memory")(sync_or_async(lambda s: s, aio))
+        assert run_of(later, {"draft": ""}).steps == 3  # step 0 gave a verdict: a later None is the judge's choice
+        calls = iter([None, None])
+        more = refine.resume_run("j", budget=Budget(iterations=6))
+        resumed = asyncio.run(more) if aio else more
+        assert resumed.steps == 6  # it was checked in the run's first successful step, before this resume
+
+
 def test_a_predicate_that_returns_a_truthy_non_boolean_fails_the_run_after_one_call_rather_than_never_firing():
     """Regression: only True converges, so `lambda h: h[-1].state["tests"] == 6 and h[-1].state["lint"]`,
     which returns "clean" when done, never fired, and the loop paid for calls up to its budget without a
