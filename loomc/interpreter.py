@@ -141,6 +141,7 @@ class LiveRun:
     session_start: float = 0.0
     in_flight: int = -1
     pending: Decimal = ZERO
+    began: tuple[float, float] = (0.0, 0.0)  # when the call in flight began: wall clock, run clock
     parent: LiveRun | None = None
     children: dict[int, int] = field(default_factory=dict)  # parent step -> children started in it
     wall_cap: float | None = None
@@ -285,7 +286,8 @@ class _Call(tuple):  # type: ignore[type-arg]
             run.items, run.tokens = {}, {}
         if run.parent is not None:  # children side by side: each holds its estimate of the parent's room
             run.hold(max(run.history._summary()[1], run.estimate))
-        return state, n, time.time(), run.clock()
+        began = run.began = time.time(), run.clock()
+        return (state, n, *began)
 
     def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
         state, n, wall, t0 = self._begin(run)
@@ -1010,8 +1012,9 @@ def _commit_interrupted(run: LiveRun, why: str) -> None:
     if n < 0 or not cost:
         return
     run.in_flight, run.pending = -1, ZERO
+    wall, t0 = run.began
     step = Step(n, None, cost=cost, error=f"Interrupted: {why}, during this step after spending {dollars(cost)}",
-                started_at=time.time(), events=("interrupted",))
+                started_at=wall, duration=run.clock() - t0, events=("interrupted",))
     h = run.history = run.history.append(step)
     run.store.commit_step(run.id, stored(step), _new_tuple(Totals, (h.total_cost, len(h), run.elapsed(run.clock()))),
                           run.owner, run.lease_seconds)

@@ -219,17 +219,18 @@ def test_a_task_cancelled_while_its_commit_waits_for_the_busy_writer_still_commi
     assert resumed.state == 5 and resumed.steps == 5 and store.get_run("busy").total_cost == Decimal("0.5")
 
 
-def test_a_call_interrupted_after_it_charged_is_committed_with_its_spend(tmp_path):
+def test_a_call_interrupted_after_it_charged_is_committed_with_its_spend(tmp_path, clock):
     db = str(tmp_path / "k.db")
 
     ctrl_c = [True]
 
-    @loop(budget=Budget(usd=1, iterations=4), checkpoint=db)
+    @loop(budget=Budget(usd=1, iterations=4), checkpoint=db, clock=clock)
     def paid(state):
         loomc.charge(0.05)
+        clock.advance(1 if state < 2 else 95)
         if state == 2 and ctrl_c:
             ctrl_c.pop()
-            raise KeyboardInterrupt  # Ctrl-C after the call was paid for
+            raise KeyboardInterrupt  # Ctrl-C after the call was paid for, 95 s into it
         return state + 1
 
     with pytest.raises(KeyboardInterrupt):
@@ -239,6 +240,11 @@ def test_a_call_interrupted_after_it_charged_is_committed_with_its_spend(tmp_pat
     assert record.status == "cancelled" and record.total_cost == Decimal("0.15")
     assert steps[2].events == ("interrupted",) and steps[2].cost == Decimal("0.05")
     assert steps[2].error == "Interrupted: KeyboardInterrupt, during this step after spending $0.0500"
+    # How long it ran, as for any call: loomc show's TIME, and the longest call the wall-clock cap counts on.
+    assert steps[2].duration == 95 and steps[1].started_at <= steps[2].started_at <= time.time()
+    from click.testing import CliRunner
+    from loomc.cli import main
+    assert " 1m35s  Interrupted: KeyboardInterrupt" in CliRunner().invoke(main, ["show", "paid", "--db", db]).output
     assert store.pending_charges("paid") == {}
     again = paid.resume_run("paid")  # counted once: the retry is step 3
     assert again.state == 3 and again.total_cost == Decimal("0.20") and len(again.history) == 4
