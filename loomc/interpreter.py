@@ -141,7 +141,7 @@ class LiveRun:
     session_start: float = 0.0
     in_flight: int = -1
     pending: Decimal = ZERO
-    began: tuple[float, float] = (0.0, 0.0)  # when the call in flight began: wall clock, run clock
+    began: tuple[float, float] = (0.0, 0.0)  # when a call cut short began: wall clock, run clock
     parent: LiveRun | None = None
     children: dict[int, int] = field(default_factory=dict)  # parent step -> children started in it
     wall_cap: float | None = None
@@ -286,8 +286,7 @@ class _Call(tuple):  # type: ignore[type-arg]
             run.items, run.tokens = {}, {}
         if run.parent is not None:  # children side by side: each holds its estimate of the parent's room
             run.hold(max(run.history._summary()[1], run.estimate))
-        began = run.began = time.time(), run.clock()
-        return (state, n, *began)
+        return state, n, time.time(), run.clock()
 
     def sync(self, run: LiveRun) -> tuple[Step, BaseException | None, float]:
         state, n, wall, t0 = self._begin(run)
@@ -323,6 +322,9 @@ class _Call(tuple):  # type: ignore[type-arg]
                     if isinstance(e, Exception):
                         _blame(e, "cost_fn" if run.blind is e else repr(probe))
             return _settle(run, n, new_state, exc, wall, t0, metrics)
+        except BaseException:
+            run.began = wall, t0  # a call cut short (Ctrl-C): committed with its spend and how long it ran
+            raise
         finally:
             _CURRENT.reset(token)
 
@@ -369,6 +371,9 @@ class _Call(tuple):  # type: ignore[type-arg]
                     if run.blind is e:  # a probe or the scorer that raised said so in _judged
                         _blame(e, "cost_fn")
             return _settle(run, n, new_state, exc, wall, t0, metrics, score)
+        except BaseException:
+            run.began = wall, t0  # a call cut short (a cancelled task): committed with its spend and time
+            raise
         finally:
             _CURRENT.reset(token)
 
