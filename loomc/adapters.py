@@ -47,7 +47,7 @@ from typing import Any
 
 from loomc.detectors import Judge, judge
 from loomc.budget import NoCostWarning
-from loomc.errors import ConfigError, CostUnknown, LoomcError, counted, warn_at_caller
+from loomc.errors import ConfigError, CostUnknown, counted, warn_at_caller
 from loomc.history import to_decimal
 from loomc.policy import builds_policy
 

@@ -305,7 +305,6 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
         exc.history = history  # type: ignore[attr-defined]
     except (AttributeError, TypeError):  # exceptions with __slots__
         pass
-    if hasattr(exc, "add_note"):
-        ended = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
-        exc.add_note(f"loomc: run {run_id} {ended}; resume it with {fn_name}.resume({run_id!r})")
+    ended = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
+    exc.add_note(f"loomc: run {run_id} {ended}; resume it with {fn_name}.resume({run_id!r})")
     return exc

@@ -35,7 +35,7 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, read,
                            state_cell, to_decimal, with_events)
 from loomc.detectors import JudgeProbe
-from loomc.policy import (CONTINUE, Decision, Outcome, Policy, Probe, _current_step, loop_name, name_of, score_readers,
+from loomc.policy import (CONTINUE, Decision, Outcome, Policy, Probe, loop_name, name_of, score_readers,
                           steps_to_keep, waited)
 from loomc.stores.base import CheckpointStore, Drive, StoredStep, Totals, drive_over
 
@@ -433,8 +433,7 @@ def _raised_after(n: int, exc: Exception, error: str, by: str | None) -> str:
         return error
     said = (f"raised by {by}, after fn returned: step {n} keeps the state fn returned"
             + ("; the call's price from cost_fn is not in its cost" if by == "cost_fn" else ""))
-    if hasattr(exc, "add_note"):  # Python 3.11 and later
-        exc.add_note(f"loomc: {said}")
+    exc.add_note(f"loomc: {said}")
     return f"{error} ({said})"
 
 
@@ -553,8 +552,6 @@ def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:
 
 def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
     """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
-    if not hasattr(exc, "add_note"):
-        return
     exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
                  "error's .history[-1]" + (", with what fn returned" if step.ok else "") +
                  ". A resume goes on from the last committed step")
@@ -802,7 +799,7 @@ _SETUP_ERRORS = (ConfigError, EmbeddingsUnavailable, NoStateReturned)
 def _setup(exc: BaseException | None, error: str) -> str:
     """Why a run with a backtracker stopped on a setup error, as its reason and a note."""
     reason = f"{error}; the next call would meet it again, so the run stopped instead of going on from another state"
-    if exc is not None and hasattr(exc, "add_note"):
+    if exc is not None:
         exc.add_note("loomc: fix it, then resume the run")
     return reason
 
@@ -810,7 +807,7 @@ def _setup(exc: BaseException | None, error: str) -> str:
 def _not_on(backtracker: Backtracker, exc: BaseException | None, error: str) -> str:
     """Why a run stopped on a failure its backtracker's ``on=`` does not cover, as its reason and a note."""
     reason = f"{error}; {backtracker!r} does not go on from a {type(exc).__name__}, so the run stopped"
-    if exc is not None and hasattr(exc, "add_note"):
+    if exc is not None:
         exc.add_note("loomc: fix it, then resume the run")
     return reason
 
@@ -819,7 +816,7 @@ def _blind(run: LiveRun, exc: BaseException | None, error: str) -> str:
     """Why a run with a backtracker stopped on a call whose cost is unknown, as its reason and a note."""
     reason = (f"{error}; without what the call cost, the USD cap cannot hold, so the run stopped "
               f"instead of going on from another state")
-    if exc is not None and hasattr(exc, "add_note"):
+    if exc is not None:
         exc.add_note(f"loomc: {reason}. Fix the pricing, then resume the run")
     return reason
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import threading
 import time
 from decimal import Decimal
@@ -188,9 +187,8 @@ def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_p
     record = SQLiteStore(db).get_run("ctrl-c")
     assert record.status == "cancelled" and record.steps == 2
     # A notebook's interrupted cell says which run to resume, and keeps what it bought on the exception.
-    assert getattr(caught.value, "__notes__", None) == ["loomc: run ctrl-c was interrupted, with every committed "
-                                                        "step kept; resume it with interrupted.resume('ctrl-c')"] \
-        or sys.version_info < (3, 11)  # notes came with 3.11
+    assert caught.value.__notes__ == ["loomc: run ctrl-c was interrupted, with every committed step kept; resume it "
+                                      "with interrupted.resume('ctrl-c')"]
     assert caught.value.run_id == "ctrl-c" and caught.value.state == 2 and len(caught.value.history) == 2
     calm = loop(budget=Budget(iterations=4), checkpoint=db)(lambda s: s + 1)
     with pytest.warns(SpecChangedWarning, match="ctrl-c"):  # a different fn takes the run over

@@ -414,7 +414,7 @@ def test_a_full_disk_is_a_store_error_that_keeps_the_paid_state_and_the_run_resu
     assert 0 < lost < 12 and len(e.history) == lost + 1 and e.history[-1].n == lost
     assert e.state["i"] == lost + 1 == e.history[-1].state["i"]  # what that paid call returned, not the one before
     assert any(f"step {lost} of run {e.run_id} ($0.5000) was not committed; it is on this error's .history[-1], "
-               "with what fn returned" in note for note in getattr(e, "__notes__", [])) or sys.version_info < (3, 11)
+               "with what fn returned" in note for note in e.__notes__)
     record = store.get_run(e.run_id)
     assert record.status == "failed" and record.reason.startswith("StoreError: ")
     conn.execute("PRAGMA max_page_count = 1000000")
@@ -473,7 +473,7 @@ def test_a_file_locked_past_the_busy_timeout_is_a_store_error_and_the_run_resume
     e = caught.value
     assert e.state == {"i": 3} and len(store.load_steps(e.run_id)) == 2
     assert any("step 2 of run" in note and "was not committed" in note
-               for note in getattr(e, "__notes__", [])) or sys.version_info < (3, 11)  # notes came with 3.11
+               for note in e.__notes__)
     run = resume(e.run_id)
     assert run.status == "budget_exhausted" and run.state == {"i": 5} and len(run.history) == 5
     store.close()

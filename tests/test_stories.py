@@ -6,7 +6,6 @@ import asyncio
 import copy
 import functools
 import re
-import sys
 from decimal import Decimal
 from fractions import Fraction
 
@@ -155,8 +154,6 @@ def test_an_error_without_a_backtracker_fails_the_run_and_reaches_the_caller_wit
     run = refine.store.get_run(e.value.run_id)
     assert run.status == "failed" and run.steps == 2
     assert e.value.history[-1].error == "RuntimeError: flaky call 1"
-    if sys.version_info < (3, 11):
-        return  # exception notes came with Python 3.11
     assert e.value.__notes__ == [f"loomc: run {e.value.run_id} failed; resume it with fn.resume({e.value.run_id!r})"]
 
     def refine_report(state):
