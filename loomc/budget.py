@@ -138,6 +138,10 @@ class Budget(Signal):
         """The wall-clock cap as messages say it: as it was given (``10m``), else in seconds (``90s``)."""
         return self.wall_clock_text or f"{self.wall_clock:g}s"
 
+    def active_against(self, seconds: float) -> str:
+        """``Active: 8m00s of the 10m cap``: a run's active time against this wall-clock cap (loomc show, notebooks)."""
+        return f"Active: {took(seconds)} of the {self.wall_clock_said} cap"
+
     def __repr__(self) -> str:
         if self.unbounded_:
             return "Budget.unbounded()"
@@ -376,6 +380,13 @@ def _cap(policy: Any, field: str) -> Any:
 def top_level(policy: Any) -> tuple[Any, ...]:
     """The parts of ``policy``'s top ``|``: where a Budget is a cap (under ``&`` or ``~`` it is a condition)."""
     return policy.parts if isinstance(policy, (AnyOf, Policies)) else (policy,)
+
+
+def wall_clock_budget(policy: Any) -> Budget | None:
+    """The top-level Budget with the tightest wall-clock cap of ``policy`` (how that cap is said comes with it)."""
+    budgets = [(p.wall_clock, i, p) for i, p in enumerate(top_level(policy))
+               if isinstance(p, Budget) and p.wall_clock is not None]
+    return min(budgets)[2] if budgets else None
 
 
 def usd_cap(policy: Any) -> Decimal | None:

@@ -215,7 +215,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
     if wall is not None:  # the time it has had against that cap, as the dollars against theirs
-        head.append(f"Active: {took(run.active_seconds)} of the {wall.wall_clock_said} cap")
+        head.append(wall.active_against(run.active_seconds))
     items = spend_by_item(steps, clean)
     if items:
         head.append(f"By item: {items}")

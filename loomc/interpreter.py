@@ -77,7 +77,8 @@ class Run:
 
     ``status`` is one of completed, budget_exhausted, stalled, failed, cancelled;
     ``reason`` says why it stopped; ``state`` is the state it returns (chosen by
-    the backtracker, if any); ``error`` is what ``fn(state)`` raises for it.
+    the backtracker, if any); ``error`` is what ``fn(state)`` raises for it;
+    ``active_seconds`` is the run's active time, across resumes, as its wall-clock cap counts it.
     """
 
     id: str
@@ -89,6 +90,7 @@ class Run:
     error: BaseException | None = None
     # Warnings that opening the run found, told where the run is driven from (see LiveRun.notices).
     _notices: tuple[tuple[str, type[Warning]], ...] = field(default=(), repr=False, compare=False)
+    active_seconds: float = field(default=0.0, compare=False)
 
     @property
     def total_cost(self) -> Decimal:
@@ -863,7 +865,8 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
                   f"({counted(len(h), 'step')}, {dollars(h.total_cost)}){_failing(h)}; the state it reached is on "
                   f".state; {hint}",
                   run_id=run.id, state=state, history=h, reason=reason)
-    return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices))
+    return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices),
+               active_seconds=run.elapsed(run.clock()))
 
 
 def _failing(h: History) -> str:
@@ -998,7 +1001,8 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         pass
     logs.run_stopped(run.id, status, why, run.history)
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
-        run.ended = Run(run.id, status, why, run.returned_state(), run.history, run.policy)
+        run.ended = Run(run.id, status, why, run.returned_state(), run.history, run.policy,
+                        active_seconds=run.elapsed(run.clock()))
     if isinstance(exc, RunError) or not isinstance(exc, (Exception, KeyboardInterrupt)):
         return
     attach_run(exc, run.id, run.state_of(run.source), run.history, loop_name(run.fn))

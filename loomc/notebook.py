@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loomc.budget import iteration_cap, usd_cap
+from loomc.budget import iteration_cap, usd_cap, wall_clock_budget
 from loomc.errors import COST_UNKNOWN_METRIC, counted, dollars, short_repr, took
 from loomc.history import History, Step, running_costs, spend_by_item
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
@@ -57,9 +57,11 @@ def _marks(step: Step) -> tuple[str, ...]:
 def run_html(run: Run) -> str:
     cap = usd_cap(run.policy)
     spent = dollars(run.total_cost) + (f" of {dollars(cap)}" if cap is not None else "")
+    wall = wall_clock_budget(run.policy)  # under a wall-clock cap, the time the run has had against it
+    active = "" if wall is None else f"<p>{esc(wall.active_against(run.active_seconds))}</p>"
     return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
             f" &middot; {counted(len(run.history), 'step')} &middot; {spent}</p>"
-            f"<p>Stopped: {esc(run.reason)}</p>{_items(run.history)}<p>Policy: <code>{esc(repr(run.policy))}</code></p>"
+            f"<p>Stopped: {esc(run.reason)}</p>{active}{_items(run.history)}<p>Policy: <code>{esc(repr(run.policy))}</code></p>"
             f"<p>State: <code>{esc(short_repr(run.state, 300))}</code></p>"
             f"{steps_table(run.history)}</div>")
 

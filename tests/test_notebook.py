@@ -66,6 +66,20 @@ def test_run_html_says_what_the_run_spent_on_each_line_item():
     assert "By item" not in plain._repr_html_()
 
 
+def test_a_run_under_a_wall_clock_cap_shows_its_active_time_against_the_cap_as_loomc_show_does(tmp_path):
+    from conftest import FakeClock
+    clock = FakeClock()
+    slow = loop(policy=Budget(wall_clock="1h") | Budget(wall_clock="10m", iterations=2), clock=clock,
+                checkpoint=str(tmp_path / "w.db"))(lambda s: clock.advance(150) or s + 1)
+    run = slow.run(0, run_id="w")
+    assert run.active_seconds == 300 and "<p>Active: 5m00s of the 10m cap</p>" in run._repr_html_()
+    clock.advance(3600)  # down time: not active
+    more = slow.resume_run("w", budget=Budget(wall_clock="10m", iterations=3))
+    assert more.active_seconds == 450 and "<p>Active: 7m30s of the 10m cap</p>" in more._repr_html_()
+    done = loop(budget=Budget(iterations=1), checkpoint="memory")(lambda s: s + 1).run(0)
+    assert done.active_seconds >= 0 and "Active:" not in done._repr_html_()  # no wall-clock cap: no line
+
+
 def test_the_steps_table_says_how_long_each_call_took():
     import time
 
