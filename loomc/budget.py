@@ -127,7 +127,7 @@ class Budget(Signal):
             cap = self.wall_clock  # how it is said (wall_clock_said) is worked out only for a reason
             if elapsed >= cap:
                 return _past_clock(history, elapsed, cap, self.wall_clock_said) or \
-                    f"wall_clock: {elapsed:.1f}s active of {cap:g}s"
+                    f"wall_clock: {took(elapsed)} active of the {self.wall_clock_said} cap"
             if elapsed + history.longest > cap:
                 return (f"wall_clock: {took(elapsed)} active + {next_call_time(history)} would pass the "
                         f"{self.wall_clock_said} cap")

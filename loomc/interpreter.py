@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
-from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_cap
+from loomc.budget import Budget, NoCostWarning, UnreportedSpend, usd_cap, usd_room, wall_clock_budget, wall_clock_cap
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, RunError,
@@ -761,7 +761,7 @@ def _stop_asked(run: LiveRun, inner: StopRequested | None = None) -> Generator[A
 def _waiting(run: LiveRun, decision: Decision, elapsed: float,
              events: tuple[str, ...]) -> tuple[Decision, tuple[str, ...]]:
     """A backtrack that waits before the next call, with its events; or the stop it becomes (see ``waited``)."""
-    stop = waited(decision, run.history, elapsed, run.wall_cap)
+    stop = waited(decision, run.history, elapsed, wall_clock_budget(run.policy))
     if stop is not decision:
         return stop, (stop.event(),)
     return decision, (*events, f"wait {decision.wait:g}s")

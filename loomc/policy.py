@@ -557,20 +557,22 @@ class Replay:
         return head
 
 
-def waited(decision: Decision, history: History, elapsed: float, wall_cap: float | None) -> Decision:
+def waited(decision: Decision, history: History, elapsed: float, wall: Any) -> Decision:
     """A decision to wait before the next call, or the stop it becomes when the wall-clock cap would stop
     the call after it: the wait reaches the cap, or leaves less than the longest call so far (the time
-    ``Budget(wall_clock=)`` counts the next call at). The live loop and replay both ask."""
-    if wall_cap is None:
+    ``Budget(wall_clock=)`` counts the next call at). ``wall`` is the Budget with the tightest wall-clock
+    cap, or None. The live loop and replay both ask."""
+    if wall is None:
         return decision
-    wait, then = decision.wait, elapsed + decision.wait
+    wall_cap, wait, then = wall.wall_clock, decision.wait, elapsed + decision.wait
     if then >= wall_cap:
         why = f"the {wait:g}s wait before the next call would reach the cap"
     elif then + history.longest > wall_cap:
         why = f"the {wait:g}s wait + {next_call_time(history)} would pass the cap"
     else:
         return decision
-    return Decision(Outcome.BUDGET_EXHAUSTED, f"wall_clock: {elapsed:.1f}s active of {wall_cap:g}s, and {why}",
+    return Decision(Outcome.BUDGET_EXHAUSTED,
+                    f"wall_clock: {took(elapsed)} active of the {wall.wall_clock_said} cap, and {why}",
                     by=decision.by)
 
 
@@ -583,9 +585,9 @@ def next_call_time(history: History) -> str:
 
 
 def replay(policy: Policy, history: History) -> Replay:
-    from loomc.budget import wall_clock_cap
+    from loomc.budget import wall_clock_budget
     policy = as_policy(policy)
-    cap = wall_clock_cap(policy)
+    wall = wall_clock_budget(policy)
     backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):
@@ -594,7 +596,7 @@ def replay(policy: Policy, history: History) -> Replay:
             elapsed += history[k - 1].duration
         d = policy.decide(prefix, elapsed)
         if d.wait:
-            d = waited(d, prefix, elapsed, cap)
+            d = waited(d, prefix, elapsed, wall)
             elapsed += 0.0 if d.stops else d.wait  # the next call starts after the wait
         if d.stops:
             return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))

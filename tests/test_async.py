@@ -97,7 +97,7 @@ def test_a_hung_iteration_is_cancelled_at_a_one_second_wall_clock(tmp_path):
     assert len(history) == 2 and history[1].error.startswith("DeadlineExceeded")
     assert history[1].events == ("budget exhausted",)
     # The call did not go on past the cap: the stop does not say it did (nor ask for loomc.time_left()).
-    assert re.fullmatch(r"wall_clock: 1\.\ds active of 1s", e.value.reason)
+    assert re.fullmatch(r"wall_clock: 1\.\d\ds active of the 1s cap", e.value.reason)
     assert SQLiteStore(db).get_run(e.value.run_id).status == "budget_exhausted"
     assert e.value.state == 1
 

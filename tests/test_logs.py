@@ -57,8 +57,8 @@ def test_a_run_under_a_wall_clock_cap_logs_its_active_time_against_it(caplog):
         lambda s: clock.advance(150) or s + 1)
     run = slow.run(0, run_id="wc")
     got = lines(caplog)
-    assert got[1] == ("INFO", "run wc step 0: $0.0000 (total $0.0000) in 2m30s (2m30s active of 10m00s)")
-    assert got[4] == ("INFO", "run wc step 3: $0.0000 (total $0.0000) in 2m30s (10m00s active of 10m00s); budget exhausted")
+    assert got[1] == ("INFO", "run wc step 0: $0.0000 (total $0.0000) in 2m30s (2m30s active of the 10m cap)")
+    assert got[4] == ("INFO", "run wc step 3: $0.0000 (total $0.0000) in 2m30s (10m00s active of the 10m cap); budget exhausted")
     assert run.steps == 4 and got[-1][0] == "WARNING"
 
 

@@ -382,7 +382,7 @@ def test_the_wall_clock_counts_the_next_call_at_the_longest_so_far_so_no_call_en
     exact = loop(budget=Budget(wall_clock=120), clock=clock, checkpoint="memory")(
         sync_or_async(lambda s: made.append(s) or clock.advance(60) or s + 1, aio))
     run = asyncio.run(exact.run(0)) if aio else exact.run(0)
-    assert made == [0, 1] and run.reason == "wall_clock: 120.0s active of 120s"
+    assert made == [0, 1] and run.reason == "wall_clock: 2m00s active of the 120s cap"
 
 
 def test_no_budget_means_the_documented_default_cap_and_unbounded_must_be_asked_for():
@@ -1041,7 +1041,7 @@ def test_a_step_that_makes_several_slow_calls_keeps_under_the_wall_clock_by_aski
     capped = loop(budget=Budget(wall_clock="5m", iterations=3), clock=clock, checkpoint="memory")
     done = run(capped(sync_or_async(agent, aio)), {"todo": 10})
     assert seen == [300, 240, 180, 120, 60, 0] and done.state == {"todo": 5} and len(done.history) == 1
-    assert done.reason == "wall_clock: 300.0s active of 300s"
+    assert done.reason == "wall_clock: 5m00s active of the 5m cap"
     seen.clear()
     run(loop(budget=Budget(iterations=1), clock=clock, checkpoint="memory")(sync_or_async(agent, aio)), {"todo": 1})
     assert seen == [None]  # no wall-clock cap: nothing to keep under
@@ -1077,7 +1077,7 @@ def test_a_run_past_its_wall_clock_cap_says_which_call_took_longer_than_counted(
     # reads as before.
     run = loop(budget=Budget(wall_clock=110), clock=clock, checkpoint="memory",
                on_step=lambda step: clock.advance(15))(agent([[50], [50], [50]])).run(0)
-    assert len(run.history) == 2 and run.reason == "wall_clock: 115.0s active of 110s"
+    assert len(run.history) == 2 and run.reason == "wall_clock: 1m55s active of the 110s cap"
 
 
 def test_a_run_past_its_usd_cap_says_which_step_passed_it_and_how_to_keep_under(tmp_path):
@@ -1358,7 +1358,7 @@ def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock,
     run = refine.run(0)  # 2 minutes spent, then the wait, then a call of a minute: past the cap, so no wait
     assert run.status == "budget_exhausted" and run.steps == 2 and run.state == 1
     assert run.history[1].events == ("budget exhausted",)
-    assert run.reason == f"wall_clock: 120.0s active of 600s, and {why}"
+    assert run.reason == f"wall_clock: 2m00s active of the 10m cap, and {why}"
     again = refine.policy.replay(run.history)  # replay stops where the live loop did, for the same reason
     assert again.stopped_after == 2 and again.decision.outcome is Outcome.BUDGET_EXHAUSTED
     assert again.decision.reason == run.reason
