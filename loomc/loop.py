@@ -880,6 +880,8 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
                 hint = f" of the state fn returned; to read a field of it, write {name}=lambda state: state[{value!r}]"
             elif name == "cost_fn" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 hint = f" of the state fn returned; for the same cost every call, write cost_fn=lambda state: {value!r}"
+            elif name == "clock":
+                hint = " that returns seconds, such as time.monotonic (the function, not a reading of it)"
             raise ConfigError(f"{name}={value!r} must be a function{hint}")
     adapter, method = getattr(cost_fn, "__self__", None), getattr(cost_fn, "__name__", "")
     if method in ("charge", "acharge") and callable(getattr(adapter, "cost_fn", None)):

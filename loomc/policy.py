@@ -249,6 +249,10 @@ def as_policy(value: Any, side: str = "operand") -> Policy:
     if callable(value) and not isinstance(value, type):
         return Predicate(value)
     hint = ""
+    if isinstance(value, type) and issubclass(value, Policy):  # policy=Budget: the class, never called
+        made = {"Budget": "Budget(usd=2.00)", "Escalate": "Escalate(after=3)"}.get(value.__name__, f"{value.__name__}()")
+        raise PolicyTypeError(f"cannot combine a policy with the class {value.__name__} ({side}): call it to make "
+                              f"the policy, as in {made}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):  # converge_on=0.95: a target score
         hint = (f"; to stop once a step scores {value!r} or more, write "
                 f"predicate(lambda h: (h[-1].score or 0) >= {value!r})")

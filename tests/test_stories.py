@@ -761,7 +761,8 @@ def test_decoration_time_errors_for_wrong_slots():
     with pytest.raises(ConfigError, match=re.escape("to read a field of it, write scorer=lambda state: "
                                                     "state['score']")):
         loop(scorer="score")
-    with pytest.raises(ConfigError, match=r"^clock=5 must be a function$"):
+    with pytest.raises(ConfigError, match=r"^clock=5 must be a function that returns seconds, such as "
+                                          r"time.monotonic \(the function, not a reading of it\)$"):
         loop(clock=5)
 
 
@@ -778,6 +779,20 @@ def test_a_policy_factory_passed_without_calling_it_is_refused_at_decoration_tim
     step, then asked score_plateau(history) and failed."""
     with pytest.raises(PolicyTypeError, match=r"^\w+ builds a policy, it is not one: call it, as in \w+\("):
         make()
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda: loop(policy=Budget), "the class Budget (policy=): call it to make the policy, as in Budget(usd=2.00)"),
+    (lambda: score_plateau(3) | Escalate, "the class Escalate (right of |): call it to make the policy, as in "
+                                          "Escalate(after=3)"),
+    (lambda: BestScore | score_plateau(3), "the class BestScore (left of |): call it to make the policy, as in "
+                                           "BestScore()"),
+], ids=["policy=", "right", "left"])
+def test_a_policy_class_used_without_calling_it_says_to_call_it(make, said):
+    """The message read "cannot combine a policy with type <class 'loomc.budget.Budget'>", naming no remedy."""
+    with pytest.raises(PolicyTypeError) as caught:
+        make()
+    assert str(caught.value) == f"cannot combine a policy with {said}"
 
 
 def test_functions_the_loop_cannot_call_with_the_state_alone_are_refused_at_decoration_time():
