@@ -25,8 +25,8 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
                           StopRequested, StoreError)
 from loomc.history import History, Step
-from loomc.interpreter import (CallbackWarning, NoScoreWarning, NoVerdictWarning, OrphanedChildWarning, Run, acharge,
-                               charge, request_stop, step_number, time_left, usd_left)
+from loomc.context import acharge, charge, request_stop, step_number, time_left, usd_left
+from loomc.interpreter import CallbackWarning, NoScoreWarning, NoVerdictWarning, OrphanedChildWarning, Run
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)
 from loomc.notebook import Comparison, compare

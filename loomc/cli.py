@@ -472,7 +472,7 @@ def _stop_on_sigterm() -> None:
     """A SIGTERM (a container's shutdown) lets the resumed run's call in flight finish and commit, then
     stops it (loomc.request_stop), unless the loop's own module installed a handler of its own."""
     import signal
-    from loomc.interpreter import request_stop
+    from loomc.context import request_stop
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, request_stop)
 

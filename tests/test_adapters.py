@@ -20,7 +20,7 @@ from openai.types.responses import Response
 
 import loomc
 from loomc import Budget, ConfigError, SQLiteStore, StateRoundTripWarning, loop, predicate
-from loomc.interpreter import current_run
+from loomc.context import current_run
 from loomc.adapters import AnthropicAdapter, OpenAIAdapter, UsageMissing
 
 M = Decimal(1_000_000)

@@ -1244,8 +1244,8 @@ def test_request_stop_as_the_sigterm_handler_lets_the_call_in_flight_finish_and_
 
 @pytest.mark.parametrize("aio", [False, True])
 def test_request_stop_stops_every_live_run_after_its_step_and_raises_stop_requested(tmp_path, aio, monkeypatch):
-    from loomc import interpreter
-    monkeypatch.setattr(interpreter, "_STOPPING", [])  # what a signal leaves set, for this test only
+    from loomc import context
+    monkeypatch.setattr(context, "_STOPPING", [])  # what a signal leaves set, for this test only
     db = str(tmp_path / "stop.db")
 
     def body(s):
@@ -1271,12 +1271,12 @@ def test_request_stop_stops_every_live_run_after_its_step_and_raises_stop_reques
     assert drive(step.run(5)).status == "budget_exhausted"
     resumed = drive(step.run(0, run_id="a", resume=True))
     assert resumed.status == "budget_exhausted" and resumed.state == 10 and len(resumed.history) == 10
-    assert interpreter.request_stop() == 0 and not interpreter._LIVE, "nothing live, nothing asked"
+    assert context.request_stop() == 0 and not context._LIVE, "nothing live, nothing asked"
 
 
 def test_request_stop_from_a_signal_stops_the_process_runs_and_refuses_new_ones(tmp_path, monkeypatch):
-    from loomc import interpreter
-    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    from loomc import context
+    monkeypatch.setattr(context, "_STOPPING", [])
     db = str(tmp_path / "sig.db")
     seen = []
 
@@ -1302,22 +1302,22 @@ def test_request_stop_from_a_signal_stops_the_process_runs_and_refuses_new_ones(
     with pytest.raises(SystemExit) as e:
         loomc.request_stop(signal.SIGTERM, None)
     assert e.value.code == 128 + signal.SIGTERM and not isinstance(e.value, loomc.StopRequested)
-    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    monkeypatch.setattr(context, "_STOPPING", [])
     with pytest.raises(SystemExit) as e:
         loomc.request_stop(signal.SIGINT, None)
     assert e.value.code == 128 + signal.SIGINT
     for bad in ("SIGTERM", True, 15.0):
         with pytest.raises(ConfigError, match=r"request_stop\(signum=.*\): give the signal's number"):
             loomc.request_stop(bad)
-    assert not interpreter._STOPPING
+    assert not context._STOPPING
 
 
 def test_a_worker_process_forked_by_fn_still_exits_on_sigterm_with_request_stop_as_the_handler(tmp_path, monkeypatch):
     """A forked worker inherits the handler and, before, the parent's live runs: request_stop asked
     those to stop and returned, so Pool.terminate()'s SIGTERM left the worker running."""
     import multiprocessing
-    from loomc import interpreter
-    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    from loomc import context
+    monkeypatch.setattr(context, "_STOPPING", [])
 
     def fixer(s):  # an agentic fixer running the tests in a worker process
         worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
@@ -1333,7 +1333,7 @@ def test_a_worker_process_forked_by_fn_still_exits_on_sigterm_with_request_stop_
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert run.state == 128 + signal.SIGTERM, "the worker exited, as the signal asked, instead of running on"
-    assert run.status == "budget_exhausted" and not interpreter._STOPPING, "the parent was not asked to stop"
+    assert run.status == "budget_exhausted" and not context._STOPPING, "the parent was not asked to stop"
 
 
 def test_large_states_the_run_no_longer_needs_are_read_back_from_the_store_not_kept_in_memory(tmp_path, monkeypatch):

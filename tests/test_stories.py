@@ -1414,8 +1414,8 @@ def test_a_stop_asked_for_during_a_backoff_wait_ends_the_wait_and_the_run(tmp_pa
     import signal
     import time
     import loomc
-    from loomc import SQLiteStore, interpreter
-    monkeypatch.setattr(interpreter, "_STOPPING", [])
+    from loomc import SQLiteStore, context
+    monkeypatch.setattr(context, "_STOPPING", [])
     store = SQLiteStore(tmp_path / "w.db")
 
     def flaky(s):

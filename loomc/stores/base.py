@@ -11,13 +11,14 @@ conformance suite in :mod:`loomc.testing` against it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import uuid
 import weakref
 from dataclasses import dataclass
 from decimal import Decimal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from loomc.errors import RunNotFound, StoreError
@@ -260,3 +261,12 @@ def no_such_step(run_id: str, n: int, count: int) -> StoreError:
     """The error for step ``n`` of a run that has ``count`` committed steps, and not that one."""
     have = "no committed step" if not count else f"steps 0 to {count - 1}"
     return StoreError(f"run {run_id} has no step {n}: it has {have}")
+
+
+async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a store call off the event loop, on the store's own writer thread if it has one."""
+    writer = getattr(store, "writer", None)
+    if writer is None:
+        return fn(*args)  # an in-memory store does no I/O
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(writer, functools.partial(fn, *args))
