@@ -26,7 +26,8 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           StopRequested, StoreError)
 from loomc.history import History, Step
 from loomc.context import acharge, charge, request_stop, step_number, time_left, usd_left
-from loomc.interpreter import CallbackWarning, NoScoreWarning, NoVerdictWarning, OrphanedChildWarning, Run
+from loomc.interpreter import CallbackWarning, NoScoreWarning, NoVerdictWarning, OrphanedChildWarning
+from loomc.runs import Run
 from loomc.loop import (AsyncLoopRunner, LoopRunner, SpecChangedWarning, StateMismatchWarning, __version__,
                         build_policy, load_history, loop)
 from loomc.notebook import Comparison, compare

@@ -22,7 +22,7 @@ from loomc.history import to_decimal
 from loomc.stores.base import offload
 
 if TYPE_CHECKING:
-    from loomc.interpreter import LiveRun
+    from loomc.runs import LiveRun
 
 T = TypeVar("T")  # what a coroutine named by ``named`` returns
 

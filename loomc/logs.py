@@ -24,7 +24,7 @@ from loomc.policy import name_of
 
 if TYPE_CHECKING:
     from loomc.history import History, Step
-    from loomc.interpreter import LiveRun
+    from loomc.runs import LiveRun
 
 INFO, WARNING = 20, 30  # logging's levels, without importing logging
 _logger: Any = None

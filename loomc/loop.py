@@ -31,11 +31,12 @@ from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget
                           with_unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
-from loomc.history import IN_STORE, ZERO, History, Step, stored_state
 from loomc.context import current_run, refuse_when_stopping
-from loomc.interpreter import LiveRun, Run, _abandon, _ended, exhaust, steps, steps_async, stored
+from loomc.history import IN_STORE, ZERO, History, Step, stored_state
+from loomc.interpreter import _abandon, _ended, exhaust, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
                           either, loop_name, name_of, never, score_readers)
+from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
 from loomc.stores.base import (CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,

@@ -18,7 +18,7 @@ from loomc.history import History, Step, running_costs, spend_by_item
 from loomc.policy import AllOf, AnyOf, Not, Policies, Policy, Replay, as_policy
 
 if TYPE_CHECKING:
-    from loomc.interpreter import Run
+    from loomc.runs import Run
 
 MAX_ROWS = 40  # longer runs show their first and last 20 steps
 

@@ -13,7 +13,7 @@ from loomc.errors import dollars
 from loomc.history import History, running_costs
 
 if TYPE_CHECKING:
-    from loomc.interpreter import Run
+    from loomc.runs import Run
     from loomc.notebook import Comparison
 
 MARKS = {"backtrack": ("v", "tab:orange"), "converged": ("*", "tab:green"), "failed": ("x", "tab:red"),
