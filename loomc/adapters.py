@@ -348,12 +348,16 @@ class _Adapter:
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
-        usd, problem, _ = self._billed(response)
+        usd, problem, tokens = self._billed(response)
         if problem is not None:
             if usd:  # the part that is known still counts: the step fails with it charged
                 from loomc.context import charge
-                charge(usd)
+                charge(usd, item=self.model, tokens=tokens)
             raise problem
+        from loomc.context import current_run
+        run = current_run()
+        if run is not None and run.in_flight >= 0 and (usd or tokens):
+            run.itemise(usd, self.model, tokens)  # the step's line item and tokens, as charge(reply) tells them
         return usd
 
     def _billed(self, response: Any) -> Billed:

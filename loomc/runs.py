@@ -183,11 +183,20 @@ class LiveRun:
         with _SPENDING:
             self.pending += usd
             if item is not None:
-                self.items[item] = self.items.get(item, ZERO) + usd
-                if tokens is not None:
-                    counts = self.tokens.setdefault(item, [0, 0])
-                    counts[0] += tokens[0]
-                    counts[1] += tokens[1]
+                self._itemise(usd, item, tokens)
+
+    def itemise(self, usd: Decimal, item: str, tokens: Sequence[int] | None = None) -> None:
+        """Name ``usd`` of the step's cost, counted elsewhere (an adapter's ``cost_fn`` returns it), as the line
+        item ``item``, with its ``tokens``: the step's cost is unchanged."""
+        with _SPENDING:
+            self._itemise(usd, item, tokens)
+
+    def _itemise(self, usd: Decimal, item: str, tokens: Sequence[int] | None) -> None:
+        self.items[item] = self.items.get(item, ZERO) + usd
+        if tokens is not None:
+            counts = self.tokens.setdefault(item, [0, 0])
+            counts[0] += tokens[0]
+            counts[1] += tokens[1]
 
     def elapsed(self, now: float) -> float:
         return self.prior_active + (now - self.session_start)

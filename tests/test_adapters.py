@@ -376,6 +376,14 @@ def test_cost_fn_reads_the_response_from_the_state_into_the_ledger(sonnet):
     per_call = (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
     assert run.history[0].cost == per_call and run.total_cost == per_call * len(run.history)
     assert run.total_cost + per_call > Decimal("0.05") >= run.total_cost
+    # The price is the model's line item, with the reply's tokens, as charge(reply) tells them (it told none).
+    assert run.history[0].metrics["cost_items"] == {"claude-sonnet-4-6": str(per_call)}
+    assert run.history[0].metrics["tokens"] == {"claude-sonnet-4-6": {"input": 1000, "output": 100}}
+    from loomc.errors import dollars
+    from loomc.history import spend_by_item
+    assert spend_by_item(run.history) == (f"claude-sonnet-4-6 {dollars(run.total_cost)} in {run.steps} steps, "
+                                          f"{1000 * run.steps:,} tokens in and {100 * run.steps:,} out")
+    assert sonnet.cost_fn({"_response": message({"input_tokens": 10, "output_tokens": 1})}) > 0  # outside a run
 
 
 def test_a_reply_priced_twice_is_counted_once(sonnet):
