@@ -62,8 +62,10 @@ _PARTS = {"input_audio": ("input_audio_tokens", "input_audio_mtok", MILLION, "au
           "file_search": ("storage_searches", "storage_searches_kcount", THOUSAND, "file search call")}
 CALL_RATES = tuple(kind for kind, part in _PARTS.items() if part[2] is THOUSAND)  # dollars per thousand tool calls
 RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
-# Responses-API output items billed outside the token counts, in ways a response does not tell.
-_UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call")
+# Responses-API output items and Anthropic content blocks billed outside the token counts (by the image, or by
+# the container's running time), in ways a response does not tell.
+_UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call", "code_execution_tool_result",
+                   "bash_code_execution_tool_result", "text_editor_code_execution_tool_result")
 # Tiers a response may report that cost more than the standard prices.
 _SURCHARGES = {("speed", "fast"), ("service_tier", "priority")}
 
@@ -264,6 +266,16 @@ class _Adapter:
         reply, batched = _batch_result(response)
         return self._priced_reply(reply, batched)
 
+    def _warn_unpriced(self, parts: Any) -> None:
+        """A NoCostWarning for the parts of a reply (content blocks, output items) billed outside its token
+        counts: an image generated, a code container's running time."""
+        kinds = [_get(part, "type") for part in parts or ()]
+        unpriced = sorted({kind for kind in kinds if kind in _UNPRICED_ITEMS})
+        if unpriced:
+            warn_at_caller(f"loomc: this response holds {' and '.join(counted(kinds.count(k), k) for k in unpriced)}, "
+                           f"billed by the image or the container rather than in its token counts, which {self!r} "
+                           "cannot price: record that spend with loomc.charge(usd, item='...')", NoCostWarning)
+
     def _priced_reply(self, response: Any, batched: bool) -> Priced:
         """What a reply cost; ``batched`` when it came as one result of a batch API (at batch prices)."""
         return self._price_lines([(self.model, _at_batch_prices(self.usage(response), batched))])
@@ -451,6 +463,10 @@ class AnthropicAdapter(_Adapter):
         return anthropic_usage(response)
 
     def _priced_reply(self, response: Any, batched: bool) -> Priced:
+        self._warn_unpriced(_get(response, "content"))
+        return self._priced_usage(response, batched)
+
+    def _priced_usage(self, response: Any, batched: bool) -> Priced:
         """The top-level counts, or, when the response lists ``usage.iterations``, each iteration.
 
         Compaction and advisor iterations are not in the top-level counts, and an advisor or a
@@ -511,12 +527,7 @@ class OpenAIAdapter(_Adapter):
         return openai_usage(response)
 
     def _priced_reply(self, response: Any, batched: bool) -> Priced:
-        kinds = [_get(item, "type") for item in _get(response, "output") or ()]
-        unpriced = sorted({kind for kind in kinds if kind in _UNPRICED_ITEMS})
-        if unpriced:
-            warn_at_caller(f"loomc: this response holds {' and '.join(counted(kinds.count(k), k) for k in unpriced)}, "
-                           f"billed by the image or the container rather than in its token counts, which {self!r} "
-                           "cannot price: record that spend with loomc.charge(usd, item='...')", NoCostWarning)
+        self._warn_unpriced(_get(response, "output"))
         return super()._priced_reply(response, batched)
 
     def _ask(self, client: Any, text: str, max_tokens: int) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import warnings
 from decimal import Decimal
 
 import httpx2
@@ -892,3 +893,21 @@ def test_image_generation_and_code_interpreter_calls_are_named_as_unpriced():
         usd = adapter.cost_from_response(Response.model_validate(data))
     assert usd == (1000 * GPT5["input"] + 100 * GPT5["output"]) / M
     assert caught[0].filename == __file__, "the warning points at the caller's line"
+    # Anthropic's code execution bills the container's running time too: a reply that used it says so.
+    ran = Message.model_validate({
+        "id": f"msg_{next(IDS)}", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+        "stop_reason": "end_turn", "stop_sequence": None, "container": {"id": "cntr_1", "expires_at": "2026-12-03T18:00:00Z"},
+        "usage": {"input_tokens": 1000, "output_tokens": 100},
+        "content": [{"type": "server_tool_use", "id": "srvtoolu_1", "name": "bash_code_execution",
+                     "input": {"command": "pytest -q"}},
+                    {"type": "bash_code_execution_tool_result", "tool_use_id": "srvtoolu_1",
+                     "content": {"type": "bash_code_execution_result", "stdout": "1 passed", "stderr": "",
+                                 "return_code": 0, "content": []}},
+                    {"type": "text", "text": "The tests pass."}]})
+    sonnet = AnthropicAdapter("claude-sonnet-4-6")
+    with pytest.warns(NoCostWarning, match=r"holds 1 bash_code_execution_tool_result, billed by the image or the "
+                                           r"container rather than in its token counts"):
+        assert sonnet.cost_from_response(ran) == (1000 * SONNET["input"] + 100 * SONNET["output"]) / M
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoCostWarning)
+        sonnet.cost_from_response(message({"input_tokens": 10, "output_tokens": 1}))  # text alone: nothing to tell
