@@ -400,7 +400,8 @@ def iteration_cap(policy: Any) -> int | None:
 
 def wall_clock_cap(policy: Any) -> float | None:
     """The tightest top-level wall-clock cap of ``policy`` (the async driver's deadline)."""
-    return _cap(policy, "wall_clock")  # type: ignore[no-any-return]
+    wall = wall_clock_budget(policy)
+    return None if wall is None else wall.wall_clock
 
 
 def usd_room(policy: Any, history: History, pending: Decimal, held: Decimal = Decimal(0)) -> Decimal | None:

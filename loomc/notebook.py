@@ -61,7 +61,8 @@ def run_html(run: Run) -> str:
     active = "" if wall is None else f"<p>{esc(wall.active_against(run.active_seconds))}</p>"
     return (f'<div class="loomc-run"><p><b>Run</b> <code>{esc(run.id)}</code> &middot; <b>{esc(run.status)}</b>'
             f" &middot; {counted(len(run.history), 'step')} &middot; {spent}</p>"
-            f"<p>Stopped: {esc(run.reason)}</p>{active}{_items(run.history)}<p>Policy: <code>{esc(repr(run.policy))}</code></p>"
+            f"<p>Stopped: {esc(run.reason)}</p>{active}{_items(run.history)}"
+            f"<p>Policy: <code>{esc(repr(run.policy))}</code></p>"
             f"<p>State: <code>{esc(short_repr(run.state, 300))}</code></p>"
             f"{steps_table(run.history)}</div>")
 

@@ -250,7 +250,8 @@ def as_policy(value: Any, side: str = "operand") -> Policy:
         return Predicate(value)
     hint = ""
     if isinstance(value, type) and issubclass(value, Policy):  # policy=Budget: the class, never called
-        made = {"Budget": "Budget(usd=2.00)", "Escalate": "Escalate(after=3)"}.get(value.__name__, f"{value.__name__}()")
+        made = {"Budget": "Budget(usd=2.00)", "Escalate": "Escalate(after=3)"}.get(value.__name__,
+                                                                                 f"{value.__name__}()")
         raise PolicyTypeError(f"cannot combine a policy with the class {value.__name__} ({side}): call it to make "
                               f"the policy, as in {made}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):  # converge_on=0.95: a target score
