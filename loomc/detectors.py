@@ -70,8 +70,10 @@ class ScorePlateau(Signal):
     def fire(self, history: History, elapsed: float) -> str | None:
         ref, wait = history.fold(self._key, self._count, _START)
         if wait >= self.patience:
-            above = "no valid score" if ref is None else f"no improvement above {ref:g}"
-            return f"score_plateau: {above} by more than {self.min_delta:g} in {counted(wait, 'scored step')}"
+            if ref is None:  # only NaN so far: no score to improve on
+                return f"score_plateau: the scorer gave NaN for {counted(wait, 'scored step')}, and no valid score"
+            return (f"score_plateau: no improvement above {ref:g} by more than {self.min_delta:g} in "
+                    f"{counted(wait, 'scored step')}")
         return None
 
     def __repr__(self) -> str:

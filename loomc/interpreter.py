@@ -383,12 +383,17 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     run.unverified = run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked or bool(run.judges_unchecked)
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
-    if score and step.score is None:
-        warn_at_caller(f"loomc: run {run.id}'s policy reads scores ({', '.join(score_readers(run.policy))}), but the "
-                       f"scorer returned None for step {step.n}: a step without a score never converges, backtracks "
+    if score and (step.score is None or step.score != step.score):  # None, or NaN
+        reads = f"loomc: run {run.id}'s policy reads scores ({', '.join(score_readers(run.policy))}), but the scorer"
+        warn_at_caller(f"{reads} returned None for step {step.n}: a step without a score never converges, backtracks "
                        "or stalls, so only the budget would stop the run. Return a number from the scorer (higher "
                        "is better); did it forget `return`? (Checked once, on the first successful step; a scorer "
-                       "that cannot grade a first draft can ignore this.)", NoScoreWarning)
+                       "that cannot grade a first draft can ignore this.)" if step.score is None else
+                       f"{reads} returned NaN for step {step.n}: NaN is never an improvement nor the best score, so "
+                       "those parts see no valid score (score_plateau ends such a run completed once its patience is "
+                       "spent). Return a number from the scorer (higher is better); NaN comes from 0/0 or the mean of "
+                       "nothing. (Checked once, on the first successful step; a scorer that cannot grade a first draft "
+                       "can ignore this.)", NoScoreWarning)
     for judge in judges:
         if step.metrics.get(judge.name, False) is None:
             warn_at_caller(f"loomc: run {run.id}'s {judge!r} returned None for step {step.n}: only True or a clear "

@@ -664,6 +664,23 @@ def test_a_scorer_that_gives_no_score_under_a_policy_that_reads_scores_is_told_o
         assert run.steps == 4  # step 0 was scored: a later step without a score is the scorer's choice
 
 
+def test_a_scorer_that_gives_nan_is_told_and_the_plateau_it_makes_says_so():
+    """Regression: a scorer that gave NaN on every step (0/0, the mean of nothing) ended the run `completed`
+    after three calls, `score_plateau: no valid score by more than 0.01 in 3 scored steps`, without a word
+    that the scores were broken."""
+    from loomc import NoScoreWarning
+    refine = loop(budget=Budget(iterations=10), converge_on=score_plateau(3), backtrack=BestScore(),
+                  scorer=lambda s: float("nan"), checkpoint="memory")(lambda s: s + 1)
+    with pytest.warns(NoScoreWarning) as caught:
+        run = refine.run(0)
+    assert run.status == "completed" and run.steps == 3  # NaN is a scored step that brought no gain
+    assert run.reason == "score_plateau: the scorer gave NaN for 3 scored steps, and no valid score"
+    assert len(caught) == 1 and str(caught[0].message).startswith(
+        f"loomc: run {run.id}'s policy reads scores (score_plateau(patience=3, min_delta=0.01), BestScore()), but the "
+        "scorer returned NaN for step 0: NaN is never an improvement nor the best score, so those parts see no valid "
+        "score (score_plateau ends such a run completed once its patience is spent).")
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
     """Regression: a judge that forgot its `return`, or passed on a chat reply whose content is None, was a no on
@@ -919,8 +936,10 @@ def test_a_scorer_that_returns_no_number_fails_its_step_saying_so_and_numeric_te
 
 
 def test_nan_never_becomes_the_best_score():
+    from loomc import NoScoreWarning
     fn, _ = scripted([float("nan"), 0.2, float("nan"), 0.1])
-    run = loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn).run({})
+    with pytest.warns(NoScoreWarning, match="returned NaN for step 0"):  # the first draft's grade: told once
+        run = loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=score, checkpoint="memory")(fn).run({})
     assert run.history.best.n == 1
     assert run.state["k"] == 1
 
