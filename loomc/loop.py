@@ -529,9 +529,8 @@ class LoopRunner:
 
     def _restore(self, record: RunRecord, policy: Policy, drive: Drive, parent: LiveRun | None = None) -> LiveRun:
         """A LiveRun over the committed history of ``record``; reads only."""
-        state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types, self._home)
+        state_type, history = self._history(record)
         run_id = record.id
-        history = stored_history(self.store, run_id, state_type)
         source = _current_step(history)
         if source is not None:
             _ = source.state  # decode now: a state that no longer validates fails the resume, here
@@ -642,11 +641,25 @@ class LoopRunner:
         """
         return self.resume_run(run_id, budget=budget, take_over=take_over).result()
 
+    def history(self, run_id: str) -> History:
+        """The History of one of this loop's runs, read from its store, each state decoded as a resume decodes
+        it (a pydantic state comes back as that model), when it is first read.
+
+        >>> retry = refine.run(refine.history(run_id)[3].state)   # a new run from step 3's state
+        """
+        return self._history(self.store.get_run(run_id))[1]
+
+    def _history(self, record: RunRecord) -> tuple[Any, History]:
+        """The type a run's states decode as, and its History over the store."""
+        state_type = codec.resolve_state_type(self.state_type, record.state_type, self._types, self._home)
+        return state_type, stored_history(self.store, record.id, state_type)
+
     def replay(self, run_id: str, policy: Policy | None = None) -> Any:
         """What ``policy`` (default: this loop's) would have done on a recorded run, as this loop runs it (a
-        budget with no iteration cap comes with the stop for spend that goes unreported)."""
+        budget with no iteration cap comes with the stop for spend that goes unreported). Its predicates read
+        the states as this loop's ``fn`` returned them."""
         policy = with_unreported_spend(self.policy if policy is None else as_policy(policy))
-        return policy.replay(load_history(self.store, run_id))
+        return policy.replay(self.history(run_id))
 
 
 def _no_steps(run: Run) -> Generator[Step, None, Run]:

@@ -932,6 +932,27 @@ def test_a_runner_replays_another_policy_on_one_of_its_recorded_runs(tmp_path):
     assert tighter.stopped_after == 4 and "score_plateau" in tighter.decision.reason
 
 
+def test_a_runner_replays_and_reads_its_runs_with_their_states_as_fn_returned_them(tmp_path):
+    """Regression: fn.replay(run_id) read a pydantic state back as a dict, so a predicate that read it as fn
+    returned it (h[-1].state.version) raised AttributeError in the replay, though not in the live loop."""
+    long_enough = predicate(lambda h: h[-1].state.version >= 3)
+
+    @loop(budget=Budget(iterations=6), converge_on=long_enough, checkpoint=str(tmp_path / "typed.db"))
+    def grow(draft: Draft) -> Draft:
+        return Draft(text=draft.text + "x", version=draft.version + 1)
+
+    run = grow.run(Draft(text="", version=0))
+    assert run.status == "completed" and run.steps == 3
+    assert grow.replay(run.id).stopped_after == 3
+    assert grow.replay(run.id, Budget(iterations=6) | predicate(lambda h: h[-1].state.text == "xx")).stopped_after == 2
+    history = grow.history(run.id)
+    assert history[1].state == Draft(text="xx", version=2) and history.total_cost == run.total_cost
+    again = grow.run(history[0].state)  # a new run from step 0's state, with a budget of its own
+    assert again.id != run.id and again.steps == 2 and again.state == Draft(text="xxx", version=3)
+    with pytest.raises(RunNotFound, match="no run 'nope'"):
+        grow.history("nope")
+
+
 def test_load_history_reads_a_run_from_a_path_or_the_default_database(tmp_path, monkeypatch):
     from loomc import load_history, score_plateau
     db = tmp_path / "runs.db"
