@@ -17,7 +17,8 @@ import pytest
 
 from loomc import Budget, CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError, loop
 from loomc.stores.base import Totals
-from loomc.stores.sqlite import READS_WITH, SCHEMA_VERSION, _transaction, create_old_database
+from loomc.stores.schema import READS_WITH, SCHEMA_VERSION, create_old_database, upgrade
+from loomc.stores.sqlite import _transaction
 from loomc.testing import OTHER, OWNER, StoreConformance, commit, make_run, make_step
 
 HERE = Path(__file__).parent
@@ -133,7 +134,7 @@ def test_a_migration_that_finds_a_newer_schema_under_the_lock_refuses_and_leaves
     conn = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}"):
-        _transaction(store._conn(), store._upgrade)
+        _transaction(store._conn(), upgrade, store.path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
 
 

@@ -7,7 +7,7 @@
 - Every write is one ``BEGIN IMMEDIATE`` transaction with a generous
   ``busy_timeout``, so several processes can share one file.
 - One connection per thread (and per process after a fork), never one per step.
-- The schema version lives in ``PRAGMA user_version``; older files are migrated
+- The schema (its version in ``PRAGMA user_version``) is in ``loomc.stores.schema``: older files are migrated
   under a write lock, newer ones refused with the loomc version they need.
 """
 
@@ -24,18 +24,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, SchemaTooNew,
-                          StepConflict, StoreError, warn_at_caller)
+from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, StepConflict,
+                          StoreError, warn_at_caller)
 from loomc.history import History, Step, _new_tuple
 from loomc.policy import steps_to_keep
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
                                no_such_step, unheld)
+from loomc.stores.schema import SCHEMA_VERSION, refuse_newer, upgrade
 
-#: The schema this loomc writes. 1 is the original loomc 0.2 layout.
-SCHEMA_VERSION = 3
-#: The oldest loomc that reads this schema, written into the file (``loomc_meta``) so that an older
-#: loomc refusing it can say which version it needs. Raise it with every new schema version.
-READS_WITH = "0.3.0"
 BUSY_TIMEOUT_MS = 60_000
 #: Where Linux lists the mounted filesystems, with their types.
 MOUNTS = "/proc/self/mounts"
@@ -81,88 +77,6 @@ def filesystem_type(path: str | os.PathLike[str]) -> str | None:
     return found
 
 # Schema 3 adds loomc_meta, where a file names the oldest loomc that reads it.
-_META_TABLE = "CREATE TABLE loomc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-_META = "INSERT OR REPLACE INTO loomc_meta (key, value) VALUES ('reads_with', ?)"
-
-# Schema 2. A new file is made as schema 2 and then migrated like any old one, so that new and
-# migrated files are the same.
-_V2 = """
-CREATE TABLE runs (
-    id TEXT PRIMARY KEY,
-    spec_hash TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    fn_path TEXT,
-    policy TEXT NOT NULL DEFAULT '',
-    state_type TEXT,
-    initial_state TEXT NOT NULL DEFAULT 'null',
-    total_cost TEXT NOT NULL DEFAULT '0',
-    steps INTEGER NOT NULL DEFAULT 0,
-    active_seconds REAL NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 1,
-    reason TEXT,
-    notes TEXT NOT NULL DEFAULT '[]',
-    parent_run_id TEXT,
-    parent_step INTEGER,
-    owner TEXT,
-    lease_expires REAL
-);
-CREATE INDEX runs_by_created ON runs(created_at);
-CREATE INDEX runs_by_parent ON runs(parent_run_id, parent_step);
-CREATE TABLE steps (
-    run_id TEXT NOT NULL,
-    step_n INTEGER NOT NULL,
-    state_blob TEXT,
-    cost_usd TEXT NOT NULL DEFAULT '0',
-    score REAL,
-    timestamp REAL NOT NULL,
-    error TEXT,
-    duration REAL NOT NULL DEFAULT 0,
-    metrics TEXT,
-    events TEXT,
-    cum_cost TEXT,
-    active_seconds REAL,
-    PRIMARY KEY (run_id, step_n)
-);
-CREATE TABLE charges (
-    run_id TEXT NOT NULL,
-    step_n INTEGER NOT NULL,
-    usd TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX charges_by_step ON charges(run_id, step_n);
-"""
-
-# loomc 0.2 wrote only the documented columns, with ISO text times and float costs.
-_V1 = """
-CREATE TABLE runs (id TEXT PRIMARY KEY, spec_hash TEXT, status TEXT, created_at TEXT, updated_at TEXT);
-CREATE TABLE steps (run_id TEXT, step_n INTEGER, state_blob TEXT, cost_usd REAL, score REAL,
-                    timestamp TEXT, error TEXT, PRIMARY KEY (run_id, step_n));
-"""
-
-_EPOCH = "((julianday({0}) - 2440587.5) * 86400.0)"
-
-_MIGRATE_1_TO_2 = f"""
-ALTER TABLE runs RENAME TO runs_v1;
-ALTER TABLE steps RENAME TO steps_v1;
-{_V2}
-INSERT INTO runs (id, spec_hash, status, created_at, updated_at, total_cost, steps)
-    SELECT r.id, coalesce(r.spec_hash, ''), coalesce(r.status, 'failed'),
-           coalesce({_EPOCH.format('r.created_at')}, 0), coalesce({_EPOCH.format('r.updated_at')}, 0),
-           (SELECT coalesce(CAST(sum(s.cost_usd) AS TEXT), '0') FROM steps_v1 s WHERE s.run_id = r.id),
-           (SELECT count(*) FROM steps_v1 s WHERE s.run_id = r.id)
-    FROM runs_v1 r;
-INSERT INTO steps (run_id, step_n, state_blob, cost_usd, score, timestamp, error)
-    SELECT run_id, step_n, state_blob, CAST(coalesce(cost_usd, 0) AS TEXT), score,
-           coalesce({_EPOCH.format('timestamp')}, 0), error
-    FROM steps_v1;
-DROP TABLE runs_v1;
-DROP TABLE steps_v1;
-"""
-
-MIGRATIONS = {1: _MIGRATE_1_TO_2, 2: _META_TABLE}
-
 # A run's totals are those of its latest step (committed with it, in the same row), else the
 # run row's own (a run with no steps, or one migrated from loomc 0.2).
 _LATEST = "(SELECT max(step_n) FROM steps WHERE run_id = r.id)"
@@ -321,44 +235,8 @@ class SQLiteStore:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        self._refuse_newer(conn, version)
-        _transaction(conn, self._upgrade)
-
-    def _refuse_newer(self, conn: sqlite3.Connection, version: int) -> None:
-        """:class:`SchemaTooNew`, naming the loomc the file needs, if ``version`` is newer than ours."""
-        if version <= SCHEMA_VERSION:
-            return
-        try:
-            needs = conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone()
-        except sqlite3.OperationalError:  # no such table: the file does not say
-            needs = None
-        upgrade = f"'loomc>={needs[0]}'" if needs else "loomc"
-        raise SchemaTooNew(
-            f"{self.path} has loomc schema version {version}, newer than this loomc's "
-            f"{SCHEMA_VERSION}; upgrade loomc to read it: pip install -U {upgrade}")
-
-    def _upgrade(self, conn: sqlite3.Connection) -> None:
-        # Read again under the write lock: another process may have migrated the file meanwhile,
-        # to our version or, if it runs a newer loomc, past it (never write our version over that).
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
-        self._refuse_newer(conn, version)
-        if version == 0:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and "runs" in tables:
-                version = 1  # a loomc 0.2 file: it never set user_version
-            elif tables:
-                raise StoreError(f"{self.path} is a SQLite database but not a loomc one "
-                                 f"(tables: {', '.join(sorted(tables))}); pass another path")
-            else:
-                _run_script(conn, _V2)
-                version = 2
-        while version < SCHEMA_VERSION:
-            _run_script(conn, MIGRATIONS[version])
-            version += 1
-        conn.execute(_META, (READS_WITH,))
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        refuse_newer(conn, version, self.path)
+        _transaction(conn, upgrade, self.path)
 
     @property
     def writer(self) -> Any:
@@ -905,13 +783,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _run_script(conn: sqlite3.Connection, script: str) -> None:
-    # executescript() would COMMIT the open transaction; run statement by statement instead.
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
 def _run_record(row: Any, initial_state: str = "null") -> RunRecord:
     (id_, status, spec_hash, fn_path, policy, state_type, created, updated, total, steps, active,
      attempts, reason, notes, parent, parent_step, owner, lease) = row[:18]
@@ -938,12 +809,3 @@ def _stored_step(row: Any) -> StoredStep:
             score = math.nan
     return _new_tuple(StoredStep, (n, blob, Decimal(cost), score, error, ts, duration, metrics_d,
                                    tuple(json.loads(events)) if events else ()))
-
-
-def create_old_database(path: str | os.PathLike[str], version: int) -> sqlite3.Connection:
-    """An empty database in an older schema (1: the original loomc 0.2 layout; 2), for migration tests."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript({1: _V1, 2: _V2}[version])
-    if version > 1:  # loomc 0.2 never set user_version
-        conn.execute(f"PRAGMA user_version = {version}")
-    return conn
