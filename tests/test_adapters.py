@@ -488,6 +488,55 @@ def test_an_openai_judge_through_the_real_client(tmp_path):
     assert run.history[1].metrics["cost_items"]["judge"] == str((100 * GPT4O["input"] + 1 * GPT4O["output"]) / M)
 
 
+def test_a_judge_whose_call_the_api_refuses_ends_the_run_rather_than_failing_every_paid_step(sonnet):
+    """Regression: a judge on a model the Chat Completions API refuses (404: a Responses-only model), or with a bad
+    key (401), failed its step; LastGood went on from the last good state, and the loop paid for every call its
+    budget allowed, the judge failing each time. A refused request is now a ConfigError, which ends the run."""
+    import asyncio
+    from loomc import LastGood
+
+    def openai_refusing(status: int, message: str):
+        def handler(request):
+            return httpx2.Response(status, json={"error": {"message": message, "type": "invalid_request_error",
+                                                           "param": None, "code": None}})
+        return OpenAI(api_key="k", http_client=httpx2.Client(transport=httpx2.MockTransport(handler)), max_retries=0)
+
+    paid: list[int] = []
+
+    def fix(state):
+        paid.append(state)
+        return state + 1
+
+    policy = dict(budget=Budget(usd=1, iterations=8), backtrack=LastGood(), cost_fn=lambda s: 0.1, checkpoint="memory")
+    responses_only = openai_refusing(404, "This model is only supported in v1/responses and not in v1/chat/completions.")
+    run = loop(converge_on=OpenAIAdapter("gpt-4o").judge(responses_only, "Done?"), **policy)(fix).run(0)
+    assert run.status == "failed" and len(paid) == 1 and run.total_cost == Decimal("0.1")
+    assert run.reason.startswith("ConfigError: the judge's call to gpt-4o was refused (404 NotFoundError: Error code: "
+                                 "404 - This model is only supported in v1/responses")
+    assert "fix the judge's model, key or prompt, then resume the run" in run.reason
+    assert run.history[0].state == 1, "the step keeps what fn returned"
+
+    def bad_key(request):
+        return httpx2.Response(401, json={"type": "error", "error": {"type": "authentication_error",
+                                                                      "message": "invalid x-api-key"}})
+    async_client = AsyncAnthropic(api_key="k", http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(bad_key)),
+                                  max_retries=0)
+
+    async def afix(state):
+        return fix(state)
+
+    paid.clear()
+    run = asyncio.run(loop(converge_on=sonnet.judge(async_client, "Done?"), **policy)(afix).run(0))
+    assert run.status == "failed" and len(paid) == 1 and "was refused (401 AuthenticationError" in run.reason
+    # A rate limit is no refusal of the request: a backtracker goes on from it, as from any failed step.
+    paid.clear()
+    limited = openai_refusing(429, "Rate limit reached")
+    run = loop(converge_on=OpenAIAdapter("gpt-4o").judge(limited, "Done?"), **{**policy, "budget": Budget(iterations=3)})(
+        fix).run(0)
+    assert run.status == "budget_exhausted" and len(paid) == 3
+    assert run.history[0].error.startswith("RateLimitError: Error code: 429")
+
+
 def test_a_judge_that_raises_is_recorded_on_its_step_not_swallowed():
     from loomc import LastGood, judge
 
