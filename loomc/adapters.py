@@ -415,10 +415,7 @@ class _Adapter:
             prompt = prompt.rstrip() + "\n\n{state}"
 
         def ask(state: Any) -> Any:
-            try:
-                reply = self._ask(client, prompt.replace("{state}", str(state)), max_tokens)
-            except Exception as e:
-                raise self._refused(e) from e
+            reply = self._ask(client, prompt.replace("{state}", str(state)), max_tokens)
             if inspect.isawaitable(reply):
                 return self._settle_later(reply, name, max_tokens)
             return self._settle(reply, name, max_tokens)
@@ -431,23 +428,9 @@ class _Adapter:
         return self._verdict(reply, max_tokens)
 
     async def _settle_later(self, reply: Any, item: str, max_tokens: int) -> str:
-        try:
-            reply = await reply
-        except Exception as e:
-            raise self._refused(e) from e
+        reply = await reply
         await self.acharge(reply, item)
         return self._verdict(reply, max_tokens)
-
-    def _refused(self, e: Exception) -> Exception:
-        """What a failed judge call raises: the SDK's error as it is, unless the API refused the request itself
-        (a 4xx status other than a timeout, a conflict or a rate limit: the model name, the key, the request),
-        which the next step's call would meet again. That is a ConfigError, which ends the run even with a
-        backtracker, rather than a failed step that a backtracker pays for again on every call."""
-        status = getattr(e, "status_code", None)
-        if not isinstance(status, int) or not 400 <= status < 500 or status in (408, 409, 429):
-            return e
-        return ConfigError(f"the judge's call to {self.model} was refused ({status} {type(e).__name__}: {e}): fix "
-                           "the judge's model, key or prompt, then resume the run")
 
     def _verdict(self, reply: Any, max_tokens: int) -> str:
         text = self._text(reply)

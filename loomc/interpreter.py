@@ -520,7 +520,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             else:
                 reason = step.error or "failed"
                 if run.backtracker is not None:  # it could have gone on, but the next call could not do better
-                    if isinstance(exc, _SETUP_ERRORS):
+                    if _set_up_wrongly(exc):
                         reason = _setup(exc, reason)
                     elif not run.backtracker.goes_on_from(exc):
                         reason = _not_on(run.backtracker, exc, reason)
@@ -538,7 +538,7 @@ def _fatal(run: LiveRun, exc: BaseException) -> bool:
     cancelled task) that came after fn returned always does; an error does, unless a backtracker can go on
     from it."""
     return not isinstance(exc, Exception) or (not isinstance(exc, DeadlineExceeded) and (
-        run.backtracker is None or isinstance(exc, _SETUP_ERRORS) or not run.backtracker.goes_on_from(exc)
+        run.backtracker is None or _set_up_wrongly(exc) or not run.backtracker.goes_on_from(exc)
         or (run.usd_capped and (exc is run.blind or isinstance(exc, CostUnknown)))))
 
 
@@ -602,6 +602,15 @@ class _Wait:
 #: its state): the next call would meet them again, so a backtracker does not go on from them, paying for
 #: calls whose result cannot be measured or priced.
 _SETUP_ERRORS = (ConfigError, EmbeddingsUnavailable, NoStateReturned)
+#: HTTP statuses with which an API (a model SDK's error carries ``status_code``) refuses who or what was asked for
+#: rather than what was said: a bad key (401), no permission (403), no such model (404). The same request from
+#: another state meets them again.
+_REFUSED = (401, 403, 404)
+
+
+def _set_up_wrongly(exc: BaseException) -> bool:
+    """Whether ``exc`` says the loop is set up wrongly (see ``_SETUP_ERRORS`` and ``_REFUSED``)."""
+    return isinstance(exc, _SETUP_ERRORS) or getattr(exc, "status_code", None) in _REFUSED
 
 
 def _setup(exc: BaseException | None, error: str) -> str:

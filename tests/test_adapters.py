@@ -488,10 +488,11 @@ def test_an_openai_judge_through_the_real_client(tmp_path):
     assert run.history[1].metrics["cost_items"]["judge"] == str((100 * GPT4O["input"] + 1 * GPT4O["output"]) / M)
 
 
-def test_a_judge_whose_call_the_api_refuses_ends_the_run_rather_than_failing_every_paid_step(sonnet):
-    """Regression: a judge on a model the Chat Completions API refuses (404: a Responses-only model), or with a bad
-    key (401), failed its step; LastGood went on from the last good state, and the loop paid for every call its
-    budget allowed, the judge failing each time. A refused request is now a ConfigError, which ends the run."""
+def test_a_call_the_api_refuses_for_good_ends_the_run_rather_than_a_backtracker_paying_for_every_step(sonnet):
+    """Regression: a judge on a model the Chat Completions API does not serve (404: a Responses-only model), or
+    with a bad key (401), failed its step; LastGood went on from the last good state, and the loop paid for every
+    call of fn its budget allowed, the judge failing each time. An SDK error with status 401, 403 or 404 now ends
+    the run, as a setup error does: the same request meets it again from any state."""
     import asyncio
     from loomc import LastGood
 
@@ -507,13 +508,14 @@ def test_a_judge_whose_call_the_api_refuses_ends_the_run_rather_than_failing_eve
         paid.append(state)
         return state + 1
 
+    stops = "; the next call would meet it again, so the run stopped instead of going on from another state"
     policy = dict(budget=Budget(usd=1, iterations=8), backtrack=LastGood(), cost_fn=lambda s: 0.1, checkpoint="memory")
     responses_only = openai_refusing(404, "This model is only supported in v1/responses and not in v1/chat/completions.")
     run = loop(converge_on=OpenAIAdapter("gpt-4o").judge(responses_only, "Done?"), **policy)(fix).run(0)
     assert run.status == "failed" and len(paid) == 1 and run.total_cost == Decimal("0.1")
-    assert run.reason.startswith("ConfigError: the judge's call to gpt-4o was refused (404 NotFoundError: Error code: "
-                                 "404 - This model is only supported in v1/responses")
-    assert "fix the judge's model, key or prompt, then resume the run" in run.reason
+    assert run.reason == ("NotFoundError: Error code: 404 - This model is only supported in v1/responses and not in "
+                          "v1/chat/completions. (raised by judge(OpenAIAdapter('gpt-4o').judge), after fn returned: "
+                          "step 0 keeps the state fn returned)" + stops)
     assert run.history[0].state == 1, "the step keeps what fn returned"
 
     def bad_key(request):
@@ -527,8 +529,16 @@ def test_a_judge_whose_call_the_api_refuses_ends_the_run_rather_than_failing_eve
 
     paid.clear()
     run = asyncio.run(loop(converge_on=sonnet.judge(async_client, "Done?"), **policy)(afix).run(0))
-    assert run.status == "failed" and len(paid) == 1 and "was refused (401 AuthenticationError" in run.reason
-    # A rate limit is no refusal of the request: a backtracker goes on from it, as from any failed step.
+    assert run.status == "failed" and len(paid) == 1
+    assert run.reason.startswith("AuthenticationError: Error code: 401") and run.reason.endswith(stops)
+
+    def calls_the_model(state):  # fn itself asking for a model the API does not serve
+        responses_only.chat.completions.create(model="gpt-5-pro", messages=[{"role": "user", "content": "fix it"}])
+        return state + 1
+
+    run = loop(**policy)(calls_the_model).run(0)
+    assert run.status == "failed" and run.steps == 1 and run.reason.endswith(stops)
+    # A rate limit is no refusal of who or what was asked for: a backtracker goes on from it, as from any failure.
     paid.clear()
     limited = openai_refusing(429, "Rate limit reached")
     run = loop(converge_on=OpenAIAdapter("gpt-4o").judge(limited, "Done?"), **{**policy, "budget": Budget(iterations=3)})(
