@@ -400,49 +400,60 @@ class _Adapter:
         return usage.input, usage.output
 
     @builds_policy("adapter.judge(client, 'Is this done? Answer yes or no.\\n\\n{state}')")
-    def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge") -> Judge:
+    def judge(self, client: Any, prompt: str, *, max_tokens: int = 8, name: str = "judge",
+              api: str | None = None) -> Judge:
         """A ``judge`` detector that asks this model, through ``client``, whether the state is done.
 
         ``prompt`` may contain ``{state}``; it should ask for a yes or a no. Each judge
         call is priced and charged to the step as its own line item (``"judge"``).
         Works with sync and async clients. A reply cut off at ``max_tokens`` before it says
         anything (a reasoning model thinks first) is a ConfigError, which ends the run: every later
-        verdict would be a paid "no".
+        verdict would be a paid "no". ``api`` is the API asked: Anthropic's ``"messages"``; OpenAI's
+        ``"chat"`` (Chat Completions, the default) or ``"responses"``, for a model only that serves.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"judge(max_tokens={max_tokens!r}): give the reply's token limit, a positive integer")
+        if api is None:
+            api = self.apis[0]
+        elif api not in self.apis:
+            raise ConfigError(f"judge(api={api!r}): {type(self).__name__} asks through "
+                              f"{' or '.join(repr(a) for a in self.apis)}")
         if "{state}" not in prompt:
             prompt = prompt.rstrip() + "\n\n{state}"
+        room = (f"{type(self).__name__}({self.model!r}).judge(client, prompt, max_tokens=2000"
+                f"{'' if api == self.apis[0] else f', api={api!r}'})")  # what a reply cut off asks for
 
         def ask(state: Any) -> Any:
-            reply = self._ask(client, prompt.replace("{state}", str(state)), max_tokens)
+            reply = self._ask(client, prompt.replace("{state}", str(state)), max_tokens, api)
             if inspect.isawaitable(reply):
-                return self._settle_later(reply, name, max_tokens)
-            return self._settle(reply, name, max_tokens)
+                return self._settle_later(reply, name, max_tokens, room)
+            return self._settle(reply, name, max_tokens, room)
 
         ask.__name__ = f"{type(self).__name__}({self.model!r}).judge"
         return judge(ask, name=name)
 
-    def _settle(self, reply: Any, item: str, max_tokens: int) -> str:
+    def _settle(self, reply: Any, item: str, max_tokens: int, room: str) -> str:
         self.charge(reply, item)
-        return self._verdict(reply, max_tokens)
+        return self._verdict(reply, max_tokens, room)
 
-    async def _settle_later(self, reply: Any, item: str, max_tokens: int) -> str:
+    async def _settle_later(self, reply: Any, item: str, max_tokens: int, room: str) -> str:
         reply = await reply
         await self.acharge(reply, item)
-        return self._verdict(reply, max_tokens)
+        return self._verdict(reply, max_tokens, room)
 
-    def _verdict(self, reply: Any, max_tokens: int) -> str:
+    def _verdict(self, reply: Any, max_tokens: int, room: str) -> str:
         text = self._text(reply)
         if not text.strip() and self._cut_off(reply):
             raise ConfigError(
                 f"the judge's reply from {self.model} was cut off at max_tokens={max_tokens} before it said "
                 "anything (a reasoning model spends its tokens thinking first), so every verdict would be a "
-                f"paid no: give it room, as in {type(self).__name__}({self.model!r}).judge(client, prompt, "
-                "max_tokens=2000)")
+                f"paid no: give it room, as in {room}")
         return text
 
-    def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
+    #: The APIs ``judge`` can ask through, the default first.
+    apis: tuple[str, ...] = ()
+
+    def _ask(self, client: Any, text: str, max_tokens: int, api: str) -> Any:
         raise NotImplementedError
 
     def _text(self, reply: Any) -> str:
@@ -506,7 +517,9 @@ class AnthropicAdapter(_Adapter):
             into[1] += counts.output
         return max(top.input, served[0]) + extra[0], max(top.output, served[1]) + extra[1]
 
-    def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
+    apis = ("messages",)
+
+    def _ask(self, client: Any, text: str, max_tokens: int, api: str) -> Any:
         return client.messages.create(model=self.model, max_tokens=max_tokens,
                                       messages=[{"role": "user", "content": text}])
 
@@ -519,7 +532,8 @@ class AnthropicAdapter(_Adapter):
 
 
 class OpenAIAdapter(_Adapter):
-    """Prices ``ChatCompletion`` and Responses-API ``Response``; ``judge`` uses chat completions."""
+    """Prices ``ChatCompletion`` and Responses-API ``Response``; ``judge`` asks through Chat Completions, or the
+    Responses API with ``api="responses"``."""
 
     provider = "openai"
 
@@ -530,16 +544,27 @@ class OpenAIAdapter(_Adapter):
         self._warn_unpriced(_get(response, "output"))
         return super()._priced_reply(response, batched)
 
-    def _ask(self, client: Any, text: str, max_tokens: int) -> Any:
+    apis = ("chat", "responses")
+
+    def _ask(self, client: Any, text: str, max_tokens: int, api: str) -> Any:
+        if api == "responses":  # which takes no limit below 16 tokens
+            return client.responses.create(model=self.model, input=text, max_output_tokens=max(max_tokens, 16))
         return client.chat.completions.create(model=self.model, max_completion_tokens=max_tokens,
                                               messages=[{"role": "user", "content": text}])
 
     def _text(self, reply: Any) -> str:
-        choices = _get(reply, "choices") or []
+        choices = _get(reply, "choices")
+        if choices is None:  # a Responses-API reply: the text of its message items
+            return "".join(_get(part, "text") or "" for item in (_get(reply, "output") or ())
+                           if _get(item, "type") == "message" for part in (_get(item, "content") or ())
+                           if _get(part, "type") == "output_text")
         return str(_get(_get(choices[0], "message"), "content") or "") if choices else ""
 
     def _cut_off(self, reply: Any) -> bool:
-        choices = _get(reply, "choices") or []
+        choices = _get(reply, "choices")
+        if choices is None:
+            return (_get(reply, "status") == "incomplete"
+                    and _get(_get(reply, "incomplete_details"), "reason") == "max_output_tokens")
         return bool(choices) and _get(choices[0], "finish_reason") == "length"
 
 

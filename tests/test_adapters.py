@@ -488,6 +488,49 @@ def test_an_openai_judge_through_the_real_client(tmp_path):
     assert run.history[1].metrics["cost_items"]["judge"] == str((100 * GPT4O["input"] + 1 * GPT4O["output"]) / M)
 
 
+def test_an_openai_judge_through_the_responses_api_for_a_model_only_it_serves(tmp_path):
+    """A Responses-only model (the Chat Completions API answers 404) judges with api="responses"."""
+    calls: list[tuple[str, dict]] = []
+
+    def reply(text: str | None, status: str = "completed") -> dict:
+        output = [] if text is None else [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                           "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+        return {"id": f"resp_{next(IDS)}", "object": "response", "created_at": 1, "model": "gpt-5", "status": status,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "output": output,
+                "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": 16, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 116}}
+
+    def handler(request):
+        calls.append((request.url.path, json.loads(request.content)))
+        return httpx2.Response(200, json=reply("Yes." if len(calls) >= 2 else "No."))
+
+    client = OpenAI(api_key="k", http_client=httpx2.Client(transport=httpx2.MockTransport(handler)), max_retries=0)
+    gpt5 = OpenAIAdapter("gpt-5")
+    run = loop(budget=Budget(iterations=5), converge_on=gpt5.judge(client, "Done?", api="responses"),
+               checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "completed" and run.state == 2
+    assert [path for path, _ in calls] == ["/v1/responses"] * 2
+    assert calls[0][1]["max_output_tokens"] == 16, "the Responses API takes no limit below 16"
+    assert calls[0][1]["input"].startswith("Done?\n\n")
+    assert run.history[1].metrics["cost_items"]["judge"] == str((100 * GPT5["input"] + 16 * GPT5["output"]) / M)
+
+    def thinking(request):  # a reasoning model spends the limit thinking: no text
+        return httpx2.Response(200, json=reply(None, status="incomplete"))
+
+    quiet = OpenAI(api_key="k", http_client=httpx2.Client(transport=httpx2.MockTransport(thinking)), max_retries=0)
+    run = loop(budget=Budget(iterations=5), converge_on=gpt5.judge(quiet, "Done?", api="responses"),
+               checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "failed" and run.steps == 1
+    assert "give it room, as in OpenAIAdapter('gpt-5').judge(client, prompt, max_tokens=2000, api='responses')" \
+        in run.reason
+    with pytest.raises(ConfigError, match=r"judge\(api='completions'\): OpenAIAdapter asks through 'chat' or "
+                                          r"'responses'"):
+        gpt5.judge(client, "Done?", api="completions")
+    with pytest.raises(ConfigError, match=r"AnthropicAdapter asks through 'messages'"):
+        AnthropicAdapter("claude-sonnet-4-6").judge(client, "Done?", api="chat")
+
+
 def test_a_call_the_api_refuses_for_good_ends_the_run_rather_than_a_backtracker_paying_for_every_step(sonnet):
     """Regression: a judge on a model the Chat Completions API does not serve (404: a Responses-only model), or
     with a bad key (401), failed its step; LastGood went on from the last good state, and the loop paid for every
