@@ -432,23 +432,27 @@ class _Adapter:
         ask.__name__ = f"{type(self).__name__}({self.model!r}).judge"
         return judge(ask, name=name)
 
-    def _settle(self, reply: Any, item: str, max_tokens: int, room: str) -> str:
+    def _settle(self, reply: Any, item: str, max_tokens: int, room: str) -> str | None:
         self.charge(reply, item)
         return self._verdict(reply, max_tokens, room)
 
-    async def _settle_later(self, reply: Any, item: str, max_tokens: int, room: str) -> str:
+    async def _settle_later(self, reply: Any, item: str, max_tokens: int, room: str) -> str | None:
         reply = await reply
         await self.acharge(reply, item)
         return self._verdict(reply, max_tokens, room)
 
-    def _verdict(self, reply: Any, max_tokens: int, room: str) -> str:
+    def _verdict(self, reply: Any, max_tokens: int, room: str) -> str | None:
+        """The reply's text, or ``None`` for a reply with none (a refusal): no verdict, which a run's first
+        successful step tells (NoVerdictWarning)."""
         text = self._text(reply)
-        if not text.strip() and self._cut_off(reply):
+        if text.strip():
+            return text
+        if self._cut_off(reply):
             raise ConfigError(
                 f"the judge's reply from {self.model} was cut off at max_tokens={max_tokens} before it said "
                 "anything (a reasoning model spends its tokens thinking first), so every verdict would be a "
                 f"paid no: give it room, as in {room}")
-        return text
+        return None
 
     #: The APIs ``judge`` can ask through, the default first.
     apis: tuple[str, ...] = ()

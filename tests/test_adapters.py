@@ -488,6 +488,30 @@ def test_an_openai_judge_through_the_real_client(tmp_path):
     assert run.history[1].metrics["cost_items"]["judge"] == str((100 * GPT4O["input"] + 1 * GPT4O["output"]) / M)
 
 
+def test_a_judge_whose_model_refuses_to_answer_gives_no_verdict_and_is_told(sonnet):
+    """A chat reply that refuses has no text (content None): a no on every step, paid for, with nothing saying why
+    the run never converged. It is now no verdict, recorded as None, and told once (NoVerdictWarning)."""
+    from loomc import NoVerdictWarning
+
+    def refusing(request):
+        data = chat({"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105}).model_dump()
+        data["choices"][0]["message"].update(content=None, refusal="I can't help with that.")
+        return httpx2.Response(200, json=data)
+
+    client = OpenAI(api_key="k", http_client=httpx2.Client(transport=httpx2.MockTransport(refusing)), max_retries=0)
+    judged = loop(budget=Budget(iterations=3), converge_on=OpenAIAdapter("gpt-4o").judge(client, "Done?"),
+                  checkpoint="memory")(lambda s: s + 1)
+    with pytest.warns(NoVerdictWarning, match=r"judge\(OpenAIAdapter\('gpt-4o'\)\.judge\) returned None for step 0"):
+        run = judged.run(0)
+    assert run.status == "budget_exhausted" and [s.metrics["judge"] for s in run.history] == [None] * 3
+    assert "judge" in run.history[0].metrics["cost_items"], "the refusal is paid for all the same"
+    said_no = loop(budget=Budget(iterations=1), converge_on=sonnet.judge(anthropic_client(["No."], []), "Done?"),
+                   checkpoint="memory")(lambda s: s + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoVerdictWarning)
+        assert said_no.run(0).history[0].metrics["judge"] is False  # a no is a verdict
+
+
 def test_an_openai_judge_through_the_responses_api_for_a_model_only_it_serves(tmp_path):
     """A Responses-only model (the Chat Completions API answers 404) judges with api="responses"."""
     calls: list[tuple[str, dict]] = []
