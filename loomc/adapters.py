@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
+from loomc.context import charge, current_run, named, spent, write_ahead
 from loomc.detectors import Judge, judge
 from loomc.budget import NoCostWarning
 from loomc.errors import ConfigError, CostUnknown, counted, warn_at_caller
@@ -334,7 +335,6 @@ class _Adapter:
         next line, and the state need not carry the response. Returns the dollars charged. It is
         the step's line item ``item``, by default the adapter's model (``step.metrics["cost_items"]``).
         """
-        from loomc.context import charge
         usd, problem, tokens = self._billed(response)
         if usd or problem is None:
             charge(usd, item=self.model if item is None else item, tokens=tokens)
@@ -348,7 +348,6 @@ class _Adapter:
         The response is priced, and its spend joins the step, the moment this is called: an
         ``await`` forgotten loses the write-ahead to the store, never the money.
         """
-        from loomc.context import named, spent
         usd, problem, tokens = self._billed(response)
         counted = (spent("acharge", usd, self.model if item is None else item, tokens) if usd or problem is None
                    else None)
@@ -363,10 +362,8 @@ class _Adapter:
         usd, problem, tokens = self._billed(response)
         if problem is not None:
             if usd:  # the part that is known still counts: the step fails with it charged
-                from loomc.context import charge
-                charge(usd, item=self.model, tokens=tokens)
+                        charge(usd, item=self.model, tokens=tokens)
             raise problem
-        from loomc.context import current_run
         run = current_run()
         if run is not None and run.in_flight >= 0 and (usd or tokens):
             run.itemise(usd, self.model, tokens)  # the step's line item and tokens, as charge(reply) tells them
@@ -656,7 +653,6 @@ async def _written(counted: tuple[Any, int, Decimal, str] | None, usd: Decimal,
     """What ``adapter.acharge`` awaits once its spend is counted: the write-ahead, then the part it could not
     price, if any."""
     if counted is not None:
-        from loomc.context import write_ahead
         await write_ahead(*counted)
     if problem is not None:
         raise problem
@@ -703,7 +699,6 @@ def _priced_before(response: Any) -> str | None:
     ``None``, and the run remembers it. The API billed each response once, so it is counted once: priced by
     both ``charge(reply)`` and ``cost_fn``, or found again by ``cost_fn`` in a state fn returned without a
     new call."""
-    from loomc.context import current_run
     run = current_run()
     rid = _get(response, "id") or _get(_get(response, "response"), "id")  # a reply, or a stream event holding one
     if run is None or not isinstance(rid, str):
@@ -726,6 +721,5 @@ def _genai_prices() -> Any:
 
 
 def _usd_capped() -> bool:
-    from loomc.context import current_run
     run = current_run()
     return run is not None and run.usd_room() is not None

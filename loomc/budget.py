@@ -398,12 +398,6 @@ def iteration_cap(policy: Any) -> int | None:
     return _cap(policy, "iterations")  # type: ignore[no-any-return]
 
 
-def wall_clock_cap(policy: Any) -> float | None:
-    """The tightest top-level wall-clock cap of ``policy`` (the async driver's deadline)."""
-    wall = wall_clock_budget(policy)
-    return None if wall is None else wall.wall_clock
-
-
 def usd_room(policy: Any, history: History, pending: Decimal, held: Decimal = Decimal(0)) -> Decimal | None:
     """Dollars left under the tightest top-level USD cap of ``policy``, or ``None`` without one.
 

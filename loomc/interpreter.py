@@ -20,7 +20,7 @@ from typing import Any
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
-from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap, wall_clock_budget
+from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
 from loomc.context import _CURRENT, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
@@ -380,20 +380,21 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     judges = run.judges_unchecked if step.ok else ()
     if judges:
         run.judges_unchecked = ()
-    run.unverified = run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked or bool(run.judges_unchecked)
+    run.unverified = (run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked
+                      or bool(run.judges_unchecked))
     if round_trip and text is not None:
         codec.warn_if_changed(step.state, text, run.state_type)
     if score and (step.score is None or step.score != step.score):  # None, or NaN
-        reads = f"loomc: run {run.id}'s policy reads scores ({', '.join(score_readers(run.policy))}), but the scorer"
-        warn_at_caller(f"{reads} returned None for step {step.n}: a step without a score never converges, backtracks "
-                       "or stalls, so only the budget would stop the run. Return a number from the scorer (higher "
-                       "is better); did it forget `return`? (Checked once, on the first successful step; a scorer "
-                       "that cannot grade a first draft can ignore this.)" if step.score is None else
-                       f"{reads} returned NaN for step {step.n}: NaN is never an improvement nor the best score, so "
-                       "those parts see no valid score (score_plateau ends such a run completed once its patience is "
-                       "spent). Return a number from the scorer (higher is better); NaN comes from 0/0 or the mean of "
-                       "nothing. (Checked once, on the first successful step; a scorer that cannot grade a first draft "
-                       "can ignore this.)", NoScoreWarning)
+        said, why, hint = (
+            ("None", "a step without a score never converges, backtracks or stalls, so only the budget would stop "
+                     "the run", "did it forget `return`?") if step.score is None else
+            ("NaN", "NaN is never an improvement nor the best score, so those parts see no valid score (score_plateau "
+                    "ends such a run completed once its patience is spent)",
+             "NaN comes from 0/0 or the mean of nothing."))
+        warn_at_caller(f"loomc: run {run.id}'s policy reads scores ({', '.join(score_readers(run.policy))}), but the "
+                       f"scorer returned {said} for step {step.n}: {why}. Return a number from the scorer (higher is "
+                       f"better); {hint} (Checked once, on the first successful step; a scorer that cannot grade a "
+                       "first draft can ignore this.)", NoScoreWarning)
     for judge in judges:
         if step.metrics.get(judge.name, False) is None:
             warn_at_caller(f"loomc: run {run.id}'s {judge!r} returned None for step {step.n}: only True or a clear "
@@ -567,7 +568,7 @@ def _stop_asked(run: LiveRun, inner: StopRequested | None = None) -> Generator[A
 def _waiting(run: LiveRun, decision: Decision, elapsed: float,
              events: tuple[str, ...]) -> tuple[Decision, tuple[str, ...]]:
     """A backtrack that waits before the next call, with its events; or the stop it becomes (see ``waited``)."""
-    stop = waited(decision, run.history, elapsed, wall_clock_budget(run.policy))
+    stop = waited(decision, run.history, elapsed, run.wall)
     if stop is not decision:
         return stop, (stop.event(),)
     return decision, (*events, f"wait {decision.wait:g}s")

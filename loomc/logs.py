@@ -18,7 +18,7 @@ from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from loomc.budget import Budget, usd_cap, wall_clock_budget
+from loomc.budget import usd_cap
 from loomc.errors import counted, dollars, shorten, took
 from loomc.policy import name_of
 
@@ -56,14 +56,14 @@ def run_opened(live: LiveRun) -> None:
                  live.id, len(h), counted(len(h), "step"), dollars(h.total_cost), live.policy, child)
     else:
         log.info("run %s started: %s, policy %s%s", live.id, name_of(live.fn), live.policy, child)
-    live.on_step = (*live.on_step, partial(_step_line, log, live, usd_cap(live.policy), wall_clock_budget(live.policy)))
+    live.on_step = (*live.on_step, partial(_step_line, log, live, usd_cap(live.policy)))
 
 
-def _step_line(log: Any, live: LiveRun, cap: Decimal | None, wall: Budget | None, step: Step) -> None:
+def _step_line(log: Any, live: LiveRun, cap: Decimal | None, step: Step) -> None:
     total = dollars(live.history.total_cost) + ("" if cap is None else f" of {dollars(cap)}")
     parts = [f"{dollars(step.cost)} (total {total}) in {took(step.duration)}"]
-    if wall is not None:  # the time the run has had against its wall-clock cap, as the dollars
-        parts[0] += f" ({took(live.elapsed(live.clock()))} active of the {wall.wall_clock_said} cap)"
+    if live.wall is not None:  # the time the run has had against its wall-clock cap, as the dollars
+        parts[0] += f" ({took(live.elapsed(live.clock()))} active of the {live.wall.wall_clock_said} cap)"
     if step.score is not None:
         parts.append(f"score {step.score:.4g}")
     if step.error is not None:

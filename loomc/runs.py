@@ -10,7 +10,7 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import Budget, usd_cap, usd_room, wall_clock_cap
+from loomc.budget import Budget, usd_cap, usd_room, wall_clock_budget
 from loomc.context import _SPENDING
 from loomc.detectors import JudgeProbe
 from loomc.errors import dollars
@@ -95,6 +95,7 @@ class LiveRun:
     parent: LiveRun | None = None
     children: dict[int, int] = field(default_factory=dict)  # parent step -> children started in it
     wall_cap: float | None = None
+    wall: Budget | None = None  # the top-level Budget with the tightest wall-clock cap (wall_cap is its cap)
     probes: tuple[Probe, ...] = ()
     items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
     tokens: dict[str, list[int]] = field(default_factory=dict)  # their input and output tokens, where told
@@ -126,7 +127,8 @@ class LiveRun:
         self.initial = state_cell(self.initial_state, self.initial_json, "initial", self.decode)
         self.session_start = self.clock()
         self.backtracker = next((p for p in self.policy.walk() if isinstance(p, Backtracker)), None)
-        self.wall_cap = wall_clock_cap(self.policy)
+        self.wall = wall_clock_budget(self.policy)
+        self.wall_cap = None if self.wall is None else self.wall.wall_clock
         # What a child holds of its parent's room for a step at least: its budget's step_estimate.
         self.estimate = max((p.step_estimate for p in self.policy.walk()
                              if isinstance(p, Budget) and p.step_estimate is not None), default=ZERO)
