@@ -580,9 +580,11 @@ def test_a_call_the_api_refuses_for_good_ends_the_run_rather_than_a_backtracker_
     responses_only = openai_refusing(404, "This model is only supported in v1/responses and not in v1/chat/completions.")
     run = loop(converge_on=OpenAIAdapter("gpt-4o").judge(responses_only, "Done?"), **policy)(fix).run(0)
     assert run.status == "failed" and len(paid) == 1 and run.total_cost == Decimal("0.1")
-    assert run.reason == ("NotFoundError: Error code: 404 - This model is only supported in v1/responses and not in "
-                          "v1/chat/completions. (raised by judge(OpenAIAdapter('gpt-4o').judge), after fn returned: "
-                          "step 0 keeps the state fn returned)" + stops)
+    # The SDK words the status its own way and may change it between releases; loomc passes it through, so the
+    # test holds the SDK's part to its class, status and message, and loomc's part to the letter.
+    head, tail = run.reason.split(" (raised by ", 1)
+    assert head.startswith("NotFoundError: ") and "404" in head and "only supported in v1/responses" in head
+    assert tail == "judge(OpenAIAdapter('gpt-4o').judge), after fn returned: step 0 keeps the state fn returned)" + stops
     assert run.history[0].state == 1, "the step keeps what fn returned"
 
     def bad_key(request):
@@ -597,7 +599,10 @@ def test_a_call_the_api_refuses_for_good_ends_the_run_rather_than_a_backtracker_
     paid.clear()
     run = asyncio.run(loop(converge_on=sonnet.judge(async_client, "Done?"), **policy)(afix).run(0))
     assert run.status == "failed" and len(paid) == 1
-    assert run.reason.startswith("AuthenticationError: Error code: 401") and run.reason.endswith(stops)
+    # ("Error code: 401 - ..." up to anthropic 1.x, "401 invalid x-api-key (path: ...)" from 2.x)
+    head = run.reason.split(" (raised by ")[0]
+    assert head.startswith("AuthenticationError: ") and "401" in head and "invalid x-api-key" in head, run.reason
+    assert run.reason.endswith(stops)
 
     def calls_the_model(state):  # fn itself asking for a model the API does not serve
         responses_only.chat.completions.create(model="gpt-5-pro", messages=[{"role": "user", "content": "fix it"}])
@@ -611,7 +616,7 @@ def test_a_call_the_api_refuses_for_good_ends_the_run_rather_than_a_backtracker_
     run = loop(converge_on=OpenAIAdapter("gpt-4o").judge(limited, "Done?"), **{**policy, "budget": Budget(iterations=3)})(
         fix).run(0)
     assert run.status == "budget_exhausted" and len(paid) == 3
-    assert run.history[0].error.startswith("RateLimitError: Error code: 429")
+    assert run.history[0].error.startswith("RateLimitError: ") and "429" in run.history[0].error
 
 
 def test_a_judge_that_raises_is_recorded_on_its_step_not_swallowed():
