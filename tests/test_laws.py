@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from loomc import Budget, History, Step, always, never, predicate, score_plateau
+from loomc import BestScore, Budget, History, Step, always, never, predicate, score_plateau
 from loomc.errors import COST_UNKNOWN_METRIC
 
 
@@ -209,3 +209,101 @@ def test_pruning_states_changes_nothing_a_resume_reads_or_returns(outcomes, spli
         pruned = drive(f"{tmp}/pruned.db", prune=True)
         kept = drive(f"{tmp}/kept.db", prune=False)
     assert pruned == kept
+
+
+# A whole loop policy, as @loop composes one: a budget, then any of a plateau, a threshold, a backtracker
+# and a stall handler.
+@st.composite
+def loop_policies(draw):
+    from loomc import Escalate, LastGood
+    policy = Budget(iterations=draw(st.integers(1, 16)), usd=draw(st.sampled_from([None, "0.2", "0.5"])))
+    if draw(st.booleans()):
+        policy = policy | score_plateau(draw(st.integers(1, 4)), draw(st.sampled_from([0.0, 0.01, 0.1])))
+    if draw(st.booleans()):
+        policy = policy | predicate(last_above_half)
+    role = draw(st.sampled_from([None, BestScore(), LastGood()]))
+    if role is not None:
+        policy = policy | role
+    if draw(st.booleans()):
+        policy = policy | Escalate(after=draw(st.integers(1, 4)))
+    return policy
+
+
+# What call k gives: a score (None, NaN, or a number), "raise" for a call that fails; and what it costs.
+# Scores from a few values, so that gains, ties and regressions (which backtrack) are all common.
+CALLS = st.lists(st.tuples(st.one_of(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]), st.none(), st.just(float("nan")),
+                                     st.just("raise")),
+                           st.sampled_from([0, 1, 5, 10])), min_size=1, max_size=16)
+
+
+def by_step(calls):
+    """A fn whose step n gives calls[n]: the same in a straight run and across a stop and a resume."""
+    import loomc
+
+    def fn(state):
+        n = loomc.step_number()
+        score, cents = calls[n % len(calls)]
+        if score == "raise":
+            raise RuntimeError(f"call {n} failed")
+        return {"n": n, "from": state["n"], "score": score, "cents": cents}
+    return fn
+
+
+def loop_kwargs(policy, checkpoint):
+    return dict(policy=policy, scorer=lambda s: s["score"], cost_fn=lambda s: Decimal(s["cents"]) / 100,
+                checkpoint=checkpoint)
+
+
+def _steps(history):
+    """What a run's steps hold, NaN scores made comparable (by repr: NaN is no NaN's equal)."""
+    return [(s.n, repr(s.state), s.cost, repr(s.score), s.error, s.events) for s in history]
+
+
+@settings(max_examples=60, deadline=None)
+@given(loop_policies(), CALLS)
+def test_a_policy_replayed_on_its_own_run_stops_and_backtracks_where_the_live_loop_did(policy, calls):
+    """The README's promise for tuning by replay: a replay walks the recorded history as the live loop
+    did. Replaying a run's own policy on it must stop after the same step, for the same reason, at the
+    same cost, having backtracked at the same steps, whatever the policy, scores (NaN, none), costs and
+    failed calls."""
+    from loomc import loop
+    run = loop(**loop_kwargs(policy, "memory"))(by_step(calls)).run({"n": None})
+    if run.status == "failed":
+        return  # a failure the policy could not go on from: fn's doing, which a replay does not see
+    replayed = policy.replay(run.history)
+    assert replayed.stopped_after == len(run.history)
+    assert replayed.decision.reason == run.reason
+    assert replayed.cost == run.total_cost
+    assert [at for at, _ in replayed.backtracks] == [s.n for s in run.history
+                                                     if any(e.startswith("backtrack") for e in s.events)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(loop_policies(), CALLS, st.integers(0, 6))
+# A regression that backtracks, then the stop: the resume must go on from the step the backtrack chose.
+@example(Budget(iterations=4) | BestScore(), [(0.5, 0), (0.2, 0), (0.3, 0), (0.1, 0)], 1)
+def test_a_run_stopped_at_any_step_and_resumed_goes_exactly_as_a_straight_run(policy, calls, stop_at):
+    """A run that request_stop ends after any step (a SIGTERM in production), then resumed to its end,
+    must make the same steps with the same states, costs, scores, errors and events as a run that was
+    never stopped, and end the same way: the folds of the plateau, the backtracker and the stall
+    handler carry across the resume."""
+    import tempfile
+    import loomc
+    from loomc import SQLiteStore, loop
+
+    straight = by_step(calls)
+
+    def stopping(state):
+        if loomc.step_number() == stop_at:
+            loomc.request_stop()  # the call is let finish and committed; the run stops before the next
+        return straight(state)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(f"{tmp}/r.db", durability="normal")
+        whole = loop(**loop_kwargs(policy, store))(straight).run({"n": None})
+        run = loop(**loop_kwargs(policy, store))(stopping).run({"n": None})
+        if run.status == "cancelled":
+            run = loop(**loop_kwargs(policy, store))(straight).resume_run(run.id)
+        assert (run.status, run.reason, run.total_cost) == (whole.status, whole.reason, whole.total_cost)
+        assert _steps(run.history) == _steps(whole.history)  # states are read from the store: before it goes
+        store.close()
