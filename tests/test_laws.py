@@ -314,3 +314,24 @@ def test_a_run_stopped_at_any_step_and_resumed_goes_exactly_as_a_straight_run(po
         assert (run.status, run.reason, run.total_cost) == (whole.status, whole.reason, whole.total_cost)
         assert _steps(run.history) == _steps(whole.history)  # states are read from the store: before it goes
         store.close()
+
+
+@QUIET
+@settings(max_examples=60, deadline=None)
+@given(loop_policies(), CALLS)
+def test_an_async_loop_makes_the_same_steps_and_ends_the_same_way_as_a_sync_one(policy, calls):
+    """The sync and async drivers are two pieces of code over one transition: for any policy, scores, costs
+    and failed calls they must commit the same steps and end with the same status, reason and cost."""
+    import asyncio
+    from loomc import loop
+
+    made = by_step(calls)
+
+    async def afn(state):
+        await asyncio.sleep(0)  # a real suspension, as an awaited model call makes
+        return made(state)
+
+    sync = loop(**loop_kwargs(policy, "memory"))(made).run({"n": None})
+    run = asyncio.run(loop(**loop_kwargs(policy, "memory"))(afn).run({"n": None}))
+    assert (run.status, run.reason, run.total_cost) == (sync.status, sync.reason, sync.total_cost)
+    assert _steps(run.history) == _steps(sync.history)
