@@ -22,7 +22,9 @@
   - Thinking and reasoning tokens are already in the output count and are never added twice.
   - OpenAI's audio tokens are a part of the prompt and completion tokens, at audio prices.
 - The service tier (flex, priority, fast) and batch pricing are honoured where the response
-  says so; pass ``batch=True`` for results of the OpenAI Batch API, whose responses do not.
+  says so; pass ``batch=True`` for results of the OpenAI Batch API, whose responses do not. A
+  dearer tier genai-prices has no price for (``ultrafast``, or one the SDK adds later) is a
+  :class:`~loomc.CostUnknown`, never the standard price.
 - Money stays ``Decimal`` from the price to the ledger.
 - A model genai-prices does not know is refused when the adapter is built, unless you pass
   explicit ``rates`` (dollars per million tokens; tool calls per thousand). Other models a
@@ -67,8 +69,12 @@ RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
 # the container's running time), in ways a response does not tell.
 _UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call", "code_execution_tool_result",
                    "bash_code_execution_tool_result", "text_editor_code_execution_tool_result")
-# Tiers a response may report that cost more than the standard prices.
-_SURCHARGES = {("speed", "fast"), ("service_tier", "priority")}
+# The service tiers an OpenAI reply may report that bill at the standard prices: no price context.
+_STANDARD_TIERS = (None, "auto", "default", "standard")
+# What a reply may report that bills at or below the standard prices. Where genai-prices has no price for the
+# tier it answers with the standard one, which cannot undercount these; every other tier (priority, fast,
+# ultrafast, one the SDK adds later) costs more, and its cost is unknown then.
+_NOT_DEARER = {("service_tier", "flex"), ("service_tier", "scale"), ("processing", "batch")}
 
 
 class UsageMissing(CostUnknown):
@@ -189,7 +195,7 @@ def openai_usage(response: Any) -> TokenUsage:
                            "Chat Completions stream, ask for stream_options={'include_usage': True} and price the "
                            "last chunk; for a Responses stream, price the response.completed event)")
     tier = _get(response, "service_tier")
-    context = (("service_tier", tier),) if tier in ("flex", "priority", "fast", "scale") else ()
+    context = () if tier in _STANDARD_TIERS else (("service_tier", str(tier)),)
     if _get(usage, "prompt_tokens") is not None:  # Chat Completions
         details, out = _get(usage, "prompt_tokens_details"), _get(usage, "completion_tokens_details")
         return TokenUsage(input=_n(_get(usage, "prompt_tokens")), output=_n(_get(usage, "completion_tokens")),
@@ -305,7 +311,7 @@ class _Adapter:
             counts = prices.Usage(**_counts(usage))
             price = prices.calc_price(counts, model, provider_id=self.provider, price_context=context or None)
             # A dearer tier genai-prices has no price for comes back at the standard price: that is no price.
-            dearer = [f"{k}={v}" for k, v in context.items() if (k, v) in _SURCHARGES]
+            dearer = [f"{k}={v}" for k, v in context.items() if (k, v) not in _NOT_DEARER]
             unpriced_tier = bool(dearer) and bool(usage.input or usage.output) and price.total_price == (
                 prices.calc_price(counts, model, provider_id=self.provider).total_price)
         except (ConfigError, LookupError):

@@ -39,8 +39,8 @@ def message(usage: dict, text: str = "Yes.") -> Message:
                                    "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
 
 
-def chat(usage: dict | None, tier: str | None = None, text: str = "yes") -> ChatCompletion:
-    data = {"id": f"chatcmpl-{next(IDS)}", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+def chat(usage: dict | None, tier: str | None = None, text: str = "yes", model: str = "gpt-4o") -> ChatCompletion:
+    data = {"id": f"chatcmpl-{next(IDS)}", "object": "chat.completion", "created": 1, "model": model,
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": text}}]}
     if usage is not None:
@@ -984,6 +984,35 @@ def test_a_dearer_tier_genai_prices_has_no_price_for_is_unknown_not_standard():
     with pytest.raises(CostUnknown, match="no service_tier=priority price for gpt-3.5-turbo"):
         OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="priority"))
     assert OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="flex")) > 0  # a discount: no error
+
+
+def test_an_openai_tier_that_is_not_known_to_bill_at_or_below_standard_is_unknown_where_genai_prices_lacks_it():
+    """Regression: only flex, priority, fast and scale were passed on to genai-prices, and only priority was
+    known to cost more. A reply served at `ultrafast` (a tier the Responses API reports in openai 3.x), or
+    at `fast` on a model genai-prices lists no fast price for, was priced at the standard prices without a
+    word: a USD cap that counted it let the loop overspend. Every tier but the standard ones is now passed on,
+    and every one but flex and scale is taken as dearer: its cost is unknown where genai-prices has no price."""
+    from loomc import CostUnknown
+    tokens = {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+              "output_tokens": 100, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1100}
+    gpt5 = OpenAIAdapter("gpt-5")
+    standard = gpt5.cost_from_response(response(tokens))
+    assert standard == (1000 * GPT5["input"] + 100 * GPT5["output"]) / M
+    assert gpt5.cost_from_response(response(tokens, tier="default")) == standard
+    assert gpt5.cost_from_response(response(tokens, tier="flex")) == standard / 2
+    assert gpt5.cost_from_response(response(tokens, tier="fast")) == gpt5.cost_from_response(
+        response(tokens, tier="priority")) > standard  # genai-prices prices fast as priority
+    with pytest.raises(CostUnknown, match=r"genai-prices has no service_tier=ultrafast price for gpt-5, only its "
+                                          r"standard price, which would undercount: pass rates=\{\.\.\.\}"):
+        gpt5.cost_from_response(response(tokens, tier="ultrafast"))
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    with pytest.raises(CostUnknown, match="no service_tier=fast price for gpt-3.5-turbo"):
+        OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="fast", model="gpt-3.5-turbo"))
+    # Under a USD cap, a loop that prices such a reply stops after that paid step rather than count it short.
+    reply = response(tokens, tier="ultrafast")
+    run = loop(budget=Budget(usd=1), cost_fn=gpt5.cost_fn, checkpoint="memory")(
+        lambda s: {"_response": reply.model_dump(), "n": s["n"] + 1}).run({"n": 0})
+    assert run.status == "failed" and run.steps == 1 and "service_tier=ultrafast" in run.reason
 
 
 def test_an_adapter_or_its_charge_given_as_cost_fn_is_refused_at_decoration(sonnet):
