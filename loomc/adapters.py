@@ -174,8 +174,9 @@ def _anthropic_top(usage: Any) -> TokenUsage:
     context = []
     if _get(usage, "service_tier") == "batch":
         context.append(("processing", "batch"))
-    if _get(usage, "speed") == "fast":
-        context.append(("speed", "fast"))
+    speed = _get(usage, "speed")
+    if speed not in (None, "standard"):  # fast mode, or a faster one the SDK reports later: dearer
+        context.append(("speed", str(speed)))
     return _anthropic_tokens(usage, context=tuple(context), inference_geo=_get(usage, "inference_geo"),
                              web_search=_n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
 

@@ -986,7 +986,7 @@ def test_a_dearer_tier_genai_prices_has_no_price_for_is_unknown_not_standard():
     assert OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="flex")) > 0  # a discount: no error
 
 
-def test_an_openai_tier_that_is_not_known_to_bill_at_or_below_standard_is_unknown_where_genai_prices_lacks_it():
+def test_a_tier_that_is_not_known_to_bill_at_or_below_standard_is_unknown_where_genai_prices_lacks_it():
     """Regression: only flex, priority, fast and scale were passed on to genai-prices, and only priority was
     known to cost more. A reply served at `ultrafast` (a tier the Responses API reports in openai 3.x), or
     at `fast` on a model genai-prices lists no fast price for, was priced at the standard prices without a
@@ -1008,6 +1008,11 @@ def test_an_openai_tier_that_is_not_known_to_bill_at_or_below_standard_is_unknow
     usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
     with pytest.raises(CostUnknown, match="no service_tier=fast price for gpt-3.5-turbo"):
         OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="fast", model="gpt-3.5-turbo"))
+    # The same for an Anthropic speed other than standard and fast (the SDK may add one): dearer, unknown.
+    turbo = message({"input_tokens": 1000, "output_tokens": 100})
+    turbo.usage.speed = "turbo"  # not in this SDK's Literal: set as a later SDK would parse it
+    with pytest.raises(CostUnknown, match="no speed=turbo price for claude-sonnet-4-6"):
+        AnthropicAdapter("claude-sonnet-4-6").cost_from_response(turbo)
     # Under a USD cap, a loop that prices such a reply stops after that paid step rather than count it short.
     reply = response(tokens, tier="ultrafast")
     run = loop(budget=Budget(usd=1), cost_fn=gpt5.cost_fn, checkpoint="memory")(
