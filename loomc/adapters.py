@@ -69,8 +69,8 @@ RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
 # the container's running time), in ways a response does not tell.
 _UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call", "code_execution_tool_result",
                    "bash_code_execution_tool_result", "text_editor_code_execution_tool_result")
-# The service tiers an OpenAI reply may report that bill at the standard prices: no price context.
-_STANDARD_TIERS = (None, "auto", "default", "standard")
+# What a reply reports for the standard service tier or speed (or leaves out): no price context.
+_STANDARD = (None, "auto", "default", "standard")
 # What a reply may report that bills at or below the standard prices. Where genai-prices has no price for the
 # tier it answers with the standard one, which cannot undercount these; every other tier (priority, fast,
 # ultrafast, one the SDK adds later) costs more, and its cost is unknown then.
@@ -175,7 +175,7 @@ def _anthropic_top(usage: Any) -> TokenUsage:
     if _get(usage, "service_tier") == "batch":
         context.append(("processing", "batch"))
     speed = _get(usage, "speed")
-    if speed not in (None, "standard"):  # fast mode, or a faster one the SDK reports later: dearer
+    if speed not in _STANDARD:  # fast mode, or a faster one the SDK reports later: dearer
         context.append(("speed", str(speed)))
     return _anthropic_tokens(usage, context=tuple(context), inference_geo=_get(usage, "inference_geo"),
                              web_search=_n(_get(_get(usage, "server_tool_use"), "web_search_requests")))
@@ -196,7 +196,7 @@ def openai_usage(response: Any) -> TokenUsage:
                            "Chat Completions stream, ask for stream_options={'include_usage': True} and price the "
                            "last chunk; for a Responses stream, price the response.completed event)")
     tier = _get(response, "service_tier")
-    context = () if tier in _STANDARD_TIERS else (("service_tier", str(tier)),)
+    context = () if tier in _STANDARD else (("service_tier", str(tier)),)
     if _get(usage, "prompt_tokens") is not None:  # Chat Completions
         details, out = _get(usage, "prompt_tokens_details"), _get(usage, "completion_tokens_details")
         return TokenUsage(input=_n(_get(usage, "prompt_tokens")), output=_n(_get(usage, "completion_tokens")),
