@@ -8,7 +8,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from loomc import BestScore, Budget, History, Step, always, never, predicate, score_plateau
+import loomc
+from loomc import (BestScore, Budget, Escalate, History, LastGood, SQLiteStore, Step, always, loop, never,
+                   predicate, score_plateau)
 from loomc.errors import COST_UNKNOWN_METRIC
 
 
@@ -216,7 +218,6 @@ def test_pruning_states_changes_nothing_a_resume_reads_or_returns(outcomes, spli
 # and a stall handler.
 @st.composite
 def loop_policies(draw):
-    from loomc import Escalate, LastGood
     policy = Budget(iterations=draw(st.integers(1, 16)), usd=draw(st.sampled_from([None, "0.2", "0.5"])))
     if draw(st.booleans()):
         policy = policy | score_plateau(draw(st.integers(1, 4)), draw(st.sampled_from([0.0, 0.01, 0.1])))
@@ -239,8 +240,6 @@ CALLS = st.lists(st.tuples(st.one_of(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]),
 
 def by_step(calls):
     """A fn whose step n gives calls[n]: the same in a straight run and across a stop and a resume."""
-    import loomc
-
     def fn(state):
         n = loomc.step_number()
         score, cents = calls[n % len(calls)]
@@ -272,7 +271,6 @@ def test_a_policy_replayed_on_its_own_run_stops_and_backtracks_where_the_live_lo
     did. Replaying a run's own policy on it must stop after the same step, for the same reason, at the
     same cost, having backtracked at the same steps, whatever the policy, scores (NaN, none), costs and
     failed calls."""
-    from loomc import loop
     run = loop(**loop_kwargs(policy, "memory"))(by_step(calls)).run({"n": None})
     if run.status == "failed":
         return  # a failure the policy could not go on from: fn's doing, which a replay does not see
@@ -295,8 +293,6 @@ def test_a_run_stopped_at_any_step_and_resumed_goes_exactly_as_a_straight_run(po
     never stopped, and end the same way: the folds of the plateau, the backtracker and the stall
     handler carry across the resume."""
     import tempfile
-    import loomc
-    from loomc import SQLiteStore, loop
 
     straight = by_step(calls)
 
@@ -323,7 +319,6 @@ def test_an_async_loop_makes_the_same_steps_and_ends_the_same_way_as_a_sync_one(
     """The sync and async drivers are two pieces of code over one transition: for any policy, scores, costs
     and failed calls they must commit the same steps and end with the same status, reason and cost."""
     import asyncio
-    from loomc import loop
 
     made = by_step(calls)
 
