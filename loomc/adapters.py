@@ -25,6 +25,8 @@
   says so; pass ``batch=True`` for results of the OpenAI Batch API, whose responses do not. A
   dearer tier genai-prices has no price for (``ultrafast``, or one the SDK adds later) is a
   :class:`~loomc.CostUnknown`, never the standard price.
+- A reply is priced at the model that served it, as it names it (a call may ask for a stronger model
+  than the adapter's), unless that is the adapter's model by another name: a dated snapshot of it.
 - Money stays ``Decimal`` from the price to the ledger.
 - A model genai-prices does not know is refused when the adapter is built, unless you pass
   explicit ``rates`` (dollars per million tokens; tool calls per thousand). Other models a
@@ -41,7 +43,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -217,7 +221,11 @@ Line = tuple[str, TokenUsage]  # a model and the usage billed at its prices
 # The kinds of an Anthropic reply's usage.iterations that served the reply (the others: compaction, advisor).
 _SERVING = ("message", "fallback_message")
 Priced = tuple[Decimal, CostUnknown | None]  # the dollars known, and what could not be priced
-Billed = tuple[Decimal, CostUnknown | None, tuple[int, int] | None]  # and the input and output tokens
+# And the input and output tokens, and the model the reply was billed to (its line item).
+Billed = tuple[Decimal, CostUnknown | None, tuple[int, int] | None, str]
+# A dated snapshot of a model, as a reply names the model a call asked for by its alias: gpt-4o-2024-08-06,
+# claude-sonnet-4-5-20250929.
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
 class _Adapter:
@@ -249,14 +257,42 @@ class _Adapter:
         raise NotImplementedError
 
     def _check_known(self) -> None:
-        prices = _genai_prices()
-        try:
-            prices.calc_price(prices.Usage(input_tokens=0, output_tokens=0), self.model, provider_id=self.provider)
-        except LookupError:
+        if _listed(self.provider, self.model) is None:
             raise ConfigError(
                 f"genai-prices does not know the {self.provider} model {self.model!r}; pass its prices in dollars "
                 f"per million tokens: {type(self).__name__}({self.model!r}, rates={{'input': 3.0, 'output': 15.0, "
-                "'cache_read': 0.3, 'cache_write': 3.75}})") from None
+                "'cache_read': 0.3, 'cache_write': 3.75}})")
+
+    def _billed_to(self, response: Any) -> str:
+        """The model a reply was billed to: the one it names, unless that is this adapter's model by another name.
+
+        A call may ask for another model than the adapter's (a stronger one once the loop stalls, say), and a
+        reply names the model that served it, so pricing it at the adapter's model could undercount many times
+        over. The same model by another name is this adapter's: a dated snapshot that genai-prices lists under
+        the same model, or does not list yet; and, for an adapter given ``rates``, a name genai-prices does not
+        list (a provider's own name for the model). A model given ``model_rates`` under another of its names
+        is priced by them.
+        """
+        name = _get(response, "model")
+        if name is None:  # a Responses stream event: response.completed holds the whole reply
+            name = _get(_get(response, "response"), "model")
+        if not isinstance(name, str) or not name:
+            return self.model
+        name = self._name(name)
+        if name == self.model or name in self.model_rates:
+            return name
+        try:
+            listed = _listed(self.provider, name)
+        except ConfigError:  # genai-prices is not installed: this adapter prices by its rates alone
+            listed = None
+        if listed is None:
+            snapshot = _SNAPSHOT.search(name)
+            if self.rates is not None or (snapshot is not None and name[:snapshot.start()] == self.model):
+                return self.model
+            return name
+        if listed == _listed(self.provider, self.model):
+            return self.model
+        return next((other for other in self.model_rates if _listed(self.provider, other) == listed), name)
 
     def cost_from_usage(self, usage: TokenUsage, model: str | None = None) -> Decimal:
         """Dollars for ``usage`` at the prices of ``model`` (this adapter's model by default), exactly.
@@ -272,7 +308,7 @@ class _Adapter:
 
     def _priced(self, response: Any) -> Priced:
         reply, batched = _batch_result(response)
-        return self._priced_reply(reply, batched)
+        return self._priced_reply(reply, batched, self._billed_to(reply))
 
     def _warn_unpriced(self, parts: Any) -> None:
         """A NoCostWarning for the parts of a reply (content blocks, output items) billed outside its token
@@ -284,9 +320,10 @@ class _Adapter:
                            f"billed by the image or the container rather than in its token counts, which {self!r} "
                            "cannot price: record that spend with loomc.charge(usd, item='...')", NoCostWarning)
 
-    def _priced_reply(self, response: Any, batched: bool) -> Priced:
-        """What a reply cost; ``batched`` when it came as one result of a batch API (at batch prices)."""
-        return self._price_lines([(self.model, _at_batch_prices(self.usage(response), batched))])
+    def _priced_reply(self, response: Any, batched: bool, model: str) -> Priced:
+        """What a reply billed to ``model`` cost; ``batched`` when it came as one result of a batch API (at batch
+        prices)."""
+        return self._price_lines([(model, _at_batch_prices(self.usage(response), batched))])
 
     def _price_lines(self, lines: list[Line]) -> Priced:
         priced = [self._price(model, usage) for model, usage in lines]
@@ -340,11 +377,11 @@ class _Adapter:
 
         Call it right after the paid call: the spend is counted even if the process dies on the
         next line, and the state need not carry the response. Returns the dollars charged. It is
-        the step's line item ``item``, by default the adapter's model (``step.metrics["cost_items"]``).
+        the step's line item ``item``, by default the model that served the reply (``step.metrics["cost_items"]``).
         """
-        usd, problem, tokens = self._billed(response)
+        usd, problem, tokens, model = self._billed(response)
         if usd or problem is None:
-            charge(usd, item=self.model if item is None else item, tokens=tokens)
+            charge(usd, item=model if item is None else item, tokens=tokens)
         if problem is not None:
             raise problem
         return usd
@@ -355,8 +392,8 @@ class _Adapter:
         The response is priced, and its spend joins the step, the moment this is called: an
         ``await`` forgotten loses the write-ahead to the store, never the money.
         """
-        usd, problem, tokens = self._billed(response)
-        counted = (spent("acharge", usd, self.model if item is None else item, tokens) if usd or problem is None
+        usd, problem, tokens, model = self._billed(response)
+        counted = (spent("acharge", usd, model if item is None else item, tokens) if usd or problem is None
                    else None)
         return named(_written(counted, usd, problem), f"{type(self).__name__}.acharge")
 
@@ -366,37 +403,39 @@ class _Adapter:
         if response is None:
             raise UsageMissing(f"{self!r}.cost_fn found no response on the state: return the SDK response "
                                "as state['_response'] (or the attribute _response)")
-        usd, problem, tokens = self._billed(response)
+        usd, problem, tokens, model = self._billed(response)
         if problem is not None:
             if usd:  # the part that is known still counts: the step fails with it charged
-                        charge(usd, item=self.model, tokens=tokens)
+                charge(usd, item=model, tokens=tokens)
             raise problem
         run = current_run()
         if run is not None and run.in_flight >= 0 and (usd or tokens):
-            run.itemise(usd, self.model, tokens)  # the step's line item and tokens, as charge(reply) tells them
+            run.itemise(usd, model, tokens)  # the step's line item and tokens, as charge(reply) tells them
         return usd
 
     def _billed(self, response: Any) -> Billed:
-        """What ``response`` cost, and its tokens. A part whose price is unknown is an error under a USD cap
-        (returned, with the dollars that are known); without one it is counted as $0, with a warning. A
-        response the run has priced already is counted once (and its tokens not at all)."""
-        tokens = None
+        """What ``response`` cost, its tokens, and the model it was billed to. A part whose price is unknown is
+        an error under a USD cap (returned, with the dollars that are known); without one it is counted as $0,
+        with a warning. A response the run has priced already is counted once (and its tokens not at all)."""
+        tokens, model = None, self.model
         try:
             response, batched = _batch_result(response)
             again = _priced_before(response)
             if again is not None:
                 warn_at_caller(again, AlreadyPricedWarning)
-                return Decimal(0), None, None
-            usd, problem = self._priced_reply(response, batched)
+                return Decimal(0), None, None, model
+            model = self._billed_to(response)
+            usd, problem = self._priced_reply(response, batched, model)
             tokens = self._tokens(response)
         except UsageMissing as e:
             usd, problem = Decimal(0), e
         if problem is None:
-            return usd, None, tokens
+            return usd, None, tokens, model
         if _usd_capped():
-            return usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0"), tokens
+            return (usd, type(problem)(f"{problem}; a USD budget is set, so loomc will not count it as $0"), tokens,
+                    model)
         warn_at_caller(f"loomc: {problem}; what has no price is counted as $0 (no USD budget is set)", UserWarning)
-        return usd, None, tokens
+        return usd, None, tokens, model
 
     def _tokens(self, response: Any) -> tuple[int, int]:
         """The input and output tokens billed for a reply (cached and reasoning tokens are parts of them)."""
@@ -481,35 +520,35 @@ class AnthropicAdapter(_Adapter):
     def usage(self, response: Any) -> TokenUsage:
         return anthropic_usage(response)
 
-    def _priced_reply(self, response: Any, batched: bool) -> Priced:
+    def _priced_reply(self, response: Any, batched: bool, model: str) -> Priced:
         self._warn_unpriced(_get(response, "content"))
-        return self._priced_usage(response, batched)
+        return self._priced_usage(response, batched, model)
 
-    def _priced_usage(self, response: Any, batched: bool) -> Priced:
+    def _priced_usage(self, response: Any, batched: bool, model: str) -> Priced:
         """The top-level counts, or, when the response lists ``usage.iterations``, each iteration.
 
         Compaction and advisor iterations are not in the top-level counts, and an advisor or a
         fallback iteration names its own model. The iterations that served the reply (``message``,
         ``fallback_message``) are priced one by one at their own model's prices: each is its own
         request, for long-context tiers too. Should the top-level counts hold more tokens than those
-        iterations, they are priced as well, at this adapter's model, and the dearer reading counts.
+        iterations, they are priced as well, at ``model`` (the reply's), and the dearer reading counts.
         """
         usage = _anthropic_usage_block(response)
         top, entries = _at_batch_prices(_anthropic_top(usage), batched), _get(usage, "iterations") or ()
         if not entries:
-            return self._price_lines([(self.model, top)])
+            return self._price_lines([(model, top)])
         served: list[Line] = []
-        extra: list[Line] = ([(self.model, TokenUsage(input=0, output=0, context=top.context,
+        extra: list[Line] = ([(model, TokenUsage(input=0, output=0, context=top.context,
                                                       web_search=top.web_search))] if top.web_search else [])
         for entry in entries:
-            line = (self._name(_get(entry, "model") or self.model),
+            line = (self._name(_get(entry, "model") or model),
                     _anthropic_tokens(entry, context=top.context, inference_geo=top.inference_geo))
             (served if _get(entry, "type") in _SERVING else extra).append(line)
         parts, parts_problem = self._price_lines(served)
         usd, problem = self._price_lines(extra)
         if all(getattr(top, count) <= sum(getattr(u, count) for _, u in served) for count in ("input", "output")):
             return parts + usd, _together((parts_problem, problem))
-        whole, whole_problem = self._price_lines([(self.model, replace(top, web_search=0))])
+        whole, whole_problem = self._price_lines([(model, replace(top, web_search=0))])
         return max(whole, parts) + usd, _together((parts_problem, whole_problem, problem))
 
     def _tokens(self, response: Any) -> tuple[int, int]:
@@ -548,9 +587,9 @@ class OpenAIAdapter(_Adapter):
     def usage(self, response: Any) -> TokenUsage:
         return openai_usage(response)
 
-    def _priced_reply(self, response: Any, batched: bool) -> Priced:
+    def _priced_reply(self, response: Any, batched: bool, model: str) -> Priced:
         self._warn_unpriced(_get(response, "output"))
-        return super()._priced_reply(response, batched)
+        return super()._priced_reply(response, batched, model)
 
     apis = ("chat", "responses")
 
@@ -725,6 +764,16 @@ def _genai_prices() -> Any:
         raise ConfigError('pricing by model name needs genai-prices: pip install "loomc[adapters]", '
                           "or pass rates={...} in dollars per million tokens") from None
     return genai_prices
+
+
+@functools.lru_cache(maxsize=256)
+def _listed(provider: str, model: str) -> str | None:
+    """The id genai-prices lists ``model`` under (a snapshot and its alias share one), or ``None``."""
+    prices = _genai_prices()
+    try:
+        return str(prices.calc_price(prices.Usage(input_tokens=0, output_tokens=0), model, provider_id=provider).model.id)
+    except LookupError:
+        return None
 
 
 def _usd_capped() -> bool:

@@ -33,9 +33,9 @@ GPT4O = {"input": Decimal("2.50"), "cached": Decimal("1.25"), "output": Decimal(
 GPT5 = {"input": Decimal("1.25"), "cached": Decimal("0.125"), "output": Decimal("10")}
 
 
-def message(usage: dict, text: str = "Yes.") -> Message:
+def message(usage: dict, text: str = "Yes.", model: str = "claude-sonnet-4-6") -> Message:
     return Message.model_validate({"id": f"msg_{next(IDS)}", "type": "message", "role": "assistant",
-                                   "model": "claude-sonnet-4-6", "content": [{"type": "text", "text": text}],
+                                   "model": model, "content": [{"type": "text", "text": text}],
                                    "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
 
 
@@ -163,7 +163,7 @@ def test_an_unknown_model_is_refused_at_construction_unless_rates_are_given():
     with pytest.raises(ConfigError, match="rates="):
         AnthropicAdapter("claude-made-up-9")
     custom = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10, "cache_read": "0.2"})
-    msg = message({"input_tokens": 100, "cache_read_input_tokens": 1000, "output_tokens": 50})
+    msg = message({"input_tokens": 100, "cache_read_input_tokens": 1000, "output_tokens": 50}, model="claude-made-up-9")
     assert custom.cost_from_response(msg) == (100 * 2 + 1000 * Decimal("0.2") + 50 * 10) / M
     with pytest.raises(ConfigError, match="input"):
         AnthropicAdapter("x", rates={"output": 1})
@@ -711,10 +711,10 @@ def test_a_call_whose_cost_is_unknown_ends_a_usd_capped_run_even_with_a_backtrac
 OPUS = {"input": Decimal("5"), "output": Decimal("25")}  # claude-opus-4-7, the advisor below
 
 
-def beta_message(usage: dict):
+def beta_message(usage: dict, model: str = "claude-sonnet-4-6"):
     from anthropic.types.beta import BetaMessage
     return BetaMessage.model_validate({"id": f"msg_{next(IDS)}", "type": "message", "role": "assistant",
-                                       "model": "claude-sonnet-4-6", "content": [{"type": "text", "text": "Done."}],
+                                       "model": model, "content": [{"type": "text", "text": "Done."}],
                                        "stop_reason": "end_turn", "stop_sequence": None, "usage": usage})
 
 
@@ -771,7 +771,7 @@ def test_a_model_or_tool_call_without_a_price_is_named_and_can_be_given_one(sonn
         AnthropicAdapter("claude-sonnet-4-6", model_rates={"claude-x": 3})
 
     searched = message({"input_tokens": 100, "output_tokens": 10,
-                        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}})
+                        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}}, model="claude-made-up-9")
     own = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10})
     with pytest.raises(CostUnknown, match="no price is given for 3 web search calls to claude-made-up-9: "
                                           "add 'web_search'"):
@@ -781,7 +781,7 @@ def test_a_model_or_tool_call_without_a_price_is_named_and_can_be_given_one(sonn
     old = AnthropicAdapter("claude-3-haiku-20240307")  # genai-prices has no web-search price for it
     with pytest.raises(CostUnknown, match="genai-prices has no price for 3 web search calls to "
                                           "claude-3-haiku-20240307"):
-        old.cost_from_response(searched)
+        old.cost_from_response(searched.model_copy(update={"model": "claude-3-haiku-20240307"}))
 
 
 def test_openai_responses_tool_calls_are_priced_per_call():
@@ -857,10 +857,10 @@ def test_openai_audio_tokens_are_priced_at_audio_prices():
     usage = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
              "prompt_tokens_details": {"audio_tokens": 800, "cached_tokens": 0},
              "completion_tokens_details": {"audio_tokens": 400, "reasoning_tokens": 0}}
-    reply = chat(usage)
     text_in, text_out = Decimal("2.5"), Decimal("10")
     expected = (200 * text_in + 800 * Decimal("32") + 100 * text_out + 400 * Decimal("64")) / M
-    assert OpenAIAdapter("gpt-audio").cost_from_response(reply) == expected == Decimal("0.0527")
+    assert OpenAIAdapter("gpt-audio").cost_from_response(chat(usage, model="gpt-audio")) == expected == Decimal("0.0527")
+    reply = chat(usage, model="gpt-4o-audio-preview")
     from loomc import CostUnknown
     with pytest.raises(CostUnknown, match="genai-prices has no price for 800 audio input tokens and 400 audio output "
                                           "tokens to gpt-4o-audio-preview.*'input_audio'"):
@@ -929,9 +929,10 @@ def test_each_serving_iteration_is_its_own_request_for_long_context_prices():
     top-level counts add up to 300,000."""
     adapter = AnthropicAdapter("claude-sonnet-4-5")
     reply = beta_message({"input_tokens": 300000, "output_tokens": 0, "iterations": [
-        iteration("message", 150000, 0), iteration("message", 150000, 0)]})
+        iteration("message", 150000, 0), iteration("message", 150000, 0)]}, model="claude-sonnet-4-5")
     assert adapter.cost_from_response(reply) == 2 * 150000 * SONNET["input"] / M == Decimal("0.9")
-    assert adapter.cost_from_response(message({"input_tokens": 300000, "output_tokens": 0})) == Decimal("1.8")
+    whole = message({"input_tokens": 300000, "output_tokens": 0}, model="claude-sonnet-4-5")
+    assert adapter.cost_from_response(whole) == Decimal("1.8")
 
 
 def test_an_anthropic_stream_event_is_refused_not_priced_without_its_input(sonnet):
@@ -975,15 +976,16 @@ def test_a_dearer_tier_genai_prices_has_no_price_for_is_unknown_not_standard():
     no price for the tier, it answers with the standard one; that was taken as the cost."""
     from loomc import CostUnknown
     fast = {"input_tokens": 1000, "output_tokens": 100, "speed": "fast"}
-    assert AnthropicAdapter("claude-opus-5").cost_from_response(message(fast)) == (1000 * 10 + 100 * 50) / M
+    assert AnthropicAdapter("claude-opus-5").cost_from_response(message(fast, model="claude-opus-5")) == (
+        1000 * 10 + 100 * 50) / M
     with pytest.raises(CostUnknown, match="genai-prices has no speed=fast price for claude-opus-4-6.*rates="):
-        AnthropicAdapter("claude-opus-4-6").cost_from_response(message(fast))
+        AnthropicAdapter("claude-opus-4-6").cost_from_response(message(fast, model="claude-opus-4-6"))
     usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
     assert OpenAIAdapter("gpt-4o").cost_from_response(chat(usage, tier="priority")) == (
         1000 * Decimal("4.25") + 100 * 17) / M
     with pytest.raises(CostUnknown, match="no service_tier=priority price for gpt-3.5-turbo"):
-        OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="priority"))
-    assert OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="flex")) > 0  # a discount: no error
+        OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="priority", model="gpt-3.5-turbo"))
+    assert OpenAIAdapter("gpt-3.5-turbo").cost_from_response(chat(usage, tier="flex", model="gpt-3.5-turbo")) > 0
 
 
 def test_a_tier_that_is_not_known_to_bill_at_or_below_standard_is_unknown_where_genai_prices_lacks_it():
@@ -1018,6 +1020,64 @@ def test_a_tier_that_is_not_known_to_bill_at_or_below_standard_is_unknown_where_
     run = loop(budget=Budget(usd=1), cost_fn=gpt5.cost_fn, checkpoint="memory")(
         lambda s: {"_response": reply.model_dump(), "n": s["n"] + 1}).run({"n": 0})
     assert run.status == "failed" and run.steps == 1 and "service_tier=ultrafast" in run.reason
+
+
+def test_a_reply_from_another_model_than_the_adapters_is_priced_at_that_models_prices(tmp_path):
+    """Regression: a reply was priced at the adapter's model whatever model served it. A loop that calls
+    gpt-4o-mini, and gpt-4o once it stalls, under OpenAIAdapter("gpt-4o-mini") counted each gpt-4o call at
+    a sixteenth of its price: its $1.00 cap saw $0.62 after 40 calls that cost $9.67. A reply is now priced
+    at the model it names, unless that is the adapter's model by another name (a dated snapshot)."""
+    from loomc import CostUnknown
+    usage = {"prompt_tokens": 100_000, "completion_tokens": 1_000, "total_tokens": 101_000}
+    mini_call = (100_000 * Decimal("0.15") + 1_000 * Decimal("0.60")) / M
+    big_call = (100_000 * GPT4O["input"] + 1_000 * GPT4O["output"]) / M
+    mini = OpenAIAdapter("gpt-4o-mini")
+    assert mini.cost_from_response(chat(usage, model="gpt-4o-mini-2024-07-18")) == mini_call
+    assert mini.cost_from_response(chat(usage, model="gpt-4o-2024-08-06")) == big_call
+    assert OpenAIAdapter("gpt-4o").cost_from_response(chat(usage, model="gpt-4o-2024-05-13")) == (
+        100_000 * 5 + 1_000 * 15) / M  # an older snapshot of the alias, at its own prices
+    haiku = AnthropicAdapter("claude-haiku-4-5")
+    assert haiku.cost_from_response(message({"input_tokens": 1000, "output_tokens": 100},
+                                            model="claude-opus-4-1-20250805")) == (1000 * 15 + 100 * 75) / M
+
+    db = tmp_path / "c.db"
+    calls = []
+
+    @loop(budget=Budget(usd=1.00, iterations=40), checkpoint=str(db))
+    def escalating(state):
+        model = "gpt-4o-2024-08-06" if state["n"] >= 3 else "gpt-4o-mini-2024-07-18"  # a stronger model after 3
+        calls.append(model)
+        mini.charge(chat(usage, model=model))
+        return {"n": state["n"] + 1}
+
+    run = escalating.run({"n": 0})
+    paid = sum(big_call if model.startswith("gpt-4o-2") else mini_call for model in calls)
+    assert run.status == "budget_exhausted" and run.total_cost == paid <= Decimal(1)
+    assert len(calls) == 6  # 3 cheap calls, then 3 at $0.26: a fourth would pass the cap
+    # Each call is the line item of the model that served it; the adapter's model under its own name.
+    assert run.history[0].metrics["cost_items"] == {"gpt-4o-mini": str(mini_call)}
+    assert run.history[3].metrics["cost_items"] == {"gpt-4o-2024-08-06": str(big_call)}
+
+    # The adapter's model by another name: a snapshot genai-prices does not list yet is the alias called.
+    gpt4o = OpenAIAdapter("gpt-4o")
+    assert gpt4o.cost_from_response(chat(usage, model="gpt-4o-2031-01-01")) == big_call
+    # Another model whose prices nobody knows: unknown, never the adapter's prices; model_rates prices it.
+    with pytest.raises(CostUnknown, match="billed to the openai model 'gpt-9', whose prices are not known: pass "
+                                          r"them, as in OpenAIAdapter\('gpt-4o', model_rates=\{'gpt-9'"):
+        gpt4o.cost_from_response(chat(usage, model="gpt-9"))
+    assert OpenAIAdapter("gpt-4o", model_rates={"gpt-9": {"input": 20, "output": 80}}).cost_from_response(
+        chat(usage, model="gpt-9")) == (100_000 * 20 + 1_000 * 80) / M
+    assert OpenAIAdapter("gpt-4o-mini", model_rates={"gpt-4o": {"input": 2, "output": 8}}).cost_from_response(
+        chat(usage, model="gpt-4o-2024-08-06")) == (100_000 * 2 + 1_000 * 8) / M  # under any of its names
+    # An adapter given rates for a model genai-prices does not list takes them for a name it does not list
+    # either (a provider's own name for the model called), and a listed model at its listed prices.
+    own = OpenAIAdapter("llama-3-70b", rates={"input": 1, "output": 2})
+    assert own.cost_from_response(chat(usage, model="meta-llama/Meta-Llama-3-70B-Instruct")) == (
+        100_000 * 1 + 1_000 * 2) / M
+    assert own.cost_from_response(chat(usage, model="gpt-4o-2024-08-06")) == big_call
+    # Rates given for a listed model stay its prices under any of its names.
+    assert OpenAIAdapter("gpt-4o", rates={"input": 1, "output": 2}).cost_from_response(
+        chat(usage, model="gpt-4o-2024-08-06")) == (100_000 * 1 + 1_000 * 2) / M
 
 
 def test_an_adapter_or_its_charge_given_as_cost_fn_is_refused_at_decoration(sonnet):
