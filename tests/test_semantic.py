@@ -9,7 +9,7 @@ import pytest
 
 from conftest import sync_or_async
 from loomc import Budget, LastGood, loop, semantic_delta
-from loomc.semantic import DISTANCE, VECTOR, cosine_distance, load_model
+from loomc.semantic import DISTANCE, VECTOR, cosine_distance, load_model, unpack
 
 pytest.importorskip("sentence_transformers")
 
@@ -41,6 +41,28 @@ def test_unrelated_texts_do_not_converge_and_the_first_step_never_stops(model):
     assert run.status == "budget_exhausted"
     assert DISTANCE not in run.history[0].metrics and VECTOR in run.history[0].metrics
     assert all(s.metrics[DISTANCE] > 0.3 for s in run.history[1:])
+
+
+def test_a_change_past_the_models_token_limit_is_seen(model):
+    """Regression: all-MiniLM-L6-v2 reads at most 256 tokens of a text (about 190 words) and drops the rest,
+    so a report whose rewrites all fell past that point had the same embedding at every step, and the loop
+    "converged" after its second paid call, its outputs "0.0000 apart". A longer text is now embedded in
+    pieces the model reads whole, their vectors averaged by their tokens."""
+    intro = ("Our team reviewed the payment service over the last quarter. Latency rose during the holiday "
+             "peak, and two outages traced back to a misconfigured connection pool. ") * 8
+    ship = ("We recommend shipping the new release next week: the fixes are tested, the rollback plan is "
+            "ready, and the on-call rotation is staffed. ") * 3
+    bread = "Sourdough bread needs flour, water, salt and a lively starter; bake it hot in a covered pot. " * 3
+    assert len(model.tokenizer(intro, add_special_tokens=False, verbose=False)["input_ids"]) > model.max_seq_length
+    whole = model.encode([intro + ship, intro + bread], normalize_embeddings=True)
+    assert cosine_distance(*whole) == 0.0  # the model alone never sees the endings
+    run = run_texts([intro + ship, intro + bread, intro + bread, "unused"], model=model)
+    assert run.status == "completed" and len(run.history) == 3, run.reason
+    assert run.history[1].metrics[DISTANCE] > 0.05 and run.history[2].metrics[DISTANCE] < 1e-6
+    # A text the model reads whole is embedded as before, so a recorded run's vectors compare with new ones.
+    short = run_texts(["The quarterly report shows revenue grew 10 percent.", "unused"], model=model)
+    assert cosine_distance(unpack(short.history[0].metrics[VECTOR]), model.encode(
+        ["The quarterly report shows revenue grew 10 percent."], normalize_embeddings=True)[0]) < 1e-6
 
 
 def test_the_default_model_name_loads_offline_and_a_path_works_too(model):
