@@ -259,13 +259,18 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
     except RecursionError:
         return
     except Exception as e:
-        change = f"the stored state does not decode again ({_first_line(e)}), so a resume would fail"
+        change = f"the stored state does not decode again ({_first_line(e)}), so a resume would fail", _DECLARE
     if change is not None:
-        warn_at_caller(f"loomc: {change} when read back from the store (by a resume, or a backtrack to it). "
-                       "Declare the field's type on the state type (a TypedDict, dataclass or pydantic model "
-                       "annotating fn's state parameter), or keep it to JSON values: dicts with str keys, lists, "
-                       "str, int, float, bool, None",
+        what, advice = change
+        warn_at_caller(f"loomc: {what} when read back from the store (by a resume, or a backtrack to it). {advice}",
                        StateRoundTripWarning)
+
+
+_DECLARE = ("Declare the field's type on the state type (a TypedDict, dataclass or pydantic model annotating fn's "
+            "state parameter), or keep it to JSON values: dicts with str keys, lists, str, int, float, bool, None")
+_SECRET = ("pydantic stores a secret masked, so fn would be handed the mask, not the secret: keep secrets out of the "
+           "state, and read them inside fn (from the environment, or a client made once), where the store never "
+           "holds them")
 
 
 def stored_difference(state: Any, stored: str) -> str | None:
@@ -301,25 +306,34 @@ def _first_difference(now: Any, then: Any, where: str) -> str | None:
     return f"{where} is {short_repr(now)} in the state passed, {short_repr(then)} in the stored one"
 
 
+def _is_secret(value: Any) -> bool:
+    """Whether ``value`` is a pydantic ``SecretStr`` or ``SecretBytes`` (stored masked, as ``'**********'``)."""
+    pydantic = sys.modules.get("pydantic")  # none exists unless pydantic was imported
+    return pydantic is not None and isinstance(value, (pydantic.SecretStr, pydantic.SecretBytes))
+
+
 def _a(name: str) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
-def _difference(live: Any, back: Any, where: str) -> str | None:
-    """Where ``back``, decoded from the store, first differs from ``live``, in words; ``None`` if nowhere."""
+def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
+    """Where ``back``, decoded from the store, first differs from ``live``, in words, and what to do about it;
+    ``None`` if nowhere."""
+    if _is_secret(live) and live != back:
+        return f"{where} is a pydantic {type(live).__name__}, and comes back as its mask {short_repr(back)}", _SECRET
     if type(live) is not type(back):
-        return f"{where} is {_a(type(live).__name__)}, and comes back as {_a(type(back).__name__)}"
+        return f"{where} is {_a(type(live).__name__)}, and comes back as {_a(type(back).__name__)}", _DECLARE
     if isinstance(live, dict):
         for key, value in live.items():
             if key not in back:
-                return f"{where} key {key!r} is {_a(type(key).__name__)}, and comes back as a str"
+                return f"{where} key {key!r} is {_a(type(key).__name__)}, and comes back as a str", _DECLARE
             found = _difference(value, back[key], f"{where}[{key!r}]")
             if found is not None:
                 return found
         return None
     if isinstance(live, (list, tuple)):
         if len(live) != len(back):
-            return f"{where} has {len(live)} items, and comes back with {len(back)}"
+            return f"{where} has {len(live)} items, and comes back with {len(back)}", _DECLARE
         for i, (value, again) in enumerate(zip(live, back)):
             found = _difference(value, again, f"{where}[{i}]")
             if found is not None:
@@ -329,11 +343,11 @@ def _difference(live: Any, back: Any, where: str) -> str | None:
     if not names:
         if live == back or (live != live and back != back):  # NaN is stored as NaN
             return None
-        return f"{where} is {short_repr(live)}, and comes back as {short_repr(back)}"
+        return f"{where} is {short_repr(live)}, and comes back as {short_repr(back)}", _DECLARE
     for name in names:
         found = _difference(getattr(live, name), getattr(back, name), f"{where}.{name}")
         if found is not None:
             return found
     if live != back:
-        return f"{where} differs outside its fields (private attributes are not stored)"
+        return f"{where} differs outside its fields (private attributes are not stored)", _DECLARE
     return None

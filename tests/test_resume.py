@@ -635,6 +635,35 @@ def test_the_initial_state_is_checked_before_anything_is_written(tmp_path, initi
     assert calls == [] and SQLiteStore(db).list_runs() == []
 
 
+class Creds(pydantic.BaseModel):
+    n: int
+    key: pydantic.SecretStr
+
+
+def test_a_pydantic_secret_in_the_state_is_pointed_out_with_what_to_do_instead(tmp_path):
+    """pydantic stores a SecretStr masked, so a backtrack (or a resume) handed fn '**********' for its API key.
+    The warning said so, but told the user to declare the field's type, which they had."""
+    seen = []
+
+    @loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=lambda s: [1, 3, 2, 1][s.n - 1],
+          checkpoint=str(tmp_path / "s.db"))
+    def step(s: Creds) -> Creds:
+        seen.append(s.key.get_secret_value())
+        return Creds(n=s.n + 1, key=s.key)
+
+    with pytest.warns(StateRoundTripWarning) as caught:
+        step.run(Creds(n=0, key="sk-live"))
+    assert seen == ["sk-live"] * 3 + ["**********"]  # the backtrack to step 1 read its state from the store
+    advice = ("when read back from the store (by a resume, or a backtrack to it). pydantic stores a secret masked, "
+              "so fn would be handed the mask, not the secret: keep secrets out of the state, and read them inside "
+              "fn (from the environment, or a client made once), where the store never holds them")
+    assert {str(w.message) for w in caught} == {
+        f"loomc: state.key is a pydantic SecretStr, and comes back as its mask SecretStr('**********') {advice}"}
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            f"state['key'] is a pydantic SecretStr, and comes back as its mask '**********' {advice}")):
+        loop(budget=Budget(iterations=1), checkpoint="memory")(lambda s: s).run({"key": pydantic.SecretStr("sk")})
+
+
 def test_states_that_round_trip_are_not_warned_about(tmp_path):
     import warnings
 
