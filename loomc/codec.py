@@ -165,7 +165,59 @@ def _encodes(value: Any) -> bool:
 
 
 def _decoded(text: str, state_type: Any) -> Any:
-    return json.loads(text) if not is_typed(state_type) else adapter(state_type).validate_json(text)
+    if not is_typed(state_type):
+        return json.loads(text)
+    try:
+        return adapter(state_type).validate_json(text)
+    except pydantic_core.ValidationError as e:
+        again = _without_computed(text, e, state_type)
+        if again is None:
+            raise
+        return adapter(state_type).validate_json(again)
+
+
+def _without_computed(text: str, error: pydantic_core.ValidationError, state_type: Any) -> str | None:
+    """``text`` without the computed fields a model that forbids extra fields refused; ``None`` if it refused more.
+
+    A model's computed fields are stored with it (``loomc show`` has them), and are no input: a model
+    with ``extra="forbid"`` refused its own stored state, so such a run could neither be resumed nor
+    backtracked.
+    """
+    names = _computed_names(state_type)
+    errors = error.errors()
+    if not names or any(e["type"] != "extra_forbidden" or not e["loc"] or e["loc"][-1] not in names for e in errors):
+        return None
+    data = json.loads(text)
+    try:
+        for e in errors:
+            *path, key = e["loc"]
+            node = data
+            for part in path:
+                node = node[part]
+            del node[key]
+    except (KeyError, IndexError, TypeError):  # a location that is not a path in the data (a union's tag)
+        return None
+    return json.dumps(data)
+
+
+@functools.lru_cache(maxsize=256)
+def _computed_names(state_type: Any) -> frozenset[str]:
+    """The names and aliases of the computed fields of every model in ``state_type``'s schema."""
+    names: set[str] = set()
+    todo: list[Any] = [adapter(state_type).core_schema]
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            if node.get("type") == "computed-field":
+                names.update(n for n in (node.get("property_name"), node.get("alias")) if isinstance(n, str))
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            todo.extend(node)
+    return frozenset(names)
 
 
 def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
@@ -173,18 +225,20 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
     try:
         return _decoded(text, state_type)
     except Exception as e:
-        field = ""
+        field, advice = "", "Make the field optional or give it a default, or resume with the old code"
         errors = getattr(e, "errors", None)
         if callable(errors):
             first = errors()[0]
             loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
             field = f" at field {loc!r}: {first.get('msg')}"
+            if first.get("type") == "extra_forbidden":  # a field the model no longer declares
+                advice = ("The stored state has a field the model no longer declares, and the model forbids extra "
+                          "fields: declare it again (with a default), or resume with the old code")
         else:
             field = f" ({_first_line(e)})"
         name = getattr(state_type, "__name__", repr(state_type))
         raise CheckpointDecodeError(
-            f"run {run_id} step {step}: the stored state no longer decodes as {name}{field}. "
-            "Make the field optional or give it a default, or resume with the old code") from None
+            f"run {run_id} step {step}: the stored state no longer decodes as {name}{field}. {advice}") from None
 
 
 def decoder(state_type: Any, run_id: str,

@@ -459,6 +459,68 @@ def test_a_state_that_no_longer_validates_fails_the_resume_naming_run_step_and_f
     assert SQLiteStore(db).get_run(run.id).status == "budget_exhausted", "a failed resume changes nothing"
 
 
+class Line(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    text: str
+
+    @pydantic.computed_field(alias="Length")
+    @property
+    def length(self) -> int:
+        return len(self.text)
+
+
+class Tally(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    n: int
+    lines: list[Line] = []
+
+    @pydantic.computed_field
+    @property
+    def double(self) -> int:
+        return 2 * self.n
+
+
+class TallyNoLines(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    n: int
+
+
+def test_a_model_with_computed_fields_that_forbids_extra_fields_resumes_and_backtracks(tmp_path):
+    """Regression: a model's computed fields are stored with it, and a model with extra="forbid" refused
+    them as input, so such a run could not be resumed ("Extra inputs are not permitted", with the advice to
+    make the field optional), nor backtracked to in the live run; the first step warned, advising to
+    declare the field's type."""
+    import warnings
+    db = str(tmp_path / "t.db")
+
+    calls = []
+
+    @loop(budget=Budget(iterations=5), backtrack=BestScore(), scorer=lambda t: [1, 3, 2][t.n - 1], checkpoint=db)
+    def tally(t: Tally) -> Tally:
+        calls.append(t.n)
+        if len(calls) == 4:
+            loomc.request_stop()
+        return Tally(n=t.n + 1, lines=[*t.lines, Line(text="x" * t.n)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no StateRoundTripWarning
+        first = tally.run(Tally(n=0))
+        assert first.status == "cancelled" and [s.state.n for s in first.history] == [1, 2, 3, 3]  # backtracked
+        done = tally.resume_run(first.id)
+    assert done.status == "budget_exhausted" and done.state == Tally(n=2, lines=[Line(text=""), Line(text="x")])
+    stored = json.loads(SQLiteStore(db).load_steps(first.id)[1].state_json)
+    assert stored == {"n": 2, "lines": [{"text": "", "Length": 0}, {"text": "x", "Length": 1}], "double": 4}
+    # A field the model no longer declares is still refused, with what to do.
+    @loop(budget=Budget(iterations=9), checkpoint=db)
+    def later(t: TallyNoLines) -> TallyNoLines:
+        return t
+
+    with pytest.raises(CheckpointDecodeError, match=r"at field 'lines': Extra inputs are not permitted\. The stored "
+                                                    r"state has a field the model no longer declares"), \
+            pytest.warns(SpecChangedWarning):
+        later.resume(first.id)
+
+
 def test_a_changed_spec_is_warned_at_the_line_that_resumed_sync_or_async(tmp_path):
     """Regression: the warning pointed into loomc (for .resume()) or at concurrent/futures/thread.py
     (for an async resume, which opens the run on the store's writer thread)."""
