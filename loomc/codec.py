@@ -89,7 +89,8 @@ def _first_line(e: BaseException) -> str:
 def encode(state: Any) -> str:
     """JSON text for ``state``; :class:`StateEncodeError` names the field that cannot be stored."""
     try:
-        return pydantic_core.to_json(state, inf_nan_mode="constants").decode()
+        # Fields by their names, not their aliases: a serialization alias is no name the model reads back.
+        return pydantic_core.to_json(state, inf_nan_mode="constants", by_alias=False).decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
         advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
@@ -167,13 +168,14 @@ def _encodes(value: Any) -> bool:
 def _decoded(text: str, state_type: Any) -> Any:
     if not is_typed(state_type):
         return json.loads(text)
-    try:
-        return adapter(state_type).validate_json(text)
+    reader = adapter(state_type)
+    try:  # by name, as stored, or by alias, as an earlier loomc stored a field with one
+        return reader.validate_json(text, by_alias=True, by_name=True)
     except pydantic_core.ValidationError as e:
         again = _without_computed(text, e, state_type)
         if again is None:
             raise
-        return adapter(state_type).validate_json(again)
+        return reader.validate_json(again, by_alias=True, by_name=True)
 
 
 def _without_computed(text: str, error: pydantic_core.ValidationError, state_type: Any) -> str | None:
@@ -225,20 +227,26 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
     try:
         return _decoded(text, state_type)
     except Exception as e:
-        field, advice = "", "Make the field optional or give it a default, or resume with the old code"
-        errors = getattr(e, "errors", None)
-        if callable(errors):
-            first = errors()[0]
-            loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
-            field = f" at field {loc!r}: {first.get('msg')}"
-            if first.get("type") == "extra_forbidden":  # a field the model no longer declares
-                advice = ("The stored state has a field the model no longer declares, and the model forbids extra "
-                          "fields: declare it again (with a default), or resume with the old code")
-        else:
-            field = f" ({_first_line(e)})"
+        field, advice = _refusal(e)
         name = getattr(state_type, "__name__", repr(state_type))
         raise CheckpointDecodeError(
             f"run {run_id} step {step}: the stored state no longer decodes as {name}{field}. {advice}") from None
+
+
+def _refusal(e: Exception) -> tuple[str, str]:
+    """Where a stored state failed to decode, as `` at field 'x': <pydantic's words>``, and what to do."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return f" ({_first_line(e)})", "Resume with the code the run started with, or make the type read this state"
+    first = errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
+    if first.get("type") == "extra_forbidden":  # a field the model no longer declares
+        advice = ("The stored state has a field the model no longer declares, and the model forbids extra fields: "
+                  "declare it again (with a default), or resume with the old code")
+    else:
+        advice = ("Make the field optional or give it a default (a field pydantic leaves out of what it stores, "
+                  "Field(exclude=True), needs one), or resume with the old code")
+    return f" at field {loc!r}: {first.get('msg')}", advice
 
 
 def decoder(state_type: Any, run_id: str,
@@ -313,7 +321,8 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
     except RecursionError:
         return
     except Exception as e:
-        change = f"the stored state does not decode again ({_first_line(e)}), so a resume would fail", _DECLARE
+        field, advice = _refusal(e)
+        change = f"the stored state does not decode again{field}, so a resume would fail", advice
     if change is not None:
         what, advice = change
         warn_at_caller(f"loomc: {what} when read back from the store (by a resume, or a backtrack to it). {advice}",
@@ -322,6 +331,8 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
 
 _DECLARE = ("Declare the field's type on the state type (a TypedDict, dataclass or pydantic model annotating fn's "
             "state parameter), or keep it to JSON values: dicts with str keys, lists, str, int, float, bool, None")
+_EXCLUDED = ("Keep what fn needs after a resume or a backtrack in fields pydantic stores; exclude=True suits what "
+             "fn can make again (a client, a cache)")
 _SECRET = ("pydantic stores a secret masked, so fn would be handed the mask, not the secret: keep secrets out of the "
            "state, and read them inside fn (from the environment, or a client made once), where the store never "
            "holds them")
@@ -380,6 +391,8 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
     if isinstance(live, dict):
         for key, value in live.items():
             if key not in back:
+                if isinstance(key, str):  # not turned into another key: left out (by a serializer, say)
+                    return f"{where} is {short_repr(live)}, and comes back as {short_repr(back)}", _DECLARE
                 return f"{where} key {key!r} is {_a(type(key).__name__)}, and comes back as a str", _DECLARE
             found = _difference(value, back[key], f"{where}[{key!r}]")
             if found is not None:
@@ -398,9 +411,13 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
         if live == back or (live != live and back != back):  # NaN is stored as NaN
             return None
         return f"{where} is {short_repr(live)}, and comes back as {short_repr(back)}", _DECLARE
+    fields = getattr(type(live), "__pydantic_fields__", {})
     for name in names:
         found = _difference(getattr(live, name), getattr(back, name), f"{where}.{name}")
         if found is not None:
+            if name in fields and fields[name].exclude:
+                return (f"{where}.{name} is left out of what pydantic stores (Field(exclude=True)), and comes back as "
+                        f"its default {short_repr(getattr(back, name))}", _EXCLUDED)
             return found
     if live != back:
         return f"{where} differs outside its fields (private attributes are not stored)", _DECLARE
