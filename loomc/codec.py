@@ -90,7 +90,8 @@ def encode(state: Any) -> str:
     """JSON text for ``state``; :class:`StateEncodeError` names the field that cannot be stored."""
     try:
         # Fields by their names, not their aliases: a serialization alias is no name the model reads back.
-        return pydantic_core.to_json(state, inf_nan_mode="constants", by_alias=False).decode()
+        # round_trip: a Json[...] field is written as the JSON text it reads back.
+        return pydantic_core.to_json(state, inf_nan_mode="constants", by_alias=False, round_trip=True).decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
         advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
@@ -240,7 +241,11 @@ def _refusal(e: Exception) -> tuple[str, str]:
         return f" ({_first_line(e)})", "Resume with the code the run started with, or make the type read this state"
     first = errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
-    if first.get("type") == "extra_forbidden":  # a field the model no longer declares
+    if _null_for_a_float(first):
+        advice = (f"pydantic stored a float that was not finite (nan, inf) as null, its default for a model, which "
+                  f"it does not read back: {_INF_NAN}; to read this run's states, where that value is gone, declare "
+                  "the field float | None")
+    elif first.get("type") == "extra_forbidden":  # a field the model no longer declares
         advice = ("The stored state has a field the model no longer declares, and the model forbids extra fields: "
                   "declare it again (with a default), or resume with the old code")
     else:
@@ -322,6 +327,8 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
         return
     except Exception as e:
         field, advice = _refusal(e)
+        if _null_for_a_float(next(iter(getattr(e, "errors", list)()), {})):
+            advice = f"pydantic stores a float that is not finite (nan, inf) as null, which it does not read back: {_INF_NAN}"
         change = f"the stored state does not decode again{field}, so a resume would fail", advice
     if change is not None:
         what, advice = change
@@ -331,6 +338,9 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
 
 _DECLARE = ("Declare the field's type on the state type (a TypedDict, dataclass or pydantic model annotating fn's "
             "state parameter), or keep it to JSON values: dicts with str keys, lists, str, int, float, bool, None")
+_INF_NAN = "give the model model_config = ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are"
+_SERIALIZER = ("Its field_serializer writes what the field does not read back the same: make it write what the "
+               "validator reads (a datetime as datetime.isoformat()), or keep the field out of the state")
 _EXCLUDED = ("Keep what fn needs after a resume or a backtrack in fields pydantic stores; exclude=True suits what "
              "fn can make again (a client, a cache)")
 _SECRET = ("pydantic stores a secret masked, so fn would be handed the mask, not the secret: keep secrets out of the "
@@ -369,6 +379,18 @@ def _first_difference(now: Any, then: Any, where: str) -> str | None:
     if type(now) is type(then) and (now == then or (now != now and then != then)):  # NaN is stored as NaN
         return None
     return f"{where} is {short_repr(now)} in the state passed, {short_repr(then)} in the stored one"
+
+
+def _null_for_a_float(error: Any) -> bool:
+    """Whether a validation error is pydantic refusing null for a float: a nan or inf a model stored as null."""
+    return isinstance(error, dict) and error.get("type") == "float_type" and error.get("input", 0) is None
+
+
+def _serialized_by_hand(model: type, name: str) -> bool:
+    """Whether a pydantic model's field ``name`` is written by a ``@field_serializer`` of the model's own."""
+    decorators = getattr(model, "__pydantic_decorators__", None)
+    serializers = getattr(decorators, "field_serializers", {}) if decorators is not None else {}
+    return any(name in d.info.fields or "*" in d.info.fields for d in serializers.values())
 
 
 def _is_secret(value: Any) -> bool:
@@ -418,7 +440,13 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
             if name in fields and fields[name].exclude:
                 return (f"{where}.{name} is left out of what pydantic stores (Field(exclude=True)), and comes back as "
                         f"its default {short_repr(getattr(back, name))}", _EXCLUDED)
+            if found[1] is _DECLARE and _serialized_by_hand(type(live), name):
+                return found[0], _SERIALIZER
             return found
-    if live != back:
+    if getattr(live, "__pydantic_private__", None) != getattr(back, "__pydantic_private__", None):
         return f"{where} differs outside its fields (private attributes are not stored)", _DECLARE
+    computed = getattr(type(live), "__pydantic_computed_fields__", {})  # read back as extra fields, where allowed
+    extra, extra_back = (getattr(value, "__pydantic_extra__", None) or {} for value in (live, back))
+    if _difference(extra, {k: v for k, v in extra_back.items() if k not in computed}, f"{where} extra fields"):
+        return f"{where} differs in its extra fields", _DECLARE
     return None

@@ -567,6 +567,65 @@ def test_a_model_with_aliases_reads_back_and_a_field_pydantic_does_not_store_is_
         loop(budget=Budget(iterations=1), checkpoint="memory")(needs_excluded).run(NeedsExcluded(n=0, client="c"))
 
 
+class Scored(pydantic.BaseModel):
+    best: float = -float("inf")
+
+
+class ScoredKept(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(ser_json_inf_nan="constants")
+    best: float = -float("inf")
+    last: float = float("nan")
+    payload: pydantic.Json[dict] = "{}"
+
+
+@dataclasses.dataclass
+class Marks:
+    last: float = float("nan")
+
+
+class Stamped(pydantic.BaseModel):
+    when: datetime.datetime
+
+    @pydantic.field_serializer("when")
+    def day(self, when: datetime.datetime) -> str:
+        return when.strftime("%Y-%m-%d")
+
+
+def test_what_pydantic_itself_stores_differently_is_told_with_the_fix(tmp_path):
+    """Regression: a model's float that is not finite (a best score starting at -inf) is stored as null, pydantic's
+    default for a model, and such a run could not be resumed, with the advice to declare the field's type. A
+    Json[...] field was stored parsed, which it does not read back; a NaN in a dataclass or a model that keeps
+    it was told as "differs outside its fields"; a lossy field_serializer got the same advice to declare types."""
+    import warnings
+
+    def run(state):
+        def step(s):
+            return s
+        step.__annotations__ = {"s": type(state), "return": type(state)}
+        return loop(budget=Budget(iterations=2), checkpoint=str(tmp_path / "p.db"))(step).run(state)
+
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            "the stored state does not decode again at field 'best': Input should be a valid number, so a resume "
+            "would fail when read back from the store (by a resume, or a backtrack to it). pydantic stores a float "
+            "that is not finite (nan, inf) as null, which it does not read back: give the model "
+            "model_config = ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are")):
+        run(Scored())
+    with pytest.raises(CheckpointDecodeError, match=re.escape(
+            "at field 'best': Input should be a valid number. pydantic stored a float that was not finite (nan, inf) "
+            "as null, its default for a model, which it does not read back: give the model")):
+        codec.decode('{"best": null}', Scored, run_id="r", step=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each of these reads back as it was
+        kept = run(ScoredKept(payload='{"a": [1, 2]}'))
+        assert (kept.state.best, kept.state.payload) == (-float("inf"), {"a": [1, 2]}) and kept.state.last != 0
+        run(Marks())
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            "state.when is datetime.datetime(2026, 1, 1, 12, 30), and comes back as datetime.datetime(2026, 1, 1, 0, 0) "
+            "when read back from the store (by a resume, or a backtrack to it). Its field_serializer writes what the "
+            "field does not read back the same")):
+        run(Stamped(when=datetime.datetime(2026, 1, 1, 12, 30)))
+
+
 def needs_excluded(s: NeedsExcluded) -> NeedsExcluded:
     return s
 
