@@ -341,6 +341,7 @@ _DECLARE = ("Declare the field's type on the state type (a TypedDict, dataclass 
 _INF_NAN = "give the model model_config = ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are"
 _SERIALIZER = ("Its field_serializer writes what the field does not read back the same: make it write what the "
                "validator reads (a datetime as datetime.isoformat()), or keep the field out of the state")
+_PRIVATE = "Keep what fn needs after a resume or a backtrack in fields; a private attribute suits what fn can make again"
 _EXCLUDED = ("Keep what fn needs after a resume or a backtrack in fields pydantic stores; exclude=True suits what "
              "fn can make again (a client, a cache)")
 _SECRET = ("pydantic stores a secret masked, so fn would be handed the mask, not the secret: keep secrets out of the "
@@ -443,8 +444,11 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
             if found[1] is _DECLARE and _serialized_by_hand(type(live), name):
                 return found[0], _SERIALIZER
             return found
-    if getattr(live, "__pydantic_private__", None) != getattr(back, "__pydantic_private__", None):
-        return f"{where} differs outside its fields (private attributes are not stored)", _DECLARE
+    private, private_back = (getattr(value, "__pydantic_private__", None) or {} for value in (live, back))
+    for name, value in private.items():
+        if _difference(value, private_back.get(name), "") is not None:
+            return (f"{where}.{name} is {short_repr(value)}, a private attribute, which pydantic does not store: it "
+                    f"comes back as {short_repr(private_back.get(name))}", _PRIVATE)
     computed = getattr(type(live), "__pydantic_computed_fields__", {})  # read back as extra fields, where allowed
     extra, extra_back = (getattr(value, "__pydantic_extra__", None) or {} for value in (live, back))
     if _difference(extra, {k: v for k, v in extra_back.items() if k not in computed}, f"{where} extra fields"):

@@ -591,11 +591,17 @@ class Stamped(pydantic.BaseModel):
         return when.strftime("%Y-%m-%d")
 
 
+class Counted(pydantic.BaseModel):
+    n: int
+    _calls: int = pydantic.PrivateAttr(default=0)
+
+
 def test_what_pydantic_itself_stores_differently_is_told_with_the_fix(tmp_path):
     """Regression: a model's float that is not finite (a best score starting at -inf) is stored as null, pydantic's
     default for a model, and such a run could not be resumed, with the advice to declare the field's type. A
     Json[...] field was stored parsed, which it does not read back; a NaN in a dataclass or a model that keeps
-    it was told as "differs outside its fields"; a lossy field_serializer got the same advice to declare types."""
+    it was told as "differs outside its fields"; a lossy field_serializer, and a private attribute, got the same
+    advice to declare types."""
     import warnings
 
     def run(state):
@@ -624,6 +630,13 @@ def test_what_pydantic_itself_stores_differently_is_told_with_the_fix(tmp_path):
             "when read back from the store (by a resume, or a backtrack to it). Its field_serializer writes what the "
             "field does not read back the same")):
         run(Stamped(when=datetime.datetime(2026, 1, 1, 12, 30)))
+    counted = Counted(n=1)
+    counted._calls = 5
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            "state._calls is 5, a private attribute, which pydantic does not store: it comes back as 0 when read back "
+            "from the store (by a resume, or a backtrack to it). Keep what fn needs after a resume or a backtrack in "
+            "fields")):
+        run(counted)
 
 
 def needs_excluded(s: NeedsExcluded) -> NeedsExcluded:
