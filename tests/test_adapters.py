@@ -1075,6 +1075,12 @@ def test_a_reply_from_another_model_than_the_adapters_is_priced_at_that_models_p
     assert own.cost_from_response(chat(usage, model="meta-llama/Meta-Llama-3-70B-Instruct")) == (
         100_000 * 1 + 1_000 * 2) / M
     assert own.cost_from_response(chat(usage, model="gpt-4o-2024-08-06")) == big_call
+    # An embeddings reply names its model too, and is priced at it (it used to be priced as gpt-4o's input).
+    from openai.types import CreateEmbeddingResponse
+    embedded = CreateEmbeddingResponse.model_validate({
+        "data": [{"embedding": [0.5], "index": 0, "object": "embedding"}], "model": "text-embedding-3-small",
+        "object": "list", "usage": {"prompt_tokens": 100_000, "total_tokens": 100_000}})
+    assert gpt4o.cost_from_response(embedded) == 100_000 * Decimal("0.02") / M
     # Rates given for a listed model stay its prices under any of its names.
     assert OpenAIAdapter("gpt-4o", rates={"input": 1, "output": 2}).cost_from_response(
         chat(usage, model="gpt-4o-2024-08-06")) == (100_000 * 1 + 1_000 * 2) / M
