@@ -89,9 +89,7 @@ def _first_line(e: BaseException) -> str:
 def encode(state: Any) -> str:
     """JSON text for ``state``; :class:`StateEncodeError` names the field that cannot be stored."""
     try:
-        # Fields by their names, not their aliases: a serialization alias is no name the model reads back.
-        # round_trip: a Json[...] field is written as the JSON text it reads back.
-        return pydantic_core.to_json(state, inf_nan_mode="constants", by_alias=False, round_trip=True).decode()
+        return _to_json(state).decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
         advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
@@ -158,9 +156,23 @@ def _too_deep(where: str) -> tuple[str, str]:
     return top, "nests lists or dicts too deeply"
 
 
+def _to_json(value: Any) -> bytes:
+    # Fields by their names, not their aliases: a serialization alias is no name the model reads back.
+    # round_trip: a Json[...] field is written as the JSON text it reads back.
+    return pydantic_core.to_json(value, inf_nan_mode="constants", by_alias=False, round_trip=True, fallback=_numpy)
+
+
+def _numpy(value: Any) -> Any:
+    """A numpy scalar or array as the Python value it holds, as pydantic meets one; the first state that holds
+    one is warned of, since it comes back as that value (an int, a list)."""
+    if type(value).__module__ == "numpy" and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    raise TypeError(f"Unable to serialize unknown type: {type(value)}")
+
+
 def _encodes(value: Any) -> bool:
     try:
-        pydantic_core.to_json(value, inf_nan_mode="constants")
+        _to_json(value)
         return True
     except Exception:
         return False
@@ -341,6 +353,8 @@ _DECLARE = ("Declare the field's type on the state type (a TypedDict, dataclass 
 _INF_NAN = "give the model model_config = ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are"
 _SERIALIZER = ("Its field_serializer writes what the field does not read back the same: make it write what the "
                "validator reads (a datetime as datetime.isoformat()), or keep the field out of the state")
+_NUMPY = ("It is stored as the Python value it holds: convert it before returning it (x.item() for a scalar, "
+          "x.tolist() for an array), or read it back as that")
 _PRIVATE = "Keep what fn needs after a resume or a backtrack in fields; a private attribute suits what fn can make again"
 _EXCLUDED = ("Keep what fn needs after a resume or a backtrack in fields pydantic stores; exclude=True suits what "
              "fn can make again (a client, a cache)")
@@ -410,6 +424,8 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
     if _is_secret(live) and live != back:
         return f"{where} is a pydantic {type(live).__name__}, and comes back as its mask {short_repr(back)}", _SECRET
     if type(live) is not type(back):
+        if type(live).__module__ == "numpy":
+            return f"{where} is a numpy.{type(live).__name__}, and comes back as {_a(type(back).__name__)}", _NUMPY
         return f"{where} is {_a(type(live).__name__)}, and comes back as {_a(type(back).__name__)}", _DECLARE
     if isinstance(live, dict):
         for key, value in live.items():

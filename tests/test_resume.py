@@ -732,6 +732,29 @@ def test_an_unencodable_state_fails_its_step_with_the_field_and_keeps_the_cost(t
     assert only.state_json is None and only.error.startswith("StateEncodeError")
 
 
+def test_numpy_values_in_a_state_are_stored_as_the_values_they_hold_and_pointed_out(tmp_path):
+    """Regression: a step that returned a numpy number (an argmax, a mean) after its paid call failed with
+    StateEncodeError, and the run with it. It is stored as the Python value it holds, as a tuple is stored as a
+    list, and the warning says so on the first try."""
+    numpy = pytest.importorskip("numpy")
+    db = str(tmp_path / "np.db")
+
+    @loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.25, checkpoint=db)
+    def pick(s):
+        scores = numpy.array([0.2, 0.9, 0.4]) * (s["n"] + 1)
+        return {"n": s["n"] + 1, "best": scores.argmax(), "mean": scores.mean(), "scores": scores,
+                "ok": scores.max() > 1}
+
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            "state['best'] is a numpy.int64, and comes back as an int when read back from the store (by a resume, or "
+            "a backtrack to it). It is stored as the Python value it holds: convert it before returning it (x.item() "
+            "for a scalar, x.tolist() for an array), or read it back as that")):
+        run = pick.run({"n": 0})
+    assert run.status == "budget_exhausted" and run.total_cost == Decimal("0.75")
+    assert json.loads(SQLiteStore(db).load_steps(run.id)[1].state_json) == {
+        "n": 2, "best": 1, "mean": 1.0, "scores": [0.4, 1.8, 0.8], "ok": True}
+
+
 def cyclic() -> dict:
     node: dict = {"name": "root"}
     node["children"] = [{"name": "leaf", "parent": node}]
