@@ -71,6 +71,9 @@ def check_state_type(tp: Any) -> None:
     """:class:`ConfigError` now, at decoration, if pydantic cannot decode stored states as ``tp``."""
     if not is_typed(tp):
         return
+    if _pydantic_v1(tp):
+        raise ConfigError(f"fn's state parameter is annotated {tp.__name__}, a model {_V1}: {_V1_ADVICE}, so that "
+                          "its states can be stored and read back")
     try:
         adapter(tp)
     except Exception as e:  # pydantic's schema errors: the type is unusable, whatever the state
@@ -93,6 +96,7 @@ def encode(state: Any) -> str:
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
         advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
+                  _V1_ADVICE if why.endswith(_V1) else
                   "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
                   "dataclasses), or convert it before returning")
         raise StateEncodeError(f"{where} {why}, which cannot be stored as JSON; {advice} ({e})") from None
@@ -103,6 +107,8 @@ _SURROGATE = "holding a lone surrogate, invalid in UTF-8"
 _SURROGATE_ADVICE = ("such a str comes from bytes decoded with errors='surrogateescape' (file names from os.listdir, "
                      "a subprocess's output): decode them with errors='replace', or keep the bytes as text with "
                      "os.fsencode(name).decode('utf-8', 'backslashreplace')")
+_V1 = "of pydantic's v1 API (pydantic.v1.BaseModel)"
+_V1_ADVICE = "pydantic 2 stores no v1 model: make it a pydantic 2 model (from pydantic import BaseModel)"
 _AWAIT_IT = "a sync fn cannot await it: write fn as `async def` and await the call"
 
 
@@ -140,7 +146,14 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
         return where, f"is {_a(type(value).__name__)} ({short_repr(value)}) {_NEVER_AWAITED}"
     if isinstance(value, str):
         return where, f"is a str ({short_repr(value)}) {_SURROGATE}"
+    if _pydantic_v1(type(value)):
+        return where, f"is a {type(value).__name__} ({short_repr(value)}) {_V1}"
     return where, f"is {_a(type(value).__name__)} ({short_repr(value)})"
+
+
+def _pydantic_v1(tp: Any) -> bool:
+    """Whether ``tp`` is a model of pydantic's v1 API (``pydantic.v1.BaseModel``), which pydantic 2 does not store."""
+    return isinstance(tp, type) and any(c.__module__.startswith("pydantic.v1.") for c in tp.__mro__[1:])
 
 
 def _field_names(value: Any) -> list[str]:

@@ -18,6 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pydantic
+import pydantic.v1
 import pytest
 
 import loomc
@@ -931,6 +932,28 @@ def test_a_state_annotation_pydantic_cannot_decode_is_refused_at_decoration(tmp_
         step.__annotations__ = {"s": annotation}
         with pytest.raises(ConfigError, match=rf"annotated {annotation.__name__}, which pydantic cannot decode.*{words}"):
             loop(budget=Budget(iterations=1), checkpoint="memory")(step)
+
+
+class Old(pydantic.v1.BaseModel):
+    n: int
+
+
+def test_a_pydantic_v1_model_is_refused_at_decoration_or_before_the_first_call_saying_what_to_use(tmp_path):
+    """pydantic 2 stores no pydantic.v1 model. An annotation of one passed decoration, and the error named it as a
+    type that cannot be stored, advising "pydantic models", which it was."""
+    def step(s: Old) -> Old:
+        return s
+
+    words = "a model of pydantic's v1 API (pydantic.v1.BaseModel): pydantic 2 stores no v1 model: make it a pydantic 2 model"
+    with pytest.raises(ConfigError, match=re.escape(f"fn's state parameter is annotated Old, {words}")):
+        loop(budget=Budget(iterations=1), checkpoint="memory")(step)
+    calls = []
+    untyped = loop(budget=Budget(iterations=1), checkpoint=str(tmp_path / "v1.db"))(lambda s: calls.append(s) or s)
+    with pytest.raises(StateEncodeError, match=re.escape(
+            "state['old'] is a Old (Old(n=1)) of pydantic's v1 API (pydantic.v1.BaseModel), which cannot be stored as "
+            "JSON; pydantic 2 stores no v1 model: make it a pydantic 2 model (from pydantic import BaseModel)")):
+        untyped.run({"old": Old(n=1)})
+    assert calls == []
 
 
 def test_starting_a_run_under_an_id_already_taken_points_to_resume_and_changes_nothing(tmp_path):
