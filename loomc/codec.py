@@ -207,9 +207,9 @@ def _decoded(text: str, state_type: Any) -> Any:
 def _without_computed(text: str, error: pydantic_core.ValidationError, state_type: Any) -> str | None:
     """``text`` without the computed fields a model that forbids extra fields refused; ``None`` if it refused more.
 
-    A model's computed fields are stored with it (``loomc show`` has them), and are no input: a model
-    with ``extra="forbid"`` refused its own stored state, so such a run could neither be resumed nor
-    backtracked.
+    A model's computed fields are no input. An earlier loomc stored them, and a model with ``extra="forbid"``
+    refused such a state, so its run could neither be resumed nor backtracked. (They are no longer stored:
+    ``round_trip`` leaves them out.)
     """
     names = _computed_names(state_type)
     errors = error.errors()
