@@ -147,7 +147,7 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
     if isinstance(value, str):
         return where, f"is a str ({short_repr(value)}) {_SURROGATE}"
     if _pydantic_v1(type(value)):
-        return where, f"is a {type(value).__name__} ({short_repr(value)}) {_V1}"
+        return where, f"is {_a(type(value).__name__)} ({short_repr(value)}) {_V1}"
     return where, f"is {_a(type(value).__name__)} ({short_repr(value)})"
 
 
@@ -253,23 +253,25 @@ def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
     try:
         return _decoded(text, state_type)
     except Exception as e:
-        field, advice = _refusal(e)
+        field, advice = _refusal(e, stored=True)
         name = getattr(state_type, "__name__", repr(state_type))
         raise CheckpointDecodeError(
             f"run {run_id} step {step}: the stored state no longer decodes as {name}{field}. {advice}") from None
 
 
-def _refusal(e: Exception) -> tuple[str, str]:
-    """Where a stored state failed to decode, as `` at field 'x': <pydantic's words>``, and what to do."""
+def _refusal(e: Exception, stored: bool) -> tuple[str, str]:
+    """Where a state failed to decode, as `` at field 'x': <pydantic's words>``, and what to do; ``stored`` when it
+    is a run's stored state (a resume), not one about to be stored."""
     errors = getattr(e, "errors", None)
     if not callable(errors):
         return f" ({_first_line(e)})", "Resume with the code the run started with, or make the type read this state"
     first = errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole state)"
     if _null_for_a_float(first):
-        advice = (f"pydantic stored a float that was not finite (nan, inf) as null, its default for a model, which "
-                  f"it does not read back: {_INF_NAN}; to read this run's states, where that value is gone, declare "
-                  "the field float | None")
+        advice = ("pydantic stores a float that is not finite (nan, inf) as null, its default for a model, which it "
+                  f"does not read back: {_INF_NAN}")
+        if stored:
+            advice += "; to read this run's states, where that value is gone, declare the field float | None"
     elif first.get("type") == "extra_forbidden":  # a field the model no longer declares
         advice = ("The stored state has a field the model no longer declares, and the model forbids extra fields: "
                   "declare it again (with a default), or resume with the old code")
@@ -351,9 +353,7 @@ def warn_if_changed(state: Any, text: str, state_type: Any) -> None:
     except RecursionError:
         return
     except Exception as e:
-        field, advice = _refusal(e)
-        if _null_for_a_float(next(iter(getattr(e, "errors", list)()), {})):
-            advice = f"pydantic stores a float that is not finite (nan, inf) as null, which it does not read back: {_INF_NAN}"
+        field, advice = _refusal(e, stored=False)
         change = f"the stored state does not decode again{field}, so a resume would fail", advice
     if change is not None:
         what, advice = change
@@ -478,8 +478,7 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
         if _difference(value, private_back.get(name), "") is not None:
             return (f"{where}.{name} is {short_repr(value)}, a private attribute, which pydantic does not store: it "
                     f"comes back as {short_repr(private_back.get(name))}", _PRIVATE)
-    computed = getattr(type(live), "__pydantic_computed_fields__", {})  # read back as extra fields, where allowed
     extra, extra_back = (getattr(value, "__pydantic_extra__", None) or {} for value in (live, back))
-    if _difference(extra, {k: v for k, v in extra_back.items() if k not in computed}, f"{where} extra fields"):
+    if _difference(extra, extra_back, "") is not None:
         return f"{where} differs in its extra fields", _DECLARE
     return None

@@ -617,12 +617,14 @@ def test_what_pydantic_itself_stores_differently_is_told_with_the_fix(tmp_path):
     with pytest.warns(StateRoundTripWarning, match=re.escape(
             "the stored state does not decode again at field 'best': Input should be a valid number, so a resume "
             "would fail when read back from the store (by a resume, or a backtrack to it). pydantic stores a float "
-            "that is not finite (nan, inf) as null, which it does not read back: give the model "
-            "model_config = ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are")):
+            "that is not finite (nan, inf) as null, its default for a model, which it does not read back: give the "
+            "model model_config = ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are")):
         run(Scored())
     with pytest.raises(CheckpointDecodeError, match=re.escape(
-            "at field 'best': Input should be a valid number. pydantic stored a float that was not finite (nan, inf) "
-            "as null, its default for a model, which it does not read back: give the model")):
+            "at field 'best': Input should be a valid number. pydantic stores a float that is not finite (nan, inf) "
+            "as null, its default for a model, which it does not read back: give the model model_config = "
+            "ConfigDict(ser_json_inf_nan='constants'), and it stores them as they are; to read this run's states, "
+            "where that value is gone, declare the field float | None")):
         codec.decode('{"best": null}', Scored, run_id="r", step=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # each of these reads back as it was
@@ -953,7 +955,7 @@ def test_a_pydantic_v1_model_is_refused_at_decoration_or_before_the_first_call_s
     calls = []
     untyped = loop(budget=Budget(iterations=1), checkpoint=str(tmp_path / "v1.db"))(lambda s: calls.append(s) or s)
     with pytest.raises(StateEncodeError, match=re.escape(
-            "state['old'] is a Old (Old(n=1)) of pydantic's v1 API (pydantic.v1.BaseModel), which cannot be stored as "
+            "state['old'] is an Old (Old(n=1)) of pydantic's v1 API (pydantic.v1.BaseModel), which cannot be stored as "
             "JSON; pydantic 2 stores no v1 model: make it a pydantic 2 model (from pydantic import BaseModel)")):
         untyped.run({"old": Old(n=1)})
     assert calls == []
