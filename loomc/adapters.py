@@ -539,7 +539,7 @@ class AnthropicAdapter(_Adapter):
             return self._price_lines([(model, top)])
         served: list[Line] = []
         extra: list[Line] = ([(model, TokenUsage(input=0, output=0, context=top.context,
-                                                      web_search=top.web_search))] if top.web_search else [])
+                                                 web_search=top.web_search))] if top.web_search else [])
         for entry in entries:
             line = (self._name(_get(entry, "model") or model),
                     _anthropic_tokens(entry, context=top.context, inference_geo=top.inference_geo))
@@ -771,7 +771,8 @@ def _listed(provider: str, model: str) -> str | None:
     """The id genai-prices lists ``model`` under (a snapshot and its alias share one), or ``None``."""
     prices = _genai_prices()
     try:
-        return str(prices.calc_price(prices.Usage(input_tokens=0, output_tokens=0), model, provider_id=provider).model.id)
+        price = prices.calc_price(prices.Usage(input_tokens=0, output_tokens=0), model, provider_id=provider)
+        return str(price.model.id)
     except LookupError:
         return None
 

@@ -368,7 +368,8 @@ _SERIALIZER = ("Its field_serializer writes what the field does not read back th
                "validator reads (a datetime as datetime.isoformat()), or keep the field out of the state")
 _NUMPY = ("It is stored as the Python value it holds: convert it before returning it (x.item() for a scalar, "
           "x.tolist() for an array), or read it back as that")
-_PRIVATE = "Keep what fn needs after a resume or a backtrack in fields; a private attribute suits what fn can make again"
+_PRIVATE = ("Keep what fn needs after a resume or a backtrack in fields; a private attribute suits what fn can make "
+            "again")
 _EXCLUDED = ("Keep what fn needs after a resume or a backtrack in fields pydantic stores; exclude=True suits what "
              "fn can make again (a client, a cache)")
 _SECRET = ("pydantic stores a secret masked, so fn would be handed the mask, not the secret: keep secrets out of the "

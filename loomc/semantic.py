@@ -92,7 +92,8 @@ def _pieces(model: Any, text: str) -> tuple[list[str], list[int]]:
     if not isinstance(limit, int) or limit < 32 or tokenizer is None:
         return [text], [1]
     try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = tokens["offset_mapping"]
     except (NotImplementedError, TypeError, ValueError, KeyError):  # a tokenizer that gives no offsets
         return [text], [1]
     room = limit - 2  # the model adds its own start and end tokens

@@ -771,7 +771,8 @@ def test_a_model_or_tool_call_without_a_price_is_named_and_can_be_given_one(sonn
         AnthropicAdapter("claude-sonnet-4-6", model_rates={"claude-x": 3})
 
     searched = message({"input_tokens": 100, "output_tokens": 10,
-                        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}}, model="claude-made-up-9")
+                        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}},
+                       model="claude-made-up-9")
     own = AnthropicAdapter("claude-made-up-9", rates={"input": 2, "output": 10})
     with pytest.raises(CostUnknown, match="no price is given for 3 web search calls to claude-made-up-9: "
                                           "add 'web_search'"):
@@ -859,7 +860,8 @@ def test_openai_audio_tokens_are_priced_at_audio_prices():
              "completion_tokens_details": {"audio_tokens": 400, "reasoning_tokens": 0}}
     text_in, text_out = Decimal("2.5"), Decimal("10")
     expected = (200 * text_in + 800 * Decimal("32") + 100 * text_out + 400 * Decimal("64")) / M
-    assert OpenAIAdapter("gpt-audio").cost_from_response(chat(usage, model="gpt-audio")) == expected == Decimal("0.0527")
+    audio = OpenAIAdapter("gpt-audio")
+    assert audio.cost_from_response(chat(usage, model="gpt-audio")) == expected == Decimal("0.0527")
     reply = chat(usage, model="gpt-4o-audio-preview")
     from loomc import CostUnknown
     with pytest.raises(CostUnknown, match="genai-prices has no price for 800 audio input tokens and 400 audio output "

@@ -632,8 +632,8 @@ def test_what_pydantic_itself_stores_differently_is_told_with_the_fix(tmp_path):
         assert (kept.state.best, kept.state.payload) == (-float("inf"), {"a": [1, 2]}) and kept.state.last != 0
         run(Marks())
     with pytest.warns(StateRoundTripWarning, match=re.escape(
-            "state.when is datetime.datetime(2026, 1, 1, 12, 30), and comes back as datetime.datetime(2026, 1, 1, 0, 0) "
-            "when read back from the store (by a resume, or a backtrack to it). Its field_serializer writes what the "
+            "state.when is datetime.datetime(2026, 1, 1, 12, 30), and comes back as "
+            "datetime.datetime(2026, 1, 1, 0, 0) when read back from the store (by a resume, or a backtrack to it). Its field_serializer writes what the "
             "field does not read back the same")):
         run(Stamped(when=datetime.datetime(2026, 1, 1, 12, 30)))
     counted = Tracked(n=1)
@@ -949,7 +949,8 @@ def test_a_pydantic_v1_model_is_refused_at_decoration_or_before_the_first_call_s
     def step(s: Old) -> Old:
         return s
 
-    words = "a model of pydantic's v1 API (pydantic.v1.BaseModel): pydantic 2 stores no v1 model: make it a pydantic 2 model"
+    words = ("a model of pydantic's v1 API (pydantic.v1.BaseModel): pydantic 2 stores no v1 model: make it a "
+             "pydantic 2 model")
     with pytest.raises(ConfigError, match=re.escape(f"fn's state parameter is annotated Old, {words}")):
         loop(budget=Budget(iterations=1), checkpoint="memory")(step)
     calls = []
