@@ -96,7 +96,7 @@ def encode(state: Any) -> str:
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
         advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
-                  _V1_ADVICE if why.endswith(_V1) else
+                  _V1_ADVICE if why.endswith(_V1) else _BINARY_ADVICE if why.endswith(_BINARY) else
                   "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
                   "dataclasses), or convert it before returning")
         raise StateEncodeError(f"{where} {why}, which cannot be stored as JSON; {advice} ({e})") from None
@@ -109,6 +109,10 @@ _SURROGATE_ADVICE = ("such a str comes from bytes decoded with errors='surrogate
                      "os.fsencode(name).decode('utf-8', 'backslashreplace')")
 _V1 = "of pydantic's v1 API (pydantic.v1.BaseModel)"
 _V1_ADVICE = "pydantic 2 stores no v1 model: make it a pydantic 2 model (from pydantic import BaseModel)"
+_BINARY = "that is not UTF-8 text (pydantic stores bytes as UTF-8 text unless told otherwise)"
+_BINARY_ADVICE = ("keep binary data (an image, a file) out of the state, with its path in it; or give the model "
+                  "model_config = ConfigDict(ser_json_bytes='base64', val_json_bytes='base64'), or, in a dict, hold "
+                  "it as base64 text (base64.b64encode(data).decode())")
 _AWAIT_IT = "a sync fn cannot await it: write fn as `async def` and await the call"
 
 
@@ -148,6 +152,8 @@ def _find_unencodable(value: Any, where: str, inside: tuple[int, ...]) -> tuple[
         return where, f"is a str ({short_repr(value)}) {_SURROGATE}"
     if _pydantic_v1(type(value)):
         return where, f"is {_a(type(value).__name__)} ({short_repr(value)}) {_V1}"
+    if isinstance(value, (bytes, bytearray)):
+        return where, f"is {_a(type(value).__name__)} ({short_repr(value)}) {_BINARY}"
     return where, f"is {_a(type(value).__name__)} ({short_repr(value)})"
 
 

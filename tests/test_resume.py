@@ -785,6 +785,10 @@ def nested(depth: int) -> list:
                                                      r"holding a lone surrogate, invalid in UTF-8, .* decode them with "
                                                      r"errors='replace'"),
     (lambda: {os.fsdecode(b"\xff"): 1}, r"state\['tree'\] key '\\udcff' is a str .* holding a lone surrogate"),
+    # An image's bytes: pydantic stores bytes as UTF-8 text unless told otherwise.
+    (lambda: b"\x89PNG\xff", r"state\['tree'\] is a bytes \(b'\\x89PNG\\xff'\) that is not UTF-8 text \(.*\), which "
+                              r"cannot be stored as JSON; keep binary data \(an image, a file\) out of the state, .*"
+                              r"ser_json_bytes='base64', val_json_bytes='base64'"),
 ])
 def test_a_cyclic_or_too_deep_state_fails_its_step_with_the_path_and_keeps_the_cost(tmp_path, make, words):
     """Regression: looking for the bad field followed the cycle (or the depth) into a RecursionError,
