@@ -54,7 +54,7 @@ from typing import Any
 from loomc.context import charge, current_run, named, spent, write_ahead
 from loomc.detectors import Judge, judge
 from loomc.budget import NoCostWarning
-from loomc.errors import ConfigError, CostUnknown, counted, warn_at_caller
+from loomc.errors import ConfigError, CostUnknown, LoomcError, counted, warn_at_caller
 from loomc.history import to_decimal
 from loomc.policy import builds_policy
 
@@ -429,6 +429,11 @@ class _Adapter:
             tokens = self._tokens(response)
         except UsageMissing as e:
             usd, problem = Decimal(0), e
+        except ValueError as e:  # counts that contradict each other (more cached tokens than input ones)
+            if isinstance(e, LoomcError):
+                raise
+            usd, problem = Decimal(0), CostUnknown(f"the reply's usage does not add up: {e}, so what it cost is "
+                                                   "not known")
         if problem is None:
             return usd, None, tokens, model
         if _usd_capped():

@@ -681,6 +681,21 @@ def test_a_call_whose_cost_is_unknown_ends_a_usd_capped_run_even_with_a_backtrac
     run = unpriced.run(0)
     assert run.status == "failed" and len(calls) == 1 and run.reason.startswith("UsageMissing: ")
 
+    # A reply whose counts contradict each other (a proxy's: more cached tokens than input ones) cannot be
+    # priced either. Its ValueError failed the step, and LastGood went on to the iteration cap, each call paid.
+    @loop(budget=Budget(usd=1.0, iterations=30), backtrack=LastGood(), checkpoint="memory")
+    def contradicted(s):
+        calls.append(s)
+        adapter.charge(chat({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                             "prompt_tokens_details": {"cached_tokens": 500}}))
+        return s + 1
+
+    calls.clear()
+    run = contradicted.run(0)
+    assert run.status == "failed" and len(calls) == 1 and run.reason.startswith(
+        "CostUnknown: the reply's usage does not add up: cache reads and writes (500 + 0) exceed the 10 input tokens, "
+        "so what it cost is not known; a USD budget is set")
+
     @loop(budget=Budget(usd=1.0, iterations=30), backtrack=LastGood(), cost_fn=broken_pricing, checkpoint="memory")
     async def apaid(s):
         calls.append(s)
