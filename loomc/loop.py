@@ -920,6 +920,9 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     check_store_spec(checkpoint)
     if progress not in (False, True, "always"):
         raise ConfigError(f"progress={progress!r}: use False, True (terminal or notebook only) or 'always'")
+    if progress:
+        from loomc.notebook import check_tqdm
+        check_tqdm()
 
     def decorate(fn: Callable[..., Any]) -> LoopRunner:
         if not callable(fn):

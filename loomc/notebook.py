@@ -132,6 +132,16 @@ def in_notebook() -> bool:
     return type(shell).__name__ == "ZMQInteractiveShell"
 
 
+_NEEDS_TQDM = 'progress=True needs tqdm: pip install "loomc[notebook]"'
+
+
+def check_tqdm() -> None:
+    """ImportError now, when a loop asks for a progress bar, if tqdm is not installed (found, not imported)."""
+    import importlib.util
+    if importlib.util.find_spec("tqdm") is None:
+        raise ImportError(_NEEDS_TQDM)
+
+
 class Progress:
     """A tqdm bar for one run: steps against the iteration cap, spend against the USD cap,
     the best score so far and the last event. Shown on a terminal or in a notebook only,
@@ -146,7 +156,7 @@ class Progress:
         try:
             from tqdm.auto import tqdm
         except ImportError:
-            raise ImportError('progress=True needs tqdm: pip install "loomc[notebook]"') from None
+            raise ImportError(_NEEDS_TQDM) from None
         done = history if history is not None else History()
         self.bar = tqdm(total=total, initial=len(done), disable=not show, file=stream, unit="step",
                         desc="loomc", leave=True)

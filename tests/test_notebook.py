@@ -354,3 +354,13 @@ def test_a_fn_that_edits_its_state_in_place_leaves_the_callers_object_as_it_was(
     got = []
     loop(budget=Budget(iterations=1), checkpoint="memory")(lambda s: got.append(s) or s).run(blob)
     assert got == [blob] and got[0] is blob
+
+
+def test_progress_without_tqdm_is_refused_at_decoration(monkeypatch):
+    """It was refused when a run started: before its first call, but after the loop was built and shared."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    with pytest.raises(ImportError, match=re.escape('progress=True needs tqdm: pip install "loomc[notebook]"')):
+        loop(budget=Budget(iterations=2), progress=True, checkpoint="memory")
+    loop(budget=Budget(iterations=2), checkpoint="memory")  # no bar asked for: nothing needed
