@@ -173,7 +173,9 @@ class _Embedder(Probe):
             if history else None
         out: dict[str, Any] = {VECTOR: pack(vector)}
         if previous is not None:
-            out[DISTANCE] = cosine_distance(unpack(previous), vector)
+            before = unpack(previous)
+            if len(before) == len(vector):  # else another model made it (a resume under model=...): no distance
+                out[DISTANCE] = cosine_distance(before, vector)
         return out
 
 
@@ -207,8 +209,14 @@ class SemanticDelta(Signal):
             return f"semantic_delta: consecutive outputs {distance:.4f} apart, below {self.threshold:g}"
         return None
 
-    def __repr__(self) -> str:
-        return f"semantic_delta(threshold={self.threshold:g})"
+    def __repr__(self) -> str:  # the model too, unless it is the default: a resume under another one is told
+        if self.embed_fn is not None:
+            by = f", embed_fn={name_of(self.embed_fn)}"
+        elif isinstance(self.model, (str, os.PathLike)):
+            by = "" if os.fspath(self.model) == DEFAULT_MODEL else f", model={os.fspath(self.model)!r}"
+        else:
+            by = f", model=<{type(self.model).__name__}>"
+        return f"semantic_delta(threshold={self.threshold:g}{by})"
 
 
 @builds_policy("semantic_delta(0.05, text_fn=lambda s: s['draft'])")

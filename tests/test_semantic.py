@@ -213,3 +213,34 @@ def test_without_sentence_transformers_the_error_says_what_to_install():
             "try:\n    load_model('some-other-model')\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert 'pip install "loomc[embeddings]"' in out
+
+
+def test_vectors_of_another_model_are_not_compared(tmp_path):
+    """Regression: resumed under another embedding model (a tuning session in a notebook), a run compared the new
+    model's vectors with the old one's: cosine_distance zipped a 4-number vector with a 3-number one, and a
+    distance of 0 over the first three converged the run on its first resumed step."""
+    import loomc
+    db = str(tmp_path / "m.db")
+    calls = []
+
+    def step(s):
+        calls.append(s)
+        if s == 1:
+            loomc.request_stop()
+        return s + 1
+
+    def turn(size):  # each call's vector at a right angle to the one before: never converges
+        return lambda batch: [[float(len(calls) % 2 == 0), float(len(calls) % 2), 0.0, 0.0][:size]]
+
+    small = loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, embed_fn=turn(3)), checkpoint=db)(step)
+    first = small.run(0)
+    assert first.status == "cancelled" and len(first.history) == 2
+    wide = loop(budget=Budget(iterations=5), converge_on=semantic_delta(0.05, embed_fn=turn(4)), checkpoint=db)(step)
+    calls.append("resumed")  # the first resumed call's vector is the last one's, a fourth 0 added
+    done = wide.resume_run(first.id)
+    assert DISTANCE not in done.history[2].metrics  # nothing of its own model to compare with
+    assert repr(wide.policy).endswith("semantic_delta(threshold=0.05, embed_fn=<lambda>)")
+    assert repr(semantic_delta(0.1)) == "semantic_delta(threshold=0.1)"  # the default model goes unsaid
+    assert repr(semantic_delta(0.1, model="all-mpnet-base-v2")) == "semantic_delta(threshold=0.1, " \
+                                                                     "model='all-mpnet-base-v2')"
+    assert done.status == "budget_exhausted" and all(s.metrics[DISTANCE] > 0.05 for s in done.history[3:])
