@@ -460,12 +460,14 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
             ended = asyncio.run(ended)
     except LoomcError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: the run is stored as cancelled; say so, and how to go on, as for a SIGTERM
+        code = 130
+    else:
+        code = ended.error.code if isinstance(ended.error, StopRequested) else 0 if ended.status == "completed" else 2
     click.echo(show_table(store.get_run(run_id), store.load_steps(run_id, with_states=False),
                           store.children(run_id)))
-    if isinstance(ended.error, StopRequested):  # stopped by a SIGTERM: exit as the signal asks
-        sys.exit(ended.error.code)
-    if ended.status not in ("completed",):
-        sys.exit(2)
+    if code:
+        sys.exit(code)
 
 
 def _stop_on_sigterm() -> None:

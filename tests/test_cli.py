@@ -753,6 +753,41 @@ def test_loomc_resume_stopped_by_sigterm_finishes_the_call_in_flight_and_exits_1
     assert record.status == "cancelled" and record.steps == 2 and record.owner is None
 
 
+def test_loomc_resume_stopped_by_ctrl_c_shows_the_run_and_how_to_go_on_and_exits_130(tmp_path):
+    """Regression: Ctrl-C during `loomc resume` printed click's "Aborted!" and exited 1: the run was stored as
+    cancelled, but nothing said so, nor how to go on."""
+    import signal
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import time\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=10))\n"
+        "def crawl(s):\n"
+        "    print('step', s, flush=True)\n"
+        "    time.sleep(0.5 if s else 30)\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    crawl(0, run_id='c')\n")
+    env = {**os.environ, "LOOMC_DB": str(tmp_path / "c.db")}
+    first = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert first.stdout is not None and first.stdout.readline() == "step 0\n"
+    first.kill()  # dies during its first call
+    first.communicate()
+
+    def default_sigint() -> None:  # a shell starts a job in the background with Ctrl-C ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    worker = subprocess.Popen(["loomc", "resume", "c"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=tmp_path, preexec_fn=default_sigint)
+    assert worker.stdout is not None and worker.stdout.readline() == "step 0\n"
+    worker.send_signal(signal.SIGINT)  # during the call
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130 and "Aborted" not in err, err
+    assert out.startswith("Run: c  Loop: crawl  Status: cancelled\nStopped: KeyboardInterrupt; `loomc resume c` "
+                          "continues it\n"), out
+    assert SQLiteStore(tmp_path / "c.db").get_run("c").status == "cancelled"
+
+
 def test_resume_refuses_a_script_that_starts_a_run_when_imported(tmp_path):
     """Regression: `loomc resume` imported a script without a __main__ guard, and its top-level
     code started (and paid for) a whole new run before the resume."""
