@@ -17,7 +17,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
-from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, name_of, predicate
+from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, is_true, name_of, predicate
 
 __all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
@@ -95,7 +95,7 @@ def clear_yes(verdict: Any) -> bool:
     >>> clear_yes(True), clear_yes("Yes."), clear_yes("yes, but..."), clear_yes(1)
     (True, True, False, False)
     """
-    if verdict is True:
+    if is_true(verdict):
         return True
     if isinstance(verdict, str):
         return verdict.strip().strip(".!\"'` ").lower() in _YES

@@ -471,7 +471,7 @@ class Predicate(Signal):
         if not history or not history[-1].ok:
             return None
         verdict = self.fn(history)
-        if verdict is True or (verdict and type(verdict).__name__ in _BOOLS):
+        if is_true(verdict):
             return f"predicate({name_of(self.fn)}) is true"
         if not verdict:
             return None  # a falsy value (None from `h[-1].score and ...`) is a no, whatever its type
@@ -486,6 +486,11 @@ class Predicate(Signal):
 
 
 _BOOLS = ("bool", "bool_")  # numpy's booleans count as booleans (numpy.bool, numpy.bool_ before numpy 2)
+
+
+def is_true(verdict: Any) -> bool:
+    """``True``, or numpy's: a verdict that says yes (a classifier's ``probability > 0.5``, say)."""
+    return verdict is True or (type(verdict).__name__ in _BOOLS and bool(verdict))
 
 
 def name_of(fn: Any) -> str:

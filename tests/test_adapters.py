@@ -642,6 +642,10 @@ def test_only_true_or_a_clear_yes_counts():
     from loomc.detectors import clear_yes
     assert [clear_yes(v) for v in (True, "Yes.", " yes ", "YES!", "true")] == [True] * 5
     assert [clear_yes(v) for v in (1, "yes, but", "no", "maybe", None, "Yes and no")] == [False] * 6
+    # numpy's True too, as a predicate takes it: a judge on a classifier's `probability > 0.5` was a no every
+    # step, and the loop paid for every call its budget allowed.
+    import numpy
+    assert clear_yes(numpy.float64(0.7) > 0.5) and not clear_yes(numpy.False_) and not clear_yes(numpy.int64(1))
     assert predicate  # the judge is a detector like any other: it composes with |
 
 
