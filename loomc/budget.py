@@ -27,7 +27,7 @@ from typing import Any
 
 from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, cut_at_deadline, dollars, took
 from loomc.history import History, cost_unknown, cut_short, to_decimal
-from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time
+from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time, whole
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
                        r"(?:(?P<s>\d+(?:\.\d+)?)s)?$")
@@ -90,9 +90,10 @@ class Budget(Signal):
             raise ConfigError(f"Budget(usd={usd!r}): a cap of $0 allows no call that costs anything, yet the first "
                               "call, whose price is not known before it, would still be made; give the dollars the "
                               "run may spend, or leave usd= out for no dollar cap")
-        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
-                                       or iterations < 1):
-            raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
+        if iterations is not None:
+            if whole(iterations) is None:
+                raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
+            iterations = whole(iterations)
         s(self, "iterations", iterations)
         s(self, "wall_clock", None if wall_clock is None else parse_duration(wall_clock))
         s(self, "wall_clock_text", wall_clock if isinstance(wall_clock, str) else None)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
-from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, is_true, name_of, predicate
+from loomc.policy import (Outcome, Probe, Signal, builds_policy, check_one_argument, is_true, name_of, predicate,
+                          whole)
 
 __all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
@@ -48,10 +50,15 @@ class ScorePlateau(Signal):
     needs_score = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+        if whole(self.patience) is None:
             raise ConfigError(f"score_plateau(patience={self.patience!r}): patience must be a whole number >= 1")
-        if not isinstance(self.min_delta, (int, float)) or not math.isfinite(self.min_delta) or self.min_delta < 0:
+        if (isinstance(self.min_delta, bool) or not isinstance(self.min_delta, numbers.Real)
+                or not math.isfinite(self.min_delta) or self.min_delta < 0):
             raise ConfigError(f"score_plateau(min_delta={self.min_delta!r}): min_delta must be a finite number >= 0")
+        # Python numbers, numpy's too (a sweep's DataFrame): their repr is the policy's.
+        object.__setattr__(self, "patience", whole(self.patience))
+        delta = self.min_delta
+        object.__setattr__(self, "min_delta", delta if isinstance(delta, int) else float(delta))
         # The fold's memo key, hashed once: the dataclass hash is Python code, run on every step.
         object.__setattr__(self, "_key", ("loomc.plateau", self.patience, float(self.min_delta)))
 

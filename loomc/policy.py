@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -486,6 +487,14 @@ class Predicate(Signal):
 
 
 _BOOLS = ("bool", "bool_")  # numpy's booleans count as booleans (numpy.bool, numpy.bool_ before numpy 2)
+
+
+def whole(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number >= 1, numpy's too (a parameter sweep's DataFrame gives
+    numpy.int64); else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        return None
+    return int(value)
 
 
 def is_true(verdict: Any) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
-from loomc.policy import CONTINUE, Decision, Outcome, Role
+from loomc.policy import CONTINUE, Decision, Outcome, Role, whole
 
 
 _START: tuple[float | None, int] = (None, 0)
@@ -30,8 +30,9 @@ class Escalate(Role):
     max_outcome = Outcome.STALLED
 
     def __post_init__(self) -> None:
-        if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 1:
+        if whole(self.after) is None:
             raise ConfigError(f"Escalate(after={self.after!r}): after must be a whole number >= 1")
+        object.__setattr__(self, "after", whole(self.after))  # an int, numpy's too: its repr is the policy's
 
     @staticmethod
     def _count(acc: tuple[float | None, int], step: Step) -> tuple[float | None, int]:

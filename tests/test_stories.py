@@ -187,6 +187,20 @@ def test_a_cost_is_any_real_number_of_dollars_kept_exact(make, exact):
     assert run.total_cost == 2 * Decimal(exact)
 
 
+def test_a_policy_takes_the_numbers_of_a_parameter_sweep_from_numpy():
+    """Regression: a sweep over a pandas DataFrame hands numpy.int64: score_plateau(patience=row.patience) was
+    refused, "patience must be a whole number >= 1", and so were Budget(iterations=) and Escalate(after=)."""
+    import numpy
+    policy = (Budget(iterations=numpy.int64(6)) | score_plateau(patience=numpy.int64(2), min_delta=numpy.float32(0.5))
+              | Escalate(after=numpy.int64(4)))
+    assert repr(policy) == "Budget(iterations=6) | score_plateau(patience=2, min_delta=0.5) | Escalate(after=4)"
+    run = loop(policy=policy, scorer=lambda s: 1.0, checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "completed" and len(run.history) == 3
+    for wrong in (lambda: Budget(iterations=2.0), lambda: score_plateau(patience=True), lambda: Escalate(after=0)):
+        with pytest.raises(ConfigError, match="must be a whole number >= 1"):
+            wrong()
+
+
 @pytest.mark.parametrize("make", [lambda np: True, lambda np: np.bool_(True), lambda np: None, lambda np: "abc",
                                   lambda np: -0.01, lambda np: float("nan"), lambda np: [1]])
 def test_a_cost_that_is_not_a_real_non_negative_number_fails_its_step_saying_so(make):
