@@ -18,6 +18,7 @@ A loop given no budget at all runs under :data:`DEFAULT_BUDGET`
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,7 +44,7 @@ def parse_duration(value: Any, what: str = "wall_clock") -> float:
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's numbers too
         seconds = float(value)
     elif isinstance(value, str):
         m = _DURATION.match(value.strip().replace(" ", "").lower())

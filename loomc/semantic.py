@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import math
+import numbers
 import os
 import threading
 from array import array
@@ -191,8 +192,10 @@ class SemanticDelta(Signal):
     kind = Outcome.CONVERGED
 
     def __post_init__(self) -> None:
-        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 2:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) \
+                or not 0 <= self.threshold <= 2:
             raise ConfigError(f"semantic_delta(threshold={self.threshold!r}): a cosine distance between 0 and 2")
+        object.__setattr__(self, "threshold", float(self.threshold))  # numpy's too: its repr is the policy's
         if not callable(self.text_fn):
             raise ConfigError(f"semantic_delta(text_fn={self.text_fn!r}) must be a function state -> str")
         check_one_argument(self.text_fn, "text_fn(state)")

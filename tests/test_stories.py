@@ -196,6 +196,8 @@ def test_a_policy_takes_the_numbers_of_a_parameter_sweep_from_numpy():
     assert repr(policy) == "Budget(iterations=6) | score_plateau(patience=2, min_delta=0.5) | Escalate(after=4)"
     run = loop(policy=policy, scorer=lambda s: 1.0, checkpoint="memory")(lambda s: s + 1).run(0)
     assert run.status == "completed" and len(run.history) == 3
+    assert repr(Budget(wall_clock=numpy.int64(90)) | semantic_delta(numpy.float32(0.25))) == (
+        "Budget(wall_clock=90) | semantic_delta(threshold=0.25)")
     for wrong in (lambda: Budget(iterations=2.0), lambda: score_plateau(patience=True), lambda: Escalate(after=0)):
         with pytest.raises(ConfigError, match="must be a whole number >= 1"):
             wrong()
