@@ -450,8 +450,9 @@ def _difference(live: Any, back: Any, where: str) -> tuple[str, str] | None:
     if isinstance(live, dict):
         for key, value in live.items():
             if key not in back:
-                if isinstance(key, str):  # not turned into another key: left out (by a serializer, say)
-                    return f"{where} is {short_repr(live)}, and comes back as {short_repr(back)}", _DECLARE
+                if isinstance(key, str):  # not turned into another key: left out, as a TypedDict leaves out a key
+                    return (f"{where}[{key!r}] ({short_repr(value)}) is a key the state's type does not declare, "
+                            "and is left out", _DECLARE)
                 return f"{where} key {key!r} is {_a(type(key).__name__)}, and comes back as a str", _DECLARE
             found = _difference(value, back[key], f"{where}[{key!r}]")
             if found is not None:

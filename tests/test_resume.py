@@ -20,6 +20,7 @@ from pathlib import Path
 import pydantic
 import pydantic.v1
 import pytest
+import typing_extensions
 
 import loomc
 from loomc import codec
@@ -595,6 +596,10 @@ class Stamped(pydantic.BaseModel):
         return when.strftime("%Y-%m-%d")
 
 
+class Noted(typing_extensions.TypedDict):
+    n: int
+
+
 class Tracked(pydantic.BaseModel):
     n: int
     _calls: int = pydantic.PrivateAttr(default=0)
@@ -643,6 +648,13 @@ def test_what_pydantic_itself_stores_differently_is_told_with_the_fix(tmp_path):
             "from the store (by a resume, or a backtrack to it). Keep what fn needs after a resume or a backtrack in "
             "fields")):
         run(counted)
+    with pytest.warns(StateRoundTripWarning, match=re.escape(  # it said "state is {...}, and comes back as {...}"
+            "state['note'] ('extra') is a key the state's type does not declare, and is left out when read back")):
+        loop(budget=Budget(iterations=1), checkpoint="memory")(noted).run({"n": 0})
+
+
+def noted(s: Noted) -> Noted:
+    return {"n": s["n"] + 1, "note": "extra"}  # type: ignore[typeddict-unknown-key]
 
 
 def needs_excluded(s: NeedsExcluded) -> NeedsExcluded:
