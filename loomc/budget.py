@@ -91,11 +91,10 @@ class Budget(Signal):
             raise ConfigError(f"Budget(usd={usd!r}): a cap of $0 allows no call that costs anything, yet the first "
                               "call, whose price is not known before it, would still be made; give the dollars the "
                               "run may spend, or leave usd= out for no dollar cap")
-        if iterations is not None:
-            if whole(iterations) is None:
-                raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
-            iterations = whole(iterations)
-        s(self, "iterations", iterations)
+        calls = None if iterations is None else whole(iterations)
+        if iterations is not None and calls is None:
+            raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
+        s(self, "iterations", calls)
         s(self, "wall_clock", None if wall_clock is None else parse_duration(wall_clock))
         s(self, "wall_clock_text", wall_clock if isinstance(wall_clock, str) else None)
         s(self, "unbounded_", _unbounded)

@@ -50,13 +50,14 @@ class ScorePlateau(Signal):
     needs_score = True
 
     def __post_init__(self) -> None:
-        if whole(self.patience) is None:
+        patience = whole(self.patience)
+        if patience is None:
             raise ConfigError(f"score_plateau(patience={self.patience!r}): patience must be a whole number >= 1")
         if (isinstance(self.min_delta, bool) or not isinstance(self.min_delta, numbers.Real)
                 or not math.isfinite(self.min_delta) or self.min_delta < 0):
             raise ConfigError(f"score_plateau(min_delta={self.min_delta!r}): min_delta must be a finite number >= 0")
         # Python numbers, numpy's too (a sweep's DataFrame): their repr is the policy's.
-        object.__setattr__(self, "patience", whole(self.patience))
+        object.__setattr__(self, "patience", patience)
         delta = self.min_delta
         object.__setattr__(self, "min_delta", delta if isinstance(delta, int) else float(delta))
         # The fold's memo key, hashed once: the dataclass hash is Python code, run on every step.

@@ -30,9 +30,10 @@ class Escalate(Role):
     max_outcome = Outcome.STALLED
 
     def __post_init__(self) -> None:
-        if whole(self.after) is None:
+        after = whole(self.after)
+        if after is None:
             raise ConfigError(f"Escalate(after={self.after!r}): after must be a whole number >= 1")
-        object.__setattr__(self, "after", whole(self.after))  # an int, numpy's too: its repr is the policy's
+        object.__setattr__(self, "after", after)  # an int, numpy's too: its repr is the policy's
 
     @staticmethod
     def _count(acc: tuple[float | None, int], step: Step) -> tuple[float | None, int]:
