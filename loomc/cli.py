@@ -24,6 +24,7 @@ from loomc.budget import Budget, budget_from_repr
 from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
                           StopRequested, clean, counted, dollars, iso, shorten, took)
 from loomc.history import running_costs, spend_by_item
+from loomc.interpreter import ending_event
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -66,9 +67,14 @@ def shown_status(status: str, owner: str | None, lease_expires: float | None) ->
     return "crashed" if status == "running" and unheld(owner, lease_expires, time.time()) else status
 
 
-def _gone(run: RunRecord, n: int) -> str:
+def _gone(run: RunRecord, n: int, last_events: Sequence[str] = ()) -> str:
     """Why no process drives a crashed run, which stopped during step ``n``: its process died here, its
-    lease ran out, or nobody owns it."""
+    lease ran out, or nobody owns it. ``last_events`` are step ``n - 1``'s: one that ended the run means the
+    process died after it, in no call."""
+    ended = ending_event(last_events)
+    if ended is not None and run.owner is not None and owner_is_dead(run.owner):
+        return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({ended}), before the run "
+                "was marked so")
     if run.owner is None:
         return f"no process drives it: it stopped during step {n}"
     if owner_is_dead(run.owner):
@@ -206,7 +212,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         else "`loomc export --json` has it"
     stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
-        stopped = f"{_gone(run, len(steps))}; {what_next(run, through_parent)}"
+        stopped = f"{_gone(run, len(steps), steps[-1].events if steps else ())}; {what_next(run, through_parent)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent)}"
     head = [f"Run: {clean(run.id)}  Loop: {loop_label(run.fn_path)}  "

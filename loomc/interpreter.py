@@ -13,7 +13,7 @@ import inspect
 import sys
 import time
 from operator import itemgetter
-from collections.abc import AsyncGenerator, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -532,6 +532,16 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
+
+
+#: The events of a step that ended its run: the machine makes no call after it, and finishes the run.
+ENDING_EVENTS = ("converged", "budget exhausted", "stalled", "failed", "policy raised")
+
+
+def ending_event(events: Sequence[str]) -> str | None:
+    """The event among a committed step's ``events`` that ended its run, if any: a process that died after
+    that commit died before its run was marked ended, not in a call."""
+    return next((e for e in events if e in ENDING_EVENTS), None)
 
 
 def _fatal(run: LiveRun, exc: BaseException) -> bool:

@@ -33,7 +33,7 @@ from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, Policy
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
 from loomc.context import current_run, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, stored_state
-from loomc.interpreter import _abandon, _ended, exhaust, steps, steps_async, stored
+from loomc.interpreter import _abandon, _ended, ending_event, exhaust, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
                           either, loop_name, name_of, never, score_readers)
 from loomc.runs import LiveRun, Run
@@ -553,6 +553,8 @@ class LoopRunner:
         if charged is None:
             if not died or any(c.parent_step == n for c in self.store.children(record.id)):
                 return history  # the call is made again as step n, and reuses the children it started
+            if history and ending_event(history[-1].events):
+                return history  # it died after the step that ended the run, in no call: the run's end is found again
             cost, error = ZERO, ("Interrupted: the process died during this step, which charged nothing "
                                  "(its cost is unknown)")
         else:

@@ -112,6 +112,59 @@ def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
     assert run.attempts >= 2
 
 
+def test_a_process_killed_after_the_step_that_ended_its_run_is_not_taken_to_have_died_in_a_call(tmp_path):
+    """Regression (the crash test above caught it in CI): a process killed after the commit of the step that
+    converged, before the run was marked completed, left a run that a resume took to have died in its next
+    call. It recorded an interrupted step that was never made, then paid for one more call past the converged
+    state, and ended on another state than a run never killed."""
+    from click.testing import CliRunner
+    from loomc.cli import main
+    db = tmp_path / "end.db"
+    script = tmp_path / "ends.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import loomc\n"
+        "from loomc import Budget, loop, predicate\n"
+        "def die_once_ended(step):\n"
+        "    if step.events and os.environ.get('KILL'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # after the commit, before the run is marked ended\n"
+        "@loop(budget=Budget(iterations=int(sys.argv[2])), converge_on=predicate(lambda h: h[-1].state >= 4),\n"
+        f"      on_step=die_once_ended, checkpoint={str(db)!r})\n"
+        "def count(s):\n"
+        "    loomc.charge(0.01)\n"
+        "    print('call', s, flush=True)\n"
+        "    return s + 1\n"
+        "count(0, run_id=sys.argv[1])\n")
+    for run_id, cap, ended in (("conv", 9, "converged"), ("cap", 3, "budget exhausted")):
+        died = subprocess.run([sys.executable, str(script), run_id, str(cap)], env={**os.environ, "KILL": "1"},
+                              capture_output=True, text=True)
+        assert died.returncode == -signal.SIGKILL
+        shown = CliRunner().invoke(main, ["show", run_id, "--db", str(db)]).output
+        last = len(SQLiteStore(db).load_steps(run_id)) - 1
+        assert f"died after step {last} ended the run ({ended}), before the run was marked so" in shown, shown
+
+    calls: list[int] = []
+
+    def counting(cap: int) -> loomc.LoopRunner:
+        @loop(budget=Budget(iterations=cap), converge_on=predicate(lambda h: h[-1].state >= 4), checkpoint=str(db))
+        def count(s):
+            calls.append(s)
+            return s + 1
+        return count
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecChangedWarning)  # not the script's own function
+        done = counting(9).resume_run("conv")
+        assert calls == [] and done.status == "completed" and done.state == 4  # as a run never killed
+        assert done.history[-1].events == ("converged",) and len(done.history) == 4
+        assert done.total_cost == Decimal("0.04")
+        capped = counting(3).resume_run("cap")  # the cap that ended it ends it again, with no call made
+        assert calls == [] and capped.status == "budget_exhausted" and len(capped.history) == 3
+        more = counting(3).resume_run("cap", budget=Budget(iterations=9))  # goes on from step 2, no phantom step
+    assert calls == [3] and more.status == "completed" and [s.error for s in more.history] == [None] * 4
+
+
 def test_a_run_killed_before_its_first_commit_resumes_from_its_initial_state(tmp_path):
     db = tmp_path / "early.db"
     code = f"""
