@@ -546,7 +546,8 @@ class LoopRunner:
         charges, so only the next step number can have any. The child runs that step started are
         counted in it too: the next call is a new step, which starts children of its own. A step that
         charged nothing but started children is left to be made again instead, so that it reuses them
-        and no child is paid for twice.
+        and no child is paid for twice. A process that died after the step that ended its run (see
+        ``ending_event``) was in no call: nothing is recorded, and the run's end is found again.
         """
         n = len(history)
         charged = self.store.pending_charges(record.id).get(n)
@@ -554,7 +555,7 @@ class LoopRunner:
             if not died or any(c.parent_step == n for c in self.store.children(record.id)):
                 return history  # the call is made again as step n, and reuses the children it started
             if history and ending_event(history[-1].events):
-                return history  # it died after the step that ended the run, in no call: the run's end is found again
+                return history  # it died after the step that ended the run, in no call
             cost, error = ZERO, ("Interrupted: the process died during this step, which charged nothing "
                                  "(its cost is unknown)")
         else:

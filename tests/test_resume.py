@@ -1378,7 +1378,13 @@ def test_take_over_resumes_a_run_whose_owner_on_another_host_is_known_to_be_gone
     locked for ten minutes. take_over=True takes it at once, and the note records from whom."""
     import sqlite3
     db = str(tmp_path / "pod.db")
-    count = loop(budget=Budget(iterations=4), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+
+    def bump(s):
+        if s == 3:
+            loomc.request_stop()  # the run ends after this step, with no event that says it ended it
+        return s + 1
+
+    count = loop(budget=Budget(iterations=9), cost_fn=lambda s: 0.1, checkpoint=db)(bump)
     first = count.run(0, run_id="job")
     with sqlite3.connect(db) as conn:  # as the dead pod left it: running, its lease fresh
         conn.execute("UPDATE runs SET status = 'running', owner = 'pod-7f9c:1:t1.ab', lease_expires = ? "
