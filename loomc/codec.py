@@ -175,18 +175,19 @@ def _too_deep(where: str) -> tuple[str, str]:
     return top, "nests lists or dicts too deeply"
 
 
-def _to_json(value: Any) -> bytes:
-    # Fields by their names, not their aliases: a serialization alias is no name the model reads back.
-    # round_trip: a Json[...] field is written as the JSON text it reads back.
-    return pydantic_core.to_json(value, inf_nan_mode="constants", by_alias=False, round_trip=True, fallback=_numpy)
-
-
 def _numpy(value: Any) -> Any:
     """A numpy scalar or array as the Python value it holds, as pydantic meets one; the first state that holds
     one is warned of, since it comes back as that value (an int, a list)."""
     if type(value).__module__ == "numpy" and callable(getattr(value, "tolist", None)):
         return value.tolist()
     raise TypeError(f"Unable to serialize unknown type: {type(value)}")
+
+
+# A state's JSON: fields by their names, not their aliases (a serialization alias is no name the model reads
+# back); round_trip writes a Json[...] field as the JSON text it reads back. A partial, not a function: encode runs
+# once per step.
+_to_json = functools.partial(pydantic_core.to_json, inf_nan_mode="constants", by_alias=False, round_trip=True,
+                             fallback=_numpy)
 
 
 def _encodes(value: Any) -> bool:
