@@ -18,7 +18,6 @@ A loop given no budget at all runs under :data:`DEFAULT_BUDGET`
 
 from __future__ import annotations
 
-import numbers
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,7 +27,7 @@ from typing import Any
 
 from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, cut_at_deadline, dollars, took
 from loomc.history import History, cost_unknown, cut_short, to_decimal
-from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time, whole
+from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time, real, whole
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
                        r"(?:(?P<s>\d+(?:\.\d+)?)s)?$")
@@ -44,7 +43,7 @@ def parse_duration(value: Any, what: str = "wall_clock") -> float:
     """
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's numbers too
+    elif real(value) is not None:  # numpy's numbers too
         seconds = float(value)
     elif isinstance(value, str):
         m = _DURATION.match(value.strip().replace(" ", "").lower())

@@ -71,13 +71,13 @@ def _gone(run: RunRecord, n: int, last_events: Sequence[str] = ()) -> str:
     """Why no process drives a crashed run, which stopped during step ``n``: its process died here, its
     lease ran out, or nobody owns it. ``last_events`` are step ``n - 1``'s: one that ended the run means the
     process died after it, in no call."""
-    ended = ending_event(last_events)
-    if ended is not None and run.owner is not None and owner_is_dead(run.owner):
-        return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({ended}), before the run "
-                "was marked so")
     if run.owner is None:
         return f"no process drives it: it stopped during step {n}"
     if owner_is_dead(run.owner):
+        ended = ending_event(last_events)
+        if ended is not None:
+            return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({ended}), before the "
+                    "run was marked so")
         return f"its process ({clean(run.owner)}) died during step {n}"
     return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
             f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")

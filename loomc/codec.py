@@ -95,10 +95,9 @@ def encode(state: Any) -> str:
         return _to_json(state).decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError, RecursionError) as e:
         where, why = _find_unencodable(state, "state", ())
-        advice = (_AWAIT_IT if why.endswith(_NEVER_AWAITED) else _SURROGATE_ADVICE if why.endswith(_SURROGATE) else
-                  _V1_ADVICE if why.endswith(_V1) else _BINARY_ADVICE if why.endswith(_BINARY) else
-                  "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
-                  "dataclasses), or convert it before returning")
+        advice = next((advice for what, advice in _ADVICE.items() if why.endswith(what)),
+                      "return JSON-friendly values (dicts, lists, strings, numbers, pydantic models, "
+                      "dataclasses), or convert it before returning")
         raise StateEncodeError(f"{where} {why}, which cannot be stored as JSON; {advice} ({e})") from None
 
 
@@ -114,6 +113,8 @@ _BINARY_ADVICE = ("keep binary data (an image, a file) out of the state, with it
                   "model_config = ConfigDict(ser_json_bytes='base64', val_json_bytes='base64'), or, in a dict, hold "
                   "it as base64 text (base64.b64encode(data).decode())")
 _AWAIT_IT = "a sync fn cannot await it: write fn as `async def` and await the call"
+# What to do about a value that cannot be stored, by how _find_unencodable's words about it end.
+_ADVICE = {_NEVER_AWAITED: _AWAIT_IT, _SURROGATE: _SURROGATE_ADVICE, _V1: _V1_ADVICE, _BINARY: _BINARY_ADVICE}
 
 
 _PLAIN_CONTAINERS = (dict, list, tuple)

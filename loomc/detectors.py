@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from loomc.errors import ConfigError, counted
 from loomc.history import History, Step
 from loomc.policy import (Outcome, Probe, Signal, builds_policy, check_one_argument, is_true, name_of, predicate,
-                          whole)
+                          real, whole)
 
 __all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
 
@@ -53,13 +52,12 @@ class ScorePlateau(Signal):
         patience = whole(self.patience)
         if patience is None:
             raise ConfigError(f"score_plateau(patience={self.patience!r}): patience must be a whole number >= 1")
-        if (isinstance(self.min_delta, bool) or not isinstance(self.min_delta, numbers.Real)
-                or not math.isfinite(self.min_delta) or self.min_delta < 0):
+        delta = real(self.min_delta)
+        if delta is None or not math.isfinite(delta) or delta < 0:
             raise ConfigError(f"score_plateau(min_delta={self.min_delta!r}): min_delta must be a finite number >= 0")
         # Python numbers, numpy's too (a sweep's DataFrame): their repr is the policy's.
         object.__setattr__(self, "patience", patience)
-        delta = self.min_delta
-        object.__setattr__(self, "min_delta", delta if isinstance(delta, int) else float(delta))
+        object.__setattr__(self, "min_delta", delta)
         # The fold's memo key, hashed once: the dataclass hash is Python code, run on every step.
         object.__setattr__(self, "_key", ("loomc.plateau", self.patience, float(self.min_delta)))
 

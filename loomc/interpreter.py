@@ -31,7 +31,8 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, to_decimal,
                            with_events)
-from loomc.policy import CONTINUE, Decision, Outcome, loop_name, name_of, score_readers, steps_to_keep, waited
+from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Outcome, loop_name, name_of, score_readers, steps_to_keep,
+                          waited)
 from loomc.runs import LiveRun, Run
 from loomc.stores.base import StoredStep, Totals, drive_over, offload
 
@@ -535,7 +536,7 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
 
 
 #: The events of a step that ended its run: the machine makes no call after it, and finishes the run.
-ENDING_EVENTS = ("converged", "budget exhausted", "stalled", "failed", "policy raised")
+ENDING_EVENTS = (*STOP_EVENTS.values(), "failed", "policy raised")
 
 
 def ending_event(events: Sequence[str]) -> str | None:

@@ -69,9 +69,11 @@ class Decision:
         """The short mark written on the step this decision followed."""
         if self.outcome is Outcome.BACKTRACK:
             return "backtrack to initial state" if self.to is None else f"backtrack to step {self.to}"
-        return {Outcome.CONVERGED: "converged", Outcome.BUDGET_EXHAUSTED: "budget exhausted",
-                Outcome.STALLED: "stalled"}.get(self.outcome, "")
+        return STOP_EVENTS.get(self.outcome, "")
 
+
+#: The mark a decision to stop writes on the step it followed.
+STOP_EVENTS = {Outcome.CONVERGED: "converged", Outcome.BUDGET_EXHAUSTED: "budget exhausted", Outcome.STALLED: "stalled"}
 
 CONTINUE = Decision(Outcome.CONTINUE)
 
@@ -495,6 +497,13 @@ def whole(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         return None
     return int(value)
+
+
+def real(value: Any) -> int | float | None:
+    """``value`` as a Python int or float when it is a real number that is no bool, numpy's too; else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return value if isinstance(value, int) else float(value)
 
 
 def is_true(verdict: Any) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import math
-import numbers
 import os
 import threading
 from array import array
@@ -25,7 +24,7 @@ from typing import Any
 
 from loomc.errors import ConfigError, EmbeddingsUnavailable
 from loomc.history import History
-from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, name_of
+from loomc.policy import Outcome, Probe, Signal, builds_policy, check_one_argument, name_of, real
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DISTANCE, VECTOR = "semantic_delta", "semantic_delta.vector"
@@ -192,10 +191,10 @@ class SemanticDelta(Signal):
     kind = Outcome.CONVERGED
 
     def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) \
-                or not 0 <= self.threshold <= 2:
+        threshold = real(self.threshold)
+        if threshold is None or not 0 <= threshold <= 2:
             raise ConfigError(f"semantic_delta(threshold={self.threshold!r}): a cosine distance between 0 and 2")
-        object.__setattr__(self, "threshold", float(self.threshold))  # numpy's too: its repr is the policy's
+        object.__setattr__(self, "threshold", float(threshold))  # numpy's too: its repr is the policy's
         if not callable(self.text_fn):
             raise ConfigError(f"semantic_delta(text_fn={self.text_fn!r}) must be a function state -> str")
         check_one_argument(self.text_fn, "text_fn(state)")
