@@ -292,12 +292,14 @@ class RunAtImport(LoomcError):
     """A loop was started or resumed while ``loomc resume`` imported the module that defines it."""
 
 
-def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any, fn_name: str = "fn") -> BaseException:
+def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any, fn_name: str = "fn",
+               ended: tuple[str, str] | None = None) -> BaseException:
     """Mark an exception raised by user code with the run it ended.
 
     The user's exception type is kept (callers catch their own errors); loomc
     adds ``run_id``, ``state`` and ``history`` attributes and a note. So does a
-    ``KeyboardInterrupt``: a notebook's interrupted cell says which run to resume.
+    ``KeyboardInterrupt``: a notebook's interrupted cell says which run to resume, or, when the run had
+    ``ended`` (its status and reason) before the interrupt came, how it ended.
     """
     try:
         exc.run_id = run_id  # type: ignore[attr-defined]
@@ -305,6 +307,14 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
         exc.history = history  # type: ignore[attr-defined]
     except (AttributeError, TypeError):  # exceptions with __slots__
         pass
-    ended = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
-    exc.add_note(f"loomc: run {run_id} {ended}; resume it with {fn_name}.resume({run_id!r})")
+    resume = f"{fn_name}.resume({run_id!r})"
+    if ended is not None:
+        status, reason = ended
+        exc.add_note(f"loomc: run {run_id} had already ended, {status.replace('_', ' ')}: {reason}" + (
+            "; the state it reached is on .state" if status == "completed" else
+            f"; give a larger budget: {fn_name}.resume({run_id!r}, budget=Budget(...))"
+            if status == "budget_exhausted" else f"; resume it with {resume}"))
+        return exc
+    how = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
+    exc.add_note(f"loomc: run {run_id} {how}; resume it with {resume}")
     return exc

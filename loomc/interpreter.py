@@ -509,6 +509,14 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             run.source = None if decision.to is None else h[decision.to]
         elif step.ok:
             run.source = step
+        # How the run ends, when this step ends it, known before the commit: an interrupt that lands once the
+        # step is committed (a task cancelled while the commit is written, a step stream closed at this step)
+        # leaves the run ended so, not cancelled.
+        if fatal:
+            if isinstance(exc, Exception):
+                run.ending = ending = "failed", _failure(run, exc, step, events)
+        elif decision.outcome >= _STALLED:
+            run.ending = _STATUS[decision.outcome], decision.reason
         yield _Commit((step, record, _new_tuple(Totals, (h._summary()[0], n, elapsed))))
         if run.heavy:
             _let_go(run, h)
@@ -517,19 +525,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
         if fatal:
             if not isinstance(exc, Exception):
                 raise exc  # the driver records the run as cancelled; the step is committed
-            if "policy raised" in events:
-                reason = f"the policy raised {type(exc).__name__}: {exc}".rstrip(": ")
-            else:
-                reason = step.error or "failed"
-                if run.backtracker is not None:  # it could have gone on, but the next call could not do better
-                    if _set_up_wrongly(exc):
-                        reason = _setup(exc, reason)
-                    elif not run.backtracker.goes_on_from(exc):
-                        reason = _not_on(run.backtracker, exc, reason)
-                    else:
-                        reason = _blind(run, exc, reason)
-            yield _Finish("failed", reason)
-            return _ended(run, "failed", reason, exc)
+            yield _Finish(*ending)
+            return _ended(run, *ending, exc)
     status = _STATUS[decision.outcome]
     yield _Finish(status, decision.reason)
     return _ended(run, status, decision.reason, None, decision)
@@ -543,6 +540,21 @@ def ending_event(events: Sequence[str]) -> str | None:
     """The event among a committed step's ``events`` that ended its run, if any: a process that died after
     that commit died before its run was marked ended, not in a call."""
     return next((e for e in events if e in ENDING_EVENTS), None)
+
+
+def _failure(run: LiveRun, exc: Exception, step: Step, events: tuple[str, ...]) -> str:
+    """Why a run that ``exc`` failed at ``step`` ended."""
+    if "policy raised" in events:
+        return f"the policy raised {type(exc).__name__}: {exc}".rstrip(": ")
+    reason = step.error or "failed"
+    if run.backtracker is None:
+        return reason
+    # It could have gone on, but the next call could not do better.
+    if _set_up_wrongly(exc):
+        return _setup(exc, reason)
+    if not run.backtracker.goes_on_from(exc):
+        return _not_on(run.backtracker, exc, reason)
+    return _blind(run, exc, reason)
 
 
 def _fatal(run: LiveRun, exc: BaseException) -> bool:
@@ -806,17 +818,33 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         _commit_interrupted(run, why)
     except LoomcError:
         pass  # e.g. the store is what failed: the charges stay pending, and a resume counts them
+    ended = run.ending if _ended_already(run) else None
+    if ended is not None:
+        status, why = ended
     try:
         run.store.finish_run(run.id, status, why, run.owner)
     except LoomcError:
         pass
     logs.run_stopped(run.id, status, why, run.history)
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
-        run.ended = Run(run.id, status, why, run.returned_state(), run.history, run.policy,
-                        active_seconds=run.elapsed(run.clock()))
+        run.ended = (_ended(run, status, why, None) if status in _STATUS.values() else
+                     Run(run.id, status, why, run.returned_state(), run.history, run.policy,
+                         active_seconds=run.elapsed(run.clock())))
     if isinstance(exc, RunError) or not isinstance(exc, (Exception, KeyboardInterrupt)):
         return
-    attach_run(exc, run.id, run.state_of(run.source), run.history, loop_name(run.fn))
+    attach_run(exc, run.id, run.state_of(run.source) if ended is None else run.returned_state(), run.history,
+               loop_name(run.fn), ended)
+
+
+def _ended_already(run: LiveRun) -> bool:
+    """Whether the step that ended the run is committed: the interrupt came after the run's end, before it was
+    marked, and the run is marked as it ended (``run.ending``), not as interrupted."""
+    if run.ending is None or run.in_flight >= 0:
+        return False
+    try:
+        return run.store.get_run(run.id).steps >= len(run.history)
+    except Exception:
+        return False  # the store is what failed: the step may not be in
 
 
 def _commit_interrupted(run: LiveRun, why: str) -> None:

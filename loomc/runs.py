@@ -117,6 +117,7 @@ class LiveRun:
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
     ended: Run | None = None  # the Run, once a stream of this run's steps was closed early
+    ending: tuple[str, str] | None = None  # the status and reason the run ends with, once a step ends it
     resumed: bool = False  # a resume of a stored run, not a new one
     priced: set[str] = field(default_factory=set)  # ids of the responses an adapter priced for this run
     stop: str | None = None  # why request_stop asked the run to stop before its next call

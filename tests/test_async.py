@@ -196,6 +196,33 @@ def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_p
     assert again.state == 4 and [s.n for s in again.history] == [0, 1, 2, 3]
 
 
+def test_ctrl_c_after_the_step_that_exhausted_the_budget_leaves_the_run_budget_exhausted(tmp_path):
+    db = str(tmp_path / "k.db")
+
+    pressed = []
+
+    def interrupt_at_the_end(step):
+        if step.events and not pressed:
+            pressed.append(step.n)
+            raise KeyboardInterrupt  # Ctrl-C once the step is committed, before the run is marked
+
+    @loop(budget=Budget(usd=0.25), cost_fn=lambda s: 0.1, on_step=interrupt_at_the_end, checkpoint=db)
+    def spend(state):
+        return state + 1
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        spend(0, run_id="late-ctrl-c")
+    record = SQLiteStore(db).get_run("late-ctrl-c")
+    assert (record.status, record.steps, record.total_cost) == ("budget_exhausted", 2, Decimal("0.2"))
+    reason = "usd: $0.2000 spent + $0.1000 for the next step would pass the $0.2500 cap"
+    assert record.reason == reason
+    assert caught.value.__notes__ == [f"loomc: run late-ctrl-c had already ended, budget exhausted: {reason}; give a "
+                                      "larger budget: spend.resume('late-ctrl-c', budget=Budget(...))"]
+    assert caught.value.state == 2
+    # A larger budget goes on from it, as from any exhausted run (with no Ctrl-C this time).
+    assert spend.resume_run("late-ctrl-c", budget=Budget(usd=0.45)).state == 4
+
+
 def test_a_task_cancelled_while_its_commit_waits_for_the_busy_writer_still_commits_the_paid_step(tmp_path):
     store = SQLiteStore(tmp_path / "busy.db")
     gate = threading.Event()
@@ -215,6 +242,38 @@ def test_a_task_cancelled_while_its_commit_waits_for_the_busy_writer_still_commi
     assert [s.n for s in store.load_steps("busy")] == [0, 1]
     resumed = run(step.resume_run("busy"))  # goes on from step 2: step 1 is not paid for twice
     assert resumed.state == 5 and resumed.steps == 5 and store.get_run("busy").total_cost == Decimal("0.5")
+
+
+@pytest.mark.parametrize("ends", ["converged", "failed"])
+def test_a_task_cancelled_while_the_commit_of_the_step_that_ended_its_run_waits_leaves_the_run_ended_so(tmp_path,
+                                                                                                      ends):
+    """A timeout that races the run's end: the run is marked as it ended, not cancelled, and the cancellation
+    still reaches the caller."""
+    store = SQLiteStore(tmp_path / "end.db")
+    gate = threading.Event()
+
+    @loop(budget=Budget(iterations=5), converge_on=predicate(lambda h: h[-1].state >= 2), cost_fn=lambda s: 0.1,
+          checkpoint=store)
+    async def step(s: int) -> int:
+        if s == 1:
+            store.writer.submit(gate.wait)  # another run's work holds the writer thread
+            asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)  # lands on the commit's await
+            threading.Timer(0.3, gate.set).start()
+            if ends == "failed":
+                raise ValueError("the tests could not be collected")
+        return s + 1
+
+    with pytest.raises(asyncio.CancelledError):
+        run(step(0, run_id="racing"))
+    record = store.get_run("racing")
+    assert record.steps == 2 and record.owner is None
+    if ends == "converged":
+        assert (record.status, record.reason) == ("completed", "predicate(<lambda>) is true")
+        with pytest.raises(loomc.RunAlreadyFinished, match="already completed"):
+            run(step.resume_run("racing"))
+    else:
+        assert (record.status, record.reason) == ("failed", "ValueError: the tests could not be collected")
+    assert store.get_run("racing").total_cost == Decimal("0.2" if ends == "converged" else "0.1")  # cost_fn: ok steps
 
 
 def test_a_call_interrupted_after_it_charged_is_committed_with_its_spend(tmp_path, clock):

@@ -12,7 +12,7 @@ from decimal import Decimal
 import matplotlib
 import pytest
 
-from loomc import (BestScore, Budget, LastGood, SQLiteStore, compare, load_history, loop, predicate,
+from loomc import (BestScore, Budget, BudgetExhausted, LastGood, SQLiteStore, compare, load_history, loop, predicate,
                    score_plateau)
 from loomc.notebook import Progress
 from loomc.export import history_from_export
@@ -269,6 +269,30 @@ def test_breaking_out_of_iter_marks_the_run_cancelled_and_keeps_its_steps(tmp_pa
     assert record.status == "cancelled" and record.steps == 3
     assert record.reason == "left early: the stream of its steps (iter()) was closed before the run ended"
     assert runner.resume_run("left-early").state == 10
+
+
+def test_breaking_out_of_iter_at_the_step_that_ended_the_run_leaves_it_ended_so(tmp_path):
+    """A cell's own "done" test that agrees with the policy: the run converged or ran out of budget, and says so."""
+    db = str(tmp_path / "end.db")
+    runner = loop(budget=Budget(usd=0.3, iterations=10), converge_on=predicate(lambda h: h[-1].state >= 3),
+                  cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    stream = runner.iter(0, run_id="done")
+    for step in stream:
+        if step.state >= 3:
+            break
+    stream.close()
+    record = runner.store.get_run("done")
+    assert (record.status, record.reason, record.steps) == ("completed", "predicate(<lambda>) is true", 3)
+    assert stream.run is not None and stream.run.status == "completed" and stream.run.result() == 3
+    broke = runner.iter(-10, run_id="broke")
+    for step in broke:
+        if step.n == 2:  # the third $0.10 call was the last the $0.30 cap allowed
+            break
+    broke.close()
+    assert runner.store.get_run("broke").status == "budget_exhausted"
+    assert broke.run is not None and broke.run.status == "budget_exhausted"
+    with pytest.raises(BudgetExhausted, match="Budget"):
+        broke.run.result()
 
 
 def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(tmp_path):
