@@ -24,7 +24,7 @@ from loomc.budget import Budget, budget_from_repr
 from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
                           StopRequested, clean, counted, dollars, iso, shorten, took)
 from loomc.history import running_costs, spend_by_item
-from loomc.interpreter import ending_event
+from loomc.interpreter import ending_event, waiting_event
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -67,10 +67,11 @@ def shown_status(status: str, owner: str | None, lease_expires: float | None) ->
     return "crashed" if status == "running" and unheld(owner, lease_expires, time.time()) else status
 
 
-def _gone(run: RunRecord, n: int, last_events: Sequence[str] = ()) -> str:
+def _gone(run: RunRecord, n: int, last_events: Sequence[str] = (), began: bool = True) -> str:
     """Why no process drives a crashed run, which stopped during step ``n``: its process died here, its
     lease ran out, or nobody owns it. ``last_events`` are step ``n - 1``'s: one that ended the run means the
-    process died after it, in no call."""
+    process died after it, in no call, and so does a backoff wait, unless step ``n``'s call ``began`` (a
+    write-ahead charge for it says so)."""
     if run.owner is None:
         return f"no process drives it: it stopped during step {n}"
     if owner_is_dead(run.owner):
@@ -78,6 +79,10 @@ def _gone(run: RunRecord, n: int, last_events: Sequence[str] = ()) -> str:
         if ended is not None:
             return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({ended}), before the "
                     "run was marked so")
+        waited = None if began else waiting_event(last_events)
+        if waited is not None:
+            return (f"its process ({clean(run.owner)}) died in the backoff wait after step {n - 1} ({waited}), "
+                    f"before step {n}'s call")
         return f"its process ({clean(run.owner)}) died during step {n}"
     return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
             f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")
@@ -212,7 +217,8 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         else "`loomc export --json` has it"
     stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
-        stopped = f"{_gone(run, len(steps), steps[-1].events if steps else ())}; {what_next(run, through_parent)}"
+        gone = _gone(run, len(steps), steps[-1].events if steps else (), began=len(steps) in (pending or {}))
+        stopped = f"{gone}; {what_next(run, through_parent)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent)}"
     head = [f"Run: {clean(run.id)}  Loop: {loop_label(run.fn_path)}  "
@@ -226,7 +232,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     if items:
         head.append(f"By item: {items}")
     head += [f"Uncommitted: {dollars(usd)} charged during step {n}, which never committed; "
-             "a resume records it as an interrupted step" for n, usd in (pending or {}).items()]
+             "a resume records it as an interrupted step" for n, usd in (pending or {}).items() if usd]
     head += [f"Note: {clean(n)}" for n in run.notes]
     failed = [s for s in steps if s.error]
     if failed:

@@ -542,6 +542,13 @@ def ending_event(events: Sequence[str]) -> str | None:
     return next((e for e in events if e in ENDING_EVENTS), None)
 
 
+def waiting_event(events: Sequence[str]) -> str | None:
+    """The backoff wait (``wait 4s``) among a committed step's ``events``, if any: a process that died after that
+    commit died in the wait, not in a call, unless the marker that the wait ended (a $0 write-ahead charge for
+    the next step, see ``_Wait``) was written."""
+    return next((e for e in events if e.startswith(_WAIT_EVENT)), None)
+
+
 def _failure(run: LiveRun, exc: Exception, step: Step, events: tuple[str, ...]) -> str:
     """Why a run that ``exc`` failed at ``step`` ended."""
     if "policy raised" in events:
@@ -594,7 +601,10 @@ def _waiting(run: LiveRun, decision: Decision, elapsed: float,
     stop = waited(decision, run.history, elapsed, run.wall)
     if stop is not decision:
         return stop, (stop.event(),)
-    return decision, (*events, f"wait {decision.wait:g}s")
+    return decision, (*events, f"{_WAIT_EVENT}{decision.wait:g}s")
+
+
+_WAIT_EVENT = "wait "
 
 
 _WAIT_SLICE = 0.1  # how soon a backoff wait sees a stop asked for
@@ -603,17 +613,26 @@ _WAIT_SLICE = 0.1  # how soon a backoff wait sees a stop asked for
 @dataclass
 class _Wait:
     """Wait before the next call: a backtracker's backoff after a failed step. A stop asked for
-    (request_stop: a container's shutdown has a grace period) ends it early, in slices of 0.1 s."""
+    (request_stop: a container's shutdown has a grace period) ends it early, in slices of 0.1 s.
+
+    A wait that ends writes a $0 write-ahead charge for the next step: the call is about to start. A process
+    that dies after the step is then known to have died in that call (paid for, perhaps, and counted so on
+    resume), and one that dies without it, in the wait, before any call (nothing to count).
+    """
     seconds: float
 
     def sync(self, run: LiveRun) -> None:
         for nap in self._naps(run):
             time.sleep(nap)
+        if run.stop is None:
+            run.store.charge(run.id, len(run.history), ZERO)
 
     async def async_(self, run: LiveRun) -> None:
         import asyncio
         for nap in self._naps(run):
             await asyncio.sleep(nap)
+        if run.stop is None:
+            await offload(run.store, run.store.charge, run.id, len(run.history), ZERO)
 
     def _naps(self, run: LiveRun) -> Iterator[float]:
         """The sleeps the wait is made of, each at most a slice, until its end or a stop asked for."""

@@ -26,8 +26,8 @@ import loomc
 from loomc import codec
 
 from conftest import sync_or_async
-from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, RunAlreadyFinished, RunLocked,
-                   RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
+from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, LastGood, RunAlreadyFinished,
+                   RunLocked, RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
                    StepConflict, StoreError, MemoryStore, load_history, loop, predicate)
 
 CRASHY = str(Path(__file__).parent / "crashy.py")
@@ -163,6 +163,84 @@ def test_a_process_killed_after_the_step_that_ended_its_run_is_not_taken_to_have
         assert calls == [] and capped.status == "budget_exhausted" and len(capped.history) == 3
         more = counting(3).resume_run("cap", budget=Budget(iterations=9))  # goes on from step 2, no phantom step
     assert calls == [3] and more.status == "completed" and [s.error for s in more.history] == [None] * 4
+
+
+@pytest.mark.parametrize("killed_in", ["wait", "call"])
+def test_a_process_killed_in_a_backoff_wait_is_not_taken_to_have_died_in_a_call(tmp_path, killed_in):
+    """A pod stopped during a backtracker's backoff wait after a rate limit made no call: a resume records no
+    interrupted step (which would count against the caps at an unknown cost). Killed in the call after the wait,
+    it did make one, and the resume counts it."""
+    from click.testing import CliRunner
+    from loomc.cli import main
+    db = tmp_path / "wait.db"
+    script = tmp_path / "waits.py"
+    script.write_text(
+        "import sys, time\n"
+        "import loomc\n"
+        "from loomc import Budget, LastGood, loop\n"
+        f"@loop(budget=Budget(iterations=6), backtrack=LastGood(wait=float(sys.argv[1])), checkpoint={str(db)!r})\n"
+        "def fix(s):\n"
+        "    if loomc.step_number() == 1:\n"
+        "        raise RuntimeError('429: rate limited')\n"
+        "    if loomc.step_number() == 2:\n"
+        "        print('calling', flush=True)\n"
+        "        time.sleep(600)\n"
+        "    return s + 1\n"
+        "fix(0, run_id='rated')\n")
+    proc = subprocess.Popen([sys.executable, str(script), "600" if killed_in == "wait" else "0.1"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        if killed_in == "wait":
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if db.exists() and len(SQLiteStore(db).load_steps("rated", with_states=False)) == 2:
+                    break  # step 1 failed and is committed: the process waits (max_wait caps it at 60 s)
+                time.sleep(0.05)
+        else:
+            assert proc.stdout is not None and proc.stdout.readline() == "calling\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    shown = CliRunner().invoke(main, ["show", "rated", "--db", str(db)]).output
+    if killed_in == "wait":
+        assert "died in the backoff wait after step 1 (wait 60s), before step 2's call" in shown, shown
+    else:
+        assert "died during step 2" in shown and "Uncommitted" not in shown, shown
+
+    @loop(budget=Budget(iterations=6), backtrack=LastGood(), checkpoint=str(db))
+    def fix(s):
+        return s + 1
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecChangedWarning)  # not the script's own function
+        done = fix.resume_run("rated")
+    errors = [s.error for s in done.history]
+    if killed_in == "wait":  # steps 2 to 5 are all made by the resume
+        assert errors == [None, "RuntimeError: 429: rate limited", None, None, None, None] and done.state == 5
+    else:
+        assert errors[2] == "Interrupted: the process died during this step, which charged nothing (its cost is unknown)"
+        assert errors[3:] == [None, None, None] and done.state == 4 and done.history[2].events == ("interrupted",)
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_the_call_after_a_backoff_wait_starts_once_the_wait_is_marked_over_in_the_store(tmp_path, aio):
+    """The marker (a $0 write-ahead charge for the next step) is durable before that call starts, in both
+    drivers, and the step's commit clears it."""
+    store = SQLiteStore(tmp_path / "mark.db")
+    seen = []
+
+    def body(s):
+        n = loomc.step_number()
+        seen.append((n, store.pending_charges("marked")))
+        if n == 1:
+            raise RuntimeError("429: rate limited")
+        return s + 1
+
+    step = loop(budget=Budget(iterations=4), backtrack=LastGood(wait=0.05), checkpoint=store)(sync_or_async(body, aio))
+    done = asyncio.run(step.run(0, run_id="marked")) if aio else step.run(0, run_id="marked")
+    assert seen == [(0, {}), (1, {}), (2, {2: Decimal(0)}), (3, {})]  # only the call after the wait had it
+    assert done.state == 3 and store.pending_charges("marked") == {} and done.total_cost == 0
 
 
 def test_a_run_killed_before_its_first_commit_resumes_from_its_initial_state(tmp_path):
