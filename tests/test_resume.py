@@ -72,10 +72,10 @@ def _status(db):
         return None
 
 
-@pytest.mark.parametrize("mode", ["cost", "charge"])
+@pytest.mark.parametrize("mode", ["cost", "charge", "acharge"])
 def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
     db = tmp_path / "crash.db"
-    rng = random.Random(1234 if mode == "cost" else 99)
+    rng = random.Random({"cost": 1234, "charge": 99, "acharge": 7}[mode])
     # Kills from 0.1 s before the process has started up (about 0.2 s here; more where nothing is
     # compiled yet) to 0.2 s after land before the first commit, between steps (60 of 0-40 ms, with
     # an fsync each), inside fn and inside commits.
@@ -100,7 +100,7 @@ def test_sigkill_at_random_moments_then_resume_until_done(tmp_path, mode):
     assert run.total_cost == sum((s.cost for s in steps), Decimal(0))
     if mode == "cost":
         assert run.total_cost == Decimal("0.01") * 60
-    else:
+    else:  # charge, acharge
         # every charge is counted once: the 30 good steps plus each interrupted step that had charged
         # (a process killed before its step's charge, or between steps, left an interrupted step of $0)
         interrupted = [s for s in steps if s.error is not None]
