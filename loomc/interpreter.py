@@ -269,9 +269,11 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
         if exc is None:
             try:
                 score = None if raw is None else float(raw)
-            except (TypeError, ValueError):
+            except Exception as e:  # TypeError, ValueError; an int past a float's range; what a __float__ raises
+                import reprlib
                 exc = TypeError(f"scorer(state) must return a number (higher is better) or None, got "
-                                f"{type(raw).__name__}: {raw!r}")
+                                f"{type(raw).__name__}: {reprlib.repr(raw)}" +
+                                ("" if isinstance(e, (TypeError, ValueError)) else f" ({type(e).__name__}: {e})"))
     if exc is not None:
         if not isinstance(exc, Exception):
             error = (f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, "

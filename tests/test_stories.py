@@ -941,14 +941,17 @@ def test_score_plateau_counts_as_the_docs_say(scores, patience, min_delta, stops
 
 
 def test_a_scorer_that_returns_no_number_fails_its_step_saying_so_and_numeric_text_counts():
-    verdicts = iter(["0.8", "good", {"score": 1}])
-    run = loop(budget=Budget(iterations=3), backtrack=LastGood(), scorer=lambda s: next(verdicts),
+    verdicts = iter(["0.8", "good", {"score": 1}, 10 ** 400])
+    run = loop(budget=Budget(iterations=4), backtrack=LastGood(), scorer=lambda s: next(verdicts),
                checkpoint="memory")(lambda s: s + 1).run(0)
     assert run.history[0].score == 0.8
     assert run.history[1].error == ("TypeError: scorer(state) must return a number (higher is better) or None, "
                                     "got str: 'good'")
     assert run.history[2].error.endswith("got dict: {'score': 1}")
     assert run.history[1].state == 2, "a step whose scorer failed keeps its state"
+    # float() overflows on it: a failed step like the others, not an error out of the loop that loses the state
+    assert run.history[3].error.endswith("got int: 100000000000000000...0000000000000000000 (OverflowError: int too "
+                                         "large to convert to float)") and run.history[3].state == 2
 
 
 def test_nan_never_becomes_the_best_score():
