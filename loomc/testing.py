@@ -188,3 +188,7 @@ class StoreConformance:
         assert store.pending_charges("r1") == {0: Decimal("0.05")}
         commit(store, "r1", [make_step(0)])
         assert store.pending_charges("r1") == {}
+        store.charge("r1", 1, Decimal(0))  # kept too: it says the call of step 1 began (after a backoff wait)
+        assert store.pending_charges("r1") == {1: Decimal(0)}
+        store.commit_step("r1", make_step(1), Totals(Decimal(0), 2, 1.0), OWNER, 600)
+        assert store.pending_charges("r1") == {}

@@ -114,7 +114,8 @@ class CheckpointStore(Protocol):
         """The run's steps in step order; ``state_json`` is None when not asked for."""
 
     def charge(self, run_id: str, step_n: int, usd: Decimal) -> None:
-        """Record spend for a step in flight, durably, before the step commits."""
+        """Record spend for a step in flight, durably, before the step commits. Keep a charge of $0 too: it
+        says that the step's call began (the interpreter writes one after a backoff wait)."""
 
     def pending_charges(self, run_id: str) -> dict[int, Decimal]:
         """Spend recorded for steps that never committed, by step number."""
