@@ -18,7 +18,7 @@ Importing loomc is light: no torch, no model, no SDK is imported until used.
 from loomc.backtrack import Backtracker, BestScore, LastGood
 from loomc.budget import DEFAULT_BUDGET, Budget, NoCostWarning, parse_duration
 from loomc.codec import StateRoundTripWarning
-from loomc.detectors import Judge, ScorePlateau, judge, score_plateau
+from loomc.detectors import HedgedVerdictWarning, Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown,
                           DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
@@ -42,7 +42,7 @@ __all__ = [
     "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
     "Comparison", "ConfigError", "ContainerFilesystemWarning", "CorruptStore", "CostUnknown", "DeadlineExceeded",
     "Decision", "DEFAULT_BUDGET",
-    "EmbeddingsUnavailable", "Escalate", "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop",
+    "EmbeddingsUnavailable", "Escalate", "HedgedVerdictWarning", "History", "judge", "Judge", "LastGood", "load_history", "LoomcError", "loop",
     "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoScoreWarning", "NoStateReturned",
     "NoVerdictWarning",
     "open_store",

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomc.errors import ConfigError, counted
+from loomc.errors import ConfigError, counted, short_repr, warn_at_caller
 from loomc.history import History, Step
 from loomc.policy import (Outcome, Probe, Signal, builds_policy, check_one_argument, is_true, name_of, predicate,
                           real, whole)
 
-__all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes"]
+__all__ = ["score_plateau", "ScorePlateau", "predicate", "judge", "Judge", "clear_yes", "HedgedVerdictWarning"]
 
 # Differences this close to min_delta are float noise: 0.8 - 0.7 is not "more than 0.1".
 _NOISE = 1e-9
@@ -93,24 +94,55 @@ def score_plateau(patience: int = 3, min_delta: float = 0.01) -> ScorePlateau:
 
 
 _YES = {"yes", "y", "true", "done", "pass", "passed", "converged"}
+_AROUND = "*_#>`\"' \t\n"  # markdown's emphasis, headings and quotes, quotes and spaces around a verdict
+_SENTENCE_END = re.compile(r"[.!\n]")
+_FIRST_WORD = re.compile(r"[a-z]+")
 
 
 def clear_yes(verdict: Any) -> bool:
-    """True for ``True`` or a clear yes (``"Yes."``, ``"YES"``, ``"true"``); anything else is no.
+    """True for ``True`` or a clear yes: a yes alone or as the reply's first sentence (``"Yes."``, ``"YES"``,
+    ``"**Yes**"``, ``"Yes. The tests pass"``); anything else is no, ``"yes, but..."`` included.
 
-    >>> clear_yes(True), clear_yes("Yes."), clear_yes("yes, but..."), clear_yes(1)
-    (True, True, False, False)
+    >>> clear_yes(True), clear_yes("Yes."), clear_yes("**Yes**"), clear_yes("yes, but..."), clear_yes(1)
+    (True, True, True, False, False)
     """
     if is_true(verdict):
         return True
     if isinstance(verdict, str):
-        return verdict.strip().strip(".!\"'` ").lower() in _YES
+        first = _SENTENCE_END.split(verdict.lstrip(_AROUND), maxsplit=1)[0]
+        return first.strip(_AROUND).lower() in _YES
     return False
 
 
-def _recorded(verdict: Any) -> bool | None:
-    """A verdict as the step records it: yes or no, or ``None`` for a judge that gave none (a no, told once)."""
-    return None if verdict is None else clear_yes(verdict)
+class HedgedVerdictWarning(UserWarning):
+    """A judge answered with a yes that goes on in the same sentence ("Yes, but..."), which counts as a no."""
+
+
+def _recorded(verdict: Any, probe: JudgeProbe) -> bool | None:
+    """A verdict as the step records it: yes or no, or ``None`` for a judge that gave none (a no, told once).
+    A hedged yes (a no) is told once per drive of the run."""
+    if verdict is None:
+        return None
+    yes = clear_yes(verdict)
+    if not yes and isinstance(verdict, str):
+        word = _FIRST_WORD.match(verdict.lstrip(_AROUND).lower())
+        if word is not None and word.group() in _YES:
+            _tell_hedged(probe, verdict)
+    return yes
+
+
+def _tell_hedged(probe: JudgeProbe, verdict: str) -> None:
+    from loomc.context import current_run
+    run, key = current_run(), f"hedged {probe.name}"
+    if run is not None:
+        if key in run.told:
+            return
+        run.told.add(key)
+    where = "" if run is None else f" of run {run.id} for step {run.in_flight}"
+    warn_at_caller(f"loomc: {probe!r}{where} answered {short_repr(verdict)}, which counts as a no: a yes counts only "
+                   "alone or as the reply's first sentence ('Yes.', '**Yes**', 'Yes. The tests pass'), so that a "
+                   "'yes, but ...' is never taken for one. Ask for one word ('Answer with one word: yes or no'), or "
+                   "return True from the judge. (Told once per run.)", HedgedVerdictWarning)
 
 
 @dataclass(frozen=True, repr=False)
@@ -122,10 +154,10 @@ class JudgeProbe(Probe):
         verdict = self.judge_fn(state)
         if inspect.isawaitable(verdict):
             return self._later(verdict)
-        return {self.name: _recorded(verdict)}
+        return {self.name: _recorded(verdict, self)}
 
     async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
-        return {self.name: _recorded(await verdict)}
+        return {self.name: _recorded(await verdict, self)}
 
     def __repr__(self) -> str:  # what a failure names: "raised by judge(is_done), after fn returned"
         return f"judge({name_of(self.judge_fn)})"

@@ -122,6 +122,7 @@ class LiveRun:
     priced: set[str] = field(default_factory=set)  # ids of the responses an adapter priced for this run
     stop: str | None = None  # why request_stop asked the run to stop before its next call
     stop_code: int = 1  # the exit status StopRequested then carries
+    told: set[str] = field(default_factory=set)  # the warnings told once per drive that were told
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)

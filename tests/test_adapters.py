@@ -457,6 +457,27 @@ def test_an_anthropic_judge_through_the_real_client_converges_and_bills_its_own_
     assert len(calls) == 3, "a replay never asks the judge again"
 
 
+def test_a_judge_that_answers_in_markdown_or_goes_on_after_its_yes_converges_and_a_hedged_yes_is_told(sonnet):
+    """Models often answer "**Yes**" or "Yes. The report ...": such a yes was a no, the loop never converged, and
+    it paid for every call its budget allowed. A yes that goes on in its sentence stays a no, and is told once."""
+    from loomc import HedgedVerdictWarning
+    for said in ("**Yes**", "Yes. The report covers every point the"):  # the second cut at max_tokens
+        run = loop(budget=Budget(iterations=5), converge_on=sonnet.judge(anthropic_client([said], []), "Done?"),
+                   checkpoint="memory")(lambda s: s + 1).run(0)
+        assert run.status == "completed" and run.steps == 1, said
+    calls: list[dict] = []
+    hedging = anthropic_client(["Yes, but the intro is thin.", "Yes, the report is ready to send.", "Yes."], calls)
+    with pytest.warns(HedgedVerdictWarning) as told:
+        run = loop(budget=Budget(iterations=5), converge_on=sonnet.judge(hedging, "Done?"), checkpoint="memory")(
+            lambda s: s + 1).run(0, run_id="hedged")
+    assert run.steps == 3 and [s.metrics["judge"] for s in run.history] == [False, False, True]
+    assert len(told) == 1 and str(told[0].message) == (
+        "loomc: judge(AnthropicAdapter('claude-sonnet-4-6').judge) of run hedged for step 0 answered 'Yes, but the "
+        "intro is thin.', which counts as a no: a yes counts only alone or as the reply's first sentence ('Yes.', "
+        "'**Yes**', 'Yes. The tests pass'), so that a 'yes, but ...' is never taken for one. Ask for one word "
+        "('Answer with one word: yes or no'), or return True from the judge. (Told once per run.)")
+
+
 def test_an_async_anthropic_judge_is_awaited_at_the_edge(sonnet):
     import asyncio
     calls: list[dict] = []
@@ -642,6 +663,11 @@ def test_only_true_or_a_clear_yes_counts():
     from loomc.detectors import clear_yes
     assert [clear_yes(v) for v in (True, "Yes.", " yes ", "YES!", "true")] == [True] * 5
     assert [clear_yes(v) for v in (1, "yes, but", "no", "maybe", None, "Yes and no")] == [False] * 6
+    # A yes in markdown, or as the first sentence of a reply that goes on (cut at the judge's token limit)
+    assert [clear_yes(v) for v in ("**Yes**", "Yes.\n\nThe report is ready.", "Yes. The report covers all",
+                                   "> **Yes.** All tests pass", "`yes`", "# Yes")] == [True] * 6
+    assert [clear_yes(v) for v in ("**No**", "No. Yes", "Yes, the report is ready.", "Yes — nearly", "Yes?",
+                                   "Yesterday", "Answer: yes", "")] == [False] * 8
     # numpy's True too, as a predicate takes it: a judge on a classifier's `probability > 0.5` was a no every
     # step, and the loop paid for every call its budget allowed.
     import numpy
