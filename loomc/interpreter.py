@@ -863,7 +863,7 @@ def _ended_already(run: LiveRun) -> bool:
     if run.ending is None or run.in_flight >= 0:
         return False
     try:
-        return run.store.get_run(run.id).steps >= len(run.history)
+        return run.store.get_run(run.id).steps == len(run.history)
     except Exception:
         return False  # the store is what failed: the step may not be in
 
