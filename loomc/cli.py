@@ -1,6 +1,7 @@
 """The ``loomc`` command: runs, show, resume, export and demo, on the SQLite store.
 
-Every command reads ``--db PATH``, else ``$LOOMC_DB``, else ``./.loomc/checkpoints.db``.
+Every command reads ``--db PATH`` (given after the command, or before it: ``loomc --db PATH runs``), else
+``$LOOMC_DB``, else ``./.loomc/checkpoints.db``.
 Bad input (an unknown run, a missing or corrupt database, one from a newer loomc)
 prints one line on stderr and exits 1; text that came from the outside world
 (errors, states) is escaped before it reaches the terminal.
@@ -47,7 +48,12 @@ def fail(message: str) -> NoReturn:
 
 
 def db_path(db: str | None) -> str:
+    """The database a command reads: its own ``--db``, else the one given before it (``loomc --db F runs``),
+    else ``$LOOMC_DB``, else the default file."""
     from loomc.stores import default_path
+    if db is None:
+        ctx = click.get_current_context(silent=True)
+        db = None if ctx is None else ctx.find_root().params.get("db")
     return db or default_path()
 
 
@@ -283,7 +289,9 @@ def step_rows(steps: Sequence[StoredStep], children: Sequence[RunRecord] = (), b
 
 @click.group()
 @click.version_option(package_name="loomc")
-def main() -> None:
+@click.option("--db", type=click.Path(dir_okay=False),
+              help="SQLite file every command reads, as each command's own --db does (which wins)")
+def main(db: str | None) -> None:
     """loomc: resilient agent loops. Inspect, resume and export runs kept in the checkpoint database."""
 
 

@@ -241,6 +241,18 @@ def test_loomc_db_environment_variable_points_at_the_database(tmp_path):
     assert "a1b2c3d4e5f6" in invoke("runs", env={"LOOMC_DB": db}).output
 
 
+def test_db_given_before_the_command_is_read_by_it_and_the_commands_own_wins(tmp_path):
+    """`loomc --db F runs`, as git -C and most tools take a global option, was "No such option '--db'"."""
+    db, other = str(tmp_path / "before.db"), str(tmp_path / "other.db")
+    make_failed_run(db)
+    assert "a1b2c3d4e5f6" in invoke("--db", db, "runs").output
+    assert "Run: a1b2c3d4e5f6" in invoke("--db", db, "show", "a1b2c3d4e5f6").output
+    loop(budget=Budget(iterations=1), checkpoint=other)(lambda s: s + 1).run(0, run_id="elsewhere")
+    out = invoke("--db", db, "runs", "--db", other).output
+    assert "elsewhere" in out and "a1b2c3d4e5f6" not in out
+    assert "elsewhere" in invoke("--db", other, "runs", env={"LOOMC_DB": db}).output  # and wins over $LOOMC_DB
+
+
 def test_export_round_trips_the_whole_run(tmp_path):
     db = str(tmp_path / "x.db")
     run_id = make_failed_run(db)
