@@ -345,7 +345,7 @@ class _Composite:
         best, strongest = CONTINUE, _CONTINUE
         for most, ask, signal in self._plan:
             if most <= strongest:
-                continue  # cannot change the answer: skip (an expensive judge is not consulted)
+                continue  # cannot change the answer: skip (a predicate is not asked, a verdict not read)
             if signal is None:
                 d = ask(history, elapsed)
             else:
