@@ -307,14 +307,20 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
         exc.history = history  # type: ignore[attr-defined]
     except (AttributeError, TypeError):  # exceptions with __slots__
         pass
-    resume = f"{fn_name}.resume({run_id!r})"
     if ended is not None:
         status, reason = ended
-        exc.add_note(f"loomc: run {run_id} had already ended, {status.replace('_', ' ')}: {reason}" + (
-            "; the state it reached is on .state" if status == "completed" else
-            f"; give a larger budget: {fn_name}.resume({run_id!r}, budget=Budget(...))"
-            if status == "budget_exhausted" else f"; resume it with {resume}"))
+        exc.add_note(f"loomc: run {run_id} had already ended, {status.replace('_', ' ')}: {reason}; " + (
+            "the state it reached is on .state" if status == "completed" else go_on(status, fn_name, run_id)))
         return exc
     how = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
-    exc.add_note(f"loomc: run {run_id} {how}; resume it with {resume}")
+    exc.add_note(f"loomc: run {run_id} {how}; {go_on('failed', fn_name, run_id)}")
     return exc
+
+
+def go_on(status: str, fn_name: str, run_id: str | None) -> str:
+    """How to go on with a run that stopped ``status`` (not completed), as Python to paste."""
+    if status == "budget_exhausted":
+        return f"give a larger budget: {fn_name}.resume({run_id!r}, budget=Budget(...))"
+    if status == "stalled":
+        return f"inspect it with `loomc show {run_id}`; {fn_name}.resume({run_id!r}) gives it more calls"
+    return f"resume it with {fn_name}.resume({run_id!r})"

@@ -26,7 +26,7 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
                           ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
                           NoStateReturned, RunError,
                           RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted, dollars,
-                          warn_at_caller, where_raised)
+                          go_on, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, to_decimal,
@@ -718,12 +718,9 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
                 setattr(exc, name, value)
     elif status != "completed":
         cls = BudgetExhausted if status == "budget_exhausted" else StallError
-        name = loop_name(run.fn)
-        hint = (f"give a larger budget: {name}.resume({run.id!r}, budget=Budget(...))" if cls is BudgetExhausted
-                else f"inspect it with `loomc show {run.id}`; {name}.resume({run.id!r}) gives it more calls")
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
                   f"({counted(len(h), 'step')}, {dollars(h.total_cost)}){_failing(h)}; the state it reached is on "
-                  f".state; {hint}",
+                  f".state; {go_on(status, loop_name(run.fn), run.id)}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices),
                active_seconds=run.elapsed(run.clock()))
