@@ -170,9 +170,10 @@ class JudgeProbe(Probe):
 class Judge(Signal):
     """Converged when the judge said yes about the last step's state.
 
-    The verdict is taken at the edge, once per step, and recorded in the step's
-    metrics under ``name``; the detector only reads it, so a resume or a replay
-    never asks the judge again. A judge that raises fails that step (its state is
+    The verdict is taken at the edge, once per step where the policy would read it
+    (see :func:`loomc.policy.consulted`), and recorded in the step's metrics under
+    ``name``; the detector only reads it, so a resume or a replay never asks the
+    judge again. A judge that raises fails that step (its state is
     kept), visibly.
     """
 

@@ -346,6 +346,16 @@ class History(Sequence[Step]):
         h._spine, h._n = spine, self._n + 1
         return h
 
+    def _with_tip(self, step: Step) -> History:
+        """This history and ``step`` after it, on a spine of its own, leaving the live one as it is: a judge's guard
+        asks the policy about a step that is not measured whole yet (O(n) copies of references, only for that)."""
+        spine, n = self._spine, self._n
+        tip = _Spine([])
+        tip.steps = spine.steps[:n] + [step]
+        tip.sums = spine.sums[:n + 1] + [_summarise(spine.sums[n], step)]
+        tip.memo = {key: values[:n + 1] for key, values in spine.memo.items()}
+        return History._view(tip, n + 1)
+
     def prefix(self, k: int) -> History:
         """The first ``k`` steps, as a History sharing this one's spine (O(1))."""
         return History._view(self._spine, max(0, min(k, self._n)))

@@ -31,7 +31,7 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, to_decimal,
                            with_events)
-from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Outcome, loop_name, name_of, score_readers, steps_to_keep,
+from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, loop_name, name_of, score_readers, steps_to_keep,
                           waited)
 from loomc.runs import LiveRun, Run
 from loomc.stores.base import StoredStep, Totals, drive_over, offload
@@ -97,6 +97,7 @@ class _Call(tuple):  # type: ignore[type-arg]
         token = _CURRENT.set(run)
         metrics: dict[str, Any] = {}
         exc: BaseException | None
+        raw = _UNSET  # the score, when it is asked before the probes
         try:
             try:
                 new_state, exc = run.fn(state), None
@@ -115,17 +116,23 @@ class _Call(tuple):  # type: ignore[type-arg]
                         except Exception as e:
                             run.blind = e  # the call's cost is unknown
                             raise
-                    for probe in run.probes:
-                        found = probe.measure(new_state, run.history)
-                        if inspect.isawaitable(found):
-                            _close(found)
-                            raise ConfigError(f"{probe!r} is async: use it in an async loop (async def fn)")
-                        metrics.update(found)
+                    if run.probes:
+                        what = "the scorer"
+                        raw = _UNSET if run.scorer is None else run.scorer(new_state)
+                        for probe, guard in zip(run.probes, run.guards):
+                            what = repr(probe)
+                            if guard is not None and not _asked(run, guard, n, new_state, raw, wall, t0, metrics):
+                                continue
+                            found = probe.measure(new_state, run.history)
+                            if inspect.isawaitable(found):
+                                _close(found)
+                                raise ConfigError(f"{probe!r} is async: use it in an async loop (async def fn)")
+                            metrics.update(found)
                 except BaseException as e:  # Ctrl-C while a judge ran: fn's state is kept, then it stops
                     exc = e
                     if isinstance(e, Exception):
-                        _blame(e, "cost_fn" if run.blind is e else repr(probe))
-            return _settle(run, n, new_state, exc, wall, t0, metrics)
+                        _blame(e, "cost_fn" if run.blind is e else what)
+            return _settle(run, n, new_state, exc, wall, t0, metrics, raw)
         except BaseException:
             run.began = wall, t0  # a call cut short (Ctrl-C): committed with its spend and how long it ran
             raise
@@ -166,7 +173,7 @@ class _Call(tuple):  # type: ignore[type-arg]
                     if run.probes or run.awaits_score:
                         # Judges and the scorer are cut short at the wall-clock deadline, as fn is; the
                         # price above never is, so that what the call cost is always counted.
-                        score = await _by_deadline(run, _judged(run, new_state, metrics), run.clock())
+                        score = await _by_deadline(run, _judged(run, new_state, metrics, n, wall, t0), run.clock())
                 except asyncio.TimeoutError as e:
                     exc = _past_deadline(run, e, "while the call's result was being measured (a judge or the "
                                          "scorer), which was cancelled; the state fn returned is kept on this step")
@@ -201,23 +208,43 @@ def _past_deadline(run: LiveRun, e: BaseException, what: str) -> BaseException:
     return e
 
 
-async def _judged(run: LiveRun, state: Any, metrics: dict[str, Any]) -> Any:
-    """An async loop's measurements of ``state`` after its price: each probe's metrics (into ``metrics``),
-    then the score an ``async def`` scorer gives (``_UNSET`` if the scorer is sync: ``_settle`` asks it)."""
-    for probe in run.probes:
+async def _judged(run: LiveRun, state: Any, metrics: dict[str, Any], n: int, wall: float, t0: float) -> Any:
+    """An async loop's measurements of ``state`` after its price: the score, then each probe's metrics (into
+    ``metrics``) that the policy would read; the score is returned (``_UNSET`` with no scorer)."""
+    raw = _UNSET
+    if run.scorer is not None:
         try:
+            raw = run.scorer(state)
+            if run.awaits_score:
+                raw = await raw
+        except Exception as e:
+            _blame(e, "the scorer")
+            raise
+    for probe, guard in zip(run.probes, run.guards):
+        try:
+            if guard is not None and not _asked(run, guard, n, state, raw, wall, t0, metrics):
+                continue
             found = probe.measure(state, run.history)
             metrics.update(await found if inspect.isawaitable(found) else found)
         except Exception as e:
             _blame(e, repr(probe))
             raise
-    if not run.awaits_score:
-        return _UNSET
+    return raw
+
+
+def _asked(run: LiveRun, guard: Guard, n: int, state: Any, raw: Any, wall: float, t0: float,
+           metrics: dict[str, Any]) -> bool:
+    """Whether deciding the run's policy on this step would read a judge's verdict (``guard``): asked of the history
+    with this step as measured so far (its score, the verdicts before it; its cost before the judge's). A guard
+    that raises says yes: the policy's own decision then meets what raised."""
+    score, wrong = _as_score(raw)
+    if wrong is not None:
+        return True  # the step fails on its score: the judge would not be read, and _settle says why
+    step = fresh_step(n, state, run.pending, score, None, wall, run.clock() - t0, metrics, run.decode)
     try:
-        return await run.scorer(state)  # type: ignore[misc]
-    except Exception as e:
-        _blame(e, "the scorer")
-        raise
+        return guard(run.history._with_tip(step), run.elapsed(run.clock()))
+    except Exception:
+        return True
 
 
 def _blame(e: BaseException, what: str) -> None:
@@ -253,10 +280,21 @@ def _close(awaitable: Any) -> None:
         close()  # no "coroutine was never awaited" warning on top of the real error
 
 
+def _as_score(raw: Any) -> tuple[float | None, TypeError | None]:
+    """The score a scorer returned, as a float, or the error that says it is no number."""
+    try:
+        return (None if raw is None or raw is _UNSET else float(raw)), None
+    except Exception as e:  # TypeError, ValueError; an int past a float's range; what a __float__ raises
+        import reprlib
+        return None, TypeError(f"scorer(state) must return a number (higher is better) or None, got "
+                               f"{type(raw).__name__}: {reprlib.repr(raw)}" +
+                               ("" if isinstance(e, (TypeError, ValueError)) else f" ({type(e).__name__}: {e})"))
+
+
 def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: float, t0: float,
             metrics: dict[str, Any], raw: Any = _UNSET) -> tuple[Step, BaseException | None, float]:
     """Measure a finished call at the edge: its score and error, with the cost the driver added, as one
-    Step; and the clock after. ``raw`` is the score an async scorer gave, already awaited."""
+    Step; and the clock after. ``raw`` is the score the scorer gave already (before the probes), if it was asked."""
     score, error = None, None
     if exc is None and run.scorer is not None:
         if raw is _UNSET:
@@ -269,11 +307,8 @@ def _settle(run: LiveRun, n: int, state: Any, exc: BaseException | None, wall: f
         if exc is None:
             try:
                 score = None if raw is None else float(raw)
-            except Exception as e:  # TypeError, ValueError; an int past a float's range; what a __float__ raises
-                import reprlib
-                exc = TypeError(f"scorer(state) must return a number (higher is better) or None, got "
-                                f"{type(raw).__name__}: {reprlib.repr(raw)}" +
-                                ("" if isinstance(e, (TypeError, ValueError)) else f" ({type(e).__name__}: {e})"))
+            except Exception:  # no number: the error says what it was
+                score, exc = _as_score(raw)
     if exc is not None:
         if not isinstance(exc, Exception):
             error = (f"Interrupted: {type(exc).__name__} while the call's result was being measured (cost_fn, "

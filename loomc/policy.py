@@ -446,6 +446,47 @@ class Policies(_Composite, Policy):  # type: ignore[misc, override]
 
 _CONTINUE, _CONVERGED = Outcome.CONTINUE, Outcome.CONVERGED
 
+#: A test of a history whose newest step is being measured (and the active seconds): see :func:`consulted`.
+Guard = Callable[[History, float], bool]
+
+
+def consulted(policy: Policy, part: Policy) -> Guard | None:
+    """Whether deciding ``policy`` would ask ``part`` on a history, as a test of the history; ``None`` when it always
+    would (or ``part`` is not in ``policy``). Parts are asked as the combinators ask them: ``|`` skips a part once an
+    earlier one gave an outcome at least as strong as the part's strongest (an earlier detector that converged),
+    and ``&`` stops at its first part that does not fire. The edge asks a paid judge only when this says yes."""
+    tests = _consulted(policy, part)
+    if not tests:
+        return None
+    if len(tests) == 1:
+        return tests[0]
+    return lambda h, elapsed: all(test(h, elapsed) for test in tests)
+
+
+def _consulted(policy: Policy, part: Policy) -> list[Guard] | None:
+    """The tests, outermost first, under which ``policy`` asks ``part``; ``None`` if ``part`` is not in it."""
+    if policy is part:
+        return []
+    if isinstance(policy, Not):
+        return _consulted(policy.inner, part)
+    parts: tuple[Policy, ...] = getattr(policy, "parts", ())
+    for i, inner in enumerate(parts):
+        rest = _consulted(inner, part)
+        if rest is None:
+            continue
+        if isinstance(policy, AllOf):
+            before: tuple[Signal, ...] = policy.parts[:i]
+            return ([lambda h, elapsed: all(p.fire(h, elapsed) is not None for p in before)] if before else []) + rest
+        # | asks ``inner`` unless the parts before it reached its strongest outcome; weaker parts cannot.
+        most = inner.max_outcome
+        stronger = tuple(p for p in parts[:i] if p.max_outcome >= most)
+        if not stronger:
+            return rest
+        prefix = Policies(stronger)
+        return [lambda h, elapsed: prefix.decide(h, elapsed).outcome < most] + rest
+    return None
+
+
 
 # --- leaves ----------------------------------------------------------------
 

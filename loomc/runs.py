@@ -15,7 +15,7 @@ from loomc.context import _SPENDING
 from loomc.detectors import JudgeProbe
 from loomc.errors import dollars
 from loomc.history import ZERO, History, Step, read, state_cell
-from loomc.policy import Policy, Probe
+from loomc.policy import Guard, Policy, Probe, consulted
 from loomc.stores.base import CheckpointStore, Drive
 
 
@@ -97,6 +97,7 @@ class LiveRun:
     wall_cap: float | None = None
     wall: Budget | None = None  # the top-level Budget with the tightest wall-clock cap (wall_cap is its cap)
     probes: tuple[Probe, ...] = ()
+    guards: tuple[Guard | None, ...] = ()  # per probe: when its signal is read (None: always)
     items: dict[str, Decimal] = field(default_factory=dict)  # named line items of the step in flight
     tokens: dict[str, list[int]] = field(default_factory=dict)  # their input and output tokens, where told
     state_type: Any = None  # what a resume decodes the stored states as
@@ -134,7 +135,10 @@ class LiveRun:
         # What a child holds of its parent's room for a step at least: its budget's step_estimate.
         self.estimate = max((p.step_estimate for p in self.policy.walk()
                              if isinstance(p, Budget) and p.step_estimate is not None), default=ZERO)
-        self.probes = tuple(probe for p in self.policy.walk() for probe in p.probes())
+        owned = [(p, probe) for p in self.policy.walk() for probe in p.probes()]
+        self.probes = tuple(probe for _, probe in owned)
+        # A judge is asked only where deciding the policy would read its verdict (see consulted).
+        self.guards = tuple(consulted(self.policy, p) if isinstance(probe, JudgeProbe) else None for p, probe in owned)
         self.usd_capped = usd_cap(self.policy) is not None
         self.cost_unchecked = self.cost_fn is None and self.usd_capped
         self.score_unchecked = self.scorer is not None and self.policy.needs_score and self.history.best is None

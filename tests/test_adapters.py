@@ -659,6 +659,45 @@ def test_a_judge_that_raises_is_recorded_on_its_step_not_swallowed():
     assert run.status == "completed" and run.state == 3
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_judge_is_asked_only_where_the_policy_reads_its_verdict(aio):
+    """Left to right, as the policy decides: a paid judge right of a detector that fired, or under `a & judge` where
+    `a` did not fire, cannot change the answer, and is not asked (it used to be asked after every step)."""
+    import asyncio
+    from conftest import sync_or_async
+    from loomc import judge, score_plateau
+    asked: list[int] = []
+
+    def grade(state):
+        asked.append(state)
+        return "yes" if state >= 4 else "no"
+
+    async def agrade(state):
+        return grade(state)
+
+    verdict = judge(agrade if aio else grade)
+
+    def go(policy, scores=None):
+        asked.clear()
+        runner = loop(budget=Budget(iterations=8), converge_on=policy, checkpoint="memory",
+                      scorer=None if scores is None else (lambda s: scores[s - 1]))(sync_or_async(lambda s: s + 1, aio))
+        return asyncio.run(runner.run(0)) if aio else runner.run(0)
+
+    run = go(predicate(lambda h: h[-1].state >= 3) | verdict)
+    assert run.steps == 3 and run.reason == "predicate(<lambda>) is true" and asked == [1, 2]
+    assert [s.metrics.get("judge") for s in run.history] == [False, False, None]  # not asked: nothing recorded
+    run = go(verdict | predicate(lambda h: h[-1].state >= 3))  # on the left it is asked first, on every step
+    assert run.steps == 3 and asked == [1, 2, 3]
+    # Under &, only once the score has plateaued (the score is measured before the judges)
+    run = go(score_plateau(2, min_delta=0.01) & verdict, scores=[0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert asked == [4] and run.steps == 4 and run.reason == "score_plateau: no improvement above 0.5 by more " \
+        "than 0.01 in 2 scored steps and judge(agrade) said yes".replace("agrade", "agrade" if aio else "grade")
+    assert (score_plateau(2, min_delta=0.01) & verdict).replay(run.history).stopped_after == 4
+    # A detector left of it that raises: the judge is asked, and the policy's own decision then fails the run
+    run = go(predicate(lambda h: h[-1].state["x"]) | verdict)
+    assert run.status == "failed" and asked == [1] and run.reason.startswith("the policy raised TypeError")
+
+
 def test_only_true_or_a_clear_yes_counts():
     from loomc.detectors import clear_yes
     assert [clear_yes(v) for v in (True, "Yes.", " yes ", "YES!", "true")] == [True] * 5
