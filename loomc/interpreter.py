@@ -31,8 +31,8 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, to_decimal,
                            with_events)
-from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, loop_name, name_of, score_readers, steps_to_keep,
-                          waited)
+from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, loop_name, name_of, score_readers,
+                          steps_to_keep, waited)
 from loomc.runs import LiveRun, Run
 from loomc.stores.base import StoredStep, Totals, drive_over, offload
 

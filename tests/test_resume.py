@@ -219,7 +219,8 @@ def test_a_process_killed_in_a_backoff_wait_is_not_taken_to_have_died_in_a_call(
     if killed_in == "wait":  # steps 2 to 5 are all made by the resume
         assert errors == [None, "RuntimeError: 429: rate limited", None, None, None, None] and done.state == 5
     else:
-        assert errors[2] == "Interrupted: the process died during this step, which charged nothing (its cost is unknown)"
+        assert errors[2] == ("Interrupted: the process died during this step, which charged nothing (its cost is "
+                             "unknown)")
         assert errors[3:] == [None, None, None] and done.state == 4 and done.history[2].events == ("interrupted",)
 
 
