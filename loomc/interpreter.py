@@ -415,9 +415,10 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
     run.round_trip_unchecked &= not round_trip
     run.cost_unchecked &= not cost
     run.score_unchecked &= not score
-    judges = run.judges_unchecked if step.ok else ()
+    # The judges asked on this step: one the policy did not read yet (see consulted) is checked when it is asked.
+    judges = tuple(j for j in run.judges_unchecked if j.name in step.metrics) if step.ok else ()
     if judges:
-        run.judges_unchecked = ()
+        run.judges_unchecked = tuple(j for j in run.judges_unchecked if j not in judges)
     run.unverified = (run.round_trip_unchecked or run.cost_unchecked or run.score_unchecked
                       or bool(run.judges_unchecked))
     if round_trip and text is not None:
@@ -439,7 +440,7 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
                            "yes ('yes') converges, so a judge that gives no verdict never stops the run, and only "
                            "the budget would. Return its verdict; did it forget `return`, or pass on a model reply "
                            "with no text (a chat message's content is None when the model refused or called a "
-                           "tool)? (Checked once, on the first successful step.)", NoVerdictWarning)
+                           "tool)? (Checked once, on the first successful step it judged.)", NoVerdictWarning)
     if cost and not step.cost:
         unreported = next((p for p in run.policy.walk() if isinstance(p, UnreportedSpend) and p.calls), None)
         warn_at_caller(f"loomc: run {run.id} has a USD cap of {dollars(usd_cap(run.policy))}, but step {step.n} "

@@ -105,7 +105,7 @@ class LiveRun:
     round_trip_unchecked: bool = True  # until this process has committed a state of the run and checked it
     cost_unchecked: bool = False  # under a USD cap without a cost_fn: until a successful step was checked
     score_unchecked: bool = False  # a policy that reads scores, none scored yet: until a successful step was checked
-    judges_unchecked: tuple[JudgeProbe, ...] = ()  # the judges that asked none of the run's successful steps yet
+    judges_unchecked: tuple[JudgeProbe, ...] = ()  # the judges not yet asked about a successful step of the run
     initial_json: str | None = None  # the initial state as stored, to read it again once fn has had it
     drive: Drive | None = None  # holds ``owner`` alive in this process for as long as the run is driven
     parent_step: int = -1  # the parent's step this child run belongs to

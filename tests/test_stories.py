@@ -733,8 +733,14 @@ def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
         f"loomc: run j's judge({name}) returned None for step 1: only True or a clear yes ('yes') converges, so a "
         "judge that gives no verdict never stops the run, and only the budget would. Return its verdict; did it "
         "forget `return`, or pass on a model reply with no text (a chat message's content is None when the model "
-        "refused or called a tool)? (Checked once, on the first successful step.)")
+        "refused or called a tool)? (Checked once, on the first successful step it judged.)")
     assert run.history[1].metrics["judge"] is None and "judge" not in run.history[0].metrics
+    # A judge the policy reads only once the score plateaus is checked on the first step it is asked about
+    plateau = loop(budget=Budget(iterations=4), converge_on=score_plateau(1) & judge(forgot_async if aio else forgot),
+                   scorer=lambda s: 0.5, checkpoint="memory")(sync_or_async(lambda s: {"draft": "final"}, aio))
+    with pytest.warns(NoVerdictWarning, match="returned None for step 1"):
+        late = run_of(plateau, {"draft": ""})
+    assert [s.metrics.get("judge", "not asked") for s in late.history] == ["not asked", None, None, None]
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoVerdictWarning)  # none of these is told
         said_no = loop(budget=Budget(iterations=2), converge_on=judge(lambda s: False), checkpoint="memory")(
