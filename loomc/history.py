@@ -346,15 +346,21 @@ class History(Sequence[Step]):
         h._spine, h._n = spine, self._n + 1
         return h
 
-    def _with_tip(self, step: Step) -> History:
-        """This history and ``step`` after it, on a spine of its own, leaving the live one as it is: a judge's guard
-        asks the policy about a step that is not measured whole yet (O(n) copies of references, only for that)."""
+    def _asked_with(self, step: Step, ask: Callable[[History], T]) -> T:
+        """``ask(h)`` of this history with ``step`` after it, which then goes again: a judge's guard asks the policy
+        about a step not measured whole yet. The newest history of its spine only; in O(1), as an append is: what
+        ``ask`` memoised about ``step`` goes with it."""
         spine, n = self._spine, self._n
-        tip = _Spine([])
-        tip.steps = spine.steps[:n] + [step]
-        tip.sums = spine.sums[:n + 1] + [_summarise(spine.sums[n], step)]
-        tip.memo = {key: values[:n + 1] for key, values in spine.memo.items()}
-        return History._view(tip, n + 1)
+        if len(spine.steps) != n:
+            raise ValueError("only the newest history of a run can be asked about a step to come")
+        spine.steps.append(step)
+        spine.sums.append(_summarise(spine.sums[n], step))
+        try:
+            return ask(History._view(spine, n + 1))
+        finally:
+            del spine.steps[n:], spine.sums[n + 1:]
+            for values in spine.memo.values():
+                del values[n + 1:]
 
     def prefix(self, k: int) -> History:
         """The first ``k`` steps, as a History sharing this one's spine (O(1))."""

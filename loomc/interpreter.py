@@ -242,7 +242,8 @@ def _asked(run: LiveRun, guard: Guard, n: int, state: Any, raw: Any, wall: float
         return True  # the step fails on its score: the judge would not be read, and _settle says why
     step = fresh_step(n, state, run.pending, score, None, wall, run.clock() - t0, metrics, run.decode)
     try:
-        return guard(run.history._with_tip(step), run.elapsed(run.clock()))
+        elapsed = run.elapsed(run.clock())
+        return run.history._asked_with(step, lambda h: guard(h, elapsed))
     except Exception:
         return True
 

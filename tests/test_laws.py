@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import loomc
-from loomc import (BestScore, Budget, Escalate, History, LastGood, SQLiteStore, Step, always, loop, never,
+from loomc import (BestScore, Budget, Escalate, History, LastGood, SQLiteStore, Step, always, judge, loop, never,
                    predicate, score_plateau)
 from loomc.errors import COST_UNKNOWN_METRIC
 
@@ -126,6 +126,29 @@ def test_a_decision_at_step_k_depends_only_on_the_first_k_steps(a, rows, more, e
     for k in range(len(rows) + 1):
         assert a.decide(whole[:k], e) == a.decide(alone[:k], e)
         assert a.decide(whole[:k], e) == a.decide(build(rows[:k]), e)
+
+
+VERDICT = judge(lambda state: True, name="verdict")  # never asked here: its verdict is set on the step
+WITH_JUDGE = [lambda a, b: a | VERDICT, lambda a, b: a | VERDICT | b, lambda a, b: a & VERDICT,
+              lambda a, b: (a & VERDICT) | b, lambda a, b: a | (b & VERDICT), lambda a, b: ~(a | VERDICT),
+              lambda a, b: a & ~(b | VERDICT), lambda a, b: VERDICT | a]
+
+
+@settings(max_examples=300)
+@given(SIGNALS, SIGNALS, st.sampled_from(WITH_JUDGE), ROWS.filter(bool), ELAPSED)
+def test_a_judge_the_policy_would_not_consult_cannot_change_its_decision(a, b, shape, rows, e):
+    """The edge asks a paid judge only where consulted() says the policy reads its verdict: wherever it says no,
+    a yes and a no give the same decision. Asking it leaves the history as it was."""
+    from loomc.policy import consulted
+    policy = shape(a, b)
+    before, step = build(rows[:-1]), build(rows)[-1]
+    guard = consulted(policy, VERDICT)
+    asked = True if guard is None else before._asked_with(step, lambda h: guard(h, e))
+    assert len(before) == len(rows) - 1 and before.append(step)._spine is before._spine, "the history is as it was"
+    if not asked:
+        said = [policy.decide(build(rows[:-1]).append(step.replace(metrics={**step.metrics, "verdict": verdict})), e)
+                for verdict in (True, False)]
+        assert said[0] == said[1]
 
 
 @given(SIGNALS, ROWS)
