@@ -132,6 +132,8 @@ def _recorded(verdict: Any, probe: JudgeProbe) -> bool | None:
 
 
 def _tell_hedged(probe: JudgeProbe, verdict: str) -> None:
+    """Tell of a hedged yes once per drive of the run, once its step is committed (a warning turned into an error
+    then stops the run and loses nothing)."""
     from loomc.context import current_run
     run, key = current_run(), f"hedged {probe.name}"
     if run is not None:
@@ -139,10 +141,14 @@ def _tell_hedged(probe: JudgeProbe, verdict: str) -> None:
             return
         run.told.add(key)
     where = "" if run is None else f" of run {run.id} for step {run.in_flight}"
-    warn_at_caller(f"loomc: {probe!r}{where} answered {short_repr(verdict)}, which counts as a no: a yes counts only "
-                   "alone or as the reply's first sentence ('Yes.', '**Yes**', 'Yes. The tests pass'), so that a "
-                   "'yes, but ...' is never taken for one. Ask for one word ('Answer with one word: yes or no'), or "
-                   "return True from the judge. (Told once per run.)", HedgedVerdictWarning)
+    told = (f"loomc: {probe!r}{where} answered {short_repr(verdict)}, which counts as a no: a yes counts only alone "
+            "or as the reply's first sentence ('Yes.', '**Yes**', 'Yes. The tests pass'), so that a 'yes, but ...' is "
+            "never taken for one. Ask for one word ('Answer with one word: yes or no'), or return True from the "
+            "judge. (Told once per run.)")
+    if run is None:
+        warn_at_caller(told, HedgedVerdictWarning)
+    else:
+        run.tell_after_commit(told, HedgedVerdictWarning)
 
 
 @dataclass(frozen=True, repr=False)

@@ -451,6 +451,9 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
                        "can ignore this." + (" With no cap but the USD one, the run stops after "
                                              f"{unreported.calls} calls that all report no cost.)"
                                              if unreported is not None else ")"), NoCostWarning)
+    later, run.later = run.later, []
+    for message, category in later:  # what measuring the step found to tell (a hedged verdict)
+        warn_at_caller(message, category)
 
 
 def _notify(run: LiveRun, step: Step) -> None:

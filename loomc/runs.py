@@ -124,6 +124,7 @@ class LiveRun:
     stop: str | None = None  # why request_stop asked the run to stop before its next call
     stop_code: int = 1  # the exit status StopRequested then carries
     told: set[str] = field(default_factory=set)  # the warnings told once per drive that were told
+    later: list[tuple[str, type[Warning]]] = field(default_factory=list)  # to tell once the step in flight commits
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)
@@ -147,6 +148,11 @@ class LiveRun:
         self.blind: BaseException | None = None  # what cost_fn raised on the last call, if it did
         self.awaits_cost = inspect.iscoroutinefunction(self.cost_fn)
         self.awaits_score = inspect.iscoroutinefunction(self.scorer)
+
+    def tell_after_commit(self, message: str, category: type[Warning]) -> None:
+        """Warn of the step in flight once it is committed (see ``_first_commit_checks``)."""
+        self.later.append((message, category))
+        self.unverified = True
 
     def usd_room(self) -> Decimal | None:
         """Dollars this run can still spend in the step in flight (a child's cap comes from it), less

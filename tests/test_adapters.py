@@ -457,10 +457,11 @@ def test_an_anthropic_judge_through_the_real_client_converges_and_bills_its_own_
     assert len(calls) == 3, "a replay never asks the judge again"
 
 
-def test_a_judge_that_answers_in_markdown_or_goes_on_after_its_yes_converges_and_a_hedged_yes_is_told(sonnet):
+def test_a_judge_that_answers_in_markdown_or_goes_on_after_its_yes_converges_and_a_hedged_yes_is_told(sonnet,
+                                                                                                        tmp_path):
     """Models often answer "**Yes**" or "Yes. The report ...": such a yes was a no, the loop never converged, and
     it paid for every call its budget allowed. A yes that goes on in its sentence stays a no, and is told once."""
-    from loomc import HedgedVerdictWarning
+    from loomc import HedgedVerdictWarning, LastGood
     for said in ("**Yes**", "Yes. The report covers every point the"):  # the second cut at max_tokens
         run = loop(budget=Budget(iterations=5), converge_on=sonnet.judge(anthropic_client([said], []), "Done?"),
                    checkpoint="memory")(lambda s: s + 1).run(0)
@@ -476,6 +477,16 @@ def test_a_judge_that_answers_in_markdown_or_goes_on_after_its_yes_converges_and
         "intro is thin.', which counts as a no: a yes counts only alone or as the reply's first sentence ('Yes.', "
         "'**Yes**', 'Yes. The tests pass'), so that a 'yes, but ...' is never taken for one. Ask for one word "
         "('Answer with one word: yes or no'), or return True from the judge. (Told once per run.)")
+    # Told once the step is committed, as the other checks are: turned into an error, it stops the run, losing nothing
+    import warnings
+    strict = loop(budget=Budget(iterations=5), converge_on=sonnet.judge(
+        anthropic_client(["Yes, but the intro is thin."], []), "Done?"), backtrack=LastGood(),
+        checkpoint=str(tmp_path / "strict.db"))(lambda s: s + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HedgedVerdictWarning)
+        with pytest.raises(HedgedVerdictWarning):
+            strict.run(0, run_id="strict")
+    assert [(s.n, s.error, s.metrics["judge"]) for s in strict.store.load_steps("strict")] == [(0, None, False)]
 
 
 def test_an_async_anthropic_judge_is_awaited_at_the_edge(sonnet):
