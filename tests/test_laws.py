@@ -237,15 +237,26 @@ def test_pruning_states_changes_nothing_a_resume_reads_or_returns(outcomes, spli
     assert pruned == kept
 
 
-# A whole loop policy, as @loop composes one: a budget, then any of a plateau, a threshold, a backtracker
-# and a stall handler.
+# A judge of the state alone (so the same in every run of the same calls), which says yes to a 0.9.
+GRADER = judge(lambda state: "yes" if state["score"] == 0.9 else "no", name="grader")
+
+
+# A whole loop policy, as @loop composes one: a budget, then any of a plateau, a threshold, a judge, a
+# backtracker and a stall handler.
 @st.composite
 def loop_policies(draw):
     policy = Budget(iterations=draw(st.integers(1, 16)), usd=draw(st.sampled_from([None, "0.2", "0.5"])))
     if draw(st.booleans()):
         policy = policy | score_plateau(draw(st.integers(1, 4)), draw(st.sampled_from([0.0, 0.01, 0.1])))
+    judged = draw(st.sampled_from([None, "before", "after", "and"]))  # a judge, asked where the policy reads it
+    if judged == "before":
+        policy = policy | GRADER
     if draw(st.booleans()):
         policy = policy | predicate(last_above_half)
+    if judged == "after":
+        policy = policy | GRADER
+    elif judged == "and":
+        policy = policy | (score_plateau(draw(st.integers(1, 3))) & GRADER)
     role = draw(st.sampled_from([None, BestScore(), LastGood()]))
     if role is not None:
         policy = policy | role
