@@ -294,6 +294,21 @@ def test_breaking_out_of_iter_at_the_step_that_ended_the_run_leaves_it_ended_so(
     with pytest.raises(BudgetExhausted, match="Budget"):
         broke.run.result()
 
+    async def cell():  # the same in an async loop's `async for`, closed with aclose()
+        @loop(budget=Budget(iterations=10), converge_on=predicate(lambda h: h[-1].state >= 3), checkpoint=db)
+        async def count(s):
+            return s + 1
+
+        stream = count.iter(0, run_id="adone")
+        async for step in stream:
+            if step.state >= 3:
+                break
+        await stream.aclose()
+        return stream.run
+
+    ended = asyncio.run(cell())
+    assert ended is not None and ended.status == "completed" and runner.store.get_run("adone").status == "completed"
+
 
 def test_iter_with_resume_goes_on_with_the_stored_run_and_yields_only_new_steps(tmp_path):
     """A notebook cell run again after the kernel was interrupted: the same cell, resume=True."""
