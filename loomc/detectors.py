@@ -96,7 +96,7 @@ def score_plateau(patience: int = 3, min_delta: float = 0.01) -> ScorePlateau:
 _YES = {"yes", "y", "true", "done", "pass", "passed", "converged"}
 _AROUND = "*_#>`\"' \t\n"  # markdown's emphasis, headings and quotes, quotes and spaces around a verdict
 _SENTENCE_END = re.compile(r"[.!\n]")
-_FIRST_WORD = re.compile(r"[a-z]+")
+_WORD = re.compile(r"[a-z]+")
 
 
 def clear_yes(verdict: Any) -> bool:
@@ -115,7 +115,8 @@ def clear_yes(verdict: Any) -> bool:
 
 
 class HedgedVerdictWarning(UserWarning):
-    """A judge answered with a yes that goes on in the same sentence ("Yes, but..."), which counts as a no."""
+    """A judge answered with a yes that goes on in its sentence ("Yes, but...") or ends it ("Answer: yes"), which
+    counts as a no."""
 
 
 def _recorded(verdict: Any, probe: JudgeProbe) -> bool | None:
@@ -125,8 +126,9 @@ def _recorded(verdict: Any, probe: JudgeProbe) -> bool | None:
         return None
     yes = clear_yes(verdict)
     if not yes and isinstance(verdict, str):
-        word = _FIRST_WORD.match(verdict.lstrip(_AROUND).lower())
-        if word is not None and word.group() in _YES:
+        # A yes that goes on in its sentence ("Yes, but ..."), or ends one ("Answer: yes"): a no, and told.
+        words = _WORD.findall(_SENTENCE_END.split(verdict.lstrip(_AROUND), maxsplit=1)[0].lower())
+        if words and (words[0] in _YES or words[-1] == "yes"):
             _tell_hedged(probe, verdict)
     return yes
 

@@ -472,6 +472,11 @@ def test_a_judge_that_answers_in_markdown_or_goes_on_after_its_yes_converges_and
         run = loop(budget=Budget(iterations=5), converge_on=sonnet.judge(hedging, "Done?"), checkpoint="memory")(
             lambda s: s + 1).run(0, run_id="hedged")
     assert run.steps == 3 and [s.metrics["judge"] for s in run.history] == [False, False, True]
+    labelled = loop(budget=Budget(iterations=1), converge_on=sonnet.judge(anthropic_client(["**Answer:** yes"], []),
+                                                                            "Done?"), checkpoint="memory")(
+        lambda s: s + 1)
+    with pytest.warns(HedgedVerdictWarning, match=r"answered '\*\*Answer:\*\* yes', which counts as a no"):
+        assert labelled.run(0).history[0].metrics["judge"] is False
     assert len(told) == 1 and str(told[0].message) == (
         "loomc: judge(AnthropicAdapter('claude-sonnet-4-6').judge) of run hedged for step 0 answered 'Yes, but the "
         "intro is thin.', which counts as a no: a yes counts only alone or as the reply's first sentence ('Yes.', "
