@@ -123,7 +123,7 @@ class LiveRun:
     priced: set[str] = field(default_factory=set)  # ids of the responses an adapter priced for this run
     stop: str | None = None  # why request_stop asked the run to stop before its next call
     stop_code: int = 1  # the exit status StopRequested then carries
-    told: set[str] = field(default_factory=set)  # the warnings told once per drive that were told
+    told: set[str] = field(default_factory=set)  # which of the warnings told once per drive were told
     later: list[tuple[str, type[Warning]]] = field(default_factory=list)  # to tell once the step in flight commits
 
     def __post_init__(self) -> None:
