@@ -235,6 +235,33 @@ def test_runs_filters_and_json(tmp_path):
     assert rows[1]["status"] == "failed" and rows[1]["total_cost_usd"] == "0.15" and rows[1]["steps"] == 4
 
 
+def test_show_of_a_live_run_calls_its_charges_in_flight_not_uncommitted(tmp_path):
+    """A run still driven: what its step in flight charged will commit with it; "never committed" was wrong."""
+    import threading
+    import loomc
+    db = str(tmp_path / "live.db")
+    charged, go_on = threading.Event(), threading.Event()
+
+    @loop(budget=Budget(iterations=1), checkpoint=db)
+    def slow(state):
+        loomc.charge(0.25)
+        charged.set()
+        go_on.wait(30)
+        return state + 1
+
+    worker = threading.Thread(target=lambda: slow.run(0, run_id="live"))
+    worker.start()
+    try:
+        assert charged.wait(30)
+        shown = invoke("show", "live", "--db", db).output
+        assert "Status: running" in shown and "Uncommitted" not in shown, shown
+        assert "In flight: $0.2500 charged so far during step 0, which commits with it" in shown, shown
+    finally:
+        go_on.set()
+        worker.join(30)
+    assert "In flight" not in invoke("show", "live", "--db", db).output
+
+
 def test_loomc_db_environment_variable_points_at_the_database(tmp_path):
     db = str(tmp_path / "env.db")
     make_failed_run(db)
