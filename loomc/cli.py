@@ -102,9 +102,11 @@ BRIEF_CHARS = 50
 LOOP_CHARS = 24
 
 
-def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
+def runs_table(rows: list[tuple[Any, ...]], why: bool = False,
+               pending: Mapping[str, Decimal] | None = None) -> str:
     """The ``loomc runs`` table from ``(id, status, steps, total_cost, created_at, parent_run_id, owner, reason,
-    lease_expires, fn_path)`` rows; with ``why``, a last column says briefly why each run stopped.
+    lease_expires, fn_path)`` rows; with ``why``, a last column says briefly why each run stopped. ``pending``
+    is what each run's step in flight charged, not committed yet: it is counted in the run's cost, marked ``*``.
 
     Built with %-formatting from widths worked out once: it prints every run, and there may be tens of
     thousands of them.
@@ -122,22 +124,28 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False) -> str:
     lines = [head, "-" * max(len(head), id_w + loop_w + st_w + 36)]  # as wide as a row's CREATED column
     colour, add, line = color_on(), lines.append, f"%-{id_w}s%-{loop_w}s%s%5s%10s  %s"
     minutes: dict[int, str] = {}
-    for rid, name, status, (_, _, steps, cost, created, _, _, reason, _, _) in zip(ids, loops, statuses, rows):
+    pending = {run_id: usd for run_id, usd in (pending or {}).items() if usd}
+    for rid, name, status, (run_id, _, steps, cost, created, _, _, reason, _, _) in zip(ids, loops, statuses, rows):
         shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
-        row = line % (rid, name, shown, steps, dollars(cost), local_time(created, minutes))
+        spent = f"{dollars(Decimal(cost) + pending[run_id])}*" if run_id in pending else \
+            dollars(cost) + (" " if pending else "")  # amounts aligned beside a starred one
+        row = line % (rid, name, shown, steps, spent, local_time(created, minutes))
         add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
     if len(rows) > 1:
-        add(_total(rows))
+        add(_total(rows, pending))
+    if any(row[0] in pending for row in rows):
+        add("* with what a step in flight charged, not yet committed (a resume of a crashed run records it)")
     return "\n".join(lines)
 
 
-def _total(rows: list[tuple[Any, ...]]) -> str:
-    """What the runs listed spent in all: a child run's spend is in its parent's already, so a child is added
-    only when its parent is not listed."""
+def _total(rows: list[tuple[Any, ...]], pending: Mapping[str, Decimal]) -> str:
+    """What the runs listed spent in all, with what their steps in flight charged: a child run's spend is in its
+    parent's already, so a child is added only when its parent is not listed."""
     listed = {row[0] for row in rows}
-    total = sum((Decimal(row[3]) for row in rows if row[5] not in listed), Decimal(0))
+    total = sum((Decimal(row[3]) + pending.get(row[0], Decimal(0)) for row in rows if row[5] not in listed),
+                Decimal(0))
     inside = any(row[5] in listed for row in rows)
     return (f"{counted(len(rows), 'run')}, {dollars(total)} in all"
             + (" (a child run's spend counted once, in its parent's)" if inside else ""))
@@ -324,12 +332,14 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
         records = store.list_runs(status=stored, limit=fetch, loop=loop_name, since=started)
         if split:
             records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == status][:limit]
-        click.echo(json.dumps([run_fields(r) for r in records], indent=2))
+        pending = store.pending_by_run()
+        click.echo(json.dumps([run_fields(r, pending.get(r.id, {})) for r in records], indent=2))
     else:
         rows = store.run_rows(status=stored, limit=fetch, loop=loop_name, since=started)
         if split:
             rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == status][:limit]
-        click.echo(runs_table(rows, why))
+        in_flight = {run_id: sum(steps.values(), Decimal(0)) for run_id, steps in store.pending_by_run().items()}
+        click.echo(runs_table(rows, why, in_flight))
         if loop_name is not None and not rows and not store.run_rows(loop=loop_name, limit=1):
             names = sorted({clean(fn_name_of_path(r[9])) for r in store.run_rows() if r[9]})
             click.echo(f"No run of a loop named {clean(loop_name)!r} here; "

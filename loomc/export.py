@@ -7,7 +7,7 @@ dollar amounts are decimal strings, so nothing is lost to float rounding.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -18,12 +18,14 @@ from loomc.stores.base import CheckpointStore, RunRecord, StoredStep
 FORMAT = "loomc.export/1"
 
 
-def run_fields(run: RunRecord) -> dict[str, Any]:
+def run_fields(run: RunRecord, pending: Mapping[int, Decimal]) -> dict[str, Any]:
+    """A run's record as JSON fields, with ``pending``: what its steps in flight charged, not committed yet."""
     return {"id": run.id, "status": run.status, "reason": run.reason, "spec_hash": run.spec_hash,
             "fn_path": run.fn_path, "policy": run.policy, "state_type": run.state_type,
             "created_at": run.created_at, "updated_at": run.updated_at, "total_cost_usd": str(run.total_cost),
             "steps": run.steps, "active_seconds": run.active_seconds, "attempts": run.attempts,
-            "notes": list(run.notes), "parent_run_id": run.parent_run_id, "parent_step": run.parent_step}
+            "notes": list(run.notes), "parent_run_id": run.parent_run_id, "parent_step": run.parent_step,
+            "uncommitted_charges_usd": {str(n): str(usd) for n, usd in pending.items()}}
 
 
 def export_run(store: CheckpointStore, run_id: str) -> dict[str, Any]:
@@ -60,9 +62,8 @@ def _parts(store: CheckpointStore, run_id: str) -> tuple[dict[str, Any], list[St
     load_step = getattr(store, "load_step", None)
     alone = callable(load_step)
     stored = store.load_steps(run_id, with_states=not alone)
-    pending = {str(n): str(usd) for n, usd in store.pending_charges(run_id).items()}
-    head = {"format": FORMAT, "run": {**run_fields(run), "initial_state": json.loads(run.initial_state),
-                                      "uncommitted_charges_usd": pending}}
+    head = {"format": FORMAT, "run": {**run_fields(run, store.pending_charges(run_id)),
+                                      "initial_state": json.loads(run.initial_state)}}
 
     def step_fields(s: StoredStep) -> dict[str, Any]:
         text = load_step(run_id, s.n).state_json if alone else s.state_json  # type: ignore[misc]

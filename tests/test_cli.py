@@ -496,6 +496,11 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     assert row["status"] == "running" and row["steps"] == 2  # as stored; the tables say what happened
     listed = subprocess.run(["loomc", "runs"], capture_output=True, text=True, env=env).stdout
     assert listed.splitlines()[2].split()[:4] == [row["id"], "fix_code", "crashed", "2"]
+    # Its cost counts what the crashed step charged, marked: it was the committed steps' alone
+    in_flight = SQLiteStore(tmp_path / "demo.db").pending_charges(row["id"])[2]
+    assert listed.splitlines()[2].split()[4] == f"${Decimal(row['total_cost_usd']) + in_flight:.4f}*", listed
+    assert listed.splitlines()[3] == ("* with what a step in flight charged, not yet committed (a resume of a crashed "
+                                      "run records it)")
     for flag in ([], ["--json"]):
         only = subprocess.run(["loomc", "runs", "--status", "crashed", *flag], capture_output=True, text=True, env=env)
         assert row["id"] in only.stdout
@@ -509,6 +514,9 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     exported = json.loads(subprocess.run(["loomc", "export", row["id"], "--json"], capture_output=True, text=True,
                                          env=env).stdout)
     assert exported["run"]["uncommitted_charges_usd"] == {"2": str(charged)}
+    (listed_json,) = json.loads(subprocess.run(["loomc", "runs", "--json"], capture_output=True, text=True,
+                                               env=env).stdout)
+    assert listed_json["uncommitted_charges_usd"] == {"2": str(charged)}
     resumed = subprocess.run(["loomc", "resume", row["id"]], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "Status: completed" in resumed.stdout and "<- interrupted" in resumed.stdout

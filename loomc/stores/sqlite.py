@@ -621,6 +621,15 @@ class SQLiteStore:
             raise no_such_step(run_id, n, count)
         return _stored_step(row)
 
+    def pending_by_run(self) -> dict[str, dict[int, Decimal]]:
+        """Every run's write-ahead charges for steps that never committed, by run and step (one query: the
+        charges of committed steps are gone, so only those of steps in flight, or their processes', are left)."""
+        out: dict[str, dict[int, Decimal]] = {}
+        for run_id, step_n, usd in self._conn().execute("SELECT run_id, step_n, usd FROM charges"):
+            steps = out.setdefault(run_id, {})
+            steps[step_n] = steps.get(step_n, Decimal(0)) + Decimal(usd)
+        return out
+
     def pending_charges(self, run_id: str) -> dict[int, Decimal]:
         out: dict[int, Decimal] = {}
         for step_n, usd in self._conn().execute(
