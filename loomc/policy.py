@@ -100,6 +100,10 @@ class Policy:
         """Measurements the edge takes once per step for this policy (a judge's verdict, an embedding)."""
         return ()
 
+    def verdict_key(self) -> str | None:
+        """The step metric holding the verdict this policy reads, that the edge asks a judge for (None: none)."""
+        return None
+
     # The algebra. Each operator is one line; the named functions hold the rules.
     def __or__(self, other: Any) -> Policy:
         return either(self, other)
@@ -613,6 +617,7 @@ class Replay:
     cost: Decimal
     backtracks: tuple[tuple[int, int | None], ...]
     steps_recorded: int
+    unjudged: tuple[str, ...] = ()  # the judges of the policy that the recorded run never asked
 
     def __str__(self) -> str:
         if self.stopped_after is None:
@@ -623,6 +628,9 @@ class Replay:
         if self.backtracks:
             marks = ", ".join(f"step {n} -> {'initial' if to is None else to}" for n, to in self.backtracks)
             head += f"; backtracks: {marks}"
+        if self.unjudged:
+            head += (f"; {' and '.join(self.unjudged)} gave no verdict on any recorded step (the run did not ask "
+                     "it), which the replay takes as a no")
         return head
 
 
@@ -657,6 +665,9 @@ def replay(policy: Policy, history: History) -> Replay:
     from loomc.budget import wall_clock_budget
     policy = as_policy(policy)
     wall = wall_clock_budget(policy)
+    keys = {repr(p): p.verdict_key() for p in policy.walk() if p.verdict_key() is not None}
+    unjudged = tuple(judge for judge, key in keys.items()
+                     if any(s.ok for s in history) and not any(key in s.metrics for s in history))
     backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):
@@ -668,7 +679,7 @@ def replay(policy: Policy, history: History) -> Replay:
             d = waited(d, prefix, elapsed, wall)
             elapsed += 0.0 if d.stops else d.wait  # the next call starts after the wait
         if d.stops:
-            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history))
+            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history), unjudged)
         if d.outcome is Outcome.BACKTRACK:
             backtracks.append((k - 1, d.to))
-    return Replay(repr(policy), CONTINUE, None, history.total_cost, tuple(backtracks), len(history))
+    return Replay(repr(policy), CONTINUE, None, history.total_cost, tuple(backtracks), len(history), unjudged)

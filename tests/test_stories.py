@@ -697,6 +697,21 @@ def test_a_scorer_that_gives_nan_is_told_and_the_plateau_it_makes_says_so():
         "score (score_plateau ends such a run completed once its patience is spent).")
 
 
+def test_a_replay_says_when_a_judge_it_reads_was_never_asked_by_the_recorded_run():
+    """Tuning by replay: a judge the recorded run never asked (another policy, or one that asked it only under
+    `&`) has no verdict to read; the replay takes that as a no, and says so rather than "never converges"."""
+    from loomc import judge
+    recorded = loop(budget=Budget(iterations=4), scorer=lambda s: 0.5, checkpoint="memory")(lambda s: s + 1).run(0)
+    grader = judge(lambda state: "yes", name="grader")
+    said = str((Budget(iterations=10) | grader).replay(recorded.history))
+    assert said.endswith("; judge(<lambda>) gave no verdict on any recorded step (the run did not ask it), which the "
+                         "replay takes as a no"), said
+    judged = loop(budget=Budget(iterations=4), converge_on=judge(lambda s: s >= 2, name="grader"),
+                  checkpoint="memory")(lambda s: s + 1).run(0)
+    replayed = (Budget(iterations=10) | grader).replay(judged.history)
+    assert replayed.unjudged == () and replayed.stopped_after == 2 and "no verdict" not in str(replayed)
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
     """Regression: a judge that forgot its `return`, or passed on a chat reply whose content is None, was a no on
