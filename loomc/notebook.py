@@ -97,7 +97,10 @@ class Comparison:
         for name, r in self.replays:
             stop = "-" if r.stopped_after is None else str(r.stopped_after)
             outcome = "runs on" if r.stopped_after is None else r.decision.outcome.name.lower()
-            out.append((name, stop, dollars(r.cost), outcome, r.decision.reason))
+            why = r.decision.reason
+            if r.unjudged:  # its "runs on" is no verdict of the judge's: the run never asked it
+                why = "; ".join(filter(None, [why, f"{' and '.join(r.unjudged)}: no verdict recorded, taken as no"]))
+            out.append((name, stop, dollars(r.cost), outcome, why))
         return out
 
     def __str__(self) -> str:

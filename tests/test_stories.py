@@ -706,6 +706,9 @@ def test_a_replay_says_when_a_judge_it_reads_was_never_asked_by_the_recorded_run
     said = str((Budget(iterations=10) | grader).replay(recorded.history))
     assert said.endswith("; judge(<lambda>) gave no verdict on any recorded step (the run did not ask it), which the "
                          "replay takes as a no"), said
+    from loomc import compare
+    (row,) = compare(recorded.history, {"graded": Budget(iterations=10) | grader}).rows()
+    assert row == ("graded", "-", "$0.0000", "runs on", "judge(<lambda>): no verdict recorded, taken as no")
     judged = loop(budget=Budget(iterations=4), converge_on=judge(lambda s: s >= 2, name="grader"),
                   checkpoint="memory")(lambda s: s + 1).run(0)
     replayed = (Budget(iterations=10) | grader).replay(judged.history)
