@@ -665,9 +665,9 @@ def replay(policy: Policy, history: History) -> Replay:
     from loomc.budget import wall_clock_budget
     policy = as_policy(policy)
     wall = wall_clock_budget(policy)
-    keys = {repr(p): p.verdict_key() for p in policy.walk() if p.verdict_key() is not None}
-    unjudged = tuple(judge for judge, key in keys.items()
-                     if any(s.ok for s in history) and not any(key in s.metrics for s in history))
+    keys = {repr(p): key for p in policy.walk() if (key := p.verdict_key()) is not None}
+    asked = any(s.ok for s in history) if keys else False  # a history of failures asked no judge anything
+    unjudged = tuple(judge for judge, key in keys.items() if asked and not any(key in s.metrics for s in history))
     backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):
