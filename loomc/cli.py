@@ -25,7 +25,7 @@ from loomc.budget import Budget, budget_from_repr
 from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
                           StopRequested, clean, counted, dollars, iso, shorten, took)
 from loomc.history import running_costs, spend_by_item
-from loomc.interpreter import ending_event, waiting_event
+from loomc.interpreter import ENDING_EVENTS, in_no_call
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
 
@@ -81,13 +81,12 @@ def _gone(run: RunRecord, n: int, last_events: Sequence[str] = (), began: bool =
     if run.owner is None:
         return f"no process drives it: it stopped during step {n}"
     if owner_is_dead(run.owner):
-        ended = ending_event(last_events)
-        if ended is not None:
-            return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({ended}), before the "
+        idle = in_no_call(last_events, began)
+        if idle is not None and idle in ENDING_EVENTS:
+            return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({idle}), before the "
                     "run was marked so")
-        waited = None if began else waiting_event(last_events)
-        if waited is not None:
-            return (f"its process ({clean(run.owner)}) died in the backoff wait after step {n - 1} ({waited}), "
+        if idle is not None:
+            return (f"its process ({clean(run.owner)}) died in the backoff wait after step {n - 1} ({idle}), "
                     f"before step {n}'s call")
         return f"its process ({clean(run.owner)}) died during step {n}"
     return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "

@@ -109,9 +109,13 @@ def clear_yes(verdict: Any) -> bool:
     if is_true(verdict):
         return True
     if isinstance(verdict, str):
-        first = _SENTENCE_END.split(verdict.lstrip(_AROUND), maxsplit=1)[0]
-        return first.strip(_AROUND).lower() in _YES
+        return _first_sentence(verdict).strip(_AROUND) in _YES
     return False
+
+
+def _first_sentence(text: str) -> str:
+    """A reply's first sentence (or line), lower-cased, after the markdown and quotes it starts with."""
+    return _SENTENCE_END.split(text.lstrip(_AROUND), maxsplit=1)[0].lower()
 
 
 class HedgedVerdictWarning(UserWarning):
@@ -127,7 +131,7 @@ def _recorded(verdict: Any, probe: JudgeProbe) -> bool | None:
     yes = clear_yes(verdict)
     if not yes and isinstance(verdict, str):
         # A yes that goes on in its sentence ("Yes, but ..."), or ends one ("Answer: yes"): a no, and told.
-        words = _WORD.findall(_SENTENCE_END.split(verdict.lstrip(_AROUND), maxsplit=1)[0].lower())
+        words = _WORD.findall(_first_sentence(verdict))
         if words and (words[0] in _YES or words[-1] == "yes"):
             _tell_hedged(probe, verdict)
     return yes

@@ -117,10 +117,10 @@ class _Call(tuple):  # type: ignore[type-arg]
                             run.blind = e  # the call's cost is unknown
                             raise
                     if run.probes:
-                        what = "the scorer"
+                        what: Any = "the scorer"
                         raw = _UNSET if run.scorer is None else run.scorer(new_state)
                         for probe, guard in zip(run.probes, run.guards):
-                            what = repr(probe)
+                            what = probe  # named only if it raises
                             if guard is not None and not _asked(run, guard, n, new_state, raw, wall, t0, metrics):
                                 continue
                             found = probe.measure(new_state, run.history)
@@ -131,7 +131,7 @@ class _Call(tuple):  # type: ignore[type-arg]
                 except BaseException as e:  # Ctrl-C while a judge ran: fn's state is kept, then it stops
                     exc = e
                     if isinstance(e, Exception):
-                        _blame(e, "cost_fn" if run.blind is e else what)
+                        _blame(e, "cost_fn" if run.blind is e else what if isinstance(what, str) else repr(what))
             return _settle(run, n, new_state, exc, wall, t0, metrics, raw)
         except BaseException:
             run.began = wall, t0  # a call cut short (Ctrl-C): committed with its spend and how long it ran
@@ -584,11 +584,12 @@ def ending_event(events: Sequence[str]) -> str | None:
     return next((e for e in events if e in ENDING_EVENTS), None)
 
 
-def waiting_event(events: Sequence[str]) -> str | None:
-    """The backoff wait (``wait 4s``) among a committed step's ``events``, if any: a process that died after that
-    commit died in the wait, not in a call, unless the marker that the wait ended (a $0 write-ahead charge for
-    the next step, see ``_Wait``) was written."""
-    return next((e for e in events if e.startswith(_WAIT_EVENT)), None)
+def in_no_call(events: Sequence[str], began: bool) -> str | None:
+    """The event of a run's last committed step that says a process which died after its commit was in no call:
+    one that ended the run (see ``ending_event``), or a backoff wait (``wait 4s``) unless the next call ``began``
+    (the marker that the wait ended, a $0 write-ahead charge for the next step, see ``_Wait``, was written).
+    ``None``: it may have died in its next call."""
+    return ending_event(events) or (None if began else next((e for e in events if e.startswith(_WAIT_EVENT)), None))
 
 
 def _failure(run: LiveRun, exc: Exception, step: Step, events: tuple[str, ...]) -> str:

@@ -33,7 +33,7 @@ from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, Policy
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
 from loomc.context import current_run, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, stored_state
-from loomc.interpreter import _abandon, _ended, ending_event, exhaust, steps, steps_async, stored, waiting_event
+from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
                           either, loop_name, name_of, never, score_readers)
 from loomc.runs import LiveRun, Run
@@ -547,16 +547,15 @@ class LoopRunner:
         counted in it too: the next call is a new step, which starts children of its own. A step that
         charged nothing but started children is left to be made again instead, so that it reuses them
         and no child is paid for twice. A process that died after the step that ended its run (see
-        ``ending_event``), or in the backoff wait before its next call (``waiting_event``, and no marker that the
-        wait ended), was in no call either: nothing is recorded.
+        ``in_no_call``), or in the backoff wait before its next call (and no marker that the wait ended), was
+        in no call either: nothing is recorded.
         """
         n = len(history)
         charged = self.store.pending_charges(record.id).get(n)  # $0: the marker that a backoff wait ended
         if not charged:
             if not died or any(c.parent_step == n for c in self.store.children(record.id)):
                 return history  # the call is made again as step n, and reuses the children it started
-            if charged is None and history and (ending_event(history[-1].events)
-                                                or waiting_event(history[-1].events)):
+            if history and in_no_call(history[-1].events, began=charged is not None):
                 return history  # it died after the step that ended the run, or in the wait after it: in no call
             cost, error = ZERO, ("Interrupted: the process died during this step, which charged nothing "
                                  "(its cost is unknown)")
