@@ -31,8 +31,10 @@
 - A model genai-prices does not know is refused when the adapter is built, unless you pass
   explicit ``rates`` (dollars per million tokens; tool calls per thousand). Other models a
   response bills (an advisor, a fallback) can be given ``model_rates={name: rates}``.
-- Paid tool calls are priced too: Anthropic's web searches (``server_tool_use``) and the
-  Responses API's ``web_search_call`` and ``file_search_call`` output items.
+- Paid tool calls are priced too: Anthropic's web searches (``server_tool_use``), the
+  Responses API's ``web_search_call`` and ``file_search_call`` output items, and the search that
+  a Chat Completions search model (``gpt-4o-search-preview``, ``gpt-5-search-api``) makes for
+  every reply.
 - An Anthropic response with ``usage.iterations`` (compaction, an advisor, a fallback model) is
   priced iteration by iteration, each at its own model's prices: compaction and advisor tokens
   are not in the top-level counts.
@@ -79,6 +81,9 @@ _STANDARD = (None, "auto", "default", "standard")
 # tier it answers with the standard one, which cannot undercount these; every other tier (priority, fast,
 # ultrafast, one the SDK adds later) costs more, and its cost is unknown then.
 _NOT_DEARER = {("service_tier", "flex"), ("service_tier", "scale"), ("processing", "batch")}
+# Chat Completions models that search the web before every reply, billed per search on top of the tokens, which
+# the usage does not tell: gpt-4o-search-preview, gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api.
+_SEARCH_MODEL = re.compile(r"-search-(?:preview|api)(?:-|$)")
 
 
 class UsageMissing(CostUnknown):
@@ -189,7 +194,7 @@ def openai_usage(response: Any) -> TokenUsage:
     """TokenUsage of an OpenAI ``ChatCompletion`` or Responses-API ``Response`` (object or dict).
 
     The Responses API's ``web_search_call`` and ``file_search_call`` output items are counted as
-    paid tool calls.
+    paid tool calls, and so is the web search a Chat Completions search model makes for every reply.
     """
     kind = _get(response, "type")
     if isinstance(kind, str) and kind.startswith("response.") and _get(response, "response") is not None:
@@ -203,11 +208,13 @@ def openai_usage(response: Any) -> TokenUsage:
     context = () if tier in _STANDARD else (("service_tier", str(tier)),)
     if _get(usage, "prompt_tokens") is not None:  # Chat Completions
         details, out = _get(usage, "prompt_tokens_details"), _get(usage, "completion_tokens_details")
+        model = _get(response, "model")
         return TokenUsage(input=_n(_get(usage, "prompt_tokens")), output=_n(_get(usage, "completion_tokens")),
                           cache_read=_n(_get(details, "cached_tokens")),
                           cache_write=_n(_get(details, "cache_write_tokens")),
                           reasoning=_n(_get(out, "reasoning_tokens")), context=context,
-                          input_audio=_n(_get(details, "audio_tokens")), output_audio=_n(_get(out, "audio_tokens")))
+                          input_audio=_n(_get(details, "audio_tokens")), output_audio=_n(_get(out, "audio_tokens")),
+                          web_search=int(isinstance(model, str) and _SEARCH_MODEL.search(model) is not None))
     details, out = _get(usage, "input_tokens_details"), _get(usage, "output_tokens_details")
     kinds = [_get(item, "type") for item in _get(response, "output") or ()]
     return TokenUsage(input=_n(_get(usage, "input_tokens")), output=_n(_get(usage, "output_tokens")),
@@ -356,7 +363,8 @@ class _Adapter:
             return Decimal(0), CostUnknown(
                 f"{_tokens_text(usage)} billed to the {self.provider} model {model!r}, whose prices are not known: "
                 f"pass them, as in {type(self).__name__}({self.model!r}, model_rates={{{model!r}: "
-                "{'input': 5.0, 'output': 25.0}}) in dollars per million tokens")
+                "{'input': 5.0, 'output': 25.0}}) in dollars per million tokens"
+                + (f", with {_rate_keys_text(list(usage.parts()))}" if usage.parts() else ""))
         usd = to_decimal(price.total_price, "price")
         missing = [kind for kind in usage.parts() if getattr(price.model_price, _PARTS[kind][1], None) is None]
         geo = self.geo_multipliers.get(usage.inference_geo or "")

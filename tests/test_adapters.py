@@ -901,6 +901,36 @@ def test_openai_responses_tool_calls_are_priced_per_call():
         == Decimal("0.03725")
 
 
+def test_a_chat_search_model_is_charged_the_search_it_makes_for_every_reply():
+    """gpt-4o-search-preview and its kin search the web before every Chat Completions reply, billed per search
+    on top of the tokens; the usage does not tell it. Their replies were priced at their tokens alone: a
+    gpt-4o-mini-search-preview reply of 200 tokens in and 300 out counted $0.00021 of the $0.01021 it cost
+    (genai-prices' $10 per thousand searches), and a USD cap let a loop spend about fifty times its cap."""
+    tokens = (200 * Decimal("0.15") + 300 * Decimal("0.60")) / M
+    usage = {"prompt_tokens": 200, "completion_tokens": 300, "total_tokens": 500}
+    mini = OpenAIAdapter("gpt-4o-mini")
+    for name in ("gpt-4o-mini-search-preview", "gpt-4o-mini-search-preview-2025-03-11"):
+        assert mini.cost_from_response(chat(usage, model=name)) == tokens + Decimal("0.01")
+        assert mini.cost_from_response(chat(usage, model=name).model_dump()) == tokens + Decimal("0.01")
+    assert mini.cost_from_response(chat(usage, model="gpt-4o-mini")) == tokens  # a model that searches only if asked
+    # The last chunk of a stream (stream_options={"include_usage": True}) names the model too.
+    chunk = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1, "choices": [],
+             "model": "gpt-4o-mini-search-preview", "usage": usage}
+    assert mini.cost_from_response(chunk) == tokens + Decimal("0.01")
+    # genai-prices lists no search price for gpt-4o-search-preview or gpt-5-search-api: their cost is unknown,
+    # never their tokens alone; rates= gives it.
+    with pytest.raises(loomc.CostUnknown, match="no price for 1 web search call to gpt-4o-search-preview: pass "
+                                                "model_rates=.* with 'web_search' \\(dollars per thousand calls\\)"):
+        OpenAIAdapter("gpt-4o").cost_from_response(chat(usage, model="gpt-4o-search-preview"))
+    with pytest.raises(loomc.CostUnknown, match="and 1 web search call billed to the openai model "
+                                                "'gpt-5-search-api-2025-10-14', whose prices are not known: .* "
+                                                "with 'web_search' \\(dollars per thousand calls\\)"):
+        OpenAIAdapter("gpt-4o").cost_from_response(chat(usage, model="gpt-5-search-api-2025-10-14"))
+    own = OpenAIAdapter("gpt-4o-search-preview", rates={"input": 2.5, "output": 10, "web_search": 35})
+    assert own.cost_from_response(chat(usage, model="gpt-4o-search-preview")) == \
+        (200 * GPT4O["input"] + 300 * GPT4O["output"]) / M + Decimal("0.035")
+
+
 def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run(sonnet):
     from loomc import LastGood
     def reply():
