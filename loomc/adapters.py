@@ -20,7 +20,8 @@
     5-minute and 1-hour cache writes are priced apart.
   - OpenAI's cached tokens are a subset of the prompt or input tokens.
   - Thinking and reasoning tokens are already in the output count and are never added twice.
-  - OpenAI's audio tokens are a part of the prompt and completion tokens, at audio prices.
+  - OpenAI's audio tokens are a part of the prompt and completion tokens, at audio prices; a
+    transcription's audio tokens too, and an image reply's image tokens at the model's image prices.
 - The service tier (flex, priority, fast) and batch pricing are honoured where the response
   says so; pass ``batch=True`` for results of the OpenAI Batch API, whose responses do not. A
   dearer tier genai-prices has no price for (``ultrafast``, or one the SDK adds later) is a
@@ -70,7 +71,10 @@ _PARTS = {"input_audio": ("input_audio_tokens", "input_audio_mtok", MILLION, "au
           "web_search": ("web_searches", "web_searches_kcount", THOUSAND, "web search call"),
           "file_search": ("storage_searches", "storage_searches_kcount", THOUSAND, "file search call")}
 CALL_RATES = tuple(kind for kind, part in _PARTS.items() if part[2] is THOUSAND)  # dollars per thousand tool calls
-RATE_KEYS = TOKEN_RATES + tuple(_PARTS)
+# Image tokens (an images.generate or images.edit reply) at the model's image prices, dollars per million tokens.
+# A model with no price of its own for them bills them as tokens (gpt-image-1's output), so none is no unknown.
+IMAGE_RATES = ("input_image", "output_image")
+RATE_KEYS = TOKEN_RATES + tuple(_PARTS) + IMAGE_RATES
 # Responses-API output items and Anthropic content blocks billed outside the token counts (by the image, or by
 # the container's running time), in ways a response does not tell.
 _UNPRICED_ITEMS = ("image_generation_call", "code_interpreter_call", "code_execution_tool_result",
@@ -112,6 +116,8 @@ class TokenUsage:
     context: tuple[tuple[str, str], ...] = ()  # genai-prices price_context: tier, batch, speed
     input_audio: int = 0  # parts of input and output, at audio prices
     output_audio: int = 0
+    input_image: int = 0  # parts of input and output, at image prices where the model has them
+    output_image: int = 0
     web_search: int = 0  # paid tool calls, priced per call
     file_search: int = 0
     inference_geo: str | None = None  # Anthropic's US-only inference ("us") costs 1.1 times the token prices
@@ -126,11 +132,14 @@ class TokenUsage:
         if self.cache_read + self.cache_write > self.input:
             raise ValueError(f"cache reads and writes ({self.cache_read} + {self.cache_write}) exceed the "
                              f"{self.input} input tokens")
-        if self.reasoning > self.output or self.output_audio > self.output:
-            raise ValueError(f"{self.reasoning} reasoning or {self.output_audio} audio tokens exceed the "
-                             f"{self.output} output tokens")
-        if self.input_audio > self.input:
-            raise ValueError(f"{self.input_audio} audio tokens exceed the {self.input} input tokens")
+        if max(self.reasoning, self.output_audio + self.output_image) > self.output:
+            raise ValueError(f"{self.reasoning} reasoning, or {self.output_audio} audio and {self.output_image} "
+                             f"image tokens, exceed the {self.output} output tokens")
+        if self.input_audio + self.input_image > self.input:
+            raise ValueError(f"{self.input_audio} audio and {self.input_image} image tokens exceed the "
+                             f"{self.input} input tokens")
+        if min(self.input_image, self.output_image) < 0:
+            raise ValueError(f"negative token counts in {self}")
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -215,13 +224,28 @@ def openai_usage(response: Any) -> TokenUsage:
                           reasoning=_n(_get(out, "reasoning_tokens")), context=context,
                           input_audio=_n(_get(details, "audio_tokens")), output_audio=_n(_get(out, "audio_tokens")),
                           web_search=int(isinstance(model, str) and _SEARCH_MODEL.search(model) is not None))
-    details, out = _get(usage, "input_tokens_details"), _get(usage, "output_tokens_details")
+    if _get(usage, "input_tokens") is None:  # no token counts: audio billed by its length (whisper-1), say
+        raise UsageMissing(f"the OpenAI response's usage counts no tokens ({_usage_text(usage)}), so loomc cannot "
+                           "price it: record what it cost with loomc.charge(usd) (whisper-1 bills its audio by the "
+                           "minute)")
+    # The Responses API's details, an images reply's (image tokens), or a transcription's (input_token_details,
+    # with its audio tokens).
+    details = _get(usage, "input_tokens_details") or _get(usage, "input_token_details")
+    out = _get(usage, "output_tokens_details")
     kinds = [_get(item, "type") for item in _get(response, "output") or ()]
     return TokenUsage(input=_n(_get(usage, "input_tokens")), output=_n(_get(usage, "output_tokens")),
                       cache_read=_n(_get(details, "cached_tokens")),
                       cache_write=_n(_get(details, "cache_write_tokens")),
                       reasoning=_n(_get(out, "reasoning_tokens")), context=context,
+                      input_audio=_n(_get(details, "audio_tokens")),
+                      input_image=_n(_get(details, "image_tokens")), output_image=_n(_get(out, "image_tokens")),
                       web_search=kinds.count("web_search_call"), file_search=kinds.count("file_search_call"))
+
+
+def _usage_text(usage: Any) -> str:
+    """A usage block's fields, short, for an error: ``type='duration', seconds=60``."""
+    fields = usage if isinstance(usage, Mapping) else getattr(usage, "__dict__", {})
+    return ", ".join(f"{k}={v!r}" for k, v in fields.items() if v is not None and not k.startswith("_"))[:200]
 
 
 Line = tuple[str, TokenUsage]  # a model and the usage billed at its prices
@@ -635,8 +659,8 @@ def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:
     unknown = set(rates) - set(RATE_KEYS)
     if unknown or "input" not in rates or "output" not in rates:
         raise ConfigError(f"{name}={dict(rates)!r}: give dollars per million tokens for 'input' and 'output', "
-                          f"and optionally {', '.join(repr(k) for k in TOKEN_RATES[2:])}, 'input_audio' and "
-                          f"'output_audio'; and dollars per thousand calls for "
+                          f"and optionally {', '.join(repr(k) for k in TOKEN_RATES[2:])}, 'input_audio', "
+                          f"'output_audio', 'input_image' and 'output_image'; and dollars per thousand calls for "
                           f"{' and '.join(repr(k) for k in CALL_RATES)}")
     try:
         out = {k: to_decimal(v, f"{name}[{k!r}]") for k, v in rates.items()}
@@ -650,14 +674,17 @@ def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:
 
 def _price_with_rates(u: TokenUsage, r: dict[str, Decimal]) -> Decimal:
     """Tokens, and the parts with prices of their own that ``r`` prices (the caller reports the
-    others); audio tokens ``r`` has no price for are left at the text prices."""
+    others); audio and image tokens ``r`` has no price for are left at the text prices."""
     hour = u.cache_write_1h or 0
     five = u.cache_write - hour
     audio_in = u.input_audio if "input_audio" in r else 0
     audio_out = u.output_audio if "output_audio" in r else 0
-    uncached = max(u.input - u.cache_read - u.cache_write - audio_in, 0)
+    image_in = u.input_image if "input_image" in r else 0
+    image_out = u.output_image if "output_image" in r else 0
+    uncached = max(u.input - u.cache_read - u.cache_write - audio_in - image_in, 0)
     total = (uncached * r["input"] + u.cache_read * r["cache_read"] + five * r["cache_write"]
-             + hour * r["cache_write_1h"] + (u.output - audio_out) * r["output"]) / MILLION
+             + hour * r["cache_write_1h"] + (u.output - audio_out - image_out) * r["output"]
+             + image_in * r.get("input_image", 0) + image_out * r.get("output_image", 0)) / MILLION
     return total + sum((n * r[kind] / _PARTS[kind][2] for kind, n in u.parts().items() if kind in r), Decimal(0))
 
 
@@ -676,6 +703,10 @@ def _counts(usage: TokenUsage) -> dict[str, int]:
         counts["output_reasoning_tokens"] = usage.reasoning
     for kind, n in usage.parts().items():
         counts[_PARTS[kind][0]] = n
+    if usage.input_image:
+        counts["input_image_tokens"] = usage.input_image
+    if usage.output_image:
+        counts["output_image_tokens"] = usage.output_image
     return counts
 
 

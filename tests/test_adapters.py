@@ -931,6 +931,50 @@ def test_a_chat_search_model_is_charged_the_search_it_makes_for_every_reply():
         (200 * GPT4O["input"] + 300 * GPT4O["output"]) / M + Decimal("0.035")
 
 
+def test_audio_and_image_replies_are_priced_at_their_audio_and_image_prices_never_a_silent_zero():
+    """Replies of OpenAI's audio and image endpoints report their usage in shapes of their own. A transcription's
+    audio tokens (input_token_details, singular) were priced as text, half what gpt-4o-transcribe bills; a
+    whisper-1 transcription, whose usage counts seconds of audio and no tokens, was priced $0 under a USD cap;
+    and an image reply's image tokens were priced as text, a third of what gpt-image-1.5 bills for its output."""
+    from openai.types import ImagesResponse
+    from openai.types.audio import Transcription
+    heard = Transcription.model_validate({"text": "hello", "usage": {
+        "type": "tokens", "input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100,
+        "input_token_details": {"audio_tokens": 950, "text_tokens": 50}}})
+    # gpt-4o-transcribe: $2.50 text in, $6 audio in, $10 out per million tokens.
+    expected = (50 * Decimal("2.5") + 950 * Decimal("6") + 100 * Decimal("10")) / M
+    assert OpenAIAdapter("gpt-4o-transcribe").cost_from_response(heard) == expected == Decimal("0.006825")
+    assert OpenAIAdapter("gpt-4o-transcribe").cost_from_response(heard.model_dump()) == expected
+
+    timed = Transcription.model_validate({"text": "hello", "usage": {"type": "duration", "seconds": 60}})
+    whisper = OpenAIAdapter("whisper-1")
+    with pytest.raises(UsageMissing, match=r"counts no tokens \(.*seconds=60.*\).*loomc.charge\(usd\)"):
+        whisper.cost_from_response(timed)
+
+    @loop(budget=Budget(usd=1.0, iterations=5), checkpoint="memory")
+    def transcribe(s):
+        whisper.charge(timed)
+        return s + 1
+
+    run = transcribe.run(0)
+    assert run.status == "failed" and run.reason.startswith("UsageMissing: ") and len(run.history) == 1
+
+    drawn = ImagesResponse.model_validate({"created": 1, "data": [{"b64_json": "aGk="}], "usage": {
+        "input_tokens": 500, "output_tokens": 4160, "total_tokens": 4660,
+        "input_tokens_details": {"text_tokens": 100, "image_tokens": 400},
+        "output_tokens_details": {"image_tokens": 4160, "text_tokens": 0}}})
+    # gpt-image-1.5: $5 text in, $8 image in, $32 image out per million tokens ($10 text out).
+    image_15 = (100 * Decimal("5") + 400 * Decimal("8") + 4160 * Decimal("32")) / M
+    assert OpenAIAdapter("gpt-image-1.5").cost_from_response(drawn) == image_15 == Decimal("0.13682")
+    # gpt-image-1 lists no image output price of its own: its output tokens are its image tokens, at $40.
+    image_1 = (100 * Decimal("5") + 400 * Decimal("10") + 4160 * Decimal("40")) / M
+    assert OpenAIAdapter("gpt-image-1").cost_from_response(drawn) == image_1
+    own = OpenAIAdapter("gpt-image-1.5", rates={"input": 5, "output": 10, "input_image": 8, "output_image": 32})
+    assert own.cost_from_response(drawn) == image_15
+    assert OpenAIAdapter("gpt-image-1.5", rates={"input": 5, "output": 10}).cost_from_response(drawn) == \
+        (500 * Decimal("5") + 4160 * Decimal("10")) / M  # rates without image prices: the token prices
+
+
 def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run(sonnet):
     from loomc import LastGood
     def reply():
