@@ -197,8 +197,8 @@ class Judge(Signal):
     def probes(self) -> tuple[Probe, ...]:
         return (JudgeProbe(self.name, self.judge_fn),)
 
-    def verdict_key(self) -> str:
-        return self.name
+    def measured(self) -> tuple[str, str]:
+        return self.name, "verdict"
 
     def fire(self, history: History, elapsed: float) -> str | None:
         if history and history[-1].metrics.get(self.name) is True:

@@ -100,6 +100,8 @@ class Comparison:
             why = r.decision.reason
             if r.unjudged:  # its "runs on" is no verdict of the judge's: the run never asked it
                 why = "; ".join(filter(None, [why, f"{' and '.join(r.unjudged)}: no verdict recorded, taken as no"]))
+            if r.unembedded:  # nor is it semantic_delta's: the run never embedded its outputs
+                why = "; ".join(filter(None, [why, f"{' and '.join(r.unembedded)}: no distance recorded, never fires"]))
             out.append((name, stop, dollars(r.cost), outcome, why))
         return out
 

@@ -100,8 +100,9 @@ class Policy:
         """Measurements the edge takes once per step for this policy (a judge's verdict, an embedding)."""
         return ()
 
-    def verdict_key(self) -> str | None:
-        """The step metric holding the verdict this policy reads, that the edge asks a judge for (None: none)."""
+    def measured(self) -> tuple[str, str] | None:
+        """The step metric this policy reads that the edge measures, and what it holds (``"verdict"``, a judge's;
+        ``"distance"``, an embedding's), or None: a replay tells a part whose measure the recorded run never took."""
         return None
 
     # The algebra. Each operator is one line; the named functions hold the rules.
@@ -618,6 +619,7 @@ class Replay:
     backtracks: tuple[tuple[int, int | None], ...]
     steps_recorded: int
     unjudged: tuple[str, ...] = ()  # the judges of the policy that the recorded run never asked
+    unembedded: tuple[str, ...] = ()  # its semantic_delta detectors, where the run embedded no output
 
     def __str__(self) -> str:
         if self.stopped_after is None:
@@ -631,6 +633,9 @@ class Replay:
         if self.unjudged:
             head += (f"; {' and '.join(self.unjudged)} gave no verdict on any recorded step (the run did not ask "
                      "it), which the replay takes as a no")
+        if self.unembedded:
+            head += (f"; {' and '.join(self.unembedded)} has no distance on any recorded step (the run did not embed "
+                     "its outputs), so the replay never finds it converged")
         return head
 
 
@@ -665,9 +670,12 @@ def replay(policy: Policy, history: History) -> Replay:
     from loomc.budget import wall_clock_budget
     policy = as_policy(policy)
     wall = wall_clock_budget(policy)
-    keys = {repr(p): key for p in policy.walk() if (key := p.verdict_key()) is not None}
-    asked = any(s.ok for s in history) if keys else False  # a history of failures asked no judge anything
-    unjudged = tuple(judge for judge, key in keys.items() if asked and not any(key in s.metrics for s in history))
+    measures = {repr(p): m for p in policy.walk() if (m := p.measured()) is not None}
+    asked = any(s.ok for s in history) if measures else False  # a history of failures measured nothing
+    unmeasured = [(name, what) for name, (key, what) in measures.items()
+                  if asked and not any(key in s.metrics for s in history)]
+    untaken = (tuple(name for name, what in unmeasured if what == "verdict"),
+               tuple(name for name, what in unmeasured if what == "distance"))
     backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):
@@ -679,7 +687,7 @@ def replay(policy: Policy, history: History) -> Replay:
             d = waited(d, prefix, elapsed, wall)
             elapsed += 0.0 if d.stops else d.wait  # the next call starts after the wait
         if d.stops:
-            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history), unjudged)
+            return Replay(repr(policy), d, k, prefix.total_cost, tuple(backtracks), len(history), *untaken)
         if d.outcome is Outcome.BACKTRACK:
             backtracks.append((k - 1, d.to))
-    return Replay(repr(policy), CONTINUE, None, history.total_cost, tuple(backtracks), len(history), unjudged)
+    return Replay(repr(policy), CONTINUE, None, history.total_cost, tuple(backtracks), len(history), *untaken)

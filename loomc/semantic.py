@@ -203,6 +203,9 @@ class SemanticDelta(Signal):
     def probes(self) -> tuple[Probe, ...]:
         return (_Embedder(self.text_fn, self.model, self.embed_fn),)
 
+    def measured(self) -> tuple[str, str]:
+        return DISTANCE, "distance"
+
     def fire(self, history: History, elapsed: float) -> str | None:
         if not history:
             return None

@@ -715,6 +715,27 @@ def test_a_replay_says_when_a_judge_it_reads_was_never_asked_by_the_recorded_run
     assert replayed.unjudged == () and replayed.stopped_after == 2 and "no verdict" not in str(replayed)
 
 
+def test_a_replay_says_when_a_semantic_delta_it_reads_has_no_distances_in_the_recorded_run():
+    """Tuning by replay: semantic_delta reads the distances the live loop embedded. Replayed on a run recorded
+    without it, it had none and never fired; the replay said "would not have stopped" and compare() "runs on",
+    with nothing to tell that the detector was never measured rather than never close."""
+    from loomc import compare, semantic_delta
+    flat = semantic_delta(0.05, text_fn=lambda s: "same", embed_fn=lambda texts: [[1.0, 0.0] for _ in texts])
+    recorded = loop(budget=Budget(iterations=4), checkpoint="memory")(lambda s: s + 1).run(0)
+    replayed = (Budget(iterations=10) | flat).replay(recorded.history)
+    assert replayed.unembedded == (repr(flat),) and replayed.unjudged == () and replayed.stopped_after is None
+    assert str(replayed).endswith(f"; {flat!r} has no distance on any recorded step (the run did not embed its "
+                                  "outputs), so the replay never finds it converged"), str(replayed)
+    (row,) = compare(recorded.history, {"flat": flat}).rows()
+    assert row == ("flat", "-", "$0.0000", "runs on", f"{flat!r}: no distance recorded, never fires")
+    # A run that embedded its outputs has distances: the replay reads them, and says nothing of it.
+    embedded = loop(budget=Budget(iterations=4), converge_on=semantic_delta(0.5, text_fn=lambda s: "same",
+                                                                            embed_fn=lambda t: [[1.0, 0.0]] * len(t)),
+                    checkpoint="memory")(lambda s: s + 1).run(0)
+    replayed = (Budget(iterations=10) | flat).replay(embedded.history)
+    assert replayed.unembedded == () and replayed.stopped_after == 2 and "no distance" not in str(replayed)
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
     """Regression: a judge that forgot its `return`, or passed on a chat reply whose content is None, was a no on
