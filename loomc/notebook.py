@@ -97,11 +97,8 @@ class Comparison:
         for name, r in self.replays:
             stop = "-" if r.stopped_after is None else str(r.stopped_after)
             outcome = "runs on" if r.stopped_after is None else r.decision.outcome.name.lower()
-            why = r.decision.reason
-            if r.unjudged:  # its "runs on" is no verdict of the judge's: the run never asked it
-                why = "; ".join(filter(None, [why, f"{' and '.join(r.unjudged)}: no verdict recorded, taken as no"]))
-            if r.unembedded:  # nor is it semantic_delta's: the run never embedded its outputs
-                why = "; ".join(filter(None, [why, f"{' and '.join(r.unembedded)}: no distance recorded, never fires"]))
+            # Its "runs on" may be no answer of a judge, semantic_delta or plateau: the run never measured them.
+            why = "; ".join(filter(None, [r.decision.reason, *(f"{names}: {short}" for names, _, short in r.untaken())]))
             out.append((name, stop, dollars(r.cost), outcome, why))
         return out
 

@@ -620,6 +620,20 @@ class Replay:
     steps_recorded: int
     unjudged: tuple[str, ...] = ()  # the judges of the policy that the recorded run never asked
     unembedded: tuple[str, ...] = ()  # its semantic_delta detectors, where the run embedded no output
+    unscored: tuple[str, ...] = ()  # the parts that read scores, where the run scored no step (it had no scorer)
+
+    def untaken(self) -> Iterator[tuple[str, str, str]]:
+        """The parts of the policy that read what the recorded run never measured, as one text, with what the
+        replay says of them at length and in short (a verdict, a distance or a score it has none of)."""
+        for names, said, short in (
+                (self.unjudged, " gave no verdict on any recorded step (the run did not ask it), which the replay "
+                 "takes as a no", "no verdict recorded, taken as no"),
+                (self.unembedded, ": no recorded step has a distance (the run did not embed its outputs), so the "
+                 "replay never finds it converged", "no distance recorded, never fires"),
+                (self.unscored, ": no recorded step has a score (the run had no scorer, or it gave None), so the "
+                 "replay finds none to read", "no score recorded")):
+            if names:
+                yield " and ".join(names), said, short
 
     def __str__(self) -> str:
         if self.stopped_after is None:
@@ -630,13 +644,7 @@ class Replay:
         if self.backtracks:
             marks = ", ".join(f"step {n} -> {'initial' if to is None else to}" for n, to in self.backtracks)
             head += f"; backtracks: {marks}"
-        if self.unjudged:
-            head += (f"; {' and '.join(self.unjudged)} gave no verdict on any recorded step (the run did not ask "
-                     "it), which the replay takes as a no")
-        if self.unembedded:
-            head += (f"; {' and '.join(self.unembedded)} has no distance on any recorded step (the run did not embed "
-                     "its outputs), so the replay never finds it converged")
-        return head
+        return head + "".join(f"; {names}{said}" for names, said, _ in self.untaken())
 
 
 def waited(decision: Decision, history: History, elapsed: float, wall: Any) -> Decision:
@@ -671,11 +679,12 @@ def replay(policy: Policy, history: History) -> Replay:
     policy = as_policy(policy)
     wall = wall_clock_budget(policy)
     measures = {repr(p): m for p in policy.walk() if (m := p.measured()) is not None}
-    asked = any(s.ok for s in history) if measures else False  # a history of failures measured nothing
+    ok = any(s.ok for s in history)  # a history of failures measured nothing
     unmeasured = [(name, what) for name, (key, what) in measures.items()
-                  if asked and not any(key in s.metrics for s in history)]
+                  if ok and not any(key in s.metrics for s in history)]
     untaken = (tuple(name for name, what in unmeasured if what == "verdict"),
-               tuple(name for name, what in unmeasured if what == "distance"))
+               tuple(name for name, what in unmeasured if what == "distance"),
+               tuple(score_readers(policy)) if ok and all(s.score is None for s in history) else ())
     backtracks: list[tuple[int, int | None]] = []
     elapsed = 0.0
     for k in range(len(history) + 1):

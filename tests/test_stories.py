@@ -724,7 +724,7 @@ def test_a_replay_says_when_a_semantic_delta_it_reads_has_no_distances_in_the_re
     recorded = loop(budget=Budget(iterations=4), checkpoint="memory")(lambda s: s + 1).run(0)
     replayed = (Budget(iterations=10) | flat).replay(recorded.history)
     assert replayed.unembedded == (repr(flat),) and replayed.unjudged == () and replayed.stopped_after is None
-    assert str(replayed).endswith(f"; {flat!r} has no distance on any recorded step (the run did not embed its "
+    assert str(replayed).endswith(f"; {flat!r}: no recorded step has a distance (the run did not embed its "
                                   "outputs), so the replay never finds it converged"), str(replayed)
     (row,) = compare(recorded.history, {"flat": flat}).rows()
     assert row == ("flat", "-", "$0.0000", "runs on", f"{flat!r}: no distance recorded, never fires")
@@ -734,6 +734,24 @@ def test_a_replay_says_when_a_semantic_delta_it_reads_has_no_distances_in_the_re
                     checkpoint="memory")(lambda s: s + 1).run(0)
     replayed = (Budget(iterations=10) | flat).replay(embedded.history)
     assert replayed.unembedded == () and replayed.stopped_after == 2 and "no distance" not in str(replayed)
+
+
+def test_a_replay_says_when_a_part_that_reads_scores_has_none_in_the_recorded_run():
+    """The same for scores: score_plateau replayed on a run recorded without a scorer said "would not have
+    stopped", as if the scores never plateaued. (The live loop refuses such a policy without a scorer.)"""
+    from loomc import compare
+    recorded = loop(budget=Budget(iterations=4), checkpoint="memory")(lambda s: s + 1).run(0)
+    replayed = (Budget(iterations=10) | score_plateau(2) | BestScore()).replay(recorded.history)
+    assert replayed.unscored == ("score_plateau(patience=2, min_delta=0.01)", "BestScore()")
+    assert str(replayed).endswith("; score_plateau(patience=2, min_delta=0.01) and BestScore(): no recorded step has a "
+                                  "score (the run had no scorer, or it gave None), so the replay finds none to read"), \
+        str(replayed)
+    rows = compare(recorded.history, {"plateau": score_plateau(2), "stall": Escalate(after=2)}).rows()
+    assert rows == [("plateau", "-", "$0.0000", "runs on", "score_plateau(patience=2, min_delta=0.01): no score recorded"),
+                    ("stall", "-", "$0.0000", "runs on", "")]  # Escalate counts failures without scores
+    scored = loop(budget=Budget(iterations=4), scorer=lambda s: 0.5, checkpoint="memory")(lambda s: s + 1).run(0)
+    replayed = score_plateau(2).replay(scored.history)
+    assert replayed.unscored == () and replayed.stopped_after == 3 and "no score" not in str(replayed)
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
