@@ -23,8 +23,8 @@ from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
 from loomc.context import _CURRENT, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
-                          ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
-                          NoStateReturned, RunError,
+                          CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
+                          LoomcError, NoStateReturned, RunError,
                           RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted, dollars,
                           go_on, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
@@ -891,8 +891,11 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
                          active_seconds=run.elapsed(run.clock())))
     if isinstance(exc, RunError) or not isinstance(exc, (Exception, KeyboardInterrupt)):
         return
-    attach_run(exc, run.id, run.state_of(run.source) if ended is None else run.returned_state(), run.history,
-               loop_name(run.fn), ended)
+    try:
+        state = run.state_of(run.source) if ended is None else run.returned_state()
+    except CheckpointDecodeError:  # reading that state back is what failed (exc says so): the history is kept
+        state = None
+    attach_run(exc, run.id, state, run.history, loop_name(run.fn), ended)
 
 
 def _ended_already(run: LiveRun) -> bool:
