@@ -568,6 +568,10 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
     (lambda: Budget(usd=0, iterations=5), "Budget(usd=0): a cap of $0 allows no call that costs anything, yet the "
                                           "first call"),
     (lambda: Budget(wall_clock="10 parsecs"), "'10m'"),
+    (lambda: Budget(wall_clock=0), "wall_clock must be a positive, finite duration, got 0"),
+    (lambda: Budget(wall_clock="0s"), "wall_clock must be a positive, finite duration, got '0s'"),
+    (lambda: Budget(wall_clock=float("inf")), "wall_clock must be a positive, finite duration, got inf"),
+    (lambda: Budget(wall_clock=float("nan")), "wall_clock must be a positive, finite duration, got nan"),
     (lambda: Budget(), "Budget.unbounded()"),
     (lambda: Escalate(after=0), "after"),
     (lambda: loop(on_step=5), "on_step=5: pass a function of the Step"),
