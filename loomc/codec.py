@@ -184,6 +184,8 @@ def _non_finite(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, 
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             yield from _non_finite(item, (*path, i))
+    elif getattr(value, "__pydantic_root_model__", False):  # a RootModel is stored as its root alone
+        yield from _non_finite(value.root, path)
     elif not isinstance(value, (str, int, bytes)):
         for name in _field_names(value):
             yield from _non_finite(getattr(value, name, None), (*path, name))

@@ -778,7 +778,13 @@ def test_a_float_that_is_not_finite_on_a_later_step_is_stored_as_it_is_and_read_
         return ProbeData(n=state.n + 1, loss=float("inf") if state.n else 0.0)
 
     run = loop(budget=Budget(iterations=3), checkpoint=db)(pydantic_dataclass).run(ProbeData())
-    assert [s.state.loss for s in loomc.load_history(db, run.id, state_type=ProbeData)] == [0.0, float("inf"), float("inf")]
+    losses = [s.state.loss for s in loomc.load_history(db, run.id, state_type=ProbeData)]
+    assert losses == [0.0, float("inf"), float("inf")]
+    # A RootModel is stored as its root alone, in a state or as one.
+    rooted = pydantic.RootModel[list[float]]([1.0, float("nan")])
+    assert codec.encode(rooted) == "[1.0,NaN]" and codec.encode(Probe(history=[], best=float("inf"))).count("null") == 1
+    held = pydantic.create_model("Held", losses=(pydantic.RootModel[dict[str, float]], ...))
+    assert codec.encode(held(losses={"a": -float("inf")})) == '{"losses":{"a":-Infinity}}'
 
 
 def test_a_backtrack_to_a_state_that_cannot_be_read_back_fails_the_run_with_its_history():
