@@ -98,7 +98,8 @@ class Comparison:
             stop = "-" if r.stopped_after is None else str(r.stopped_after)
             outcome = "runs on" if r.stopped_after is None else r.decision.outcome.name.lower()
             # Its "runs on" may be no answer of a judge, semantic_delta or plateau: the run never measured them.
-            why = "; ".join(filter(None, [r.decision.reason, *(f"{names}: {short}" for names, _, short in r.untaken())]))
+            untaken = (f"{names}: {short}" for names, _, short in r.untaken())
+            why = "; ".join(filter(None, [r.decision.reason, *untaken]))
             out.append((name, stop, dollars(r.cost), outcome, why))
         return out
 

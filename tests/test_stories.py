@@ -751,7 +751,8 @@ def test_a_replay_says_when_a_part_that_reads_scores_has_none_in_the_recorded_ru
                                   "score (the run had no scorer, or it gave None), so the replay finds none to read"), \
         str(replayed)
     rows = compare(recorded.history, {"plateau": score_plateau(2), "stall": Escalate(after=2)}).rows()
-    assert rows == [("plateau", "-", "$0.0000", "runs on", "score_plateau(patience=2, min_delta=0.01): no score recorded"),
+    assert rows == [("plateau", "-", "$0.0000", "runs on",
+                     "score_plateau(patience=2, min_delta=0.01): no score recorded"),
                     ("stall", "-", "$0.0000", "runs on", "")]  # Escalate counts failures without scores
     scored = loop(budget=Budget(iterations=4), scorer=lambda s: 0.5, checkpoint="memory")(lambda s: s + 1).run(0)
     replayed = score_plateau(2).replay(scored.history)
