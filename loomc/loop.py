@@ -34,8 +34,8 @@ from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, Policy
 from loomc.context import current_run, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
-from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_one_argument,
-                          either, loop_name, name_of, never, score_readers)
+from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_measures,
+                          check_one_argument, either, loop_name, name_of, never, score_readers)
 from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
@@ -886,6 +886,7 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
         # (With any setting given, a function in the policy slot is a predicate, as before.)
         return loop()(policy)  # type: ignore[return-value]
     built = build_policy(policy, budget=budget, converge_on=converge_on, backtrack=backtrack, on_stall=on_stall)
+    check_measures(built)
     for part in built.walk():
         for probe in part.probes():
             probe.check_installed()  # semantic_delta without sentence-transformers: now, not after a paid call

@@ -674,9 +674,29 @@ def next_call_time(history: History) -> str:
     return f"{took(longest)} for the next call (as long as step {n}, the longest yet)"
 
 
+def check_measures(policy: Policy) -> None:
+    """A :class:`ConfigError` if two parts of ``policy`` measure different things into one step metric: two judges
+    of one name (each would read the verdict the other recorded), or semantic_delta detectors of different texts
+    or models (each would read the other's distance). Parts that measure alike (one judge twice, one embedding
+    under two thresholds) share it."""
+    seen: dict[str, tuple[Policy, tuple[Probe, ...]]] = {}
+    for part in policy.walk():
+        measured = part.measured()
+        if measured is None:
+            continue
+        key, what = measured
+        first, probes = seen.setdefault(key, (part, part.probes()))
+        if probes != part.probes():
+            fix = (f"name them apart, as in judge(fn, name='complete')" if what == "verdict" else
+                   "give them one text_fn and model (a step has one embedding), or keep one of them")
+            raise ConfigError(f"{first!r} and {part!r} both record their {what} as step.metrics[{key!r}], so each "
+                              f"would read the other's: {fix}")
+
+
 def replay(policy: Policy, history: History) -> Replay:
     from loomc.budget import wall_clock_budget
     policy = as_policy(policy)
+    check_measures(policy)
     wall = wall_clock_budget(policy)
     measures = {repr(p): m for p in policy.walk() if (m := p.measured()) is not None}
     ok = any(s.ok for s in history)  # a history of failures measured nothing

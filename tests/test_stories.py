@@ -759,6 +759,38 @@ def test_a_replay_says_when_a_part_that_reads_scores_has_none_in_the_recorded_ru
     assert replayed.unscored == () and replayed.stopped_after == 3 and "no score" not in str(replayed)
 
 
+def test_two_judges_of_one_name_are_refused_since_each_would_read_the_others_verdict():
+    """Regression: a judge records its verdict as step.metrics[name], "judge" unless named. Two judges left
+    unnamed wrote to the same place: `judge(is_complete) & ~judge(has_bugs)` read has_bugs's "no" as
+    is_complete's verdict too, and never converged, paying for every call its budget allowed; and
+    `judge(a) | judge(b)` said "judge(a) said yes" when b had."""
+    from loomc import judge, semantic_delta
+
+    def is_complete(state):
+        return True
+
+    def has_bugs(state):
+        return False
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "judge(is_complete) and judge(has_bugs) both record their verdict as step.metrics['judge'], so each would "
+            "read the other's: name them apart, as in judge(fn, name='complete')")):
+        loop(converge_on=judge(is_complete) & ~judge(has_bugs), checkpoint="memory")
+    with pytest.raises(ConfigError, match="both record their verdict"):
+        (judge(is_complete) | judge(has_bugs)).replay(History())
+    named = loop(budget=Budget(iterations=3), converge_on=judge(is_complete, name="complete")
+                 & ~judge(has_bugs, name="bugs"), checkpoint="memory")(lambda s: s + 1).run(0)
+    assert named.status == "completed" and named.steps == 1
+    assert named.history[0].metrics["complete"] is True and named.history[0].metrics["bugs"] is False
+    # One judge twice, or one embedding under two thresholds, measures one thing: allowed.
+    loop(converge_on=judge(is_complete) | (judge(is_complete) & Budget(usd=1)), checkpoint="memory")
+    band = semantic_delta(0.05, text_fn=str, embed_fn=lambda t: [[1.0]] * len(t))
+    loop(converge_on=band & ~semantic_delta(0.01, text_fn=str, embed_fn=band.embed_fn), checkpoint="memory")
+    with pytest.raises(ConfigError, match=r"both record their distance as step.metrics\['semantic_delta'\], so each "
+                                          "would read the other's: give them one text_fn and model"):
+        loop(converge_on=band | semantic_delta(0.1, text_fn=repr, embed_fn=band.embed_fn), checkpoint="memory")
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
     """Regression: a judge that forgot its `return`, or passed on a chat reply whose content is None, was a no on
