@@ -687,7 +687,8 @@ def check_measures(policy: Policy) -> None:
         key, what = measured
         first, probes = seen.setdefault(key, (part, part.probes()))
         if probes != part.probes():
-            fix = (f"name them apart, as in judge(fn, name='complete')" if what == "verdict" else
+            fix = ("name them apart, as in judge(fn, name='complete') or an adapter's judge(client, prompt, "
+                   "name='complete')" if what == "verdict" else
                    "give them one text_fn and model (a step has one embedding), or keep one of them")
             raise ConfigError(f"{first!r} and {part!r} both record their {what} as step.metrics[{key!r}], so each "
                               f"would read the other's: {fix}")
