@@ -176,6 +176,9 @@ def _anthropic_usage_block(response: Any) -> Any:
     usage = _get(response, "usage")
     if usage is None:
         raise UsageMissing("the Anthropic response has no usage")
+    if _get(usage, "input_tokens") is None or _get(usage, "output_tokens") is None:  # a dict cut short, a proxy's
+        raise UsageMissing(f"the Anthropic response's usage lacks its input or output token count "
+                           f"({_usage_text(usage) or 'empty'}), so loomc cannot price it")
     return usage
 
 
@@ -225,9 +228,9 @@ def openai_usage(response: Any) -> TokenUsage:
                           input_audio=_n(_get(details, "audio_tokens")), output_audio=_n(_get(out, "audio_tokens")),
                           web_search=int(isinstance(model, str) and _SEARCH_MODEL.search(model) is not None))
     if _get(usage, "input_tokens") is None:  # no token counts: audio billed by its length (whisper-1), say
-        raise UsageMissing(f"the OpenAI response's usage counts no tokens ({_usage_text(usage)}), so loomc cannot "
-                           "price it: record what it cost with loomc.charge(usd) (whisper-1 bills its audio by the "
-                           "minute)")
+        raise UsageMissing(f"the OpenAI response's usage counts no tokens ({_usage_text(usage) or 'empty'}), so "
+                           "loomc cannot price it: record what it cost with loomc.charge(usd) (whisper-1 bills its "
+                           "audio by the minute)")
     # The Responses API's details, an images reply's (image tokens), or a transcription's (input_token_details,
     # with its audio tokens).
     details = _get(usage, "input_tokens_details") or _get(usage, "input_token_details")

@@ -975,6 +975,21 @@ def test_audio_and_image_replies_are_priced_at_their_audio_and_image_prices_neve
         (500 * Decimal("5") + 4160 * Decimal("10")) / M  # rates without image prices: the token prices
 
 
+def test_a_usage_without_its_token_counts_is_usage_missing_not_a_silent_zero(sonnet):
+    """A reply as a dict whose usage lost its counts (cut short, or a proxy's) was priced at what was left: an
+    Anthropic usage of {} at $0, one of {"output_tokens": 10} at its output alone."""
+    def reply(usage: dict) -> dict:
+        return {"id": f"msg_{next(IDS)}", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+                "content": [], "stop_reason": "end_turn", "usage": usage}
+
+    for usage, said in (({}, "empty"), ({"output_tokens": 10}, "output_tokens=10")):
+        with pytest.raises(UsageMissing, match=re.escape(f"usage lacks its input or output token count ({said})")):
+            sonnet.cost_from_response(reply(usage))
+    assert sonnet.cost_from_response(reply({"input_tokens": 0, "output_tokens": 0})) == 0  # counted, and none
+    with pytest.raises(UsageMissing, match=re.escape("usage counts no tokens (empty)")):
+        OpenAIAdapter("gpt-4o").cost_from_response({"id": "chatcmpl-empty", "model": "gpt-4o", "usage": {}})
+
+
 def test_a_part_without_a_price_charges_what_is_known_then_ends_a_usd_capped_run(sonnet):
     from loomc import LastGood
     def reply():
