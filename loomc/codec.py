@@ -109,22 +109,26 @@ def encode(state: Any) -> str:
 def _writes_non_finite_as_null(cls: Any) -> bool:
     """Whether ``cls``, a pydantic model or dataclass, writes a float that is not finite (nan, inf) as null:
     pydantic's default (``ser_json_inf_nan='null'``), in it or a model it holds, which it cannot read back."""
-    schema = getattr(cls, "__pydantic_core_schema__", None)
-    floats = nulls = False
-    todo, seen = [schema], set()
+    nodes = list(_schema_nodes(getattr(cls, "__pydantic_core_schema__", None)))
+    return any(node.get("type") == "float" for node in nodes) and any(
+        isinstance(config := node.get("config"), dict) and config.get("ser_json_inf_nan", "null") == "null"
+        for node in nodes)
+
+
+def _schema_nodes(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every dict in a pydantic core schema, once each (a schema shares and nests its parts)."""
+    todo: list[Any] = [schema]
+    seen: set[int] = set()
     while todo:
         node = todo.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
         if isinstance(node, dict):
-            floats = floats or node.get("type") == "float"
-            config = node.get("config")
-            nulls = nulls or (isinstance(config, dict) and config.get("ser_json_inf_nan", "null") == "null")
+            yield node
             todo.extend(node.values())
         elif isinstance(node, (list, tuple)):
             todo.extend(node)
-    return floats and nulls
 
 
 def _holds_non_finite(state: Any) -> bool:
@@ -329,21 +333,9 @@ def _without_computed(text: str, error: pydantic_core.ValidationError, state_typ
 @functools.lru_cache(maxsize=256)
 def _computed_names(state_type: Any) -> frozenset[str]:
     """The names and aliases of the computed fields of every model in ``state_type``'s schema."""
-    names: set[str] = set()
-    todo: list[Any] = [adapter(state_type).core_schema]
-    seen: set[int] = set()
-    while todo:
-        node = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, dict):
-            if node.get("type") == "computed-field":
-                names.update(n for n in (node.get("property_name"), node.get("alias")) if isinstance(n, str))
-            todo.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            todo.extend(node)
-    return frozenset(names)
+    return frozenset(name for node in _schema_nodes(adapter(state_type).core_schema)
+                     if node.get("type") == "computed-field"
+                     for name in (node.get("property_name"), node.get("alias")) if isinstance(name, str))
 
 
 def decode(text: str, state_type: Any, *, run_id: str, step: int | str) -> Any:
