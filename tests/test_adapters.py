@@ -50,6 +50,16 @@ def chat(usage: dict | None, tier: str | None = None, text: str = "yes", model: 
     return ChatCompletion.model_validate(data)
 
 
+def charged_under_a_usd_cap(charge) -> loomc.Run:
+    """A run of up to five steps under a $1.00 cap, each of which calls ``charge()``."""
+    @loop(budget=Budget(usd=1.0, iterations=5), checkpoint="memory")
+    def step(state):
+        charge()
+        return state + 1
+
+    return step.run(0)
+
+
 def response(usage: dict, tier: str | None = None) -> Response:
     data = {"id": f"resp_{next(IDS)}", "object": "response", "created_at": 1, "model": "gpt-5", "output": [],
             "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}
@@ -951,12 +961,7 @@ def test_audio_and_image_replies_are_priced_at_their_audio_and_image_prices_neve
     with pytest.raises(UsageMissing, match=r"counts no tokens \(.*seconds=60.*\).*loomc.charge\(usd\)"):
         whisper.cost_from_response(timed)
 
-    @loop(budget=Budget(usd=1.0, iterations=5), checkpoint="memory")
-    def transcribe(s):
-        whisper.charge(timed)
-        return s + 1
-
-    run = transcribe.run(0)
+    run = charged_under_a_usd_cap(lambda: whisper.charge(timed))
     assert run.status == "failed" and run.reason.startswith("UsageMissing: ") and len(run.history) == 1
 
     drawn = ImagesResponse.model_validate({"created": 1, "data": [{"b64_json": "aGk="}], "usage": {
@@ -1138,12 +1143,7 @@ def test_an_anthropic_stream_event_is_refused_not_priced_without_its_input(sonne
         with pytest.raises(ConfigError, match="stream event, not a whole message: .*get_final_message"):
             sonnet.cost_from_response(event)
 
-    @loop(budget=Budget(usd=1.0, iterations=5), checkpoint="memory")
-    def streamed(state):
-        sonnet.charge(delta)
-        return state + 1
-
-    run = streamed.run(0)
+    run = charged_under_a_usd_cap(lambda: sonnet.charge(delta))
     assert run.status == "failed" and len(run.history) == 1 and run.reason.startswith("ConfigError: this is a "
                                                                                        "message_delta stream event")
 
