@@ -127,7 +127,8 @@ class TokenUsage:
         return {kind: n for kind in _PARTS if (n := getattr(self, kind))}
 
     def __post_init__(self) -> None:
-        if min(self.input, self.output, self.cache_read, self.cache_write, self.reasoning, *self.parts().values()) < 0:
+        if min(self.input, self.output, self.cache_read, self.cache_write, self.reasoning, self.input_image,
+               self.output_image, *self.parts().values()) < 0:
             raise ValueError(f"negative token counts in {self}")
         if self.cache_read + self.cache_write > self.input:
             raise ValueError(f"cache reads and writes ({self.cache_read} + {self.cache_write}) exceed the "
@@ -138,8 +139,6 @@ class TokenUsage:
         if self.input_audio + self.input_image > self.input:
             raise ValueError(f"{self.input_audio} audio and {self.input_image} image tokens exceed the "
                              f"{self.input} input tokens")
-        if min(self.input_image, self.output_image) < 0:
-            raise ValueError(f"negative token counts in {self}")
 
 
 def _get(obj: Any, name: str) -> Any:
