@@ -468,6 +468,11 @@ def consulted(policy: Policy, part: Policy) -> Guard | None:
     return lambda h, elapsed: all(test(h, elapsed) for test in tests)
 
 
+def any_asks(guards: list[Guard]) -> Guard:
+    """A guard that asks where any of ``guards`` would: for one measure that several parts read."""
+    return lambda h, elapsed: any(guard(h, elapsed) for guard in guards)
+
+
 def _consulted(policy: Policy, part: Policy) -> list[Guard] | None:
     """The tests, outermost first, under which ``policy`` asks ``part``; ``None`` if ``part`` is not in it."""
     if policy is part:

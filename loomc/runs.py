@@ -15,7 +15,7 @@ from loomc.context import _SPENDING
 from loomc.detectors import JudgeProbe
 from loomc.errors import dollars
 from loomc.history import ZERO, History, Step, read, state_cell
-from loomc.policy import Guard, Policy, Probe, consulted
+from loomc.policy import Guard, Policy, Probe, any_asks, consulted
 from loomc.stores.base import CheckpointStore, Drive
 
 
@@ -67,6 +67,14 @@ class Run:
         marked; pass other runs to draw them on the same axes. Returns the matplotlib Figure."""
         from loomc.plots import plot_runs
         return plot_runs(self, *others, labels=labels, ax=ax)
+
+
+def _asked_by(guards: list[Guard | None]) -> Guard | None:
+    """One guard for a measure several parts read: asked where any of them would be (None: always)."""
+    asked = [guard for guard in guards if guard is not None]
+    if len(asked) < len(guards):
+        return None
+    return asked[0] if len(asked) == 1 else any_asks(asked)
 
 
 @dataclass
@@ -136,10 +144,21 @@ class LiveRun:
         # What a child holds of its parent's room for a step at least: its budget's step_estimate.
         self.estimate = max((p.step_estimate for p in self.policy.walk()
                              if isinstance(p, Budget) and p.step_estimate is not None), default=ZERO)
-        owned = [(p, probe) for p in self.policy.walk() for probe in p.probes()]
-        self.probes = tuple(probe for _, probe in owned)
-        # A judge is asked only where deciding the policy would read its verdict (see consulted).
-        self.guards = tuple(consulted(self.policy, p) if isinstance(probe, JudgeProbe) else None for p, probe in owned)
+        # A judge is asked only where deciding the policy would read its verdict (see consulted). Parts that
+        # measure alike (one judge twice, one embedding under two thresholds) share one measure a step, taken
+        # where any of them would read it.
+        probes: list[Probe] = []
+        guards: list[list[Guard | None]] = []
+        for p in self.policy.walk():
+            for probe in p.probes():
+                guard = consulted(self.policy, p) if isinstance(probe, JudgeProbe) else None
+                if probe in probes:
+                    guards[probes.index(probe)].append(guard)
+                else:
+                    probes.append(probe)
+                    guards.append([guard])
+        self.probes = tuple(probes)
+        self.guards = tuple(_asked_by(alike) for alike in guards)
         self.usd_capped = usd_cap(self.policy) is not None
         self.cost_unchecked = self.cost_fn is None and self.usd_capped
         self.score_unchecked = self.scorer is not None and self.policy.needs_score and self.history.best is None

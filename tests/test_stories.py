@@ -782,10 +782,22 @@ def test_two_judges_of_one_name_are_refused_since_each_would_read_the_others_ver
                  & ~judge(has_bugs, name="bugs"), checkpoint="memory")(lambda s: s + 1).run(0)
     assert named.status == "completed" and named.steps == 1
     assert named.history[0].metrics["complete"] is True and named.history[0].metrics["bugs"] is False
-    # One judge twice, or one embedding under two thresholds, measures one thing: allowed.
-    loop(converge_on=judge(is_complete) | (judge(is_complete) & Budget(usd=1)), checkpoint="memory")
-    band = semantic_delta(0.05, text_fn=str, embed_fn=lambda t: [[1.0]] * len(t))
-    loop(converge_on=band & ~semantic_delta(0.01, text_fn=str, embed_fn=band.embed_fn), checkpoint="memory")
+    # One judge twice, or one embedding under two thresholds, measures one thing: allowed, and measured once a
+    # step (the band below embedded each output twice, and the judge was asked twice on a step both read).
+    asked, embedded = [], []
+
+    def grader(state):
+        asked.append(state)
+        return state >= 3
+
+    run = loop(budget=Budget(iterations=5), converge_on=judge(grader) | (judge(grader) & Budget(usd=1)),
+               checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "completed" and asked == [1, 2, 3]
+    band = semantic_delta(0.5, text_fn=str, embed_fn=lambda t: embedded.extend(t) or [[1.0, len(x)] for x in t])
+    run = loop(budget=Budget(iterations=3), converge_on=band & ~semantic_delta(0.0001, text_fn=str,
+                                                                              embed_fn=band.embed_fn),
+               checkpoint="memory")(lambda s: s + 1).run(0)
+    assert len(embedded) == 3 and run.status == "budget_exhausted"
     with pytest.raises(ConfigError, match=r"both record their distance as step.metrics\['semantic_delta'\], so each "
                                           "would read the other's: give them one text_fn and model"):
         loop(converge_on=band | semantic_delta(0.1, text_fn=repr, embed_fn=band.embed_fn), checkpoint="memory")
