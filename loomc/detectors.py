@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,11 @@ def _tell_hedged(probe: JudgeProbe, verdict: str) -> None:
         run.tell_after_commit(told, HedgedVerdictWarning)
 
 
+#: A step records which judge gave the verdict under a name (``loomc.judged_by.judge: judge(grader)``), so that
+#: a replay of another judge of that name does not take it for its own.
+JUDGED_BY = "loomc.judged_by."
+
+
 @dataclass(frozen=True, repr=False)
 class JudgeProbe(Probe):
     name: str
@@ -166,10 +171,10 @@ class JudgeProbe(Probe):
         verdict = self.judge_fn(state)
         if inspect.isawaitable(verdict):
             return self._later(verdict)
-        return {self.name: _recorded(verdict, self)}
+        return {self.name: _recorded(verdict, self), JUDGED_BY + self.name: repr(self)}
 
     async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
-        return {self.name: _recorded(await verdict, self)}
+        return {self.name: _recorded(await verdict, self), JUDGED_BY + self.name: repr(self)}
 
     def __repr__(self) -> str:  # what a failure names: "raised by judge(is_done), after fn returned"
         return f"judge({name_of(self.judge_fn)})"
@@ -200,8 +205,14 @@ class Judge(Signal):
     def measured(self) -> tuple[str, str]:
         return self.name, "verdict"
 
+    def reads(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether ``metrics`` hold this judge's verdict: one under its name, given by it. A replay of another judge
+        of the same name (a cheaper model's, say) read the recorded judge's verdicts as its own."""
+        by = metrics.get(JUDGED_BY + self.name)  # None: recorded by a loomc that did not say
+        return self.name in metrics and (by is None or by == repr(self))
+
     def fire(self, history: History, elapsed: float) -> str | None:
-        if history and history[-1].metrics.get(self.name) is True:
+        if history and history[-1].metrics.get(self.name) is True and self.reads(history[-1].metrics):
             return f"{self!r} said yes"
         return None
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import inspect
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -104,6 +104,11 @@ class Policy:
         """The step metric this policy reads that the edge measures, and what it holds (``"verdict"``, a judge's;
         ``"distance"``, an embedding's), or None: a replay tells a part whose measure the recorded run never took."""
         return None
+
+    def reads(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether a step's ``metrics`` hold the measure this part reads (see :meth:`measured`)."""
+        measured = self.measured()
+        return measured is not None and measured[0] in metrics
 
     # The algebra. Each operator is one line; the named functions hold the rules.
     def __or__(self, other: Any) -> Policy:
@@ -704,10 +709,10 @@ def replay(policy: Policy, history: History) -> Replay:
     policy = as_policy(policy)
     check_measures(policy)
     wall = wall_clock_budget(policy)
-    measures = {repr(p): m for p in policy.walk() if (m := p.measured()) is not None}
+    measures = {repr(p): (p, m[1]) for p in policy.walk() if (m := p.measured()) is not None}
     ok = any(s.ok for s in history)  # a history of failures measured nothing
-    unmeasured = [(name, what) for name, (key, what) in measures.items()
-                  if ok and not any(key in s.metrics for s in history)]
+    unmeasured = [(name, what) for name, (part, what) in measures.items()
+                  if ok and not any(part.reads(s.metrics) for s in history)]
     untaken = (tuple(name for name, what in unmeasured if what == "verdict"),
                tuple(name for name, what in unmeasured if what == "distance"),
                tuple(score_readers(policy)) if ok and all(s.score is None for s in history) else ())

@@ -719,6 +719,31 @@ def test_a_replay_says_when_a_judge_it_reads_was_never_asked_by_the_recorded_run
     assert replayed.unjudged == () and replayed.stopped_after == 2 and "no verdict" not in str(replayed)
 
 
+def test_a_replay_does_not_read_another_judges_verdicts_as_its_own():
+    """Regression: verdicts are recorded under the judge's name, "judge" unless named. Replaying a cheaper judge
+    of the same name on a run the dear one judged read the dear one's verdicts as its own ("judge(haiku) said
+    yes"), and so told the cheaper judge would do as well without asking it once."""
+    from loomc import compare, judge
+
+    def sonnet(state):
+        return state >= 2
+
+    def haiku(state):
+        return state >= 1
+
+    run = loop(budget=Budget(iterations=4), converge_on=judge(sonnet), checkpoint="memory")(lambda s: s + 1).run(0)
+    assert run.status == "completed" and run.history[0].metrics["loomc.judged_by.judge"] == "judge(sonnet)"
+    cheaper = judge(haiku).replay(run.history)
+    assert cheaper.stopped_after is None and cheaper.unjudged == ("judge(haiku)",)
+    assert judge(sonnet).replay(run.history).stopped_after == 2
+    rows = compare(run, {"haiku": judge(haiku), "sonnet": judge(sonnet)}).rows()
+    assert rows == [("haiku", "-", "$0.0000", "runs on", "judge(haiku): no verdict recorded, taken as no"),
+                    ("sonnet", "2", "$0.0000", "converged", "judge(sonnet) said yes")]
+    # A run recorded before loomc said which judge answered is read as before.
+    old = History().append(Step(0, 1, metrics={"judge": True}))
+    assert judge(haiku).replay(old).stopped_after == 1
+
+
 def test_a_replay_says_when_a_semantic_delta_it_reads_has_no_distances_in_the_recorded_run():
     """Tuning by replay: semantic_delta reads the distances the live loop embedded. Replayed on a run recorded
     without it, it had none and never fired; the replay said "would not have stopped" and compare() "runs on",
@@ -851,7 +876,8 @@ def test_a_judge_that_gives_no_verdict_is_told_once(tmp_path, aio):
         warnings.simplefilter("error", NoVerdictWarning)  # none of these is told
         said_no = loop(budget=Budget(iterations=2), converge_on=judge(lambda s: False), checkpoint="memory")(
             sync_or_async(lambda s: s, aio))
-        assert run_of(said_no, {"draft": ""}).history[-1].metrics == {"judge": False}
+        assert run_of(said_no, {"draft": ""}).history[-1].metrics == {"judge": False,
+                                                                      "loomc.judged_by.judge": "judge(<lambda>)"}
         said_yes_later = iter(["no", None, "yes"])
         later = loop(budget=Budget(iterations=5), converge_on=judge(lambda s: next(said_yes_later)),
                      checkpoint="memory")(sync_or_async(lambda s: s, aio))
