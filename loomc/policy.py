@@ -473,9 +473,12 @@ def consulted(policy: Policy, part: Policy) -> Guard | None:
     return lambda h, elapsed: all(test(h, elapsed) for test in tests)
 
 
-def any_asks(guards: list[Guard]) -> Guard:
-    """A guard that asks where any of ``guards`` would: for one measure that several parts read."""
-    return lambda h, elapsed: any(guard(h, elapsed) for guard in guards)
+def any_asks(guards: list[Guard | None]) -> Guard | None:
+    """One guard for a measure several parts read: it asks where any of ``guards`` would (None: always)."""
+    asked = [guard for guard in guards if guard is not None]
+    if len(asked) < len(guards):
+        return None
+    return asked[0] if len(asked) == 1 else lambda h, elapsed: any(guard(h, elapsed) for guard in asked)
 
 
 def _consulted(policy: Policy, part: Policy) -> list[Guard] | None:

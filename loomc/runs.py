@@ -69,14 +69,6 @@ class Run:
         return plot_runs(self, *others, labels=labels, ax=ax)
 
 
-def _asked_by(guards: list[Guard | None]) -> Guard | None:
-    """One guard for a measure several parts read: asked where any of them would be (None: always)."""
-    asked = [guard for guard in guards if guard is not None]
-    if len(asked) < len(guards):
-        return None
-    return asked[0] if len(asked) == 1 else any_asks(asked)
-
-
 @dataclass
 class LiveRun:
     """The driver's view of one run in progress. Only drivers and effects mutate it."""
@@ -158,7 +150,7 @@ class LiveRun:
                     probes.append(probe)
                     guards.append([guard])
         self.probes = tuple(probes)
-        self.guards = tuple(_asked_by(alike) for alike in guards)
+        self.guards = tuple(any_asks(alike) for alike in guards)
         self.usd_capped = usd_cap(self.policy) is not None
         self.cost_unchecked = self.cost_fn is None and self.usd_capped
         self.score_unchecked = self.scorer is not None and self.policy.needs_score and self.history.best is None
