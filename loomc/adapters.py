@@ -47,6 +47,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import re
 from collections.abc import Coroutine, Iterable, Mapping
@@ -512,6 +513,9 @@ class _Adapter:
             return self._settle(reply, name, max_tokens, room)
 
         ask.__name__ = f"{type(self).__name__}({self.model!r}).judge"
+        # Two prompts to one model are two judges: a replay of one must not read the other's verdicts.
+        asked = hashlib.sha256(f"{api}\0{max_tokens}\0{prompt}".encode()).hexdigest()[:8]
+        ask.loomc_asks = f" asking {asked}"  # type: ignore[attr-defined]
         return judge(ask, name=name)
 
     def _settle(self, reply: Any, item: str, max_tokens: int, room: str) -> str | None:

@@ -162,6 +162,12 @@ def _tell_hedged(probe: JudgeProbe, verdict: str) -> None:
 JUDGED_BY = "loomc.judged_by."
 
 
+def judged_by(judge_fn: Callable[[Any], Any]) -> str:
+    """Which judge a verdict came from: the judge as written, and what an adapter's judge asks (its prompt, as a
+    digest), since two prompts to one model are two judges."""
+    return f"judge({name_of(judge_fn)}){getattr(judge_fn, 'loomc_asks', '')}"
+
+
 @dataclass(frozen=True, repr=False)
 class JudgeProbe(Probe):
     name: str
@@ -171,10 +177,10 @@ class JudgeProbe(Probe):
         verdict = self.judge_fn(state)
         if inspect.isawaitable(verdict):
             return self._later(verdict)
-        return {self.name: _recorded(verdict, self), JUDGED_BY + self.name: repr(self)}
+        return {self.name: _recorded(verdict, self), JUDGED_BY + self.name: judged_by(self.judge_fn)}
 
     async def _later(self, verdict: Awaitable[Any]) -> dict[str, Any]:
-        return {self.name: _recorded(await verdict, self), JUDGED_BY + self.name: repr(self)}
+        return {self.name: _recorded(await verdict, self), JUDGED_BY + self.name: judged_by(self.judge_fn)}
 
     def __repr__(self) -> str:  # what a failure names: "raised by judge(is_done), after fn returned"
         return f"judge({name_of(self.judge_fn)})"
@@ -209,7 +215,7 @@ class Judge(Signal):
         """Whether ``metrics`` hold this judge's verdict: one under its name, given by it. A replay of another judge
         of the same name (a cheaper model's, say) read the recorded judge's verdicts as its own."""
         by = metrics.get(JUDGED_BY + self.name)  # None: recorded by a loomc that did not say
-        return self.name in metrics and (by is None or by == repr(self))
+        return self.name in metrics and (by is None or by == judged_by(self.judge_fn))
 
     def fire(self, history: History, elapsed: float) -> str | None:
         if history and history[-1].metrics.get(self.name) is True and self.reads(history[-1].metrics):

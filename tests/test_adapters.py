@@ -463,8 +463,13 @@ def test_an_anthropic_judge_through_the_real_client_converges_and_bills_its_own_
     assert [s.metrics["judge"] for s in run.history] == [False, False, True]
     from loomc import load_history
     recorded = load_history(draft.store, run.id)
-    assert sonnet.judge(client, "unused").replay(recorded).stopped_after == 3
+    assert draft.policy.replay(recorded).stopped_after == 3
+    assert sonnet.judge(client, "Is {state} done? yes/no").replay(recorded).stopped_after == 3  # the same judge
     assert len(calls) == 3, "a replay never asks the judge again"
+    # Another prompt to the same model is another judge: the recorded verdicts are not its own (it used to
+    # read them, so a prompt tried by replay seemed to stop where the recorded one did).
+    other = sonnet.judge(client, "Is {state} perfect? yes/no").replay(recorded)
+    assert other.stopped_after is None and other.unjudged == ("judge(AnthropicAdapter('claude-sonnet-4-6').judge)",)
 
 
 def test_a_judge_that_answers_in_markdown_or_goes_on_after_its_yes_converges_and_a_hedged_yes_is_told(sonnet,
