@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomc.errors import ConfigError, counted, short_repr, warn_at_caller
+from loomc.errors import (COST_ITEMS_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, ConfigError, counted, short_repr,
+                          warn_at_caller)
 from loomc.history import History, Step
 from loomc.policy import (Outcome, Probe, Signal, builds_policy, check_one_argument, is_true, name_of, predicate,
                           real, whole)
@@ -234,4 +235,12 @@ def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
     if not callable(judge_fn):
         raise ConfigError(f"judge() takes a function judge_fn(state) -> bool, got {judge_fn!r}")
     check_one_argument(judge_fn, "judge_fn(state)")
+    if not isinstance(name, str) or not name or name in _OWN_METRICS or name.startswith(("loomc.", "semantic_delta")):
+        # The verdict is step.metrics[name]: one of loomc's own metrics there would be overwritten, or overwrite it.
+        raise ConfigError(f"judge(name={name!r}): the verdict is recorded as step.metrics[name], so name it with a "
+                          f"non-empty str that is none of loomc's own metrics ({', '.join(sorted(_OWN_METRICS))}, "
+                          "semantic_delta, loomc.*), as in name='complete'")
     return Judge(judge_fn, name)
+
+
+_OWN_METRICS = frozenset({COST_ITEMS_METRIC, TOKENS_METRIC, TRACEBACK_METRIC})

@@ -572,6 +572,12 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
     (lambda: Budget(wall_clock="0s"), "wall_clock must be a positive, finite duration, got '0s'"),
     (lambda: Budget(wall_clock=float("inf")), "wall_clock must be a positive, finite duration, got inf"),
     (lambda: Budget(wall_clock=float("nan")), "wall_clock must be a positive, finite duration, got nan"),
+    # A judge named as one of loomc's own metrics overwrote them, or they its verdict (which then never said yes).
+    (lambda: judge(lambda s: True, name="cost_items"), "judge(name='cost_items'): the verdict is recorded as "
+                                                        "step.metrics[name], so name it with a non-empty str"),
+    (lambda: judge(lambda s: True, name="semantic_delta"), "none of loomc's own metrics (cost_items, tokens, "
+                                                            "traceback, semantic_delta, loomc.*)"),
+    (lambda: judge(lambda s: True, name=""), "judge(name='')"),
     (lambda: Budget(), "Budget.unbounded()"),
     (lambda: Escalate(after=0), "after"),
     (lambda: loop(on_step=5), "on_step=5: pass a function of the Step"),
