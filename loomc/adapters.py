@@ -666,7 +666,8 @@ def _rates(rates: Mapping[str, Any], name: str = "rates") -> dict[str, Decimal]:
     if unknown or "input" not in rates or "output" not in rates:
         raise ConfigError(f"{name}={dict(rates)!r}: give dollars per million tokens for 'input' and 'output', "
                           f"and optionally {', '.join(repr(k) for k in TOKEN_RATES[2:])}, 'input_audio', "
-                          f"'output_audio', 'input_image' and 'output_image'; and dollars per thousand calls for "
+                          f"'output_audio', {' and '.join(repr(k) for k in IMAGE_RATES)}; and dollars per thousand "
+                          f"calls for "
                           f"{' and '.join(repr(k) for k in CALL_RATES)}")
     try:
         out = {k: to_decimal(v, f"{name}[{k!r}]") for k, v in rates.items()}

@@ -226,6 +226,10 @@ class Judge(Signal):
     __repr__ = JudgeProbe.__repr__  # the judge and the probe that asks it are written alike
 
 
+# loomc's own step metrics, which a judge's name must not be: its verdict would overwrite one, or it the verdict.
+_OWN_METRICS = frozenset({COST_ITEMS_METRIC, TOKENS_METRIC, TRACEBACK_METRIC})
+
+
 @builds_policy('judge(lambda state: ask_grader(state))')
 def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
     """Converged when ``judge_fn(state)`` returns True or a clear yes (sync or async).
@@ -242,5 +246,3 @@ def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
                           "semantic_delta, loomc.*), as in name='complete'")
     return Judge(judge_fn, name)
 
-
-_OWN_METRICS = frozenset({COST_ITEMS_METRIC, TOKENS_METRIC, TRACEBACK_METRIC})
