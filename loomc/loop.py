@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Never
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
@@ -864,12 +864,12 @@ def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str | 
     return stored_history(store, run_id, state_type)
 
 
-def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any = None,
+def loop(policy: Any = None, *more: Never, budget: Budget | None = None, converge_on: Any = None,
          backtrack: Role | None = None, on_stall: Role | None = None,
          scorer: Callable[[Any], Any] | None = None, cost_fn: Callable[[Any], Any] | None = None,
          checkpoint: Any = "sqlite", on_step: Callable[[Step], Any] | Iterable[Callable[[Step], Any]] = (),
          clock: Callable[[], float] = time.monotonic, lease_seconds: float = 600.0,
-         progress: bool | str = False) -> Callable[[Callable[..., Any]], LoopRunner]:
+         progress: bool | str = False, **unknown: Never) -> Callable[[Callable[..., Any]], LoopRunner]:
     """Turn ``fn(state) -> state`` into a resilient loop.
 
     ``policy=`` takes one composed policy; ``budget=``, ``converge_on=``,
@@ -879,6 +879,8 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     ``progress=True`` shows a tqdm bar on a terminal or in a notebook (never
     elsewhere; ``progress="always"`` forces it).
     """
+    if more or unknown:
+        _refuse_extra(more, unknown)
     settings = (budget, converge_on, backtrack, on_stall, scorer, cost_fn, checkpoint, on_step, clock,
                 lease_seconds, progress)
     if _bare(policy) and all(given is default for given, default in zip(settings, _LOOP_DEFAULTS)):
@@ -953,6 +955,46 @@ def loop(policy: Any = None, *, budget: Budget | None = None, converge_on: Any =
     return decorate
 
 
+#: Budget's caps: ``loop(iterations=5)`` is told to write ``budget=Budget(iterations=5)``.
+_CAPS = ("usd", "iterations", "wall_clock", "step_estimate")
+#: Other settings users write to ``loop()`` that belong elsewhere, and where: the fix the error gives.
+_ELSEWHERE = {
+    "durability": "durability belongs to the store: checkpoint=loomc.SQLiteStore('.loomc/checkpoints.db', "
+                  "durability={value!r})",
+    **dict.fromkeys(("max_iterations", "max_steps", "max_cost", "max_usd", "timeout"),
+                    "a cap is a Budget: budget=Budget(usd=2, iterations=20, wall_clock='10m')"),
+    **dict.fromkeys(("store", "db", "database", "path", "checkpoint_path", "checkpointer"),
+                    "the store is checkpoint=: checkpoint={value!r}"),
+    **dict.fromkeys(("judge", "stop_when", "until", "converge", "convergence", "patience"),
+                    "a stop is converge_on=: converge_on=score_plateau(patience=3) | judge(fn) | predicate(fn)"),
+    **dict.fromkeys(("stall", "escalate"), "a stall handler is on_stall=: on_stall=Escalate(after=3)"),
+    **dict.fromkeys(("backtracker", "best_score", "last_good"), "a backtracker is backtrack=: backtrack=BestScore()"),
+    **dict.fromkeys(("score", "score_fn", "scoring"), "the scorer is scorer=: scorer=lambda state: <a float>"),
+    **dict.fromkeys(("cost", "price", "pricing"), "the price of a call is cost_fn=: cost_fn=lambda state: <its USD>"),
+}
+
+
+def _refuse_extra(more: tuple[Any, ...], unknown: dict[str, Any]) -> None:
+    """``loop()`` given what it does not take: say what was wrong and where each such setting goes."""
+    if more:
+        raise ConfigError(f"loop() takes one policy, and got {1 + len(more)}: combine them with |, as in "
+                          "loop(Budget(usd=2) | score_plateau(patience=3) | BestScore()), or name each "
+                          "(budget=, converge_on=, backtrack=, on_stall=)")
+    caps = ", ".join(f"{key}={value!r}" for key, value in unknown.items() if key in _CAPS)
+    fixes = [f"{caps}: caps are a Budget's: budget=Budget({caps})"] if caps else []
+    for key, value in unknown.items():
+        if key in _CAPS:
+            continue
+        fix = _ELSEWHERE.get(key)
+        if fix is None:
+            import difflib
+            near = difflib.get_close_matches(key, _LOOP_SETTINGS, n=1)
+            fix = f"did you mean {near[0]}=?" if near else f"it takes {', '.join(f'{k}=' for k in _LOOP_SETTINGS)}"
+        fixes.append(f"{key}={value!r}: " + fix.format(value=value))
+    raise ConfigError(f"loop() got {'settings' if len(unknown) > 1 else 'a setting'} it does not take: "
+                      + "; ".join(fixes))
+
+
 def _bare(policy: Any) -> bool:
     """Whether ``loop(policy)`` is ``@loop`` above a def rather than a predicate in the policy slot: a
     def (a lambda cannot be decorated) whose argument is not named like a history."""
@@ -967,4 +1009,8 @@ def _bare(policy: Any) -> bool:
 
 
 #: ``loop``'s settings as it defaults them, in its order: ``@loop`` without parentheses leaves them so.
-_LOOP_DEFAULTS = tuple(p.default for name, p in inspect.signature(loop).parameters.items() if name != "policy")
+_LOOP_DEFAULTS = tuple(p.default for p in inspect.signature(loop).parameters.values()
+                       if p.name != "policy" and p.kind is p.KEYWORD_ONLY)
+#: The names ``loop()`` takes, for the error that meets a misspelt one.
+_LOOP_SETTINGS = tuple(name for name, p in inspect.signature(loop).parameters.items()
+                       if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))

@@ -943,6 +943,32 @@ def test_decoration_time_errors_for_wrong_slots():
         loop(clock=5)
 
 
+@pytest.mark.parametrize("make, said", [
+    (lambda: loop(Budget(usd=1), score_plateau(3), scorer=score),
+     "loop() takes one policy, and got 2: combine them with |, as in loop(Budget(usd=2) | score_plateau(patience=3) "
+     "| BestScore()), or name each (budget=, converge_on=, backtrack=, on_stall=)"),
+    (lambda: loop(iterations=5, usd=2),
+     "loop() got settings it does not take: iterations=5, usd=2: caps are a Budget's: "
+     "budget=Budget(iterations=5, usd=2)"),
+    (lambda: loop(durability="normal"),
+     "loop() got a setting it does not take: durability='normal': durability belongs to the store: "
+     "checkpoint=loomc.SQLiteStore('.loomc/checkpoints.db', durability='normal')"),
+    (lambda: loop(scorrer=score), f"loop() got a setting it does not take: scorrer={score!r}: did you mean scorer=?"),
+    (lambda: loop(store="runs.db", wall_clock="1m"),
+     "loop() got settings it does not take: wall_clock='1m': caps are a Budget's: budget=Budget(wall_clock='1m'); "
+     "store='runs.db': the store is checkpoint=: checkpoint='runs.db'"),
+    (lambda: loop(xyzzy=1), "loop() got a setting it does not take: xyzzy=1: it takes policy=, budget=, converge_on=, "
+                            "backtrack=, on_stall=, scorer=, cost_fn=, checkpoint=, on_step=, clock=, lease_seconds=, "
+                            "progress="),
+], ids=["two policies", "caps", "durability", "misspelt", "two", "unknown"])
+def test_a_setting_loop_does_not_take_is_told_where_it_goes(make, said):
+    """Python's own TypeError ("loop() got an unexpected keyword argument 'durability'") named what was wrong and
+    not what to write; a type checker still flags these calls (the extra arguments are typed Never)."""
+    with pytest.raises(ConfigError) as caught:
+        make()
+    assert str(caught.value) == said
+
+
 @pytest.mark.parametrize("make", [
     lambda: loop(converge_on=score_plateau, scorer=score),
     lambda: loop(score_plateau),
