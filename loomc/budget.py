@@ -90,6 +90,11 @@ class Budget(Signal):
             raise ConfigError(f"Budget(usd={usd!r}): a cap of $0 allows no call that costs anything, yet the first "
                               "call, whose price is not known before it, would still be made; give the dollars the "
                               "run may spend, or leave usd= out for no dollar cap")
+        if self.usd is not None and self.step_estimate is not None and self.step_estimate > self.usd:
+            raise ConfigError(f"Budget(usd={usd!r}, step_estimate={step_estimate!r}): every call is counted at "
+                              f"{dollars(self.step_estimate)} before it is made, more than the whole "
+                              f"{dollars(self.usd)} cap, so not one call could be made; give a step_estimate of "
+                              "at most the cap (what one call may cost)")
         calls = None if iterations is None else whole(iterations)
         if iterations is not None and calls is None:
             raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")

@@ -218,8 +218,14 @@ def test_the_usd_budget_is_predictive_and_the_estimate_can_be_given():
     run = refine.run(0)
     # after 0.5 + 0.9 = 1.4 the largest step (0.9) would pass 1.5: stop with 0.1 unspent
     assert len(run.history) == 2 and run.total_cost == Decimal("1.4")
-    never_start = loop(budget=Budget(usd=0.5, step_estimate=1), cost_fn=lambda s: 1, checkpoint="memory")(lambda s: s)
-    assert len(never_start.run(0).history) == 0, "the check happens before the first call"
+    # The check happens before the first call: with the estimate at the cap, one call is made...
+    at_cap = loop(budget=Budget(usd=0.5, step_estimate=0.5), cost_fn=lambda s: 0.5, checkpoint="memory")(lambda s: s)
+    assert len(at_cap.run(0).history) == 1
+    # ...and an estimate above the whole cap, under which not one call could be made, is refused when built
+    # (such a loop used to run, make no call and end budget_exhausted).
+    with pytest.raises(ConfigError, match=re.escape("Budget(usd=0.5, step_estimate=1): every call is counted at "
+                                                    "$1.0000 before it is made, more than the whole $0.5000 cap")):
+        Budget(usd=0.5, step_estimate=1)
 
 
 def test_a_budget_in_dollars_alone_stops_a_run_whose_calls_report_no_cost_where_a_loop_with_no_budget_would(tmp_path):
