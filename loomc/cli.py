@@ -533,9 +533,19 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
                 spec.loader.exec_module(module)
                 obj = attribute(module, qualname)
             else:
+                # As `python -m` and `python -c` see it: a module in the working directory (the project the
+                # run was started in) imports without PYTHONPATH. A console script's own sys.path lacks it.
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())
                 obj = import_path(fn_path)
     except RunAtImport as e:
         return None, str(e)
+    except ModuleNotFoundError as e:
+        hint = ""
+        if e.name and target.split(".")[0] == e.name.split(".")[0]:
+            hint = (f"; run `loomc resume` in the directory {e.name.split('.')[0]} is imported from (the project "
+                    "the run was started in), or set PYTHONPATH to it")
+        return None, f"importing {fn_path} failed ({type(e).__name__}: {e}){hint}"
     except Exception as e:
         return None, f"importing {fn_path} failed ({type(e).__name__}: {e})"
     if not isinstance(obj, LoopRunner):

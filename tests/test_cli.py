@@ -649,6 +649,28 @@ def test_resume_imports_a_module_level_loop(tmp_path):
     assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
 
 
+def test_resume_imports_a_module_of_the_working_directory_without_pythonpath(tmp_path):
+    """A loop in the project's own module (`python -c 'import jobs; ...'` in its directory) could not be resumed
+    by `loomc resume` run in that same directory: a console script's sys.path lacks the working directory, so
+    the import failed and the command printed the Python to paste instead."""
+    env, _ = start_in_module(tmp_path, "jobs2", (
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=3))\n"
+        "def count(s):\n"
+        "    return s + 1\n"), "import jobs2\njobs2.count.run(0, run_id='w1')")
+    del env["PYTHONPATH"]
+    proc = subprocess.run(["loomc", "resume", "w1", "--iterations", "5"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr  # it ran its two more calls, and stopped at the new cap
+    assert "Stopped: iterations: 5 of 5 calls made" in proc.stdout
+    elsewhere = subprocess.run(["loomc", "resume", "w1", "--iterations", "7"], env=env, capture_output=True,
+                               text=True, cwd=tmp_path.parent)
+    assert elsewhere.returncode == 1
+    assert ("importing jobs2:count failed (ModuleNotFoundError: No module named 'jobs2'); run `loomc resume` in the "
+            "directory jobs2 is imported from (the project the run was started in), or set PYTHONPATH to it") \
+        in elsewhere.stderr
+
+
 def test_resume_runs_an_async_loop_to_its_end(tmp_path):
     """Regression: the command read .status off the coroutine of an async loop's resume_run, and
     crashed with a traceback, leaving the run as it was."""
