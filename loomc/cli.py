@@ -525,6 +525,9 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
         with refusing_runs(target):
             if target.endswith(".py"):  # a loop defined in a script run as __main__
                 import importlib.util
+                # As Python ran it: with the script's directory first on sys.path, so its own imports resolve.
+                if os.path.dirname(target) not in sys.path:
+                    sys.path.insert(0, os.path.dirname(target))
                 spec = importlib.util.spec_from_file_location("loomc_resume_target", target)
                 if spec is None or spec.loader is None:
                     return None, f"cannot load {target}"

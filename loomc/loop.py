@@ -241,7 +241,11 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
     if not module or not qualname or qualname.endswith("<lambda>"):
         return None  # a lambda, a partial, a callable object (a function inside another is recorded)
     if module == "__main__":  # a script run as __main__, else a notebook or the REPL (kept as `__main__:`)
-        path = getattr(sys.modules.get("__main__"), "__file__", None)
+        main = sys.modules.get("__main__")
+        spec: Any = getattr(main, "__spec__", None)
+        if spec is not None and spec.parent:  # `python -m pkg.job`: by its name, so its relative imports resolve
+            return f"{spec.name}:{qualname}"
+        path = getattr(main, "__file__", None)
         return f"{os.path.abspath(path) if path else module}:{qualname}"
     return f"{module}:{qualname}"
 

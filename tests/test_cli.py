@@ -671,6 +671,39 @@ def test_resume_imports_a_module_of_the_working_directory_without_pythonpath(tmp
         in elsewhere.stderr
 
 
+@pytest.mark.parametrize("how", ["script", "python -m"])
+def test_resume_imports_a_loop_started_as_a_script_or_with_python_m_and_what_it_imports(tmp_path, how):
+    """Python runs `python job.py` with job.py's directory first on sys.path, and `python -m pkg.job` as a module
+    of its package. `loomc resume` loaded job.py by its path without that directory, so its `import helpers`
+    failed; and it loaded pkg/job.py by its path too, outside its package, so its `from .helpers import inc`
+    failed. Either way the command printed the Python to paste instead of resuming."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("def inc(s):\n    return s + 1\n")
+    (pkg / "job.py").write_text(
+        "import os\n"
+        "from loomc import Budget, loop\n"
+        f"{'from helpers import inc' if how == 'script' else 'from .helpers import inc'}\n"
+        "@loop(budget=Budget(iterations=4))\n"
+        "def count(s):\n"
+        "    if s == 2 and not os.path.exists('flaked'):\n"
+        "        open('flaked', 'w').close()\n"
+        "        raise RuntimeError('flaky once')\n"
+        "    return inc(s)\n"
+        "if __name__ == '__main__':\n"
+        "    count.run(0, run_id='j1')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["LOOMC_DB"] = str(tmp_path / "j.db")
+    start = [sys.executable, str(pkg / "job.py")] if how == "script" else [sys.executable, "-m", "pkg.job"]
+    subprocess.run(start, env=env, check=True, cwd=tmp_path)
+    recorded = {"script": f"{pkg / 'job.py'}:count", "python -m": "pkg.job:count"}[how]
+    assert SQLiteStore(env["LOOMC_DB"]).get_run("j1").fn_path == recorded
+    proc = subprocess.run(["loomc", "resume", "j1"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Stopped: iterations: 4 of 4 calls made" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
+
+
 def test_resume_runs_an_async_loop_to_its_end(tmp_path):
     """Regression: the command read .status off the coroutine of an async loop's resume_run, and
     crashed with a traceback, leaving the run as it was."""
