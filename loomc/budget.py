@@ -31,6 +31,7 @@ from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
                        r"(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+_SECONDS = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")  # a plain number: seconds, as 600 is
 
 
 def parse_duration(value: Any, what: str = "wall_clock") -> float:
@@ -45,12 +46,15 @@ def parse_duration(value: Any, what: str = "wall_clock") -> float:
         seconds = value.total_seconds()
     elif real(value) is not None:  # numpy's numbers too
         seconds = float(value)
+    elif isinstance(value, str) and _SECONDS.match(value.strip()):  # "600" (a command line, a setting): seconds
+        seconds = float(value)
     elif isinstance(value, str):
         m = _DURATION.match(value.strip().replace(" ", "").lower())
         if not value.strip() or m is None or not any(m.groupdict().values()):
             raise ConfigError(
                 f"{what}={value!r} is not a duration; write it like '30s', '10m', '1h', '1h30m' or '7d', "
-                "or pass seconds as a number or a datetime.timedelta")
+                + ("or a number of seconds" if what.startswith("--") else
+                   "or pass seconds as a number or a datetime.timedelta"))
         seconds = sum(float(m[unit] or 0) * mult for unit, mult in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
     else:
         raise ConfigError(f"{what} must be a string like '10m', seconds or a timedelta, got {value!r}")
@@ -100,7 +104,8 @@ class Budget(Signal):
             raise ConfigError(f"Budget(iterations={iterations!r}): iterations must be a whole number >= 1")
         s(self, "iterations", calls)
         s(self, "wall_clock", None if wall_clock is None else parse_duration(wall_clock))
-        s(self, "wall_clock_text", wall_clock if isinstance(wall_clock, str) else None)
+        s(self, "wall_clock_text", wall_clock if isinstance(wall_clock, str) and not _SECONDS.match(wall_clock.strip())
+          else None)  # as it was given ('10m'), where it names its unit
         s(self, "unbounded_", _unbounded)
         if not _unbounded and usd is None and iterations is None and wall_clock is None:
             raise ConfigError("Budget() needs at least one cap: usd=, iterations= or wall_clock=; "

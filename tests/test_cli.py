@@ -181,6 +181,8 @@ def test_runs_says_what_the_runs_listed_spent_in_all_and_lists_recent_ones(tmp_p
     assert len(one) == 3 and one[-1].startswith("report "), "one run: no line of totals"
     bad = invoke("runs", "--db", db, "--since", "lately")
     assert bad.exit_code == 1 and "--since='lately' is not a duration" in bad.output
+    assert invoke("runs", "--db", db, "--since", "86400", "--json").output == \
+        invoke("runs", "--db", db, "--since", "1d", "--json").output  # seconds, as a plain number
 
 
 def test_show_gives_a_run_under_a_wall_clock_cap_its_active_time_against_the_cap(tmp_path):

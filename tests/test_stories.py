@@ -596,6 +596,23 @@ def test_bad_arguments_fail_at_construction_with_a_clear_message(make, words):
         make()
 
 
+def test_a_duration_given_as_a_plain_number_in_a_string_is_seconds_as_the_number_is():
+    """`loomc resume --wall-clock 600`, `--older-than 86400` and `Budget(wall_clock=os.environ["CAP"])` were
+    refused as "not a duration", while the message said to "pass seconds as a number"."""
+    from loomc.budget import parse_duration
+    assert [parse_duration(v) for v in ("600", " 90 ", "1.5", "1e3")] == [600.0, 90.0, 1.5, 1000.0]
+    cap = Budget(wall_clock="600")
+    assert cap.wall_clock == 600.0 and repr(cap) == "Budget(wall_clock=600)" and cap.wall_clock_said == "600s"
+    assert repr(Budget(wall_clock="10m")) == "Budget(wall_clock='10m')"
+    for bad in ("-3", "0", "inf", "nan"):
+        with pytest.raises(ConfigError, match="wall_clock"):
+            Budget(wall_clock=bad)
+    # A command line's option is told in its own terms: no datetime.timedelta to pass there.
+    with pytest.raises(ConfigError, match=re.escape("--since='lately' is not a duration; write it like '30s', '10m', "
+                                                    "'1h', '1h30m' or '7d', or a number of seconds")):
+        parse_duration("lately", "--since")
+
+
 def test_roles_cannot_be_combined_with_and_or_not():
     with pytest.raises(PolicyTypeError, match=r"\|"):
         BestScore() & score_plateau(3)
