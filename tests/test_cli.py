@@ -346,6 +346,17 @@ def test_an_unknown_run_is_one_line_on_stderr(tmp_path, args, words):
     assert proc.stderr.count("\n") == 1 and words in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_id_given_cut_short_is_told_the_whole_ids_that_begin_so_and_never_taken_for_one(tmp_path):
+    """`loomc show a1b2` (the first characters of an id, as git takes them) said only "no run 'a1b2'"."""
+    db = str(tmp_path / "p.db")
+    make_failed_run(db)
+    for command in ("show", "resume"):
+        proc = subprocess.run(["loomc", command, "a1b2", "--db", db], capture_output=True, text=True)
+        assert proc.returncode == 1
+        assert proc.stderr == f"loomc: no run 'a1b2' in {db}; the ids that begin so: a1b2c3d4e5f6; give the whole id\n"
+    assert invoke("show", "zz", "--db", db).output == f"loomc: no run 'zz' in {db}\n"
+
+
 def test_bad_databases_are_one_clear_line(tmp_path):
     missing = subprocess.run(["loomc", "runs", "--db", str(tmp_path / "none.db")], capture_output=True, text=True)
     assert missing.returncode == 1 and "no loomc database at" in missing.stderr

@@ -435,13 +435,26 @@ class SQLiteStore:
         row = conn.execute(f"SELECT {_RUN_COLUMNS}, r.initial_state {_RUNS_FROM} WHERE r.id = ?",
                            (run_id,)).fetchone()
         if row is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.path}{self._elsewhere(conn)}")
+            raise RunNotFound(f"no run {run_id!r} in {self.path}{self._elsewhere(conn, run_id)}")
         return _run_record(row, row[-1])
 
-    def _elsewhere(self, conn: sqlite3.Connection | sqlite3.Cursor) -> str:
+    @staticmethod
+    def _starting(conn: sqlite3.Connection | sqlite3.Cursor, prefix: str) -> str:
+        """The ids that begin with ``prefix``, for an id given cut short (``loomc show b00e``): a hint, never a
+        match, since a resume with the wrong id would pay for the wrong run."""
+        if not prefix:
+            return ""
+        ids = [row[0] for row in conn.execute("SELECT id FROM runs WHERE substr(id, 1, length(?)) = ? ORDER BY "
+                                              "created_at DESC LIMIT 4", (prefix, prefix))]
+        if not ids:
+            return ""
+        more = " (and more)" if len(ids) > 3 else ""
+        return f"; the ids that begin so: {', '.join(ids[:3])}{more}; give the whole id"
+
+    def _elsewhere(self, conn: sqlite3.Connection | sqlite3.Cursor, run_id: str) -> str:
         """Where to look instead, for a run looked up in a database that holds no run at all."""
         if conn.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None:
-            return ""
+            return self._starting(conn, run_id)
         said = ", which holds no run at all" + (" (this process created it just now)" if self._created else "")
         if self.path.is_relative_to(Path.cwd()):  # a relative path, perhaps from another working directory
             said += (f". A relative path, the default .loomc/checkpoints.db included, is read from the working "
