@@ -31,6 +31,8 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
+    sleep = advance  # a backoff wait moves the clock on; nobody waits
+
 
 def history_of(*rows) -> History:
     """A History from compact rows: a score, None (no score), "fail", or (score, cost)."""

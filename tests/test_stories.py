@@ -1612,6 +1612,26 @@ def test_a_wait_that_would_reach_the_wall_clock_cap_stops_the_run_instead(clock,
         LastGood(wait="soon")
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_wait_after_which_the_next_call_would_end_exactly_at_the_cap_is_waited_and_the_call_made(clock, aio):
+    """As a call that ends exactly at the wall-clock cap may be made, so may one after a wait: 2 minutes of calls,
+    a 7-minute wait and a call of a minute end at the 10-minute cap. The wait is slept on the loop's clock, which
+    can sleep (FakeClock.sleep): the test does not wait 7 minutes (a backoff wait used to be a real sleep whatever
+    the clock, and not counted as active time by a clock that did not move with it)."""
+    def slow(s):
+        clock.advance(60)
+        if s == 1:
+            raise RuntimeError("503 Service Unavailable")
+        return s + 1
+
+    refine = loop(budget=Budget(wall_clock="10m"), backtrack=LastGood(wait="7m", max_wait="1h"), checkpoint="memory",
+                  clock=clock)(sync_or_async(slow, aio))
+    run = asyncio.run(refine.run(0)) if aio else refine.run(0)
+    assert run.steps == 3 and run.active_seconds == 600.0
+    assert [s.events for s in run.history] == [(), ("backtrack to step 0", "wait 420s"), ("budget exhausted",)]
+    assert run.reason.startswith("wall_clock: 10m00s active of the 10m cap")
+
+
 def test_a_ctrl_c_during_the_wait_stops_the_run_as_cancelled_with_the_failed_step_kept(tmp_path):
     import signal
     from loomc import SQLiteStore
