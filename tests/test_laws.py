@@ -203,6 +203,7 @@ def test_dropping_states_from_memory_changes_nothing_a_run_reads_or_returns(outc
 @settings(max_examples=40, deadline=None)
 @given(outcomes=st.lists(st.one_of(st.none(), st.floats(0, 1, allow_nan=False)), min_size=2, max_size=12),
        split=st.integers(1, 11), backtracker=st.sampled_from(["best", "last_good", None]))
+@example(outcomes=[0.9, 0.1, 0.5], split=2, backtracker="best")  # the resume starts from step 0, the best
 def test_pruning_states_changes_nothing_a_resume_reads_or_returns(outcomes, split, backtracker):
     """`loomc prune --states` keeps only the states of steps_to_keep. A run stopped after ``split``
     calls, pruned, then resumed to the end must go exactly as the same run resumed unpruned: the
@@ -364,3 +365,80 @@ def test_an_async_loop_makes_the_same_steps_and_ends_the_same_way_as_a_sync_one(
     run = asyncio.run(loop(**loop_kwargs(policy, "memory"))(afn).run({"n": None}))
     assert (run.status, run.reason, run.total_cost) == (sync.status, sync.reason, sync.total_cost)
     assert _steps(run.history) == _steps(sync.history)
+
+
+# --- what a policy asks, and Step and History as values ------------------------------------------------------
+
+def test_a_part_right_of_one_that_reached_its_strongest_outcome_is_not_asked():
+    """"Once a detector on the left of a `|` has fired, nothing to its right is consulted" (README); a part that
+    could still give a stronger outcome (a detector right of a budget that fired) is."""
+    asked = []
+
+    def counting(h):
+        asked.append(len(h))
+        return True
+
+    h = History([Step(0, {"n": 0}, score=0.5), Step(1, {"n": 1}, score=0.5)])
+    decision = (predicate(lambda h: True) | predicate(counting)).decide(h)
+    assert asked == [] and decision.by == "predicate(<lambda>)"
+    stopped = (Budget(iterations=1) | predicate(counting)).decide(h)  # converging is stronger than running out
+    assert asked == [2] and stopped.reason.startswith("predicate(counting)")
+    both = (predicate(lambda h: True) | predicate(three_or_more) | score_plateau(1)).decide(h)
+    assert both.reason.startswith("predicate(<lambda>)")  # of two that converge, the left one is said
+
+
+def test_steps_are_values_equal_by_every_field_and_replace_keeps_what_it_is_not_given():
+    step = Step(2, {"n": 2}, cost="0.05", score=0.5, events=("converged",), metrics={"judge": True})
+    assert step == Step(2, {"n": 2}, cost=Decimal("0.05"), score=0.5, events=("converged",), metrics={"judge": True})
+    for other in (step.replace(n=3), step.replace(cost=1), step.replace(score=0.6), step.replace(score=None),
+                  step.replace(error="E: x"), step.replace(events=()), step.replace(metrics={}),
+                  step.replace(state={"n": 3})):
+        assert other != step and not other == step
+    assert step != "a step" and not step == (2, {"n": 2})
+    same = step.replace(events=("converged",))
+    assert same == step and not same != step and same.state == {"n": 2} and same.cost == Decimal("0.05")
+    assert Step(0, score=float("nan")) == Step(0, score=float("nan"))  # NaN scores are the same score
+    assert Step(0, score=0.0) != Step(0, score=None) and Step(0, score=None) != Step(0, score=0.0)
+    assert [Step(0, score=s).scored for s in (None, float("nan"), 0.0, -1.0)] == [False, False, True, True]
+    assert repr(Step(0, cost=0)) == "Step(n=0, cost=0)"
+    assert repr(Step(1, cost="0.1", score=0.25, error="E: x", events=("failed",))) == \
+        "Step(n=1, cost=0.1, score=0.25, error='E: x', events=['failed'])"
+
+
+def test_a_stored_step_replaced_keeps_its_state_read_from_the_store(tmp_path):
+    @loop(budget=Budget(iterations=2), checkpoint=str(tmp_path / "v.db"))
+    def grow(s):
+        return {"n": s["n"] + 1}
+
+    run = grow.run({"n": 0})
+    stored = grow.history(run.id)[1]
+    assert stored.replace(score=0.9).state == {"n": 2} and stored.replace(score=0.9).score == 0.9
+    assert stored.replace(events=("x",)) != stored and stored.replace(events=stored.events) == stored
+
+
+def test_histories_are_sequences_equal_step_by_step_and_a_view_ends_where_it_ends():
+    h = history_of_scores(0.5, 0.9, 0.9, 0.1)
+    assert h == history_of_scores(0.5, 0.9, 0.9, 0.1) and h != history_of_scores(0.5, 0.9, 0.9)
+    assert h[:2] != h and h[:2] == h.prefix(2) and h[:2] == tuple(h)[:2] and h != tuple(h)[:3]
+    with pytest.raises(IndexError):
+        h.prefix(2)[2]  # the steps after a view are not in it, though its run has them
+    with pytest.raises(IndexError):
+        h[-5]
+    assert h.best.n == 1, "ties keep the earliest step"
+    assert h.prefix(2).append(Step(2, {"n": 2}, score=0.1)) != h[:3]  # another third step: a branch of its own
+    assert h[2].score == 0.9, "a branch leaves the run it branched from as it was"
+
+
+def test_best_score_returns_the_earliest_of_tied_best_states():
+    scores = iter([0.5, 0.9, 0.9, 0.2])
+
+    @loop(budget=Budget(iterations=4), backtrack=BestScore(), scorer=lambda s: next(scores), checkpoint="memory")
+    def step(s):
+        return s + 1
+
+    run = step.run(0)
+    assert run.state == 2 and run.history.best.n == 1
+
+
+def history_of_scores(*scores):
+    return History([Step(n, {"n": n}, score=s) for n, s in enumerate(scores)])
