@@ -442,3 +442,13 @@ def test_best_score_returns_the_earliest_of_tied_best_states():
 
 def history_of_scores(*scores):
     return History([Step(n, {"n": n}, score=s) for n, s in enumerate(scores)])
+
+
+def test_a_replay_says_where_it_backtracked():
+    h = history_of_scores(0.5, 0.9, 0.2, 0.95, 0.1)
+    replay = (Budget(iterations=10) | BestScore()).replay(h)
+    assert replay.backtracks == ((2, 1), (4, 3))
+    assert str(replay) == ("Budget(iterations=10) | BestScore(): would not have stopped within the 5 recorded steps; "
+                           "backtracks: step 2 -> 1, step 4 -> 3")
+    failed_first = History([Step(0, None, error="RuntimeError: boom")])
+    assert str((Budget(iterations=10) | LastGood()).replay(failed_first)).endswith("backtracks: step 0 -> initial")
