@@ -398,6 +398,9 @@ def test_steps_are_values_equal_by_every_field_and_replace_keeps_what_it_is_not_
     same = step.replace(events=("converged",))
     assert same == step and not same != step and same.state == {"n": 2} and same.cost == Decimal("0.05")
     assert Step(0, score=float("nan")) == Step(0, score=float("nan"))  # NaN scores are the same score
+    assert Step(0, score=float("nan")) != Step(0, score=0.5) and Step(0, score=0.5) != Step(0, score=float("nan"))
+    timed = Step(0, {"n": 0}, started_at=1000.0, duration=2.5)
+    assert (timed.replace(score=1.0).started_at, timed.replace(score=1.0).duration) == (1000.0, 2.5)
     assert Step(0, score=0.0) != Step(0, score=None) and Step(0, score=None) != Step(0, score=0.0)
     assert [Step(0, score=s).scored for s in (None, float("nan"), 0.0, -1.0)] == [False, False, True, True]
     assert repr(Step(0, cost=0)) == "Step(n=0, cost=0)"
@@ -425,6 +428,8 @@ def test_histories_are_sequences_equal_step_by_step_and_a_view_ends_where_it_end
     with pytest.raises(IndexError):
         h[-5]
     assert h.best.n == 1, "ties keep the earliest step"
+    costly = History([Step(0, cost="0.1"), Step(1, cost="0.3", error="E: x"), Step(2, cost="0.2")])
+    assert (costly.max_cost, costly.total_cost, costly.last_good.n) == (Decimal("0.3"), Decimal("0.6"), 2)
     assert h.prefix(2).append(Step(2, {"n": 2}, score=0.1)) != h[:3]  # another third step: a branch of its own
     assert h[2].score == 0.9, "a branch leaves the run it branched from as it was"
 
@@ -438,6 +443,19 @@ def test_best_score_returns_the_earliest_of_tied_best_states():
 
     run = step.run(0)
     assert run.state == 2 and run.history.best.n == 1
+
+
+def test_a_fold_over_a_branch_reads_the_branch_not_the_history_it_branched_from():
+    """A backtrack branches a run's history off an earlier step: what a fold memoised over the steps after
+    that one belongs to the other branch."""
+    def total(acc, step):
+        return acc + step.score
+
+    h = history_of_scores(1.0, 2.0, 4.0, 8.0)
+    assert h.fold("total", total, 0.0) == 15.0 and h.prefix(3).fold("total", total, 0.0) == 7.0
+    branch = h.prefix(2).append(Step(2, {"n": 2}, score=16.0)).append(Step(3, {"n": 3}, score=32.0))
+    assert branch.fold("total", total, 0.0) == 51.0 and branch.prefix(3).fold("total", total, 0.0) == 19.0
+    assert h.fold("total", total, 0.0) == 15.0, "the history branched from folds as before"
 
 
 def history_of_scores(*scores):
