@@ -344,6 +344,11 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
             click.echo(f"No run of a loop named {clean(loop_name)!r} here; "
                        + (f"the loops with runs: {', '.join(names)}" if names else "no run has a named loop"),
                        err=True)
+        elif not rows:  # an empty table alone reads like a broken command
+            asked = [f"{flag} {clean(str(value))}" for flag, value in
+                     (("--status", status), ("--loop", loop_name), ("--since", since)) if value is not None]
+            click.echo(f"No run matches {', '.join(asked)} in {store.path}" if asked else
+                       f"No run in {store.path} yet", err=True)
 
 
 @main.command()

@@ -127,6 +127,12 @@ def test_runs_names_each_runs_loop_and_lists_one_loop_on_request(tmp_path):
     assert missed.stderr.strip() == ("No run of a loop named 'refine' here; the loops with runs: refine_report, "
                                      "summarize_each_chapter_of_the_book_twice")
     assert invoke("show", "r1", "--db", db).output.startswith("Run: r1  Loop: refine_report  Status: ")
+    # A filter that matches nothing: the empty table read like a broken command; stderr now says so.
+    none = CliRunner().invoke(main, ["runs", "--db", db, "--status", "crashed", "--since", "1h"])
+    assert none.exit_code == 0 and len(none.stdout.splitlines()) == 2
+    assert none.stderr.strip() == f"No run matches --status crashed, --since 1h in {Path(db).resolve()}"
+    empty = SQLiteStore(tmp_path / "empty.db").path
+    assert CliRunner().invoke(main, ["runs", "--db", str(empty)]).stderr.strip() == f"No run in {empty} yet"
 
 
 def test_show_says_what_the_run_spent_on_each_line_item(tmp_path):
