@@ -53,6 +53,12 @@ class Backtracker(Role):
         name = type(self).__name__
         first = None if self.wait is None else parse_duration(self.wait, f"{name}: wait")
         most = parse_duration(self.max_wait, f"{name}: max_wait")
+        if first is not None and first > most:  # every wait would be cut to max_wait, the first included
+            default = " (its default)" if self.max_wait == "1m" else ""
+            raise ConfigError(f"{name}(wait={self.wait!r}): the waits grow up to max_wait={self.max_wait!r}{default}, "
+                              f"which is shorter than the first, so each would be cut to it; give a longer "
+                              f"max_wait, as in {name}(wait={self.wait!r}, max_wait={first * 8:g}) for waits "
+                              "that grow three times")
         object.__setattr__(self, "_first_wait", first)
         object.__setattr__(self, "_most_wait", most)
         kinds = None if self.on is None else self.on if isinstance(self.on, tuple) else (self.on,)

@@ -585,6 +585,11 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
                                                             "traceback, semantic_delta, loomc.*)"),
     (lambda: judge(lambda s: True, name=""), "judge(name='')"),
     (lambda: Budget(), "Budget.unbounded()"),
+    # A first wait longer than max_wait (1m by default) was cut to it, every time, saying nothing.
+    (lambda: LastGood(wait="2m"), "LastGood(wait='2m'): the waits grow up to max_wait='1m' (its default), which is "
+                                  "shorter than the first, so each would be cut to it; give a longer max_wait, as in "
+                                  "LastGood(wait='2m', max_wait=960)"),
+    (lambda: BestScore(wait=5, max_wait="2s"), "BestScore(wait=5): the waits grow up to max_wait='2s', which"),
     (lambda: Escalate(after=0), "after"),
     (lambda: loop(on_step=5), "on_step=5: pass a function of the Step"),
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=5), "run_id=5: a run id is a non-empty string"),
