@@ -552,10 +552,13 @@ _BOOLS = ("bool", "bool_")  # numpy's booleans count as booleans (numpy.bool, nu
 
 def whole(value: Any) -> int | None:
     """``value`` as an int when it is a whole number >= 1, numpy's too (a parameter sweep's DataFrame gives
-    numpy.int64); else ``None``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    numpy.int64), or a float of one (``20.0`` from a config file, ``1e3``, a DataFrame column with a gap in it);
+    else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return int(value)
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():  # 2.5, inf, nan
+        return None
+    return int(value) if value >= 1 else None
 
 
 def real(value: Any) -> int | float | None:

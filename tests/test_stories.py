@@ -198,7 +198,12 @@ def test_a_policy_takes_the_numbers_of_a_parameter_sweep_from_numpy():
     assert run.status == "completed" and len(run.history) == 3
     assert repr(Budget(wall_clock=numpy.int64(90)) | semantic_delta(numpy.float32(0.25))) == (
         "Budget(wall_clock=90) | semantic_delta(threshold=0.25)")
-    for wrong in (lambda: Budget(iterations=2.0), lambda: score_plateau(patience=True), lambda: Escalate(after=0)):
+    # A float of a whole number is that number: a DataFrame column with a gap in it is float64 (6.0), and a config
+    # file may say 20.0. Budget(iterations=6.0) used to be refused as "not a whole number".
+    assert repr(Budget(iterations=numpy.float64(6.0)) | score_plateau(patience=2.0) | Escalate(after=1e1)) == \
+        "Budget(iterations=6) | score_plateau(patience=2, min_delta=0.01) | Escalate(after=10)"
+    for wrong in (lambda: Budget(iterations=2.5), lambda: Budget(iterations=float("nan")),
+                  lambda: score_plateau(patience=True), lambda: Escalate(after=0), lambda: Escalate(after=0.0)):
         with pytest.raises(ConfigError, match="must be a whole number >= 1"):
             wrong()
 
