@@ -556,9 +556,13 @@ def whole(value: Any) -> int | None:
     else ``None``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    if not isinstance(value, numbers.Integral) and not float(value).is_integer():  # 2.5, inf, nan
+    if isinstance(value, numbers.Integral):
+        count = int(value)
+    elif float(value).is_integer():  # not 2.5, inf or nan
+        count = int(float(value))
+    else:
         return None
-    return int(value) if value >= 1 else None
+    return count if count >= 1 else None
 
 
 def real(value: Any) -> int | float | None:
