@@ -199,6 +199,17 @@ class _SnapshotStep(Step):
         return {"_cell": self[8]}
 
 
+def detached(step: Step) -> Step:
+    """``step`` for code outside the loop while the run goes on (an ``on_step`` callback, a stream's reader): its
+    state is read from the committed JSON on its own, when it is first read, so a change made to it in place
+    (a callback that drops a field before printing it) reaches neither the next call nor the run's result.
+    A step with no JSON (a state that could not be stored) is handed as it is."""
+    if type(step) is not _SnapshotStep or step[8][1] is None:
+        return step
+    cell = step[8]
+    return _new_tuple(_SnapshotStep, (*step[:8], [_UNREAD, cell[1], cell[2], cell[3]], step[9]))
+
+
 def read(cell: list[Any]) -> Any:
     """The state in a cell, decoded from its JSON if it is not held."""
     if cell[0] is _UNREAD:

@@ -29,8 +29,8 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
                           go_on, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
-from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, fresh_step, hand_out, to_decimal,
-                           with_events)
+from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, detached, fresh_step, hand_out,
+                           to_decimal, with_events)
 from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, loop_name, name_of, score_readers,
                           steps_to_keep, waited)
 from loomc.runs import LiveRun, Run
@@ -457,6 +457,8 @@ def _first_commit_checks(run: LiveRun, step: Step, record: StoredStep) -> None:
 
 
 def _notify(run: LiveRun, step: Step) -> None:
+    if run.on_step:
+        step = detached(step)  # a callback that changes the state in place changes only its own copy
     for callback in run.on_step:
         try:
             callback(step)

@@ -32,7 +32,7 @@ from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
 from loomc.context import current_run, refuse_when_stopping
-from loomc.history import IN_STORE, ZERO, History, Step, stored_state
+from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_measures,
                           check_one_argument, either, loop_name, name_of, never, score_readers)
@@ -748,7 +748,7 @@ class StepStream:
 
     def __next__(self) -> Step:
         try:
-            return next(self._stream)
+            return detached(next(self._stream))  # changed in place by the reader, it changes only its own copy
         except StopIteration as stop:
             self.run = stop.value
             raise StopIteration from None
@@ -786,7 +786,7 @@ class AsyncStepStream:
             parent, run_id = self._runner._plan(self._run_id, self._resume)  # at the call site, before any await
             self._steps = self._produce(parent, run_id)
         try:
-            return await self._steps.__anext__()
+            return detached(await self._steps.__anext__())  # as the sync stream's
         except StopAsyncIteration:
             self.run = self._ended[0]
             raise

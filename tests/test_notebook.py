@@ -195,6 +195,48 @@ def test_async_iter_yields_steps_as_they_happen():
     assert got == [1, 2, 3] and run.status == "budget_exhausted"
 
 
+@pytest.mark.parametrize("how", ["on_step", "iter", "async iter"])
+def test_a_step_handed_out_while_the_run_goes_on_is_the_readers_to_change(tmp_path, how):
+    """A notebook callback that dropped a field of step.state before printing it (or a stream's reader that did)
+    changed the object the loop handed to its next call, and the state the run returned: the model's paid-for
+    output was gone from both, though the checkpoint had it."""
+    given = []
+
+    def write(state):
+        given.append(sorted(state))
+        return {"n": state["n"] + 1, "draft": f"draft {state['n'] + 1}"}
+
+    def trim(step):
+        step.state.pop("draft")  # for a short printout
+
+    start = {"n": 0, "draft": "draft 0"}
+    on_step = trim if how == "on_step" else ()
+    if how == "async iter":
+        async def awrite(state):
+            return write(state)
+
+        runner = loop(budget=Budget(iterations=3), checkpoint=str(tmp_path / "d.db"))(awrite)
+
+        async def read_all():
+            stream = runner.iter(start)
+            async for step in stream:
+                trim(step)
+            return stream.run
+        run = asyncio.run(read_all())
+    else:
+        runner = loop(budget=Budget(iterations=3), checkpoint=str(tmp_path / "d.db"), on_step=on_step)(write)
+        if how == "on_step":
+            run = runner.run(start)
+        else:
+            stream = runner.iter(start)
+            for step in stream:
+                trim(step)
+            run = stream.run
+    assert given == [["draft", "n"]] * 3
+    assert run.state == {"n": 3, "draft": "draft 3"}
+    assert [s.state for s in run.history] == [{"n": n, "draft": f"draft {n}"} for n in (1, 2, 3)]
+
+
 def test_leaving_an_async_iter_early_stops_calling_fn(tmp_path):
     """Regression: after `break` the run went on in the background, calling (and paying for) fn
     until its budget or the event loop ended, because nothing waited for the next step to be asked for."""
