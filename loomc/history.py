@@ -204,10 +204,10 @@ def detached(step: Step) -> Step:
     state is read from the committed JSON on its own, when it is first read, so a change made to it in place
     (a callback that drops a field before printing it) reaches neither the next call nor the run's result.
     A step with no JSON (a state that could not be stored) is handed as it is."""
-    if type(step) is not _SnapshotStep or step[8][1] is None:
-        return step
     cell = step[8]
-    return _new_tuple(_SnapshotStep, (*step[:8], [_UNREAD, cell[1], cell[2], cell[3]], step[9]))
+    if type(step) is not _SnapshotStep or cell[1] is None:
+        return step
+    return _new_tuple(_SnapshotStep, step[:8] + ([_UNREAD, *cell[1:]], step[9]))
 
 
 def read(cell: list[Any]) -> Any:
