@@ -548,14 +548,11 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
                 obj = import_path(fn_path)
     except RunAtImport as e:
         return None, str(e)
-    except ModuleNotFoundError as e:
-        hint = ""
-        if e.name and target.split(".")[0] == e.name.split(".")[0]:
-            hint = (f"; run `loomc resume` in the directory {e.name.split('.')[0]} is imported from (the project "
-                    "the run was started in), or set PYTHONPATH to it")
-        return None, f"importing {fn_path} failed ({type(e).__name__}: {e}){hint}"
     except Exception as e:
-        return None, f"importing {fn_path} failed ({type(e).__name__}: {e})"
+        missing = (getattr(e, "name", None) or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+        hint = (f"; run `loomc resume` in the directory {missing} is imported from (the project the run was started "
+                "in), or set PYTHONPATH to it") if missing and missing == target.split(".")[0] else ""
+        return None, f"importing {fn_path} failed ({type(e).__name__}: {e}){hint}"
     if not isinstance(obj, LoopRunner):
         return None, f"{fn_path} is not a @loop function"
     return obj, ""

@@ -452,7 +452,8 @@ class SQLiteStore:
         return f"; the ids that begin so: {', '.join(ids[:3])}{more}; give the whole id"
 
     def _elsewhere(self, conn: sqlite3.Connection | sqlite3.Cursor, run_id: str) -> str:
-        """Where to look instead, for a run looked up in a database that holds no run at all."""
+        """Where to look instead for a run not found: the ids that begin so, in a database that holds runs; another
+        database, for one that holds no run at all."""
         if conn.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None:
             return self._starting(conn, run_id)
         said = ", which holds no run at all" + (" (this process created it just now)" if self._created else "")
