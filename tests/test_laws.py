@@ -369,6 +369,10 @@ def test_an_async_loop_makes_the_same_steps_and_ends_the_same_way_as_a_sync_one(
 
 # --- what a policy asks, and Step and History as values ------------------------------------------------------
 
+def history_of_scores(*scores):
+    return History([Step(n, {"n": n}, score=s) for n, s in enumerate(scores)])
+
+
 def test_a_part_right_of_one_that_reached_its_strongest_outcome_is_not_asked():
     """"Once a detector on the left of a `|` has fired, nothing to its right is consulted" (README); a part that
     could still give a stronger outcome (a detector right of a budget that fired) is."""
@@ -456,10 +460,6 @@ def test_a_fold_over_a_branch_reads_the_branch_not_the_history_it_branched_from(
     branch = h.prefix(2).append(Step(2, {"n": 2}, score=16.0)).append(Step(3, {"n": 3}, score=32.0))
     assert branch.fold("total", total, 0.0) == 51.0 and branch.prefix(3).fold("total", total, 0.0) == 19.0
     assert h.fold("total", total, 0.0) == 15.0, "the history branched from folds as before"
-
-
-def history_of_scores(*scores):
-    return History([Step(n, {"n": n}, score=s) for n, s in enumerate(scores)])
 
 
 def test_a_replay_says_where_it_backtracked():
