@@ -1,4 +1,4 @@
-"""A conformance suite every CheckpointStore must pass. Needs pytest.
+"""A conformance suite every CheckpointStore must pass, and a clock for tests of loops. Needs pytest.
 
 Subclass :class:`StoreConformance` in a test module and give it a ``store``
 fixture that returns a fresh, empty store::
@@ -10,6 +10,9 @@ fixture that returns a fresh, empty store::
 
 Every test then runs against that store: round-trips, ordering, duplicate
 commits, totals, charges and leases.
+
+:class:`FakeClock` is a clock a test moves by hand (``@loop(clock=FakeClock())``), so that a test of a
+wall-clock cap or a backoff wait never sleeps.
 """
 
 from __future__ import annotations
@@ -24,6 +27,22 @@ import pytest
 
 from loomc.errors import RunLocked, RunNotFound, StepConflict, StoreError
 from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals
+
+class FakeClock:
+    """A clock a test moves by hand: ``clock.advance(60)`` inside ``fn`` stands for a call of a minute. A
+    backtracker's backoff wait sleeps on it (``sleep``), so it moves on and nobody waits."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    sleep = advance
+
 
 OWNER = "conformance-host:1:owner"
 OTHER = "conformance-host:2:other"

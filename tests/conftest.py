@@ -6,6 +6,7 @@ from decimal import Decimal
 import pytest
 
 from loomc import History, Step
+from loomc.testing import FakeClock  # the tests import it from here too
 
 
 @pytest.fixture(autouse=True)
@@ -19,19 +20,6 @@ def on_a_local_disk(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(sqlite_store, "MOUNTS", str(mounts))
 
 
-class FakeClock:
-    """A clock the test moves by hand: the loop never sleeps in tests."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    sleep = advance  # a backoff wait moves the clock on; nobody waits
 
 
 def history_of(*rows) -> History:
