@@ -973,6 +973,9 @@ _ELSEWHERE = {
                     "a stop is converge_on=: converge_on=score_plateau(patience=3) | judge(fn) | predicate(fn)"),
     **dict.fromkeys(("stall", "escalate"), "a stall handler is on_stall=: on_stall=Escalate(after=3)"),
     **dict.fromkeys(("backtracker", "best_score", "last_good"), "a backtracker is backtrack=: backtrack=BestScore()"),
+    **dict.fromkeys(("retry", "retries", "max_retries", "on_error", "wait"),
+                    "a backtracker goes on after a failed call: backtrack=LastGood(wait='2s'), with "
+                    "budget=Budget(iterations=) for how many calls in all"),
     **dict.fromkeys(("score", "score_fn", "scoring"), "the scorer is scorer=: scorer=lambda state: <a float>"),
     **dict.fromkeys(("cost", "price", "pricing"), "the price of a call is cost_fn=: cost_fn=lambda state: <its USD>"),
 }

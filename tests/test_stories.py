@@ -990,10 +990,13 @@ def test_decoration_time_errors_for_wrong_slots():
     (lambda: loop(store="runs.db", wall_clock="1m"),
      "loop() got settings it does not take: wall_clock='1m': caps are a Budget's: budget=Budget(wall_clock='1m'); "
      "store='runs.db': the store is checkpoint=: checkpoint='runs.db'"),
+    (lambda: loop(retries=3), "loop() got a setting it does not take: retries=3: a backtracker goes on after a failed "
+                              "call: backtrack=LastGood(wait='2s'), with budget=Budget(iterations=) for how many calls "
+                              "in all"),
     (lambda: loop(xyzzy=1), "loop() got a setting it does not take: xyzzy=1: it takes policy=, budget=, converge_on=, "
                             "backtrack=, on_stall=, scorer=, cost_fn=, checkpoint=, on_step=, clock=, lease_seconds=, "
                             "progress="),
-], ids=["two policies", "caps", "durability", "misspelt", "two", "unknown"])
+], ids=["two policies", "caps", "durability", "misspelt", "two", "retries", "unknown"])
 def test_a_setting_loop_does_not_take_is_told_where_it_goes(make, said):
     """Python's own TypeError ("loop() got an unexpected keyword argument 'durability'") named what was wrong and
     not what to write; a type checker still flags these calls (the extra arguments are typed Never)."""
