@@ -245,4 +245,3 @@ def judge(judge_fn: Callable[[Any], Any], *, name: str = "judge") -> Judge:
                           f"non-empty str that is none of loomc's own metrics ({', '.join(sorted(_OWN_METRICS))}, "
                           "semantic_delta, loomc.*), as in name='complete'")
     return Judge(judge_fn, name)
-

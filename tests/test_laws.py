@@ -13,6 +13,8 @@ from loomc import (BestScore, Budget, Escalate, History, LastGood, SQLiteStore, 
                    predicate, score_plateau)
 from loomc.errors import COST_UNKNOWN_METRIC
 
+from conftest import history_of
+
 
 def last_above_half(h):
     return (h[-1].score or 0) > 0.5
@@ -369,10 +371,6 @@ def test_an_async_loop_makes_the_same_steps_and_ends_the_same_way_as_a_sync_one(
 
 # --- what a policy asks, and Step and History as values ------------------------------------------------------
 
-def history_of_scores(*scores):
-    return History([Step(n, {"n": n}, score=s) for n, s in enumerate(scores)])
-
-
 def test_a_part_right_of_one_that_reached_its_strongest_outcome_is_not_asked():
     """"Once a detector on the left of a `|` has fired, nothing to its right is consulted" (README); a part that
     could still give a stronger outcome (a detector right of a budget that fired) is."""
@@ -424,8 +422,8 @@ def test_a_stored_step_replaced_keeps_its_state_read_from_the_store(tmp_path):
 
 
 def test_histories_are_sequences_equal_step_by_step_and_a_view_ends_where_it_ends():
-    h = history_of_scores(0.5, 0.9, 0.9, 0.1)
-    assert h == history_of_scores(0.5, 0.9, 0.9, 0.1) and h != history_of_scores(0.5, 0.9, 0.9)
+    h = history_of(0.5, 0.9, 0.9, 0.1)
+    assert h == history_of(0.5, 0.9, 0.9, 0.1) and h != history_of(0.5, 0.9, 0.9)
     assert h[:2] != h and h[:2] == h.prefix(2) and h[:2] == tuple(h)[:2] and h != tuple(h)[:3]
     with pytest.raises(IndexError):
         h.prefix(2)[2]  # the steps after a view are not in it, though its run has them
@@ -455,7 +453,7 @@ def test_a_fold_over_a_branch_reads_the_branch_not_the_history_it_branched_from(
     def total(acc, step):
         return acc + step.score
 
-    h = history_of_scores(1.0, 2.0, 4.0, 8.0)
+    h = history_of(1.0, 2.0, 4.0, 8.0)
     assert h.fold("total", total, 0.0) == 15.0 and h.prefix(3).fold("total", total, 0.0) == 7.0
     branch = h.prefix(2).append(Step(2, {"n": 2}, score=16.0)).append(Step(3, {"n": 3}, score=32.0))
     assert branch.fold("total", total, 0.0) == 51.0 and branch.prefix(3).fold("total", total, 0.0) == 19.0
@@ -463,7 +461,7 @@ def test_a_fold_over_a_branch_reads_the_branch_not_the_history_it_branched_from(
 
 
 def test_a_replay_says_where_it_backtracked():
-    h = history_of_scores(0.5, 0.9, 0.2, 0.95, 0.1)
+    h = history_of(0.5, 0.9, 0.2, 0.95, 0.1)
     replay = (Budget(iterations=10) | BestScore()).replay(h)
     assert replay.backtracks == ((2, 1), (4, 3))
     assert str(replay) == ("Budget(iterations=10) | BestScore(): would not have stopped within the 5 recorded steps; "
