@@ -543,6 +543,62 @@ def test_a_ctrl_c_that_lands_inside_a_commit_still_commits_the_paid_step_then_st
     store.close()
 
 
+def test_a_ctrl_c_just_after_begin_leaves_no_transaction_open_to_lock_the_file(tmp_path):
+    """The signal lands at the bytecode after ``BEGIN IMMEDIATE`` returned (raised here from a profile
+    hook, where Python would raise it). That transaction used to stay open: it held the file's write
+    lock against every other process, and every later write on the connection failed with "cannot
+    start a transaction within a transaction", so the run could not be resumed in that process."""
+    path = tmp_path / "checkpoints.db"
+    store = SQLiteStore(path, durability="normal")
+    landed: list[int] = []
+
+    def after_begin_of_step_2(frame, event, arg):
+        if event == "c_return" and frame.f_code is _transaction.__code__ and arg.__name__ == "execute":
+            fn, args = frame.f_locals["fn"], frame.f_locals["args"]
+            if fn.__name__ == "_insert_step" and args[1].n == 2:
+                sys.setprofile(None)
+                landed.append(args[1].n)
+                raise KeyboardInterrupt
+
+    @loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.25, checkpoint=store)
+    def paid(state: dict) -> dict:
+        return {"i": state["i"] + 1}
+
+    sys.setprofile(after_begin_of_step_2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            paid({"i": 0}, run_id="ctrl-c")
+    finally:
+        sys.setprofile(None)
+    assert landed == [2]
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # "database is locked" while the interrupted transaction stayed open
+    other.execute("ROLLBACK")
+    other.close()
+    record = store.get_run("ctrl-c")
+    assert record.status == "cancelled"
+    assert [s.n for s in store.load_steps("ctrl-c")] == [0, 1, 2], "the paid step still went in"
+    assert record.total_cost == Decimal("0.75")
+    resumed = paid.resume_run("ctrl-c")  # in the same process, on the same connection
+    assert resumed.state == {"i": 5} and [s.n for s in resumed.history] == [0, 1, 2, 3, 4]
+    store.close()
+
+
+def test_a_transaction_left_open_by_an_interrupted_rollback_is_rolled_back_before_the_next_write(tmp_path):
+    """A second Ctrl-C during the rollback can still leave one open: the next write ends it first,
+    and what it held was never committed."""
+    store = SQLiteStore(tmp_path / "checkpoints.db", durability="normal")
+    store.create_run(make_run("left-open"))
+    conn = store._conn()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE runs SET reason = 'never committed' WHERE id = 'left-open'")
+    commit(store, "left-open", [make_step(0)])
+    assert not conn.in_transaction
+    assert store.get_run("left-open").reason is None
+    assert [s.n for s in store.load_steps("left-open")] == [0]
+    store.close()
+
+
 def test_a_checkpoint_created_on_a_containers_own_filesystem_is_pointed_out(tmp_path, monkeypatch):
     """In a Kubernetes pod the working directory is on the container's overlay root, which the container
     restarted after a crash does not have: the default checkpoint went with it, silently, and

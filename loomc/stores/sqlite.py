@@ -712,10 +712,17 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
 
     SQLite's own errors (the file locked past the busy timeout, a full disk, a read-only file)
     come out as :class:`StoreError` naming the file and what to do.
+
+    A KeyboardInterrupt can land between any two bytecodes, the one just after ``BEGIN IMMEDIATE``
+    returned included, so that statement is inside the block that rolls back: a transaction left
+    open would hold the file's write lock (other processes wait on it) and refuse every later write
+    on this thread's connection. One left open all the same (a second Ctrl-C during the rollback) is
+    rolled back before the next write: nothing in it was committed.
     """
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        _roll_back(conn)
         try:
+            conn.execute("BEGIN IMMEDIATE")
             result = fn(conn, *args)
             conn.execute("COMMIT")
         except BaseException:
