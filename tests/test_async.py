@@ -173,6 +173,51 @@ def test_cancelling_the_task_marks_the_run_cancelled_and_keeps_its_steps(tmp_pat
     assert record.status == "cancelled" and record.steps == 3
 
 
+def test_a_task_cancelled_while_its_run_is_being_opened_lets_the_run_go(tmp_path, monkeypatch):
+    """The open runs on the store's writer thread. A cancellation that lands meanwhile (a wait_for
+    timeout while other runs keep the writer busy) used to leave the run claimed by a drive nobody
+    drove, its lease renewed, so the retry was refused: RunLocked, "already being run in this process"."""
+    store = SQLiteStore(tmp_path / "o.db")
+
+    @loop(budget=Budget(iterations=4), checkpoint=store)
+    async def count(state):
+        return state + 1
+
+    async def story():
+        busy = threading.Event()
+        store.writer.submit(busy.wait, 10)  # the writer is busy with another run's work
+        waiting = asyncio.create_task(count.run(0, run_id="queued"))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting  # an open still waiting its turn is dropped: it creates nothing
+        busy.set()
+        assert await asyncio.wrap_future(store.writer.submit(store.list_runs)) == []
+
+        opening, go_on = threading.Event(), threading.Event()
+        create = SQLiteStore.create_run
+
+        def create_slowly(self, *args, **kwargs):
+            opening.set()
+            go_on.wait(10)
+            return create(self, *args, **kwargs)
+
+        monkeypatch.setattr(SQLiteStore, "create_run", create_slowly)
+        task = asyncio.create_task(count.run(0, run_id="retry"))
+        await asyncio.to_thread(opening.wait, 10)
+        task.cancel()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        record = await asyncio.wrap_future(store.writer.submit(store.get_run, "retry"))
+        assert (record.status, record.owner, record.steps) == ("cancelled", None, 0)
+        return await count.run(0, run_id="retry", resume=True)
+
+    again = run(story())
+    assert again.status == "budget_exhausted" and again.state == 4 and [s.n for s in again.history] == [0, 1, 2, 3]
+    store.close()
+
+
 def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_path):
     db = str(tmp_path / "k.db")
 
