@@ -7,6 +7,7 @@ dollar amounts are decimal strings, so nothing is lost to float rounding.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
@@ -67,10 +68,17 @@ def _parts(store: CheckpointStore, run_id: str) -> tuple[dict[str, Any], list[St
 
     def step_fields(s: StoredStep) -> dict[str, Any]:
         text = load_step(run_id, s.n).state_json if alone else s.state_json  # type: ignore[misc]
+        score, metrics = s.score, s.metrics
+        if score is not None and not math.isfinite(score):  # JSON has no NaN or Infinity: strict readers refuse them
+            score, metrics = None, {**metrics, SCORE_KEPT: str(score)}
         return {"step_n": s.n, "state": None if text is None else json.loads(text), "cost_usd": str(s.cost),
-                "score": s.score, "error": s.error, "timestamp": s.started_at, "duration": s.duration,
-                "metrics": s.metrics, "events": list(s.events)}
+                "score": score, "error": s.error, "timestamp": s.started_at, "duration": s.duration,
+                "metrics": metrics, "events": list(s.events)}
     return head, stored, step_fields
+
+
+#: Where an export keeps a score that JSON cannot hold (``"nan"``, ``"inf"``, ``"-inf"``); its ``score`` is null.
+SCORE_KEPT = "loomc.score"
 
 
 def history_from_export(data: dict[str, Any] | str) -> History:
@@ -80,8 +88,15 @@ def history_from_export(data: dict[str, Any] | str) -> History:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a loomc export (expected format {FORMAT!r}); make one with `loomc export <id> --json`")
     decode = decoder(None, data["run"]["id"])  # reads only the states `loomc prune --states` removed: it raises
-    return History([Step(s["step_n"], s["state"], cost=Decimal(s["cost_usd"]),
-                         score=None if s["score"] is None else float(s["score"]), error=s["error"],
-                         started_at=s["timestamp"], duration=s["duration"], metrics=s["metrics"],
-                         events=s["events"], state_json=stored_state(s["metrics"], None), decode=decode)
-                    for s in data["steps"]])
+    return History([_step(s, decode) for s in data["steps"]])
+
+
+def _step(s: dict[str, Any], decode: Any) -> Step:
+    """A Step from an exported one; a score JSON could not hold is put back from its metrics."""
+    score, metrics = (None if s["score"] is None else float(s["score"])), s["metrics"]
+    if SCORE_KEPT in metrics:
+        metrics = dict(metrics)
+        score = float(metrics.pop(SCORE_KEPT))
+    return Step(s["step_n"], s["state"], cost=Decimal(s["cost_usd"]), score=score, error=s["error"],
+                started_at=s["timestamp"], duration=s["duration"], metrics=metrics, events=s["events"],
+                state_json=stored_state(metrics, None), decode=decode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import sqlite3
@@ -302,6 +303,31 @@ def test_export_round_trips_the_whole_run(tmp_path):
     original = load_history(SQLiteStore(db), run_id)
     assert rebuilt == original and rebuilt.total_cost == Decimal("0.15")
     assert score_plateau(2).replay(rebuilt).stopped_after == score_plateau(2).replay(original).stopped_after
+
+
+def test_export_is_strict_json_when_a_score_is_nan_or_infinite_and_reads_back_the_same(tmp_path):
+    """JSON has no NaN or Infinity; the export wrote them bare, which jq, JavaScript and most parsers
+    outside Python refuse. Such a score is now null, its value kept in the step's metrics."""
+    db = str(tmp_path / "x.db")
+    odd = [0.5, math.nan, math.inf, -math.inf]
+
+    @loop(budget=Budget(iterations=4), scorer=lambda s: odd[s - 1], checkpoint=db)
+    def count(state):
+        return state + 1
+
+    count.run(0, run_id="odd")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads(invoke("export", "odd", "--json", "--db", db).output, parse_constant=refuse)
+    assert [s["score"] for s in data["steps"]] == [0.5, None, None, None]
+    assert [s["metrics"] for s in data["steps"]] == [{}, {"loomc.score": "nan"}, {"loomc.score": "inf"},
+                                                     {"loomc.score": "-inf"}]
+    rebuilt = history_from_export(data)
+    assert rebuilt == load_history(SQLiteStore(db), "odd")
+    assert rebuilt[0].score == 0.5 and math.isnan(rebuilt[1].score) and rebuilt[2].score == math.inf
+    assert rebuilt[3].score == -math.inf and all(not s.metrics for s in rebuilt)
 
 
 def test_export_writes_one_state_at_a_time_the_same_json_as_export_run(tmp_path, monkeypatch):
