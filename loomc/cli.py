@@ -481,7 +481,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
     given = [repr(run_id)] + ([] if budget is None else [f"budget={budget!r}"]) + \
         (["take_over=True"] if take_over else [])
     snippet = f"{name}.resume({', '.join(given)})"
-    runner, why = _import_runner(run.fn_path)
+    runner, why = _import_runner(run.fn_path, run.spec_hash)
     if runner is None:
         click.echo(f"loomc: cannot resume {clean(run_id)} from here: {clean(why)}", err=True)
         click.echo("Resume it from Python, where the loop is defined:", err=True)
@@ -515,8 +515,13 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, request_stop)
 
 
-def _import_runner(fn_path: str | None) -> tuple[Any, str]:
-    from loomc.codec import attribute, import_path
+def _import_runner(fn_path: str | None, spec_hash: str = "") -> tuple[Any, str]:
+    """The loop recorded as ``fn_path``, imported; else None and why. A function that a loop wraps without
+    decorating it (``refine = loop(...)(refine_step)``, or a bound method) is recorded by the function's
+    path: the loop is the one its module holds that wraps it (the one with the run's ``spec_hash``, if several)."""
+    import importlib
+
+    from loomc.codec import attribute
     from loomc.loop import LoopRunner, refusing_runs
     if not fn_path:
         return None, ("the run did not record an importable function (a lambda, a functools.partial, a callable "
@@ -539,13 +544,13 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
                 module = importlib.util.module_from_spec(spec)
                 sys.modules["loomc_resume_target"] = module
                 spec.loader.exec_module(module)
-                obj = attribute(module, qualname)
             else:
                 # As `python -m` and `python -c` see it: a module in the working directory (the project the
                 # run was started in) imports without PYTHONPATH. A console script's own sys.path lacks it.
                 if os.getcwd() not in sys.path and "" not in sys.path:
                     sys.path.insert(0, os.getcwd())
-                obj = import_path(fn_path)
+                module = importlib.import_module(target)
+            obj = attribute(module, qualname)
     except RunAtImport as e:
         return None, str(e)
     except Exception as e:
@@ -553,9 +558,18 @@ def _import_runner(fn_path: str | None) -> tuple[Any, str]:
         hint = (f"; run `loomc resume` in the directory {missing} is imported from (the project the run was started "
                 "in), or set PYTHONPATH to it") if missing and missing == target.split(".")[0] else ""
         return None, f"importing {fn_path} failed ({type(e).__name__}: {e}){hint}"
-    if not isinstance(obj, LoopRunner):
-        return None, f"{fn_path} is not a @loop function"
-    return obj, ""
+    if isinstance(obj, LoopRunner):
+        return obj, ""
+    wrapping = {name: value for name, value in list(vars(module).items()) if isinstance(value, LoopRunner)
+                and obj in (value.fn, getattr(value.fn, "__func__", None))}
+    if not wrapping:
+        return None, (f"{fn_path} is not a @loop function, and no loop at the top level of {target} wraps it (one "
+                      "made inside a function cannot be imported)")
+    same = [value for value in wrapping.values() if value.spec_hash == spec_hash]
+    if len(wrapping) == 1 or len(same) == 1:  # the one loop (its code or policy may have changed since)
+        return (same or list(wrapping.values()))[0], ""
+    return None, (f"the loops {', '.join(sorted(wrapping))} of {target} all wrap {qualname}, and the run's recorded "
+                  "code and policy do not tell which one started it")
 
 
 PRUNABLE = [status for status in STATUS_COLORS if status != "running"]  # what prune may choose

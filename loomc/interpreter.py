@@ -634,7 +634,7 @@ def _stop_asked(run: LiveRun, inner: StopRequested | None = None) -> Generator[A
         reason = (f"{run.stop}; stopped during step {n}, as the runs it started did: a resume makes step {n} "
                   "again, going on with them")
     yield _Finish("cancelled", reason)
-    name = loop_name(run.fn)
+    name = loop_name(run.fn, run.runner)
     exc = StopRequested(f"run {run.id} stopped: {reason}; resume it with {name}.resume({run.id!r})", run.stop_code,
                         reason=reason)
     return _ended(run, "cancelled", reason, exc)
@@ -766,7 +766,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     state = run.returned_state()
     if exc is not None:
         if not isinstance(exc, LoomcError):
-            attach_run(exc, run.id, state, h, loop_name(run.fn))
+            attach_run(exc, run.id, state, h, loop_name(run.fn, run.runner))
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):
                 setattr(exc, name, value)
@@ -774,7 +774,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
         cls = BudgetExhausted if status == "budget_exhausted" else StallError
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
                   f"({counted(len(h), 'step')}, {dollars(h.total_cost)}){_failing(h)}; the state it reached is on "
-                  f".state; {go_on(status, loop_name(run.fn), run.id)}",
+                  f".state; {go_on(status, loop_name(run.fn, run.runner), run.id)}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices),
                active_seconds=run.elapsed(run.clock()))
@@ -908,7 +908,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         state = run.state_of(run.source) if ended is None else run.returned_state()
     except CheckpointDecodeError:  # reading that state back is what failed (exc says so): the history is kept
         state = None
-    attach_run(exc, run.id, state, run.history, loop_name(run.fn), ended)
+    attach_run(exc, run.id, state, run.history, loop_name(run.fn, run.runner), ended)
 
 
 def _ended_already(run: LiveRun) -> bool:

@@ -245,8 +245,8 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
         spec: Any = getattr(main, "__spec__", None)
         if spec is not None and spec.parent:  # `python -m pkg.job`: by its name, so its relative imports resolve
             return f"{spec.name}:{qualname}"
-        path = getattr(main, "__file__", None)
-        return f"{os.path.abspath(path) if path else module}:{qualname}"
+        path = getattr(main, "__file__", None)  # "<stdin>" for `python -`: no file to import, as in the REPL
+        return f"{os.path.abspath(path) if path and os.path.isfile(path) else module}:{qualname}"
     return f"{module}:{qualname}"
 
 
@@ -337,7 +337,7 @@ class LoopRunner:
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
                        lease_seconds=self.lease_seconds, parent=parent, state_type=state_type,
                        parent_step=-1 if parent is None else parent.in_flight,
-                       initial_json=initial_json, drive=drive, fetch=_fetcher(self.store, run_id))
+                       initial_json=initial_json, drive=drive, fetch=_fetcher(self.store, run_id), runner=self)
 
     def _plan(self, run_id: str | None, resume: bool = False) -> tuple[LiveRun | None, str | None]:
         """Inside another loop's iteration this run is its child, with a stable id per parent step.
@@ -411,7 +411,7 @@ class LoopRunner:
 
     def _taken(self, run_id: str) -> str:
         """What to do about starting a run under ``run_id``, which a stored run has: by what that run is."""
-        name, elsewhere = loop_name(self.fn), "or start a new run under another run_id"
+        name, elsewhere = loop_name(self.fn, self), "or start a new run under another run_id"
         try:
             record = self.store.get_run(run_id)
         except LoomcError:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import inspect
 import numbers
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -582,12 +583,29 @@ def name_of(fn: Any) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def loop_name(fn: Any) -> str:
-    """How a hint such as ``refine.resume('...')`` writes the loop: its function's name, ``fn`` for a
-    lambda, and ``await refine`` for an ``async def`` one, whose resume is awaited."""
-    name = name_of(fn)
-    name = "fn" if name == "<lambda>" else name
+def loop_name(fn: Any, runner: Any = None) -> str:
+    """How a hint such as ``refine.resume('...')`` writes the loop: the name ``fn``'s module binds ``runner``
+    to (``refine`` for ``refine = loop(...)(refine_step)``, where ``refine_step`` is the plain function and
+    has no ``resume``), else its function's name, ``fn`` for a lambda; ``await refine`` for an
+    ``async def`` one, whose resume is awaited."""
+    name = None if runner is None else _bound_name(runner, fn)
+    if name is None:
+        name = name_of(fn)
+        name = "fn" if name == "<lambda>" else name
     return f"await {name}" if inspect.iscoroutinefunction(fn) else name
+
+
+def _bound_name(obj: Any, fn: Any) -> str | None:
+    """The name ``fn``'s module binds ``obj`` to: fn's own name first (a decorated function), else the first
+    public one (a notebook also keeps displayed values under ``_``, ``_3``)."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if module is None:
+        return None
+    names = vars(module)
+    own = getattr(fn, "__name__", None)
+    if isinstance(own, str) and names.get(own) is obj:
+        return own
+    return next((name for name, value in list(names.items()) if value is obj and not name.startswith("_")), None)
 
 
 def builds_policy(example: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

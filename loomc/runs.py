@@ -125,6 +125,7 @@ class LiveRun:
     stop_code: int = 1  # the exit status StopRequested then carries
     told: set[str] = field(default_factory=set)  # which of the warnings told once per drive were told
     later: list[tuple[str, type[Warning]]] = field(default_factory=list)  # to tell once the step in flight commits
+    runner: Any = None  # the loop driving it: hints name it as the user's code does (policy.loop_name)
 
     def __post_init__(self) -> None:
         self.decode = codec.decoder(self.state_type, self.id, self.fetch)

@@ -653,16 +653,20 @@ def test_resume_of_a_run_whose_function_cannot_be_imported_prints_the_snippet(tm
     assert proc.stderr.splitlines()[-1].strip() == "refine_report.resume('a1b2c3d4e5f6')"
 
 
-def test_resume_of_a_loop_defined_in_a_notebook_or_repl_says_so(tmp_path):
-    # `python -c` runs as a __main__ without a file, as a notebook's kernel and the REPL do.
+@pytest.mark.parametrize("how", ["-c", "-"])
+def test_resume_of_a_loop_defined_in_a_notebook_or_repl_says_so(tmp_path, how):
+    """`python -c` runs as a __main__ without a file, as a notebook's kernel and the REPL do. `python -`
+    (a script on stdin) has the file "<stdin>", which was recorded as a path in the working directory,
+    so the command tried to import that and said to run it in the directory ".../<stdin>" is imported from."""
     db = str(tmp_path / "nb.db")
-    start = subprocess.run(
-        [sys.executable, "-c", "from loomc import Budget, loop\n"
-         "@loop(budget=Budget(iterations=3), checkpoint=" + repr(db) + ")\n"
-         "def tidy(s):\n    raise RuntimeError('bad cell')\n"
-         "try:\n    tidy(0, run_id='cell7')\nexcept RuntimeError:\n    pass\n"],
-        capture_output=True, text=True, cwd=tmp_path)
+    source = ("from loomc import Budget, loop\n"
+              "@loop(budget=Budget(iterations=3), checkpoint=" + repr(db) + ")\n"
+              "def tidy(s):\n    raise RuntimeError('bad cell')\n"
+              "try:\n    tidy(0, run_id='cell7')\nexcept RuntimeError:\n    pass\n")
+    start = subprocess.run([sys.executable, "-c", source] if how == "-c" else [sys.executable, "-"],
+                           input=None if how == "-c" else source, capture_output=True, text=True, cwd=tmp_path)
     assert start.returncode == 0, start.stderr
+    assert SQLiteStore(db).get_run("cell7").fn_path == "__main__:tidy"
     proc = subprocess.run(["loomc", "resume", "cell7", "--db", db], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1
     assert "tidy was defined in a notebook or an interactive session" in proc.stderr
@@ -692,6 +696,66 @@ def test_resume_imports_a_module_level_loop(tmp_path):
     proc = subprocess.run(["loomc", "resume", "job1"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Status: completed" in proc.stdout and "RuntimeError: flaky once" in proc.stdout
+
+
+def test_resume_finds_the_loop_that_wraps_a_plain_function_or_a_bound_method_and_hints_name_it(tmp_path):
+    """`refine = loop(...)(refine_step)` records refine_step's path, which imports the plain function:
+    `loomc resume` said "is not a @loop function", and every hint said `refine_step.resume(...)`, which
+    has no resume. The command now takes the loop of that module that wraps the function (a bound
+    method's too; of several, the one with the run's code and policy), and the hints say `refine`."""
+    env, printed = start_in_module(tmp_path, "wjobs", (
+        "from loomc import Budget, loop\n"
+        "def refine_step(s):\n"
+        "    return s + 1\n"
+        "class Agent:\n"
+        "    def __init__(self, k):\n"
+        "        self.k = k\n"
+        "    def step(self, s):\n"
+        "        return s + self.k\n"
+        "refine = loop(budget=Budget(iterations=3))(refine_step)\n"
+        "tens = loop(budget=Budget(iterations=3))(Agent(10).step)\n"
+        "ones = loop(budget=Budget(iterations=2))(Agent(1).step)\n"
+        "class Twin:\n"
+        "    def __init__(self, k):\n"
+        "        self.k = k\n"
+        "    def step(self, s):\n"
+        "        return s + self.k\n"
+        "left = loop(budget=Budget(iterations=2))(Twin(1).step)\n"
+        "right = loop(budget=Budget(iterations=2))(Twin(2).step)\n"
+        "def lonely(s):\n"
+        "    return s + 1\n"
+        "def made_inside():\n"
+        "    return loop(budget=Budget(iterations=1))(lonely)\n"),
+        "import wjobs\n"
+        "for runner, run_id in [(wjobs.refine, 'r'), (wjobs.tens, 't'), (wjobs.ones, 'o'), (wjobs.made_inside(), 'm')]:\n"
+        "    try:\n"
+        "        runner(0, run_id=run_id)\n"
+        "    except Exception as e:\n"
+        "        print(str(e).rpartition('; ')[2])\n")
+    assert printed.splitlines() == ["give a larger budget: refine.resume('r', budget=Budget(...))",
+                                    "give a larger budget: tens.resume('t', budget=Budget(...))",
+                                    "give a larger budget: ones.resume('o', budget=Budget(...))",
+                                    "give a larger budget: lonely.resume('m', budget=Budget(...))"]
+    store = SQLiteStore(env["LOOMC_DB"])
+    assert store.get_run("t").fn_path == store.get_run("o").fn_path == "wjobs:Agent.step"
+    for run_id, iterations, state in [("r", "5", 5), ("t", "5", 50), ("o", "4", 4)]:
+        proc = subprocess.run(["loomc", "resume", run_id, "--iterations", iterations], env=env, capture_output=True,
+                              text=True, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert f"Stopped: iterations: {iterations} of {iterations} calls made" in proc.stdout
+        assert json.loads(store.load_steps(run_id)[-1].state_json) == state
+    subprocess.run([sys.executable, "-c", "import wjobs\nwjobs.right.run(0, run_id='w')"], env=env, check=True)
+    proc = subprocess.run(["loomc", "resume", "w", "--iterations", "4"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 1
+    assert ("the loops left, right of wjobs all wrap Twin.step, and the run's recorded code and policy do not tell "
+            "which one started it") in proc.stderr
+    proc = subprocess.run(["loomc", "resume", "m", "--iterations", "2"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 1
+    assert ("wjobs:lonely is not a @loop function, and no loop at the top level of wjobs wraps it (one made "
+            "inside a function cannot be imported)") in proc.stderr
+    store.close()
 
 
 def test_resume_imports_a_module_of_the_working_directory_without_pythonpath(tmp_path):
