@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+import weakref
 from collections.abc import Coroutine, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,8 +29,9 @@ T = TypeVar("T")  # what a coroutine named by ``named`` returns
 
 _SPENDING = threading.Lock()  # charges are rare next to steps: one lock for every run will do
 _CURRENT: contextvars.ContextVar[LiveRun | None] = contextvars.ContextVar("loomc_current_run", default=None)
-# The runs this process drives right now, by id(): request_stop asks each of them to stop.
-_LIVE: dict[int, LiveRun] = {}
+# The runs this process drives right now, by id(): request_stop asks each of them to stop. Held weakly: a run
+# whose drive only garbage still holds (a task asyncio.run abandoned) must not be kept, nor its run held, by this.
+_LIVE: weakref.WeakValueDictionary[int, LiveRun] = weakref.WeakValueDictionary()
 # Why the process is stopping, once a signal asked it to (request_stop as a signal handler): no run starts after it.
 _STOPPING: list[tuple[str, int]] = []  # (why, exit status)
 if hasattr(os, "register_at_fork"):

@@ -186,7 +186,17 @@ class _Call(tuple):  # type: ignore[type-arg]
             run.began = wall, t0  # a call cut short (a cancelled task): committed with its spend and time
             raise
         finally:
-            _CURRENT.reset(token)
+            _reset(token)
+
+
+def _reset(token: Any) -> None:
+    """Put the run in flight back as it was before an async call. A task's coroutine that the garbage collector
+    closes (a task asyncio.run abandoned) runs this in whatever context the collector runs in, where the token
+    means nothing and there is nothing to put back; its ValueError would stop the coroutine's cleanup."""
+    try:
+        _CURRENT.reset(token)
+    except ValueError:
+        pass
 
 
 _UNSET: Any = object()  # a score not yet measured

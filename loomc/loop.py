@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -39,7 +40,7 @@ from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, 
 from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
-from loomc.stores.base import (CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
+from loomc.stores.base import (_DRIVING, CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
                                open_parent_step, process_of)
 
 __version__ = "0.3.0"
@@ -462,6 +463,12 @@ class LoopRunner:
         refuse_when_stopping()
         store = self.store
         record = before = store.get_run(run_id)
+        if record.status == "running" and record.owner in _DRIVING:
+            # A drive that only garbage still holds lets go of its run first: a task that a second Ctrl-C made
+            # asyncio.run abandon, or an iter() stream in a reference cycle. Such a run used to be refused with
+            # RunLocked ("already being run in this process") until the garbage collector happened to run.
+            gc.collect()
+            record = before = store.get_run(run_id)
         refuse_completed(record)
         if parent is None:
             refuse_child(store, record)

@@ -1319,6 +1319,58 @@ def test_an_unfinished_iter_holds_its_run_and_a_drive_that_is_over_holds_nothing
     assert count.resume_run("stuck").state == 5, "the drive that held it is over, in this process: taken over at once"
 
 
+def test_a_drive_that_only_garbage_holds_lets_go_of_its_run_when_the_run_is_resumed(tmp_path):
+    """An iter() stream dropped in a reference cycle, or the task of an async loop that a second Ctrl-C made
+    asyncio.run abandon, held its run until the garbage collector happened to run: a resume in that process
+    meanwhile was refused with RunLocked ("already being run in this process"), which the user could not
+    act on. (The collector is off here, so that only the resume can collect them.)"""
+    import asyncio
+    import gc
+    db = str(tmp_path / "garbage.db")
+    count = loop(budget=Budget(iterations=5), checkpoint=db)(lambda s: s + 1)
+
+    holding = [True]
+
+    async def slowly(s):
+        await asyncio.sleep(3600 if holding[0] and s == 2 else 0)
+        return s + 1
+
+    acount = loop(budget=Budget(iterations=5), checkpoint=db)(slowly)
+
+    async def left_behind():
+        asyncio.get_running_loop().create_task(acount.run(0, run_id="task"))
+        while SQLiteStore(db).get_run("task").steps < 2 if _exists(db, "task") else True:
+            await asyncio.sleep(0.01)
+
+    gc.disable()
+    try:
+        stream = count.iter(0, run_id="cycle")
+        next(stream)
+        next(stream)
+        keep = {"stream": stream}
+        keep["itself"] = keep
+        del stream, keep
+        resumed = count.resume_run("cycle")
+        abandoned = asyncio.new_event_loop()
+        abandoned.run_until_complete(left_behind())  # its task is pending in its call when the loop stops
+        abandoned.close()
+        del abandoned
+        holding[0] = False
+        again = asyncio.run(acount.resume_run("task"))
+    finally:
+        gc.enable()
+    assert resumed.state == 5 and [s.n for s in resumed.history] == [0, 1, 2, 3, 4]
+    assert again.state == 5 and [s.n for s in again.history] == [0, 1, 2, 3, 4]
+
+
+def _exists(db, run_id):
+    try:
+        SQLiteStore(db).get_run(run_id)
+    except RunNotFound:
+        return False
+    return True
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
 def test_an_owner_whose_pid_another_process_now_has_is_dead(tmp_path):
     """A restarted container keeps its host name and often its pid: the pid alone would keep the
