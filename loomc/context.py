@@ -83,6 +83,34 @@ def undriven(run: LiveRun) -> None:
     _LIVE.pop(id(run), None)
 
 
+class ctrl_c_deferred:  # noqa: N801 (used as a function: ``with ctrl_c_deferred():``)
+    """``with ctrl_c_deferred():`` holds a Ctrl-C back until the block ends, then raises it.
+
+    For the few lines that must all happen or none: a child step's commit and its bill to the parent,
+    and the record of an interrupted run. A Ctrl-C landing between two of them (the first one, or a
+    second press while the first is being recorded) left a child's spend out of its parent's ledger.
+    Only in the main thread under Python's own SIGINT handler, where a Ctrl-C is a KeyboardInterrupt;
+    asyncio's handler, or one of yours, is left alone.
+    """
+
+    __slots__ = ("caught", "armed")
+
+    def __enter__(self) -> None:
+        import signal
+        self.caught: list[int] = []
+        self.armed = threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if self.armed:
+            signal.signal(signal.SIGINT, lambda signum, frame: self.caught.append(signum))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.armed:
+            import signal
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.caught:
+                raise KeyboardInterrupt
+
+
 def _signal_name(signum: int) -> str:
     import signal
     try:

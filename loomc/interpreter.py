@@ -21,7 +21,7 @@ from typing import Any
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
-from loomc.context import _CURRENT, driven, undriven
+from loomc.context import _CURRENT, ctrl_c_deferred, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
                           LoomcError, NoStateReturned, RunError,
@@ -355,6 +355,16 @@ class _Commit(tuple):  # type: ignore[type-arg]
 
     def sync(self, run: LiveRun) -> None:
         step, record, totals = self
+        if run.parent is not None:
+            with ctrl_c_deferred():  # the step and its bill to the parent both go in, or neither
+                self._sync(run, step, record, totals)
+                _bill_parent(run, step.cost)
+        else:
+            self._sync(run, step, record, totals)
+        if run.on_step or run.unverified:
+            _committed(run, step, record)
+
+    def _sync(self, run: LiveRun, step: Step, record: StoredStep, totals: Totals) -> None:
         try:
             run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
         except KeyboardInterrupt:
@@ -365,8 +375,6 @@ class _Commit(tuple):  # type: ignore[type-arg]
             _spent_anyway(run, step)
             _not_committed(run, step, e)
             raise
-        if run.parent is not None or run.on_step or run.unverified:
-            _committed(run, step, record)
 
     async def async_(self, run: LiveRun) -> None:
         step, record, totals = self
@@ -380,7 +388,9 @@ class _Commit(tuple):  # type: ignore[type-arg]
             if isinstance(e, Exception):
                 _not_committed(run, step, e)
             raise
-        if run.parent is not None or run.on_step or run.unverified:
+        if run.parent is not None:
+            _bill_parent(run, step.cost)
+        if run.on_step or run.unverified:
             _committed(run, step, record)
 
 
@@ -410,8 +420,7 @@ def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
 
 
 def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
-    if run.parent is not None:
-        _bill_parent(run, step.cost)
+    """Tell who listens that the step (billed to the parent, if any) is committed; check the first commits."""
     _notify(run, step)
     if run.unverified:
         _first_commit_checks(run, step, record)
@@ -882,12 +891,14 @@ def _collect(future: Any) -> None:
 
 
 def _abandon(run: LiveRun, exc: BaseException) -> None:
-    """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it, and end the drive."""
-    try:
-        _record_abandon(run, exc)
-    finally:
-        run.release()  # a child's hold on its parent's room, if its step never got billed
-        drive_over(run.owner)  # a later resume in this process may take the run, even while exc is kept
+    """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it, and end the drive.
+    A second Ctrl-C meanwhile waits for the record (a child's interrupted step, and its bill to the parent)."""
+    with ctrl_c_deferred():
+        try:
+            _record_abandon(run, exc)
+        finally:
+            run.release()  # a child's hold on its parent's room, if its step never got billed
+            drive_over(run.owner)  # a later resume in this process may take the run, even while exc is kept
 
 
 def _record_abandon(run: LiveRun, exc: BaseException) -> None:

@@ -538,6 +538,49 @@ def test_a_childs_step_whose_commit_was_interrupted_is_still_billed_to_its_paren
     assert store.load_steps("par")[0].error.endswith("after spending $0.2000")
 
 
+@pytest.mark.parametrize("when", ["after the child's step committed", "a second one while the first is recorded"])
+def test_a_ctrl_c_between_a_childs_step_and_its_bill_to_the_parent_waits_for_the_bill(tmp_path, when):
+    """A Ctrl-C is raised at the next bytecode. One landing after a child's step was committed but before
+    the parent was billed for it, or a second press landing while the first was being recorded (the child's
+    interrupted step committed, its bill not yet made), left that spend out of the parent's ledger for good.
+    Here a real SIGINT is sent at the very moment the bill is about to be made (from a profile hook)."""
+    import signal
+    store = SQLiteStore(tmp_path / "n.db", durability="normal")
+    interrupted = when.startswith("a second")
+
+    @loop(budget=Budget(iterations=2), checkpoint=store)
+    def child(s: int) -> int:
+        loomc.charge(0.1)
+        if interrupted and s == 1:
+            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C, in the call, after it charged
+        return s + 1
+
+    @loop(budget=Budget(iterations=2), checkpoint=store)
+    def parent(s: int) -> int:
+        return child.run(0).state + s
+
+    sent: list[int] = []
+
+    def at_the_last_bill(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_bill_parent" and len(frame.f_locals["run"].history) == 2:
+            sys.setprofile(None)
+            sent.append(1)
+            signal.raise_signal(signal.SIGINT)
+
+    sys.setprofile(at_the_last_bill)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            parent(0, run_id="par")
+    finally:
+        sys.setprofile(None)
+    assert sent == [1]
+    kid = store.get_run("par-0-0")
+    assert kid.total_cost == Decimal("0.2") and kid.steps == 2
+    assert kid.status == ("cancelled" if interrupted else "budget_exhausted"), "the child's end was recorded"
+    assert store.get_run("par").total_cost == Decimal("0.2"), "the parent counts all its child spent"
+    assert store.load_steps("par")[0].error.endswith("after spending $0.2000")
+
+
 def test_a_stop_asked_for_inside_a_child_run_stops_the_parent_and_its_resume_goes_on_with_the_child(tmp_path):
     """The child's paid steps are kept: the parent's step is not committed (as after a crash), so its
     resume makes that step again, and the step resumes the child where it stopped, paying for nothing twice."""
