@@ -717,12 +717,17 @@ def _transaction(conn: sqlite3.Connection | sqlite3.Cursor, fn: Any, *args: Any)
     returned included, so that statement is inside the block that rolls back: a transaction left
     open would hold the file's write lock (other processes wait on it) and refuse every later write
     on this thread's connection. One left open all the same (a second Ctrl-C during the rollback) is
-    rolled back before the next write: nothing in it was committed.
+    rolled back when the next write finds it: nothing in it was committed.
     """
     try:
-        _roll_back(conn)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                if not _connection_of(conn).in_transaction:
+                    raise
+                _roll_back(conn)  # left open by an interrupted write: begin again
+                conn.execute("BEGIN IMMEDIATE")
             result = fn(conn, *args)
             conn.execute("COMMIT")
         except BaseException:
