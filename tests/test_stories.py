@@ -226,6 +226,10 @@ def test_the_usd_budget_is_predictive_and_the_estimate_can_be_given():
     # The check happens before the first call: with the estimate at the cap, one call is made...
     at_cap = loop(budget=Budget(usd=0.5, step_estimate=0.5), cost_fn=lambda s: 0.5, checkpoint="memory")(lambda s: s)
     assert len(at_cap.run(0).history) == 1
+    # ...an estimate of $0 (calls said to be free) still stops the run once its spend reaches the cap exactly...
+    free = loop(budget=Budget(usd=0.3, step_estimate=0), cost_fn=lambda s: Decimal("0.1"), checkpoint="memory")
+    run = free(lambda s: s).run(0)
+    assert len(run.history) == 3 and run.reason == "usd: $0.3000 spent of $0.3000"
     # ...and an estimate above the whole cap, under which not one call could be made, is refused when built
     # (such a loop used to run, make no call and end budget_exhausted).
     with pytest.raises(ConfigError, match=re.escape("Budget(usd=0.5, step_estimate=1): every call is counted at "
