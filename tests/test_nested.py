@@ -78,6 +78,27 @@ def test_the_parents_wall_clock_binds_its_children_down_every_level(tmp_path):
         "wall_clock: 0.95s active + 0.95s for the next call (as long as step 0, the longest yet) would pass the 1s cap")
 
 
+def test_a_childs_call_may_end_exactly_at_its_parents_wall_clock_cap(tmp_path):
+    """As under a cap of its own: the parent's cap stops a child only when the next call, counted at the
+    child's longest, would end past it. Five calls of 2 minutes fill a 10-minute cap; the sixth is not made."""
+    from conftest import FakeClock
+    db, clock = str(tmp_path / "edge.db"), FakeClock()
+
+    @loop(budget=Budget(iterations=10), clock=clock, checkpoint=db)
+    def child(state):
+        clock.advance(120)
+        return state + 1
+
+    @loop(budget=Budget(wall_clock="10m", iterations=1), clock=clock, checkpoint=db)
+    def parent(state):
+        return child.run(state).state
+
+    run = parent.run(0)
+    kid = SQLiteStore(db).get_run(f"{run.id}-0-0")
+    assert run.state == 5 and kid.steps == 5 and run.active_seconds == 600
+    assert kid.reason == f"wall_clock: the parent run {run.id}'s wall-clock budget has no time left for this child"
+
+
 def test_exact_totals_across_three_levels(tmp_path):
     db = str(tmp_path / "three.db")
 
