@@ -615,6 +615,8 @@ def test_a_duration_given_as_a_plain_number_in_a_string_is_seconds_as_the_number
     refused as "not a duration", while the message said to "pass seconds as a number"."""
     from loomc.budget import parse_duration
     assert [parse_duration(v) for v in ("600", " 90 ", "1.5", "1e3")] == [600.0, 90.0, 1.5, 1000.0]
+    # and each unit is what it says (a day of 86,401 seconds went unseen by the suite: a surviving mutant)
+    assert [parse_duration(v) for v in ("30s", "10m", "1h30m", "2d", "1d2h3m4s")] == [30, 600, 5400, 172800, 93784]
     cap = Budget(wall_clock="600")
     assert cap.wall_clock == 600.0 and repr(cap) == "Budget(wall_clock=600)" and cap.wall_clock_said == "600s"
     assert repr(Budget(wall_clock="10m")) == "Budget(wall_clock='10m')"
