@@ -69,6 +69,20 @@ class Run:
         return plot_runs(self, *others, labels=labels, ax=ax)
 
 
+def _cover(run: LiveRun) -> None:
+    """Hold at least what a child run's step in flight has spent, and what its own children hold, of its parent's
+    room, and so on up (under _SPENDING). Siblings side by side see it before their next call and in
+    ``usd_left()``: a step's charges used to count for them only once the step was billed, and a first step,
+    with no largest step to hold, held nothing, so two children could each spend the parent's whole room."""
+    while run.parent is not None:
+        need = run.pending + run.reserved
+        if need <= run.holds:
+            return
+        run.parent.reserved += need - run.holds
+        run.holds = need
+        run = run.parent
+
+
 @dataclass
 class LiveRun:
     """The driver's view of one run in progress. Only drivers and effects mutate it."""
@@ -185,6 +199,7 @@ class LiveRun:
             with _SPENDING:
                 parent.reserved += usd - self.holds
                 self.holds = usd
+                _cover(parent)
 
     def release(self) -> None:
         """The child's step is billed to its parent (or will never be): its hold goes."""
@@ -210,6 +225,7 @@ class LiveRun:
             self.pending += usd
             if item is not None:
                 self._itemise(usd, item, tokens)
+            _cover(self)
 
     def itemise(self, usd: Decimal, item: str, tokens: Sequence[int] | None = None) -> None:
         """Name ``usd`` of the step's cost, counted elsewhere (an adapter's ``cost_fn`` returns it), as the line

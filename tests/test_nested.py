@@ -511,6 +511,43 @@ def test_children_with_a_step_estimate_hold_it_from_their_first_step_so_the_cap_
     assert run.total_cost == Decimal("1.0") and run.state == 10  # twelve children, ten paid steps in all
 
 
+def test_a_sibling_sees_what_a_child_has_charged_in_its_step_before_that_step_is_billed():
+    """Children side by side share the parent's room, but a child's charges counted for its siblings only once
+    its step was billed, and a first step (no largest step yet to hold) held nothing: here the second child's
+    usd_left() said the whole $1.00 was left while the first had spent $0.50 of it, so each could spend it all."""
+    seen = {}
+
+    async def story():
+        charged, looked = asyncio.Event(), asyncio.Event()
+
+        @loop(budget=Budget(iterations=1), checkpoint="memory")
+        async def spender(s):
+            await loomc.acharge(0.5)
+            charged.set()
+            await looked.wait()  # its step is not billed yet
+            return s + 1
+
+        @loop(budget=Budget(iterations=1), checkpoint="memory")
+        async def looker(s):
+            await charged.wait()
+            seen["left"] = loomc.usd_left()
+            looked.set()
+            await loomc.acharge(0.25)
+            return s + 1
+
+        @loop(budget=Budget(usd=1.0, iterations=1), checkpoint="memory")
+        async def parent(s):
+            a, b = await asyncio.gather(spender.run(0), looker.run(0))
+            seen["after"] = loomc.usd_left()
+            return a.state + b.state
+
+        return await parent.run(0)
+
+    run = asyncio.run(story())
+    assert seen == {"left": Decimal("0.5"), "after": Decimal("0.25")}
+    assert run.total_cost == Decimal("0.75")
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync ctrl-c", "async cancel"])
 def test_a_childs_step_whose_commit_was_interrupted_is_still_billed_to_its_parent(tmp_path, monkeypatch, aio):
     """Regression: the parent's ledger heard of a child's step only after its commit; a Ctrl-C inside the
