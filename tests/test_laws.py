@@ -468,3 +468,19 @@ def test_a_replay_says_where_it_backtracked():
                            "backtracks: step 2 -> 1, step 4 -> 3")
     failed_first = History([Step(0, None, error="RuntimeError: boom")])
     assert str((Budget(iterations=10) | LastGood()).replay(failed_first)).endswith("backtracks: step 0 -> initial")
+
+
+def test_escalate_counts_the_steps_in_a_row_that_failed_or_did_not_beat_the_best_score():
+    """A tie does not beat the best; a NaN score and a failure count; a successful unscored step (a loop with no
+    scorer) starts the count again. Each of these was a surviving mutant of Escalate's count."""
+    def count(*rows):
+        return history_of(*rows).fold("test.escalate", Escalate._count, (None, 0))[1]
+
+    assert count(0.5, 0.5, 0.5) == 2, "ties do not beat the best"
+    assert count(0.5, 0.7) == 0 and count(0.5, 0.4, 0.3) == 2
+    assert count(0.5, float("nan"), "fail") == 2
+    assert count(0.5, "fail", None) == 0, "an unscored successful step starts the count again"
+    assert Escalate().decide(history_of(0.5, 0.5, 0.5, 0.5)).stops
+    assert not Escalate().decide(history_of(0.5, 0.5, 0.5)).stops
+    assert Escalate() == Escalate(after=3) and score_plateau() == score_plateau(patience=3, min_delta=0.01), \
+        "the defaults the README gives"
