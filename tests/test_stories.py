@@ -610,6 +610,12 @@ def test_bad_arguments_fail_at_construction_with_a_clear_message(make, words):
         make()
 
 
+def test_a_first_wait_as_long_as_max_wait_is_taken_as_given():
+    """Only a first wait longer than max_wait is refused: one equal to it is never cut (a surviving mutant)."""
+    assert repr(LastGood(wait="1m")) == "LastGood(wait='1m')"
+    assert BestScore(wait=2, max_wait=2).max_wait == 2
+
+
 def test_a_duration_given_as_a_plain_number_in_a_string_is_seconds_as_the_number_is():
     """`loomc resume --wall-clock 600`, `--older-than 86400` and `Budget(wall_clock=os.environ["CAP"])` were
     refused as "not a duration", while the message said to "pass seconds as a number"."""
