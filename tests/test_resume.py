@@ -1337,9 +1337,11 @@ def test_a_drive_that_only_garbage_holds_lets_go_of_its_run_when_the_run_is_resu
 
     acount = loop(budget=Budget(iterations=5), checkpoint=db)(slowly)
 
+    watch = SQLiteStore(db)
+
     async def left_behind():
         asyncio.get_running_loop().create_task(acount.run(0, run_id="task"))
-        while SQLiteStore(db).get_run("task").steps < 2 if _exists(db, "task") else True:
+        while not any(r.id == "task" and r.steps == 2 for r in watch.list_runs()):
             await asyncio.sleep(0.01)
 
     gc.disable()
@@ -1361,14 +1363,7 @@ def test_a_drive_that_only_garbage_holds_lets_go_of_its_run_when_the_run_is_resu
         gc.enable()
     assert resumed.state == 5 and [s.n for s in resumed.history] == [0, 1, 2, 3, 4]
     assert again.state == 5 and [s.n for s in again.history] == [0, 1, 2, 3, 4]
-
-
-def _exists(db, run_id):
-    try:
-        SQLiteStore(db).get_run(run_id)
-    except RunNotFound:
-        return False
-    return True
+    watch.close()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
