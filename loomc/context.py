@@ -93,7 +93,12 @@ class ctrl_c_deferred:  # noqa: N801 (used as a function: ``with ctrl_c_deferred
     asyncio's handler, or one of yours, is left alone.
     """
 
-    __slots__ = ("caught", "armed")
+    __slots__ = ("caught", "armed", "raising")
+
+    def __init__(self, stopping: bool = False) -> None:
+        # ``stopping``: a KeyboardInterrupt is on its way out already, with the run's notes on it; a second one
+        # would only chain a traceback from inside loomc onto it.
+        self.raising = not stopping
 
     def __enter__(self) -> None:
         import signal
@@ -107,7 +112,7 @@ class ctrl_c_deferred:  # noqa: N801 (used as a function: ``with ctrl_c_deferred
         if self.armed:
             import signal
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if self.caught:
+            if self.caught and self.raising:
                 raise KeyboardInterrupt
 
 

@@ -892,8 +892,9 @@ def _collect(future: Any) -> None:
 
 def _abandon(run: LiveRun, exc: BaseException) -> None:
     """The run was interrupted from outside (Ctrl-C, cancellation, a store error): record it, and end the drive.
-    A second Ctrl-C meanwhile waits for the record (a child's interrupted step, and its bill to the parent)."""
-    with ctrl_c_deferred():
+    A second Ctrl-C meanwhile waits for the record (a child's interrupted step, and its bill to the parent), and
+    is dropped if ``exc`` is the first: that one goes on out."""
+    with ctrl_c_deferred(stopping=isinstance(exc, KeyboardInterrupt)):
         try:
             _record_abandon(run, exc)
         finally:
