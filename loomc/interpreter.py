@@ -31,7 +31,7 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, detached, fresh_step, hand_out,
                            to_decimal, with_events)
-from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, loop_name, name_of, score_readers,
+from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, name_of, score_readers,
                           steps_to_keep, waited)
 from loomc.runs import LiveRun, Run
 from loomc.stores.base import StoredStep, Totals, drive_over, offload
@@ -653,7 +653,7 @@ def _stop_asked(run: LiveRun, inner: StopRequested | None = None) -> Generator[A
         reason = (f"{run.stop}; stopped during step {n}, as the runs it started did: a resume makes step {n} "
                   "again, going on with them")
     yield _Finish("cancelled", reason)
-    name = loop_name(run.fn, run.runner)
+    name = run.loop_name()
     exc = StopRequested(f"run {run.id} stopped: {reason}; resume it with {name}.resume({run.id!r})", run.stop_code,
                         reason=reason)
     return _ended(run, "cancelled", reason, exc)
@@ -785,7 +785,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     state = run.returned_state()
     if exc is not None:
         if not isinstance(exc, LoomcError):
-            attach_run(exc, run.id, state, h, loop_name(run.fn, run.runner))
+            attach_run(exc, run.id, state, h, run.loop_name())
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):
                 setattr(exc, name, value)
@@ -793,7 +793,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
         cls = BudgetExhausted if status == "budget_exhausted" else StallError
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
                   f"({counted(len(h), 'step')}, {dollars(h.total_cost)}){_failing(h)}; the state it reached is on "
-                  f".state; {go_on(status, loop_name(run.fn, run.runner), run.id)}",
+                  f".state; {go_on(status, run.loop_name(), run.id)}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices),
                active_seconds=run.elapsed(run.clock()))
@@ -930,7 +930,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         state = run.state_of(run.source) if ended is None else run.returned_state()
     except CheckpointDecodeError:  # reading that state back is what failed (exc says so): the history is kept
         state = None
-    attach_run(exc, run.id, state, run.history, loop_name(run.fn, run.runner), ended)
+    attach_run(exc, run.id, state, run.history, run.loop_name(), ended)
 
 
 def _ended_already(run: LiveRun) -> bool:

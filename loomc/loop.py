@@ -41,7 +41,7 @@ from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
 from loomc.stores.base import (_DRIVING, CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
-                               open_parent_step, process_of)
+                               offload, open_parent_step, process_of)
 
 __version__ = "0.3.0"
 SPEC_VERSION = "1"
@@ -683,34 +683,11 @@ def _no_steps(run: Run) -> Generator[Step, None, Run]:
     yield  # a generator, all the same
 
 
-async def _open_off_loop(store: CheckpointStore, open_: Callable[..., LiveRun | Run], *args: Any) -> LiveRun | Run:
-    """``open_(*args)`` on the store's writer thread (opening reads and writes the file), awaited.
-
-    A task cancelled while the open is under way there (an ``asyncio.wait_for`` timeout while other
-    runs keep the writer busy) lets go of the run that open claims, once it has: it is ended as
-    cancelled, as if the cancellation had landed a moment later. It used to stay claimed by a drive
-    that nobody drove, which the lease keeper kept renewing, so a resume in this process was refused
-    (``RunLocked``, "already being run in this process") until that drive was garbage-collected.
-    An open still waiting its turn is simply dropped.
-    """
-    writer = getattr(store, "writer", None)
-    if writer is None:
-        return open_(*args)  # an in-memory store does no I/O: nothing to wait for, no window
-    import asyncio
-    job = writer.submit(open_, *args)
-    try:
-        return await asyncio.wrap_future(job)
-    except asyncio.CancelledError:
-        if not job.cancel():  # under way or done: what it opens is nobody's
-            job.add_done_callback(_let_go)
-        raise
-
-
-def _let_go(job: Any) -> None:
-    """End the run an abandoned open claimed (see _open_off_loop); in the writer thread, or at once if done."""
-    if job.cancelled() or job.exception() is not None:
-        return
-    opened = job.result()
+def _let_go(opened: LiveRun | Run) -> None:
+    """End the run an open claimed for a task cancelled meanwhile (an ``asyncio.wait_for`` timeout while other
+    runs keep the writer busy), as if the cancellation had landed a moment later. It used to stay claimed by a
+    drive nobody drove, its lease kept renewed, so a resume in this process was refused (``RunLocked``,
+    "already being run in this process") until that drive was garbage-collected."""
     if isinstance(opened, LiveRun):
         import asyncio
         _abandon(opened, asyncio.CancelledError())
@@ -750,7 +727,7 @@ class AsyncLoopRunner(LoopRunner):
                   resume: bool = False) -> Run:
         parent, run_id = self._plan(run_id, resume)
         await self._aready()
-        return await self._go(await _open_off_loop(self.store, self._open, state, run_id, parent, resume))
+        return await self._go(await offload(self.store, self._open, state, run_id, parent, resume, abandoned=_let_go))
 
     def iter(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
              resume: bool = False) -> AsyncStepStream:
@@ -764,7 +741,8 @@ class AsyncLoopRunner(LoopRunner):
     async def resume_run(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
                          take_over: bool = False) -> Run:
         await self._aready()
-        return await self._go(await _open_off_loop(self.store, self._reopen, run_id, budget, None, take_over))
+        opened = await offload(self.store, self._reopen, run_id, budget, None, take_over, abandoned=_let_go)
+        return await self._go(opened)
 
     async def resume(self, run_id: str, *, budget: Budget | None = None,  # type: ignore[override]
                      take_over: bool = False) -> Any:
@@ -842,8 +820,8 @@ class AsyncStepStream:
     async def _produce(self, parent: LiveRun | None, run_id: str | None) -> AsyncGenerator[Step, None]:
         runner = self._runner
         await runner._aready()
-        opened = self._opened = await _open_off_loop(runner.store, runner._open, self._state, run_id, parent,
-                                                     self._resume)
+        opened = self._opened = await offload(runner.store, runner._open, self._state, run_id, parent, self._resume,
+                                              abandoned=_let_go)
         stream = runner._steps_of(opened, self._ended)
         try:
             async for step in stream:

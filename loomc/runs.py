@@ -15,7 +15,7 @@ from loomc.context import _SPENDING
 from loomc.detectors import JudgeProbe
 from loomc.errors import dollars
 from loomc.history import ZERO, History, Step, read, state_cell
-from loomc.policy import Guard, Policy, Probe, any_asks, consulted
+from loomc.policy import Guard, Policy, Probe, any_asks, consulted, loop_name
 from loomc.stores.base import CheckpointStore, Drive
 
 
@@ -179,6 +179,10 @@ class LiveRun:
         """Warn of the step in flight once it is committed (see ``_first_commit_checks``)."""
         self.later.append((message, category))
         self.unverified = True
+
+    def loop_name(self) -> str:
+        """How a hint writes the loop that drives this run (``refine.resume(...)``): see policy.loop_name."""
+        return loop_name(self.fn, self.runner)
 
     def usd_room(self) -> Decimal | None:
         """Dollars this run can still spend in the step in flight (a child's cap comes from it), less

@@ -264,10 +264,25 @@ def no_such_step(run_id: str, n: int, count: int) -> StoreError:
     return StoreError(f"run {run_id} has no step {n}: it has {have}")
 
 
-async def offload(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a store call off the event loop, on the store's own writer thread if it has one."""
+async def offload(store: Any, fn: Callable[..., Any], *args: Any,
+                  abandoned: Callable[[Any], None] | None = None) -> Any:
+    """Run a store call off the event loop, on the store's own writer thread if it has one.
+
+    With ``abandoned``: if the awaiting task is cancelled while the call is under way there, what the call
+    returns goes to ``abandoned`` once it is done (from the writer thread); a call still waiting its turn is
+    dropped. Opening a run claims it, and a claim nobody will drive must be let go.
+    """
     writer = getattr(store, "writer", None)
     if writer is None:
         return fn(*args)  # an in-memory store does no I/O
     import asyncio
-    return await asyncio.get_running_loop().run_in_executor(writer, functools.partial(fn, *args))
+    if abandoned is None:
+        return await asyncio.get_running_loop().run_in_executor(writer, functools.partial(fn, *args))
+    job = writer.submit(fn, *args)
+    try:
+        return await asyncio.wrap_future(job)
+    except asyncio.CancelledError:
+        if not job.cancel():  # under way or done
+            job.add_done_callback(lambda done: None if done.cancelled() or done.exception() is not None
+                                  else abandoned(done.result()))
+        raise
