@@ -1553,22 +1553,25 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
 def test_another_thread_cannot_take_a_run_whose_step_outlasts_its_lease(tmp_path, store):
     import threading
     checkpoint = MemoryStore() if store == "memory" else str(tmp_path / "thread-lease.db")
-    in_step = threading.Event()
+    in_step, release = threading.Event(), threading.Event()
 
     @loop(budget=Budget(iterations=3), lease_seconds=0.2, checkpoint=checkpoint)
     def slow(s):
         if s == 1:
             in_step.set()
-            time.sleep(0.8)  # four leases long, and nothing else renews a memory store's lease
+            release.wait(30)  # held until the other thread has tried: nothing renews a memory store's lease
         return s + 1
 
     results = {}
     worker = threading.Thread(target=lambda: results.setdefault("run", slow.run(0, run_id="slow")))
     worker.start()
-    assert in_step.wait(30)
-    time.sleep(0.4)
-    with pytest.raises(RunLocked, match="already being run in this process"):
-        slow.resume("slow")
+    try:
+        assert in_step.wait(30)
+        time.sleep(0.4)  # two leases long: the step has outlasted its lease
+        with pytest.raises(RunLocked, match="already being run in this process"):
+            slow.resume("slow")
+    finally:
+        release.set()
     worker.join(30)
     assert results["run"].status == "budget_exhausted" and results["run"].state == 3
 
