@@ -174,7 +174,7 @@ def test_runs_says_what_the_runs_listed_spent_in_all_and_lists_recent_ones(tmp_p
 
     write_report.run(0, run_id="report")
     research.run(0, run_id="alone")
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE runs SET created_at = created_at - 2 * 86400 WHERE id = 'alone'")
     conn.close()
     listed = invoke("runs", "--db", db).output.splitlines()
@@ -356,7 +356,7 @@ def test_export_writes_one_state_at_a_time_the_same_json_as_export_run(tmp_path,
     memory = MemoryStore()  # a store without states in a file: the same text
     loop(budget=Budget(iterations=2), checkpoint=memory)(notes.fn).run({"text": "ü"}, run_id="m")
     assert "".join(export_text(memory, "m")) == json.dumps(export_run(memory, "m"), indent=2, ensure_ascii=False)
-    with sqlite3.connect(db) as conn:  # a run killed before its first commit: no steps
+    with closing(sqlite3.connect(db)) as conn, conn:  # a run killed before its first commit: no steps
         conn.execute("INSERT INTO runs (id, status, created_at, updated_at, initial_state) "
                      "VALUES ('empty', 'running', 0, 0, '{}')")
     conn.close()
@@ -522,7 +522,7 @@ def test_backup_copies_a_consistent_database_while_loops_write_to_it(tmp_path):
     store = SQLiteStore(tmp_path / "open.db")
     loop(budget=Budget(iterations=50), checkpoint=store)(lambda s: s + 1).run(0, run_id="w")
     shutil.copy(tmp_path / "open.db", tmp_path / "cp.db")
-    with sqlite3.connect(tmp_path / "cp.db") as plain:
+    with closing(sqlite3.connect(tmp_path / "cp.db")) as plain, plain:
         with pytest.raises(sqlite3.OperationalError, match="no such table"):
             plain.execute("SELECT count(*) FROM steps")
     plain.close()
@@ -1076,7 +1076,7 @@ def test_resume_take_over_takes_a_run_from_an_owner_known_to_be_gone(tmp_path):
         "def count(s):\n"
         "    return s + 1\n"),
         "import podjobs\nstream = podjobs.count.iter(0, run_id='p1')\nnext(stream)\nstream.close()")
-    with sqlite3.connect(env["LOOMC_DB"]) as conn:
+    with closing(sqlite3.connect(env["LOOMC_DB"])) as conn, conn:
         conn.execute("UPDATE runs SET status = 'running', owner = 'old-pod:1:t1.ab', lease_expires = ?",
                      (time.time() + 600,))
     locked = subprocess.run(["loomc", "resume", "p1"], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -1152,7 +1152,7 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
         died = subprocess.run([sys.executable, str(script), db, run_id], capture_output=True)
         assert died.returncode == -9
     now = time.time()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400 WHERE id != 'recent'")
         # Another host's process: this one cannot probe it, but its lease ran out long ago.
         conn.execute("UPDATE runs SET owner = 'pod-7f9c:1:t1', lease_expires = ? WHERE id = 'elsewhere'", (now - 60,))
@@ -1202,7 +1202,7 @@ def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_the
         bulky.run({"text": "", "i": 0}, run_id=f"old-{k}")
     parent.run({"text": "", "i": 0}, run_id="family")  # completed, with a child run that exhausted its budget
     bulky.run({"text": "", "i": 0}, run_id="recent")
-    with sqlite3.connect(db) as conn:  # all but `recent` were last updated 40 days ago
+    with closing(sqlite3.connect(db)) as conn, conn:  # all but `recent` were last updated 40 days ago
         conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400 WHERE id != 'recent'")
         conn.execute("INSERT INTO runs (id, status, created_at, updated_at) VALUES ('live', 'running', 0, 0)")
     size = os.path.getsize(db) + os.path.getsize(db + "-wal")
@@ -1217,7 +1217,7 @@ def test_prune_says_what_it_would_delete_then_deletes_old_finished_runs_with_the
     assert done.exit_code == 0, done.output
     assert done.output.startswith("Deleted 5 runs (1 child run among them), 161 steps")
     assert sorted(r.id for r in SQLiteStore(db).list_runs()) == ["live", "recent"]
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         assert conn.execute("SELECT count(*) FROM steps WHERE run_id != 'recent'").fetchone() == (0,)
     after = os.path.getsize(db) + (os.path.getsize(db + "-wal") if os.path.exists(db + "-wal") else 0)
     assert after < size / 3, (size, after)  # the disk space came back
@@ -1240,7 +1240,7 @@ def test_prune_does_not_compact_the_file_while_a_run_is_live_and_compacts_it_lat
 
     bulky.run({"text": "", "i": 0}, run_id="old")
     bulky.run({"text": "", "i": 0}, run_id="older")
-    with sqlite3.connect(db) as conn:  # both 40 days old; a run another host drives now, its lease live
+    with closing(sqlite3.connect(db)) as conn, conn:  # both 40 days old; a run another host drives now, its lease live
         conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400")
         conn.execute("INSERT INTO runs (id, status, created_at, updated_at, owner, lease_expires) "
                      "VALUES ('elsewhere', 'running', 0, 0, 'pod-7f9c:1:t1', ?)", (time.time() + 600,))
@@ -1255,7 +1255,7 @@ def test_prune_does_not_compact_the_file_while_a_run_is_live_and_compacts_it_lat
         "The file was not compacted: 1 run is live, and compacting rewrites the whole file while its commits "
         "wait. New steps reuse the space freed; run this again when no run is live to give it back to the disk.")
     assert size() >= before * 0.9, "not compacted"
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] > 0, "the space is free for new steps"
         conn.execute("UPDATE runs SET status = 'completed', owner = NULL, lease_expires = NULL "
                      "WHERE id = 'elsewhere'")
@@ -1298,7 +1298,7 @@ def test_prune_states_keeps_every_run_and_step_record_and_the_states_a_resume_ne
     agent.run({"transcript": [], "score": 0}, run_id="agent")  # budget_exhausted after 12 calls
     parent.run({"text": ""}, run_id="family")  # completed, with two child runs that exhausted their budgets
     child.run({"text": ""}, run_id="recent")
-    with sqlite3.connect(db) as conn:  # all but `recent` were last updated 40 days ago
+    with closing(sqlite3.connect(db)) as conn, conn:  # all but `recent` were last updated 40 days ago
         conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400 WHERE id != 'recent'")
         conn.execute("INSERT INTO runs (id, status, created_at, updated_at) VALUES ('live', 'running', 0, 0)")
     before = load_history(db, "agent")
@@ -1368,7 +1368,7 @@ def test_prune_states_leaves_a_run_that_changed_after_it_was_chosen(tmp_path, mo
 
     def resumed_meanwhile(fn, run_id, *args):
         if run_id == "a":  # another process touched run a (a resume, then its finish) after prune chose it
-            with sqlite3.connect(db) as other:
+            with closing(sqlite3.connect(db)) as other, other:
                 other.execute("UPDATE runs SET updated_at = updated_at + 1 WHERE id = 'a'")
             other.close()
         return write(fn, run_id, *args)

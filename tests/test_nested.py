@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from contextlib import closing
 from decimal import Decimal
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def test_taking_over_a_parent_takes_over_the_children_its_gone_process_left_runn
               "import nested_crashy\nprint(json.dumps(nested_crashy.parent.resume('nested', take_over=True)))")
 
     def left_by(parent_owner, child_owner):  # as a pod on another host left them: running, leases fresh
-        with sqlite3.connect(db) as conn:
+        with closing(sqlite3.connect(db)) as conn, conn:
             for run_id, owner in (("nested", parent_owner), ("nested-1-0", child_owner)):
                 conn.execute("UPDATE runs SET status = 'running', owner = ?, lease_expires = ? WHERE id = ?",
                              (owner, time.time() + 600, run_id))

@@ -46,6 +46,7 @@ def test_the_documented_tables_and_columns_exist(tmp_path):
     assert {"run_id", "step_n", "state_blob", "cost_usd", "score", "timestamp", "error"} <= cols["steps"]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
 
 
 def test_durability_sets_the_synchronous_pragma(tmp_path):
@@ -136,6 +137,8 @@ def test_a_migration_that_finds_a_newer_schema_under_the_lock_refuses_and_leaves
     with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}"):
         _transaction(store._conn(), upgrade, store.path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    conn.close()
+    store.close()
 
 
 def test_a_corrupt_file_says_it_is_corrupt_and_where(tmp_path):
