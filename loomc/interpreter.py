@@ -867,10 +867,25 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
         _log_end(stop.value)
         ended.append(stop.value)
     except BaseException as e:
+        if type(e) is GeneratorExit and not _in_event_loop():
+            # Closed as garbage: the task of a loop that was abandoned (asyncio.run at a second Ctrl-C), collected
+            # with no event loop running (Python 3.13 closes it so). Nothing can be awaited here, and a collector
+            # must not write to the store: the drive lets go of its run, and a resume settles the step in flight.
+            drive_over(run.owner)
+            raise
         await _shielded(offload(run.store, _abandon, run, e))
         raise
     finally:
         undriven(run)
+
+
+def _in_event_loop() -> bool:
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def _shielded(awaitable: Any) -> Any:
