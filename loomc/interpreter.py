@@ -960,18 +960,22 @@ def _ended_already(run: LiveRun) -> bool:
 
 
 def _commit_interrupted(run: LiveRun, why: str) -> None:
-    """A call cut short after it spent (charges, child runs) becomes a failed step carrying that spend.
+    """A call cut short becomes a failed step, ``interrupted``, carrying what it spent (charges, child runs).
 
     Its charges would be counted by a resume anyway; committing them now makes the run's totals,
-    ``loomc show`` and a parent's ledger right even if the run is never resumed.
+    ``loomc show`` and a parent's ledger right even if the run is never resumed. One that charged nothing
+    is a call all the same, whose cost nobody knows (a reply the provider bills though it never came), as when
+    the process dies in it: it counts against the iteration cap, and the USD cap counts it at the estimate.
+    Except a step that started child runs and charged nothing: it is made again, reusing them.
     """
     n, cost = run.in_flight, run.pending
-    if n < 0 or not cost:
+    if n < 0 or (not cost and run.children.get(n)):
         return
     run.in_flight, run.pending = -1, ZERO
     wall, t0 = run.began
-    step = Step(n, None, cost=cost, error=f"Interrupted: {why}, during this step after spending {dollars(cost)}",
-                started_at=wall, duration=run.clock() - t0, events=("interrupted",))
+    error = (f"Interrupted: {why}, during this step after spending {dollars(cost)}" if cost else
+             f"Interrupted: {why}, during this step, which charged nothing (its cost is unknown)")
+    step = Step(n, None, cost=cost, error=error, started_at=wall, duration=run.clock() - t0, events=("interrupted",))
     h = run.history = run.history.append(step)
     run.store.commit_step(run.id, stored(step), _new_tuple(Totals, (h.total_cost, len(h), run.elapsed(run.clock()))),
                           run.owner, run.lease_seconds)

@@ -170,7 +170,11 @@ def test_cancelling_the_task_marks_the_run_cancelled_and_keeps_its_steps(tmp_pat
 
     run(story())
     record = SQLiteStore(db).get_run("to-cancel")
-    assert record.status == "cancelled" and record.steps == 3
+    assert record.status == "cancelled" and record.steps == 4
+    # The call cut short is a step, whose cost nobody knows: the caps count it, as when the process dies in it.
+    cut = SQLiteStore(db).load_steps("to-cancel")[-1]
+    assert (cut.n, cut.cost, cut.events) == (3, Decimal(0), ("interrupted",)) and cut.duration > 0
+    assert cut.error == "Interrupted: CancelledError, during this step, which charged nothing (its cost is unknown)"
 
 
 def test_a_task_cancelled_while_its_run_is_being_opened_lets_the_run_go(tmp_path, monkeypatch):
@@ -230,15 +234,17 @@ def test_keyboard_interrupt_is_never_swallowed_and_marks_the_run_cancelled(tmp_p
     with pytest.raises(KeyboardInterrupt) as caught:
         interrupted(0, run_id="ctrl-c")
     record = SQLiteStore(db).get_run("ctrl-c")
-    assert record.status == "cancelled" and record.steps == 2
+    assert record.status == "cancelled" and record.steps == 3  # steps 0 and 1, and the call cut short
     # A notebook's interrupted cell says which run to resume, and keeps what it bought on the exception.
     assert caught.value.__notes__ == ["loomc: run ctrl-c was interrupted, with every committed step kept; resume it "
                                       "with interrupted.resume('ctrl-c')"]
-    assert caught.value.run_id == "ctrl-c" and caught.value.state == 2 and len(caught.value.history) == 2
+    assert caught.value.run_id == "ctrl-c" and caught.value.state == 2 and len(caught.value.history) == 3
+    assert caught.value.history[-1].events == ("interrupted",) and caught.value.history[-1].error == (
+        "Interrupted: KeyboardInterrupt, during this step, which charged nothing (its cost is unknown)")
     calm = loop(budget=Budget(iterations=4), checkpoint=db)(lambda s: s + 1)
     with pytest.warns(SpecChangedWarning, match="ctrl-c"):  # a different fn takes the run over
         again = calm.resume_run("ctrl-c")
-    assert again.state == 4 and [s.n for s in again.history] == [0, 1, 2, 3]
+    assert again.state == 3 and [s.n for s in again.history] == [0, 1, 2, 3]  # the cut-short call counts
 
 
 def test_ctrl_c_after_the_step_that_exhausted_the_budget_leaves_the_run_budget_exhausted(tmp_path):
@@ -510,3 +516,64 @@ def test_a_store_error_after_the_task_was_cancelled_is_collected_not_reported_as
 
     run(main())
     assert reported == [] and store.get_run("late").status == "cancelled"
+
+
+@pytest.mark.parametrize("aio", [False, True])
+def test_a_call_cut_short_before_it_charged_counts_against_the_caps_on_resume(tmp_path, aio):
+    """A Ctrl-C (or a cancelled task) in the middle of a paid call: the provider may bill a reply that never came.
+    That call left no trace, so the resume went on as if it had never been made and could pass the USD cap by
+    its cost; a process that died in the same call counts it at the estimate, and now so does an interrupt."""
+    db = str(tmp_path / "cut.db")
+    pressed = []
+
+    def cut(s):
+        if s == 2 and not pressed:
+            pressed.append(s)
+            raise asyncio.CancelledError() if aio else KeyboardInterrupt()
+        return s + 1
+
+    if aio:
+        async def fn(s):
+            return cut(s)
+    else:
+        fn = cut
+    paid = loop(budget=Budget(usd=0.35), cost_fn=lambda s: 0.10, checkpoint=db)(fn)
+    with pytest.raises(asyncio.CancelledError if aio else KeyboardInterrupt):
+        run(paid.run(0, run_id="cut")) if aio else paid.run(0, run_id="cut")
+    stopped = run(paid.resume_run("cut")) if aio else paid.resume_run("cut")
+    assert [(s.n, s.cost, s.events) for s in stopped.history] == [
+        (0, Decimal("0.10"), ()), (1, Decimal("0.10"), ()), (2, Decimal(0), ("interrupted",))]
+    assert stopped.status == "budget_exhausted" and stopped.reason == (
+        "usd: $0.2000 spent + $0.1000 for the next step would pass the $0.3500 cap, counting 1 failed call (step 2) "
+        "that died before charging at $0.1000; charge each paid call inside fn (loomc.charge)")
+
+
+def test_a_parent_whose_child_was_cut_short_before_anything_was_charged_makes_its_step_again_with_that_child(tmp_path):
+    """The parent's step charged nothing and started a child: it is made again on resume, and reuses the child
+    (whose own call cut short is its step), rather than start another child beside it."""
+    db = str(tmp_path / "nest.db")
+    pressed = []
+
+    @loop(budget=Budget(iterations=5), converge_on=lambda h: h[-1].error is None, cost_fn=lambda s: 0.05,
+          checkpoint=db)
+    def child(s):
+        if not pressed:
+            pressed.append(s)
+            raise KeyboardInterrupt
+        return s + 1
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    def parent(s):
+        return child(s)
+
+    with pytest.raises(KeyboardInterrupt):
+        parent(0, run_id="p")
+    store = SQLiteStore(db)
+    assert store.get_run("p").steps == 0, "the parent's step is made again, not cut short"
+    assert [s.events for s in store.load_steps("p-0-0")] == [("interrupted",)]
+    done = parent.resume_run("p")
+    assert sorted(r.id for r in store.list_runs() if r.parent_run_id == "p") == ["p-0-0", "p-1-0"]
+    assert [(s.n, s.events) for s in store.load_steps("p-0-0")] == [(0, ("interrupted",)), (1, ("converged",))]
+    assert done.status == "budget_exhausted" and [s.cost for s in done.history] == [Decimal("0.05"), Decimal("0.05")]
+    assert done.state == 2
+    store.close()

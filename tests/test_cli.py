@@ -959,9 +959,11 @@ def test_loomc_resume_stopped_by_sigterm_finishes_the_call_in_flight_and_exits_1
     out, err = worker.communicate(timeout=60)
     assert worker.returncode == 128 + signal.SIGTERM, err
     assert out.startswith("done 1\nRun: w  Loop: bump  Status: cancelled\n"), "no call started after the signal"
-    assert "Status: cancelled" in out and "Stopped: SIGTERM received; stopped before step 2" in out
+    # Steps 0, 1 (the first process's call, cut short by its SystemExit) and 2 (the call the signal let finish)
+    assert "Status: cancelled" in out and "Stopped: SIGTERM received; stopped before step 3" in out
     record = SQLiteStore(tmp_path / "w.db").get_run("w")
-    assert record.status == "cancelled" and record.steps == 2 and record.owner is None
+    assert record.status == "cancelled" and record.steps == 3 and record.owner is None
+    assert [s.events for s in SQLiteStore(tmp_path / "w.db").load_steps("w")] == [(), ("interrupted",), ()]
 
 
 def test_loomc_resume_stopped_by_ctrl_c_shows_the_run_and_how_to_go_on_and_exits_130(tmp_path):
