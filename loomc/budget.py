@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loomc.errors import COST_UNKNOWN_METRIC, ConfigError, counted, cut_at_deadline, dollars, took
-from loomc.history import History, cost_unknown, cut_short, to_decimal
+from loomc.history import History, Step, cost_unknown, cut_short, to_decimal
 from loomc.policy import AnyOf, Outcome, Policies, Policy, Signal, either, next_call_time, real, whole
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?"
@@ -206,7 +206,7 @@ def _unknown_costs(history: History, spent: Decimal, estimate: Decimal, unknown:
     steps = [s.n for s in unknown_steps]
     died = sum(cut_short(s) and COST_UNKNOWN_METRIC not in s.metrics for s in unknown_steps)
     that = " or ".join(part for part in ("that cost_fn could not price" if died < len(steps) else "",
-                                         "that died before charging" if died else "") if part)
+                                         "cut short before charging" if died else "") if part)
     where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]} to {steps[-1]}" if len(steps) == (
         steps[-1] - steps[0] + 1) else f"the last, step {steps[-1]}"
     return (f"usd: {dollars(spent)} spent + {dollars(estimate)} for the next step would pass the {dollars(cap)} cap, "
@@ -243,8 +243,8 @@ class UnreportedSpend(Signal):
 
     def fire(self, history: History, elapsed: float) -> str | None:
         n = len(history)
-        if n >= CUT_SHORT_IN_A_ROW and cut_short(history[-1]) \
-                and all(cut_short(history[i]) for i in range(n - CUT_SHORT_IN_A_ROW, n - 1)):
+        if n >= CUT_SHORT_IN_A_ROW and _died(history[-1]) \
+                and all(_died(history[i]) for i in range(n - CUT_SHORT_IN_A_ROW, n - 1)):
             return (f"unreported_spend: the last {CUT_SHORT_IN_A_ROW} calls (steps {n - CUT_SHORT_IN_A_ROW} to "
                     f"{n - 1}) were cut short before they reported what they cost (their process died), so the "
                     "budget cannot tell what they spent, nor how long they ran; a step that kills its process "
@@ -259,6 +259,12 @@ class UnreportedSpend(Signal):
 
     def __repr__(self) -> str:
         return f"unreported_spend(calls={self.calls})" if self.calls is not None else "unreported_spend()"
+
+
+def _died(step: Step) -> bool:
+    """A call cut short at $0 whose running time is not known either: its process died in it. (One that a
+    Ctrl-C or a cancellation cut short ran for a time the wall-clock cap counts, and was stopped by hand.)"""
+    return cut_short(step) and not step.duration > 0
 
 
 def with_unreported_spend(policy: Policy) -> Policy:

@@ -545,7 +545,7 @@ def test_a_call_cut_short_before_it_charged_counts_against_the_caps_on_resume(tm
         (0, Decimal("0.10"), ()), (1, Decimal("0.10"), ()), (2, Decimal(0), ("interrupted",))]
     assert stopped.status == "budget_exhausted" and stopped.reason == (
         "usd: $0.2000 spent + $0.1000 for the next step would pass the $0.3500 cap, counting 1 failed call (step 2) "
-        "that died before charging at $0.1000; charge each paid call inside fn (loomc.charge)")
+        "cut short before charging at $0.1000; charge each paid call inside fn (loomc.charge)")
 
 
 def test_a_parent_whose_child_was_cut_short_before_anything_was_charged_makes_its_step_again_with_that_child(tmp_path):

@@ -484,3 +484,32 @@ def test_escalate_counts_the_steps_in_a_row_that_failed_or_did_not_beat_the_best
     assert not Escalate().decide(history_of(0.5, 0.5, 0.5)).stops
     assert Escalate() == Escalate(after=3) and score_plateau() == score_plateau(patience=3, min_delta=0.01), \
         "the defaults the README gives"
+
+
+def test_a_call_cut_short_from_outside_neither_adds_to_escalates_count_nor_resets_it(tmp_path):
+    """A crash, a Ctrl-C or a cancelled task says nothing of whether the loop is going anywhere. Counted as a
+    failure, it made a run under Escalate(after=1) stop as stalled on its resume, with no call made."""
+    def with_cut(*rows):
+        steps = list(history_of(*rows))
+        cut = Step(len(steps), None, error="Interrupted: KeyboardInterrupt, during this step, which charged nothing "
+                   "(its cost is unknown)", events=("interrupted",))
+        return History([*steps, cut])
+
+    assert with_cut(0.5, 0.4).fold("test.escalate", Escalate._count, (None, 0)) == (0.5, 1)
+    assert not Escalate(after=2).decide(with_cut(0.5, 0.4)).stops
+    assert Escalate(after=2).decide(History([*with_cut(0.5, 0.4), Step(3, {"n": 3}, score=0.3)])).stops
+    pressed = []
+
+    def step(s):
+        if s == 2 and not pressed:
+            pressed.append(s)
+            raise KeyboardInterrupt
+        return s + 1
+
+    climbing = loop(budget=Budget(iterations=5), scorer=lambda s: s, on_stall=Escalate(after=1),
+                    checkpoint=str(tmp_path / "e.db"))(step)
+    with pytest.raises(KeyboardInterrupt):
+        climbing.run(0, run_id="e")
+    again = climbing.resume_run("e")
+    assert again.status == "budget_exhausted" and again.state == 4
+    assert [s.events for s in again.history][2:] == [("interrupted",), (), ("budget exhausted",)]

@@ -1713,6 +1713,34 @@ def test_a_budget_without_an_iteration_cap_stops_after_three_calls_in_a_row_cut_
     assert stop.fire(history("cut", "cut"), 0) is None
 
 
+def test_calls_cut_short_by_hand_do_not_count_as_calls_that_kill_their_process(tmp_path):
+    """A Ctrl-C in three calls in a row (a notebook's user stopping slow calls) recorded three interrupted steps
+    at $0, and a budget in dollars alone then stopped the run on its next resume as if a step killed its process
+    every time. Those calls' running time is known (the wall-clock cap counts it), and a person stopped them."""
+    presses = []
+
+    def slow(s):
+        if len(presses) < 3:
+            presses.append(s)
+            raise KeyboardInterrupt
+        return s + 1
+
+    paid = loop(budget=Budget(usd=1), cost_fn=lambda s: 0.1, checkpoint=str(tmp_path / "h.db"))(slow)
+    with pytest.raises(KeyboardInterrupt):
+        paid.run(0, run_id="h")
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            paid.resume_run("h")
+    done = paid.resume_run("h")
+    assert [s.events for s in done.history][:3] == [("interrupted",)] * 3 and all(
+        s.duration > 0 for s in done.history[:3])
+    # The USD cap counts them at the estimate instead, $0.10 each.
+    assert done.status == "budget_exhausted" and done.reason.startswith(
+        "usd: $0.7000 spent + $0.1000 for the next step would pass the $1.0000 cap, counting 3 failed calls (steps 0 "
+        "to 2) cut short before charging at $0.1000 each"), done.reason
+    assert done.total_cost == Decimal("0.70") and done.state == 7
+
+
 def test_one_job_launched_six_times_at_once_runs_once_and_the_others_are_told_it_is_being_run(tmp_path):
     """resume=True from six processes released together: each either starts the run or finds it; one that
     lost the race to create it joins it like the rest (RunLocked, naming the owner), not StepConflict."""

@@ -1530,23 +1530,23 @@ def test_a_call_cut_short_before_it_charged_counts_at_the_estimate_too():
     died = History([paid, failed(1, died=True)])
     assert Budget(usd=0.8).decide(died, 0).reason == (
         "usd: $0.3000 spent + $0.3000 for the next step would pass the $0.8000 cap, counting 1 failed call (step 1) "
-        "that died before charging at $0.3000; charge each paid call inside fn (loomc.charge)")
+        "cut short before charging at $0.3000; charge each paid call inside fn (loomc.charge)")
     known = History([paid, failed(1), failed(2)])  # failures that charged nothing, under no cost_fn: $0, known
     assert not Budget(usd=0.8).decide(known, 0).stops
     both = History([paid, failed(1, unknown=True), Step(2, {"n": 2}, cost=Decimal("0.05")), failed(3, died=True)])
     assert Budget(usd=1.0).decide(both, 0).reason == (
         "usd: $0.3500 spent + $0.3000 for the next step would pass the $1.0000 cap, counting 2 failed calls (the "
-        "last, step 3) that cost_fn could not price or that died before charging at $0.3000 each; charge each paid "
+        "last, step 3) that cost_fn could not price or cut short before charging at $0.3000 each; charge each paid "
         "call inside fn (loomc.charge)")
     pair = History([paid, failed(1, unknown=True), failed(2, died=True)])
     assert Budget(usd=1.0).decide(pair, 0).reason == (
         "usd: $0.3000 spent + $0.3000 for the next step would pass the $1.0000 cap, counting 2 failed calls (steps "
-        "1 to 2) that cost_fn could not price or that died before charging at $0.3000 each; charge each paid call "
+        "1 to 2) that cost_fn could not price or cut short before charging at $0.3000 each; charge each paid call "
         "inside fn (loomc.charge)")
     mixed = History([paid, failed(1), failed(2, died=True)])  # step 1 failed at a known $0: it is not named
     assert Budget(usd=0.8).decide(mixed, 0).reason == (
         "usd: $0.3000 spent + $0.3000 for the next step would pass the $0.8000 cap, counting 1 failed call (step 2) "
-        "that died before charging at $0.3000; charge each paid call inside fn (loomc.charge)")
+        "cut short before charging at $0.3000; charge each paid call inside fn (loomc.charge)")
     # A child's share of its parent's cap counts them alike.
     from loomc.budget import ParentCap
     assert ParentCap("p", Decimal("0.8")).fire(died, 0) == (
