@@ -15,6 +15,8 @@ import loomc
 from loomc import (AsyncLoopRunner, BestScore, Budget, BudgetExhausted, ConfigError, Escalate, LastGood, SQLiteStore,
                    SpecChangedWarning, StallError, judge, loop, predicate, score_plateau)
 
+from conftest import sync_or_async
+
 
 def run(coro):
     return asyncio.run(coro)
@@ -532,12 +534,7 @@ def test_a_call_cut_short_before_it_charged_counts_against_the_caps_on_resume(tm
             raise asyncio.CancelledError() if aio else KeyboardInterrupt()
         return s + 1
 
-    if aio:
-        async def fn(s):
-            return cut(s)
-    else:
-        fn = cut
-    paid = loop(budget=Budget(usd=0.35), cost_fn=lambda s: 0.10, checkpoint=db)(fn)
+    paid = loop(budget=Budget(usd=0.35), cost_fn=lambda s: 0.10, checkpoint=db)(sync_or_async(cut, aio))
     with pytest.raises(asyncio.CancelledError if aio else KeyboardInterrupt):
         run(paid.run(0, run_id="cut")) if aio else paid.run(0, run_id="cut")
     stopped = run(paid.resume_run("cut")) if aio else paid.resume_run("cut")
@@ -547,33 +544,3 @@ def test_a_call_cut_short_before_it_charged_counts_against_the_caps_on_resume(tm
         "usd: $0.2000 spent + $0.1000 for the next step would pass the $0.3500 cap, counting 1 failed call (step 2) "
         "cut short before charging at $0.1000; charge each paid call inside fn (loomc.charge)")
 
-
-def test_a_parent_whose_child_was_cut_short_before_anything_was_charged_makes_its_step_again_with_that_child(tmp_path):
-    """The parent's step charged nothing and started a child: it is made again on resume, and reuses the child
-    (whose own call cut short is its step), rather than start another child beside it."""
-    db = str(tmp_path / "nest.db")
-    pressed = []
-
-    @loop(budget=Budget(iterations=5), converge_on=lambda h: h[-1].error is None, cost_fn=lambda s: 0.05,
-          checkpoint=db)
-    def child(s):
-        if not pressed:
-            pressed.append(s)
-            raise KeyboardInterrupt
-        return s + 1
-
-    @loop(budget=Budget(iterations=2), checkpoint=db)
-    def parent(s):
-        return child(s)
-
-    with pytest.raises(KeyboardInterrupt):
-        parent(0, run_id="p")
-    store = SQLiteStore(db)
-    assert store.get_run("p").steps == 0, "the parent's step is made again, not cut short"
-    assert [s.events for s in store.load_steps("p-0-0")] == [("interrupted",)]
-    done = parent.resume_run("p")
-    assert sorted(r.id for r in store.list_runs() if r.parent_run_id == "p") == ["p-0-0", "p-1-0"]
-    assert [(s.n, s.events) for s in store.load_steps("p-0-0")] == [(0, ("interrupted",)), (1, ("converged",))]
-    assert done.status == "budget_exhausted" and [s.cost for s in done.history] == [Decimal("0.05"), Decimal("0.05")]
-    assert done.state == 2
-    store.close()

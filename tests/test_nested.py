@@ -675,3 +675,34 @@ def test_a_stop_asked_for_inside_a_child_run_stops_the_parent_and_its_resume_goe
     steps = store.load_steps("book")
     assert [s.n for s in steps] == [0] and steps[0].cost == Decimal("0.40")
     assert store.get_run("book").total_cost == Decimal("0.40")
+
+
+def test_a_parent_whose_child_was_cut_short_before_anything_was_charged_makes_its_step_again_with_that_child(tmp_path):
+    """The parent's step charged nothing and started a child: it is made again on resume, and reuses the child
+    (whose own call cut short is its step), rather than start another child beside it."""
+    db = str(tmp_path / "nest.db")
+    pressed = []
+
+    @loop(budget=Budget(iterations=5), converge_on=lambda h: h[-1].error is None, cost_fn=lambda s: 0.05,
+          checkpoint=db)
+    def child(s):
+        if not pressed:
+            pressed.append(s)
+            raise KeyboardInterrupt
+        return s + 1
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    def parent(s):
+        return child(s)
+
+    with pytest.raises(KeyboardInterrupt):
+        parent(0, run_id="p")
+    store = SQLiteStore(db)
+    assert store.get_run("p").steps == 0, "the parent's step is made again, not cut short"
+    assert [s.events for s in store.load_steps("p-0-0")] == [("interrupted",)]
+    done = parent.resume_run("p")
+    assert sorted(r.id for r in store.list_runs() if r.parent_run_id == "p") == ["p-0-0", "p-1-0"]
+    assert [(s.n, s.events) for s in store.load_steps("p-0-0")] == [(0, ("interrupted",)), (1, ("converged",))]
+    assert done.status == "budget_exhausted" and [s.cost for s in done.history] == [Decimal("0.05"), Decimal("0.05")]
+    assert done.state == 2
+    store.close()
