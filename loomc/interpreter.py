@@ -921,10 +921,11 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     aio = sys.modules.get("asyncio")  # a CancelledError can only exist once asyncio is imported
     stopped = (KeyboardInterrupt, SystemExit, GeneratorExit) + ((aio.CancelledError,) if aio is not None else ())
     status = "cancelled" if isinstance(exc, stopped) else "failed"
-    why = (f"{type(exc).__name__}: {exc}".rstrip(": ") if not isinstance(exc, GeneratorExit)
+    what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    why = (_interrupted_where(run, what, exc) if not isinstance(exc, GeneratorExit)
            else "left early: the stream of its steps (iter()) was closed before the run ended")
     try:
-        _commit_interrupted(run, why)
+        _commit_interrupted(run, what)
     except LoomcError:
         pass  # e.g. the store is what failed: the charges stay pending, and a resume counts them
     ended = run.ending if _ended_already(run) else None
@@ -946,6 +947,34 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     except CheckpointDecodeError:  # reading that state back is what failed (exc says so): the history is kept
         state = None
     attach_run(exc, run.id, state, run.history, run.loop_name(), ended)
+
+
+def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
+    """Why a run that ``exc`` cut short stopped: what ``exc`` is, where it landed, and what raises it, so that
+    ``CancelledError`` in ``loomc show`` tells of the timeout that cancelled the task running the loop."""
+    done = len(run.history)
+    where = (f"during step {run.in_flight}'s call" if run.in_flight >= 0 else
+             f"after step {done - 1}, before the next call" if done else "before the first call")
+    name = type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{what} {where}: a Ctrl-C, or a notebook's interrupt"
+    if name == "CancelledError":
+        return (f"{what} {where}: the task running the loop was cancelled (a timeout such as asyncio.wait_for's, "
+                "a TaskGroup, a Ctrl-C under asyncio.run, or task.cancel())")
+    if isinstance(exc, SystemExit):
+        called = "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
+        return f"{what} {where}: {called} was called{_signal_exit(exc.code)}"
+    return f"{what} {where}"
+
+
+def _signal_exit(code: object) -> str:
+    """`` (128 + SIGTERM, as a handler of that signal exits)``, when ``code`` is such a status."""
+    import signal
+    try:
+        sig = signal.Signals(code - 128) if isinstance(code, int) and code > 128 else None
+    except ValueError:
+        return ""
+    return "" if sig is None else f" (128 + {sig.name}, as a handler of that signal exits)"
 
 
 def _ended_already(run: LiveRun) -> bool:

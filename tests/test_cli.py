@@ -996,8 +996,8 @@ def test_loomc_resume_stopped_by_ctrl_c_shows_the_run_and_how_to_go_on_and_exits
     worker.send_signal(signal.SIGINT)  # during the call
     out, err = worker.communicate(timeout=60)
     assert worker.returncode == 130 and "Aborted" not in err, err
-    assert out.startswith("Run: c  Loop: crawl  Status: cancelled\nStopped: KeyboardInterrupt; `loomc resume c` "
-                          "continues it\n"), out
+    assert out.startswith("Run: c  Loop: crawl  Status: cancelled\nStopped: KeyboardInterrupt during step 1's call: a "
+                          "Ctrl-C, or a notebook's interrupt; `loomc resume c` continues it\n"), out
     assert SQLiteStore(tmp_path / "c.db").get_run("c").status == "cancelled"
 
 
