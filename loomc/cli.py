@@ -23,7 +23,7 @@ import click
 
 from loomc.budget import Budget, budget_from_repr
 from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
-                          StopRequested, clean, counted, dollars, iso, shorten, took)
+                          StopRequested, clean, counted, dollars, iso, loomc_command, shorten, took)
 from loomc.history import running_costs, spend_by_item
 from loomc.interpreter import ENDING_EVENTS, in_no_call
 from loomc.loop import fn_name_of_path
@@ -199,41 +199,49 @@ _RAISE = {"usd": "--budget-usd X", "iterations": "--iterations N", "wall_clock":
           "unreported_spend": "--iterations N"}  # caps that do not count calls could not see their spend
 
 
-def what_next(run: RunRecord, through_parent: bool = False) -> str:
+def what_next(run: RunRecord, through_parent: bool = False, db: Any = None) -> str:
     """How to go on with a run that stopped short of completing, as ``loomc show`` says it.
 
     ``through_parent``: the run is a child whose parent step never committed (see ``open_parent_step``).
+    ``db``: the file (or store) the run is in, which the command names unless it is the default one.
     """
     if through_parent:
         return f"resume its parent run {clean(run.parent_run_id)}, which goes on with it"
-    command = f"loomc resume {clean(run.id)}"
     if run.status == "budget_exhausted":
         cap, _, why = (run.reason or "").partition(":")
         if cap in _RAISE and run.parent_run_id is not None and why.startswith(f" the parent run {run.parent_run_id}'s"):
             # Stopped by its parent's cap (parent_cap, parent_clock): a cap of its own would not help.
-            return (f"its parent's cap stopped it: `loomc resume {clean(run.parent_run_id)} {_RAISE[cap]}` "
+            return (f"its parent's cap stopped it: `{command('resume', run.parent_run_id, _RAISE[cap], db=db)}` "
                     "gives the parent more")
         if cap in _RAISE:
-            return f"`{command} {_RAISE[cap]}` continues it under a larger cap"
+            return f"`{command('resume', run.id, _RAISE[cap], db=db)}` continues it under a larger cap"
+    resume = command("resume", run.id, db=db)
     if run.status == "stalled":
-        return f"`{command}` gives it more calls"
-    return f"`{command}` continues it"
+        return f"`{resume}` gives it more calls"
+    return f"`{resume}` continues it"
+
+
+def command(verb: str, run_id: str, *options: str, db: Any = None) -> str:
+    """``loomc_command`` for a run the command line has read, so of a file it can name."""
+    said = loomc_command(verb, run_id, *options, db=db)
+    assert said is not None
+    return said
 
 
 def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRecord] = (),
-               pending: Mapping[int, Decimal] | None = None, through_parent: bool = False) -> str:
+               pending: Mapping[int, Decimal] | None = None, through_parent: bool = False, db: Any = None) -> str:
     usd, wall = _recorded_budget(run.policy or "", "usd"), _recorded_budget(run.policy or "", "wall_clock")
     spent = dollars(run.total_cost) + (" (no USD cap)" if usd is None else f" of {dollars(usd.usd)} budget")
     status = shown_status(run.status, run.owner, run.lease_expires)
     last_failed = bool(steps) and steps[-1].error == run.reason
-    where = f"`loomc show {clean(run.id)} --step {len(steps) - 1}` shows it whole" if last_failed \
-        else "`loomc export --json` has it"
+    where = f"`{command('show', run.id, '--step', str(len(steps) - 1), db=db)}` shows it whole" if last_failed \
+        else f"`{command('export', run.id, '--json', db=db)}` has it"
     stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
         gone = _gone(run, len(steps), steps[-1].events if steps else (), began=len(steps) in (pending or {}))
-        stopped = f"{gone}; {what_next(run, through_parent)}"
+        stopped = f"{gone}; {what_next(run, through_parent, db)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
-        stopped = f"{stopped}; {what_next(run, through_parent)}"
+        stopped = f"{stopped}; {what_next(run, through_parent, db)}"
     head = [f"Run: {clean(run.id)}  Loop: {loop_label(run.fn_path)}  "
             f"Status: {paint(status, STATUS_COLORS.get(status))}",
             f"Stopped: {stopped}",
@@ -253,8 +261,8 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     if failed:
         which = "the first" if len(failed) > 1 else "it"
         shows = f"where {which} was raised" if TRACEBACK_METRIC in failed[0].metrics else f"{which} whole"
-        head.append(f"Failed: {counted(len(failed), 'step')}; `loomc show {clean(run.id)} --step {failed[0].n}` "
-                    f"shows {shows}")
+        first = command("show", run.id, "--step", str(failed[0].n), db=db)
+        head.append(f"Failed: {counted(len(failed), 'step')}; `{first}` shows {shows}")
     pruned = [s.metrics[PRUNED_METRIC] for s in steps if PRUNED_METRIC in s.metrics]
     if pruned:
         head.append(f"Pruned: the states of {counted(len(pruned), 'step')} were removed by `loomc prune --states` at "
@@ -370,7 +378,7 @@ def show(run_id: str, db: str | None, step_n: int | None, follow: bool) -> None:
     except LoomcError as e:
         fail(str(e))
     click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id),
-                          open_parent_step(store, run) is not None))
+                          open_parent_step(store, run) is not None, db=store))
     if follow:
         try:
             sys.exit(_follow(store, run, steps))
@@ -471,7 +479,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
         budget = Budget(usd=budget_usd, iterations=iterations, wall_clock=wall_clock) \
             if (budget_usd, iterations, wall_clock) != (None, None, None) else None
         run = store.get_run(run_id)
-        refuse_completed(run)
+        refuse_completed(run, store)
         refuse_child(store, run)
         if budget is not None:
             refuse_reached(budget, run)
@@ -501,7 +509,7 @@ def resume(run_id: str, db: str | None, budget_usd: float | None, iterations: in
     else:
         code = ended.error.code if isinstance(ended.error, StopRequested) else 0 if ended.status == "completed" else 2
     click.echo(show_table(store.get_run(run_id), store.load_steps(run_id, with_states=False),
-                          store.children(run_id)))
+                          store.children(run_id), db=store))
     if code:
         sys.exit(code)
 

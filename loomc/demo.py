@@ -21,7 +21,8 @@ import click
 
 import loomc
 from loomc import BestScore, Budget, Escalate, loop, predicate, score_plateau
-from loomc.errors import dollars
+from loomc.context import current_run
+from loomc.errors import dollars, loomc_command
 
 BUGGY = '''\
 def mean(xs):
@@ -122,7 +123,10 @@ def fix_code(state: dict[str, Any]) -> dict[str, Any]:
     loomc.charge(tokens_in * INPUT_PER_TOKEN + tokens_out * OUTPUT_PER_TOKEN, MODEL,  # paid: durable now
                  tokens=(tokens_in, tokens_out))
     if _CRASH_AT and loomc.step_number() == _CRASH_AT[0]:
-        click.echo(f"  step {_CRASH_AT[0]:>2}  the process dies here (SIGKILL), after paying for the call")
+        live = current_run()
+        assert live is not None
+        click.echo(f"  step {_CRASH_AT[0]:>2}  the process dies here (SIGKILL), after paying for the call; "
+                   f"`{loomc_command('resume', live.id, db=live.store)}` finishes the run")
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return {"code": code, "attempt": attempt, "note": note}
@@ -139,10 +143,9 @@ def run_demo(db: str, crash_at: int | None = None) -> int:
     click.echo(f"checkpoints: {store.path}\n")
     run = fix_code.run({"code": BUGGY, "attempt": 0, "note": "the buggy original"})
     click.echo("")
-    click.echo(show_table(store.get_run(run.id), store.load_steps(run.id, with_states=False)))
+    click.echo(show_table(store.get_run(run.id), store.load_steps(run.id, with_states=False), db=store))
     if crash_at is not None:
         click.echo(f"\nNo crash: the run ended after {len(run.history)} steps, before step {crash_at}; "
                    f"--crash-at {len(run.history) - 1} or less crashes it")
-    click.echo(f"\nInspect it: loomc show {run.id}" + ("" if db == os.path.join(".loomc", "checkpoints.db")
-                                                        else f" --db {db}"))
+    click.echo(f"\nInspect it: {loomc_command('show', run.id, db=store)}")
     return 0 if run.status == "completed" else 2

@@ -155,6 +155,58 @@ def clean(text: Any) -> str:
     return "".join(out)
 
 
+def shell_word(text: str) -> str:
+    """``text`` as one word a POSIX shell reads back as ``text``, for a command to paste: quoted where it must
+    be (``'a b'``), and as ``$'a\\nb'`` when it holds a control or format character, shown escaped as ``clean``
+    shows it, so that printing the command cannot drive the terminal either."""
+    if text.isprintable():
+        import shlex
+        return shlex.quote(text)
+    out = []
+    for ch in text:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(clean(ch))
+        else:
+            out.append(ch)
+    return "$'" + "".join(out) + "'"
+
+
+def loomc_command(verb: str, run_id: str, *options: str, db: Any = None) -> str | None:
+    """``loomc show ID --step 3``, as a shell takes it when pasted, for the run ``run_id`` of ``db``.
+
+    ``db``: the database the run is in, as a path or the store that holds it; ``None`` for the default one.
+    ``--db PATH`` is given unless it is the file a command reads by default here ($LOOMC_DB, else
+    ``.loomc/checkpoints.db``): a hint for a run of ``checkpoint="jobs.db"`` used to send the command to the
+    default file, which has no such run. The id is quoted as the shell needs (``shell_word``), and follows
+    ``--`` when it starts with a dash, which the command would take for an option. ``None`` when the run is in
+    a store the command cannot read (the memory store's, or one of your own).
+    """
+    words = ["loomc", verb]
+    if db is not None and not isinstance(db, (str, os.PathLike)):
+        from loomc.stores.sqlite import SQLiteStore
+        if not isinstance(db, SQLiteStore):
+            return None
+        db = db.path
+    if db is not None:
+        from pathlib import Path
+        from loomc.stores import default_path
+        if Path(db).expanduser().resolve() != Path(default_path()).expanduser().resolve():
+            words += ["--db", shell_word(os.fspath(db))]
+    words += [*options, "--", shell_word(run_id)] if run_id.startswith("-") else [shell_word(run_id), *options]
+    return " ".join(words)
+
+
+def read_whole(run_id: str, store: Any, step: int | None = None) -> str:
+    """Where a text cut short for run ``run_id`` is read whole: ``loomc show`` for a run in a SQLite file (the
+    step's error with ``step``, else the run's reason), else the ``Run`` that the loop returned or raised."""
+    said = loomc_command("show", run_id, *(() if step is None else ("--step", str(step))), db=store)
+    if said is not None:
+        return f"`{said}` shows it whole"
+    return "the Run's " + ("reason" if step is None else f"history[{step}].error") + " has it whole"
+
+
 #: The longest error (or stop reason) the run table and the log lines show whole;
 #: `loomc show ID --step N` shows any.
 SHOWN_CHARS = 200
@@ -293,13 +345,13 @@ class RunAtImport(LoomcError):
 
 
 def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any, fn_name: str = "fn",
-               ended: tuple[str, str] | None = None) -> BaseException:
+               ended: tuple[str, str] | None = None, store: Any = None) -> BaseException:
     """Mark an exception raised by user code with the run it ended.
 
     The user's exception type is kept (callers catch their own errors); loomc
     adds ``run_id``, ``state`` and ``history`` attributes and a note. So does a
     ``KeyboardInterrupt``: a notebook's interrupted cell says which run to resume, or, when the run had
-    ``ended`` (its status and reason) before the interrupt came, how it ended.
+    ``ended`` (its status and reason) before the interrupt came, how it ended. ``store``: where the run is.
     """
     try:
         exc.run_id = run_id  # type: ignore[attr-defined]
@@ -310,17 +362,20 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
     if ended is not None:
         status, reason = ended
         exc.add_note(f"loomc: run {run_id} had already ended, {status.replace('_', ' ')}: {reason}; " + (
-            "the state it reached is on .state" if status == "completed" else go_on(status, fn_name, run_id)))
+            "the state it reached is on .state" if status == "completed" else go_on(status, fn_name, run_id, store)))
         return exc
     how = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
     exc.add_note(f"loomc: run {run_id} {how}; {go_on('failed', fn_name, run_id)}")
     return exc
 
 
-def go_on(status: str, fn_name: str, run_id: str | None) -> str:
-    """How to go on with a run that stopped ``status`` (not completed), as Python to paste."""
+def go_on(status: str, fn_name: str, run_id: str | None, store: Any = None) -> str:
+    """How to go on with a run that stopped ``status`` (not completed), as Python to paste; ``store``: where the
+    run is (``None``: the default file)."""
     if status == "budget_exhausted":
         return f"give a larger budget: {fn_name}.resume({run_id!r}, budget=Budget(...))"
     if status == "stalled":
-        return f"inspect it with `loomc show {run_id}`; {fn_name}.resume({run_id!r}) gives it more calls"
+        shown = None if run_id is None else loomc_command("show", run_id, db=store)
+        where = "its .history" if shown is None else f"it with `{shown}`"
+        return f"inspect {where}; {fn_name}.resume({run_id!r}) gives it more calls"
     return f"resume it with {fn_name}.resume({run_id!r})"

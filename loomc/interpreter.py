@@ -785,7 +785,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
     state = run.returned_state()
     if exc is not None:
         if not isinstance(exc, LoomcError):
-            attach_run(exc, run.id, state, h, run.loop_name())
+            attach_run(exc, run.id, state, h, run.loop_name(), store=run.store)
         else:
             for name, value in (("run_id", run.id), ("state", state), ("history", h)):
                 setattr(exc, name, value)
@@ -793,7 +793,7 @@ def _ended(run: LiveRun, status: str, reason: str, exc: BaseException | None,
         cls = BudgetExhausted if status == "budget_exhausted" else StallError
         exc = cls(f"run {run.id} stopped, {status.replace('_', ' ')}: {reason} "
                   f"({counted(len(h), 'step')}, {dollars(h.total_cost)}){_failing(h)}; the state it reached is on "
-                  f".state; {go_on(status, run.loop_name(), run.id)}",
+                  f".state; {go_on(status, run.loop_name(), run.id, run.store)}",
                   run_id=run.id, state=state, history=h, reason=reason)
     return Run(run.id, status, reason, state, h, run.policy, exc, tuple(run.notices),
                active_seconds=run.elapsed(run.clock()))
@@ -826,7 +826,7 @@ def steps(run: LiveRun) -> Generator[Step, None, Run]:
                 yield effect.step
     except StopIteration as stop:
         drive_over(run.owner)
-        _log_end(stop.value)
+        _log_end(stop.value, run.store)
         return stop.value  # type: ignore[no-any-return]
     except BaseException as e:
         _abandon(run, e)
@@ -835,8 +835,8 @@ def steps(run: LiveRun) -> Generator[Step, None, Run]:
         undriven(run)
 
 
-def _log_end(run: Run) -> None:
-    logs.run_stopped(run.id, run.status, run.reason, run.history)
+def _log_end(run: Run, store: Any) -> None:
+    logs.run_stopped(run.id, run.status, run.reason, run.history, store)
 
 
 def exhaust(stream: Generator[Any, None, Run]) -> Run:
@@ -864,7 +864,7 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
                 yield effect.step
     except StopIteration as stop:
         drive_over(run.owner)
-        _log_end(stop.value)
+        _log_end(stop.value, run.store)
         ended.append(stop.value)
     except BaseException as e:
         if type(e) is GeneratorExit and not _in_event_loop():
@@ -935,7 +935,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         run.store.finish_run(run.id, status, why, run.owner)
     except LoomcError:
         pass
-    logs.run_stopped(run.id, status, why, run.history)
+    logs.run_stopped(run.id, status, why, run.history, run.store)
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
         run.ended = (_ended(run, status, why, None) if status in _STATUS.values() else
                      Run(run.id, status, why, run.returned_state(), run.history, run.policy,
@@ -946,7 +946,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
         state = run.state_of(run.source) if ended is None else run.returned_state()
     except CheckpointDecodeError:  # reading that state back is what failed (exc says so): the history is kept
         state = None
-    attach_run(exc, run.id, state, run.history, run.loop_name(), ended)
+    attach_run(exc, run.id, state, run.history, run.loop_name(), ended, run.store)
 
 
 def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from loomc.budget import usd_cap
-from loomc.errors import counted, dollars, shorten, took
+from loomc.errors import counted, dollars, read_whole, shorten, took
 from loomc.policy import name_of
 
 if TYPE_CHECKING:
@@ -67,18 +67,18 @@ def _step_line(log: Any, live: LiveRun, cap: Decimal | None, step: Step) -> None
     if step.score is not None:
         parts.append(f"score {step.score:.4g}")
     if step.error is not None:
-        parts.append("error " + shorten(step.error, f"`loomc show {live.id} --step {step.n}` shows it whole"))
+        parts.append("error " + shorten(step.error, read_whole(live.id, live.store, step.n)))
     if step.events:
         parts.append(", ".join(step.events))
     log.info("run %s step %d: %s", live.id, step.n, "; ".join(parts))
 
 
-def run_stopped(run_id: str, status: str, reason: str, history: History) -> None:
-    """Log why a run stopped: INFO if it completed, WARNING otherwise."""
+def run_stopped(run_id: str, status: str, reason: str, history: History, store: Any) -> None:
+    """Log why a run stopped: INFO if it completed, WARNING otherwise. ``store``: where the run is."""
     log = logger()
     level = INFO if status == "completed" else WARNING
     if log is None or not log.isEnabledFor(level):
         return
     log.log(level, "run %s stopped, %s: %s (%s, %s)", run_id, status.replace("_", " "),
-            shorten(reason, f"`loomc show {run_id}` shows it whole"), counted(len(history), "step"),
+            shorten(reason, read_whole(run_id, store)), counted(len(history), "step"),
             dollars(history.total_cost))

@@ -31,7 +31,7 @@ from loomc.backtrack import Backtracker
 from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised, top_level,
                           with_unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
-                          RunAtImport, RunNotFound, StepConflict, counted, dollars, warn_at_caller)
+                          RunAtImport, RunNotFound, StepConflict, counted, dollars, loomc_command, warn_at_caller)
 from loomc.context import current_run, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
@@ -95,11 +95,13 @@ def _check_run_id(run_id: Any) -> None:
         raise ConfigError(f"run_id={run_id!r}: a run id is a non-empty string, such as '2026-11-22-nightly'")
 
 
-def refuse_completed(record: RunRecord) -> None:
+def refuse_completed(record: RunRecord, store: CheckpointStore) -> None:
     """Raise :class:`RunAlreadyFinished` for a run that completed: there is nothing to resume."""
     if record.status == "completed":
+        shown = loomc_command("show", record.id, db=store)
+        see = f"`{shown}`" if shown is not None else f"{fn_name_of_path(record.fn_path)}.history({record.id!r})"
         raise RunAlreadyFinished(f"run {record.id} already completed ({record.reason}); there is nothing "
-                                 f"to resume. See it with `loomc show {record.id}`")
+                                 f"to resume. See it with {see}")
 
 
 def _other_state(state: Any, record: RunRecord, parent: LiveRun | None) -> str | None:
@@ -150,9 +152,11 @@ def refuse_child(store: CheckpointStore, record: RunRecord) -> None:
     if parent is None:
         return
     name = fn_name_of_path(parent.fn_path)
+    command = loomc_command("resume", parent.id, db=store)
     raise ConfigError(f"run {record.id} is a child run started in step {record.parent_step} of run {parent.id}, "
                       "which never committed that step; resume the parent, which goes on with this run inside "
-                      f"that step under its budget: {name}.resume({parent.id!r}), or `loomc resume {parent.id}`")
+                      f"that step under its budget: {name}.resume({parent.id!r})" +
+                      ("" if command is None else f", or `{command}`"))
 
 
 def fn_name_of_path(fn_path: str | None) -> str:
@@ -469,7 +473,7 @@ class LoopRunner:
             # RunLocked ("already being run in this process") until the garbage collector happened to run.
             gc.collect()
             record = before = store.get_run(run_id)
-        refuse_completed(record)
+        refuse_completed(record, store)
         if parent is None:
             refuse_child(store, record)
         policy, note = self.policy, None

@@ -68,7 +68,7 @@ def test_runs_and_show_print_the_readme_layouts_byte_for_byte(tmp_path):
     # The calls took no time here; the README shows the times of real model calls.
     with closing(sqlite3.connect(db)) as conn, conn:
         conn.executemany("UPDATE steps SET duration = ? WHERE step_n = ?", [(4.21, 0), (38.6, 1), (185.2, 2), (0.4, 3)])
-    show = invoke("show", run_id, "--db", db)
+    show = invoke("show", run_id, "--db", db, env={"LOOMC_DB": db})  # the default file, as in the README
     assert show.exit_code == 0
     assert show.output == readme_block("$ loomc show a1b2c3d4e5f6").split("\n\n", 1)[1]
 
@@ -200,11 +200,11 @@ def test_show_gives_a_run_under_a_wall_clock_cap_its_active_time_against_the_cap
     slow.run(0, run_id="w")
     shown = invoke("show", "w", "--db", db).output.splitlines()
     assert shown[3:5] == ["Spent: $0.0400 of $1.0000 budget in 4 steps, 1 attempt", "Active: 10m00s of the 10m cap"]
-    assert "loomc resume w --wall-clock 30m" in shown[1]
+    assert f"`loomc resume --db {SQLiteStore(db).path} w --wall-clock 30m` continues it" in shown[1]  # not the default file
     loop(budget=Budget(wall_clock=90, iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="secs")
     assert re.search(r"^Active: \S+ of the 90s cap$", invoke("show", "secs", "--db", db).output, re.M)
     loop(budget=Budget(iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="none")
-    assert "Active:" not in invoke("show", "none", "--db", db).output  # no wall-clock cap: no line
+    assert "Active:" not in invoke("show", "none", env={"LOOMC_DB": db}).output  # no wall-clock cap: no line
 
 
 def test_a_cheap_models_cents_show_in_every_table_instead_of_zeros(tmp_path):
@@ -541,6 +541,7 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     assert row["status"] == "running" and row["steps"] == 2  # as stored; the tables say what happened
     listed = subprocess.run(["loomc", "runs"], capture_output=True, text=True, env=env).stdout
     assert listed.splitlines()[2].split()[:4] == [row["id"], "fix_code", "crashed", "2"]
+    assert crashed.stdout.splitlines()[-1].endswith(f"`loomc resume {row['id']}` finishes the run")  # what to type
     # Its cost counts what the crashed step charged, marked: it was the committed steps' alone
     in_flight = SQLiteStore(tmp_path / "demo.db").pending_charges(row["id"])[2]
     assert listed.splitlines()[2].split()[4] == f"${Decimal(row['total_cost_usd']) + in_flight:.4f}*", listed
@@ -1129,7 +1130,7 @@ def test_a_long_error_is_cut_in_the_table_and_show_step_prints_one_step_whole(tm
 
     with pytest.raises(RuntimeError):
         fails({"n": 0}, run_id="stopped-long")
-    stopped = invoke("show", "stopped-long", "--db", db).output.splitlines()[1]
+    stopped = invoke("show", "stopped-long", env={"LOOMC_DB": db}).output.splitlines()[1]
     assert stopped.startswith("Stopped: RuntimeError: HTTP 500: <html>\\nxxx") and len(stopped) < 400
     assert stopped.endswith("... (50,043 characters; `loomc show stopped-long --step 0` shows it whole); "
                             "`loomc resume stopped-long` continues it")
@@ -1169,7 +1170,7 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
     for flag in ([], ["--json"]):  # running means driven: the crashed ones, stored as running too, are left out
         running = invoke("runs", "--db", db, "--status", "running", *flag).output
         assert "held" in running and not any(run_id in running for run_id in ("elsewhere", "here", "ownerless"))
-    stopped = {run_id: invoke("show", run_id, "--db", db).output.splitlines()[1] for run_id in listed}
+    stopped = {run_id: invoke("show", run_id, env={"LOOMC_DB": db}).output.splitlines()[1] for run_id in listed}
     assert re.match(r"Stopped: its process \(.+\) died during step 2; `loomc resume here` continues it$",
                     stopped["here"]), stopped["here"]
     assert stopped["elsewhere"].startswith("Stopped: its process (pod-7f9c:1:t1) stopped renewing its lease during "
@@ -1414,7 +1415,8 @@ def test_a_failed_step_keeps_where_it_was_raised_for_loomc_show_and_step_traceba
     assert json.loads(invoke("export", "tb", "--db", db, "--json").output)["steps"][2]["metrics"]["traceback"] == where
 
     shown = invoke("show", "tb", "--db", db).output.splitlines()
-    assert shown[4] == "Failed: 2 steps; `loomc show tb --step 1` shows where the first was raised"
+    assert shown[4] == (f"Failed: 2 steps; `loomc show --db {SQLiteStore(db).path} tb --step 1` shows where the first "
+                        "was raised")
     one = invoke("show", "tb", "--db", db, "--step", "1").output
     assert "Error:\n  ValueError: the reply has no usage\nRaised at:\n  Traceback (most recent call last):\n" in one
     assert '\n      return reply["usage"]["tokens"]\n' in one and "Metrics:" not in one
@@ -1425,7 +1427,7 @@ def test_a_failed_step_keeps_where_it_was_raised_for_loomc_show_and_step_traceba
         state["n"] = 1
 
     assert [s.traceback for s in forgets.run({}, run_id="none").history] == [None]
-    assert "\nFailed: 1 step; `loomc show none --step 0` shows it whole\n" in invoke("show", "none", "--db", db).output
+    assert "\nFailed: 1 step; `loomc show none --step 0` shows it whole\n" in invoke("show", "none", env={"LOOMC_DB": db}).output
 
     # An async fn awaited under a deadline starts at its own frame, not at asyncio's wait_for.
     @loop(budget=Budget(iterations=1, wall_clock="1m"), checkpoint="memory")
@@ -1437,3 +1439,53 @@ def test_a_failed_step_keeps_where_it_was_raised_for_loomc_show_and_step_traceba
     assert failed.traceback.startswith('Traceback (most recent call last):\n  File "' + __file__)
     assert len(failed.traceback) <= 8_100 and " characters cut)\n" in failed.traceback
     assert failed.traceback.endswith("x" * 100) and failed.error == "ConnectionError: reset " + "x" * 20_000
+
+
+@pytest.mark.parametrize("run_id", ["-x9Qw", "nightly 2026-12-05", "it's\nhere"])
+def test_every_command_a_hint_gives_runs_as_pasted_into_a_shell(tmp_path, monkeypatch, run_id):
+    """Regression: the commands in hints named neither the run's file nor a run id a shell could take back. A
+    run of checkpoint="jobs.db" was told `loomc show ID`, which reads the default file and has no such run; an id
+    that begins with a dash (secrets.token_urlsafe gives one in 64) was read as an option; one with a space
+    as two arguments."""
+    from loomc import Escalate, LastGood, RunAlreadyFinished
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOMC_DB", raising=False)
+    db = tmp_path / "jobs.db"
+
+    def fail(state):
+        raise RuntimeError("HTTP 500: " + "x" * 300)
+
+    assert loop(budget=Budget(iterations=3), checkpoint=str(db))(fail).run(0, run_id=run_id).status == "failed"
+
+    def paste(hint: str):
+        """Run the command between the backquotes of ``hint`` as bash would take it."""
+        command = hint.split("`")[1]
+        words = subprocess.run(["bash", "-c", "printf '%s\\0' " + command], capture_output=True, text=True,
+                               check=True).stdout.split("\0")[:-1]
+        assert words[0] == "loomc", command
+        return CliRunner().invoke(main, words[1:])
+
+    table = CliRunner().invoke(main, ["show", "--db", str(db), "--", run_id]).output.splitlines()
+    stopped, failed = table[1], table[4]
+    assert f"--db {db}" in stopped  # the run's file, which is not the default one here
+    for hint in (stopped.split("characters; ")[1], failed):
+        ran = paste(hint)
+        shown = run_id.replace("\n", "\\n")  # as the table prints it, escaped
+        assert ran.exit_code == 0 and ran.output.startswith(f"Run: {shown}  "), (hint, ran.output)
+    resumed = paste(stopped.rpartition("; ")[2])  # found the run, whose loop (made in this test) it cannot import
+    assert resumed.exit_code == 1 and f"fail.resume({run_id!r})" in resumed.output, resumed.output
+    monkeypatch.setenv("LOOMC_DB", str(db))  # now it is: the hint need not name it
+    assert "--db" not in CliRunner().invoke(main, ["show", "--", run_id]).output.splitlines()[1]
+
+    # A run in a store no command reads is told where to look instead.
+    stalled = loop(budget=Budget(iterations=3), backtrack=LastGood(), on_stall=Escalate(after=2),
+                   checkpoint="memory")(fail).run(0)
+    assert stalled.status == "stalled" and str(stalled.error).endswith(
+        f"inspect its .history; fail.resume({stalled.id!r}) gives it more calls")
+    def tidy(state):
+        return state
+
+    done = loop(converge_on=predicate(lambda h: True), checkpoint="memory")(tidy)
+    done.run(0, run_id="fin")
+    with pytest.raises(RunAlreadyFinished, match=r"See it with tidy\.history\('fin'\)$"):
+        done.resume("fin")

@@ -44,7 +44,8 @@ def test_info_logs_the_start_every_step_and_a_warning_says_why_the_run_stopped(t
     level, text = got[2]
     assert level == "INFO" and took.sub(" in T;", text).startswith(
         "run lg step 1: $0.0000 (total $0.0500 of $1.0000) in T; error ValueError: boom\\nxxx")  # escaped: one line
-    assert text.endswith("... (317 characters; `loomc show lg --step 1` shows it whole); backtrack to step 0")
+    assert text.endswith(f"... (317 characters; `loomc show --db {tmp_path / 'l.db'} lg --step 1` shows it whole); "
+                         "backtrack to step 0")  # a command to paste: of the run's file, not the default one
     assert len(got) == 6 and got[-1] == ("WARNING", "run lg stopped, budget exhausted: iterations: 4 of 4 calls "
                                                     "made (4 steps, $0.0500)")
 

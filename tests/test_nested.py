@@ -406,7 +406,7 @@ def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent
     monkeypatch.delitem(sys.modules, "nested_crashy", raising=False)
     import nested_crashy  # the loops as the crashed script defined them
     refused = r"run nested-1-0 is a child run started in step 1 of run nested, which never committed that step; " \
-              r"resume the parent, .*: parent.resume\('nested'\), or `loomc resume nested`"
+              r"resume the parent, .*: parent.resume\('nested'\), or `loomc resume --db \S+/n.db nested`"
     store = SQLiteStore(db)
     before = store.get_run("nested-1-0")
     with pytest.raises(ConfigError, match=refused):
@@ -440,7 +440,7 @@ def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent
             return s
 
     assert forgiving(0, run_id="kind") == 0 and store.get_run("kind-0-0").status == "failed"
-    shown = CliRunner().invoke(main, ["show", "--db", str(db), "kind-0-0"])
+    shown = CliRunner().invoke(main, ["show", "kind-0-0"], env={"LOOMC_DB": str(db)})
     assert "Stopped: RuntimeError: boom; `loomc resume kind-0-0` continues it" in shown.output
     failing["on"] = False
     assert inner.resume("kind-0-0") == 4

@@ -450,8 +450,8 @@ def test_resuming_a_stalled_run_gives_it_more_calls_from_its_best_state(tmp_path
 
     first = step.run({"q": 0.0})
     assert first.status == "stalled" and first.steps == 4
-    assert str(first.error).endswith(f"inspect it with `loomc show {first.id}`; step.resume({first.id!r}) gives it "
-                                     "more calls")
+    assert str(first.error).endswith(f"inspect it with `loomc show --db {step.store.path} {first.id}`; "
+                                     f"step.resume({first.id!r}) gives it more calls")
     again = step.resume_run(first.id)
     assert again.status == "stalled" and again.steps == 9, "three more steps without a gain stall it again"
     assert again.history[4].state["from"] == 0.5, "the first new call starts from the best state"
@@ -1680,7 +1680,7 @@ def test_a_step_that_kills_its_process_every_time_is_bounded_by_its_budget(tmp_p
     assert all(s.events[0] == "interrupted" and s.cost == 0 for s in steps[2:])
     from click.testing import CliRunner
     from loomc.cli import main
-    shown = CliRunner().invoke(main, ["show", "oom", "--db", str(db)]).output
+    shown = CliRunner().invoke(main, ["show", "oom"], env={"LOOMC_DB": str(db)}).output
     assert "; `loomc resume oom --iterations N` continues it under a larger cap\n" in shown
     if "usd" in budget:  # caps in dollars and time cannot see those calls: the run stops after three in a row
         assert record.reason.startswith("unreported_spend: the last 3 calls (steps 2 to 4) were cut short before "
