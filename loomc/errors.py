@@ -166,8 +166,10 @@ def shell_word(text: str) -> str:
     for ch in text:
         if ch in "\\'":
             out.append("\\" + ch)
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(clean(ch))
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):  # bash: \\x is a byte, \\u a character
+            code = ord(ch)
+            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000
+                                            else f"\\U{code:08x}"))
         else:
             out.append(ch)
     return "$'" + "".join(out) + "'"

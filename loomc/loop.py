@@ -93,6 +93,11 @@ def _tell(opened: LiveRun | Run) -> None:
 def _check_run_id(run_id: Any) -> None:
     if not isinstance(run_id, str) or not run_id.strip():
         raise ConfigError(f"run_id={run_id!r}: a run id is a non-empty string, such as '2026-11-22-nightly'")
+    if "\0" in run_id or any("\ud800" <= ch <= "\udfff" for ch in run_id):
+        # No database takes a lone surrogate (it is no text: a file name that is not UTF-8, decoded so), and no
+        # command line a NUL, so `loomc show` could not be given it.
+        raise ConfigError(f"run_id={run_id!r}: a run id cannot hold a NUL or a lone surrogate; "
+                          "make it of printable text, such as '2026-11-22-nightly'")
 
 
 def refuse_completed(record: RunRecord, store: CheckpointStore) -> None:

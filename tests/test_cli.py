@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
 
 from loomc import BestScore, Budget, SQLiteStore, load_history, loop, predicate, score_plateau
@@ -1489,3 +1490,16 @@ def test_every_command_a_hint_gives_runs_as_pasted_into_a_shell(tmp_path, monkey
     done.run(0, run_id="fin")
     with pytest.raises(RunAlreadyFinished, match=r"See it with tidy\.history\('fin'\)$"):
         done.resume("fin")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1), min_size=1, max_size=40))
+def test_a_shell_reads_back_every_id_as_a_hint_quotes_it(ids):
+    """Whatever a run id holds (quotes, spaces, newlines, escapes, right-to-left marks), bash reads the word a hint
+    gives for it back as the id; and the word shows no control character raw, so printing it is safe too."""
+    from loomc.errors import clean, shell_word
+    words = [shell_word(i) for i in ids]
+    assert all(clean(w) == w for w in words)
+    out = subprocess.run(["bash", "-c", "printf '%s\\0' " + " ".join(words)], capture_output=True, check=True,
+                         env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout  # bytes: text mode would turn \r into \n
+    assert out.decode().split("\0")[:-1] == ids

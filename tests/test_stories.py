@@ -604,6 +604,10 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=5), "run_id=5: a run id is a non-empty string"),
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=" "), "run_id=' ': a run id is a non-empty"),
     (lambda: loop(checkpoint="memory")(lambda s: s).resume(7), "run_id=7: a run id"),
+    # SQLite refused the first with a bare UnicodeEncodeError; the second no command line can carry to `loomc show`.
+    (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id="job-\udc80"), "run_id='job-\\udc80': a run id "
+                                                                               "cannot hold a NUL or a lone surrogate"),
+    (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id="a\0b"), "cannot hold a NUL"),
 ])
 def test_bad_arguments_fail_at_construction_with_a_clear_message(make, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
