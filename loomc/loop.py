@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Sequence
 from decimal import Decimal
-from typing import Any, Never
+from typing import Any, Never, Self
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
@@ -301,6 +301,9 @@ class LoopRunner:
         self.fn_path = _fn_path(fn)
         self.spec_hash = _spec_hash(fn, policy, self.state_type)
         self._store: CheckpointStore | None = None
+        # A loop left at the default checkpoint runs its child runs in its parent's store (see _under).
+        self._own_store = not (isinstance(checkpoint, str) and checkpoint == "sqlite")
+        self._origin = self
         self._types: dict[str, Any] = {}  # state types seen by this runner, by recorded path
         self._home = getattr(fn, "__module__", None)  # where a type recorded by fn's script as __main__ is
         self._probes = tuple(probe for part in policy.walk() for probe in part.probes())
@@ -326,7 +329,18 @@ class LoopRunner:
 
     @store.setter
     def store(self, store: CheckpointStore) -> None:
-        self._store = store
+        self._store, self._own_store = store, True
+
+    def _under(self, parent: LiveRun) -> Self:
+        """This loop as it runs a child of ``parent``. Left at the default checkpoint, it keeps the child run in
+        the parent's store, where the parent's record, ``loomc show`` and ``prune`` look for its children, and
+        where a resume of the parent finds them: ``loomc resume --db F`` run from another directory used to
+        start each child afresh in that directory's default file, paying again for its steps."""
+        if self._own_store or self._store is parent.store:
+            return self
+        view = copy.copy(self)
+        view._store, view._own_store = parent.store, True
+        return view
 
     # --- starting and resuming -------------------------------------------
 
@@ -347,10 +361,11 @@ class LoopRunner:
                        scorer=self.scorer, cost_fn=self.cost_fn, on_step=self.on_step,
                        lease_seconds=self.lease_seconds, parent=parent, state_type=state_type,
                        parent_step=-1 if parent is None else parent.in_flight,
-                       initial_json=initial_json, drive=drive, fetch=_fetcher(self.store, run_id), runner=self)
+                       initial_json=initial_json, drive=drive, fetch=_fetcher(self.store, run_id), runner=self._origin)
 
-    def _plan(self, run_id: str | None, resume: bool = False) -> tuple[LiveRun | None, str | None]:
-        """Inside another loop's iteration this run is its child, with a stable id per parent step.
+    def _plan(self, run_id: str | None, resume: bool = False) -> tuple[Self, LiveRun | None, str | None]:
+        """Inside another loop's iteration this run is its child, with a stable id per parent step: the loop
+        that runs it (see ``_under``), its parent, and its id.
 
         Called at the call site, before any await, so children started in one step get the same
         ids in the same order when the parent resumes that step.
@@ -362,8 +377,8 @@ class LoopRunner:
             raise ConfigError("resume=True needs run_id=: the id of the run to continue if it is stored, "
                               "or to start under if not")
         if parent is None:
-            return None, run_id
-        return parent, run_id or parent.next_child_id()
+            return self, None, run_id
+        return self._under(parent), parent, run_id or parent.next_child_id()
 
     def _open(self, state: Any, run_id: str | None, parent: LiveRun | None, resume: bool = False) -> LiveRun | Run:
         """A LiveRun to drive, or (for a child, or with ``resume``, that already completed) its finished Run.
@@ -629,9 +644,9 @@ class LoopRunner:
         ``state`` is then not used: :class:`StateMismatchWarning` says so when it differs from the
         state the stored run started with.
         """
-        parent, run_id = self._plan(run_id, resume)
+        runner, parent, run_id = self._plan(run_id, resume)
         self._ready()
-        return exhaust(self._steps(self._open(state, run_id, parent, resume)))
+        return exhaust(runner._steps(runner._open(state, run_id, parent, resume)))
 
     def iter(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> StepStream:
         """Run the loop, yielding each Step as soon as it is committed; ``.run`` holds the Run after.
@@ -642,10 +657,10 @@ class LoopRunner:
         ``resume=True`` (with ``run_id=``) goes on with the run stored under that id, as ``run`` does:
         only the Steps committed from now on are yielded.
         """
-        parent, run_id = self._plan(run_id, resume)
+        runner, parent, run_id = self._plan(run_id, resume)
         self._ready()
-        opened = self._open(state, run_id, parent, resume)
-        return StepStream(self._steps(opened), opened)
+        opened = runner._open(state, run_id, parent, resume)
+        return StepStream(runner._steps(opened), opened)
 
     def __call__(self, state: Any, *, run_id: str | None = None, resume: bool = False) -> Any:
         """Run the loop and return the final state; raise what ended it otherwise."""
@@ -734,9 +749,10 @@ class AsyncLoopRunner(LoopRunner):
 
     async def run(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
                   resume: bool = False) -> Run:
-        parent, run_id = self._plan(run_id, resume)
+        runner, parent, run_id = self._plan(run_id, resume)
         await self._aready()
-        return await self._go(await offload(self.store, self._open, state, run_id, parent, resume, abandoned=_let_go))
+        return await runner._go(await offload(runner.store, runner._open, state, run_id, parent, resume,
+                                              abandoned=_let_go))
 
     def iter(self, state: Any, *, run_id: str | None = None,  # type: ignore[override]
              resume: bool = False) -> AsyncStepStream:
@@ -810,8 +826,8 @@ class AsyncStepStream:
 
     async def __anext__(self) -> Step:
         if self._steps is None:
-            parent, run_id = self._runner._plan(self._run_id, self._resume)  # at the call site, before any await
-            self._steps = self._produce(parent, run_id)
+            runner, parent, run_id = self._runner._plan(self._run_id, self._resume)  # at the call site, before any await
+            self._steps = self._produce(runner, parent, run_id)
         try:
             return detached(await self._steps.__anext__())  # as the sync stream's
         except StopAsyncIteration:
@@ -826,9 +842,9 @@ class AsyncStepStream:
         if self.run is None and isinstance(self._opened, LiveRun):
             self.run = self._opened.ended
 
-    async def _produce(self, parent: LiveRun | None, run_id: str | None) -> AsyncGenerator[Step, None]:
-        runner = self._runner
-        await runner._aready()
+    async def _produce(self, runner: AsyncLoopRunner, parent: LiveRun | None,
+                       run_id: str | None) -> AsyncGenerator[Step, None]:
+        await self._runner._aready()
         opened = self._opened = await offload(runner.store, runner._open, self._state, run_id, parent, self._resume,
                                               abandoned=_let_go)
         stream = runner._steps_of(opened, self._ended)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -706,3 +707,88 @@ def test_a_parent_whose_child_was_cut_short_before_anything_was_charged_makes_it
     assert done.status == "budget_exhausted" and [s.cost for s in done.history] == [Decimal("0.05"), Decimal("0.05")]
     assert done.state == 2
     store.close()
+
+
+@pytest.mark.parametrize("how", ["sync", "async", "async iter"])
+def test_a_child_loop_left_at_the_default_checkpoint_keeps_its_runs_in_its_parents_store(tmp_path, monkeypatch, how):
+    """Regression: a child loop with the default checkpoint kept its runs in the default file of the working
+    directory, whatever its parent's store. `loomc resume --db /srv/app/.loomc/checkpoints.db ID`, run from
+    another directory (a cron job starts in $HOME), resumed the parent there, and each child afresh in a new
+    file of that directory: its steps made before the crash were paid for again, and the parent's `loomc show`
+    billed the stale child."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOMC_DB", raising=False)
+    if how == "sync":
+        @loop(budget=Budget(iterations=2))
+        def child(s):
+            loomc.charge(0.10)
+            return s + 1
+
+        def call(s):
+            return child.run(s).state  # the child's budget ends it
+    else:
+        @loop(budget=Budget(iterations=2))
+        async def child(s):
+            await loomc.acharge(0.10)
+            return s + 1
+
+        async def call(s):
+            if how == "async":
+                return (await child.run(s)).state
+            stream = child.iter(s)
+            async for _ in stream:
+                pass
+            return stream.run.state
+
+    parent = loop(budget=Budget(iterations=1))(call)
+    parent.store = SQLiteStore(tmp_path / "jobs.db")  # as `loomc resume --db jobs.db` runs it
+    run = asyncio.run(parent.run(0, run_id="p")) if how != "sync" else parent.run(0, run_id="p")
+    assert run.status == "budget_exhausted" and run.state == 2 and run.total_cost == Decimal("0.2")
+    assert [(c.id, c.steps, c.total_cost) for c in parent.store.children("p")] == [("p-0-0", 2, Decimal("0.2"))]
+    assert not (tmp_path / ".loomc").exists()  # no file of the working directory's
+    # A parent in memory (a notebook trying a policy out) keeps its children there too.
+    memo = loop(budget=Budget(iterations=1), checkpoint="memory")(call)
+    ran = asyncio.run(memo.run(0, run_id="m")) if how != "sync" else memo.run(0, run_id="m")
+    assert ran.total_cost == Decimal("0.2") and memo.store.get_run("m-0-0").steps == 2
+    assert not (tmp_path / ".loomc").exists()
+    # A child loop that names its own store keeps its runs there.
+    child.store = own = SQLiteStore(tmp_path / "own.db")
+    again = asyncio.run(parent.run(0, run_id="q")) if how != "sync" else parent.run(0, run_id="q")
+    assert again.total_cost == Decimal("0.2") and own.get_run("q-0-0").steps == 2
+
+
+def test_loomc_resume_from_another_directory_goes_on_with_the_children_in_the_file_it_is_given(tmp_path):
+    """The story behind the test above, with a real SIGKILL and the real command: the child's first paid call
+    is made once, the one it died in is recorded, and nothing is written in the directory the command ran in."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "job.py").write_text(
+        "import os, signal\n"
+        "import loomc\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=3))\n"
+        "def child(s):\n"
+        "    loomc.charge(0.10)\n"
+        "    print('child call', s, flush=True)\n"
+        "    if s == 1 and os.environ.get('CRASH'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return s + 1\n"
+        "@loop(budget=Budget(iterations=1, usd=5))\n"
+        "def parent(s):\n"
+        "    return child.run(s).state\n"
+        "if __name__ == '__main__':\n"
+        "    parent.run(0, run_id='p')\n")
+    env = {k: v for k, v in os.environ.items() if k != "LOOMC_DB"}
+    crashed = subprocess.run([sys.executable, "job.py"], cwd=project, env={**env, "CRASH": "1"},
+                             capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == -9 and crashed.stdout.split("\n")[:2] == ["child call 0", "child call 1"]
+    db = project / ".loomc" / "checkpoints.db"
+    resumed = subprocess.run(["loomc", "resume", "--db", str(db), "p"], cwd=elsewhere, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 2, resumed.stderr  # the parent's one call is made: its budget ends it
+    assert resumed.stdout.startswith("child call 1\nRun: p  Loop: parent  Status: budget_exhausted\n"), resumed.stdout
+    store = SQLiteStore(db)
+    child = store.get_run("p-0-0")  # calls 0 and 1 (the one it died in, $0.10 charged), then 1 again
+    assert (child.steps, child.total_cost, store.get_run("p").total_cost) == (3, Decimal("0.3"), Decimal("0.3"))
+    assert not (elsewhere / ".loomc").exists()
