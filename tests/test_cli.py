@@ -1084,7 +1084,7 @@ def test_resume_take_over_takes_a_run_from_an_owner_known_to_be_gone(tmp_path):
         conn.execute("UPDATE runs SET status = 'running', owner = 'old-pod:1:t1.ab', lease_expires = ?",
                      (time.time() + 600,))
     locked = subprocess.run(["loomc", "resume", "p1"], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert locked.returncode == 1 and "loomc resume --take-over" in locked.stderr
+    assert locked.returncode == 1 and "(`loomc resume p1 --take-over`)" in locked.stderr  # the command to paste
     proc = subprocess.run(["loomc", "resume", "p1", "--take-over"], env=env, capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -1606,7 +1606,7 @@ def test_take_over_resumes_a_run_whose_owner_on_another_host_is_known_to_be_gone
                      "WHERE id = 'job'", (time.time() + 600,))
     more = loop(budget=Budget(iterations=6), cost_fn=lambda s: 0.1, checkpoint=db)(count.fn)
     with pytest.raises(RunLocked, match=r"pod-7f9c:1:t1.ab \(lease for \d+s more\).*resume with take_over=True "
-                                        r"\(loomc resume --take-over\)"):
+                                        r"\(`loomc resume --db \S+ job --take-over`\)"):
         more.resume("job")
     with pytest.warns(SpecChangedWarning):
         run = more.resume_run("job", take_over=True)

@@ -21,7 +21,7 @@ from decimal import Decimal
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from loomc.errors import RunNotFound, StoreError
+from loomc.errors import RunNotFound, StoreError, loomc_command
 
 STATUSES = ("running", "completed", "budget_exhausted", "stalled", "failed", "cancelled")
 
@@ -232,14 +232,16 @@ def unheld(owner: str | None, lease_expires: float | None, now: float) -> bool:
     return owner is None or (owner not in _DRIVING and ((lease_expires or 0) < now or owner_is_dead(owner)))
 
 
-def locked_message(run: RunRecord, now: float) -> str:
+def locked_message(run: RunRecord, now: float, store: Any = None) -> str:
+    """Why ``run`` cannot be taken now; ``store`` (the one that holds it) names the command that takes it over."""
     if run.owner in _DRIVING:
         return (f"run {run.id} is already being run in this process (by another thread or task, or an "
                 "iter() not yet finished); wait for it to finish, or close that iter()")
     left = max(0.0, (run.lease_expires or now) - now)
+    command = loomc_command("resume", run.id, "--take-over", db=store)
     return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); wait for it to finish, "
             "or for its lease to expire; if you know that process is gone (a restarted container with a new "
-            "host name), resume with take_over=True (loomc resume --take-over)")
+            "host name), resume with take_over=True" + ("" if command is None else f" (`{command}`)"))
 
 
 def open_parent_step(store: Any, record: RunRecord) -> RunRecord | None:

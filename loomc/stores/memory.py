@@ -40,7 +40,7 @@ class MemoryStore:
         with self._lock:
             run, now = self._run(run_id), time.time()
             if not may_take(run, owner, now, take_over):
-                raise RunLocked(locked_message(run, now))
+                raise RunLocked(locked_message(run, now, self))
             run = run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
                               attempts=run.attempts + 1, updated_at=now, policy=policy or run.policy,
                               notes=run.notes + ((note,) if note else ()))

@@ -312,7 +312,7 @@ class SQLiteStore:
         def claim(conn: sqlite3.Connection) -> RunRecord:
             run, now = self._get(conn, run_id), time.time()
             if not may_take(run, owner, now, take_over):
-                raise RunLocked(locked_message(run, now))
+                raise RunLocked(locked_message(run, now, self))
             notes = run.notes + ((note,) if note else ())
             conn.execute("UPDATE runs SET owner = ?, lease_expires = ?, status = 'running', attempts = attempts + 1, "
                          "updated_at = ?, policy = ?, notes = ? WHERE id = ?",
