@@ -155,6 +155,8 @@ class _Call(tuple):  # type: ignore[type-arg]
                 new_state, exc = result, None
             except asyncio.TimeoutError as e:
                 new_state, exc = None, _past_deadline(run, e, "during this call, which was cancelled")
+                if run.drives:
+                    await _children_wound_down(run)
             except RunLocked:
                 raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:
@@ -208,6 +210,22 @@ async def _by_deadline(run: LiveRun, awaitable: Any, now: float) -> Any:
         return await awaitable
     import asyncio
     return await asyncio.wait_for(awaitable, max(run.wall_cap - run.elapsed(now), 0.0))
+
+
+#: How long a call cancelled at its run's deadline waits for the child runs it started to wind down.
+WIND_DOWN_SECONDS = 2.0
+
+
+async def _children_wound_down(run: LiveRun) -> None:
+    """Wait, up to WIND_DOWN_SECONDS, for the child runs of the call just cancelled at the deadline to wind down:
+    each commits its own call cut short and bills it to this step, which is settled next. ``asyncio.gather``
+    passes on the first child's cancellation without waiting for the others, so a sibling's bill used to come
+    once the step was settled: its spend went missing from the parent's ledger (an OrphanedChildWarning said
+    so). A child that cannot be cancelled (a sync one in a thread) goes on after the wait, and is told so."""
+    import asyncio
+    end = time.monotonic() + WIND_DOWN_SECONDS
+    while run.drives and time.monotonic() < end:
+        await asyncio.sleep(0.005)
 
 
 def _past_deadline(run: LiveRun, e: BaseException, what: str) -> BaseException:
@@ -959,6 +977,10 @@ def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return f"{what} {where}: a Ctrl-C, or a notebook's interrupt"
     if name == "CancelledError":
+        parent, left = run.parent, None if run.parent is None else run.parent.time_left()
+        if parent is not None and left is not None and left <= 0:
+            return (f"{what} {where}: the wall-clock cap of the run it is nested in ran out, which cancelled "
+                    f"step {run.parent_step} of run {parent.id}, and this run with it")
         return (f"{what} {where}: the task running the loop was cancelled (a timeout such as asyncio.wait_for's, "
                 "a TaskGroup, a Ctrl-C under asyncio.run, or task.cancel())")
     if isinstance(exc, SystemExit):

@@ -792,3 +792,33 @@ def test_loomc_resume_from_another_directory_goes_on_with_the_children_in_the_fi
     child = store.get_run("p-0-0")  # calls 0 and 1 (the one it died in, $0.10 charged), then 1 again
     assert (child.steps, child.total_cost, store.get_run("p").total_cost) == (3, Decimal("0.3"), Decimal("0.3"))
     assert not (elsewhere / ".loomc").exists()
+
+
+def test_children_gathered_in_a_call_cut_at_the_deadline_are_all_billed_to_that_step(tmp_path):
+    """Regression: at an async parent's deadline, asyncio.gather passed on the first child's cancellation without
+    waiting for the others, and the parent's step was settled before a sibling had billed its call cut short:
+    two children that had spent $0.25 each left $0.25 in the parent's ledger, with an OrphanedChildWarning that
+    blamed fn for a task loomc had cancelled itself."""
+    import warnings
+    db = str(tmp_path / "dl.db")
+
+    @loop(budget=Budget(iterations=5), checkpoint=db)
+    async def child(s):
+        await loomc.acharge(0.25)
+        await asyncio.sleep(60)
+        return s + 1
+
+    @loop(budget=Budget(wall_clock=1.5, iterations=3, usd=10), checkpoint=db)  # time for each child to charge
+    async def parent(s):
+        a, b, c = await asyncio.gather(child.run(s), child.run(s), child.run(s))
+        return a.state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", loomc.OrphanedChildWarning)
+        run = asyncio.run(parent.run(0, run_id="pd"))
+    assert run.status == "budget_exhausted" and run.history[0].error.startswith("DeadlineExceeded")
+    assert run.total_cost == Decimal("0.75") == SQLiteStore(db).get_run("pd").total_cost
+    kids = SQLiteStore(db).children("pd")
+    assert [(k.status, k.total_cost) for k in kids] == [("cancelled", Decimal("0.25"))] * 3
+    assert {k.reason for k in kids} == {"CancelledError during step 0's call: the wall-clock cap of the run it is "
+                                        "nested in ran out, which cancelled step 0 of run pd, and this run with it"}
