@@ -605,7 +605,8 @@ def _machine(run: LiveRun) -> Generator[Any, Any, Run]:
             yield _Wait(decision.wait)
         if fatal:
             if not isinstance(exc, Exception):
-                raise exc  # the driver records the run as cancelled; the step is committed
+                run.measured_when_cut = step.n  # for the run's reason: the step is committed, cut while measured
+                raise exc  # the driver records the run as cancelled
             yield _Finish(*ending)
             return _ended(run, *ending, exc)
     status = _STATUS[decision.outcome]
@@ -972,6 +973,8 @@ def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
     ``CancelledError`` in ``loomc show`` tells of the timeout that cancelled the task running the loop."""
     done = len(run.history)
     where = (f"during step {run.in_flight}'s call" if run.in_flight >= 0 else
+             f"while step {run.measured_when_cut}'s result was being measured"
+             if run.measured_when_cut >= 0 else
              f"after step {done - 1}, before the next call" if done else "before the first call")
     name = type(exc).__name__
     if isinstance(exc, KeyboardInterrupt):

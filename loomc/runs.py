@@ -130,6 +130,7 @@ class LiveRun:
     reserved: Decimal = ZERO  # children's estimates for their steps in flight (they share this run's room)
     holds: Decimal = ZERO  # what this child run holds of its parent's room for its step in flight
     drives: int = 0  # child runs of this run whose drives are not over (see interpreter._children_wound_down)
+    measured_when_cut: int = -1  # the step whose measuring (scorer, judge) an interrupt cut short, committed so
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
     ended: Run | None = None  # the Run, once a stream of this run's steps was closed early

@@ -488,6 +488,7 @@ def test_an_interrupt_while_the_result_is_measured_keeps_the_state_fn_returned(t
         assert json.loads(steps[1].state_json) == 2 and steps[1].events == ("interrupted",)
         assert steps[1].error == (f"Interrupted: {interrupt} while the call's result was being measured (cost_fn, "
                                   "scorer or judge); the state fn returned is kept on this step")
+        assert record.reason.startswith(f"{interrupt} while step 1's result was being measured: ")  # not "after"
 
 
 def test_a_store_error_after_the_task_was_cancelled_is_collected_not_reported_as_never_retrieved(tmp_path):
