@@ -705,17 +705,21 @@ class _Wait:
     seconds: float
 
     def sync(self, run: LiveRun) -> None:
+        run.waiting = self.seconds  # for the reason of a run that an interrupt stops in the wait (kept then)
         if not self._on_the_clock(run):
             for nap in self._naps(run):
                 time.sleep(nap)
+        run.waiting = 0.0
         if run.stop is None:
             run.store.charge(run.id, len(run.history), ZERO)
 
     async def async_(self, run: LiveRun) -> None:
         import asyncio
+        run.waiting = self.seconds
         if not self._on_the_clock(run):
             for nap in self._naps(run):
                 await asyncio.sleep(nap)
+        run.waiting = 0.0
         if run.stop is None:
             await offload(run.store, run.store.charge, run.id, len(run.history), ZERO)
 
@@ -975,6 +979,8 @@ def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
     where = (f"during step {run.in_flight}'s call" if run.in_flight >= 0 else
              f"while step {run.measured_when_cut}'s result was being measured"
              if run.measured_when_cut >= 0 else
+             f"in the backoff wait after step {done - 1} ({_WAIT_EVENT}{run.waiting:g}s)"
+             if run.waiting else
              f"after step {done - 1}, before the next call" if done else "before the first call")
     name = type(exc).__name__
     if isinstance(exc, KeyboardInterrupt):
@@ -984,8 +990,8 @@ def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
         if parent is not None and left is not None and left <= 0:
             return (f"{what} {where}: the wall-clock cap of the run it is nested in ran out, which cancelled "
                     f"step {run.parent_step} of run {parent.id}, and this run with it")
-        return (f"{what} {where}: the task running the loop was cancelled (a timeout such as asyncio.wait_for's, "
-                "a TaskGroup, a Ctrl-C under asyncio.run, or task.cancel())")
+        return (f"{what} {where}: its task was cancelled (a timeout such as asyncio.wait_for's, a TaskGroup, "
+                "task.cancel(), Ctrl-C under asyncio.run)")
     if isinstance(exc, SystemExit):
         called = "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
         return f"{what} {where}: {called} was called{_signal_exit(exc.code)}"

@@ -131,6 +131,7 @@ class LiveRun:
     holds: Decimal = ZERO  # what this child run holds of its parent's room for its step in flight
     drives: int = 0  # child runs of this run whose drives are not over (see interpreter._children_wound_down)
     measured_when_cut: int = -1  # the step whose measuring (scorer, judge) an interrupt cut short, committed so
+    waiting: float = 0.0  # the backoff wait going on before the next call, in seconds (0: none)
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more
     ended: Run | None = None  # the Run, once a stream of this run's steps was closed early

@@ -178,8 +178,8 @@ def test_cancelling_the_task_marks_the_run_cancelled_and_keeps_its_steps(tmp_pat
     assert (cut.n, cut.cost, cut.events) == (3, Decimal(0), ("interrupted",)) and cut.duration > 0
     assert cut.error == "Interrupted: CancelledError, during this step, which charged nothing (its cost is unknown)"
     # Why the run stopped says what a CancelledError means there, for `loomc show` and `loomc runs --why`.
-    assert record.reason == ("CancelledError during step 3's call: the task running the loop was cancelled (a timeout "
-                             "such as asyncio.wait_for's, a TaskGroup, a Ctrl-C under asyncio.run, or task.cancel())")
+    assert record.reason == ("CancelledError during step 3's call: its task was cancelled (a timeout such as "
+                             "asyncio.wait_for's, a TaskGroup, task.cancel(), Ctrl-C under asyncio.run)")
 
 
 def test_a_task_cancelled_while_its_run_is_being_opened_lets_the_run_go(tmp_path, monkeypatch):

@@ -1696,7 +1696,8 @@ def test_a_ctrl_c_during_the_wait_stops_the_run_as_cancelled_with_the_failed_ste
     assert record.status == "cancelled" and [s.error is None for s in steps] == [True, False]
     assert steps[1].events == ("backtrack to step 0", "wait 30s")
     # The reason says where the Ctrl-C landed: in no call (one that does is recorded as a step of its own).
-    assert record.reason == "KeyboardInterrupt after step 1, before the next call: a Ctrl-C, or a notebook's interrupt"
+    assert record.reason == ("KeyboardInterrupt in the backoff wait after step 1 (wait 30s): a Ctrl-C, or a "
+                             "notebook's interrupt")
 
 
 @pytest.mark.parametrize("aio", [False, True])
