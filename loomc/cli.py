@@ -369,16 +369,18 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
 def show(run_id: str, db: str | None, step_n: int | None, follow: bool) -> None:
     """Every step of a run: cost, cumulative cost, score, time, error and events; or one step whole (--step)."""
     store = open_db(db)
-    try:
-        run = store.get_run(run_id)
-        steps = store.load_steps(run_id, with_states=False)
-        if step_n is not None:
-            click.echo(show_step(run, steps, store.load_step(run_id, step_n)))
-            return
-    except LoomcError as e:
-        fail(str(e))
-    click.echo(show_table(run, steps, store.children(run_id), store.pending_charges(run_id),
-                          open_parent_step(store, run) is not None, db=store))
+    with store.reading():  # the run's record and its steps as of one moment, though it goes on meanwhile
+        try:
+            run = store.get_run(run_id)
+            steps = store.load_steps(run_id, with_states=False)
+            if step_n is not None:
+                click.echo(show_step(run, steps, store.load_step(run_id, step_n)))
+                return
+        except LoomcError as e:
+            fail(str(e))
+        table = show_table(run, steps, store.children(run_id), store.pending_charges(run_id),
+                           open_parent_step(store, run) is not None, db=store)
+    click.echo(table)
     if follow:
         try:
             sys.exit(_follow(store, run, steps))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager, nullcontext
 from decimal import Decimal
 from typing import Any
 
@@ -31,25 +32,35 @@ def run_fields(run: RunRecord, pending: Mapping[int, Decimal]) -> dict[str, Any]
 
 def export_run(store: CheckpointStore, run_id: str) -> dict[str, Any]:
     """The whole run: its record, initial state and every step with its state; and, for a run whose process
-    died mid-step, what that step charged without committing (by step number)."""
-    head, stored, step_fields = _parts(store, run_id)
-    return {**head, "steps": [step_fields(s) for s in stored]}
+    died mid-step, what that step charged without committing (by step number). One snapshot of a run that is
+    still going on, on a store that can read one (``reading()``, as the SQLite store has)."""
+    with _snapshot(store):
+        head, stored, step_fields = _parts(store, run_id)
+        return {**head, "steps": [step_fields(s) for s in stored]}
 
 
 def export_text(store: CheckpointStore, run_id: str) -> Iterator[str]:
     """``export_run`` as indented JSON text, in pieces: one step's state at a time is read and held, so a
-    run of a gigabyte of states exports in the memory of its largest one."""
-    head, stored, step_fields = _parts(store, run_id)
-    if not stored:
-        yield json.dumps({**head, "steps": []}, indent=2, ensure_ascii=False)
-        return
-    # The head with one marker step, split around it; each step is indented as the list's item.
-    start, _, end = json.dumps({**head, "steps": [_MARK]}, indent=2, ensure_ascii=False).rpartition(json.dumps(_MARK))
-    yield start
-    for k, s in enumerate(stored):
-        text = json.dumps(step_fields(s), indent=2, ensure_ascii=False).replace("\n", "\n    ")
-        yield text if k == 0 else ",\n    " + text
-    yield end
+    run of a gigabyte of states exports in the memory of its largest one. One snapshot, as ``export_run``."""
+    with _snapshot(store):
+        head, stored, step_fields = _parts(store, run_id)
+        if not stored:
+            yield json.dumps({**head, "steps": []}, indent=2, ensure_ascii=False)
+            return
+        # The head with one marker step, split around it; each step is indented as the list's item.
+        start, _, end = json.dumps({**head, "steps": [_MARK]}, indent=2,
+                                   ensure_ascii=False).rpartition(json.dumps(_MARK))
+        yield start
+        for k, s in enumerate(stored):
+            text = json.dumps(step_fields(s), indent=2, ensure_ascii=False).replace("\n", "\n    ")
+            yield text if k == 0 else ",\n    " + text
+        yield end
+
+
+def _snapshot(store: CheckpointStore) -> ContextManager[None]:
+    """The store's ``reading()`` (every read in it sees one moment), where it has one."""
+    reading = getattr(store, "reading", None)
+    return reading() if callable(reading) else nullcontext()
 
 
 _MARK = "loomc.export: a step goes here"

@@ -331,6 +331,32 @@ def test_export_is_strict_json_when_a_score_is_nan_or_infinite_and_reads_back_th
     assert rebuilt[3].score == -math.inf and all(not s.metrics for s in rebuilt)
 
 
+@pytest.mark.parametrize("text", [False, True], ids=["export_run", "export_text"])
+def test_an_export_of_a_run_that_goes_on_meanwhile_is_one_snapshot(tmp_path, monkeypatch, text):
+    """Regression: an export read the run's record, then its steps, then each state, one query each, while the
+    run went on: a step committed in between gave a record of 2 steps and $0.02 with 3 steps listed (4 exports
+    in 100 of a live run, measured). On the SQLite store they are now read as one snapshot."""
+    from loomc.export import export_run, export_text
+    db = str(tmp_path / "x.db")
+    loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.01, checkpoint=db)(lambda s: s + 1).run(0, run_id="live")
+    store = SQLiteStore(db)
+    load_steps = store.load_steps
+
+    def a_step_commits_first(run_id, **kwargs):  # another process commits step 2, with the run's totals
+        with closing(sqlite3.connect(db)) as other, other:
+            other.execute("INSERT INTO steps (run_id, step_n, state_blob, cost_usd, timestamp) "
+                          "VALUES ('live', 2, '3', '0.01', 0)")
+            other.execute("UPDATE runs SET steps = 3, total_cost = '0.03' WHERE id = 'live'")
+        return load_steps(run_id, **kwargs)
+
+    monkeypatch.setattr(store, "load_steps", a_step_commits_first)
+    exported = json.loads("".join(export_text(store, "live"))) if text else export_run(store, "live")
+    assert (exported["run"]["steps"], exported["run"]["total_cost_usd"]) == (2, "0.02")
+    assert [s["step_n"] for s in exported["steps"]] == [0, 1], "the steps as of the record"
+    monkeypatch.undo()
+    assert len(export_run(store, "live")["steps"]) == 3  # and the next export sees the new step
+
+
 def test_export_writes_one_state_at_a_time_the_same_json_as_export_run(tmp_path, monkeypatch):
     """`loomc export` of a run of 100 MB of states used to hold them all, and their JSON, at once (333 MB
     of memory); it now reads and writes one state at a time, and prints the same bytes."""

@@ -22,6 +22,8 @@ import time
 import weakref
 from decimal import Decimal
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, StepConflict,
@@ -643,6 +645,25 @@ class SQLiteStore:
             steps = out.setdefault(run_id, {})
             steps[step_n] = steps.get(step_n, Decimal(0)) + Decimal(usd)
         return out
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """``with store.reading():`` every read of this thread in the block sees the file as of one moment (one
+        read transaction), whatever loops commit meanwhile: a run's record, its steps and their states agree.
+        (Read one by one, a live run's record could count fewer steps, and less money, than the steps read next.)
+        Writers are not held up; the block should be short, as a WAL checkpoint waits for it."""
+        conn = self._conn()
+        if conn.in_transaction:  # inside a transaction already: one snapshot as it is
+            yield
+            return
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as e:
+            raise _store_error(str(self.path), e) from e
+        try:
+            yield
+        finally:
+            _roll_back(conn)  # it wrote nothing: ending it so is ending it
 
     def pending_charges(self, run_id: str) -> dict[int, Decimal]:
         out: dict[int, Decimal] = {}
