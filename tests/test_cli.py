@@ -357,6 +357,25 @@ def test_an_export_of_a_run_that_goes_on_meanwhile_is_one_snapshot(tmp_path, mon
     assert len(export_run(store, "live")["steps"]) == 3  # and the next export sees the new step
 
 
+def test_show_of_a_run_that_goes_on_meanwhile_is_one_snapshot(tmp_path, monkeypatch):
+    """`loomc show` reads the run's record and its steps as one snapshot too: its Spent line and its table agree."""
+    db = str(tmp_path / "s.db")
+    loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.01, checkpoint=db)(lambda s: s + 1).run(0, run_id="live")
+    load_steps = SQLiteStore.load_steps
+
+    def a_step_commits_first(self, run_id, **kwargs):
+        with closing(sqlite3.connect(db)) as other, other:
+            other.execute("INSERT OR IGNORE INTO steps (run_id, step_n, state_blob, cost_usd, timestamp) "
+                          "VALUES ('live', 2, '3', '0.01', 0)")
+            other.execute("UPDATE runs SET steps = 3, total_cost = '0.03' WHERE id = 'live'")
+        return load_steps(self, run_id, **kwargs)
+
+    monkeypatch.setattr(SQLiteStore, "load_steps", a_step_commits_first)
+    shown = invoke("show", "live", "--db", db).output.splitlines()
+    assert shown[3].startswith("Spent: $0.0200 ") and "in 2 steps" in shown[3]
+    assert shown[-1].split()[:2] == ["1", "$0.0100"], "the last row is step 1, as of the record"
+
+
 def test_export_writes_one_state_at_a_time_the_same_json_as_export_run(tmp_path, monkeypatch):
     """`loomc export` of a run of 100 MB of states used to hold them all, and their JSON, at once (333 MB
     of memory); it now reads and writes one state at a time, and prints the same bytes."""
