@@ -965,6 +965,10 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
                          active_seconds=run.elapsed(run.clock())))
     if isinstance(exc, RunError) or not isinstance(exc, (Exception, KeyboardInterrupt)):
         return
+    if run.parent is not None and isinstance(exc, KeyboardInterrupt):
+        # It goes on out through the parent run, whose note says to resume the parent; this run's would say to
+        # resume the child on its own, which is refused while the parent's step is not committed.
+        return
     try:
         state = run.state_of(run.source) if ended is None else run.returned_state()
     except CheckpointDecodeError:  # reading that state back is what failed (exc says so): the history is kept

@@ -636,6 +636,8 @@ def test_a_ctrl_c_between_a_childs_step_and_its_bill_to_the_parent_waits_for_the
     assert sent == [1]
     # One KeyboardInterrupt comes out, with the runs' notes: a second press is not chained onto it from loomc.
     assert raised.value.__context__ is None and "resume it with parent.resume('par')" in raised.value.__notes__[-1]
+    # No note says to resume the child on its own, which is refused while the parent's step is not committed.
+    assert not [note for note in raised.value.__notes__ if "par-0-0" in note], raised.value.__notes__
     kid = store.get_run("par-0-0")
     assert kid.total_cost == Decimal("0.2") and kid.steps == 2
     assert kid.status == ("cancelled" if interrupted else "budget_exhausted"), "the child's end was recorded"
