@@ -826,7 +826,8 @@ class AsyncStepStream:
 
     async def __anext__(self) -> Step:
         if self._steps is None:
-            runner, parent, run_id = self._runner._plan(self._run_id, self._resume)  # at the call site, before any await
+            # At the call site, before any await.
+            runner, parent, run_id = self._runner._plan(self._run_id, self._resume)
             self._steps = self._produce(runner, parent, run_id)
         try:
             return detached(await self._steps.__anext__())  # as the sync stream's

@@ -201,7 +201,8 @@ def test_show_gives_a_run_under_a_wall_clock_cap_its_active_time_against_the_cap
     slow.run(0, run_id="w")
     shown = invoke("show", "w", "--db", db).output.splitlines()
     assert shown[3:5] == ["Spent: $0.0400 of $1.0000 budget in 4 steps, 1 attempt", "Active: 10m00s of the 10m cap"]
-    assert f"`loomc resume --db {SQLiteStore(db).path} w --wall-clock 30m` continues it" in shown[1]  # not the default file
+    # The file is not the default one, so the command names it.
+    assert f"`loomc resume --db {SQLiteStore(db).path} w --wall-clock 30m` continues it" in shown[1]
     loop(budget=Budget(wall_clock=90, iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="secs")
     assert re.search(r"^Active: \S+ of the 90s cap$", invoke("show", "secs", "--db", db).output, re.M)
     loop(budget=Budget(iterations=1), checkpoint=db)(lambda s: s + 1).run(0, run_id="none")
@@ -1473,7 +1474,8 @@ def test_a_failed_step_keeps_where_it_was_raised_for_loomc_show_and_step_traceba
         state["n"] = 1
 
     assert [s.traceback for s in forgets.run({}, run_id="none").history] == [None]
-    assert "\nFailed: 1 step; `loomc show none --step 0` shows it whole\n" in invoke("show", "none", env={"LOOMC_DB": db}).output
+    shown = invoke("show", "none", env={"LOOMC_DB": db}).output
+    assert "\nFailed: 1 step; `loomc show none --step 0` shows it whole\n" in shown
 
     # An async fn awaited under a deadline starts at its own frame, not at asyncio's wait_for.
     @loop(budget=Budget(iterations=1, wall_clock="1m"), checkpoint="memory")
@@ -1538,7 +1540,8 @@ def test_every_command_a_hint_gives_runs_as_pasted_into_a_shell(tmp_path, monkey
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1), min_size=1, max_size=40))
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1),
+                min_size=1, max_size=40))
 def test_a_shell_reads_back_every_id_as_a_hint_quotes_it(ids):
     """Whatever a run id holds (quotes, spaces, newlines, escapes, right-to-left marks), bash reads the word a hint
     gives for it back as the id; and the word shows no control character raw, so printing it is safe too."""

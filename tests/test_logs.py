@@ -101,8 +101,8 @@ def test_an_interrupted_run_logs_that_it_was_cancelled(tmp_path, caplog):
 
     with pytest.raises(KeyboardInterrupt):
         loop(policy=Budget(iterations=5), checkpoint=SQLiteStore(tmp_path / "c.db"))(step)(0, run_id="c")
-    assert lines(caplog)[-1] == ("WARNING", "run c stopped, cancelled: KeyboardInterrupt during step 2's call: a Ctrl-C, "
-                                            "or a notebook's interrupt (3 steps, $0.0000)")
+    assert lines(caplog)[-1] == ("WARNING", "run c stopped, cancelled: KeyboardInterrupt during step 2's call: a "
+                                            "Ctrl-C, or a notebook's interrupt (3 steps, $0.0000)")
 
 
 def test_nothing_is_printed_unless_logging_is_configured_and_import_loomc_does_not_import_logging(tmp_path):

@@ -1798,8 +1798,8 @@ def test_a_container_shutdown_with_a_sigterm_handler_frees_the_run_for_the_next_
     record = SQLiteStore(db).get_run("job")
     done = record.steps - 1  # 1: the signal lands during step 1's sleep (2 only on a badly stalled host)
     assert record.status == "cancelled" and record.owner is None and done in (1, 2)
-    assert record.reason == (f"SystemExit: 143 during step {done}'s call: sys.exit(143) was called (128 + SIGTERM, as a "
-                             "handler of that signal exits)")
+    assert record.reason == (f"SystemExit: 143 during step {done}'s call: sys.exit(143) was called (128 + SIGTERM, "
+                             "as a handler of that signal exits)")
     cut = SQLiteStore(db).load_steps("job")[-1]  # the call in flight: a step, its cost unknown
     assert cut.n == done and cut.events == ("interrupted",) and cut.error == (
         f"Interrupted: SystemExit: {128 + signal.SIGTERM}, during this step, which charged nothing (its cost is unknown)")
