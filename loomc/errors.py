@@ -179,9 +179,10 @@ def loomc_command(verb: str, run_id: str, *options: str, db: Any = None) -> str 
     """``loomc show ID --step 3``, as a shell takes it when pasted, for the run ``run_id`` of ``db``.
 
     ``db``: the database the run is in, as a path or the store that holds it; ``None`` for the default one.
-    ``--db PATH`` is given unless it is the file a command reads by default here ($LOOMC_DB, else
-    ``.loomc/checkpoints.db``): a hint for a run of ``checkpoint="jobs.db"`` used to send the command to the
-    default file, which has no such run. The id is quoted as the shell needs (``shell_word``), and follows
+    ``--db PATH`` is given unless it is ``.loomc/checkpoints.db`` under the working directory with ``$LOOMC_DB``
+    unset, so that the command reads the run's file wherever it is pasted (a shell without the job's
+    ``$LOOMC_DB`` too): a hint for a run of ``checkpoint="jobs.db"`` used to send the command to the default
+    file, which has no such run. The id is quoted as the shell needs (``shell_word``), and follows
     ``--`` when it starts with a dash, which the command would take for an option. ``None`` when the run is in
     a store the command cannot read (the memory store's, or one of your own).
     """
@@ -191,11 +192,11 @@ def loomc_command(verb: str, run_id: str, *options: str, db: Any = None) -> str 
         if not isinstance(db, SQLiteStore):
             return None
         db = db.path
-    if db is not None:
-        from pathlib import Path
-        from loomc.stores import default_path
-        if Path(db).expanduser().resolve() != Path(default_path()).expanduser().resolve():
-            words += ["--db", shell_word(os.fspath(db))]
+    from pathlib import Path
+    from loomc.stores import DEFAULT_DB, default_path
+    path = Path(default_path() if db is None else db).expanduser().resolve()
+    if os.environ.get("LOOMC_DB") or path != Path(DEFAULT_DB).resolve():
+        words += ["--db", shell_word(str(path))]
     words += [*options, "--", shell_word(run_id)] if run_id.startswith("-") else [shell_word(run_id), *options]
     return " ".join(words)
 

@@ -54,3 +54,10 @@ def clock() -> FakeClock:
 
 def nan_safe_equal(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def db_flag(db) -> str:
+    """The ``--db PATH`` that a command in a hint gives for a run of the file ``db`` (any but the default one)."""
+    from pathlib import Path
+    from loomc.errors import shell_word
+    return f"--db {shell_word(str(Path(db).resolve()))}"

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
 
+from conftest import db_flag
 from loomc import BestScore, Budget, SQLiteStore, load_history, loop, predicate, score_plateau
 from loomc.cli import main
 from loomc.errors import RunAtImport
@@ -57,8 +58,10 @@ def invoke(*args, env=None):
     return result
 
 
-def test_runs_and_show_print_the_readme_layouts_byte_for_byte(tmp_path):
-    db = str(tmp_path / "c.db")
+def test_runs_and_show_print_the_readme_layouts_byte_for_byte(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default file, as in the README: its hints need no --db
+    monkeypatch.delenv("LOOMC_DB", raising=False)
+    db = str(tmp_path / ".loomc" / "checkpoints.db")
     run_id = make_failed_run(db)
     created = SQLiteStore(db).get_run(run_id).created_at
     from loomc.cli import iso
@@ -69,7 +72,7 @@ def test_runs_and_show_print_the_readme_layouts_byte_for_byte(tmp_path):
     # The calls took no time here; the README shows the times of real model calls.
     with closing(sqlite3.connect(db)) as conn, conn:
         conn.executemany("UPDATE steps SET duration = ? WHERE step_n = ?", [(4.21, 0), (38.6, 1), (185.2, 2), (0.4, 3)])
-    show = invoke("show", run_id, "--db", db, env={"LOOMC_DB": db})  # the default file, as in the README
+    show = invoke("show", run_id)
     assert show.exit_code == 0
     assert show.output == readme_block("$ loomc show a1b2c3d4e5f6").split("\n\n", 1)[1]
 
@@ -588,7 +591,9 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
     assert row["status"] == "running" and row["steps"] == 2  # as stored; the tables say what happened
     listed = subprocess.run(["loomc", "runs"], capture_output=True, text=True, env=env).stdout
     assert listed.splitlines()[2].split()[:4] == [row["id"], "fix_code", "crashed", "2"]
-    assert crashed.stdout.splitlines()[-1].endswith(f"`loomc resume {row['id']}` finishes the run")  # what to type
+    # What to type, in any shell: the file is named, since $LOOMC_DB may not be set there.
+    assert crashed.stdout.splitlines()[-1].endswith(f"`loomc resume {db_flag(env['LOOMC_DB'])} {row['id']}` finishes "
+                                                    "the run")
     # Its cost counts what the crashed step charged, marked: it was the committed steps' alone
     in_flight = SQLiteStore(tmp_path / "demo.db").pending_charges(row["id"])[2]
     assert listed.splitlines()[2].split()[4] == f"${Decimal(row['total_cost_usd']) + in_flight:.4f}*", listed
@@ -601,7 +606,7 @@ def test_demo_crash_then_resume_from_the_cli(tmp_path):
                                                capture_output=True, text=True, env=env).stdout
     shown = subprocess.run(["loomc", "show", row["id"]], capture_output=True, text=True, env=env).stdout
     assert "Status: crashed" in shown
-    assert f"died during step 2; `loomc resume {row['id']}` continues it" in shown
+    assert f"died during step 2; `loomc resume {db_flag(env['LOOMC_DB'])} {row['id']}` continues it" in shown
     charged = SQLiteStore(tmp_path / "demo.db").pending_charges(row["id"])[2]
     assert f"Uncommitted: ${charged:.4f} charged during step 2, which never committed" in shown
     exported = json.loads(subprocess.run(["loomc", "export", row["id"], "--json"], capture_output=True, text=True,
@@ -889,8 +894,8 @@ def test_resume_with_a_new_usd_cap_keeps_the_other_caps(tmp_path):
     proc = subprocess.run(["loomc", "resume", "c1", "--budget-usd", "5"], env=env, capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr  # stopped again, by the iteration cap this time
-    assert "Stopped: iterations: 8 of 8 calls made; `loomc resume c1 --iterations N` continues it under a larger " \
-           "cap" in proc.stdout
+    assert (f"Stopped: iterations: 8 of 8 calls made; `loomc resume {db_flag(env['LOOMC_DB'])} c1 --iterations N` "
+            "continues it under a larger cap") in proc.stdout
     assert "Spent: $0.8000 of $5.0000 budget in 8 steps" in proc.stdout
     bad = subprocess.run(["loomc", "resume", "c1", "--wall-clock", "ten minutes"], env=env, capture_output=True,
                          text=True, cwd=tmp_path)
@@ -1045,7 +1050,8 @@ def test_loomc_resume_stopped_by_ctrl_c_shows_the_run_and_how_to_go_on_and_exits
     out, err = worker.communicate(timeout=60)
     assert worker.returncode == 130 and "Aborted" not in err, err
     assert out.startswith("Run: c  Loop: crawl  Status: cancelled\nStopped: KeyboardInterrupt during step 1's call: a "
-                          "Ctrl-C, or a notebook's interrupt; `loomc resume c` continues it\n"), out
+                          f"Ctrl-C, or a notebook's interrupt; `loomc resume {db_flag(env['LOOMC_DB'])} c` continues "
+                          "it\n"), out
     assert SQLiteStore(tmp_path / "c.db").get_run("c").status == "cancelled"
 
 
@@ -1130,7 +1136,7 @@ def test_resume_take_over_takes_a_run_from_an_owner_known_to_be_gone(tmp_path):
         conn.execute("UPDATE runs SET status = 'running', owner = 'old-pod:1:t1.ab', lease_expires = ?",
                      (time.time() + 600,))
     locked = subprocess.run(["loomc", "resume", "p1"], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert locked.returncode == 1 and "(`loomc resume p1 --take-over`)" in locked.stderr  # the command to paste
+    assert locked.returncode == 1 and f"(`loomc resume {db_flag(env['LOOMC_DB'])} p1 --take-over`)" in locked.stderr
     proc = subprocess.run(["loomc", "resume", "p1", "--take-over"], env=env, capture_output=True, text=True,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -1177,10 +1183,11 @@ def test_a_long_error_is_cut_in_the_table_and_show_step_prints_one_step_whole(tm
 
     with pytest.raises(RuntimeError):
         fails({"n": 0}, run_id="stopped-long")
-    stopped = invoke("show", "stopped-long", env={"LOOMC_DB": db}).output.splitlines()[1]
-    assert stopped.startswith("Stopped: RuntimeError: HTTP 500: <html>\\nxxx") and len(stopped) < 400
-    assert stopped.endswith("... (50,043 characters; `loomc show stopped-long --step 0` shows it whole); "
-                            "`loomc resume stopped-long` continues it")
+    stopped = invoke("show", "stopped-long", "--db", db).output.splitlines()[1]
+    flag = db_flag(db)  # in each of the two commands
+    assert stopped.startswith("Stopped: RuntimeError: HTTP 500: <html>\\nxxx") and len(stopped) < 400 + 2 * len(flag)
+    assert stopped.endswith(f"... (50,043 characters; `loomc show {flag} stopped-long --step 0` shows it whole); "
+                            f"`loomc resume {flag} stopped-long` continues it")
 
 
 def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_delete_old_ones(tmp_path):
@@ -1217,15 +1224,15 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
     for flag in ([], ["--json"]):  # running means driven: the crashed ones, stored as running too, are left out
         running = invoke("runs", "--db", db, "--status", "running", *flag).output
         assert "held" in running and not any(run_id in running for run_id in ("elsewhere", "here", "ownerless"))
-    stopped = {run_id: invoke("show", run_id, env={"LOOMC_DB": db}).output.splitlines()[1] for run_id in listed}
-    assert re.match(r"Stopped: its process \(.+\) died during step 2; `loomc resume here` continues it$",
-                    stopped["here"]), stopped["here"]
+    stopped = {run_id: invoke("show", run_id, "--db", db).output.splitlines()[1] for run_id in listed}
+    assert re.match(r"Stopped: its process \(.+\) died during step 2; `loomc resume " + re.escape(db_flag(db)) +
+                    " here` continues it$", stopped["here"]), stopped["here"]
     assert stopped["elsewhere"].startswith("Stopped: its process (pod-7f9c:1:t1) stopped renewing its lease during "
                                            "step 2 (it ran out at ")
     assert stopped["elsewhere"].endswith("): it died, on another host or in a container, or it hangs; "
-                                         "`loomc resume elsewhere` continues it")
-    assert stopped["ownerless"] == "Stopped: no process drives it: it stopped during step 2; `loomc resume " \
-                                   "ownerless` continues it"
+                                         f"`loomc resume {db_flag(db)} elsewhere` continues it")
+    assert stopped["ownerless"] == ("Stopped: no process drives it: it stopped during step 2; `loomc resume "
+                                    f"{db_flag(db)} ownerless` continues it")
     assert stopped["held"] == "Stopped: still running"
     dry = invoke("prune", "--db", db, "--older-than", "30d", "--status", "crashed")
     assert dry.exit_code == 0 and dry.output.startswith("Would delete 3 runs, 6 steps and "), dry.output
@@ -1474,8 +1481,8 @@ def test_a_failed_step_keeps_where_it_was_raised_for_loomc_show_and_step_traceba
         state["n"] = 1
 
     assert [s.traceback for s in forgets.run({}, run_id="none").history] == [None]
-    shown = invoke("show", "none", env={"LOOMC_DB": db}).output
-    assert "\nFailed: 1 step; `loomc show none --step 0` shows it whole\n" in shown
+    shown = invoke("show", "none", "--db", db).output
+    assert f"\nFailed: 1 step; `loomc show {db_flag(db)} none --step 0` shows it whole\n" in shown
 
     # An async fn awaited under a deadline starts at its own frame, not at asyncio's wait_for.
     @loop(budget=Budget(iterations=1, wall_clock="1m"), checkpoint="memory")
@@ -1522,7 +1529,12 @@ def test_every_command_a_hint_gives_runs_as_pasted_into_a_shell(tmp_path, monkey
         assert ran.exit_code == 0 and ran.output.startswith(f"Run: {shown}  "), (hint, ran.output)
     resumed = paste(stopped.rpartition("; ")[2])  # found the run, whose loop (made in this test) it cannot import
     assert resumed.exit_code == 1 and f"fail.resume({run_id!r})" in resumed.output, resumed.output
-    monkeypatch.setenv("LOOMC_DB", str(db))  # now it is: the hint need not name it
+    # Under $LOOMC_DB the file is named all the same: the command is pasted where it may not be set.
+    monkeypatch.setenv("LOOMC_DB", str(db))
+    assert f"`loomc resume {db_flag(db)} " in CliRunner().invoke(main, ["show", "--", run_id]).output.splitlines()[1]
+    # The default file, .loomc/checkpoints.db under the working directory with $LOOMC_DB unset, goes unnamed.
+    monkeypatch.delenv("LOOMC_DB")
+    assert loop(budget=Budget(iterations=1))(fail).run(0, run_id=run_id).status == "failed"
     assert "--db" not in CliRunner().invoke(main, ["show", "--", run_id]).output.splitlines()[1]
 
     # A run in a store no command reads is told where to look instead.

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import loomc
+from conftest import db_flag
 from loomc import Budget, SQLiteStore, loop, predicate
 from loomc.cli import main
 
@@ -441,8 +442,8 @@ def test_a_child_whose_parent_step_never_committed_is_resumed_through_the_parent
             return s
 
     assert forgiving(0, run_id="kind") == 0 and store.get_run("kind-0-0").status == "failed"
-    shown = CliRunner().invoke(main, ["show", "kind-0-0"], env={"LOOMC_DB": str(db)})
-    assert "Stopped: RuntimeError: boom; `loomc resume kind-0-0` continues it" in shown.output
+    shown = CliRunner().invoke(main, ["show", "--db", str(db), "kind-0-0"])
+    assert f"Stopped: RuntimeError: boom; `loomc resume {db_flag(db)} kind-0-0` continues it" in shown.output
     failing["on"] = False
     assert inner.resume("kind-0-0") == 4
     del sys.modules["nested_crashy"]

@@ -27,7 +27,7 @@ import typing_extensions
 import loomc
 from loomc import codec
 
-from conftest import sync_or_async
+from conftest import db_flag, sync_or_async
 from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, LastGood, RunAlreadyFinished,
                    RunLocked, RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
                    StepConflict, StoreError, MemoryStore, load_history, loop, predicate)
@@ -1680,8 +1680,8 @@ def test_a_step_that_kills_its_process_every_time_is_bounded_by_its_budget(tmp_p
     assert all(s.events[0] == "interrupted" and s.cost == 0 for s in steps[2:])
     from click.testing import CliRunner
     from loomc.cli import main
-    shown = CliRunner().invoke(main, ["show", "oom"], env={"LOOMC_DB": str(db)}).output
-    assert "; `loomc resume oom --iterations N` continues it under a larger cap\n" in shown
+    shown = CliRunner().invoke(main, ["show", "oom", "--db", str(db)]).output
+    assert f"; `loomc resume {db_flag(db)} oom --iterations N` continues it under a larger cap\n" in shown
     if "usd" in budget:  # caps in dollars and time cannot see those calls: the run stops after three in a row
         assert record.reason.startswith("unreported_spend: the last 3 calls (steps 2 to 4) were cut short before "
                                         "they reported what they cost (their process died), so the budget cannot "
