@@ -380,6 +380,28 @@ def test_show_of_a_run_that_goes_on_meanwhile_is_one_snapshot(tmp_path, monkeypa
     assert shown[-1].split()[:2] == ["1", "$0.0100"], "the last row is step 1, as of the record"
 
 
+def test_runs_lists_what_steps_in_flight_charged_as_of_the_same_moment_as_the_runs(tmp_path, monkeypatch):
+    """`loomc runs` adds what a step in flight has charged to its run's cost. Read one after the other, a step
+    that committed in between (its charges cleared, the run's total not yet read with them) went missing from
+    the listed cost; they are read as one snapshot."""
+    db = str(tmp_path / "r.db")
+    loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.01, checkpoint=db)(lambda s: s + 1).run(0, run_id="live")
+    SQLiteStore(db).charge("live", 2, Decimal("0.5"))  # step 2 in flight has charged $0.50
+    pending_by_run = SQLiteStore.pending_by_run
+
+    def step_2_commits_first(self):
+        with closing(sqlite3.connect(db)) as other, other:
+            other.execute("INSERT OR IGNORE INTO steps (run_id, step_n, state_blob, cost_usd, timestamp) "
+                          "VALUES ('live', 2, '3', '0.5', 0)")
+            other.execute("UPDATE runs SET steps = 3, total_cost = '0.52' WHERE id = 'live'")
+            other.execute("DELETE FROM charges WHERE run_id = 'live'")
+        return pending_by_run(self)
+
+    monkeypatch.setattr(SQLiteStore, "pending_by_run", step_2_commits_first)
+    row = invoke("runs", "--db", db).output.splitlines()[2].split()
+    assert row[3:5] == ["2", "$0.5200*"], "2 steps committed and $0.50 in flight, or 3 and $0.52: never $0.02"
+
+
 def test_export_writes_one_state_at_a_time_the_same_json_as_export_run(tmp_path, monkeypatch):
     """`loomc export` of a run of 100 MB of states used to hold them all, and their JSON, at once (333 MB
     of memory); it now reads and writes one state at a time, and prints the same bytes."""
