@@ -72,12 +72,8 @@ def request_stop(signum: int | None = None, frame: Any = None) -> int:
 
 
 def driven(run: LiveRun) -> None:
-    """Count the run among those this process drives, which request_stop asks to stop (and among its
-    parent's children whose drives are not over)."""
+    """Count the run among those this process drives, which request_stop asks to stop."""
     _LIVE[id(run)] = run
-    if run.parent is not None:
-        with _SPENDING:
-            run.parent.drives += 1
     if _STOPPING and run.stop is None:  # it started as the process was stopping: it stops before its first call
         run.stop, run.stop_code = _STOPPING[0]
 
@@ -85,9 +81,6 @@ def driven(run: LiveRun) -> None:
 def undriven(run: LiveRun) -> None:
     """The run's drive is over: request_stop no longer asks it."""
     _LIVE.pop(id(run), None)
-    if run.parent is not None:
-        with _SPENDING:
-            run.parent.drives -= 1
 
 
 class ctrl_c_deferred:  # noqa: N801 (used as a function: ``with ctrl_c_deferred():``)

@@ -21,7 +21,7 @@ from typing import Any
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
-from loomc.context import _CURRENT, ctrl_c_deferred, driven, undriven
+from loomc.context import _CURRENT, _SPENDING, ctrl_c_deferred, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
                           LoomcError, NoStateReturned, RunError,
@@ -155,12 +155,12 @@ class _Call(tuple):  # type: ignore[type-arg]
                 new_state, exc = result, None
             except asyncio.TimeoutError as e:
                 new_state, exc = None, _past_deadline(run, e, "during this call, which was cancelled")
-                if run.drives:
-                    await _children_wound_down(run)
             except RunLocked:
                 raise  # a child run that another process holds: no failure of this step, the run waits
             except Exception as e:
                 new_state, exc = None, e
+            if run.winding:
+                await _wound_down(run)
             score = _UNSET  # an async def scorer is awaited here, then settled as given
             if exc is None:
                 try:
@@ -212,19 +212,21 @@ async def _by_deadline(run: LiveRun, awaitable: Any, now: float) -> Any:
     return await asyncio.wait_for(awaitable, max(run.wall_cap - run.elapsed(now), 0.0))
 
 
-#: How long a call cancelled at its run's deadline waits for the child runs it started to wind down.
+#: How long an async call waits, once it has returned or raised, for the child runs it started that were cancelled
+#: to finish recording their calls cut short.
 WIND_DOWN_SECONDS = 2.0
 
 
-async def _children_wound_down(run: LiveRun) -> None:
-    """Wait, up to WIND_DOWN_SECONDS, for the child runs of the call just cancelled at the deadline to wind down:
-    each commits its own call cut short and bills it to this step, which is settled next. ``asyncio.gather``
-    passes on the first child's cancellation without waiting for the others, so a sibling's bill used to come
-    once the step was settled: its spend went missing from the parent's ledger (an OrphanedChildWarning said
-    so). A child that cannot be cancelled (a sync one in a thread) goes on after the wait, and is told so."""
+async def _wound_down(run: LiveRun) -> None:
+    """Wait, up to WIND_DOWN_SECONDS, for the child runs of the call just ended that were cancelled (at the run's
+    deadline, or by a timeout of ``fn``'s own around them) and are recording their calls cut short: each bills its
+    call to this step, which is settled next. ``asyncio.gather`` passes on the first child's cancellation without
+    waiting for the others, so a sibling's bill used to come once the step was settled: its spend went missing
+    from the parent's ledger (an OrphanedChildWarning said so). Children that were not cancelled are not waited
+    for: one still running (a task ``fn`` left behind, a sync one in a thread) is told as before."""
     import asyncio
     end = time.monotonic() + WIND_DOWN_SECONDS
-    while run.drives and time.monotonic() < end:
+    while run.winding and time.monotonic() < end:
         await asyncio.sleep(0.005)
 
 
@@ -896,10 +898,23 @@ async def steps_async(run: LiveRun, ended: list[Run]) -> AsyncGenerator[Step, No
             # must not write to the store: the drive lets go of its run, and a resume settles the step in flight.
             drive_over(run.owner)
             raise
-        await _shielded(offload(run.store, _abandon, run, e))
+        if run.parent is not None:  # its parent's call waits for this record before its step is settled
+            with _SPENDING:
+                run.parent.winding += 1
+        await _shielded(offload(run.store, _abandon_winding, run, e))
         raise
     finally:
         undriven(run)
+
+
+def _abandon_winding(run: LiveRun, exc: BaseException) -> None:
+    """``_abandon``, then the parent (whose call counted this run as winding down) need wait for it no more."""
+    try:
+        _abandon(run, exc)
+    finally:
+        if run.parent is not None:
+            with _SPENDING:
+                run.parent.winding -= 1
 
 
 def _in_event_loop() -> bool:

@@ -129,7 +129,7 @@ class LiveRun:
     took_over_from: str | None = None  # the owner a take_over resume took the run from: its children go too
     reserved: Decimal = ZERO  # children's estimates for their steps in flight (they share this run's room)
     holds: Decimal = ZERO  # what this child run holds of its parent's room for its step in flight
-    drives: int = 0  # child runs of this run whose drives are not over (see interpreter._children_wound_down)
+    winding: int = 0  # child runs of this run's call that were cancelled and are recording it (see _wound_down)
     measured_when_cut: int = -1  # the step whose measuring (scorer, judge) an interrupt cut short, committed so
     waiting: float = 0.0  # the backoff wait going on before the next call, in seconds (0: none)
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can

@@ -797,11 +797,13 @@ def test_loomc_resume_from_another_directory_goes_on_with_the_children_in_the_fi
     assert not (elsewhere / ".loomc").exists()
 
 
-def test_children_gathered_in_a_call_cut_at_the_deadline_are_all_billed_to_that_step(tmp_path):
-    """Regression: at an async parent's deadline, asyncio.gather passed on the first child's cancellation without
-    waiting for the others, and the parent's step was settled before a sibling had billed its call cut short:
-    two children that had spent $0.25 each left $0.25 in the parent's ledger, with an OrphanedChildWarning that
-    blamed fn for a task loomc had cancelled itself."""
+@pytest.mark.parametrize("cut_by", ["the run's deadline", "fn's own timeout"])
+def test_children_gathered_in_a_call_cut_short_are_all_billed_to_that_step(tmp_path, cut_by):
+    """Regression: cancelled together, by an async parent's deadline or by a timeout of fn's own around them,
+    children gathered with asyncio.gather were billed one: gather passes on the first child's cancellation
+    without waiting for the others, and the parent's step was settled before a sibling had billed its call cut
+    short. Three children that had spent $0.25 each left $0.25 in the parent's ledger, with OrphanedChildWarnings
+    that blamed fn for leaving tasks running."""
     import warnings
     db = str(tmp_path / "dl.db")
 
@@ -811,17 +813,30 @@ def test_children_gathered_in_a_call_cut_at_the_deadline_are_all_billed_to_that_
         await asyncio.sleep(60)
         return s + 1
 
-    @loop(budget=Budget(wall_clock=1.5, iterations=3, usd=10), checkpoint=db)  # time for each child to charge
+    # 1.5 s: time for each child to charge before the cut, on a slow host too.
+    deadline = cut_by == "the run's deadline"
+
+    @loop(budget=Budget(wall_clock=1.5 if deadline else None, iterations=1, usd=10), checkpoint=db)
     async def parent(s):
-        a, b, c = await asyncio.gather(child.run(s), child.run(s), child.run(s))
-        return a.state
+        if deadline:
+            await asyncio.gather(child.run(s), child.run(s), child.run(s))
+            return s + 1
+        try:
+            async with asyncio.timeout(1.5):
+                await asyncio.gather(child.run(s), child.run(s), child.run(s))
+        except TimeoutError:
+            return s  # gives up on the research and keeps the draft
+        return s + 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", loomc.OrphanedChildWarning)
         run = asyncio.run(parent.run(0, run_id="pd"))
-    assert run.status == "budget_exhausted" and run.history[0].error.startswith("DeadlineExceeded")
+    assert run.status == "budget_exhausted" and run.steps == 1
+    assert run.history[0].error.startswith("DeadlineExceeded") if deadline else run.history[0].ok
     assert run.total_cost == Decimal("0.75") == SQLiteStore(db).get_run("pd").total_cost
     kids = SQLiteStore(db).children("pd")
     assert [(k.status, k.total_cost) for k in kids] == [("cancelled", Decimal("0.25"))] * 3
-    assert {k.reason for k in kids} == {"CancelledError during step 0's call: the wall-clock cap of the run it is "
-                                        "nested in ran out, which cancelled step 0 of run pd, and this run with it"}
+    why = ("the wall-clock cap of the run it is nested in ran out, which cancelled step 0 of run pd, and this run "
+           "with it" if deadline else "its task was cancelled (a timeout such as asyncio.wait_for's, a TaskGroup, "
+           "task.cancel(), Ctrl-C under asyncio.run)")
+    assert {k.reason for k in kids} == {f"CancelledError during step 0's call: {why}"}
