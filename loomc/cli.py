@@ -331,33 +331,39 @@ def runs(db: str | None, status: str | None, limit: int | None, as_json: bool, w
         fail(str(e))
     store = open_db(db)
     with store.reading():  # the runs, and what their steps in flight charged, as of one moment
-        # "crashed" is not stored: it is a run stored as running that no process drives. Both are stored as running,
-        # so either is chosen among those by the status it is shown with.
-        split = status in ("crashed", "running")
-        stored, fetch = ("running", None) if split else (status, limit)
-        if as_json:
-            from loomc.export import run_fields
-            records = store.list_runs(status=stored, limit=fetch, loop=loop_name, since=started)
-            if split:
-                records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == status][:limit]
-            pending = store.pending_by_run()
-            click.echo(json.dumps([run_fields(r, pending.get(r.id, {})) for r in records], indent=2))
-        else:
-            rows = store.run_rows(status=stored, limit=fetch, loop=loop_name, since=started)
-            if split:
-                rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == status][:limit]
-            in_flight = {run_id: sum(steps.values(), Decimal(0)) for run_id, steps in store.pending_by_run().items()}
-            click.echo(runs_table(rows, why, in_flight))
-            if loop_name is not None and not rows and not store.run_rows(loop=loop_name, limit=1):
-                names = sorted({clean(fn_name_of_path(r[9])) for r in store.run_rows() if r[9]})
-                click.echo(f"No run of a loop named {clean(loop_name)!r} here; "
-                           + (f"the loops with runs: {', '.join(names)}" if names else "no run has a named loop"),
-                           err=True)
-            elif not rows:  # an empty table alone reads like a broken command
-                asked = [f"{flag} {clean(str(value))}" for flag, value in
-                         (("--status", status), ("--loop", loop_name), ("--since", since)) if value is not None]
-                click.echo(f"No run matches {', '.join(asked)} in {store.path}" if asked else
-                           f"No run in {store.path} yet", err=True)
+        _list_runs(store, status, limit, as_json, why, loop_name, since, started)
+
+
+def _list_runs(store: Any, status: str | None, limit: int | None, as_json: bool, why: bool, loop_name: str | None,
+               since: str | None, started: float | None) -> None:
+    """What ``loomc runs`` prints, read from ``store`` (``since`` as given, ``started`` the time it means)."""
+    # "crashed" is not stored: it is a run stored as running that no process drives. Both are stored as running,
+    # so either is chosen among those by the status it is shown with.
+    split = status in ("crashed", "running")
+    stored, fetch = ("running", None) if split else (status, limit)
+    if as_json:
+        from loomc.export import run_fields
+        records = store.list_runs(status=stored, limit=fetch, loop=loop_name, since=started)
+        if split:
+            records = [r for r in records if shown_status(r.status, r.owner, r.lease_expires) == status][:limit]
+        pending = store.pending_by_run()
+        click.echo(json.dumps([run_fields(r, pending.get(r.id, {})) for r in records], indent=2))
+    else:
+        rows = store.run_rows(status=stored, limit=fetch, loop=loop_name, since=started)
+        if split:
+            rows = [r for r in rows if shown_status(r[1], r[6], r[8]) == status][:limit]
+        in_flight = {run_id: sum(steps.values(), Decimal(0)) for run_id, steps in store.pending_by_run().items()}
+        click.echo(runs_table(rows, why, in_flight))
+        if loop_name is not None and not rows and not store.run_rows(loop=loop_name, limit=1):
+            names = sorted({clean(fn_name_of_path(r[9])) for r in store.run_rows() if r[9]})
+            click.echo(f"No run of a loop named {clean(loop_name)!r} here; "
+                       + (f"the loops with runs: {', '.join(names)}" if names else "no run has a named loop"),
+                       err=True)
+        elif not rows:  # an empty table alone reads like a broken command
+            asked = [f"{flag} {clean(str(value))}" for flag, value in
+                     (("--status", status), ("--loop", loop_name), ("--since", since)) if value is not None]
+            click.echo(f"No run matches {', '.join(asked)} in {store.path}" if asked else
+                       f"No run in {store.path} yet", err=True)
 
 
 @main.command()

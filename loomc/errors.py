@@ -134,6 +134,7 @@ def dollars(amount: Any) -> str:
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # as Python writes them: a multi-line error stays readable
+_CONTROL = ("Cc", "Cf", "Zl", "Zp")  # the Unicode categories of control and format characters, escaped when shown
 
 
 def clean(text: Any) -> str:
@@ -147,7 +148,7 @@ def clean(text: Any) -> str:
         return text
     out = []
     for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+        if unicodedata.category(ch) in _CONTROL:
             code = ord(ch)
             out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
         else:
@@ -166,7 +167,7 @@ def shell_word(text: str) -> str:
     for ch in text:
         if ch in "\\'":
             out.append("\\" + ch)
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):  # bash: \\x is a byte, \\u a character
+        elif unicodedata.category(ch) in _CONTROL:  # as clean escapes them, but bash's \\x is a byte, \\u a character
             code = ord(ch)
             out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000
                                             else f"\\U{code:08x}"))

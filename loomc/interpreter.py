@@ -21,7 +21,7 @@ from typing import Any
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
 from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
-from loomc.context import _CURRENT, _SPENDING, ctrl_c_deferred, driven, undriven
+from loomc.context import _CURRENT, _SPENDING, _signal_name, ctrl_c_deferred, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
                           LoomcError, NoStateReturned, RunError,
@@ -1019,12 +1019,8 @@ def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
 
 def _signal_exit(code: object) -> str:
     """`` (128 + SIGTERM, as a handler of that signal exits)``, when ``code`` is such a status."""
-    import signal
-    try:
-        sig = signal.Signals(code - 128) if isinstance(code, int) and code > 128 else None
-    except ValueError:
-        return ""
-    return "" if sig is None else f" (128 + {sig.name}, as a handler of that signal exits)"
+    name = _signal_name(code - 128) if isinstance(code, int) and code > 128 else ""
+    return f" (128 + {name}, as a handler of that signal exits)" if name.startswith("SIG") else ""
 
 
 def _ended_already(run: LiveRun) -> bool:
