@@ -20,7 +20,7 @@ from loomc.budget import DEFAULT_BUDGET, Budget, NoCostWarning, parse_duration
 from loomc.codec import StateRoundTripWarning
 from loomc.detectors import HedgedVerdictWarning, Judge, ScorePlateau, judge, score_plateau
 from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, CorruptStore, CostUnknown,
-                          DeadlineExceeded, EmbeddingsUnavailable, LoomcError,
+                          DeadlineExceeded, EmbeddingsUnavailable, LeaseLost, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
                           StopRequested, StoreError)
@@ -42,7 +42,7 @@ __all__ = [
     "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
     "Comparison", "ConfigError", "ContainerFilesystemWarning", "CorruptStore", "CostUnknown", "DeadlineExceeded",
     "Decision", "DEFAULT_BUDGET",
-    "EmbeddingsUnavailable", "Escalate", "HedgedVerdictWarning", "History", "judge", "Judge", "LastGood",
+    "EmbeddingsUnavailable", "Escalate", "HedgedVerdictWarning", "History", "judge", "Judge", "LastGood", "LeaseLost",
     "load_history", "LoomcError", "loop",
     "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoScoreWarning", "NoStateReturned",
     "NoVerdictWarning",

@@ -288,6 +288,11 @@ class RunLocked(StoreError):
     """Another live process holds the lease on this run."""
 
 
+class LeaseLost(RunLocked):
+    """This drive's lease on its run ran out (its process was paused, asleep or hung past it) and another process
+    took the run over: the run goes on there, and this drive's step in flight is not committed."""
+
+
 class StepConflict(StoreError):
     """A step number was committed twice for one run."""
 
@@ -367,6 +372,11 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
         status, reason = ended
         exc.add_note(f"loomc: run {run_id} had already ended, {status.replace('_', ' ')}: {reason}; " + (
             "the state it reached is on .state" if status == "completed" else go_on(status, fn_name, run_id, store)))
+        return exc
+    if isinstance(exc, LeaseLost):
+        shown = None if run_id is None else loomc_command("show", run_id, db=store)
+        exc.add_note(f"loomc: run {run_id} is not this process's any more: leave it to the process that took it "
+                     "over" + ("" if shown is None else f"; `{shown}` shows how it goes on"))
         return exc
     how = "was interrupted, with every committed step kept" if isinstance(exc, KeyboardInterrupt) else "failed"
     exc.add_note(f"loomc: run {run_id} {how}; {go_on('failed', fn_name, run_id)}")

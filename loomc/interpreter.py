@@ -24,7 +24,7 @@ from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
 from loomc.context import _CURRENT, _SPENDING, _signal_name, ctrl_c_deferred, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
-                          LoomcError, NoStateReturned, RunError,
+                          LeaseLost, LoomcError, NoStateReturned, RunError,
                           RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted, dollars,
                           go_on, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
@@ -435,8 +435,9 @@ def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:
 def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
     """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
     exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
-                 "error's .history[-1]" + (", with what fn returned" if step.ok else "") +
-                 ". A resume goes on from the last committed step")
+                 "error's .history[-1]" + (", with what fn returned" if step.ok else "") + (
+                     ". The run goes on in the process that took it over, from its last committed step"
+                     if isinstance(exc, LeaseLost) else ". A resume goes on from the last committed step"))
 
 
 def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
@@ -962,18 +963,21 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     what = f"{type(exc).__name__}: {exc}".rstrip(": ")
     why = (_interrupted_where(run, what, exc) if not isinstance(exc, GeneratorExit)
            else "left early: the stream of its steps (iter()) was closed before the run ended")
+    taken = isinstance(exc, LeaseLost)  # the run is another process's now: that one records how it goes on
     try:
-        _commit_interrupted(run, what)
+        if not taken:
+            _commit_interrupted(run, what)
     except LoomcError:
         pass  # e.g. the store is what failed: the charges stay pending, and a resume counts them
     ended = run.ending if _ended_already(run) else None
     if ended is not None:
         status, why = ended
     try:
-        run.store.finish_run(run.id, status, why, run.owner)
+        if not taken:
+            run.store.finish_run(run.id, status, why, run.owner)
     except LoomcError:
         pass
-    logs.run_stopped(run.id, status, why, run.history, run.store)
+    logs.run_stopped(run.id, *(("taken_over", what) if taken else (status, why)), run.history, run.store)
     if isinstance(exc, GeneratorExit):  # a step stream closed early: its .run is this
         run.ended = (_ended(run, status, why, None) if status in _STATUS.values() else
                      Run(run.id, status, why, run.returned_state(), run.history, run.policy,

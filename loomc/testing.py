@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from loomc.errors import RunLocked, RunNotFound, StepConflict, StoreError
+from loomc.errors import LeaseLost, RunLocked, RunNotFound, StepConflict, StoreError
 from loomc.stores.base import CheckpointStore, Drive, RunRecord, StoredStep, Totals
 
 class FakeClock:
@@ -178,6 +178,23 @@ class StoreConformance:
         assert taken.owner == OTHER and taken.attempts == 2 and "took over" in taken.notes
         with pytest.raises(RunLocked):
             store.commit_step("r2", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 600)
+
+    def test_an_owner_that_lost_the_run_neither_commits_nor_says_how_it_ended(self, store: CheckpointStore) -> None:
+        """Its lease ran out (the machine slept) and another owner took the run over, and perhaps ended it: the
+        first owner's commit raises LeaseLost, and its finish leaves the run as the other owner left it."""
+        store.create_run(make_run("r1").replace(lease_expires=time.time() - 1))
+        store.claim_run("r1", OTHER, 600)
+        with pytest.raises(LeaseLost, match=f"{OTHER} drives it now"):
+            store.commit_step("r1", make_step(0), Totals(Decimal("0.05"), 1, 0.0), OWNER, 600)
+        store.finish_run("r1", "failed", "LeaseLost", OWNER)
+        assert (store.get_run("r1").status, store.get_run("r1").owner) == ("running", OTHER)
+        commit(store, "r1", [make_step(0)], owner=OTHER)
+        store.finish_run("r1", "completed", "done", OTHER)
+        with pytest.raises(LeaseLost, match="it has ended since; status completed"):
+            store.commit_step("r1", make_step(1), Totals(Decimal("0.10"), 2, 1.0), OWNER, 600)
+        store.finish_run("r1", "failed", "LeaseLost", OWNER)
+        run = store.get_run("r1")
+        assert (run.status, run.reason, run.steps) == ("completed", "done", 1)
 
     def test_take_over_takes_a_fresh_lease_but_never_from_a_live_drive_of_this_process(
             self, store: CheckpointStore) -> None:

@@ -1561,6 +1561,78 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
     assert SQLiteStore(db).get_run("long").total_cost == Decimal("0.75")
 
 
+_SUSPENDED_JOB = """\
+import pathlib, sys, time
+import loomc
+from loomc import Budget, loop
+
+db = sys.argv[1]
+asleep, awake = pathlib.Path(db + ".asleep"), pathlib.Path(db + ".awake")
+real, lost = time.monotonic, [0.0]
+sleeper = []  # this process, not the one that takes the run over (loomc resume imports this file)
+
+
+def monotonic():
+    return real() - lost[0]
+
+
+@loop(budget=Budget(iterations=3), lease_seconds=1.0, checkpoint=db)
+def work(s):
+    loomc.charge(0.25)
+    if s == 1 and sleeper:
+        # The machine sleeps (a laptop's lid is closed): no thread of this process runs, the lease keeper's
+        # included, and the monotonic clock leaves the time out; the wall clock, the lease's, goes on.
+        time.monotonic = monotonic
+        with work.store._guard:
+            fell_asleep = real()
+            asleep.touch()
+            while not awake.exists():
+                time.sleep(0.05)
+            lost[0] = real() - fell_asleep
+    return s + 1
+
+
+if __name__ == "__main__":
+    sleeper.append(True)
+    try:
+        print(work.run(0, run_id="lid").status)
+    except loomc.RunLocked as e:
+        print("lost:", type(e).__name__, str(e).splitlines()[0])
+        print("notes:", " | ".join(getattr(e, "__notes__", [])))
+"""
+
+
+def test_a_process_that_slept_past_its_lease_cannot_commit_into_the_run_another_took(tmp_path):
+    """Regression: the lease's half life was timed on the monotonic clock, which leaves out the time a machine
+    sleeps. A laptop that woke from an hour's sleep in the middle of a step committed it unfenced, into a run that
+    `loomc resume` had meanwhile taken (its lease having run out by the wall clock), and then wrote its own
+    "failed" over the status of the run the other process had finished."""
+    db = tmp_path / "lid.db"
+    (tmp_path / "lidjob.py").write_text(_SUSPENDED_JOB)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "lidjob.py"), str(db)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "lid.db.asleep").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # past the lease, by the wall clock
+        taken = subprocess.run(["loomc", "resume", "--db", str(db), "lid"], capture_output=True, text=True,
+                               cwd=tmp_path, timeout=120)
+        assert taken.returncode == 2 and "Status: budget_exhausted" in taken.stdout, taken.stdout + taken.stderr
+        (tmp_path / "lid.db.awake").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "lost: LeaseLost run lid: this process" in out, out + err
+    assert "took the run over" in out and "was not committed" in out
+    assert "resume it with" not in out and "A resume goes on" not in out, out
+    record = SQLiteStore(db).get_run("lid")
+    assert record.status == "budget_exhausted" and record.reason.startswith("iterations: 3 of 3"), record
+    steps = SQLiteStore(db).load_steps("lid")
+    assert [s.n for s in steps] == [0, 1, 2] and "interrupted" in steps[1].events
+    assert record.total_cost == Decimal("0.75") == sum(s.cost for s in steps)  # the sleeper's charge, once
+
+
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_another_thread_cannot_take_a_run_whose_step_outlasts_its_lease(tmp_path, store):
     import threading

@@ -284,6 +284,28 @@ def test_a_live_drive_keeps_its_lease_renewed_and_one_that_is_over_is_let_go(tmp
     store.close()
 
 
+def test_the_lease_keeper_renews_within_seconds_of_a_machine_waking(tmp_path, monkeypatch):
+    """Its waits are timed on the monotonic clock, which stops while the machine sleeps: a keeper that waited for
+    the lease's half life would renew it up to half a lease after the machine woke, the run meanwhile shown as
+    crashed and open to a take-over. It looks again every few seconds (here a tenth of one)."""
+    import loomc.stores.sqlite as sqlite_module
+    from loomc.stores.base import Drive
+    monkeypatch.setattr(sqlite_module, "KEEPER_LOOKS_SECONDS", 0.1)
+    store = SQLiteStore(tmp_path / "wake.db", durability="normal")
+    drive = Drive()
+    store.create_run(make_run("lid").replace(owner=drive.owner, lease_expires=time.time() + 600))
+    time.sleep(0.3)  # the keeper is waiting for the half life, five minutes away
+    # The machine slept and woke: by the wall clock the half life has passed, and the lease is nearly out.
+    with store._guard:
+        store._leases["lid"] = (drive.owner, time.time() - 1, 600.0)
+    store._conn().execute("UPDATE runs SET lease_expires = ? WHERE id = 'lid'", (time.time() + 1,))
+    deadline = time.time() + 10
+    while store.get_run("lid").lease_expires < time.time() + 500 and time.time() < deadline:
+        time.sleep(0.05)
+    assert store.get_run("lid").lease_expires > time.time() + 500, "renewed without waiting for a wake-up call"
+    store.close()
+
+
 def _use_store_in_forked_child(store: SQLiteStore, result: Any, parents: sqlite3.Connection) -> None:
     result.put(hasattr(store._local, "conn"))  # the parent's connection must not come along
     gc.collect()
@@ -352,7 +374,7 @@ def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path):
     def churn() -> None:  # leases taken and dropped as fast as runs could start and end
         while not stop.is_set():
             for i in range(20):
-                store._leases[f"r{i}"] = (OWNER, time.monotonic() + 300, 600.0)
+                store._leases[f"r{i}"] = (OWNER, time.time() + 300, 600.0)
             for i in range(20):
                 store._leases.pop(f"r{i}", None)
 

@@ -21,7 +21,7 @@ from decimal import Decimal
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from loomc.errors import RunNotFound, StoreError, loomc_command
+from loomc.errors import LeaseLost, RunNotFound, StoreError, loomc_command
 
 STATUSES = ("running", "completed", "budget_exhausted", "stalled", "failed", "cancelled")
 
@@ -95,11 +95,13 @@ class CheckpointStore(Protocol):
                     lease_seconds: float) -> None:
         """Commit one step and the run's totals together; drop the step's write-ahead charges.
 
-        Raises StepConflict if the step number exists, RunLocked if ``owner`` lost the lease.
+        Raises StepConflict if the step number exists, LeaseLost (see :func:`lease_lost`) if ``owner`` lost the
+        lease.
         """
 
     def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
-        """Record how the run ended and release its lease."""
+        """Record how the run ended and release its lease; nothing if ``owner`` (when given) no longer holds the
+        run: the process that took it over (or has since ended it) says how it ends."""
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run, or RunNotFound."""
@@ -242,6 +244,15 @@ def locked_message(run: RunRecord, now: float, store: Any = None) -> str:
     return (f"run {run.id} is being run by {run.owner} (lease for {left:.0f}s more); wait for it to finish, "
             "or for its lease to expire; if you know that process is gone (a restarted container with a new "
             "host name), resume with take_over=True" + ("" if command is None else f" (`{command}`)"))
+
+
+def lease_lost(run: RunRecord, owner: str | None) -> LeaseLost:
+    """The error for a commit of ``owner``, who held ``run`` until its lease ran out and another process took it."""
+    now = (f"{run.owner} drives it now" if run.owner is not None else
+           "it has ended since" if run.status != "running" else "it stopped since")
+    return LeaseLost(f"run {run.id}: this process ({owner}) no longer holds its lease: the lease ran out while this "
+                     "process was paused, asleep or too busy to renew it, and another process took the run over "
+                     f"({now}; status {run.status})")
 
 
 def open_parent_step(store: Any, record: RunRecord) -> RunRecord | None:

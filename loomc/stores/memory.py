@@ -7,7 +7,7 @@ import time
 from decimal import Decimal
 
 from loomc.errors import RunLocked, RunNotFound, StepConflict
-from loomc.stores.base import RunRecord, StoredStep, Totals, locked_message, may_take, no_such_step
+from loomc.stores.base import RunRecord, StoredStep, Totals, lease_lost, locked_message, may_take, no_such_step
 
 
 class MemoryStore:
@@ -53,7 +53,7 @@ class MemoryStore:
             run, now = self._run(run_id), time.time()
             steps = self._steps[run_id]
             if owner is not None and run.owner != owner:
-                raise RunLocked(f"run {run_id}: this process lost its lease to {run.owner}")
+                raise lease_lost(run, owner)
             if step.n < len(steps):  # steps are committed in number order: that number exists
                 raise StepConflict(f"run {run_id} already has a step {step.n}")
             steps.append(step)
@@ -65,6 +65,8 @@ class MemoryStore:
     def finish_run(self, run_id: str, status: str, reason: str | None, owner: str | None) -> None:
         with self._lock:
             run = self._run(run_id)
+            if owner is not None and run.owner != owner:
+                return  # another drive took the run over: it says how the run ends
             self._runs[run_id] = run.replace(status=status, reason=reason, updated_at=time.time(),
                                              owner=None, lease_expires=None)
 

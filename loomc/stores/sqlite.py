@@ -30,11 +30,13 @@ from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, R
                           StoreError, warn_at_caller)
 from loomc.history import History, Step, _new_tuple
 from loomc.policy import steps_to_keep
-from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, locked_message, may_take,
+from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, lease_lost, locked_message, may_take,
                                no_such_step, unheld)
 from loomc.stores.schema import SCHEMA_VERSION, refuse_newer, upgrade
 
 BUSY_TIMEOUT_MS = 60_000
+#: The longest the lease keeper waits before it looks at the leases again (see _keep_leases).
+KEEPER_LOOKS_SECONDS = 5.0
 #: Where Linux lists the mounted filesystems, with their types.
 MOUNTS = "/proc/self/mounts"
 #: Filesystem types that reach the file over a network: SQLite's WAL index is shared memory, which
@@ -112,7 +114,7 @@ _FINISH = ("UPDATE runs SET status = :status, reason = :reason, updated_at = :no
            "total_cost), steps = max(steps, (SELECT count(*) FROM steps WHERE run_id = :run)), "
            "active_seconds = coalesce((SELECT active_seconds FROM steps WHERE run_id = :run "
            "ORDER BY step_n DESC LIMIT 1), active_seconds) "
-           "WHERE id = :run AND (:owner IS NULL OR owner = :owner OR owner IS NULL)")
+           "WHERE id = :run AND (:owner IS NULL OR owner = :owner)")
 
 
 def _close_quietly(conns: list[sqlite3.Connection]) -> None:
@@ -188,8 +190,9 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._writer: Any = None
-        # run id -> (owner, monotonic time, lease length): until that time this process's lease on
-        # the run has more than half its life left, and steps go in unfenced (see commit_step).
+        # run id -> (owner, time, lease length): until that time this process's lease on the run has more
+        # than half its life left, and steps go in unfenced (see commit_step). The time is the wall clock's,
+        # which the lease is written in: the monotonic clock leaves out the time a machine sleeps.
         self._leases: dict[str, tuple[str, float, float]] = {}
         self._keeper: threading.Thread | None = None  # renews the leases of live runs (_keep_leases)
         self._wake = threading.Event()
@@ -342,7 +345,7 @@ class SQLiteStore:
 
     def _renew_leases(self) -> float:
         """Renew the leases that are due and whose drives still run; the seconds until the next is due."""
-        now = time.monotonic()
+        now = time.time()
         for run_id, held in list(self._leases.items()):
             owner, due, seconds = held
             if due > now:
@@ -363,9 +366,9 @@ class SQLiteStore:
                 elif kept:
                     self._leases[run_id] = _held(owner, seconds)
                 else:
-                    del self._leases[run_id]
+                    self._leases.pop(run_id, None)  # finish_run may drop it too, without the guard
         dues = [held[1] for held in list(self._leases.values())]  # a snapshot: other threads add and drop leases
-        return min(dues, default=now + 3600.0) - time.monotonic()
+        return min(dues, default=now + 3600.0) - time.time()
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
                     lease_seconds: float) -> None:
@@ -377,7 +380,7 @@ class SQLiteStore:
         renewed, in the same transaction.
         """
         held = self._leases.get(run_id)
-        fenced = held is None or held[0] != owner or time.monotonic() >= held[1]
+        fenced = held is None or held[0] != owner or time.time() >= held[1]
         _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
         if fenced and owner is not None:
             self._hold(run_id, owner, time.time() + lease_seconds)
@@ -404,9 +407,7 @@ class SQLiteStore:
                 if not fenced:
                     cur.execute(_INSERT_STEP, values)
                 elif cur.execute(_INSERT_STEP_FENCED, (*values, run_id, owner or "", owner or "")).rowcount != 1:
-                    self._get(cur, run_id)  # RunNotFound if it is gone
-                    raise RunLocked(f"run {run_id}: this process ({owner}) no longer holds its lease; "
-                                    "another process took the run over")
+                    raise lease_lost(self._get(cur, run_id), owner)  # or RunNotFound if it is gone
         except sqlite3.IntegrityError:
             raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
                                "a step number is committed at most once") from None
@@ -796,8 +797,8 @@ def _store_error(where: Any, e: sqlite3.Error) -> StoreError:
 
 
 def _held(owner: str, seconds: float) -> tuple[str, float, float]:
-    """A lease just taken or renewed for ``seconds``: its owner, when half its life is gone (monotonic), its length."""
-    return owner, time.monotonic() + seconds / 2, seconds
+    """A lease just taken or renewed for ``seconds``: its owner, when half its life is gone (wall clock), its length."""
+    return owner, time.time() + seconds / 2, seconds
 
 
 def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
@@ -817,7 +818,9 @@ def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
                     return
             wait = store._renew_leases()
             del store
-            wake.wait(max(0.0, wait))
+            # A wait is timed on the monotonic clock, which stops while the machine sleeps: look again at
+            # least every few seconds, so that a lease is renewed soon after the machine wakes.
+            wake.wait(min(max(0.0, wait), KEEPER_LOOKS_SECONDS))
             wake.clear()
     finally:
         store = ref()
