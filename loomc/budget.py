@@ -118,7 +118,9 @@ class Budget(Signal):
 
     def fire(self, history: History, elapsed: float) -> str | None:
         if self.iterations is not None and len(history) >= self.iterations:
-            return f"iterations: {len(history)} of {self.iterations} calls made"
+            return f"iterations: {len(history)} of {self.iterations} calls made" + (
+                " (the default cap, loomc.DEFAULT_BUDGET: the loop was given no Budget)" if self is DEFAULT_BUDGET
+                else "")
         if self.usd is not None:
             spent, largest, _, _, _, unknown, _ = history._summary()
             estimate = self.step_estimate if self.step_estimate is not None else largest

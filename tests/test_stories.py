@@ -419,7 +419,14 @@ def test_the_wall_clock_counts_the_next_call_at_the_longest_so_far_so_no_call_en
 def test_no_budget_means_the_documented_default_cap_and_unbounded_must_be_asked_for():
     refine = loop(checkpoint="memory")(lambda s: s + 1)
     assert DEFAULT_BUDGET == Budget(iterations=100)
-    assert len(refine.run(0).history) == 100
+    run = refine.run(0)
+    assert len(run.history) == 100
+    # The reason says whose cap it was: "100 of 100 calls made" named a number the user never wrote.
+    assert run.reason == ("iterations: 100 of 100 calls made (the default cap, loomc.DEFAULT_BUDGET: the loop was "
+                          "given no Budget)")
+    assert refine.replay(run.id).decision.reason == run.reason
+    chosen = loop(budget=Budget(iterations=100), checkpoint="memory")(lambda s: s + 1)
+    assert chosen.run(0).reason == "iterations: 100 of 100 calls made"
     free = loop(budget=Budget.unbounded(), converge_on=predicate(lambda h: h[-1].state >= 250),
                 checkpoint="memory")(lambda s: s + 1)
     assert free(0) == 250
@@ -604,6 +611,15 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=5), "run_id=5: a run id is a non-empty string"),
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id=" "), "run_id=' ': a run id is a non-empty"),
     (lambda: loop(checkpoint="memory")(lambda s: s).resume(7), "run_id=7: a run id"),
+    # A Run or a History where the id goes raised TypeError: unhashable type (on the memory store).
+    (lambda: (lambda f: f.resume(f.run(0)))(loop(checkpoint="memory")(lambda s: s + 1)),
+     "a Run was given where a run id goes; give its id: run_id="),
+    (lambda: (lambda f: f.history(f.run(0)))(loop(checkpoint="memory")(lambda s: s + 1)), "(the .id of the Run)"),
+    (lambda: (lambda f: f.replay(f.run(0).history))(loop(checkpoint="memory")(lambda s: s + 1)),
+     "a History was given where a run id goes; replay a policy on a History itself, as in policy.replay(history)"),
+    (lambda: (lambda f: loomc.load_history(f.store, f.run(0)))(loop(checkpoint="memory")(lambda s: s + 1)),
+     "a Run was given where a run id goes"),
+    (lambda: loomc.load_history(loop(checkpoint="memory")(lambda s: s + 1).run(0)), "a Run was given where a run id goes"),
     # SQLite refused the first with a bare UnicodeEncodeError; the second no command line can carry to `loomc show`.
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id="job-\udc80"), "run_id='job-\\udc80': a run id "
                                                                                "cannot hold a NUL or a lone surrogate"),
