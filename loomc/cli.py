@@ -567,7 +567,11 @@ def _import_runner(fn_path: str | None, spec_hash: str = "") -> tuple[Any, str]:
                 if os.getcwd() not in sys.path and "" not in sys.path:
                     sys.path.insert(0, os.getcwd())
                 module = importlib.import_module(target)
-            obj = attribute(module, qualname)
+            try:
+                obj = attribute(module, qualname)
+            except AttributeError:
+                return None, (f"{target} has no {qualname} any more (renamed or removed since the run started?); "
+                              "give the loop its old name back, or resume the run from Python with the loop as it is now")
     except RunAtImport as e:
         return None, str(e)
     except Exception as e:

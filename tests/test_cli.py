@@ -853,6 +853,13 @@ def test_resume_imports_a_module_of_the_working_directory_without_pythonpath(tmp
     assert ("importing jobs2:count failed (ModuleNotFoundError: No module named 'jobs2'); run `loomc resume` in the "
             "directory jobs2 is imported from (the project the run was started in), or set PYTHONPATH to it") \
         in elsewhere.stderr
+    # The loop renamed since: the message named the import machinery's module, not the file's loop.
+    (tmp_path / "jobs2.py").write_text((tmp_path / "jobs2.py").read_text().replace("def count", "def tally"))
+    renamed = subprocess.run(["loomc", "resume", "w1", "--iterations", "7"], env=env, capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert renamed.returncode == 1
+    assert ("cannot resume w1 from here: jobs2 has no count any more (renamed or removed since the run started?); "
+            "give the loop its old name back, or resume the run from Python") in renamed.stderr
 
 
 @pytest.mark.parametrize("how", ["script", "python -m"])
