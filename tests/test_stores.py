@@ -361,9 +361,11 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_working(tm
     store.close()
 
 
-def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path):
+@pytest.mark.parametrize("due", [300, -1])
+def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path, due):
     """Regression: the keeper died on 'dictionary changed size during iteration' when a run started
-    or ended while it looked for the next lease due, and no lease of that store was renewed after."""
+    or ended while it looked for the next lease due, and no lease of that store was renewed after. Leases
+    that are due (-1) are let go by it, while their drives' ends drop them too: that raised KeyError."""
     import threading
     from loomc.stores.base import Drive
     store = SQLiteStore(tmp_path / "churn.db", durability="normal")
@@ -374,7 +376,7 @@ def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path):
     def churn() -> None:  # leases taken and dropped as fast as runs could start and end
         while not stop.is_set():
             for i in range(20):
-                store._leases[f"r{i}"] = (OWNER, time.time() + 300, 600.0)
+                store._leases[f"r{i}"] = (OWNER, time.time() + due, 600.0)
             for i in range(20):
                 store._leases.pop(f"r{i}", None)
 
