@@ -1562,38 +1562,40 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
 
 
 _SUSPENDED_JOB = """\
-import pathlib, sys, time
+import os, pathlib, sys, time
 import loomc
 from loomc import Budget, loop
 
-db = sys.argv[1]
-asleep, awake = pathlib.Path(db + ".asleep"), pathlib.Path(db + ".awake")
+asleep, awake = pathlib.Path("lid.db.asleep"), pathlib.Path("lid.db.awake")
 real, lost = time.monotonic, [0.0]
-sleeper = []  # this process, not the one that takes the run over (loomc resume imports this file)
+sleeps = os.environ.get("LID_SLEEPS") == "1"  # else it waits, awake, while another process takes the run over
+driver = []  # this process, not the one that takes the run over (loomc resume imports this file)
 
 
 def monotonic():
     return real() - lost[0]
 
 
-@loop(budget=Budget(iterations=3), lease_seconds=1.0, checkpoint=db)
+@loop(budget=Budget(iterations=3), lease_seconds=1.0 if sleeps else 600.0, checkpoint="lid.db")
 def work(s):
     loomc.charge(0.25)
-    if s == 1 and sleeper:
+    if s == 1 and driver:
         # The machine sleeps (a laptop's lid is closed): no thread of this process runs, the lease keeper's
         # included, and the monotonic clock leaves the time out; the wall clock, the lease's, goes on.
-        time.monotonic = monotonic
+        if sleeps:
+            time.monotonic = monotonic
         with work.store._guard:
             fell_asleep = real()
             asleep.touch()
             while not awake.exists():
                 time.sleep(0.05)
-            lost[0] = real() - fell_asleep
+            if sleeps:
+                lost[0] = real() - fell_asleep
     return s + 1
 
 
 if __name__ == "__main__":
-    sleeper.append(True)
+    driver.append(True)
     try:
         print(work.run(0, run_id="lid").status)
     except loomc.RunLocked as e:
@@ -1602,35 +1604,41 @@ if __name__ == "__main__":
 """
 
 
-def test_a_process_that_slept_past_its_lease_cannot_commit_into_the_run_another_took(tmp_path):
+@pytest.mark.parametrize("how", ["slept past its lease", "taken over while alive"])
+def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(tmp_path, how):
     """Regression: the lease's half life was timed on the monotonic clock, which leaves out the time a machine
     sleeps. A laptop that woke from an hour's sleep in the middle of a step committed it unfenced, into a run that
     `loomc resume` had meanwhile taken (its lease having run out by the wall clock), and then wrote its own
-    "failed" over the status of the run the other process had finished."""
+    "failed" over the status of the run the other process had finished. A process whose run was taken over while
+    its lease was fresh (`--take-over` of a process that was in fact alive) was told only of a StepConflict."""
+    sleeps = how == "slept past its lease"
     db = tmp_path / "lid.db"
     (tmp_path / "lidjob.py").write_text(_SUSPENDED_JOB)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "lidjob.py"), str(db)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "lidjob.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "LID_SLEEPS": "1" if sleeps else "0"})
     try:
         deadline = time.time() + 60
         while not (tmp_path / "lid.db.asleep").exists() and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(1.5)  # past the lease, by the wall clock
-        taken = subprocess.run(["loomc", "resume", "--db", str(db), "lid"], capture_output=True, text=True,
-                               cwd=tmp_path, timeout=120)
+        if sleeps:
+            time.sleep(1.5)  # past the lease, by the wall clock
+        taken = subprocess.run(["loomc", "resume", "--db", str(db), "lid", *([] if sleeps else ["--take-over"])],
+                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert taken.returncode == 2 and "Status: budget_exhausted" in taken.stdout, taken.stdout + taken.stderr
         (tmp_path / "lid.db.awake").touch()
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert "lost: LeaseLost run lid: this process" in out, out + err
+    assert "lost: LeaseLost run lid: this process" in out and "(it has ended since; status budget_exhausted)" in out, \
+        out + err
     assert "took the run over" in out and "was not committed" in out
     assert "resume it with" not in out and "A resume goes on" not in out, out
     record = SQLiteStore(db).get_run("lid")
     assert record.status == "budget_exhausted" and record.reason.startswith("iterations: 3 of 3"), record
     steps = SQLiteStore(db).load_steps("lid")
     assert [s.n for s in steps] == [0, 1, 2] and "interrupted" in steps[1].events
-    assert record.total_cost == Decimal("0.75") == sum(s.cost for s in steps)  # the sleeper's charge, once
+    assert record.total_cost == Decimal("0.75") == sum(s.cost for s in steps)  # the first process's charge, once
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])

@@ -409,6 +409,8 @@ class SQLiteStore:
                 elif cur.execute(_INSERT_STEP_FENCED, (*values, run_id, owner or "", owner or "")).rowcount != 1:
                     raise lease_lost(self._get(cur, run_id), owner)  # or RunNotFound if it is gone
         except sqlite3.IntegrityError:
+            if owner is not None and (run := self._get(cur, run_id)).owner != owner:
+                raise lease_lost(run, owner) from None  # taken over while this process's lease was fresh
             raise StepConflict(f"run {run_id} already has a committed step {step.n}; "
                                "a step number is committed at most once") from None
         if fenced and owner is not None:
