@@ -252,8 +252,10 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     items = spend_by_item(steps, clean)
     if items:
         head.append(f"By item: {items}")
-    head += [(f"In flight: {dollars(usd)} charged so far during step {n}, which commits with it (should its "
-              "process die first, a resume records it as an interrupted step)") if status == "running" else
+    head += [(f"Late: {dollars(usd)} charged during step {n} by a process that had lost the run, after the "
+              "process that took it over had recorded that step; it is not in the steps' costs") if n < len(steps)
+             else (f"In flight: {dollars(usd)} charged so far during step {n}, which commits with it (should its "
+                   "process die first, a resume records it as an interrupted step)") if status == "running" else
              (f"Uncommitted: {dollars(usd)} charged during step {n}, which never committed; "
               "a resume records it as an interrupted step") for n, usd in (pending or {}).items() if usd]
     head += [f"Note: {clean(n)}" for n in run.notes]

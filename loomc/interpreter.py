@@ -964,6 +964,10 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     why = (_interrupted_where(run, what, exc) if not isinstance(exc, GeneratorExit)
            else "left early: the stream of its steps (iter()) was closed before the run ended")
     taken = isinstance(exc, LeaseLost)  # the run is another process's now: that one records how it goes on
+    if taken and run.in_flight >= 0:  # raised by a charge in the call, which found the run taken
+        exc.add_note(f"loomc: step {run.in_flight} of run {run.id} was stopped in its call, at a loomc.charge; what "
+                     f"it charged ({dollars(run.pending)}) is kept in the store: in the step the other process "
+                     "recorded, or as charged late")
     try:
         if not taken:
             _commit_interrupted(run, what)

@@ -1570,6 +1570,7 @@ asleep, awake = pathlib.Path("lid.db.asleep"), pathlib.Path("lid.db.awake")
 real, lost = time.monotonic, [0.0]
 sleeps = os.environ.get("LID_SLEEPS") == "1"  # else it waits, awake, while another process takes the run over
 driver = []  # this process, not the one that takes the run over (loomc resume imports this file)
+late = []  # the paid calls made after it woke
 
 
 def monotonic():
@@ -1591,6 +1592,11 @@ def work(s):
                 time.sleep(0.05)
             if sleeps:
                 lost[0] = real() - fell_asleep
+        if sleeps:  # awake, an agent goes on with its step's paid calls
+            for _ in range(40):
+                late.append(0.25)
+                loomc.charge(0.25)
+                time.sleep(0.1)
     return s + 1
 
 
@@ -1601,6 +1607,7 @@ if __name__ == "__main__":
     except loomc.RunLocked as e:
         print("lost:", type(e).__name__, str(e).splitlines()[0])
         print("notes:", " | ".join(getattr(e, "__notes__", [])))
+        print("late calls:", len(late))
 """
 
 
@@ -1632,13 +1639,25 @@ def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(
         proc.kill()
     assert "lost: LeaseLost run lid: this process" in out and "(it has ended since; status budget_exhausted)" in out, \
         out + err
-    assert "took the run over" in out and "was not committed" in out
-    assert "resume it with" not in out and "A resume goes on" not in out, out
+    assert "took the run over" in out and "resume it with" not in out and "A resume goes on" not in out, out
+    assert ("was stopped in its call, at a loomc.charge; what it charged ($" if sleeps else "step 1 of run lid ($0.2500) was not "
+            "committed; it is on this error's .history[-1], with what fn returned. The run goes on in the process that "
+            "took it over") in out, out
     record = SQLiteStore(db).get_run("lid")
     assert record.status == "budget_exhausted" and record.reason.startswith("iterations: 3 of 3"), record
     steps = SQLiteStore(db).load_steps("lid")
     assert [s.n for s in steps] == [0, 1, 2] and "interrupted" in steps[1].events
     assert record.total_cost == Decimal("0.75") == sum(s.cost for s in steps)  # the first process's charge, once
+    if sleeps:
+        # Awake, its lease keeper found the run taken within moments, and the next charge stopped the step's paid
+        # calls (it used to make all 40 before its commit was refused). What they cost is kept, and shown as such.
+        late = int(re.search(r"late calls: (\d+)", out)[1])
+        assert 1 <= late <= 10, out
+        assert SQLiteStore(db).pending_charges("lid") == {1: Decimal("0.25") * late}  # the one that raised too
+        shown = subprocess.run(["loomc", "show", "--db", str(db), "lid"], capture_output=True, text=True)
+        assert (f"Late: ${Decimal('0.25') * late:.4f} charged during step 1 by a process that had lost the run, "
+                "after the process that took it over had recorded that step; it is not in the steps' costs") \
+            in shown.stdout, shown.stdout
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])

@@ -194,6 +194,9 @@ class SQLiteStore:
         # than half its life left, and steps go in unfenced (see commit_step). The time is the wall clock's,
         # which the lease is written in: the monotonic clock leaves out the time a machine sleeps.
         self._leases: dict[str, tuple[str, float, float]] = {}
+        # run id -> owner: a live drive of this process whose renewal another process's take-over refused. Its
+        # charges still go in (the money is spent), then raise LeaseLost: the drive stops making paid calls.
+        self._lost: dict[str, str] = {}
         self._keeper: threading.Thread | None = None  # renews the leases of live runs (_keep_leases)
         self._wake = threading.Event()
 
@@ -337,6 +340,7 @@ class SQLiteStore:
         seconds = max(expires - time.time(), 0.01)  # an expired lease is renewed soon, never in a busy loop
         with self._guard:
             self._leases[run_id] = _held(owner, seconds)
+            self._lost.pop(run_id, None)
             if self._keeper is None:
                 self._keeper = threading.Thread(target=_keep_leases, args=(weakref.ref(self), self._wake),
                                                 name="loomc-leases", daemon=True)
@@ -367,6 +371,8 @@ class SQLiteStore:
                     self._leases[run_id] = _held(owner, seconds)
                 else:
                     self._leases.pop(run_id, None)  # finish_run may drop it too, without the guard
+                    if owner in _DRIVING:  # refused: another process took the run over
+                        self._lost[run_id] = owner
         dues = [held[1] for held in list(self._leases.values())]  # a snapshot: other threads add and drop leases
         return min(dues, default=now + 3600.0) - time.time()
 
@@ -433,6 +439,8 @@ class SQLiteStore:
             "INSERT INTO charges (run_id, step_n, usd, at) VALUES (?, ?, ?, ?)",
             (run_id, step_n, str(usd), time.time())))
         self._charged.add((run_id, step_n))
+        if self._lost and (lost := self._lost.get(run_id)) is not None:
+            raise lease_lost(self.get_run(run_id), lost)
 
     # --- reads --------------------------------------------------------------
 
