@@ -27,7 +27,7 @@ from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, 
 from loomc.history import running_costs, spend_by_item
 from loomc.interpreter import ENDING_EVENTS, in_no_call
 from loomc.loop import fn_name_of_path
-from loomc.stores.base import RunRecord, StoredStep, open_parent_step, owner_is_dead, unheld
+from loomc.stores.base import RunRecord, StoredStep, living_here, open_parent_step, owner_is_dead, unheld
 
 DB_HELP = "SQLite file to read (default: $LOOMC_DB, else ./.loomc/checkpoints.db)"
 STATUS_COLORS = {"completed": "green", "failed": "red", "budget_exhausted": "yellow", "stalled": "magenta",
@@ -89,8 +89,17 @@ def _gone(run: RunRecord, n: int, last_events: Sequence[str] = (), began: bool =
             return (f"its process ({clean(run.owner)}) died in the backoff wait after step {n - 1} ({idle}), "
                     f"before step {n}'s call")
         return f"its process ({clean(run.owner)}) died during step {n}"
-    return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
-            f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")
+    here = living_here(run.owner)
+    if here is None:
+        return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
+                f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")
+    pid, state = here
+    how = ("is stopped (Ctrl-Z, or SIGSTOP)" if state == "T" else "is held by a debugger" if state == "t" else
+           "is alive but has stopped renewing its lease: it hangs, or is too busy to renew it")
+    go_on = f"`kill -CONT {pid}` (or `fg` in its shell) lets it go on; " if state == "T" else ""
+    return (f"its process ({clean(run.owner)}, pid {pid} on this machine) {how}, in step {n} (its lease ran out at "
+            f"{iso(run.lease_expires or 0)}); {go_on}a resume takes the run from it, which then stops at its next "
+            "charge or commit")
 
 
 #: How much of a run's stop reason ``loomc runs --why`` shows; ``loomc show`` shows it whole.
@@ -124,14 +133,14 @@ def runs_table(rows: list[tuple[Any, ...]], why: bool = False,
     colour, add, line = color_on(), lines.append, f"%-{id_w}s%-{loop_w}s%s%5s%10s  %s"
     minutes: dict[int, str] = {}
     pending = {run_id: usd for run_id, usd in (pending or {}).items() if usd}
-    for rid, name, status, (run_id, _, steps, cost, created, _, _, reason, _, _) in zip(ids, loops, statuses, rows):
+    for rid, name, status, (run_id, _, steps, cost, created, _, owner, reason, _, _) in zip(ids, loops, statuses, rows):
         shown = status.ljust(st_w)
         if colour:
             shown = click.style(shown, fg=STATUS_COLORS.get(status))
         spent = f"{dollars(Decimal(cost) + pending[run_id])}*" if run_id in pending else \
             dollars(cost) + (" " if pending else "")  # amounts aligned beside a starred one
         row = line % (rid, name, shown, steps, spent, local_time(created, minutes))
-        add(f"{row}  {_brief(status, reason)}".rstrip() if why else row)
+        add(f"{row}  {_brief(status, reason, owner)}".rstrip() if why else row)
     if len(rows) > 1:
         add(_total(rows, pending))
     if any(row[0] in pending for row in rows):
@@ -174,10 +183,15 @@ def local_time(at: float, minutes: dict[int, str]) -> str:
     return head + "%02d" % second if head else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at))
 
 
-def _brief(status: str, reason: str | None) -> str:
-    """Why a run stopped, cut to :data:`BRIEF_CHARS`, for ``loomc runs --why``."""
+def _brief(status: str, reason: str | None, owner: str | None = None) -> str:
+    """Why a run stopped, cut to :data:`BRIEF_CHARS`, for ``loomc runs --why``; ``owner``: a crashed run's."""
     if status == "crashed":
-        return "its process died"
+        if owner is None or owner_is_dead(owner):
+            return "its process died"
+        here = living_here(owner)
+        return ("its process is stopped (Ctrl-Z, SIGSTOP)" if here is not None and here[1] == "T" else
+                "its process here hangs (no lease renewed)" if here is not None else
+                "its lease ran out (its process is elsewhere)")
     if not reason or status == "running":
         return ""
     return clean(reason) if len(reason) <= BRIEF_CHARS else clean(reason[:BRIEF_CHARS]) + "..."

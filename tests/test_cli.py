@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -683,6 +684,41 @@ def test_runs_why_says_briefly_why_each_run_stopped(tmp_path):
     store.create_run(make_run("dead").replace(owner=f"{socket.gethostname()}:999999999:t1.abcdef"))
     assert invoke("runs", "--why", "--status", "crashed", "--db", db).output.splitlines()[2].endswith(
         "  its process died")
+
+
+def test_a_run_whose_process_is_stopped_says_so_rather_than_that_it_died(tmp_path):
+    """A loop stopped with Ctrl-Z (SIGSTOP) past its lease was listed as `its process died`, and `loomc show` said
+    it died or hangs; the process is there, and `kill -CONT` (or `fg`) lets it go on."""
+    db = tmp_path / "z.db"
+    (tmp_path / "zjob.py").write_text(
+        "import pathlib, sys, time\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=3), lease_seconds=1.0, checkpoint=sys.argv[1])\n"
+        "def work(s):\n"
+        "    if s == 1:\n"
+        "        pathlib.Path(sys.argv[1] + '.in-step').touch()\n"
+        "        time.sleep(1.0)\n"
+        "    return s + 1\n"
+        "print(work.run(0, run_id='z').status)\n")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "zjob.py"), str(db)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "z.db.in-step").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # past its lease, which nothing renews while the process is stopped
+        listed = invoke("runs", "--why", "--db", str(db)).output
+        shown = invoke("show", "z", "--db", str(db)).output
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert listed.splitlines()[2].split()[2] == "crashed" and listed.splitlines()[2].endswith(
+        "  its process is stopped (Ctrl-Z, SIGSTOP)"), listed
+    assert (f"pid {proc.pid} on this machine) is stopped (Ctrl-Z, or SIGSTOP), in step 1 (its lease ran out at "
+            in shown), shown
+    assert f"`kill -CONT {proc.pid}` (or `fg` in its shell) lets it go on; a resume takes the run from it" in shown
+    assert proc.returncode == 0 and out.strip() == "budget_exhausted", err  # let go on, it finished the run
 
 
 @pytest.mark.parametrize("zone", ["UTC0", "CET-1CEST,M3.5.0,M10.5.0/3", "IST-5:30", "LMT+0:44:30"])

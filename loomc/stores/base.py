@@ -200,6 +200,18 @@ def owner_is_dead(owner: str | None) -> bool:
     return stat[0] == "Z" or (started is not None and started != stat[19])
 
 
+def living_here(owner: str | None) -> tuple[int, str] | None:
+    """For an owner that is a live process on this host: its pid, and its state as /proc tells it (``T`` stopped by
+    Ctrl-Z or SIGSTOP, ``t`` held by a debugger; ``?`` where there is no /proc); else None (dead, or elsewhere)."""
+    if not owner or owner_is_dead(owner):
+        return None
+    host, pid_text, _ = _owner_parts(owner)
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return None
+    stat = _stat(int(pid_text))
+    return int(pid_text), "?" if stat is None else stat[0]
+
+
 def _stat(pid: int) -> list[str] | None:
     """The fields of ``/proc/<pid>/stat`` after the command name (state first), where there is a /proc."""
     try:
