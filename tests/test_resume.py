@@ -1562,7 +1562,7 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
 
 
 _SUSPENDED_JOB = """\
-import os, pathlib, sys, time
+import asyncio, os, pathlib, sys, time
 import loomc
 from loomc import Budget, loop
 
@@ -1577,33 +1577,49 @@ def monotonic():
     return real() - lost[0]
 
 
-@loop(budget=Budget(iterations=3), lease_seconds=1.0 if sleeps else 600.0, checkpoint="lid.db")
-def work(s):
-    loomc.charge(0.25)
-    if s == 1 and driver:
-        # The machine sleeps (a laptop's lid is closed): no thread of this process runs, the lease keeper's
-        # included, and the monotonic clock leaves the time out; the wall clock, the lease's, goes on.
+def sleep_through():
+    # The machine sleeps (a laptop's lid is closed): no thread of this process runs, the lease keeper's
+    # included, and the monotonic clock leaves the time out; the wall clock, the lease's, goes on.
+    if sleeps:
+        time.monotonic = monotonic
+    with work.store._guard:
+        fell_asleep = real()
+        asleep.touch()
+        while not awake.exists():
+            time.sleep(0.05)
         if sleeps:
-            time.monotonic = monotonic
-        with work.store._guard:
-            fell_asleep = real()
-            asleep.touch()
-            while not awake.exists():
-                time.sleep(0.05)
-            if sleeps:
-                lost[0] = real() - fell_asleep
-        if sleeps:  # awake, an agent goes on with its step's paid calls
-            for _ in range(40):
+            lost[0] = real() - fell_asleep
+
+
+if os.environ.get("LID_ASYNC") == "1":
+    @loop(budget=Budget(iterations=3), lease_seconds=1.0 if sleeps else 600.0, checkpoint="lid.db")
+    async def work(s):
+        await loomc.acharge(0.25)
+        if s == 1 and driver:
+            sleep_through()
+            for _ in range(40 if sleeps else 0):  # awake, an agent goes on with its step's paid calls
+                late.append(0.25)
+                await loomc.acharge(0.25)
+                await asyncio.sleep(0.1)
+        return s + 1
+else:
+    @loop(budget=Budget(iterations=3), lease_seconds=1.0 if sleeps else 600.0, checkpoint="lid.db")
+    def work(s):
+        loomc.charge(0.25)
+        if s == 1 and driver:
+            sleep_through()
+            for _ in range(40 if sleeps else 0):  # awake, an agent goes on with its step's paid calls
                 late.append(0.25)
                 loomc.charge(0.25)
                 time.sleep(0.1)
-    return s + 1
+        return s + 1
 
 
 if __name__ == "__main__":
     driver.append(True)
     try:
-        print(work.run(0, run_id="lid").status)
+        run = work.run(0, run_id="lid")
+        print((asyncio.run(run) if asyncio.iscoroutine(run) else run).status)
     except loomc.RunLocked as e:
         print("lost:", type(e).__name__, str(e).splitlines()[0])
         print("notes:", " | ".join(getattr(e, "__notes__", [])))
@@ -1611,8 +1627,9 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("how", ["slept past its lease", "taken over while alive"])
-def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(tmp_path, how):
+def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(tmp_path, how, aio):
     """Regression: the lease's half life was timed on the monotonic clock, which leaves out the time a machine
     sleeps. A laptop that woke from an hour's sleep in the middle of a step committed it unfenced, into a run that
     `loomc resume` had meanwhile taken (its lease having run out by the wall clock), and then wrote its own
@@ -1621,9 +1638,9 @@ def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(
     sleeps = how == "slept past its lease"
     db = tmp_path / "lid.db"
     (tmp_path / "lidjob.py").write_text(_SUSPENDED_JOB)
+    env = {**os.environ, "LID_SLEEPS": "1" if sleeps else "0", "LID_ASYNC": "1" if aio else "0"}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "lidjob.py")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "LID_SLEEPS": "1" if sleeps else "0"})
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
         deadline = time.time() + 60
         while not (tmp_path / "lid.db.asleep").exists() and time.time() < deadline:
@@ -1631,7 +1648,7 @@ def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(
         if sleeps:
             time.sleep(1.5)  # past the lease, by the wall clock
         taken = subprocess.run(["loomc", "resume", "--db", str(db), "lid", *([] if sleeps else ["--take-over"])],
-                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                               capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
         assert taken.returncode == 2 and "Status: budget_exhausted" in taken.stdout, taken.stdout + taken.stderr
         (tmp_path / "lid.db.awake").touch()
         out, err = proc.communicate(timeout=60)
