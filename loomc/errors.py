@@ -289,8 +289,15 @@ class RunLocked(StoreError):
 
 
 class LeaseLost(RunLocked):
-    """This drive's lease on its run ran out (its process was paused, asleep or hung past it) and another process
-    took the run over: the run goes on there, and this drive's step in flight is not committed."""
+    """Another process took this drive's run over (its lease ran out while its process was paused, asleep or hung,
+    or ``take_over=True``): the run goes on there, and this drive's step in flight is not committed."""
+
+    #: The run that was lost ("" where a store did not say): a child's, when it reaches the parent's step.
+    lost_run = ""
+
+    def lost(self, run_id: str | None) -> bool:
+        """Whether this is the loss of ``run_id`` itself (not of a child run inside its step)."""
+        return self.lost_run in ("", run_id)
 
 
 class StepConflict(StoreError):
@@ -373,7 +380,7 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
         exc.add_note(f"loomc: run {run_id} had already ended, {status.replace('_', ' ')}: {reason}; " + (
             "the state it reached is on .state" if status == "completed" else go_on(status, fn_name, run_id, store)))
         return exc
-    if isinstance(exc, LeaseLost):
+    if isinstance(exc, LeaseLost) and exc.lost(run_id):
         shown = None if run_id is None else loomc_command("show", run_id, db=store)
         exc.add_note(f"loomc: run {run_id} is not this process's any more: leave it to the process that took it "
                      "over" + ("" if shown is None else f"; `{shown}` shows how it goes on"))

@@ -434,10 +434,11 @@ def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:
 
 def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
     """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
+    taken = isinstance(exc, LeaseLost) and exc.lost(run.id)
     exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
                  "error's .history[-1]" + (", with what fn returned" if step.ok else "") + (
-                     ". The run goes on in the process that took it over, from its last committed step"
-                     if isinstance(exc, LeaseLost) else ". A resume goes on from the last committed step"))
+                     ". The run goes on in the process that took it over, from its last committed step" if taken
+                     else ". A resume goes on from the last committed step"))
 
 
 def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
@@ -963,7 +964,9 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
     what = f"{type(exc).__name__}: {exc}".rstrip(": ")
     why = (_interrupted_where(run, what, exc) if not isinstance(exc, GeneratorExit)
            else "left early: the stream of its steps (iter()) was closed before the run ended")
-    taken = isinstance(exc, LeaseLost)  # the run is another process's now: that one records how it goes on
+    # The run is another process's now: that one records how it goes on. (A child's loss is no loss of this run:
+    # it ends as for a child that another process holds.)
+    taken = isinstance(exc, LeaseLost) and exc.lost(run.id)
     if taken and run.in_flight >= 0:  # raised by a charge in the call, which found the run taken
         exc.add_note(f"loomc: step {run.in_flight} of run {run.id} was stopped in its call, at a loomc.charge; what "
                      f"it charged ({dollars(run.pending)}) is kept in the store: in the step the other process "

@@ -840,3 +840,36 @@ def test_children_gathered_in_a_call_cut_short_are_all_billed_to_that_step(tmp_p
            "with it" if deadline else "its task was cancelled (a timeout such as asyncio.wait_for's, a TaskGroup, "
            "task.cancel(), Ctrl-C under asyncio.run)")
     assert {k.reason for k in kids} == {f"CancelledError during step 0's call: {why}"}
+
+
+def test_a_child_taken_over_by_another_process_ends_the_parents_drive_as_a_held_child_does(tmp_path):
+    """A child run whose lease another process took (here, a host of its own) raises LeaseLost through the parent's
+    step. That is the child's loss, not the parent's: the parent, still this process's, ends failed and says to
+    resume it, as for a child another process holds; it is not left running as if it had been taken too."""
+    import sqlite3
+    import time
+    db = str(tmp_path / "kid.db")
+
+    @loop(budget=Budget(iterations=3), lease_seconds=0.2, checkpoint=db)
+    def kid(s):
+        if s == 1:
+            with closing(sqlite3.connect(db)) as other:  # another host takes the child over
+                other.execute("UPDATE runs SET owner = 'elsewhere:1:x', lease_expires = ? WHERE id = 'p-0-0'",
+                              (time.time() + 600,))
+                other.commit()
+            time.sleep(0.3)  # past half the child's lease: its commit checks who holds the run
+        return s + 1
+
+    @loop(budget=Budget(iterations=2), checkpoint=db)
+    def parent(s):
+        return s + [kid(0)]
+
+    with pytest.raises(loomc.LeaseLost, match=r"run p-0-0: this process .*\(elsewhere:1:x drives it now") as lost:
+        parent([], run_id="p")
+    notes = lost.value.__notes__
+    assert "loomc: run p-0-0 is not this process's any more: leave it to the process that took it over" in notes[1]
+    assert notes[-1] == "loomc: run p failed; resume it with parent.resume('p')"
+    store = SQLiteStore(db)
+    record = store.get_run("p")
+    assert (record.status, record.owner) == ("failed", None) and "LeaseLost: run p-0-0" in record.reason
+    assert (store.get_run("p-0-0").status, store.get_run("p-0-0").owner) == ("running", "elsewhere:1:x")

@@ -262,9 +262,11 @@ def lease_lost(run: RunRecord, owner: str | None) -> LeaseLost:
     """The error for a commit of ``owner``, who held ``run`` until another process took it over."""
     now = (f"{run.owner} drives it now" if run.owner is not None else
            "it has ended since" if run.status != "running" else "it stopped since")
-    return LeaseLost(f"run {run.id}: this process ({owner}) no longer holds its lease: another process took the run "
+    lost = LeaseLost(f"run {run.id}: this process ({owner}) no longer holds its lease: another process took the run "
                      f"over ({now}; status {run.status}), once the lease ran out while this process was paused, asleep "
                      "or too busy to renew it, or with take_over=True")
+    lost.lost_run = run.id
+    return lost
 
 
 def open_parent_step(store: Any, record: RunRecord) -> RunRecord | None:
