@@ -41,7 +41,7 @@ from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
 from loomc.stores.base import (_DRIVING, CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
-                               offload, open_parent_step, process_of)
+                               offload, open_parent_step, owner_is_dead, process_of)
 
 __version__ = "0.3.0"
 SPEC_VERSION = "1"
@@ -523,6 +523,11 @@ class LoopRunner:
         take_over = take_over or took  # a child its parent's gone process left running goes with the parent
         if take_over and record.owner and record.status == "running":
             note = "; ".join(filter(None, [f"taken over from {record.owner}", note]))
+        elif record.owner and record.status == "running" and not owner_is_dead(record.owner):
+            # Its lease ran out, but its process may be there still (stopped, asleep, hung, on another host): if it
+            # goes on, it stops at its next charge or commit, and this note says why.
+            note = "; ".join(filter(None, [f"taken from {record.owner} once its lease had run out (that process, if "
+                                           "it goes on, stops at its next charge or commit)", note]))
         extra = {"take_over": True} if take_over else {}  # a store that predates take_over still resumes
         record = store.claim_run(run_id, drive.owner, self.lease_seconds, policy=repr(policy), note=note, **extra)
         raising = budget is not None or before_raise is not None

@@ -1662,6 +1662,11 @@ def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(
             "took it over") in out, out
     record = SQLiteStore(db).get_run("lid")
     assert record.status == "budget_exhausted" and record.reason.startswith("iterations: 3 of 3"), record
+    assert len(record.notes) == 1 and record.notes[0].startswith(
+        "taken from " if sleeps else "taken over from ") and f":{proc.pid}:" in record.notes[0], record.notes
+    if sleeps:
+        assert record.notes[0].endswith("once its lease had run out (that process, if it goes on, stops at its next "
+                                        "charge or commit)")
     steps = SQLiteStore(db).load_steps("lid")
     assert [s.n for s in steps] == [0, 1, 2] and "interrupted" in steps[1].events
     assert record.total_cost == Decimal("0.75") == sum(s.cost for s in steps)  # the first process's charge, once
