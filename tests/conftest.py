@@ -61,3 +61,12 @@ def db_flag(db) -> str:
     from pathlib import Path
     from loomc.errors import shell_word
     return f"--db {shell_word(str(Path(db).resolve()))}"
+
+
+def wait_for_file(path, seconds: float = 60, poll: float = 0.02) -> None:
+    """Wait until ``path`` exists (a subprocess's marker that it reached a point), ``seconds`` at most."""
+    import time
+    from pathlib import Path
+    deadline = time.time() + seconds
+    while not Path(path).exists() and time.time() < deadline:
+        time.sleep(poll)

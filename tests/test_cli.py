@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
 
-from conftest import db_flag
+from conftest import db_flag, wait_for_file
 from loomc import BestScore, Budget, SQLiteStore, load_history, loop, predicate, score_plateau
 from loomc.cli import main
 from loomc.errors import RunAtImport
@@ -703,9 +703,7 @@ def test_a_run_whose_process_is_stopped_says_so_rather_than_that_it_died(tmp_pat
     proc = subprocess.Popen([sys.executable, str(tmp_path / "zjob.py"), str(db)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while not (tmp_path / "z.db.in-step").exists() and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for_file(tmp_path / "z.db.in-step")
         os.kill(proc.pid, signal.SIGSTOP)
         time.sleep(1.5)  # past its lease, which nothing renews while the process is stopped
         listed = invoke("runs", "--why", "--db", str(db)).output

@@ -27,7 +27,7 @@ import typing_extensions
 import loomc
 from loomc import codec
 
-from conftest import db_flag, sync_or_async
+from conftest import db_flag, sync_or_async, wait_for_file
 from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, LastGood, RunAlreadyFinished,
                    RunLocked, RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
                    StepConflict, StoreError, MemoryStore, load_history, loop, predicate)
@@ -1544,9 +1544,7 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
     proc = subprocess.Popen([sys.executable, str(tmp_path / "longstep.py"), str(db)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while not (tmp_path / "long.db.in-step").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_file(tmp_path / "long.db.in-step")
         time.sleep(2.0)  # the lease the run took at its last commit has run out twice over
         assert SQLiteStore(db).get_run("long").lease_expires > time.time(), "renewed while the step runs"
         other = loop(budget=Budget(iterations=3), checkpoint=str(db))(lambda s: s + 1)
@@ -1642,9 +1640,7 @@ def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(
     proc = subprocess.Popen([sys.executable, str(tmp_path / "lidjob.py")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
-        deadline = time.time() + 60
-        while not (tmp_path / "lid.db.asleep").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_file(tmp_path / "lid.db.asleep")
         if sleeps:
             time.sleep(1.5)  # past the lease, by the wall clock
         taken = subprocess.run(["loomc", "resume", "--db", str(db), "lid", *([] if sleeps else ["--take-over"])],
