@@ -70,3 +70,26 @@ def wait_for_file(path, seconds: float = 60, poll: float = 0.02) -> None:
     deadline = time.time() + seconds
     while not Path(path).exists() and time.time() < deadline:
         time.sleep(poll)
+
+
+def start_long_step(tmp_path, db, run_id: str, seconds: float, cost: float | None = None):
+    """A loop of 3 calls with a 1-second lease, run in a subprocess on the SQLite file ``db``, whose step 1 takes
+    ``seconds`` (each call costing ``cost``, through cost_fn); returned once the process is in that step."""
+    import subprocess
+    import sys
+    script = tmp_path / f"{run_id}_long_step.py"
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "from loomc import Budget, loop\n"
+        f"@loop(budget=Budget(iterations=3), cost_fn={None if cost is None else f'lambda s: {cost}'}, "
+        "lease_seconds=1.0, checkpoint=sys.argv[1])\n"
+        "def work(s):\n"
+        "    if s == 1:\n"
+        "        pathlib.Path(sys.argv[1] + '.in-step').touch()\n"
+        f"        time.sleep({seconds})\n"
+        "    return s + 1\n"
+        f"print(work.run(0, run_id={run_id!r}).status)\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_file(f"{db}.in-step")
+    return proc

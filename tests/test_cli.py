@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
 
-from conftest import db_flag, wait_for_file
+from conftest import db_flag, start_long_step
 from loomc import BestScore, Budget, SQLiteStore, load_history, loop, predicate, score_plateau
 from loomc.cli import main
 from loomc.errors import RunAtImport
@@ -690,20 +690,8 @@ def test_a_run_whose_process_is_stopped_says_so_rather_than_that_it_died(tmp_pat
     """A loop stopped with Ctrl-Z (SIGSTOP) past its lease was listed as `its process died`, and `loomc show` said
     it died or hangs; the process is there, and `kill -CONT` (or `fg`) lets it go on."""
     db = tmp_path / "z.db"
-    (tmp_path / "zjob.py").write_text(
-        "import pathlib, sys, time\n"
-        "from loomc import Budget, loop\n"
-        "@loop(budget=Budget(iterations=3), lease_seconds=1.0, checkpoint=sys.argv[1])\n"
-        "def work(s):\n"
-        "    if s == 1:\n"
-        "        pathlib.Path(sys.argv[1] + '.in-step').touch()\n"
-        "        time.sleep(1.0)\n"
-        "    return s + 1\n"
-        "print(work.run(0, run_id='z').status)\n")
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "zjob.py"), str(db)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_long_step(tmp_path, db, "z", 1.0)
     try:
-        wait_for_file(tmp_path / "z.db.in-step")
         os.kill(proc.pid, signal.SIGSTOP)
         time.sleep(1.5)  # past its lease, which nothing renews while the process is stopped
         listed = invoke("runs", "--why", "--db", str(db)).output

@@ -27,7 +27,7 @@ import typing_extensions
 import loomc
 from loomc import codec
 
-from conftest import db_flag, sync_or_async, wait_for_file
+from conftest import db_flag, start_long_step, sync_or_async, wait_for_file
 from loomc import (BestScore, Budget, BudgetExhausted, CheckpointDecodeError, ConfigError, LastGood, RunAlreadyFinished,
                    RunLocked, RunNotFound, SpecChangedWarning, SQLiteStore, StateEncodeError, StateRoundTripWarning,
                    StepConflict, StoreError, MemoryStore, load_history, loop, predicate)
@@ -1531,20 +1531,8 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
     whose live process was in a step longer than the lease (a long test suite, a slow model); the
     first then lost that paid step to RunLocked on its commit."""
     db = tmp_path / "long.db"
-    (tmp_path / "longstep.py").write_text(
-        "import pathlib, sys, time\n"
-        "from loomc import Budget, loop\n"
-        "@loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.25, lease_seconds=1.0, checkpoint=sys.argv[1])\n"
-        "def work(s):\n"
-        "    if s == 1:\n"
-        "        pathlib.Path(sys.argv[1] + '.in-step').touch()\n"
-        "        time.sleep(4)  # four leases long\n"
-        "    return s + 1\n"
-        "print(work.run(0, run_id='long').status)\n")
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "longstep.py"), str(db)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_long_step(tmp_path, db, "long", 4, cost=0.25)  # four leases long
     try:
-        wait_for_file(tmp_path / "long.db.in-step")
         time.sleep(2.0)  # the lease the run took at its last commit has run out twice over
         assert SQLiteStore(db).get_run("long").lease_expires > time.time(), "renewed while the step runs"
         other = loop(budget=Budget(iterations=3), checkpoint=str(db))(lambda s: s + 1)
