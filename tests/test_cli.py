@@ -690,7 +690,7 @@ def test_a_run_whose_process_is_stopped_says_so_rather_than_that_it_died(tmp_pat
     """A loop stopped with Ctrl-Z (SIGSTOP) past its lease was listed as `its process died`, and `loomc show` said
     it died or hangs; the process is there, and `kill -CONT` (or `fg`) lets it go on."""
     db = tmp_path / "z.db"
-    proc = start_long_step(tmp_path, db, "z", 1.0)
+    proc = start_long_step(tmp_path, db, "z", 3.0)  # long enough to be stopped in, however slow the machine
     try:
         os.kill(proc.pid, signal.SIGSTOP)
         time.sleep(1.5)  # past its lease, which nothing renews while the process is stopped
