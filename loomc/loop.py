@@ -139,17 +139,22 @@ def _other_state(state: Any, record: RunRecord, parent: LiveRun | None) -> str |
             "(a hash of it)")
 
 
-def refuse_reached(budget: Budget, record: RunRecord) -> None:
+def refuse_reached(budget: Budget, record: RunRecord, given: Budget | None = None) -> None:
     """ConfigError for a resume budget with a cap the run has already reached: not one call could be made
-    under it, and a raise is kept as the run's budget, so it would also bind every later resume."""
+    under it, and a raise is kept as the run's budget, so it would also bind every later resume. ``given``:
+    the caps the resume was given, where ``budget`` is them with the others kept from the loop's budget."""
+    def kept(cap: str) -> str:
+        return "" if given is None or getattr(given, cap) is not None else ", a cap kept from the run's budget"
+
     reached = []
     if budget.usd is not None and budget.usd <= record.total_cost:
-        reached.append(f"usd={budget.usd} but it has spent {dollars(record.total_cost)}")
+        reached.append(f"usd={budget.usd} but it has spent {dollars(record.total_cost)}{kept('usd')}")
     if budget.iterations is not None and budget.iterations <= record.steps:
-        reached.append(f"iterations={budget.iterations} but it has made {counted(record.steps, 'call')}")
+        reached.append(f"iterations={budget.iterations} but it has made {counted(record.steps, 'call')}"
+                       f"{kept('iterations')}")
     if budget.wall_clock is not None and budget.wall_clock <= record.active_seconds:
         reached.append(f"wall_clock={budget.wall_clock_text or budget.wall_clock} but it has been active "
-                       f"{record.active_seconds:.1f}s")
+                       f"{record.active_seconds:.1f}s{kept('wall_clock')}")
     if reached:
         raise ConfigError(f"cannot resume run {record.id} under {budget!r}: {'; '.join(reached)}. The caps of a "
                           "resume count what the run did before it, so give caps above those (the run is "
@@ -508,9 +513,11 @@ class LoopRunner:
             if not isinstance(budget, Budget):
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
             refuse_reached(budget, record)
+            asked = budget
             if before_raise is not None:
                 budget = raised([before_raise], budget)
             policy, budget = with_budget(self.policy, budget)
+            refuse_reached(budget, record, asked)  # a cap it kept (raising the dollars keeps the iterations)
             note = f"resumed with {budget!r} (was {record.policy})"
         elif before_raise is not None:
             policy = with_budget(self.policy, before_raise)[0]

@@ -416,6 +416,40 @@ def test_a_resume_budget_the_run_already_reached_is_refused_and_changes_nothing(
     assert more.steps == 5 and more.total_cost == Decimal("1.5") and first.steps == 3
 
 
+def test_a_resume_whose_kept_cap_the_run_already_reached_is_refused_and_changes_nothing(tmp_path):
+    """Regression: `loomc resume --budget-usd 0.5` on a run that had made all 3 calls of its iteration cap raised the
+    dollars and kept that cap (as it should): the resume made no call, ended budget_exhausted at once, and kept the
+    raise as the run's budget. It is refused like a cap given too low, naming the cap that was kept."""
+    db = str(tmp_path / "kept.db")
+    step = loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.1, checkpoint=db)(lambda s: s + 1)
+    step.run(0, run_id="kept")
+    before = SQLiteStore(db).get_run("kept")
+    words = ("cannot resume run kept under Budget(usd=0.5, iterations=3): iterations=3 but it has made 3 calls, a cap "
+             "kept from the run's budget")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        step.resume_run("kept", budget=Budget(usd=0.5))
+    assert SQLiteStore(db).get_run("kept") == before, "nothing recorded: no raise, no note, no claim"
+    more = step.resume_run("kept", budget=Budget(usd=0.5, iterations=5))
+    assert more.steps == 5 and more.total_cost == Decimal("0.5")
+    # The command, which imports the loop from its script.
+    (tmp_path / "keptjob.py").write_text(
+        "import sys\n"
+        "from loomc import Budget, loop\n"
+        "@loop(budget=Budget(iterations=3), cost_fn=lambda s: 0.1,\n"
+        "      checkpoint=sys.argv[1] if __name__ == '__main__' else 'memory')\n"
+        "def count(s):\n"
+        "    return s + 1\n"
+        "if __name__ == '__main__':\n"
+        "    count.run(0, run_id='kept')\n")
+    db = str(tmp_path / "kept-cli.db")
+    subprocess.run([sys.executable, str(tmp_path / "keptjob.py"), db], check=True)
+    before = SQLiteStore(db).get_run("kept")
+    proc = subprocess.run(["loomc", "resume", "kept", "--budget-usd", "0.5", "--db", db], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+    assert SQLiteStore(db).get_run("kept") == before
+
+
 def test_a_raise_stays_the_runs_budget_for_later_resumes(tmp_path):
     """Regression: a raise held for one resume only. A run raised to $5 that crashed, or stopped on
     another cap, went back to the loop's $0.30 on its next resume and stopped at once."""
