@@ -512,12 +512,11 @@ class LoopRunner:
         if budget is not None:
             if not isinstance(budget, Budget):
                 raise ConfigError(f"budget={budget!r}: pass a Budget(...)")
-            refuse_reached(budget, record)
             asked = budget
             if before_raise is not None:
                 budget = raised([before_raise], budget)
             policy, budget = with_budget(self.policy, budget)
-            refuse_reached(budget, record, asked)  # a cap it kept (raising the dollars keeps the iterations)
+            refuse_reached(budget, record, asked)  # those given, and those kept (raising the dollars keeps the rest)
             note = f"resumed with {budget!r} (was {record.policy})"
         elif before_raise is not None:
             policy = with_budget(self.policy, before_raise)[0]

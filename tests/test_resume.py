@@ -393,6 +393,7 @@ def test_a_raise_changes_only_the_caps_it_names(tmp_path):
 def test_a_resume_budget_the_run_already_reached_is_refused_and_changes_nothing(tmp_path):
     """Regression: resume(budget=Budget(iterations=2)) on a run of 3 calls stopped at once, and the
     raise was kept as the run's budget, so every later resume with a larger USD cap stopped at once too."""
+    from loomc.budget import raised
     db = str(tmp_path / "reached.db")
     step = loop(budget=Budget(usd=1.0), cost_fn=lambda s: 0.3, checkpoint=db)(lambda s: s + 1)
     first = step.run(0, run_id="reached")
@@ -406,7 +407,8 @@ def test_a_resume_budget_the_run_already_reached_is_refused_and_changes_nothing(
                 conn.execute("UPDATE runs SET active_seconds = 60 WHERE id = 'reached'")
             before = SQLiteStore(db).get_run("reached")
             words = "wall_clock=1s but it has been active 60.0s"
-        with pytest.raises(ConfigError, match=re.escape(f"cannot resume run reached under {budget!r}: {words}")):
+        applies = raised([Budget(usd=1.0)], budget)  # the caps given, and the loop's it leaves out
+        with pytest.raises(ConfigError, match=re.escape(f"cannot resume run reached under {applies!r}: {words}")):
             step.resume_run("reached", budget=budget)
         assert SQLiteStore(db).get_run("reached") == before, "nothing recorded: no raise, no note, no claim"
     proc = subprocess.run(["loomc", "resume", "reached", "--iterations", "2", "--db", db], capture_output=True,
