@@ -587,7 +587,8 @@ def _import_runner(fn_path: str | None, spec_hash: str = "") -> tuple[Any, str]:
                 obj = attribute(module, qualname)
             except AttributeError:
                 return None, (f"{target} has no {qualname} any more (renamed or removed since the run started?); "
-                              "give the loop its old name back, or resume the run from Python with the loop as it is now")
+                              "give the loop its old name back, or resume the run from Python with the loop as it "
+                              "is now")
     except RunAtImport as e:
         return None, str(e)
     except Exception as e:

@@ -90,13 +90,21 @@ def _tell(opened: LiveRun | Run) -> None:
         logs.run_opened(opened)
 
 
+def _run_for_id(value: Any) -> str | None:
+    """What to do instead, when ``value`` given where a run id goes is a History, or a Run (or RunRecord)."""
+    if isinstance(value, History):
+        return ("a History was given where a run id goes; replay a policy on a History itself, as in "
+                "policy.replay(history), or give the id of a stored run")
+    if not isinstance(value, str) and isinstance(getattr(value, "id", None), str):
+        return (f"a {type(value).__name__} was given where a run id goes; give its id: run_id={value.id!r} "
+                "(the .id of the Run)")
+    return None
+
+
 def _check_run_id(run_id: Any) -> None:
-    if isinstance(run_id, History):
-        raise ConfigError("a History was given where a run id goes; replay a policy on a History itself, as in "
-                          "policy.replay(history), or give the id of a stored run")
-    if not isinstance(run_id, str) and isinstance(getattr(run_id, "id", None), str):  # a Run, a RunRecord
-        raise ConfigError(f"a {type(run_id).__name__} was given where a run id goes; give its id: run_id={run_id.id!r} "
-                          "(the .id of the Run)")
+    instead = _run_for_id(run_id)
+    if instead is not None:
+        raise ConfigError(instead)
     if not isinstance(run_id, str) or not run_id.strip():
         raise ConfigError(f"run_id={run_id!r}: a run id is a non-empty string, such as '2026-11-22-nightly'")
     if "\0" in run_id or any("\ud800" <= ch <= "\udfff" for ch in run_id):
@@ -920,8 +928,9 @@ def load_history(store: CheckpointStore | str | os.PathLike[str], run_id: str | 
     ``load_history(run_id)``, the run is read from the default database.
     """
     if run_id is None:
-        if isinstance(store, History) or isinstance(getattr(store, "id", None), str):
-            _check_run_id(store)  # a History, or a Run given for its id
+        instead = _run_for_id(store)  # a History, or a Run given for its id
+        if instead is not None:
+            raise ConfigError(instead)
         if not isinstance(store, str):
             raise TypeError(f"load_history({store!r}) needs the run id too: load_history(store, run_id)")
         store, run_id = "sqlite", store
