@@ -1677,9 +1677,9 @@ def test_a_process_that_lost_its_run_cannot_commit_into_it_nor_say_how_it_ended(
     assert "lost: LeaseLost run lid: this process" in out and "(it has ended since; status budget_exhausted)" in out, \
         out + err
     assert "took the run over" in out and "resume it with" not in out and "A resume goes on" not in out, out
-    assert ("was stopped in its call, at a loomc.charge; what it charged ($" if sleeps else "step 1 of run lid ($0.2500) was not "
-            "committed; it is on this error's .history[-1], with what fn returned. The run goes on in the process that "
-            "took it over") in out, out
+    assert ("was stopped in its call, at a loomc.charge; what it charged ($" if sleeps else
+            "step 1 of run lid ($0.2500) was not committed; it is on this error's .history[-1], with what fn "
+            "returned. The run goes on in the process that took it over") in out, out
     record = SQLiteStore(db).get_run("lid")
     assert record.status == "budget_exhausted" and record.reason.startswith("iterations: 3 of 3"), record
     assert len(record.notes) == 1 and record.notes[0].startswith(

@@ -619,7 +619,8 @@ def test_precedence_order_is_converged_budget_stalled_backtrack_continue():
      "a History was given where a run id goes; replay a policy on a History itself, as in policy.replay(history)"),
     (lambda: (lambda f: loomc.load_history(f.store, f.run(0)))(loop(checkpoint="memory")(lambda s: s + 1)),
      "a Run was given where a run id goes"),
-    (lambda: loomc.load_history(loop(checkpoint="memory")(lambda s: s + 1).run(0)), "a Run was given where a run id goes"),
+    (lambda: loomc.load_history(loop(checkpoint="memory")(lambda s: s + 1).run(0)),
+     "a Run was given where a run id goes"),
     # SQLite refused the first with a bare UnicodeEncodeError; the second no command line can carry to `loomc show`.
     (lambda: loop(checkpoint="memory")(lambda s: s).run(0, run_id="job-\udc80"), "run_id='job-\\udc80': a run id "
                                                                                "cannot hold a NUL or a lone surrogate"),
