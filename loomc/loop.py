@@ -169,6 +169,24 @@ def refuse_reached(budget: Budget, record: RunRecord, given: Budget | None = Non
                           "unchanged)")
 
 
+def refuse_stopping(budget: Budget, record: RunRecord, store: CheckpointStore) -> None:
+    """ConfigError for a resume budget under which the run would stop before its first call, as its caps predict
+    the next call's cost and time (the USD cap, after a raise of the iterations, say). Budgets that fire go on
+    firing as a run grows, so what a crashed step adds on resume could only make it stop the sooner.
+
+    The steps are read only when a cap leaves less room than the run has used so far: no step cost more than all
+    of them together, nor took longer (the room must also hold ``step_estimate``)."""
+    spent, active = record.total_cost, record.active_seconds
+    near = (budget.usd is not None and budget.usd - spent <= max(spent, budget.step_estimate or 0)) or (
+        budget.wall_clock is not None and budget.wall_clock - active <= active)
+    if not near:
+        return
+    stops = budget.fire(stored_history(store, record.id, None), active)
+    if stops is not None:
+        raise ConfigError(f"cannot resume run {record.id} under {budget!r}: it would stop before its first call "
+                          f"({stops}); give a larger cap for that (the run is unchanged)")
+
+
 def refuse_child(store: CheckpointStore, record: RunRecord) -> None:
     """ConfigError for resuming on its own a child whose parent step never committed: it would spend
     where no parent cap sees it."""
@@ -525,6 +543,7 @@ class LoopRunner:
                 budget = raised([before_raise], budget)
             policy, budget = with_budget(self.policy, budget)
             refuse_reached(budget, record, asked)  # those given, and those kept (raising the dollars keeps the rest)
+            refuse_stopping(budget, record, store)
             note = f"resumed with {budget!r} (was {record.policy})"
         elif before_raise is not None:
             policy = with_budget(self.policy, before_raise)[0]

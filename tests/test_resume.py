@@ -452,6 +452,23 @@ def test_a_resume_whose_kept_cap_the_run_already_reached_is_refused_and_changes_
     assert SQLiteStore(db).get_run("kept") == before
 
 
+def test_a_resume_under_which_the_run_would_stop_before_its_first_call_is_refused(tmp_path):
+    """Regression: a run that the USD cap stopped predictively ($0.90 spent, $0.30 calls, a $1.00 cap), resumed with
+    more iterations, made no call, stopped at once on the same USD reason, and kept the raise."""
+    db = str(tmp_path / "predict.db")
+    step = loop(budget=Budget(usd=1.0), cost_fn=lambda s: 0.3, checkpoint=db)(lambda s: s + 1)
+    assert step.run(0, run_id="p").reason == "usd: $0.9000 spent + $0.3000 for the next step would pass the $1.0000 cap"
+    before = SQLiteStore(db).get_run("p")
+    with pytest.raises(ConfigError, match=re.escape(
+            "cannot resume run p under Budget(usd=1.0, iterations=20): it would stop before its first call (usd: "
+            "$0.9000 spent + $0.3000 for the next step would pass the $1.0000 cap); give a larger cap for that (the "
+            "run is unchanged)")):
+        step.resume_run("p", budget=Budget(iterations=20))
+    assert SQLiteStore(db).get_run("p") == before, "nothing recorded: no raise, no note, no claim"
+    more = step.resume_run("p", budget=Budget(usd=1.2))  # exactly room for one more call
+    assert more.steps == 4 and more.total_cost == Decimal("1.2")
+
+
 def test_a_raise_stays_the_runs_budget_for_later_resumes(tmp_path):
     """Regression: a raise held for one resume only. A run raised to $5 that crashed, or stopped on
     another cap, went back to the loop's $0.30 on its next resume and stopped at once."""
