@@ -89,17 +89,33 @@ def _gone(run: RunRecord, n: int, last_events: Sequence[str] = (), began: bool =
             return (f"its process ({clean(run.owner)}) died in the backoff wait after step {n - 1} ({idle}), "
                     f"before step {n}'s call")
         return f"its process ({clean(run.owner)}) died during step {n}"
-    here = living_here(run.owner)
+    here = _still_here(run.owner)
     if here is None:
         return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
                 f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")
-    pid, state = here
-    how = ("is stopped (Ctrl-Z, or SIGSTOP)" if state == "T" else "is held by a debugger" if state == "t" else
-           "is alive but has stopped renewing its lease: it hangs, or is too busy to renew it")
+    pid, state, how, _ = here
     go_on = f"`kill -CONT {pid}` (or `fg` in its shell) lets it go on; " if state == "T" else ""
     return (f"its process ({clean(run.owner)}, pid {pid} on this machine) {how}, in step {n} (its lease ran out at "
             f"{iso(run.lease_expires or 0)}); {go_on}a resume takes the run from it, which then stops at its next "
             "charge or commit")
+
+
+# What a process of this machine that let its lease run out is doing, by its /proc state: said whole (loomc show)
+# and briefly (loomc runs --why).
+_DOING = {"T": ("is stopped (Ctrl-Z, or SIGSTOP)", "its process is stopped (Ctrl-Z, SIGSTOP)"),
+          "t": ("is held by a debugger", "its process here hangs (no lease renewed)")}
+_HANGS = ("is alive but has stopped renewing its lease: it hangs, or is too busy to renew it",
+          "its process here hangs (no lease renewed)")
+
+
+def _still_here(owner: str | None) -> tuple[int, str, str, str] | None:
+    """For a crashed run's owner that is a live process of this machine: its pid, its state, and what it is doing,
+    said whole and briefly; else None."""
+    here = living_here(owner)
+    if here is None:
+        return None
+    pid, state = here
+    return (pid, state, *_DOING.get(state, _HANGS))
 
 
 #: How much of a run's stop reason ``loomc runs --why`` shows; ``loomc show`` shows it whole.
@@ -188,10 +204,8 @@ def _brief(status: str, reason: str | None, owner: str | None = None) -> str:
     if status == "crashed":
         if owner is None or owner_is_dead(owner):
             return "its process died"
-        here = living_here(owner)
-        return ("its process is stopped (Ctrl-Z, SIGSTOP)" if here is not None and here[1] == "T" else
-                "its process here hangs (no lease renewed)" if here is not None else
-                "its lease ran out (its process is elsewhere)")
+        here = _still_here(owner)
+        return "its lease ran out (its process is elsewhere)" if here is None else here[3]
     if not reason or status == "running":
         return ""
     return clean(reason) if len(reason) <= BRIEF_CHARS else clean(reason[:BRIEF_CHARS]) + "..."

@@ -176,7 +176,7 @@ def shell_word(text: str) -> str:
     return "$'" + "".join(out) + "'"
 
 
-def loomc_command(verb: str, run_id: str, *options: str, db: Any = None) -> str | None:
+def loomc_command(verb: str, run_id: str | None, *options: str, db: Any = None) -> str | None:
     """``loomc show ID --step 3``, as a shell takes it when pasted, for the run ``run_id`` of ``db``.
 
     ``db``: the database the run is in, as a path or the store that holds it; ``None`` for the default one.
@@ -185,8 +185,10 @@ def loomc_command(verb: str, run_id: str, *options: str, db: Any = None) -> str 
     ``$LOOMC_DB`` too): a hint for a run of ``checkpoint="jobs.db"`` used to send the command to the default
     file, which has no such run. The id is quoted as the shell needs (``shell_word``), and follows
     ``--`` when it starts with a dash, which the command would take for an option. ``None`` when the run is in
-    a store the command cannot read (the memory store's, or one of your own).
+    a store the command cannot read (the memory store's, or one of your own), or for no run id.
     """
+    if run_id is None:
+        return None
     words = ["loomc", verb]
     if db is not None and not isinstance(db, (str, os.PathLike)):
         from loomc.stores.sqlite import SQLiteStore
@@ -381,7 +383,7 @@ def attach_run(exc: BaseException, run_id: str | None, state: Any, history: Any,
             "the state it reached is on .state" if status == "completed" else go_on(status, fn_name, run_id, store)))
         return exc
     if isinstance(exc, LeaseLost) and exc.lost(run_id):
-        shown = None if run_id is None else loomc_command("show", run_id, db=store)
+        shown = loomc_command("show", run_id, db=store)
         exc.add_note(f"loomc: run {run_id} is not this process's any more: leave it to the process that took it "
                      "over" + ("" if shown is None else f"; `{shown}` shows how it goes on"))
         return exc
@@ -396,7 +398,7 @@ def go_on(status: str, fn_name: str, run_id: str | None, store: Any = None) -> s
     if status == "budget_exhausted":
         return f"give a larger budget: {fn_name}.resume({run_id!r}, budget=Budget(...))"
     if status == "stalled":
-        shown = None if run_id is None else loomc_command("show", run_id, db=store)
+        shown = loomc_command("show", run_id, db=store)
         where = "its .history" if shown is None else f"it with `{shown}`"
         return f"inspect {where}; {fn_name}.resume({run_id!r}) gives it more calls"
     return f"resume it with {fn_name}.resume({run_id!r})"

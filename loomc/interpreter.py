@@ -432,9 +432,14 @@ def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:
         pass
 
 
+def _taken(run: LiveRun, exc: BaseException) -> bool:
+    """Whether ``exc`` says another process took ``run`` itself over (not a child run inside its step)."""
+    return isinstance(exc, LeaseLost) and exc.lost(run.id)
+
+
 def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
     """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
-    taken = isinstance(exc, LeaseLost) and exc.lost(run.id)
+    taken = _taken(run, exc)
     exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
                  "error's .history[-1]" + (", with what fn returned" if step.ok else "") + (
                      ". The run goes on in the process that took it over, from its last committed step" if taken
@@ -966,7 +971,7 @@ def _record_abandon(run: LiveRun, exc: BaseException) -> None:
            else "left early: the stream of its steps (iter()) was closed before the run ended")
     # The run is another process's now: that one records how it goes on. (A child's loss is no loss of this run:
     # it ends as for a child that another process holds.)
-    taken = isinstance(exc, LeaseLost) and exc.lost(run.id)
+    taken = _taken(run, exc)
     if taken and run.in_flight >= 0:  # raised by a charge in the call, which found the run taken
         exc.add_note(f"loomc: step {run.in_flight} of run {run.id} was stopped in its call, at a loomc.charge; what "
                      f"it charged ({dollars(run.pending)}) is kept in the store: in the step the other process "
