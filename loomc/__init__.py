@@ -23,7 +23,7 @@ from loomc.errors import (BudgetExhausted, CheckpointDecodeError, ConfigError, C
                           DeadlineExceeded, EmbeddingsUnavailable, LeaseLost, LoomcError,
                           NoStateReturned, PolicyTypeError, RunAlreadyFinished, RunAtImport, RunError, RunLocked,
                           RunNotFound, SchemaTooNew, StallError, StateEncodeError, StatePruned, StepConflict,
-                          StopRequested, StoreError)
+                          StopRequested, StoreBusy, StoreError)
 from loomc.history import History, Step
 from loomc.context import acharge, charge, request_stop, step_number, time_left, usd_left
 from loomc.interpreter import CallbackWarning, NoScoreWarning, NoVerdictWarning, OrphanedChildWarning
@@ -53,5 +53,5 @@ __all__ = [
     "score_plateau", "ScorePlateau", "semantic_delta", "SemanticDelta", "Signal", "SpecChangedWarning",
     "SQLiteStore", "StallError", "StateEncodeError", "StateMismatchWarning", "StatePruned", "StateRoundTripWarning",
     "Step",
-    "step_number", "StepConflict", "StopRequested", "StoreError", "time_left", "usd_left", "__version__",
+    "step_number", "StepConflict", "StopRequested", "StoreBusy", "StoreError", "time_left", "usd_left", "__version__",
 ]

@@ -275,6 +275,11 @@ class StoreError(LoomcError):
     """The checkpoint store refused an operation or is unusable."""
 
 
+class StoreBusy(StoreError):
+    """Another connection kept the store locked for longer than loomc waits: trying again at once would wait as
+    long again."""
+
+
 class RunNotFound(StoreError, KeyError):
     """No run with that id is in the store."""
 

@@ -25,7 +25,7 @@ from loomc.context import _CURRENT, _SPENDING, _signal_name, ctrl_c_deferred, dr
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
                           LeaseLost, LoomcError, NoStateReturned, RunError,
-                          RunLocked, StallError, StateEncodeError, StopRequested, attach_run, counted, dollars,
+                          RunLocked, StallError, StepConflict, StoreBusy, StateEncodeError, StopRequested, attach_run, counted, dollars,
                           go_on, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
@@ -393,7 +393,8 @@ class _Commit(tuple):  # type: ignore[type-arg]
             raise
         except Exception as e:
             _spent_anyway(run, step)
-            _not_committed(run, step, e)
+            instead = _in_its_place(run, step, record, e)
+            _not_committed(run, step, e, instead is not None and _commit_anyway(run, instead, totals))
             raise
 
     async def async_(self, run: LiveRun) -> None:
@@ -406,7 +407,9 @@ class _Commit(tuple):  # type: ignore[type-arg]
         except BaseException as e:  # cancelled (the commit goes on), or the store refused it
             _spent_anyway(run, step)
             if isinstance(e, Exception):
-                _not_committed(run, step, e)
+                instead = _in_its_place(run, step, record, e)
+                _not_committed(run, step, e, instead is not None
+                               and await offload(run.store, _commit_anyway, run, instead, totals))
             raise
         if run.parent is not None:
             _bill_parent(run, step.cost)
@@ -420,16 +423,34 @@ def _spent_anyway(run: LiveRun, step: Step) -> None:
         _bill_parent(run, step.cost)
 
 
-def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> None:
-    """Commit a step whose commit an interrupt cut short, once more: the call is paid for.
+def _commit_anyway(run: LiveRun, record: StoredStep, totals: Totals) -> bool:
+    """Commit a step whose commit an interrupt cut short or the store refused, once more: the call is paid for.
+    Whether it went in.
 
     The first try may have gone in before the interrupt landed (StepConflict then says so); if
-    the store fails now, the interrupt is what the user asked for, and it goes on.
+    the store fails now, the interrupt (or the store's first error) is what goes on out.
     """
     try:
         run.store.commit_step(run.id, record, totals, run.owner, run.lease_seconds)
     except Exception:
-        pass
+        return False
+    return True
+
+
+def _in_its_place(run: LiveRun, step: Step, record: StoredStep, exc: Exception) -> StoredStep | None:
+    """What to commit in place of a paid step whose commit the store refused with ``exc`` (the disk is full or
+    failed): the step as failed, without its state, so that its cost and its call count against the caps on
+    resume, as for a step the process died in. (A resume used to make the call again, uncounted: a run under
+    ``iterations=12`` made 13 paid calls.) ``None`` where another process has the run, which records it, and for
+    a store that stayed locked, where a second try would wait as long again. The run keeps ``step`` (and what fn
+    returned) in memory: the error hands it over."""
+    run.uncommitted = step.n
+    if isinstance(exc, (StepConflict, RunLocked, StoreBusy)):
+        return None
+    if not step.ok:
+        return record  # no state to leave out: the same record, once more
+    error = f"Not stored: its commit failed ({type(exc).__name__}: {exc}); what fn returned is not in the store"
+    return stored(step.replace(state=None, error=error, events=("failed",)))
 
 
 def _taken(run: LiveRun, exc: BaseException) -> bool:
@@ -437,13 +458,16 @@ def _taken(run: LiveRun, exc: BaseException) -> bool:
     return isinstance(exc, LeaseLost) and exc.lost(run.id)
 
 
-def _not_committed(run: LiveRun, step: Step, exc: Exception) -> None:
-    """Tell, on the store's error, that a paid step is not in the store, and where what it bought is."""
+def _not_committed(run: LiveRun, step: Step, exc: Exception, failed_instead: bool = False) -> None:
+    """Tell, on the store's error, that a paid step is not in the store, and where what it bought is
+    (``failed_instead``: it was recorded as failed in its place, see ``_in_its_place``)."""
     taken = _taken(run, exc)
     exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
                  "error's .history[-1]" + (", with what fn returned" if step.ok else "") + (
                      ". The run goes on in the process that took it over, from its last committed step" if taken
-                     else ". A resume goes on from the last committed step"))
+                     else (f". It is recorded as failed, without its state, so that its cost and its call count on "
+                           "resume; a resume goes on from the last step stored with a state") if failed_instead and
+                     step.ok else ". A resume goes on from the last committed step"))
 
 
 def _committed(run: LiveRun, step: Step, record: StoredStep) -> None:
@@ -1016,6 +1040,7 @@ def _interrupted_where(run: LiveRun, what: str, exc: BaseException) -> str:
              if run.measured_when_cut >= 0 else
              f"in the backoff wait after step {done - 1} ({_WAIT_EVENT}{run.waiting:g}s)"
              if run.waiting else
+             f"while step {run.uncommitted} was being committed" if run.uncommitted >= 0 else
              f"after step {done - 1}, before the next call" if done else "before the first call")
     name = type(exc).__name__
     if isinstance(exc, KeyboardInterrupt):
@@ -1041,8 +1066,9 @@ def _signal_exit(code: object) -> str:
 
 def _ended_already(run: LiveRun) -> bool:
     """Whether the step that ended the run is committed: the interrupt came after the run's end, before it was
-    marked, and the run is marked as it ended (``run.ending``), not as interrupted."""
-    if run.ending is None or run.in_flight >= 0:
+    marked, and the run is marked as it ended (``run.ending``), not as interrupted. (Not if that step's commit
+    failed: a failed step without its state may be recorded in its place.)"""
+    if run.ending is None or run.in_flight >= 0 or run.uncommitted >= 0:
         return False
     try:
         return run.store.get_run(run.id).steps == len(run.history)

@@ -131,6 +131,7 @@ class LiveRun:
     holds: Decimal = ZERO  # what this child run holds of its parent's room for its step in flight
     winding: int = 0  # child runs of this run's call that were cancelled and are recording it (see _wound_down)
     measured_when_cut: int = -1  # the step whose measuring (scorer, judge) an interrupt cut short, committed so
+    uncommitted: int = -1  # the step whose commit the store refused (for the run's reason)
     waiting: float = 0.0  # the backoff wait going on before the next call, in seconds (0: none)
     fetch: Callable[[int], str | None] | None = None  # reads a committed step's JSON back from the store, if it can
     heavy: list[list[Any]] = field(default_factory=list)  # cells still holding a state of HEAVY_STATE or more

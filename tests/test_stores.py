@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from loomc import Budget, CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreError, loop
+from loomc import (Budget, CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreBusy, StoreError,
+                   loop)
 from loomc.stores.base import Totals
 from loomc.stores.schema import READS_WITH, SCHEMA_VERSION, create_old_database, upgrade
 from loomc.stores.sqlite import _transaction
@@ -418,37 +419,57 @@ def test_a_store_dropped_without_close_closes_its_connections(tmp_path):
 
 # --- a store that fails under a running loop ----------------------------------
 
-def _growing_loop(store: SQLiteStore, calls: list[int]):
-    @loop(budget=Budget(iterations=12), checkpoint=store, cost_fn=lambda s: 0.5)
-    def grow(state: dict) -> dict:
+def _growing_loop(store: SQLiteStore, calls: list[int], kind: str = "sync"):
+    def grown(state: dict) -> dict:
         calls.append(state["i"])
         return {"i": state["i"] + 1, "text": "x" * 3000 * (state["i"] + 1)}
-    return grow
+    if kind == "sync":
+        return loop(budget=Budget(iterations=12), checkpoint=store, cost_fn=lambda s: 0.5)(grown)
+
+    async def grow(state: dict) -> dict:
+        return grown(state)
+    return loop(budget=Budget(iterations=12), checkpoint=store, cost_fn=lambda s: 0.5)(grow)
 
 
-def test_a_full_disk_is_a_store_error_that_keeps_the_paid_state_and_the_run_resumes_once_there_is_room(tmp_path):
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_full_disk_is_a_store_error_that_keeps_the_paid_state_and_the_run_resumes_once_there_is_room(tmp_path,
+                                                                                                       kind):
+    import asyncio
     store = SQLiteStore(tmp_path / "checkpoints.db", durability="normal")
     calls: list[int] = []
-    grow = _growing_loop(store, calls)
-    conn = store._conn()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages + 12}")  # SQLite's own "database or disk is full"
+    grow = _growing_loop(store, calls, kind)
+    go = (lambda f, *a: f(*a)) if kind == "sync" else (lambda f, *a: asyncio.run(f(*a)))
+
+    def writing(sql: str):  # on the connection that commits: an async loop's is the store's writer thread's
+        return (store._conn().execute(sql) if kind == "sync" else
+                store.writer.submit(lambda: store._conn().execute(sql).fetchall()).result())
+    pages = store._conn().execute("PRAGMA page_count").fetchone()[0]
+    writing(f"PRAGMA max_page_count = {pages + 12}")  # SQLite's own "database or disk is full"
     with pytest.raises(StoreError, match=r"checkpoints\.db: OperationalError: database or disk is full; the disk, "
                                          r"or the database's size limit, is full: free some space") as caught:
-        grow({"i": 0, "text": ""})
+        go(grow, {"i": 0, "text": ""})
     e = caught.value
-    committed = store.load_steps(e.run_id)
-    lost = len(committed)  # the step whose commit failed
-    assert 0 < lost < 12 and len(e.history) == lost + 1 and e.history[-1].n == lost
+    lost = e.history[-1].n  # the step whose commit failed
+    assert 0 < lost < 12 and len(e.history) == lost + 1
     assert e.state["i"] == lost + 1 == e.history[-1].state["i"]  # what that paid call returned, not the one before
     assert any(f"step {lost} of run {e.run_id} ($0.5000) was not committed; it is on this error's .history[-1], "
-               "with what fn returned" in note for note in e.__notes__)
+               "with what fn returned. It is recorded as failed, without its state, so that its cost and its call "
+               "count on resume" in note for note in e.__notes__)
     record = store.get_run(e.run_id)
     assert record.status == "failed" and record.reason.startswith("StoreError: ")
-    conn.execute("PRAGMA max_page_count = 1000000")
-    run = grow.resume_run(e.run_id)
+    assert record.reason.endswith(f"while step {lost} was being committed")  # not "after step {lost}"
+    # The paid call is in the ledger: a failed step without its state, as for a process that died in it
+    assert record.steps == lost + 1 and record.total_cost == Decimal("0.5") * (lost + 1)
+    failed = store.load_steps(e.run_id)[-1]
+    assert failed.n == lost and failed.state_json is None and failed.cost == Decimal("0.5")
+    assert failed.error.startswith("Not stored: its commit failed (StoreError: ")
+    writing("PRAGMA max_page_count = 1000000")
+    run = go(grow.resume_run, e.run_id)
     assert run.status == "budget_exhausted" and [s.n for s in run.history] == list(range(12))
-    assert calls == [*range(lost + 1), *range(lost, 12)]  # the lost step is called again, nothing else
+    # The resume goes on from the step before the lost one: 12 paid calls in all under iterations=12 (it used to
+    # make the lost call again as step {lost}, uncounted: 13 calls, $6.50 spent and $6.00 recorded)
+    assert calls == [*range(lost + 1), *range(lost, 11)]
+    assert run.history.total_cost == Decimal("6.0") and not run.history[lost].ok
     store.close()
 
 
@@ -499,7 +520,8 @@ def test_a_file_locked_past_the_busy_timeout_is_a_store_error_and_the_run_resume
         if holder:
             holder[0].communicate("go\n", timeout=30)
     e = caught.value
-    assert e.state == {"i": 3} and len(store.load_steps(e.run_id)) == 2
+    # StoreBusy: loomc does not try that commit again (as failed, without its state): it would wait as long again
+    assert isinstance(e, StoreBusy) and e.state == {"i": 3} and len(store.load_steps(e.run_id)) == 2
     assert any("step 2 of run" in note and "was not committed" in note
                for note in e.__notes__)
     run = resume(e.run_id)
@@ -535,7 +557,7 @@ def test_a_charge_whose_write_ahead_failed_still_counts_in_its_step(tmp_path, mo
 
     run = paid.run({"i": 0})
     assert [s.ok for s in run.history] == [True, False, True], [s.error for s in run.history]
-    assert run.history[1].error.startswith("StoreError: ") and "database is locked" in run.history[1].error
+    assert run.history[1].error.startswith("StoreBusy: ") and "database is locked" in run.history[1].error
     assert [s.cost for s in run.history] == [Decimal("0.25"), Decimal("0.5"), Decimal("0.25")]
     assert store.get_run(run.id).total_cost == Decimal("1.0")
     store.close()

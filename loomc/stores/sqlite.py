@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, StepConflict,
-                          StoreError, warn_at_caller)
+                          StoreBusy, StoreError, warn_at_caller)
 from loomc.history import History, Step, _new_tuple
 from loomc.policy import steps_to_keep
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, lease_lost, locked_message, may_take,
@@ -795,9 +795,10 @@ def _store_error(where: Any, e: sqlite3.Error) -> StoreError:
     if "not a database" in text or "malformed" in text:
         return CorruptStore(f"{where} is corrupt or not a SQLite database ({text}); move it aside to start a new one")
     if "locked" in text or "busy" in text:
-        advice = (f"another connection kept it locked for longer than loomc waits ({BUSY_TIMEOUT_MS / 1000:g}s): "
-                  "a long transaction in another process, or a tool holding the file open")
-    elif "full" in text:
+        return StoreBusy(f"{where}: {type(e).__name__}: {text}; another connection kept it locked for longer than "
+                         f"loomc waits ({BUSY_TIMEOUT_MS / 1000:g}s): a long transaction in another process, or a "
+                         "tool holding the file open")
+    if "full" in text:
         advice = "the disk, or the database's size limit, is full: free some space"
     elif "readonly" in text or "read-only" in text:
         advice = "this process cannot write the file or its directory"
