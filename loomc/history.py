@@ -519,6 +519,16 @@ def cost_unknown(step: Step) -> bool:
     return COST_UNKNOWN_METRIC in step.metrics or cut_short(step)
 
 
+#: The event of a paid step whose commit the store refused, recorded in its place as failed, without its state.
+NOT_STORED = "not stored"
+
+
+def outside_call(step: Step) -> bool:
+    """Whether a failed step failed from outside its call, which says nothing of whether the loop is going
+    anywhere: a call cut short (its process died, a Ctrl-C, a cancelled task), or one the store refused."""
+    return "interrupted" in step.events or NOT_STORED in step.events
+
+
 def cut_short(step: Any) -> bool:
     """An ``interrupted`` step that carries no cost: its call died before it charged anything."""
     return not step.cost and "interrupted" in step.events

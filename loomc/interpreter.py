@@ -29,8 +29,8 @@ from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC,
                           go_on, warn_at_caller, where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
-from loomc.history import (_UNREAD, IN_STORE, ZERO, History, Step, _new_tuple, detached, fresh_step, hand_out,
-                           to_decimal, with_events)
+from loomc.history import (_UNREAD, IN_STORE, NOT_STORED, ZERO, History, Step, _new_tuple, detached, fresh_step,
+                           hand_out, outside_call, to_decimal, with_events)
 from loomc.policy import (CONTINUE, STOP_EVENTS, Decision, Guard, Outcome, name_of, score_readers,
                           steps_to_keep, waited)
 from loomc.runs import LiveRun, Run
@@ -450,7 +450,7 @@ def _in_its_place(run: LiveRun, step: Step, record: StoredStep, exc: Exception) 
     if not step.ok:
         return record  # no state to leave out: the same record, once more
     error = f"Not stored: its commit failed ({type(exc).__name__}: {exc}); what fn returned is not in the store"
-    return stored(step.replace(state=None, error=error, events=("failed",)))
+    return stored(step.replace(state=None, error=error, events=("failed", NOT_STORED)))
 
 
 def _taken(run: LiveRun, exc: BaseException) -> bool:
@@ -859,7 +859,7 @@ def _failing(h: History) -> str:
     """``; its last 3 calls failed, the last with ValueError: ...``: why a run that kept failing stopped."""
     failed = 0
     for step in reversed(h):
-        if step.ok or "interrupted" in step.events:
+        if step.ok or outside_call(step):
             break
         failed += 1
     if not failed:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from loomc.errors import ConfigError, counted
-from loomc.history import History, Step
+from loomc.history import History, Step, outside_call
 from loomc.policy import CONTINUE, Decision, Outcome, Role, whole
 
 
@@ -39,9 +39,9 @@ class Escalate(Role):
     def _count(acc: tuple[float | None, int], step: Step) -> tuple[float | None, int]:
         best, run = acc
         if not step.ok:
-            # A call cut short from outside (its process died, a Ctrl-C, a cancelled task) says nothing of
-            # whether the loop is going anywhere: it leaves the count as it was.
-            return (best, run) if "interrupted" in step.events else (best, run + 1)
+            # A call cut short from outside (its process died, a Ctrl-C, a cancelled task), or whose result the
+            # store refused, says nothing of whether the loop is going anywhere: it leaves the count as it was.
+            return (best, run) if outside_call(step) else (best, run + 1)
         if step.score is None:
             return best, 0
         if math.isnan(step.score):

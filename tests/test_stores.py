@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from loomc import (Budget, CorruptStore, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreBusy, StoreError,
+from loomc import (Budget, CorruptStore, Escalate, MemoryStore, RunLocked, SchemaTooNew, SQLiteStore, StoreBusy, StoreError,
                    loop)
 from loomc.stores.base import Totals
 from loomc.stores.schema import READS_WITH, SCHEMA_VERSION, create_old_database, upgrade
@@ -463,6 +463,11 @@ def test_a_full_disk_is_a_store_error_that_keeps_the_paid_state_and_the_run_resu
     failed = store.load_steps(e.run_id)[-1]
     assert failed.n == lost and failed.state_json is None and failed.cost == Decimal("0.5")
     assert failed.error.startswith("Not stored: its commit failed (StoreError: ")
+    assert failed.events == ("failed", "not stored")
+    # A result the store refused says nothing of whether the loop is going anywhere: no stall is counted for it
+    assert Escalate(after=1).replay(grow.history(e.run_id)).stopped_after is None
+    assert Escalate(after=1).replay(grow.history(e.run_id)[:-1].append(
+        grow.history(e.run_id)[-1].replace(events=("failed",)))).stopped_after == lost + 1
     writing("PRAGMA max_page_count = 1000000")
     run = go(grow.resume_run, e.run_id)
     assert run.status == "budget_exhausted" and [s.n for s in run.history] == list(range(12))
