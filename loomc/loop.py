@@ -35,8 +35,8 @@ from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, Policy
 from loomc.context import current_run, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
-from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, check_measures,
-                          check_one_argument, either, loop_name, name_of, never, score_readers)
+from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _bound_name, _current_step, as_policy,
+                          check_measures, check_one_argument, either, loop_name, name_of, never, score_readers)
 from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
@@ -271,6 +271,12 @@ def recorded_raise(notes: Sequence[str]) -> Budget | None:
     return None
 
 
+def _module_attribute(module: str, name: str) -> Any:
+    """What module ``module`` binds to ``name``, imported: a loop unpickled in a worker process."""
+    import importlib
+    return getattr(importlib.import_module(module), name)
+
+
 def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Decimal:
     """Everything the runs started in step ``step_n`` of ``run_id`` spent: their commits, and what
     their own steps in flight charged or spent in runs of their own, all the way down."""
@@ -356,6 +362,22 @@ class LoopRunner:
 
     def __repr__(self) -> str:
         return f"<loop {getattr(self.fn, '__qualname__', self.fn)} policy={self.policy!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled by reference, as a function is: by the name its module binds it to. So a process pool runs the
+        loop (``pool.map(refine, states)``, ``pool.submit(refine.run, state)``): the worker imports the module and
+        runs its own copy of the loop, on its own connection to the same store. (It raised ``PicklingError: it's
+        not the same object as jobs.refine``, since the decorated object stands where the function was.)"""
+        module = getattr(self.fn, "__module__", None)
+        name = _bound_name(self._origin, self.fn)
+        if module is None or name is None:
+            import pickle
+            raise pickle.PicklingError(
+                f"loop {name_of(self.fn)} cannot be pickled: another process finds a loop by the name its module "
+                f"gives it, and module {module!r} binds this loop to no name. Define it at module level "
+                "(@loop on a def, or refine = loop(...)(refine_step)), so that a process pool's worker can "
+                "import it")
+        return _module_attribute, (module, name)
 
     @property
     def store(self) -> CheckpointStore:

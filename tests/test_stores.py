@@ -362,6 +362,61 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_working(tm
     store.close()
 
 
+_POOLED = """
+from loomc import Budget, loop
+
+@loop(budget=Budget(iterations=3), checkpoint={path!r}, cost_fn=lambda s: 0.25)
+def refine(state):
+    return {{"n": state["n"] + 1}}
+
+async def _step(state):
+    return {{"n": state["n"] + 10}}
+
+arefine = loop(budget=Budget(iterations=2), checkpoint={path!r})(_step)  # bound to a name other than fn's
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch, method):
+    """A loop is pickled by the name its module binds it to: `pool.map(refine, states)` raised PicklingError
+    ("it's not the same object as jobs.refine"), as the decorated object stands where the function was."""
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from loomc import BudgetExhausted
+    path = tmp_path / "pooled.db"
+    (tmp_path / f"pooled_{method}.py").write_text(_POOLED.format(path=str(path)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    jobs = __import__(f"pooled_{method}")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method)) as pool:
+        runs = list(pool.map(jobs.refine.run, [{"n": 0}, {"n": 10}, {"n": 20}]))
+        failed = pool.submit(jobs.refine, {"n": 0}).exception(timeout=120)
+        pooled_async = list(pool.map(_run_async_loop, [jobs.arefine]))  # an async loop, given to a worker
+    assert [(r.status, r.state, r.history.total_cost) for r in runs] == \
+        [("budget_exhausted", {"n": n + 3}, Decimal("0.75")) for n in (0, 10, 20)]
+    assert isinstance(failed, BudgetExhausted) and failed.state == {"n": 3} and len(failed.history) == 3
+    assert pooled_async == [{"n": 20}]
+    store = SQLiteStore(path)
+    assert sorted(r.steps for r in store.list_runs()) == [2, 3, 3, 3, 3]  # each worker wrote to the one file
+    store.close()
+    assert pickle.loads(pickle.dumps(jobs.refine)) is jobs.refine
+
+    def local():
+        @loop(checkpoint="memory")
+        def inner(state: dict) -> dict:
+            return state
+        return inner
+    with pytest.raises(pickle.PicklingError, match=r"loop inner cannot be pickled: another process finds a loop by "
+                                                   r"the name its module gives it, and module '[\w.]+' binds this "
+                                                   r"loop to no name. Define it at module level"):
+        pickle.dumps(local())
+
+
+def _run_async_loop(runner) -> dict:
+    import asyncio
+    return asyncio.run(runner.run({"n": 0})).state
+
+
 @pytest.mark.parametrize("due", [300, -1])
 def test_the_lease_keeper_survives_leases_coming_and_going_around_it(tmp_path, due):
     """Regression: the keeper died on 'dictionary changed size during iteration' when a run started
