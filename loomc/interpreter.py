@@ -24,9 +24,9 @@ from loomc.budget import NoCostWarning, UnreportedSpend, usd_cap
 from loomc.context import _CURRENT, _SPENDING, _signal_name, ctrl_c_deferred, driven, undriven
 from loomc.errors import (COST_ITEMS_METRIC, COST_UNKNOWN_METRIC, TOKENS_METRIC, TRACEBACK_METRIC, BudgetExhausted,
                           CheckpointDecodeError, ConfigError, CostUnknown, DeadlineExceeded, EmbeddingsUnavailable,
-                          LeaseLost, LoomcError, NoStateReturned, RunError,
-                          RunLocked, StallError, StepConflict, StoreBusy, StateEncodeError, StopRequested, attach_run, counted, dollars,
-                          go_on, warn_at_caller, where_raised)
+                          LeaseLost, LoomcError, NoStateReturned, RunError, RunLocked, StallError, StateEncodeError,
+                          StepConflict, StopRequested, StoreBusy, attach_run, counted, dollars, go_on, warn_at_caller,
+                          where_raised)
 # The NamedTuples made on every step (StoredStep, Totals) are built with tuple.__new__ directly
 # (_new_tuple), skipping their Python-level constructors.
 from loomc.history import (_UNREAD, IN_STORE, NOT_STORED, ZERO, History, Step, _new_tuple, detached, fresh_step,

@@ -10,12 +10,12 @@ from typing import Any
 
 from loomc import codec
 from loomc.backtrack import Backtracker
-from loomc.budget import Budget, usd_cap, usd_room, wall_clock_budget
+from loomc.budget import Budget, top_level, usd_cap, usd_room, wall_clock_budget
 from loomc.context import _SPENDING
 from loomc.detectors import JudgeProbe
-from loomc.errors import dollars
+from loomc.errors import ConfigError, dollars
 from loomc.history import ZERO, History, Step, read, state_cell
-from loomc.policy import Guard, Policy, Probe, any_asks, consulted, loop_name
+from loomc.policy import Guard, Policies, Policy, Probe, any_asks, consulted, loop_name
 from loomc.stores.base import CheckpointStore, Drive
 
 
@@ -57,6 +57,44 @@ class Run:
     def __repr__(self) -> str:
         return (f"Run(id={self.id!r}, status={self.status!r}, steps={len(self.history)}, "
                 f"cost={dollars(self.total_cost)}, reason={self.reason!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A Run sent to another process (a process pool's worker returns one): its policy goes as it is if it
+        pickles, else as :class:`PolicyText` (a lambda predicate does not pickle, and made the whole Run fail to
+        come back)."""
+        return _rebuild_run, (self.id, self.status, self.reason, self.state, self.history, portable(self.policy),
+                              self.error, self._notices, self.active_seconds)
+
+
+def _rebuild_run(*fields: Any) -> Run:
+    return Run(*fields)
+
+
+@dataclass(frozen=True, repr=False)
+class PolicyText(Policies):
+    """A Run's policy as it comes back from another process when the policy holds what does not pickle (a
+    ``predicate(lambda h: ...)``, a scorer's judge): its text, and its top-level budgets, whose caps the
+    notebook view and ``Run.plot`` draw. It decides nothing."""
+
+    text: str = ""
+
+    def decide(self, history: History, elapsed: float = 0.0) -> Any:
+        raise ConfigError(f"this policy came with a Run from another process, as its text and its caps only "
+                          f"({self.text} holds functions that do not pickle); replay the loop's own policy instead: "
+                          "refine.policy.replay(run.history), with refine your loop")
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def portable(policy: Policy) -> Policy:
+    """``policy`` if it pickles, else its :class:`PolicyText`."""
+    import pickle
+    try:
+        pickle.dumps(policy)
+    except Exception:
+        return PolicyText(tuple(p for p in top_level(policy) if isinstance(p, Budget)), repr(policy))
+    return policy
 
     def _repr_html_(self) -> str:
         from loomc.notebook import run_html

@@ -363,10 +363,15 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_working(tm
 
 
 _POOLED = """
-from loomc import Budget, loop
+from loomc import Budget, loop, predicate
 
 @loop(budget=Budget(iterations=3), checkpoint={path!r}, cost_fn=lambda s: 0.25)
 def refine(state):
+    return {{"n": state["n"] + 1}}
+
+@loop(budget=Budget(usd=1.0), converge_on=predicate(lambda h: h[-1].state["n"] >= 2), checkpoint={path!r},
+      cost_fn=lambda s: 0.25)
+def until_two(state):
     return {{"n": state["n"] + 1}}
 
 async def _step(state):
@@ -383,7 +388,8 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
     import pickle
     from concurrent.futures import ProcessPoolExecutor
 
-    from loomc import BudgetExhausted
+    import loomc.budget
+    from loomc import BudgetExhausted, ConfigError
     path = tmp_path / "pooled.db"
     (tmp_path / f"pooled_{method}.py").write_text(_POOLED.format(path=str(path)))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -392,12 +398,21 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
         runs = list(pool.map(jobs.refine.run, [{"n": 0}, {"n": 10}, {"n": 20}]))
         failed = pool.submit(jobs.refine, {"n": 0}).exception(timeout=120)
         pooled_async = list(pool.map(_run_async_loop, [jobs.arefine]))  # an async loop, given to a worker
+        # A Run whose policy holds a lambda comes back too (it failed to pickle), with the policy's text and caps
+        (converged,) = pool.map(jobs.until_two.run, [{"n": 0}])
     assert [(r.status, r.state, r.history.total_cost) for r in runs] == \
         [("budget_exhausted", {"n": n + 3}, Decimal("0.75")) for n in (0, 10, 20)]
     assert isinstance(failed, BudgetExhausted) and failed.state == {"n": 3} and len(failed.history) == 3
     assert pooled_async == [{"n": 20}]
+    assert (converged.status, converged.state, len(converged.history)) == ("completed", {"n": 2}, 2)
+    assert repr(converged.policy) == "Budget(usd=1.0) | predicate(<lambda>) | unreported_spend(calls=100)"
+    assert loomc.budget.usd_cap(converged.policy) == Decimal("1.0")
+    with pytest.raises(ConfigError, match=r"this policy came with a Run from another process, as its text and its "
+                                          r"caps only .*replay the loop's own policy instead"):
+        converged.policy.replay(converged.history)
+    assert jobs.until_two.policy.replay(converged.history).stopped_after == 2
     store = SQLiteStore(path)
-    assert sorted(r.steps for r in store.list_runs()) == [2, 3, 3, 3, 3]  # each worker wrote to the one file
+    assert sorted(r.steps for r in store.list_runs()) == [2, 2, 3, 3, 3, 3]  # each worker wrote to the one file
     store.close()
     assert pickle.loads(pickle.dumps(jobs.refine)) is jobs.refine
 
