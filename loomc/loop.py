@@ -363,6 +363,12 @@ class LoopRunner:
     def __repr__(self) -> str:
         return f"<loop {getattr(self.fn, '__qualname__', self.fn)} policy={self.policy!r}>"
 
+    def __copy__(self) -> Self:
+        """A shallow copy (``_under``'s view of this loop); pickling, below, goes by reference instead."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        return view
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled by reference, as a function is: by the name its module binds it to. So a process pool runs the
         loop (``pool.map(refine, states)``, ``pool.submit(refine.run, state)``): the worker imports the module and

@@ -65,6 +65,16 @@ class Run:
         return _rebuild_run, (self.id, self.status, self.reason, self.state, self.history, portable(self.policy),
                               self.error, self._notices, self.active_seconds)
 
+    def _repr_html_(self) -> str:
+        from loomc.notebook import run_html
+        return run_html(self)
+
+    def plot(self, *others: Run, labels: list[str] | None = None, ax: Any = None) -> Any:
+        """Score and cumulative cost per step against the budget line, with this run's events
+        marked; pass other runs to draw them on the same axes. Returns the matplotlib Figure."""
+        from loomc.plots import plot_runs
+        return plot_runs(self, *others, labels=labels, ax=ax)
+
 
 def _rebuild_run(*fields: Any) -> Run:
     return Run(*fields)
@@ -95,16 +105,6 @@ def portable(policy: Policy) -> Policy:
     except Exception:
         return PolicyText(tuple(p for p in top_level(policy) if isinstance(p, Budget)), repr(policy))
     return policy
-
-    def _repr_html_(self) -> str:
-        from loomc.notebook import run_html
-        return run_html(self)
-
-    def plot(self, *others: Run, labels: list[str] | None = None, ax: Any = None) -> Any:
-        """Score and cumulative cost per step against the budget line, with this run's events
-        marked; pass other runs to draw them on the same axes. Returns the matplotlib Figure."""
-        from loomc.plots import plot_runs
-        return plot_runs(self, *others, labels=labels, ax=ax)
 
 
 def _cover(run: LiveRun) -> None:

@@ -407,6 +407,7 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
     assert (converged.status, converged.state, len(converged.history)) == ("completed", {"n": 2}, 2)
     assert repr(converged.policy) == "Budget(usd=1.0) | predicate(<lambda>) | unreported_spend(calls=100)"
     assert loomc.budget.usd_cap(converged.policy) == Decimal("1.0")
+    assert "predicate(&lt;lambda&gt;)" in converged._repr_html_()  # the notebook view, with the cap's line
     with pytest.raises(ConfigError, match=r"this policy came with a Run from another process, as its text and its "
                                           r"caps only .*replay the loop's own policy instead"):
         converged.policy.replay(converged.history)
