@@ -277,6 +277,19 @@ def _module_attribute(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _main_loop(name: str, copied: bytes) -> LoopRunner:
+    """A loop of a script's or a notebook's ``__main__``, unpickled in a worker: the worker's own, where its
+    ``__main__`` is that script, else one rebuilt from the copy (see ``LoopRunner.__reduce__``)."""
+    import pickle
+    found = getattr(sys.modules.get("__main__"), name, None)
+    if isinstance(found, LoopRunner):
+        return found
+    cls, fields = pickle.loads(copied)
+    runner: LoopRunner = object.__new__(cls)
+    runner.__dict__.update(fields, _origin=runner)
+    return runner
+
+
 def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Decimal:
     """Everything the runs started in step ``step_n`` of ``run_id`` spent: their commits, and what
     their own steps in flight charged or spent in runs of their own, all the way down."""
@@ -383,6 +396,13 @@ class LoopRunner:
                 f"gives it, and module {module!r} binds this loop to no name. Define it at module level "
                 "(@loop on a def, or refine = loop(...)(refine_step)), so that a process pool's worker can "
                 "import it")
+        if module == "__main__" and "cloudpickle" in sys.modules:
+            # A script's or a notebook's loop, where cloudpickle is in use (joblib's workers, dask, ray). A worker of
+            # multiprocessing runs the script as its __main__ and finds the loop there; one of joblib's does not,
+            # and rebuilds it from a copy, as cloudpickle sends a function of __main__ by value.
+            import cloudpickle
+            copied = {key: value for key, value in self.__dict__.items() if key != "_origin"}
+            return _main_loop, (name, cloudpickle.dumps((type(self), copied)))
         return _module_attribute, (module, name)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing
 import re
 import sqlite3
@@ -426,6 +427,64 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
                                                    r"the name its module gives it, and module '[\w.]+' binds this "
                                                    r"loop to no name. Define it at module level"):
         pickle.dumps(local())
+
+
+_MAIN_POOLED = """
+import json, sys
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from joblib import Parallel, delayed  # loads cloudpickle, which sends a function of __main__ by value
+from loomc import Budget, MemoryStore, SQLiteStore, loop
+
+@loop(budget=Budget(iterations=2), checkpoint=sys.argv[1], cost_fn=lambda s: 0.5)
+def work(state):
+    return state + 1
+
+@loop(budget=Budget(iterations=2), checkpoint="memory")
+def scratch(state):
+    return state + 1
+
+if __name__ == "__main__":
+    first = work.run(0)  # the store is open in this process now
+    joblib_runs = Parallel(n_jobs=2)(delayed(work.run)(s) for s in (10, 20))
+    joblib_scratch = Parallel(n_jobs=2)(delayed(scratch.run)(s) for s in (30,))
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = list(pool.map(work.run, (40,)))
+    print(json.dumps([[r.status, r.state, str(r.total_cost)] for r in [first, *joblib_runs, *joblib_scratch, *pooled]]))
+"""
+
+
+def test_a_loop_of_a_script_runs_in_joblib_and_in_a_process_pool(tmp_path):
+    """A loop of ``__main__`` (a script, a notebook) goes by name to a multiprocessing worker, which runs the script
+    as its own __main__, and as a copy to one of joblib's, which does not: it used to fail to pickle once its store
+    was open ("Could not pickle the task"), and a by-name reference alone left joblib's workers without it."""
+    script, db = tmp_path / "sweep.py", tmp_path / "sweep.db"
+    script.write_text(_MAIN_POOLED)
+    done = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [
+        ["budget_exhausted", 2, "1.0"], ["budget_exhausted", 12, "1.0"], ["budget_exhausted", 22, "1.0"],
+        ["budget_exhausted", 32, "0"], ["budget_exhausted", 42, "1.0"]]
+    store = SQLiteStore(db)
+    assert sorted(r.steps for r in store.list_runs()) == [2, 2, 2, 2]  # the workers wrote to the script's file
+    store.close()
+
+
+def test_stores_pickle_as_their_file_or_a_copy_of_their_runs(tmp_path):
+    import pickle
+    store = SQLiteStore(tmp_path / "p.db", durability="normal")
+    store.create_run(make_run("r"))
+    again = pickle.loads(pickle.dumps(store))
+    assert (again.path, again.durability, again.get_run("r").id) == (store.path, "normal", "r")
+    memory = MemoryStore()
+    memory.create_run(make_run("m"))
+    commit(memory, "m", [make_step(0)])
+    copied = pickle.loads(pickle.dumps(memory))
+    commit(copied, "m", [make_step(1)], OWNER)  # its own lock, its own runs
+    assert [s.n for s in copied.load_steps("m")] == [0, 1] and [s.n for s in memory.load_steps("m")] == [0]
+    store.close()
+    again.close()
 
 
 def _run_async_loop(runner) -> dict:

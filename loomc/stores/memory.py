@@ -22,6 +22,16 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._runs)} runs)"
 
+    def __getstate__(self) -> dict[str, object]:
+        """A copy of the runs, for another process (a loop sent to a worker carries its store): no lock."""
+        with self._lock:
+            return {"_runs": dict(self._runs), "_steps": {run: list(steps) for run, steps in self._steps.items()},
+                    "_charges": {run: dict(charged) for run, charged in self._charges.items()}}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _run(self, run_id: str) -> RunRecord:
         try:
             return self._runs[run_id]

@@ -203,6 +203,10 @@ class SQLiteStore:
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its file and durability: another process (a worker a loop is sent to) opens its own."""
+        return _reopened, (str(self.path), self.durability)
+
     # --- connections and schema ---------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
@@ -782,6 +786,10 @@ def _roll_back(conn: sqlite3.Connection | sqlite3.Cursor) -> None:
             connection.execute("ROLLBACK")
     except sqlite3.Error:
         pass  # the original error is the one to tell
+
+
+def _reopened(path: str, durability: str) -> SQLiteStore:
+    return SQLiteStore(path, durability=durability)
 
 
 def _store_error(where: Any, e: sqlite3.Error) -> StoreError:
