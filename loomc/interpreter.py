@@ -444,7 +444,6 @@ def _in_its_place(run: LiveRun, step: Step, record: StoredStep, exc: Exception) 
     ``iterations=12`` made 13 paid calls.) ``None`` where another process has the run, which records it, and for
     a store that stayed locked, where a second try would wait as long again. The run keeps ``step`` (and what fn
     returned) in memory: the error hands it over."""
-    run.uncommitted = step.n
     if isinstance(exc, (StepConflict, RunLocked, StoreBusy)):
         return None
     if not step.ok:
@@ -460,12 +459,14 @@ def _taken(run: LiveRun, exc: BaseException) -> bool:
 
 def _not_committed(run: LiveRun, step: Step, exc: Exception, failed_instead: bool = False) -> None:
     """Tell, on the store's error, that a paid step is not in the store, and where what it bought is
-    (``failed_instead``: it was recorded as failed in its place, see ``_in_its_place``)."""
+    (``failed_instead``: it was recorded as failed in its place, see ``_in_its_place``); and mark it, for the run's
+    reason."""
+    run.uncommitted = step.n
     taken = _taken(run, exc)
     exc.add_note(f"loomc: step {step.n} of run {run.id} ({dollars(step.cost)}) was not committed; it is on this "
                  "error's .history[-1]" + (", with what fn returned" if step.ok else "") + (
                      ". The run goes on in the process that took it over, from its last committed step" if taken
-                     else (f". It is recorded as failed, without its state, so that its cost and its call count on "
+                     else (". It is recorded as failed, without its state, so that its cost and its call count on "
                            "resume; a resume goes on from the last step stored with a state") if failed_instead and
                      step.ok else ". A resume goes on from the last committed step"))
 
