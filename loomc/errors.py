@@ -266,7 +266,9 @@ class StopRequested(RunError):
     would have given (143 for SIGTERM), else 1.
     """
 
-    def __init__(self, message: str, code: int, **run: Any) -> None:
+    def __init__(self, message: str, code: int = 1, **run: Any) -> None:
+        # code has a default so that the error unpickles (from its message, then its attributes): one sent back from
+        # a process pool's worker (a SIGTERM there) failed to, and broke the pool
         super().__init__(message, **run)
         self.code = code
 

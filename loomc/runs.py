@@ -13,7 +13,7 @@ from loomc.backtrack import Backtracker
 from loomc.budget import Budget, top_level, usd_cap, usd_room, wall_clock_budget
 from loomc.context import _SPENDING
 from loomc.detectors import JudgeProbe
-from loomc.errors import ConfigError, dollars
+from loomc.errors import ConfigError, LoomcError, RunError, dollars
 from loomc.history import ZERO, History, Step, read, state_cell
 from loomc.policy import Guard, Policies, Policy, Probe, any_asks, consulted, loop_name
 from loomc.stores.base import CheckpointStore, Drive
@@ -62,8 +62,9 @@ class Run:
         """A Run sent to another process (a process pool's worker returns one): its policy goes as it is if it
         pickles, else as :class:`PolicyText` (a lambda predicate does not pickle, and made the whole Run fail to
         come back)."""
-        return _rebuild_run, (self.id, self.status, self.reason, self.state, self.history, portable(self.policy),
-                              self.error, self._notices, self.active_seconds)
+        return _rebuild_run, (self.id, self.status, self.reason, self.state, self.history,
+                              portable_policy(self.policy), portable_error(self.error), self._notices,
+                              self.active_seconds)
 
     def _repr_html_(self) -> str:
         from loomc.notebook import run_html
@@ -97,7 +98,7 @@ class PolicyText(Policies):
         return self.text
 
 
-def portable(policy: Policy) -> Policy:
+def portable_policy(policy: Policy) -> Policy:
     """``policy`` if it pickles, else its :class:`PolicyText`."""
     import pickle
     try:
@@ -105,6 +106,26 @@ def portable(policy: Policy) -> Policy:
     except Exception:
         return PolicyText(tuple(p for p in top_level(policy) if isinstance(p, Budget)), repr(policy))
     return policy
+
+
+def portable_error(error: BaseException | None) -> BaseException | None:
+    """``error`` if it unpickles, else a :class:`RunError` that tells it (type, message, notes, run). openai's
+    ``APIStatusError`` needs keyword arguments its pickle does not carry: a Run failed with one, sent back from a
+    process pool's worker, failed to unpickle there and broke the pool, ending every run in it."""
+    if error is None or isinstance(error, LoomcError):
+        return error
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception as e:
+        kind = type(error)
+        told = RunError(f"{kind.__module__}.{kind.__qualname__}: {error} (told as a RunError: the error does not "
+                        f"unpickle, {type(e).__name__}: {e})", run_id=getattr(error, "run_id", None),
+                        state=getattr(error, "state", None), history=getattr(error, "history", None))
+        for note in getattr(error, "__notes__", ()):
+            told.add_note(note)
+        return told
+    return error
 
 
 def _cover(run: LiveRun) -> None:

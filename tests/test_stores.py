@@ -379,6 +379,18 @@ async def _step(state):
     return {{"n": state["n"] + 10}}
 
 arefine = loop(budget=Budget(iterations=2), checkpoint={path!r})(_step)  # bound to a name other than fn's
+
+@loop(budget=Budget(iterations=3), checkpoint={path!r})
+def overloaded(state):
+    import httpx2, openai
+    request = httpx2.Request("POST", "https://api.openai.com/v1/chat/completions")
+    raise openai.RateLimitError("Rate limit reached", response=httpx2.Response(429, request=request), body=None)
+
+@loop(budget=Budget(iterations=3), checkpoint={path!r})
+def stopped(state):
+    import loomc
+    loomc.request_stop()  # as a SIGTERM handler in the worker would
+    return state + 1
 """
 
 
@@ -389,6 +401,7 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
     import pickle
     from concurrent.futures import ProcessPoolExecutor
 
+    import loomc
     import loomc.budget
     from loomc import BudgetExhausted, ConfigError
     path = tmp_path / "pooled.db"
@@ -401,6 +414,11 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
         pooled_async = list(pool.map(_run_async_loop, [jobs.arefine]))  # an async loop, given to a worker
         # A Run whose policy holds a lambda comes back too (it failed to pickle), with the policy's text and caps
         (converged,) = pool.map(jobs.until_two.run, [{"n": 0}])
+        # A Run failed with an error that does not unpickle (openai's) comes back with it told as a RunError; it
+        # broke the pool. A stop asked for in the worker comes back as StopRequested, which did not unpickle either.
+        (overloaded,) = pool.map(jobs.overloaded.run, [0])
+        stop = pool.submit(jobs.stopped, 0).exception(timeout=120)
+        assert pool.submit(jobs.refine, {"n": 5}).exception(timeout=120) is not None  # the pool still works
     assert [(r.status, r.state, r.history.total_cost) for r in runs] == \
         [("budget_exhausted", {"n": n + 3}, Decimal("0.75")) for n in (0, 10, 20)]
     assert isinstance(failed, BudgetExhausted) and failed.state == {"n": 3} and len(failed.history) == 3
@@ -413,8 +431,14 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
                                           r"caps only .*replay the loop's own policy instead"):
         converged.policy.replay(converged.history)
     assert jobs.until_two.policy.replay(converged.history).stopped_after == 2
+    assert overloaded.status == "failed" and type(overloaded.error) is loomc.RunError
+    assert str(overloaded.error).startswith("openai.RateLimitError: Rate limit reached (told as a RunError: the error "
+                                            "does not unpickle, TypeError: ")
+    assert overloaded.error.run_id == overloaded.id and overloaded.error.__notes__ == [
+        f"loomc: run {overloaded.id} failed; resume it with overloaded.resume('{overloaded.id}')"]
+    assert isinstance(stop, loomc.StopRequested) and stop.code == 1 and stop.state == 1
     store = SQLiteStore(path)
-    assert sorted(r.steps for r in store.list_runs()) == [2, 2, 3, 3, 3, 3]  # each worker wrote to the one file
+    assert sorted(r.steps for r in store.list_runs()) == [1, 1, 2, 2, 3, 3, 3, 3, 3]  # the workers wrote to one file
     store.close()
     assert pickle.loads(pickle.dumps(jobs.refine)) is jobs.refine
 
