@@ -132,13 +132,22 @@ def refuse_when_stopping() -> None:
 
 
 def current_run() -> LiveRun | None:
-    """The run whose iteration is executing in this context, if any."""
-    return _CURRENT.get()
+    """The run whose iteration is executing in this context, in this process, if any. A process forked inside
+    ``fn`` (a process pool's worker) inherits the context, but not the run: that lives in the forking process."""
+    run = _CURRENT.get()
+    return run if run is None or run.pid == os.getpid() else None
+
+
+def forked_from() -> LiveRun | None:
+    """The run whose step this process was forked from (see :func:`current_run`), if any: its copy, as it was at
+    the fork."""
+    run = _CURRENT.get()
+    return None if run is None or run.pid == os.getpid() else run
 
 
 def step_number() -> int | None:
     """The number of the step whose iteration is running in this context, or ``None`` outside one."""
-    run = _CURRENT.get()
+    run = current_run()
     return None if run is None else run.in_flight
 
 
@@ -183,14 +192,20 @@ def time_left() -> float | None:
     return _in_step("time_left").time_left()
 
 
-def _in_step(name: str) -> LiveRun:
+def _in_step(name: str, lost: str = "") -> LiveRun:
     """The run whose step is in flight in this context, else a LoomcError that says why there is none.
 
-    Called where no run is (a thread started without the loop's context), it is a ConfigError: the code
-    is built that way, so every step would meet it again, and a backtracker stops rather than paying for
-    calls whose spend cannot be recorded.
+    Called where no run is (a thread started without the loop's context, a process forked inside ``fn``), it is
+    a ConfigError: the code is built that way, so every step would meet it again, and a backtracker stops rather
+    than paying for calls whose spend cannot be recorded. ``lost``: what is not counted for it, to tell.
     """
     run = _CURRENT.get()
+    if run is not None and run.pid != os.getpid():
+        raise ConfigError(f"loomc.{name}() was called in process {os.getpid()}, forked from the process driving run "
+                          f"{run.id} (a process pool's worker, started inside fn): the step in flight lives in that "
+                          f"process, so what is charged here cannot join it{lost}. Have the worker return what its "
+                          "calls cost and charge that in fn (loomc.charge(sum(costs))), or make the paid calls in "
+                          "threads (pool.submit(contextvars.copy_context().run, work, ...))")
     if run is None:
         raise ConfigError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
                          "decorated with @loop. A thread that fn starts does not carry the loop's context: "
@@ -242,8 +257,8 @@ def spent(name: str, usd: float | Decimal | str, item: str | None,
     """Add ``usd`` to the step in flight (for ``name``, charge or acharge): the run, the step and the amount,
     for the write-ahead, and what is wrong with ``tokens`` (``""``: nothing), to raise after it. Spent
     whatever the store then says: a write that fails still counts in the step."""
-    run = _in_step(name)
     amount = to_decimal(usd, f"{name}(usd)")
+    run = _in_step(name, f" (the {dollars(amount)} charged here is not counted in it)")
     wrong = "" if tokens is None else _wrong_tokens(name, item, tokens, amount)
     run.spend(amount, item, None if wrong else tokens)
     return run, run.in_flight, amount, wrong

@@ -28,11 +28,11 @@ from typing import Any, Never, Self
 
 from loomc import codec, logs
 from loomc.backtrack import Backtracker
-from loomc.budget import (DEFAULT_BUDGET, Budget, ParentCap, ParentClock, budget_from_repr, raised, top_level,
-                          with_unreported_spend)
+from loomc.budget import (DEFAULT_BUDGET, Budget, NoCostWarning, ParentCap, ParentClock, budget_from_repr, raised,
+                          top_level, with_unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
                           RunAtImport, RunNotFound, StepConflict, counted, dollars, loomc_command, warn_at_caller)
-from loomc.context import current_run, refuse_when_stopping
+from loomc.context import current_run, forked_from, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _bound_name, _current_step, as_policy,
@@ -458,6 +458,12 @@ class LoopRunner:
         if run_id is not None:
             _check_run_id(run_id)
         parent = current_run()
+        if parent is None and (away := forked_from()) is not None:
+            warn_at_caller(f"loop {name_of(self.fn)} starts a run of its own in process {os.getpid()}, forked from the "
+                           f"process driving run {away.id} (a process pool's worker, started inside fn): it is no "
+                           f"child of step {away.in_flight}, which lives in that process, so what it spends is not "
+                           f"billed to run {away.id}, and that run's USD cap does not see it. Have the worker return "
+                           "run.total_cost and charge it in fn", NoCostWarning)
         if resume and run_id is None and parent is None:
             raise ConfigError("resume=True needs run_id=: the id of the run to continue if it is stored, "
                               "or to start under if not")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -198,6 +199,7 @@ class LiveRun:
     ending: tuple[str, str] | None = None  # the status and reason the run ends with, once a step ends it
     resumed: bool = False  # a resume of a stored run, not a new one
     priced: set[str] = field(default_factory=set)  # ids of the responses an adapter priced for this run
+    pid: int = field(default_factory=os.getpid)  # the process driving it (a process forked in fn inherits the context)
     stop: str | None = None  # why request_stop asked the run to stop before its next call
     stop_code: int = 1  # the exit status StopRequested then carries
     told: set[str] = field(default_factory=set)  # which of the warnings told once per drive were told

@@ -512,6 +512,92 @@ def test_stores_pickle_as_their_file_or_a_copy_of_their_runs(tmp_path):
     again.close()
 
 
+def _charge_in_worker(x: int) -> int:
+    import loomc
+    loomc.charge(0.25)  # a paid call made in a worker that fn forked
+    return x
+
+
+def test_a_charge_in_a_process_forked_inside_fn_is_refused_not_lost(tmp_path):
+    """A worker forked inside fn inherits the loop's context but not its run: its charge went to a copy of the step
+    in the worker's memory, and the run recorded $0 for $1.50 spent under a $1.00 cap, its show calling them late
+    charges of a process that had lost the run. It is a ConfigError now, which stops the run after that step."""
+    import loomc
+    from concurrent.futures import ProcessPoolExecutor
+
+    @loop(budget=Budget(usd=1.0, iterations=3), checkpoint=tmp_path / "f.db", backtrack=loomc.LastGood())
+    def fan_out(state: dict) -> dict:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_charge_in_worker, [1, 2]))
+        return {"n": state["n"] + 1}
+
+    run = fan_out.run({"n": 0})
+    assert run.status == "failed" and len(run.history) == 1  # a ConfigError: no backtracker goes on from it
+    assert re.fullmatch(
+        r"ConfigError: loomc\.charge\(\) was called in process \d+, forked from the process driving run \w+ \(a "
+        r"process pool's worker, started inside fn\): the step in flight lives in that process, so what is charged "
+        r"here cannot join it \(the \$0\.2500 charged here is not counted in it\)\. Have the worker return what its "
+        r"calls cost and charge that in fn \(loomc\.charge\(sum\(costs\)\)\), or make the paid calls in threads .*",
+        run.history[0].error)
+    assert fan_out.store.pending_charges(run.id) == {}  # nothing written under the run from the workers
+
+
+_FORKED_CHILDREN = """
+import sys, warnings
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+import loomc
+from loomc import Budget, loop
+
+@loop(budget=Budget(iterations=2), checkpoint=sys.argv[1], cost_fn=lambda s: 0.25)
+def child(x):
+    return x + 1
+
+def work(x):
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        run = child.run(x)
+    return run.id, run.state, str(run.total_cost), [str(w.message) for w in told]
+
+@loop(budget=Budget(usd=5.0, iterations=1), checkpoint=sys.argv[1])
+def parent(state):
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        out = list(pool.map(work, [10, 20]))
+    loomc.charge(sum(float(cost) for _, _, cost, _ in out))
+    return out
+
+if __name__ == "__main__":
+    import json
+    run = parent.run(0, run_id="p")
+    print(json.dumps([run.status, str(run.total_cost), run.state]))
+"""
+
+
+def test_a_loop_run_in_a_process_forked_inside_fn_is_a_run_of_its_own_and_says_so(tmp_path):
+    """Such a loop took itself for a child of the step it was forked from, whose copy gave every worker the same
+    child id: the second worker found the first's run stored and got its result (12 for 20, not 22), and its spend
+    was said to be counted in the parent's, which never saw it."""
+    script, db = tmp_path / "forked.py", tmp_path / "forked.db"
+    script.write_text(_FORKED_CHILDREN)
+    done = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    status, cost, out = json.loads(done.stdout.splitlines()[-1])
+    assert (status, cost) == ("budget_exhausted", "1.0")
+    assert [(state, Decimal(spent)) for _, state, spent, _ in out] == [(12, Decimal("0.5")), (22, Decimal("0.5"))]
+    ids = [run_id for run_id, _, _, _ in out]
+    assert len(set(ids)) == 2 and not any(run_id.startswith("p-") for run_id in ids)
+    for *_, told in out:
+        assert len(told) == 1 and re.fullmatch(
+            r"loop child starts a run of its own in process \d+, forked from the process driving run p \(a process "
+            r"pool's worker, started inside fn\): it is no child of step 0, which lives in that process, so what it "
+            r"spends is not billed to run p, and that run's USD cap does not see it\. Have the worker return "
+            r"run\.total_cost and charge it in fn", told[0])
+    store = SQLiteStore(db)
+    assert {r.id: r.parent_run_id for r in store.list_runs()} == {"p": None, ids[0]: None, ids[1]: None}
+    store.close()
+
+
 def _run_async_loop(runner) -> dict:
     import asyncio
     return asyncio.run(runner.run({"n": 0})).state
