@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Coroutine, Sequence
@@ -207,10 +208,16 @@ def _in_step(name: str, lost: str = "") -> LiveRun:
                           "calls cost and charge that in fn (loomc.charge(sum(costs))), or make the paid calls in "
                           "threads (pool.submit(contextvars.copy_context().run, work, ...))")
     if run is None:
+        mp = sys.modules.get("multiprocessing")
+        worker = mp is not None and mp.parent_process() is not None
         raise ConfigError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
-                         "decorated with @loop. A thread that fn starts does not carry the loop's context: "
-                         "submit its work as pool.submit(contextvars.copy_context().run, work, ...) "
-                         "(asyncio.to_thread does this for you)." + (
+                          "decorated with @loop. " + (
+                              f"This is a worker process (pid {os.getpid()}): if fn started it, it cannot charge "
+                              "fn's step, which lives in fn's process; have the worker return what its calls cost "
+                              f"and charge that in fn (loomc.charge(sum(costs))){lost}." if worker else
+                              "A thread that fn starts does not carry the loop's context: submit its work as "
+                              "pool.submit(contextvars.copy_context().run, work, ...) (asyncio.to_thread does this "
+                              "for you).") + (
                              " A predicate in the policy cannot charge: for a verdict that costs money use "
                              "judge(fn), whose charges join the step" if "charge" in name else ""))
     if run.in_flight < 0:
@@ -258,7 +265,7 @@ def spent(name: str, usd: float | Decimal | str, item: str | None,
     for the write-ahead, and what is wrong with ``tokens`` (``""``: nothing), to raise after it. Spent
     whatever the store then says: a write that fails still counts in the step."""
     amount = to_decimal(usd, f"{name}(usd)")
-    run = _in_step(name, f" (the {dollars(amount)} charged here is not counted in it)")
+    run = _in_step(name, f" (the {dollars(amount)} charged here is not counted)")
     wrong = "" if tokens is None else _wrong_tokens(name, item, tokens, amount)
     run.spend(amount, item, None if wrong else tokens)
     return run, run.in_flight, amount, wrong

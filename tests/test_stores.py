@@ -518,7 +518,8 @@ def _charge_in_worker(x: int) -> int:
     return x
 
 
-def test_a_charge_in_a_process_forked_inside_fn_is_refused_not_lost(tmp_path):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_charge_in_a_process_forked_inside_fn_is_refused_not_lost(tmp_path, method):
     """A worker forked inside fn inherits the loop's context but not its run: its charge went to a copy of the step
     in the worker's memory, and the run recorded $0 for $1.50 spent under a $1.00 cap, its show calling them late
     charges of a process that had lost the run. It is a ConfigError now, which stops the run after that step."""
@@ -527,16 +528,24 @@ def test_a_charge_in_a_process_forked_inside_fn_is_refused_not_lost(tmp_path):
 
     @loop(budget=Budget(usd=1.0, iterations=3), checkpoint=tmp_path / "f.db", backtrack=loomc.LastGood())
     def fan_out(state: dict) -> dict:
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method)) as pool:
             list(pool.map(_charge_in_worker, [1, 2]))
         return {"n": state["n"] + 1}
 
     run = fan_out.run({"n": 0})
     assert run.status == "failed" and len(run.history) == 1  # a ConfigError: no backtracker goes on from it
+    if method == "spawn":  # a worker that does not inherit the context: told that it is one, not of threads
+        assert run.history[0].error.startswith(
+            "ConfigError: loomc.charge() was called outside a loop iteration; call it inside the function decorated "
+            "with @loop. This is a worker process (pid ")
+        assert ("if fn started it, it cannot charge fn's step, which lives in fn's process; have the worker return "
+                "what its calls cost and charge that in fn (loomc.charge(sum(costs))) (the $0.2500 charged here is "
+                "not counted)") in run.history[0].error
+        return
     assert re.fullmatch(
         r"ConfigError: loomc\.charge\(\) was called in process \d+, forked from the process driving run \w+ \(a "
         r"process pool's worker, started inside fn\): the step in flight lives in that process, so what is charged "
-        r"here cannot join it \(the \$0\.2500 charged here is not counted in it\)\. Have the worker return what its "
+        r"here cannot join it \(the \$0\.2500 charged here is not counted\)\. Have the worker return what its "
         r"calls cost and charge that in fn \(loomc\.charge\(sum\(costs\)\)\), or make the paid calls in threads .*",
         run.history[0].error)
     assert fan_out.store.pending_charges(run.id) == {}  # nothing written under the run from the workers
