@@ -274,7 +274,17 @@ def recorded_raise(notes: Sequence[str]) -> Budget | None:
 def _module_attribute(module: str, name: str) -> Any:
     """What module ``module`` binds to ``name``, imported: a loop unpickled in a worker process."""
     import importlib
-    return getattr(importlib.import_module(module), name)
+    found = getattr(importlib.import_module(module), name, _MISSING)
+    if found is _MISSING:
+        raise AttributeError(
+            f"loop {name} cannot be found in this process (pid {os.getpid()}): " + (
+                "it was defined in __main__ (a notebook, or a script) that this process does not run; define it "
+                "in a module both import, or send it with joblib (or cloudpickle), which carries a copy of it"
+                if module == "__main__" else f"module {module} binds no {name} here (another version of it?)"))
+    return found
+
+
+_MISSING = object()
 
 
 def _main_loop(name: str, copied: bytes) -> LoopRunner:

@@ -496,6 +496,33 @@ def test_a_loop_of_a_script_runs_in_joblib_and_in_a_process_pool(tmp_path):
     store.close()
 
 
+_MAIN_BY_NAME = """
+import pickle, subprocess, sys
+from loomc import loop
+
+@loop(checkpoint="memory")
+def work(state):
+    return state
+
+if __name__ == "__main__":
+    read = "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"  # a process whose __main__ is another
+    done = subprocess.run([sys.executable, "-c", read], input=pickle.dumps(work), capture_output=True)
+    print(done.stderr.decode().strip().splitlines()[-1])
+"""
+
+
+def test_a_loop_of_main_read_where_main_is_another_says_how_to_send_it(tmp_path):
+    """Without cloudpickle a loop of __main__ goes by name; a process that does not run that script (a notebook's
+    loop, a worker started by hand) said only "module '__main__' has no attribute 'work'"."""
+    script = tmp_path / "by_name.py"
+    script.write_text(_MAIN_BY_NAME)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert re.fullmatch(r"AttributeError: loop work cannot be found in this process \(pid \d+\): it was defined in "
+                        r"__main__ \(a notebook, or a script\) that this process does not run; define it in a module "
+                        r"both import, or send it with joblib \(or cloudpickle\), which carries a copy of it",
+                        done.stdout.strip()), done.stdout + done.stderr
+
+
 def test_stores_pickle_as_their_file_or_a_copy_of_their_runs(tmp_path):
     import pickle
     store = SQLiteStore(tmp_path / "p.db", durability="normal")
