@@ -24,7 +24,7 @@ import click
 from loomc.budget import Budget, budget_from_repr
 from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, LoomcError, RunAtImport,
                           StopRequested, clean, counted, dollars, iso, loomc_command, shorten, took)
-from loomc.history import running_costs, spend_by_item
+from loomc.history import NOT_STORED, running_costs, spend_by_item
 from loomc.interpreter import ENDING_EVENTS, in_no_call
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, living_here, open_parent_step, owner_is_dead, unheld
@@ -476,7 +476,8 @@ def show_step(run: RunRecord, steps: list[StoredStep], step: StoredStep) -> str:
         lines.append(f"State: removed by `loomc prune --states` at {iso(pruned)}, which keeps the states of each "
                      "run's last, last good and best steps")
     elif step.state_json is None:
-        lines.append("State: none (the call failed)")
+        lines.append("State: none (its commit failed: what fn returned was on the error raised, and is not in the "
+                     "store)" if NOT_STORED in step.events else "State: none (the call failed)")
     else:
         shown = json.dumps(json.loads(step.state_json), indent=2, ensure_ascii=False)
         lines += ["State:", *(f"  {clean(line)}" for line in shown.split("\n"))]

@@ -741,6 +741,14 @@ def test_a_full_disk_is_a_store_error_that_keeps_the_paid_state_and_the_run_resu
     assert failed.n == lost and failed.state_json is None and failed.cost == Decimal("0.5")
     assert failed.error.startswith("Not stored: its commit failed (StoreError: ")
     assert failed.events == ("failed", "not stored")
+    from click.testing import CliRunner
+
+    from loomc.cli import main
+    shown = CliRunner().invoke(main, ["show", "--db", str(store.path), e.run_id]).output.splitlines()
+    assert re.match(rf" +{lost} +\$0\.5000 .* Not stored: its commit failed \(StoreError: .*  <- not stored$",
+                    shown[-1])
+    one = CliRunner().invoke(main, ["show", "--db", str(store.path), e.run_id, "--step", str(lost)]).output
+    assert "State: none (its commit failed: what fn returned was on the error raised, and is not in the store)" in one
     # A result the store refused says nothing of whether the loop is going anywhere: no stall is counted for it
     assert Escalate(after=1).replay(grow.history(e.run_id)).stopped_after is None
     assert Escalate(after=1).replay(grow.history(e.run_id)[:-1].append(
