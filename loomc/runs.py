@@ -279,9 +279,11 @@ class LiveRun:
                 self.holds = ZERO
 
     def next_child_id(self) -> str:
-        """A stable id for the next child run started in the step in flight."""
-        k = self.children.get(self.in_flight, 0)
-        self.children[self.in_flight] = k + 1
+        """A stable id for the next child run started in the step in flight. Under the lock: threads that start
+        children at once each get their own (two could get one id, and one child found the other's run stored)."""
+        with _SPENDING:
+            k = self.children.get(self.in_flight, 0)
+            self.children[self.in_flight] = k + 1
         return f"{self.id}-{self.in_flight}-{k}"
 
     def spend(self, usd: Decimal, item: str | None = None, tokens: Sequence[int] | None = None) -> None:

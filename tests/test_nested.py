@@ -873,3 +873,50 @@ def test_a_child_taken_over_by_another_process_ends_the_parents_drive_as_a_held_
     record = store.get_run("p")
     assert (record.status, record.owner) == ("failed", None) and "LeaseLost: run p-0-0" in record.reason
     assert (store.get_run("p-0-0").status, store.get_run("p-0-0").owner) == ("running", "elsewhere:1:x")
+
+
+def test_threads_that_start_children_at_once_each_get_an_id_of_their_own():
+    """Regression: the k of <parent>-<n>-<k> was read and bumped without a lock, so two threads starting children
+    at the same moment could get one id (the second child then found the first's run stored: RunLocked while it ran,
+    or its result for another state once it had completed)."""
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loomc.runs import LiveRun
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns between any two bytecodes: a race shows
+    try:
+        run = LiveRun.__new__(LiveRun)  # only what next_child_id reads
+        run.id, run.in_flight, run.children = "p", 0, {}
+        ids: list[str] = []
+
+        def start_children() -> None:
+            for _ in range(2000):
+                ids.append(run.next_child_id())
+        threads = [threading.Thread(target=start_children) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(ids) == 16000 and len(set(ids)) == 16000
+
+        @loop(budget=Budget(iterations=2), cost_fn=lambda s: 0.01, checkpoint="memory")
+        def child(x: int) -> int:
+            return x + 1
+
+        @loop(budget=Budget(iterations=1), checkpoint="memory")
+        def parent(state: int) -> list[int]:
+            child.store = parent.store
+            with ThreadPoolExecutor(8) as pool:  # each submit carries the step's context (copied here)
+                runs = [f.result() for f in [pool.submit(contextvars.copy_context().run, child.run, x)
+                                             for x in range(0, 3200, 100)]]
+            return [r.state for r in runs]
+
+        done = parent.run(0, run_id="p")
+    finally:
+        sys.setswitchinterval(switch)
+    assert done.state == [x + 2 for x in range(0, 3200, 100)] and done.total_cost == Decimal("0.64")
+    assert sorted(r.id for r in parent.store.list_runs() if r.parent_run_id == "p") == \
+        sorted(f"p-0-{k}" for k in range(32))
