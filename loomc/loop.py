@@ -297,7 +297,13 @@ def _main_loop(name: str, copied: bytes) -> LoopRunner:
     cls, fields = pickle.loads(copied)
     runner: LoopRunner = object.__new__(cls)
     runner.__dict__.update(fields, _origin=runner)
+    runner._fresh_probes()
     return runner
+
+
+#: What a copy of a loop of __main__ leaves out: itself, and its measures, which may hold a loaded model (a copy
+#: loads its own, once its first run begins).
+_NOT_COPIED = frozenset({"_origin", "_probes", "_prepared"})
 
 
 def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Decimal:
@@ -372,7 +378,11 @@ class LoopRunner:
         self._origin = self
         self._types: dict[str, Any] = {}  # state types seen by this runner, by recorded path
         self._home = getattr(fn, "__module__", None)  # where a type recorded by fn's script as __main__ is
-        self._probes = tuple(probe for part in policy.walk() for probe in part.probes())
+        self._fresh_probes()
+
+    def _fresh_probes(self) -> None:
+        """The policy's measures (judges, embeddings), none of them loaded yet."""
+        self._probes = tuple(probe for part in self.policy.walk() for probe in part.probes())
         self._prepared = not self._probes
 
     def _ready(self) -> None:
@@ -411,7 +421,7 @@ class LoopRunner:
             # multiprocessing runs the script as its __main__ and finds the loop there; one of joblib's does not,
             # and rebuilds it from a copy, as cloudpickle sends a function of __main__ by value.
             import cloudpickle
-            copied = {key: value for key, value in self.__dict__.items() if key != "_origin"}
+            copied = {key: value for key, value in self.__dict__.items() if key not in _NOT_COPIED}
             return _main_loop, (name, cloudpickle.dumps((type(self), copied)))
         return _module_attribute, (module, name)
 

@@ -459,18 +459,22 @@ import json, sys
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing
 from joblib import Parallel, delayed  # loads cloudpickle, which sends a function of __main__ by value
-from loomc import Budget, MemoryStore, SQLiteStore, loop
+from loomc import Budget, MemoryStore, SQLiteStore, loop, semantic_delta
 
 @loop(budget=Budget(iterations=2), checkpoint=sys.argv[1], cost_fn=lambda s: 0.5)
 def work(state):
     return state + 1
 
-@loop(budget=Budget(iterations=2), checkpoint="memory")
+def embed(texts):  # a measure the loop takes at the edge: its copy in a worker takes it there
+    return [[1.0, float(len(t))] for t in texts]
+
+@loop(budget=Budget(iterations=2), checkpoint="memory", converge_on=semantic_delta(0.5, embed_fn=embed))
 def scratch(state):
     return state + 1
 
 if __name__ == "__main__":
     first = work.run(0)  # the store is open in this process now
+    scratch.run(0)  # and the measure is ready here
     joblib_runs = Parallel(n_jobs=2)(delayed(work.run)(s) for s in (10, 20))
     joblib_scratch = Parallel(n_jobs=2)(delayed(scratch.run)(s) for s in (30,))
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -490,7 +494,7 @@ def test_a_loop_of_a_script_runs_in_joblib_and_in_a_process_pool(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [
         ["budget_exhausted", 2, "1.0"], ["budget_exhausted", 12, "1.0"], ["budget_exhausted", 22, "1.0"],
-        ["budget_exhausted", 32, "0"], ["budget_exhausted", 42, "1.0"]]
+        ["completed", 32, "0"], ["budget_exhausted", 42, "1.0"]]
     store = SQLiteStore(db)
     assert sorted(r.steps for r in store.list_runs()) == [2, 2, 2, 2]  # the workers wrote to the script's file
     store.close()
