@@ -193,6 +193,10 @@ def time_left() -> float | None:
     return _in_step("time_left").time_left()
 
 
+#: What a worker process that fn started does instead of charging fn's step.
+_WORKER_PAYS = "have the worker return what its calls cost and charge that in fn (loomc.charge(sum(costs)))"
+
+
 def _in_step(name: str, lost: str = "") -> LiveRun:
     """The run whose step is in flight in this context, else a LoomcError that says why there is none.
 
@@ -204,17 +208,15 @@ def _in_step(name: str, lost: str = "") -> LiveRun:
     if run is not None and run.pid != os.getpid():
         raise ConfigError(f"loomc.{name}() was called in process {os.getpid()}, forked from the process driving run "
                           f"{run.id} (a process pool's worker, started inside fn): the step in flight lives in that "
-                          f"process, so what is charged here cannot join it{lost}. Have the worker return what its "
-                          "calls cost and charge that in fn (loomc.charge(sum(costs))), or make the paid calls in "
-                          "threads (pool.submit(contextvars.copy_context().run, work, ...))")
+                          f"process, so what is charged here cannot join it{lost}. {_WORKER_PAYS.capitalize()}, or make "
+                          "the paid calls in threads (pool.submit(contextvars.copy_context().run, work, ...))")
     if run is None:
         mp = sys.modules.get("multiprocessing")
         worker = mp is not None and mp.parent_process() is not None
         raise ConfigError(f"loomc.{name}() was called outside a loop iteration; call it inside the function "
                           "decorated with @loop. " + (
                               f"This is a worker process (pid {os.getpid()}): if fn started it, it cannot charge "
-                              "fn's step, which lives in fn's process; have the worker return what its calls cost "
-                              f"and charge that in fn (loomc.charge(sum(costs))){lost}." if worker else
+                              f"fn's step, which lives in fn's process; {_WORKER_PAYS}{lost}." if worker else
                               "A thread that fn starts does not carry the loop's context: submit its work as "
                               "pool.submit(contextvars.copy_context().run, work, ...) (asyncio.to_thread does this "
                               "for you).") + (
