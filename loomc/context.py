@@ -208,8 +208,8 @@ def _in_step(name: str, lost: str = "") -> LiveRun:
     if run is not None and run.pid != os.getpid():
         raise ConfigError(f"loomc.{name}() was called in process {os.getpid()}, forked from the process driving run "
                           f"{run.id} (a process pool's worker, started inside fn): the step in flight lives in that "
-                          f"process, so what is charged here cannot join it{lost}. {_WORKER_PAYS.capitalize()}, or make "
-                          "the paid calls in threads (pool.submit(contextvars.copy_context().run, work, ...))")
+                          f"process, so what is charged here cannot join it{lost}. {_WORKER_PAYS.capitalize()}, or "
+                          "make the paid calls in threads (pool.submit(contextvars.copy_context().run, work, ...))")
     if run is None:
         mp = sys.modules.get("multiprocessing")
         worker = mp is not None and mp.parent_process() is not None
