@@ -26,6 +26,7 @@ from loomc.errors import (COST_UNKNOWN_METRIC, PRUNED_METRIC, TRACEBACK_METRIC, 
                           StopRequested, clean, counted, dollars, iso, loomc_command, shorten, took)
 from loomc.history import NOT_STORED, running_costs, spend_by_item
 from loomc.interpreter import ENDING_EVENTS, in_no_call
+from loomc.policy import unwrapped
 from loomc.loop import fn_name_of_path
 from loomc.stores.base import RunRecord, StoredStep, living_here, open_parent_step, owner_is_dead, unheld
 
@@ -565,15 +566,16 @@ def _stop_on_sigterm() -> None:
 
 def _import_runner(fn_path: str | None, spec_hash: str = "") -> tuple[Any, str]:
     """The loop recorded as ``fn_path``, imported; else None and why. A function that a loop wraps without
-    decorating it (``refine = loop(...)(refine_step)``, or a bound method) is recorded by the function's
-    path: the loop is the one its module holds that wraps it (the one with the run's ``spec_hash``, if several)."""
+    decorating it (``refine = loop(...)(refine_step)``, a bound method, a ``functools.partial`` of it) is recorded
+    by the function's path: the loop is the one its module holds that wraps it (the one with the run's
+    ``spec_hash``, if several)."""
     import importlib
 
     from loomc.codec import attribute
     from loomc.loop import LoopRunner, refusing_runs
     if not fn_path:
-        return None, ("the run did not record an importable function (a lambda, a functools.partial, a callable "
-                      "object, or a function defined inside another)")
+        return None, ("the run did not record an importable function (a lambda, a callable object, or a function "
+                      "defined inside another)")
     target, _, qualname = fn_path.rpartition(":")
     if "<locals>" in qualname:
         return None, f"{qualname.replace('.<locals>.', ' > ')} is defined inside another function"
@@ -614,7 +616,7 @@ def _import_runner(fn_path: str | None, spec_hash: str = "") -> tuple[Any, str]:
     if isinstance(obj, LoopRunner):
         return obj, ""
     wrapping = {name: value for name, value in list(vars(module).items()) if isinstance(value, LoopRunner)
-                and obj in (value.fn, getattr(value.fn, "__func__", None))}
+                and obj in (value.fn, getattr(value.fn, "__func__", None), unwrapped(value.fn))}
     if not wrapping:
         return None, (f"{fn_path} is not a @loop function, and no loop at the top level of {target} wraps it (one "
                       "made inside a function cannot be imported)")

@@ -36,7 +36,8 @@ from loomc.context import current_run, forked_from, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _bound_name, _current_step, as_policy,
-                          check_measures, check_one_argument, either, loop_name, name_of, never, score_readers)
+                          check_measures, check_one_argument, either, home_module, loop_name, name_of, never,
+                          score_readers, unwrapped)
 from loomc.runs import LiveRun, Run
 from loomc.stall import Escalate
 from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
@@ -319,9 +320,10 @@ def _spent_by_children(store: CheckpointStore, run_id: str, step_n: int) -> Deci
 
 
 def _fn_path(fn: Callable[..., Any]) -> str | None:
+    fn = unwrapped(fn)  # a functools.partial: its function's (loomc resume finds the loop that wraps the partial)
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or not qualname or qualname.endswith("<lambda>"):
-        return None  # a lambda, a partial, a callable object (a function inside another is recorded)
+        return None  # a lambda, a callable object (a function inside another is recorded)
     if module == "__main__":  # a script run as __main__, else a notebook or the REPL (kept as `__main__:`)
         main = sys.modules.get("__main__")
         spec: Any = getattr(main, "__spec__", None)
@@ -334,9 +336,7 @@ def _fn_path(fn: Callable[..., Any]) -> str | None:
 
 def _spec_hash(fn: Callable[..., Any], policy: Policy, state_type: Any) -> str:
     """A fingerprint of fn's source, the policy and the state type's schema."""
-    code: Any = fn
-    while isinstance(code, functools.partial):
-        code = code.func
+    code: Any = unwrapped(fn)
     if not inspect.isroutine(code) and not isinstance(code, type):
         code = type(code)  # a callable object: its class's source (its repr holds an address, new in each process)
     try:
@@ -407,7 +407,7 @@ class LoopRunner:
         loop (``pool.map(refine, states)``, ``pool.submit(refine.run, state)``): the worker imports the module and
         runs its own copy of the loop, on its own connection to the same store. (It raised ``PicklingError: it's
         not the same object as jobs.refine``, since the decorated object stands where the function was.)"""
-        module = getattr(self.fn, "__module__", None)
+        module = home_module(self.fn)
         name = _bound_name(self._origin, self.fn)
         if module is None or name is None:
             import pickle

@@ -22,6 +22,7 @@ that ``a or b`` cannot silently pick one operand.
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import numbers
 import sys
@@ -595,10 +596,22 @@ def loop_name(fn: Any, runner: Any = None) -> str:
     return f"await {name}" if inspect.iscoroutinefunction(fn) else name
 
 
+def unwrapped(fn: Any) -> Any:
+    """The function a ``functools.partial`` (of a partial ...) calls; anything else as it is."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def home_module(fn: Any) -> str | None:
+    """The name of the module ``fn`` was written in; a ``functools.partial``'s is its function's."""
+    return getattr(unwrapped(fn), "__module__", None)
+
+
 def _bound_name(obj: Any, fn: Any) -> str | None:
     """The name ``fn``'s module binds ``obj`` to: fn's own name first (a decorated function), else the first
     public one (a notebook also keeps displayed values under ``_``, ``_3``)."""
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    module = sys.modules.get(home_module(fn) or "")
     if module is None:
         return None
     names = vars(module)

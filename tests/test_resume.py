@@ -626,11 +626,51 @@ def test_a_partial_or_a_callable_object_resumes_in_another_process_without_a_cha
 
     run_id = go("new")
     assert go(run_id) == str(final)
+    if which == "partial":  # its function's path: `loomc resume` finds a loop of the module that wraps it (below)
+        assert SQLiteStore(db).get_run(run_id).fn_path == f"{script}:step"
+        return
     assert SQLiteStore(db).get_run(run_id).fn_path is None  # nothing `loomc resume` could import
     out = CliRunner().invoke(main, ["resume", "--db", str(db), run_id, "--iterations", "6"])
     assert out.exit_code == 1
-    assert "did not record an importable function (a lambda, a functools.partial, a callable object" in out.output
+    assert "did not record an importable function (a lambda, a callable object" in out.output
     assert f"    fn.resume('{run_id}', budget=Budget(iterations=6))" in out.output
+
+
+_PARTIAL_JOB = """
+import functools, os
+from loomc import Budget, loop
+
+def step(state, k):
+    if state == k and not os.path.exists("crashed"):
+        open("crashed", "w").close()
+        os._exit(9)  # the process dies in its second call
+    return state + k
+
+plus_two = loop(budget=Budget(iterations=3))(functools.partial(step, k=2))  # the default store: $LOOMC_DB
+
+if __name__ == "__main__":
+    plus_two.run(0, run_id="job")
+"""
+
+
+def test_a_loop_of_a_partial_resumes_from_the_command_line(tmp_path, monkeypatch):
+    """A loop made of functools.partial(step, client=...) at module level recorded no function, so `loomc resume`
+    could not import it ("did not record an importable function"); it records step's path, and finds the loop that
+    wraps the partial."""
+    from click.testing import CliRunner
+    from loomc.cli import main
+    db, script = tmp_path / "p.db", tmp_path / "partial_job.py"
+    script.write_text(_PARTIAL_JOB)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOOMC_DB", str(db))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr
+    assert SQLiteStore(db).get_run("job").fn_path == f"{script}:step"
+    out = CliRunner().invoke(main, ["resume", "job"])
+    assert out.exit_code == 2, out.output  # it ran on to its iteration cap
+    steps = SQLiteStore(db).load_steps("job")
+    assert [(s.n, s.state_json, s.error is not None) for s in steps] == [(0, "2", False), (1, None, True),
+                                                                       (2, "4", False)]
 
 
 def test_a_state_that_no_longer_validates_fails_the_resume_naming_run_step_and_field(tmp_path):

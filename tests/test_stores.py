@@ -386,6 +386,12 @@ def overloaded(state):
     request = httpx2.Request("POST", "https://api.openai.com/v1/chat/completions")
     raise openai.RateLimitError("Rate limit reached", response=httpx2.Response(429, request=request), body=None)
 
+def _plus(state, k):
+    return state + k
+
+import functools
+plus_five = loop(budget=Budget(iterations=2), checkpoint={path!r})(functools.partial(_plus, k=5))
+
 @loop(budget=Budget(iterations=3), checkpoint={path!r})
 def stopped(state):
     import loomc
@@ -442,6 +448,13 @@ def test_a_loop_runs_in_a_process_pool_as_a_function_would(tmp_path, monkeypatch
     assert sorted(r.steps for r in store.list_runs()) == [1, 1, 2, 2, 3, 3, 3, 3, 3]  # the workers wrote to one file
     store.close()
     assert pickle.loads(pickle.dumps(jobs.refine)) is jobs.refine
+    # A loop of a functools.partial is found in its function's module (a partial names functools as its own): it
+    # pickles, and its hints name it (they said partial.resume(...))
+    assert pickle.loads(pickle.dumps(jobs.plus_five)) is jobs.plus_five
+    with pytest.raises(BudgetExhausted) as capped:
+        jobs.plus_five(0)
+    assert capped.value.state == 10 and f"plus_five.resume('{capped.value.run_id}', budget=Budget(...))" in \
+        str(capped.value)
 
     def local():
         @loop(checkpoint="memory")
