@@ -132,18 +132,23 @@ def refuse_when_stopping() -> None:
         raise StopRequested(f"{why}: this process is stopping, so no run starts or resumes in it", code)
 
 
+def _elsewhere(run: LiveRun) -> bool:
+    """Whether ``run`` is driven by another process: this one was forked inside its ``fn`` (a process pool's
+    worker), and inherited the context, but not the run, which lives in the forking process."""
+    return run.pid != os.getpid()
+
+
 def current_run() -> LiveRun | None:
-    """The run whose iteration is executing in this context, in this process, if any. A process forked inside
-    ``fn`` (a process pool's worker) inherits the context, but not the run: that lives in the forking process."""
+    """The run whose iteration is executing in this context, in this process, if any (see ``_elsewhere``)."""
     run = _CURRENT.get()
-    return run if run is None or run.pid == os.getpid() else None
+    return None if run is None or _elsewhere(run) else run
 
 
 def forked_from() -> LiveRun | None:
-    """The run whose step this process was forked from (see :func:`current_run`), if any: its copy, as it was at
-    the fork."""
+    """The run whose step this process was forked from (see ``_elsewhere``), if any: its copy, as it was at the
+    fork."""
     run = _CURRENT.get()
-    return None if run is None or run.pid == os.getpid() else run
+    return run if run is not None and _elsewhere(run) else None
 
 
 def step_number() -> int | None:
@@ -205,7 +210,7 @@ def _in_step(name: str, lost: str = "") -> LiveRun:
     than paying for calls whose spend cannot be recorded. ``lost``: what is not counted for it, to tell.
     """
     run = _CURRENT.get()
-    if run is not None and run.pid != os.getpid():
+    if run is not None and _elsewhere(run):
         raise ConfigError(f"loomc.{name}() was called in process {os.getpid()}, forked from the process driving run "
                           f"{run.id} (a process pool's worker, started inside fn): the step in flight lives in that "
                           f"process, so what is charged here cannot join it{lost}. {_WORKER_PAYS.capitalize()}, or "

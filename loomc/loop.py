@@ -35,7 +35,7 @@ from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, Policy
 from loomc.context import current_run, forked_from, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
 from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
-from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _bound_name, _current_step, as_policy,
+from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, bound_name,
                           check_measures, check_one_argument, either, home_module, loop_name, name_of, never,
                           score_readers, unwrapped)
 from loomc.runs import LiveRun, Run
@@ -408,7 +408,7 @@ class LoopRunner:
         runs its own copy of the loop, on its own connection to the same store. (It raised ``PicklingError: it's
         not the same object as jobs.refine``, since the decorated object stands where the function was.)"""
         module = home_module(self.fn)
-        name = _bound_name(self._origin, self.fn)
+        name = bound_name(self._origin, self.fn)
         if module is None or name is None:
             import pickle
             raise pickle.PicklingError(

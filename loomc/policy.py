@@ -589,7 +589,7 @@ def loop_name(fn: Any, runner: Any = None) -> str:
     to (``refine`` for ``refine = loop(...)(refine_step)``, where ``refine_step`` is the plain function and
     has no ``resume``), else its function's name, ``fn`` for a lambda; ``await refine`` for an
     ``async def`` one, whose resume is awaited."""
-    name = None if runner is None else _bound_name(runner, fn)
+    name = None if runner is None else bound_name(runner, fn)
     if name is None:
         name = name_of(fn)
         name = "fn" if name == "<lambda>" else name
@@ -608,7 +608,7 @@ def home_module(fn: Any) -> str | None:
     return getattr(unwrapped(fn), "__module__", None)
 
 
-def _bound_name(obj: Any, fn: Any) -> str | None:
+def bound_name(obj: Any, fn: Any) -> str | None:
     """The name ``fn``'s module binds ``obj`` to: fn's own name first (a decorated function), else the first
     public one (a notebook also keeps displayed values under ``_``, ``_3``)."""
     module = sys.modules.get(home_module(fn) or "")

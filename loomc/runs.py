@@ -63,7 +63,7 @@ class Run:
         """A Run sent to another process (a process pool's worker returns one): its policy goes as it is if it
         pickles, else as :class:`PolicyText` (a lambda predicate does not pickle, and made the whole Run fail to
         come back)."""
-        return _rebuild_run, (self.id, self.status, self.reason, self.state, self.history,
+        return Run, (self.id, self.status, self.reason, self.state, self.history,
                               portable_policy(self.policy), portable_error(self.error), self._notices,
                               self.active_seconds)
 
@@ -76,10 +76,6 @@ class Run:
         marked; pass other runs to draw them on the same axes. Returns the matplotlib Figure."""
         from loomc.plots import plot_runs
         return plot_runs(self, *others, labels=labels, ax=ax)
-
-
-def _rebuild_run(*fields: Any) -> Run:
-    return Run(*fields)
 
 
 @dataclass(frozen=True, repr=False)
