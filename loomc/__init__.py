@@ -34,14 +34,14 @@ from loomc.notebook import Comparison, compare
 from loomc.policy import Decision, Outcome, Policy, Replay, Signal, always, never, predicate, replay
 from loomc.semantic import SemanticDelta, semantic_delta
 from loomc.stall import Escalate
-from loomc.stores import (CheckpointStore, ContainerFilesystemWarning, MemoryStore, NetworkFilesystemWarning,
-                          SQLiteStore, open_store)
+from loomc.stores import (CheckpointMovedWarning, CheckpointStore, ContainerFilesystemWarning, MemoryStore,
+                          NetworkFilesystemWarning, SQLiteStore, open_store)
 
 __all__ = [
     "acharge", "always", "AsyncLoopRunner", "Backtracker", "BestScore", "Budget", "BudgetExhausted",
-    "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointStore", "compare",
-    "Comparison", "ConfigError", "ContainerFilesystemWarning", "CorruptStore", "CostUnknown", "DeadlineExceeded",
-    "Decision", "DEFAULT_BUDGET",
+    "build_policy", "CallbackWarning", "charge", "CheckpointDecodeError", "CheckpointMovedWarning", "CheckpointStore",
+    "compare", "Comparison", "ConfigError", "ContainerFilesystemWarning", "CorruptStore", "CostUnknown",
+    "DeadlineExceeded", "Decision", "DEFAULT_BUDGET",
     "EmbeddingsUnavailable", "Escalate", "HedgedVerdictWarning", "History", "judge", "Judge", "LastGood", "LeaseLost",
     "load_history", "LoomcError", "loop",
     "LoopRunner", "MemoryStore", "NetworkFilesystemWarning", "never", "NoCostWarning", "NoScoreWarning", "NoStateReturned",

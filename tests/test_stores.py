@@ -23,6 +23,8 @@ from loomc.stores.schema import READS_WITH, SCHEMA_VERSION, create_old_database,
 from loomc.stores.sqlite import _transaction
 from loomc.testing import OTHER, OWNER, StoreConformance, commit, make_run, make_step
 
+from conftest import wait_for_file
+
 HERE = Path(__file__).parent
 
 
@@ -1003,3 +1005,112 @@ def test_a_checkpoint_on_a_network_filesystem_is_pointed_out_once_opened(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SQLiteStore(shared / "again.db")
+
+
+# --- a file deleted while in use ---------------------------------------------------------------------------
+
+def _steps_in(db: Path, run_id: str) -> list[int]:
+    """The step numbers of ``run_id`` in the file at ``db``, read by a connection of its own."""
+    conn = sqlite3.connect(db)
+    try:
+        return [n for (n,) in conn.execute("SELECT step_n FROM steps WHERE run_id = ? ORDER BY step_n", (run_id,))]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
+def test_a_file_deleted_during_a_run_is_written_back_and_the_run_goes_on_in_it(tmp_path, aio):
+    import asyncio
+    import shutil
+    from loomc import CheckpointMovedWarning, charge
+    from conftest import sync_or_async
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+
+    def body(s):
+        if s == 2:
+            shutil.rmtree(folder)  # `rm -r .loomc` while the run is live
+            charge(0.10, "model")  # the write-ahead charge is the first write to find the file gone
+        return s + 1
+
+    work = loop(budget=Budget(iterations=6), cost_fn=lambda s: 0.25, checkpoint=str(db))(sync_or_async(body, aio))
+    with pytest.warns(CheckpointMovedWarning, match=r"was deleted while this process was writing runs to it; "
+                                                    r"loomc wrote it back .*\(1 run, 2 steps\)"):
+        run = asyncio.run(work.run(0, run_id="r1")) if aio else work.run(0, run_id="r1")
+    assert run.status == "budget_exhausted" and run.state == 6
+    assert db.exists() and _steps_in(db, "r1") == list(range(6))
+    fresh = SQLiteStore(db)  # as another process, or `loomc show`, reads it
+    record = fresh.get_run("r1")
+    assert record.status == "budget_exhausted" and record.steps == 6
+    assert record.total_cost == Decimal("1.60")  # 6 x $0.25, and the $0.10 charged after the deletion
+    fresh.close()
+
+
+def test_processes_writing_a_deleted_file_all_go_on_in_the_one_written_back(tmp_path):
+    import shutil
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+    code = """
+import pathlib, sys, time, warnings
+from loomc import Budget, loop
+warnings.simplefilter("always")
+marks = pathlib.Path(sys.argv[3])
+@loop(budget=Budget(iterations=12), cost_fn=lambda s: 0.01, checkpoint=sys.argv[1])
+def step(s):
+    if s == 4:
+        (marks / sys.argv[2]).touch()  # steps 0-3 committed
+        deadline = time.time() + 120
+        while not (marks / "deleted").exists() and time.time() < deadline:
+            time.sleep(0.01)
+    return s + 1
+run = step.run(0, run_id=sys.argv[2])
+print(run.status, run.state)
+"""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), f"p{i}", str(marks)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for i in range(3)]
+    for i in range(3):
+        wait_for_file(marks / f"p{i}")
+    shutil.rmtree(folder)
+    (marks / "deleted").touch()
+    results = [p.communicate(timeout=240) for p in procs]
+    for out, err in results:
+        assert out.strip() == "budget_exhausted 12", err
+    warned = sum(err.count("CheckpointMovedWarning") for _, err in results)
+    assert warned == 1  # one process wrote it back; the others followed it there
+    for i in range(3):
+        assert _steps_in(db, f"p{i}") == list(range(12))
+    store = SQLiteStore(db)
+    assert {r.id: r.total_cost for r in store.list_runs()} == {f"p{i}": Decimal("0.12") for i in range(3)}
+    store.close()
+
+
+def test_a_database_made_anew_over_a_deleted_one_is_left_alone_and_the_runs_are_saved_beside_it(tmp_path):
+    import shutil
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+
+    def body(s):
+        if s == 2:
+            shutil.rmtree(folder)
+            theirs = SQLiteStore(db)  # another process's loop makes the default file anew
+            theirs.create_run(make_run("theirs"))
+            theirs.close()
+        return s + 1
+
+    work = loop(budget=Budget(iterations=6), checkpoint=str(db))(body)
+    with pytest.raises(StoreError, match=r"was replaced by another file while this process was writing runs to it"
+                                         r".* is saved as (\S+)\.recovered-\S+\.db: go on from there") as caught:
+        work.run(0, run_id="r1")
+    (saved,) = folder.glob("checkpoints.recovered-*.db")
+    assert str(saved) in str(caught.value)
+    assert _steps_in(saved, "r1") == [0, 1]  # every step it had committed
+    other = SQLiteStore(db)
+    assert [r.id for r in other.list_runs()] == ["theirs"]  # nothing of r1 went into the new file
+    assert other._conn().execute("SELECT count(*) FROM steps").fetchone() == (0,)
+    other.close()
+    again = loop(budget=Budget(iterations=6), checkpoint=str(saved))(body)
+    with pytest.warns(Warning):  # the loop's function is another object: its source is said to have changed
+        run = again.resume_run("r1")
+    assert run.status == "budget_exhausted" and run.state == 6 and _steps_in(saved, "r1") == list(range(6))

@@ -10,10 +10,12 @@ from typing import Any
 from loomc.errors import ConfigError
 from loomc.stores.base import CheckpointStore, RunRecord, StoredStep, Totals
 from loomc.stores.memory import MemoryStore
-from loomc.stores.sqlite import ContainerFilesystemWarning, NetworkFilesystemWarning, SQLiteStore
+from loomc.stores.sqlite import (CheckpointMovedWarning, ContainerFilesystemWarning, NetworkFilesystemWarning,
+                                 SQLiteStore)
 
-__all__ = ["CheckpointStore", "ContainerFilesystemWarning", "MemoryStore", "NetworkFilesystemWarning", "SQLiteStore",
-           "RunRecord", "StoredStep", "Totals", "open_store", "DEFAULT_DB", "default_path"]
+__all__ = ["CheckpointMovedWarning", "CheckpointStore", "ContainerFilesystemWarning", "MemoryStore",
+           "NetworkFilesystemWarning", "SQLiteStore", "RunRecord", "StoredStep", "Totals", "open_store", "DEFAULT_DB",
+           "default_path"]
 
 #: Where the default store lives, relative to the working directory.
 DEFAULT_DB = os.path.join(".loomc", "checkpoints.db")

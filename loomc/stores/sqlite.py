@@ -9,6 +9,8 @@
 - One connection per thread (and per process after a fork), never one per step.
 - The schema (its version in ``PRAGMA user_version``) is in ``loomc.stores.schema``: older files are migrated
   under a write lock, newer ones refused with the loomc version they need.
+- Every write checks, under the write lock, that the path still names the file its connection has open:
+  a file deleted while in use is written back from the open connection (``_relocate``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, StepConflict,
-                          StoreBusy, StoreError, warn_at_caller)
+                          StoreBusy, StoreError, counted, warn_at_caller)
 from loomc.history import History, Step, _new_tuple
 from loomc.policy import steps_to_keep
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, lease_lost, locked_message, may_take,
@@ -60,6 +62,16 @@ class ContainerFilesystemWarning(UserWarning):
 class NetworkFilesystemWarning(UserWarning):
     """The checkpoint database is on a network filesystem (NFS, SMB, EFS...), where SQLite's WAL mode
     is not safe for processes on more than one host."""
+
+
+class CheckpointMovedWarning(UserWarning):
+    """The checkpoint database was deleted while this process was writing to it, and loomc wrote it back
+    from its open connection: the runs in it go on, and nothing committed is lost."""
+
+
+class _FileMoved(StoreError):
+    """Raised by a write that found, under the file's write lock, that the store's path no longer names
+    the file its thread's connection has open. The store answers it (``_relocate``) and writes again."""
 
 
 def filesystem_type(path: str | os.PathLike[str]) -> str | None:
@@ -155,6 +167,7 @@ class SQLiteStore:
             raise ConfigError(f"durability={durability!r}: use 'full' (survives power loss) "
                               "or 'normal' (survives a process crash, faster)")
         self.path = Path(path).expanduser().resolve()
+        self._fspath = str(self.path)  # for the check on every write: os.stat takes a str fastest
         self.durability = durability
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory; give the path of a database file in it, "
@@ -199,6 +212,8 @@ class SQLiteStore:
         self._lost: dict[str, str] = {}
         self._keeper: threading.Thread | None = None  # renews the leases of live runs (_keep_leases)
         self._wake = threading.Event()
+        # (device, inode) of a file replaced while open -> the copy of it saved beside the new one (_relocate)
+        self._rescued: dict[tuple[int, int], Path] = {}
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
@@ -239,6 +254,7 @@ class SQLiteStore:
         except sqlite3.DatabaseError as e:
             raise _store_error(str(self.path), e) from None
         self._local.conn, self._local.cursor, self._local.closer = conn, conn.cursor(), _ClosedWithThread(conn)
+        self._local.file = _file_id(self._fspath)  # the file this connection writes: see _in_place
         with self._guard:
             self._all.append(conn)
         return conn
@@ -299,7 +315,88 @@ class SQLiteStore:
     # --- writes -------------------------------------------------------------
 
     def _write(self, fn: Any, *args: Any) -> Any:
-        return _transaction(self._conn(), fn, *args)
+        try:
+            return _transaction(self._conn(), self._placed, fn, *args)
+        except _FileMoved:
+            self._relocate()
+            return _transaction(self._conn(), self._placed, fn, *args)
+
+    def _placed(self, conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
+        self._in_place()
+        return fn(conn, *args)
+
+    def _in_place(self) -> None:
+        """Under a write's lock: refuse to write into a file that the store's path no longer names.
+
+        A file deleted while in use (``rm -r .loomc``, ``git clean -x``, a cleaner of old files) goes on
+        taking commits through the connections that have it open, and is gone with the last of them:
+        a run would go on paying for steps that no resume could find. Checked on every write, it is
+        one ``stat`` of the path.
+        """
+        if _file_id(self._fspath) != self._local.file:
+            raise _FileMoved(f"{self.path} was deleted or replaced while this process was writing to it")
+
+    def _relocate(self) -> None:
+        """Go on in the file the store's path names now, after a write found that it no longer names this
+        thread's (``_FileMoved``). A deleted file is written back whole from this thread's connection, which
+        still reads it, and CheckpointMovedWarning says so; a file that another thread or process wrote back
+        from the same file is followed. Any other file at the path (a database made anew there, or one moved
+        over it) is left as it is: this file is saved beside it, and StoreError says where.
+        """
+        old_conn, old = self._conn(), self._local.file
+        # A barrier: a write that found the path in place before it changed ends first, and no write after it
+        # finds it so (the check is under this lock): from here on the old file holds all it will ever hold.
+        _transaction(old_conn, _nothing)
+        lineage = _lineage(old_conn)
+        written = None
+        if _file_id(self._fspath) is None:
+            written = self._write_back(old_conn, [*lineage, _file_name(old)])
+        if written is None and _file_name(old) not in _lineage_at(self._fspath):
+            saved = self._rescued.get(old) if old is not None else None
+            if saved is None:
+                saved = self.path.with_name(f"{self.path.stem}.recovered-{time.strftime('%Y%m%dT%H%M%S')}-"
+                                            f"{os.getpid()}{self.path.suffix}")
+                _copy(old_conn, saved)
+                if old is not None:
+                    self._rescued[old] = saved
+            with self._guard:  # this process's runs are not in the file now at the path: fence every commit
+                self._leases.clear()
+            self._close_thread_connection()
+            raise StoreError(
+                f"{self.path} was replaced by another file while this process was writing runs to it (a database "
+                f"made anew at that path after it was deleted, or a file moved over it); that file is left as it "
+                f"is, and the one this process was writing, with every step it committed, is saved as {saved}: "
+                f"go on from there (checkpoint={str(saved)!r}, or loomc --db {saved} resume RUN_ID once this "
+                "process has ended)")
+        self._close_thread_connection()
+        self._conn()  # the file at the path
+        if written is not None:
+            runs, steps = written
+            warn_at_caller(f"{self.path} was deleted while this process was writing runs to it; loomc wrote it "
+                           f"back from its open connection ({counted(runs, 'run')}, {counted(steps, 'step')}), and "
+                           "the runs go on in it. Delete it again once no loop uses it, if you meant to",
+                           CheckpointMovedWarning)
+
+    def _write_back(self, conn: sqlite3.Connection, lineage: list[str]) -> tuple[int, int] | None:
+        """Write the file ``conn`` reads back at the store's path, with ``lineage`` (the files it comes from) in
+        its ``loomc_meta``: its runs and steps, or None if another thread or process put a file there first."""
+        folder = self.path.parent
+        _make_folder(folder, "the checkpoint database written back", "give checkpoint= a writable directory")
+        draft = folder / f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.restoring"
+        draft.unlink(missing_ok=True)
+        try:
+            counts = _copy(conn, draft, lineage)
+            try:
+                os.link(draft, self.path)  # never over a file put there meanwhile
+            except FileExistsError:
+                return None
+            except OSError as e:
+                raise StoreError(f"cannot write {self.path} back ({e.strerror or e}): the runs in it are only "
+                                 "in this process now; loomc backup writes them elsewhere") from None
+        finally:
+            draft.unlink(missing_ok=True)
+        _sync_folder(folder)
+        return counts
 
     def create_run(self, run: RunRecord) -> None:
         def insert(conn: sqlite3.Connection) -> None:
@@ -391,7 +488,11 @@ class SQLiteStore:
         """
         held = self._leases.get(run_id)
         fenced = held is None or held[0] != owner or time.time() >= held[1]
-        _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
+        try:
+            _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
+        except _FileMoved:
+            self._relocate()
+            _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
         if fenced and owner is not None:
             self._hold(run_id, owner, time.time() + lease_seconds)
         if self._charged:
@@ -399,6 +500,7 @@ class SQLiteStore:
 
     def _insert_step(self, cur: sqlite3.Cursor, run_id: str, step: StoredStep, totals: Totals,
                      owner: str | None, fenced: bool, lease_seconds: float) -> None:
+        self._in_place()
         score, metrics = step.score, step.metrics
         if score is not None and math.isnan(score):  # SQLite stores NaN as NULL; keep the fact
             score, metrics = None, {**metrics, "loomc.score": "nan"}
@@ -606,17 +708,7 @@ class SQLiteStore:
                              "give another path, or move that file aside")
         conn = self._conn()
         _make_folder(target.parent, "the backup", "give a path in a writable directory")
-        try:
-            copy = sqlite3.connect(target)
-            try:
-                conn.backup(copy)
-                runs, steps = copy.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)"
-                                           ).fetchone()
-                copy.execute("PRAGMA journal_mode = WAL")  # as loomc opens every file
-            finally:
-                copy.close()
-        except sqlite3.Error as e:
-            raise _store_error(str(target), e) from e
+        runs, steps = _copy(conn, target)
         return {"runs": runs, "steps": steps, "bytes": target.stat().st_size}
 
     def _compact(self, conn: sqlite3.Connection, changed: bool) -> int:
@@ -687,6 +779,77 @@ class SQLiteStore:
             out[step_n] = out.get(step_n, Decimal(0)) + Decimal(usd)
             self._charged.add((run_id, step_n))  # a commit of that step must clear them
         return out
+
+
+def _copy(conn: sqlite3.Connection, target: Path, lineage: list[str] | None = None) -> tuple[int, int]:
+    """Copy the database ``conn`` reads to the new file ``target``, as one consistent snapshot (SQLite's
+    online backup, which reads through ``conn``, its write-ahead log included): its runs and steps.
+    ``lineage``, if given, is recorded in the copy's ``loomc_meta`` (see ``_lineage``)."""
+    try:
+        copy = sqlite3.connect(target, isolation_level=None)
+        try:
+            conn.backup(copy)
+            if lineage is not None:
+                copy.execute("INSERT OR REPLACE INTO loomc_meta (key, value) VALUES ('written_back_from', ?)",
+                             (json.dumps(lineage),))
+            runs, steps = copy.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)"
+                                       ).fetchone()
+            copy.execute("PRAGMA journal_mode = WAL")  # as loomc opens every file
+        finally:
+            copy.close()
+    except sqlite3.Error as e:
+        raise _store_error(str(target), e) from e
+    return runs, steps
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The file ``path`` names, as (device, inode); None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _file_name(file: tuple[int, int] | None) -> str:
+    return "" if file is None else f"{file[0]}:{file[1]}"
+
+
+def _lineage(conn: sqlite3.Connection) -> list[str]:
+    """The files (``device:inode``) that loomc wrote the file ``conn`` reads back from, oldest first, each
+    deleted while in use: a process still writing one of them follows its runs into this file."""
+    row = conn.execute("SELECT value FROM loomc_meta WHERE key = 'written_back_from'").fetchone()
+    return [] if row is None else list(json.loads(row[0]))
+
+
+def _lineage_at(path: str) -> list[str]:
+    """The lineage of the file at ``path`` (see ``_lineage``); none for a file that SQLite or loomc cannot read."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            return _lineage(conn)
+        finally:
+            conn.close()
+    except (sqlite3.Error, ValueError):  # not a loomc database, or not one at all
+        return []
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a new entry of ``folder`` durable (POSIX: fsync the directory); nothing where that cannot be done."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A write that writes nothing: it waits for the write lock, and lets it go."""
 
 
 def _make_folder(folder: Path, what: str, advice: str) -> None:
