@@ -279,10 +279,11 @@ def test_a_live_drive_keeps_its_lease_renewed_and_one_that_is_over_is_let_go(tmp
     assert store._leases.keys() == {"live"}
     store.commit_step("live", make_step(0), Totals(Decimal("0.05"), 1, 0.0), live.owner, 0.3)
     keeper = store._keeper
-    assert keeper is not None and keeper.is_alive() and len(store._all) == 2  # this thread's and the keeper's
+    # this thread's, the keeper's, and the spare one a deleted file is written back from
+    assert keeper is not None and keeper.is_alive() and len(store._all) == 3
     store.finish_run("live", "completed", "done", live.owner)
     keeper.join(5)  # no lease left: the keeper ends, closing its connection
-    assert not keeper.is_alive() and store._keeper is None and len(store._all) == 1
+    assert not keeper.is_alive() and store._keeper is None and len(store._all) == 2
     store.create_run(make_run("again").replace(owner=live.owner, lease_expires=time.time() + 0.3))
     assert store._keeper is not None and store._keeper.is_alive(), "the next lease starts another"
     store.close()
@@ -1114,3 +1115,62 @@ def test_a_database_made_anew_over_a_deleted_one_is_left_alone_and_the_runs_are_
     with pytest.warns(Warning):  # the loop's function is another object: its source is said to have changed
         run = again.resume_run("r1")
     assert run.status == "budget_exhausted" and run.state == 6 and _steps_in(saved, "r1") == list(range(6))
+
+
+def test_a_thread_first_writing_after_the_deletion_writes_the_file_back_rather_than_make_an_empty_one(tmp_path):
+    import contextvars
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from loomc import CheckpointMovedWarning, charge
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+
+    def body(s):
+        if s == 2:
+            shutil.rmtree(folder)
+        with ThreadPoolExecutor(1) as pool:  # a new thread: its first write opens a connection of its own
+            pool.submit(contextvars.copy_context().run, charge, 0.50, "model").result()
+        return s + 1
+
+    work = loop(budget=Budget(iterations=5), checkpoint=str(db))(body)
+    with pytest.warns(CheckpointMovedWarning, match=r"\(1 run, 2 steps\)"):
+        run = work.run(0, run_id="t1")
+    assert run.status == "budget_exhausted" and run.total_cost == Decimal("2.50")
+    assert _steps_in(db, "t1") == list(range(5))
+    fresh = SQLiteStore(db)
+    assert fresh.get_run("t1").total_cost == Decimal("2.50")
+    fresh.close()
+
+
+def test_a_file_deleted_during_a_long_step_is_written_back_within_seconds_so_a_kill_then_loses_nothing(tmp_path):
+    import shutil
+    import signal
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+    code = """
+import pathlib, sys, time
+from loomc import Budget, loop
+@loop(budget=Budget(iterations=5), cost_fn=lambda s: 0.25, checkpoint=sys.argv[1])
+def step(s):
+    if s == 3:
+        pathlib.Path(sys.argv[2]).touch()
+        time.sleep(300)  # a long call: no write until it ends
+    return s + 1
+step.run(0, run_id="k1")
+"""
+    marker = tmp_path / "in-step"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(db), str(marker)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(marker)
+        shutil.rmtree(folder)
+        wait_for_file(db, seconds=60)  # the store's lease keeper looks every few seconds
+        assert db.exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    assert "CheckpointMovedWarning" in err
+    assert _steps_in(db, "k1") == [0, 1, 2]
+    store = SQLiteStore(db)
+    record = store.get_run("k1")
+    assert record.status == "running" and record.total_cost == Decimal("0.75")  # crashed in step 3: resumable
+    store.close()

@@ -212,6 +212,11 @@ class SQLiteStore:
         self._lost: dict[str, str] = {}
         self._keeper: threading.Thread | None = None  # renews the leases of live runs (_keep_leases)
         self._wake = threading.Event()
+        # A connection no thread uses, to the file the path named when it was opened (_spare_file, as device and
+        # inode): a deleted file is written back from it, whichever thread finds it gone (see _relocate).
+        self._spare: sqlite3.Connection | None = None
+        self._spare_file: tuple[int, int] | None = None
+        self._moving = threading.Lock()  # one relocation at a time, and one spare
         # (device, inode) of a file replaced while open -> the copy of it saved beside the new one (_relocate)
         self._rescued: dict[tuple[int, int], Path] = {}
 
@@ -240,6 +245,20 @@ class SQLiteStore:
             return self._local.cursor  # type: ignore[no-any-return]
 
     def _connect(self) -> sqlite3.Connection:
+        if self._spare is not None and _file_id(self._fspath) != self._spare_file:
+            self._relocate()  # the file was deleted (or replaced) since: never open an empty one in its place
+        conn = self._open()
+        self._local.conn, self._local.cursor, self._local.closer = conn, conn.cursor(), _ClosedWithThread(conn)
+        self._local.file = _file_id(self._fspath)  # the file this connection writes: see _in_place
+        with self._guard:
+            self._all.append(conn)
+        if self._spare is None:
+            with self._moving:
+                if self._spare is None:
+                    self._keep_spare()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
         try:
             # Each thread uses only its own connection (self._local); check_same_thread=False lets a store that is
             # closed or dropped close them all, whichever thread does it (SQLite itself is serialized here).
@@ -253,11 +272,18 @@ class SQLiteStore:
             self._migrate(conn)
         except sqlite3.DatabaseError as e:
             raise _store_error(str(self.path), e) from None
-        self._local.conn, self._local.cursor, self._local.closer = conn, conn.cursor(), _ClosedWithThread(conn)
-        self._local.file = _file_id(self._fspath)  # the file this connection writes: see _in_place
-        with self._guard:
-            self._all.append(conn)
         return conn
+
+    def _keep_spare(self) -> None:
+        """Open the spare connection on the file the path names, in place of the one before (under _moving)."""
+        spare = self._open()
+        with self._guard:
+            before, self._spare, self._spare_file = self._spare, spare, _file_id(self._fspath)
+            self._all.append(spare)
+            if before is not None and before in self._all:
+                self._all.remove(before)
+        if before is not None:
+            _close_quietly([before])
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -309,6 +335,7 @@ class SQLiteStore:
                 self._writer.shutdown(wait=True)
                 self._writer = None
             conns, self._all = self._all, []
+            self._spare = self._spare_file = None
         _close_quietly(conns)
         self._local = threading.local()
 
@@ -318,7 +345,7 @@ class SQLiteStore:
         try:
             return _transaction(self._conn(), self._placed, fn, *args)
         except _FileMoved:
-            self._relocate()
+            self._follow()
             return _transaction(self._conn(), self._placed, fn, *args)
 
     def _placed(self, conn: sqlite3.Connection, fn: Any, *args: Any) -> Any:
@@ -336,46 +363,61 @@ class SQLiteStore:
         if _file_id(self._fspath) != self._local.file:
             raise _FileMoved(f"{self.path} was deleted or replaced while this process was writing to it")
 
-    def _relocate(self) -> None:
-        """Go on in the file the store's path names now, after a write found that it no longer names this
-        thread's (``_FileMoved``). A deleted file is written back whole from this thread's connection, which
-        still reads it, and CheckpointMovedWarning says so; a file that another thread or process wrote back
-        from the same file is followed. Any other file at the path (a database made anew there, or one moved
-        over it) is left as it is: this file is saved beside it, and StoreError says where.
-        """
-        old_conn, old = self._conn(), self._local.file
-        # A barrier: a write that found the path in place before it changed ends first, and no write after it
-        # finds it so (the check is under this lock): from here on the old file holds all it will ever hold.
-        _transaction(old_conn, _nothing)
-        lineage = _lineage(old_conn)
-        written = None
-        if _file_id(self._fspath) is None:
-            written = self._write_back(old_conn, [*lineage, _file_name(old)])
-        if written is None and _file_name(old) not in _lineage_at(self._fspath):
-            saved = self._rescued.get(old) if old is not None else None
-            if saved is None:
-                saved = self.path.with_name(f"{self.path.stem}.recovered-{time.strftime('%Y%m%dT%H%M%S')}-"
-                                            f"{os.getpid()}{self.path.suffix}")
-                _copy(old_conn, saved)
-                if old is not None:
-                    self._rescued[old] = saved
-            with self._guard:  # this process's runs are not in the file now at the path: fence every commit
-                self._leases.clear()
-            self._close_thread_connection()
+    def _follow(self) -> None:
+        """This thread's write found that the path no longer names its file: move the store on (unless another
+        thread has), then this thread's connection. StoreError if the file was replaced by another."""
+        old = self._local.file
+        self._relocate()
+        self._close_thread_connection()
+        saved = self._rescued.get(old) if old is not None else None
+        if saved is not None:
             raise StoreError(
                 f"{self.path} was replaced by another file while this process was writing runs to it (a database "
                 f"made anew at that path after it was deleted, or a file moved over it); that file is left as it "
                 f"is, and the one this process was writing, with every step it committed, is saved as {saved}: "
                 f"go on from there (checkpoint={str(saved)!r}, or loomc --db {saved} resume RUN_ID once this "
                 "process has ended)")
-        self._close_thread_connection()
-        self._conn()  # the file at the path
+
+    def _relocate(self) -> None:
+        """Move the store on to the file its path names now, if it no longer names the spare's, and no other
+        thread has. A deleted file is written back whole from the spare connection, which still reads it, and
+        CheckpointMovedWarning says so; a file that another process wrote back from the same file is followed.
+        Any other file at the path (a database made anew there, or one moved over it) is left as it is: the old
+        file is saved beside it (``_rescued``), and the threads that wrote to it are told so (``_follow``).
+        """
+        written = None
+        with self._moving:
+            spare, old = self._spare, self._spare_file
+            if spare is None or old is None or _file_id(self._fspath) == old:
+                return
+            # A barrier: a write that found the path in place before it changed ends first, and no write after it
+            # finds it so (the check is under this lock): from here on the old file holds all it will ever hold.
+            _transaction(spare, _nothing)
+            if _file_id(self._fspath) is None:
+                written = self._write_back(spare, [*_lineage(spare), _file_name(old)])
+            if written is None and _file_name(old) not in _lineage_at(self._fspath):
+                saved = self.path.with_name(f"{self.path.stem}.recovered-{time.strftime('%Y%m%dT%H%M%S')}-"
+                                            f"{os.getpid()}{self.path.suffix}")
+                _copy(spare, saved)
+                self._rescued[old] = saved
+                with self._guard:  # this process's runs are not in the file at the path: fence every commit
+                    self._leases.clear()
+            self._keep_spare()
         if written is not None:
             runs, steps = written
             warn_at_caller(f"{self.path} was deleted while this process was writing runs to it; loomc wrote it "
                            f"back from its open connection ({counted(runs, 'run')}, {counted(steps, 'step')}), and "
                            "the runs go on in it. Delete it again once no loop uses it, if you meant to",
                            CheckpointMovedWarning)
+
+    def _watch_file(self) -> None:
+        """From the lease keeper, every few seconds while runs are live: write a deleted file back at once, so
+        that a process killed later in a long step loses nothing. A replaced one is for the writes to tell."""
+        if self._spare_file is not None and _file_id(self._fspath) != self._spare_file:
+            try:
+                self._relocate()
+            except StoreError:
+                pass  # the next write finds it again, and says so
 
     def _write_back(self, conn: sqlite3.Connection, lineage: list[str]) -> tuple[int, int] | None:
         """Write the file ``conn`` reads back at the store's path, with ``lineage`` (the files it comes from) in
@@ -491,7 +533,7 @@ class SQLiteStore:
         try:
             _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
         except _FileMoved:
-            self._relocate()
+            self._follow()
             _transaction(self._cursor(), self._insert_step, run_id, step, totals, owner, fenced, lease_seconds)
         if fenced and owner is not None:
             self._hold(run_id, owner, time.time() + lease_seconds)
@@ -999,6 +1041,7 @@ def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
                     store._keeper = None
                     return
             wait = store._renew_leases()
+            store._watch_file()
             del store
             # A wait is timed on the monotonic clock, which stops while the machine sleeps: look again at
             # least every few seconds, so that a lease is renewed soon after the machine wakes.
