@@ -362,6 +362,10 @@ def _refusal(e: Exception, stored: bool) -> tuple[str, str]:
                   f"does not read back: {_INF_NAN}")
         if stored:
             advice += "; to read this run's states, where that value is gone, declare the field float | None"
+    elif first.get("type") == "set_item_not_hashable":  # a set of tuples, typed as a bare set (or none at all)
+        advice = ("A set's tuples are stored as JSON lists, which a set cannot hold: give the set its item type, on "
+                  "fn's state parameter (set[tuple[int, int]]) or on the model's field, and they are read back as "
+                  "tuples" + ("; a resume with that annotation reads this run's stored states" if stored else ""))
     elif first.get("type") == "extra_forbidden":  # a field the model no longer declares
         advice = ("The stored state has a field the model no longer declares, and the model forbids extra fields: "
                   "declare it again (with a default), or resume with the old code")

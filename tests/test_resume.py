@@ -2344,3 +2344,29 @@ def test_resume_true_with_another_state_says_the_stored_run_is_used_and_where_th
     assert run.status == "completed" and run.state == {"task": "fail once", "i": 2}, "the stored run went on"
     assert len(told) == 1 and "resume=True goes on with it and does not use the state passed now" in str(told[0].message)
     assert "state['extra'] is [1, 2] in the state passed, absent in the stored one" in str(told[0].message)
+
+
+def test_a_set_of_tuples_is_warned_with_the_annotation_that_keeps_it_and_a_resume_so_annotated_reads_it(tmp_path):
+    """A bare set's tuples are stored as JSON lists, which a set cannot hold: the warning said to make a field
+    optional or give it a default, advice that does not apply; it now names the annotation that reads them back."""
+    db = str(tmp_path / "sets.db")
+    seen = {(1, 2), (3, 4)}
+
+    def grow(s):
+        return s | {(len(s) + 1, 0)}
+
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            "at field '0': Set items should be hashable, so a resume would fail when read back from the store (by a "
+            "resume, or a backtrack to it). A set's tuples are stored as JSON lists, which a set cannot hold: give the "
+            "set its item type, on fn's state parameter (set[tuple[int, int]]) or on the model's field")):
+        first = loop(budget=Budget(iterations=2), checkpoint=db)(grow).run(seen, run_id="s1")
+    with pytest.raises(CheckpointDecodeError, match=re.escape(
+            "a resume with that annotation reads this run's stored states")):
+        loop(budget=Budget(iterations=2), checkpoint=db)(grow).resume_run("s1", budget=Budget(iterations=3))
+
+    def typed(s: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        return grow(s)
+
+    with pytest.warns(SpecChangedWarning):  # another function: the resume says so, and goes on
+        run = loop(budget=Budget(iterations=2), checkpoint=db)(typed).resume_run("s1", budget=Budget(iterations=3))
+    assert run.state == first.state | {(5, 0)} and all(isinstance(t, tuple) for t in run.state)
