@@ -366,6 +366,11 @@ def _refusal(e: Exception, stored: bool) -> tuple[str, str]:
         advice = ("A set's tuples are stored as JSON lists, which a set cannot hold: give the set its item type, on "
                   "fn's state parameter (set[tuple[int, int]]) or on the model's field, and they are read back as "
                   "tuples" + ("; a resume with that annotation reads this run's stored states" if stored else ""))
+    elif tuple(first.get("loc", ()))[-1:] == ("[key]",):  # a dict keyed by tuples: pydantic writes (0, 1) as "0,1"
+        advice = ("A dict's keys are stored as JSON text, and this key type does not read back from it (pydantic "
+                  "writes a tuple key (0, 1) as '0,1'): key the dict by a str or an int, or keep the pairs as a list "
+                  "(list[tuple[tuple[int, int], str]])" + ("; this run's stored states read back with the keys "
+                                                          "typed str (dict[str, str])" if stored else ""))
     elif first.get("type") == "extra_forbidden":  # a field the model no longer declares
         advice = ("The stored state has a field the model no longer declares, and the model forbids extra fields: "
                   "declare it again (with a default), or resume with the old code")

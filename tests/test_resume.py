@@ -2370,3 +2370,40 @@ def test_a_set_of_tuples_is_warned_with_the_annotation_that_keeps_it_and_a_resum
     with pytest.warns(SpecChangedWarning):  # another function: the resume says so, and goes on
         run = loop(budget=Budget(iterations=2), checkpoint=db)(typed).resume_run("s1", budget=Budget(iterations=3))
     assert run.state == first.state | {(5, 0)} and all(isinstance(t, tuple) for t in run.state)
+
+
+@dataclasses.dataclass
+class Grid:
+    cells: dict[tuple[int, int], str]
+
+
+@dataclasses.dataclass
+class GridByText:
+    cells: dict[str, str]
+
+
+def fill(g: Grid) -> Grid:
+    return Grid({**g.cells, (len(g.cells), 0): "x"})
+
+
+def fill_by_text(g: GridByText) -> GridByText:
+    return GridByText({**g.cells, f"{len(g.cells)},0": "x"})
+
+
+def test_a_dict_keyed_by_tuples_is_warned_with_what_reads_it_back_and_its_stored_states_read_with_str_keys(tmp_path):
+    """pydantic writes a tuple key (0, 1) as "0,1" and does not read it back: a correctly annotated state could not
+    be resumed, and the advice (make the field optional) did not apply."""
+    db = str(tmp_path / "grid.db")
+    with pytest.warns(StateRoundTripWarning, match=re.escape(
+            "at field 'cells.0,1.[key]': Input should be a valid array, so a resume would fail when read back from "
+            "the store (by a resume, or a backtrack to it). A dict's keys are stored as JSON text, and this key type "
+            "does not read back from it (pydantic writes a tuple key (0, 1) as '0,1'): key the dict by a str or an "
+            "int, or keep the pairs as a list")):
+        loop(budget=Budget(iterations=2), checkpoint=db)(fill).run(Grid({(0, 1): "a"}), run_id="g1")
+    with pytest.raises(CheckpointDecodeError, match=re.escape(
+            "this run's stored states read back with the keys typed str (dict[str, str])")):
+        loop(budget=Budget(iterations=2), checkpoint=db)(fill).resume_run("g1", budget=Budget(iterations=3))
+    with pytest.warns(SpecChangedWarning):
+        run = loop(budget=Budget(iterations=2), checkpoint=db)(fill_by_text).resume_run("g1",
+                                                                                        budget=Budget(iterations=3))
+    assert run.state == GridByText({"0,1": "a", "1,0": "x", "2,0": "x", "3,0": "x"})
