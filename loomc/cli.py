@@ -447,6 +447,7 @@ def _follow(store: Any, run: RunRecord, steps: list[StoredStep]) -> int:
         if status != "running":
             break
         time.sleep(FOLLOW_EVERY)
+        store.reread()  # a file deleted while the run goes on is written back: read on there
         run = store.get_run(run.id)
     stopped = _gone(run, seen) if status == "crashed" else run.reason or status
     click.echo(f"Stopped: {paint(status, STATUS_COLORS.get(status))}: {clean(stopped)}; spent {dollars(spent)} "

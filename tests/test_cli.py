@@ -548,6 +548,39 @@ def test_show_follow_prints_each_step_as_it_commits_until_the_run_stops(tmp_path
                             last), last
 
 
+
+def test_show_follow_reads_on_in_the_file_written_back_after_it_was_deleted(tmp_path):
+    """The follower's connection read the deleted file, which took no more commits: it said the run's process
+    died during step 5 while the run went on, and completed, in the file written back at the path."""
+    import shutil
+    folder = tmp_path / ".loomc"
+    db = str(folder / "watch.db")
+    script = tmp_path / "slow.py"
+    script.write_text(FOLLOWED)
+    looping = subprocess.Popen([sys.executable, str(script), db, "-1"], stderr=subprocess.PIPE, text=True)
+    for _ in range(200):  # until the run is stored
+        if os.path.exists(db) and SQLiteStore(db).list_runs():
+            break
+        time.sleep(0.05)
+    watched = subprocess.Popen(["loomc", "show", "watched", "--db", db, "--follow"], stdout=subprocess.PIPE,
+                               text=True)
+    for _ in range(400):  # until the follower has seen a few steps
+        probe = sqlite3.connect(db)
+        done = probe.execute("SELECT count(*) FROM steps").fetchone()[0]
+        probe.close()
+        if done >= 4:
+            break
+        time.sleep(0.02)
+    shutil.rmtree(folder)  # `rm -r .loomc` while the run goes on and somebody watches it
+    out, _ = watched.communicate(timeout=60)
+    _, err = looping.communicate(timeout=60)
+    assert "CheckpointMovedWarning" in err
+    lines = out.splitlines()
+    at = lines.index("STEP      COST     CUMUL    SCORE     TIME  ERROR")
+    assert [int(row.split()[0]) for row in lines[at + 2:-1]] == list(range(15)), out
+    assert lines[-1] == "Stopped: budget_exhausted: iterations: 15 of 15 calls made; spent $0.1500 in 15 steps"
+
+
 BUSY = """
 import sys
 from loomc import Budget, SQLiteStore, loop

@@ -410,6 +410,15 @@ class SQLiteStore:
                            "the runs go on in it. Delete it again once no loop uses it, if you meant to",
                            CheckpointMovedWarning)
 
+    def reread(self) -> None:
+        """For a reader that watches the file (``loomc show --follow``): if the path names another file than
+        this thread reads (the file was deleted and written back, or replaced), read that one from now on. The
+        file it read takes no more commits, and its run would seem to stop there."""
+        if getattr(self._local, "conn", None) is not None:
+            now = _file_id(self._fspath)
+            if now is not None and now != self._local.file:
+                self._close_thread_connection()
+
     def _watch_file(self) -> None:
         """From the lease keeper, every few seconds while runs are live: write a deleted file back at once, so
         that a process killed later in a long step loses nothing. A replaced one is for the writes to tell."""
