@@ -1174,3 +1174,20 @@ step.run(0, run_id="k1")
     record = store.get_run("k1")
     assert record.status == "running" and record.total_cost == Decimal("0.75")  # crashed in step 3: resumable
     store.close()
+
+
+def test_a_file_deleted_while_no_run_of_the_process_is_live_is_let_go_and_a_new_run_makes_a_fresh_one(tmp_path):
+    """Deleting .loomc to start afresh, from a notebook whose runs had ended: the next run wrote the old file back."""
+    import shutil
+    import warnings
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+    work = loop(budget=Budget(iterations=2), checkpoint=str(db))(lambda s: s + 1)
+    work.run(0, run_id="old")
+    shutil.rmtree(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CheckpointMovedWarning
+        assert work.run(0, run_id="new").state == 2
+    fresh = SQLiteStore(db)
+    assert [r.id for r in fresh.list_runs()] == ["new"]
+    fresh.close()

@@ -380,8 +380,9 @@ class SQLiteStore:
 
     def _relocate(self) -> None:
         """Move the store on to the file its path names now, if it no longer names the spare's, and no other
-        thread has. A deleted file is written back whole from the spare connection, which still reads it, and
-        CheckpointMovedWarning says so; a file that another process wrote back from the same file is followed.
+        thread has. A file deleted while runs of this process were live in it is written back whole from the
+        spare connection, which still reads it, and CheckpointMovedWarning says so (one deleted while none was
+        is let go: a new file is made); a file that another process wrote back from the same file is followed.
         Any other file at the path (a database made anew there, or one moved over it) is left as it is: the old
         file is saved beside it (``_rescued``), and the threads that wrote to it are told so (``_follow``).
         """
@@ -389,6 +390,11 @@ class SQLiteStore:
         with self._moving:
             spare, old = self._spare, self._spare_file
             if spare is None or old is None or _file_id(self._fspath) == old:
+                return
+            if not self._leases:  # no run of this process is live in it: deleted (or replaced) on purpose
+                _make_folder(self.path.parent, "the checkpoint database",
+                             "pass checkpoint= (or --db, or $LOOMC_DB) a path in a writable directory")
+                self._keep_spare()  # the file at the path, or a new one
                 return
             # A barrier: a write that found the path in place before it changed ends first, and no write after it
             # finds it so (the check is under this lock): from here on the old file holds all it will ever hold.
