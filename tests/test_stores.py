@@ -6,6 +6,7 @@ import gc
 import json
 import multiprocessing
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -1019,21 +1020,27 @@ def _steps_in(db: Path, run_id: str) -> list[int]:
         conn.close()
 
 
+def _removing_at_2(folder: Path, after: Any = lambda: None, each: Any = lambda: None) -> Any:
+    """fn(state) counting on by one, which removes ``folder`` when the state is 2 (`rm -r .loomc` while its run is
+    live) and then calls ``after()``; ``each()`` on every call."""
+    def body(s):
+        if s == 2:
+            shutil.rmtree(folder)
+            after()
+        each()
+        return s + 1
+    return body
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "async"])
 def test_a_file_deleted_during_a_run_is_written_back_and_the_run_goes_on_in_it(tmp_path, aio):
     import asyncio
-    import shutil
     from loomc import CheckpointMovedWarning, charge
     from conftest import sync_or_async
     folder = tmp_path / ".loomc"
     db = folder / "checkpoints.db"
-
-    def body(s):
-        if s == 2:
-            shutil.rmtree(folder)  # `rm -r .loomc` while the run is live
-            charge(0.10, "model")  # the write-ahead charge is the first write to find the file gone
-        return s + 1
-
+    # the write-ahead charge is the first write to find the file gone
+    body = _removing_at_2(folder, after=lambda: charge(0.10, "model"))
     work = loop(budget=Budget(iterations=6), cost_fn=lambda s: 0.25, checkpoint=str(db))(sync_or_async(body, aio))
     with pytest.warns(CheckpointMovedWarning, match=r"was deleted while this process was writing runs to it; "
                                                     r"loomc wrote it back .*\(1 run, 2 steps\)"):
@@ -1048,7 +1055,6 @@ def test_a_file_deleted_during_a_run_is_written_back_and_the_run_goes_on_in_it(t
 
 
 def test_processes_writing_a_deleted_file_all_go_on_in_the_one_written_back(tmp_path):
-    import shutil
     folder = tmp_path / ".loomc"
     db = folder / "checkpoints.db"
     code = """
@@ -1088,18 +1094,15 @@ print(run.status, run.state)
 
 
 def test_a_database_made_anew_over_a_deleted_one_is_left_alone_and_the_runs_are_saved_beside_it(tmp_path):
-    import shutil
     folder = tmp_path / ".loomc"
     db = folder / "checkpoints.db"
 
-    def body(s):
-        if s == 2:
-            shutil.rmtree(folder)
-            theirs = SQLiteStore(db)  # another process's loop makes the default file anew
-            theirs.create_run(make_run("theirs"))
-            theirs.close()
-        return s + 1
+    def made_anew():  # as another process's loop makes the default file anew
+        theirs = SQLiteStore(db)
+        theirs.create_run(make_run("theirs"))
+        theirs.close()
 
+    body = _removing_at_2(folder, after=made_anew)
     work = loop(budget=Budget(iterations=6), checkpoint=str(db))(body)
     with pytest.raises(StoreError, match=r"was replaced by another file while this process was writing runs to it"
                                          r".* is saved as (\S+)\.recovered-\S+\.db: go on from there") as caught:
@@ -1119,19 +1122,16 @@ def test_a_database_made_anew_over_a_deleted_one_is_left_alone_and_the_runs_are_
 
 def test_a_thread_first_writing_after_the_deletion_writes_the_file_back_rather_than_make_an_empty_one(tmp_path):
     import contextvars
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
     from loomc import CheckpointMovedWarning, charge
     folder = tmp_path / ".loomc"
     db = folder / "checkpoints.db"
 
-    def body(s):
-        if s == 2:
-            shutil.rmtree(folder)
+    def charge_in_a_thread():
         with ThreadPoolExecutor(1) as pool:  # a new thread: its first write opens a connection of its own
             pool.submit(contextvars.copy_context().run, charge, 0.50, "model").result()
-        return s + 1
 
+    body = _removing_at_2(folder, each=charge_in_a_thread)
     work = loop(budget=Budget(iterations=5), checkpoint=str(db))(body)
     with pytest.warns(CheckpointMovedWarning, match=r"\(1 run, 2 steps\)"):
         run = work.run(0, run_id="t1")
@@ -1143,7 +1143,6 @@ def test_a_thread_first_writing_after_the_deletion_writes_the_file_back_rather_t
 
 
 def test_a_file_deleted_during_a_long_step_is_written_back_within_seconds_so_a_kill_then_loses_nothing(tmp_path):
-    import shutil
     import signal
     folder = tmp_path / ".loomc"
     db = folder / "checkpoints.db"
@@ -1178,7 +1177,6 @@ step.run(0, run_id="k1")
 
 def test_a_file_deleted_while_no_run_of_the_process_is_live_is_let_go_and_a_new_run_makes_a_fresh_one(tmp_path):
     """Deleting .loomc to start afresh, from a notebook whose runs had ended: the next run wrote the old file back."""
-    import shutil
     import warnings
     folder = tmp_path / ".loomc"
     db = folder / "checkpoints.db"
