@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import json
 import multiprocessing
+import os
 import re
+import selectors
 import shutil
 import sqlite3
 import subprocess
@@ -1158,16 +1160,23 @@ def step(s):
 step.run(0, run_id="k1")
 """
     marker = tmp_path / "in-step"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(db), str(marker)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(db), str(marker)], stderr=subprocess.PIPE)
+    said = b""
     try:
         wait_for_file(marker)
         shutil.rmtree(folder)
-        wait_for_file(db, seconds=60)  # the store's lease keeper looks every few seconds
-        assert db.exists()
+        # The store's lease keeper looks every few seconds, and warns once the file is back: wait for its words.
+        watch = selectors.DefaultSelector()
+        watch.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.time() + 60
+        while b"CheckpointMovedWarning" not in said and time.time() < deadline:
+            if watch.select(timeout=1):
+                said += os.read(proc.stderr.fileno(), 4096)
+        watch.close()
     finally:
         proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-    assert "CheckpointMovedWarning" in err
+        proc.communicate(timeout=60)
+    assert b"CheckpointMovedWarning" in said and db.exists()
     assert _steps_in(db, "k1") == [0, 1, 2]
     store = SQLiteStore(db)
     record = store.get_run("k1")
