@@ -840,9 +840,18 @@ class AsyncLoopRunner(LoopRunner):
     """What ``@loop`` returns for an ``async def``: ``await runner(state)``."""
 
     async def _aready(self) -> None:
-        """``_ready`` off the event loop: loading a model takes seconds."""
+        """``_ready`` off the event loop: loading a model takes seconds. Before it, before anything is stored:
+        ConfigError unless an asyncio event loop runs this (trio's does not)."""
+        import asyncio
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigError(
+                f"{name_of(self.fn)} is an async loop, which runs on asyncio (asyncio.run, Jupyter, an asyncio "
+                "server), and no asyncio event loop runs here: under trio, run it on asyncio in a worker thread, "
+                f"await trio.to_thread.run_sync(asyncio.run, {name_of(self.fn)}.run(state)), where fn's awaits must "
+                "be asyncio's (the anthropic and openai async clients work on both)") from None
         if not self._prepared:
-            import asyncio
             await asyncio.to_thread(self._ready)
 
     async def _go(self, opened: LiveRun | Run) -> Run:

@@ -548,3 +548,32 @@ def test_a_call_cut_short_before_it_charged_counts_against_the_caps_on_resume(tm
         "usd: $0.2000 spent + $0.1000 for the next step would pass the $0.3500 cap, counting 1 failed call (step 2) "
         "cut short before charging at $0.1000; charge each paid call inside fn (loomc.charge)")
 
+
+
+async def _counts_on(s: int) -> int:
+    await asyncio.sleep(0)
+    return s + 1
+
+
+def test_an_async_loop_under_trio_is_refused_before_anything_is_stored_and_the_advice_works(tmp_path):
+    """Under trio an async run failed inside its first store call, with trio's words, and left a run behind that
+    `loomc runs` showed as crashed."""
+    import trio
+    db = tmp_path / "trio.db"
+    counts_on = loop(budget=Budget(iterations=3), checkpoint=str(db))(_counts_on)
+
+    async def under_trio():
+        return await counts_on.run(0)
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "_counts_on is an async loop, which runs on asyncio (asyncio.run, Jupyter, an asyncio server), and no "
+            "asyncio event loop runs here: under trio, run it on asyncio in a worker thread, await "
+            "trio.to_thread.run_sync(asyncio.run, _counts_on.run(state))")):
+        trio.run(under_trio)
+    assert not db.exists() or SQLiteStore(db).list_runs() == []
+
+    async def as_advised():
+        return await trio.to_thread.run_sync(asyncio.run, counts_on.run(0))
+
+    run = trio.run(as_advised)
+    assert run.status == "budget_exhausted" and run.state == 3
