@@ -1198,3 +1198,36 @@ def test_a_file_deleted_while_no_run_of_the_process_is_live_is_let_go_and_a_new_
     fresh = SQLiteStore(db)
     assert [r.id for r in fresh.list_runs()] == ["new"]
     fresh.close()
+
+
+def test_threads_writing_a_deleted_file_go_on_in_the_one_written_back_once(tmp_path):
+    import threading
+    import warnings
+    from loomc import CheckpointMovedWarning
+    folder = tmp_path / ".loomc"
+    db = folder / "checkpoints.db"
+    started = threading.Barrier(9)
+
+    def step(s):
+        if s == 3:
+            started.wait(timeout=60)  # every thread's run has committed steps 0-2
+            started.wait(timeout=60)  # and the folder is gone
+        return s + 1
+
+    work = loop(budget=Budget(iterations=10), cost_fn=lambda s: 0.01, checkpoint=str(db))(step)
+    runs = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=lambda i=i: runs.update({i: work.run(0, run_id=f"t{i}")}))
+                   for i in range(8)]
+        for thread in threads:
+            thread.start()
+        started.wait(timeout=60)
+        shutil.rmtree(folder)
+        started.wait(timeout=60)
+        for thread in threads:
+            thread.join(60)
+    assert sum(w.category is CheckpointMovedWarning for w in caught) == 1  # one thread wrote it back
+    assert {i: (r.status, r.state) for i, r in runs.items()} == {i: ("budget_exhausted", 10) for i in range(8)}
+    for i in range(8):
+        assert _steps_in(db, f"t{i}") == list(range(10))
