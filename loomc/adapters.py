@@ -221,8 +221,9 @@ def openai_usage(response: Any) -> TokenUsage:
     if _get(usage, "prompt_tokens") is not None:  # Chat Completions
         details, out = _get(usage, "prompt_tokens_details"), _get(usage, "completion_tokens_details")
         model = _get(response, "model")
+        # DeepSeek tells its cache hits in a field of its own (a part of prompt_tokens too).
         return TokenUsage(input=_n(_get(usage, "prompt_tokens")), output=_n(_get(usage, "completion_tokens")),
-                          cache_read=_n(_get(details, "cached_tokens")),
+                          cache_read=_n(_get(details, "cached_tokens")) or _n(_get(usage, "prompt_cache_hit_tokens")),
                           cache_write=_n(_get(details, "cache_write_tokens")),
                           reasoning=_n(_get(out, "reasoning_tokens")), context=context,
                           input_audio=_n(_get(details, "audio_tokens")), output_audio=_n(_get(out, "audio_tokens")),
@@ -285,7 +286,8 @@ class _Adapter:
         return model.split("/", 1)[1] if model.startswith(f"{self.provider}/") else model
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.model!r}{', rates=...' if self.rates else ''})"
+        provider = "" if self.provider == type(self).provider else f", provider={self.provider!r}"
+        return f"{type(self).__name__}({self.model!r}{provider}{', rates=...' if self.rates else ''})"
 
     def usage(self, response: Any) -> TokenUsage:
         raise NotImplementedError
@@ -623,12 +625,31 @@ class AnthropicAdapter(_Adapter):
 
 class OpenAIAdapter(_Adapter):
     """Prices ``ChatCompletion`` and Responses-API ``Response``; ``judge`` asks through Chat Completions, or the
-    Responses API with ``api="responses"``."""
+    Responses API with ``api="responses"``.
+
+    ``provider`` names another provider that serves the OpenAI API (``"deepseek"``, ``"groq"``, ``"openrouter"``,
+    ``"x-ai"``...), at the prices genai-prices lists for its models; its service tiers, its own, are priced at
+    those prices."""
 
     provider = "openai"
 
+    def __init__(self, model: str, *, provider: str = "openai",
+                 rates: Mapping[str, float | str | Decimal] | None = None, batch: bool = False,
+                 model_rates: Mapping[str, Mapping[str, float | str | Decimal]] | None = None) -> None:
+        if not isinstance(provider, str) or not provider:
+            raise ConfigError(f"OpenAIAdapter(provider={provider!r}): give the id genai-prices knows the provider "
+                              "by, as in provider='deepseek'")
+        if provider != type(self).provider:
+            if rates is None:
+                _check_provider(provider)
+            self.provider = provider
+        super().__init__(model, rates=rates, batch=batch, model_rates=model_rates)
+
     def usage(self, response: Any) -> TokenUsage:
-        return openai_usage(response)
+        usage = openai_usage(response)
+        if usage.context and self.provider != type(self).provider:  # OpenAI's tiers are not another's
+            return replace(usage, context=())
+        return usage
 
     def _priced_reply(self, response: Any, batched: bool, model: str) -> Priced:
         self._warn_unpriced(_get(response, "output"))
@@ -815,6 +836,20 @@ def _genai_prices() -> Any:
         raise ConfigError('pricing by model name needs genai-prices: pip install "loomc[adapters]", '
                           "or pass rates={...} in dollars per million tokens") from None
     return genai_prices
+
+
+def _check_provider(provider: str) -> None:
+    """ConfigError unless genai-prices lists prices of ``provider`` (an id such as ``deepseek``)."""
+    import difflib
+    _genai_prices()  # which says how to install it
+    from genai_prices import data_snapshot
+    known = [p.id for p in data_snapshot.get_snapshot().providers]
+    if provider not in known:
+        near = difflib.get_close_matches(provider.lower(), known, n=3, cutoff=0.5)
+        raise ConfigError(f"genai-prices knows no provider {provider!r}"
+                          + (f" (did you mean {' or '.join(map(repr, near))}?)" if near else "")
+                          + f"; the ids it knows: {', '.join(known)}; or pass rates={{...}} in dollars per million "
+                          "tokens")
 
 
 @functools.lru_cache(maxsize=256)

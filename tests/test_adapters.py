@@ -1338,3 +1338,44 @@ def test_image_generation_and_code_interpreter_calls_are_named_as_unpriced():
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoCostWarning)
         sonnet.cost_from_response(message({"input_tokens": 10, "output_tokens": 1}))  # text alone: nothing to tell
+
+
+def _listed_prices(model: str, provider: str) -> dict[str, Decimal]:
+    """Dollars per million tokens that genai-prices lists for ``model`` at ``provider``, by kind."""
+    from genai_prices import Usage, calc_price
+    price = calc_price(Usage(input_tokens=0, output_tokens=0), model, provider_id=provider).model_price
+    return {kind: Decimal(str(getattr(price, f"{kind}_mtok") or 0)) for kind in ("input", "cache_read", "output")}
+
+
+def test_an_openai_compatible_provider_is_priced_at_its_own_listed_prices():
+    """A loop calling DeepSeek or Groq through the openai SDK needed rates= by hand; genai-prices lists them."""
+    deepseek = OpenAIAdapter("deepseek-chat", provider="deepseek")
+    assert repr(deepseek) == "OpenAIAdapter('deepseek-chat', provider='deepseek')"
+    # DeepSeek tells its cache hits in a field of its own, a part of prompt_tokens.
+    reply = chat({"prompt_tokens": 10_000, "completion_tokens": 2_000, "total_tokens": 12_000,
+                  "prompt_cache_hit_tokens": 6_000, "prompt_cache_miss_tokens": 4_000}, model="deepseek-chat")
+    p = _listed_prices("deepseek-chat", "deepseek")
+    assert p["cache_read"] < p["input"]  # else this would not tell the cache hits apart
+    assert deepseek.cost_from_response(reply) == (4_000 * p["input"] + 6_000 * p["cache_read"]
+                                                   + 2_000 * p["output"]) / M
+    groq = OpenAIAdapter("llama-3.3-70b-versatile", provider="groq")
+    served = chat({"prompt_tokens": 1_000, "completion_tokens": 100, "total_tokens": 1_100},
+                  model="llama-3.3-70b-versatile")
+    served.service_tier = "on_demand"  # Groq's own standard tier, which an OpenAI adapter took for a dearer one
+    p = _listed_prices("llama-3.3-70b-versatile", "groq")
+    assert groq.cost_from_response(served) == (1_000 * p["input"] + 100 * p["output"]) / M
+    openai_served = chat({"prompt_tokens": 1_000, "completion_tokens": 100, "total_tokens": 1_100})
+    openai_served.service_tier = "on_demand"
+    with pytest.raises(loomc.CostUnknown, match="service_tier=on_demand"):  # at OpenAI, an unknown tier stays unknown
+        OpenAIAdapter("gpt-4o").cost_from_response(openai_served)
+
+
+def test_a_provider_genai_prices_does_not_know_is_refused_when_the_adapter_is_built():
+    with pytest.raises(ConfigError, match=r"genai-prices knows no provider 'deepsek' \(did you mean 'deepseek'\?\); "
+                                          r"the ids it knows: .*openai.*; or pass rates="):
+        OpenAIAdapter("deepseek-chat", provider="deepsek")
+    with pytest.raises(ConfigError, match="give the id genai-prices knows the provider by"):
+        OpenAIAdapter("deepseek-chat", provider="")
+    own = OpenAIAdapter("house-model", provider="in-house", rates={"input": 1, "output": 2})  # priced by its rates
+    assert own.cost_from_response(chat({"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000,
+                                        "total_tokens": 2_000_000}, model="house-model")) == Decimal(3)
