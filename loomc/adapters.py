@@ -660,8 +660,11 @@ class OpenAIAdapter(_Adapter):
     def _ask(self, client: Any, text: str, max_tokens: int, api: str) -> Any:
         if api == "responses":  # which takes no limit below 16 tokens
             return client.responses.create(model=self.model, input=text, max_output_tokens=max(max_tokens, 16))
-        return client.chat.completions.create(model=self.model, max_completion_tokens=max_tokens,
-                                              messages=[{"role": "user", "content": text}])
+        # Other providers of the API take the older max_tokens (DeepSeek ignores max_completion_tokens); OpenAI's
+        # reasoning models take max_completion_tokens only.
+        limit = ({"max_completion_tokens": max_tokens} if self.provider == type(self).provider
+                 else {"max_tokens": max_tokens})
+        return client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": text}], **limit)
 
     def _text(self, reply: Any) -> str:
         choices = _get(reply, "choices")

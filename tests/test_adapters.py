@@ -1379,3 +1379,22 @@ def test_a_provider_genai_prices_does_not_know_is_refused_when_the_adapter_is_bu
     own = OpenAIAdapter("house-model", provider="in-house", rates={"input": 1, "output": 2})  # priced by its rates
     assert own.cost_from_response(chat({"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000,
                                         "total_tokens": 2_000_000}, model="house-model")) == Decimal(3)
+
+
+def test_a_judge_of_another_provider_asks_with_max_tokens_which_they_take(tmp_path):
+    """DeepSeek ignores max_completion_tokens, which OpenAI's reasoning models need: each provider is asked its way."""
+    asked: list[dict] = []
+
+    def handler(request):
+        asked.append(json.loads(request.content))
+        return httpx2.Response(200, json=chat({"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101},
+                                              model="deepseek-chat").model_dump())
+
+    client = OpenAI(api_key="k", base_url="https://api.deepseek.com", max_retries=0,
+                    http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    deepseek = OpenAIAdapter("deepseek-chat", provider="deepseek")
+    run = loop(budget=Budget(iterations=3), converge_on=deepseek.judge(client, "Done?"), checkpoint="memory")(
+        lambda s: s + 1).run(0)
+    assert run.status == "completed" and asked[0]["max_tokens"] == 8 and "max_completion_tokens" not in asked[0]
+    p = _listed_prices("deepseek-chat", "deepseek")
+    assert run.history[0].metrics["cost_items"]["judge"] == str((100 * p["input"] + 1 * p["output"]) / M)
