@@ -1044,8 +1044,8 @@ def test_a_file_deleted_during_a_run_is_written_back_and_the_run_goes_on_in_it(t
     # the write-ahead charge is the first write to find the file gone
     body = _removing_at_2(folder, after=lambda: charge(0.10, "model"))
     work = loop(budget=Budget(iterations=6), cost_fn=lambda s: 0.25, checkpoint=str(db))(sync_or_async(body, aio))
-    with pytest.warns(CheckpointMovedWarning, match=r"was deleted while this process was writing runs to it; "
-                                                    r"loomc wrote it back .*\(1 run, 2 steps\)"):
+    with pytest.warns(CheckpointMovedWarning, match=r"was deleted \(or moved away\) while this process was writing "
+                                                    r"runs to it; loomc wrote it back .*\(1 run, 2 steps\)"):
         run = asyncio.run(work.run(0, run_id="r1")) if aio else work.run(0, run_id="r1")
     assert run.status == "budget_exhausted" and run.state == 6
     assert db.exists() and _steps_in(db, "r1") == list(range(6))

@@ -411,10 +411,10 @@ class SQLiteStore:
             self._keep_spare()
         if written is not None:
             runs, steps = written
-            warn_at_caller(f"{self.path} was deleted while this process was writing runs to it; loomc wrote it "
-                           f"back from its open connection ({counted(runs, 'run')}, {counted(steps, 'step')}), and "
-                           "the runs go on in it. Delete it again once no loop uses it, if you meant to",
-                           CheckpointMovedWarning)
+            warn_at_caller(f"{self.path} was deleted (or moved away) while this process was writing runs to it; "
+                           f"loomc wrote it back from its open connection ({counted(runs, 'run')}, "
+                           f"{counted(steps, 'step')}), and the runs go on in it. Delete it again once no loop uses "
+                           "it, if you meant to", CheckpointMovedWarning)
 
     def reread(self) -> None:
         """For a reader that watches the file (``loomc show --follow``): if the path names another file than
