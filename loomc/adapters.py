@@ -269,11 +269,18 @@ class _Adapter:
     # response reports (genai-prices does not model it).
     geo_multipliers: Mapping[str, Decimal] = {}
 
-    def __init__(self, model: str, *, rates: Mapping[str, float | str | Decimal] | None = None,
-                 batch: bool = False,
+    def __init__(self, model: str, *, provider: str | None = None,
+                 rates: Mapping[str, float | str | Decimal] | None = None, batch: bool = False,
                  model_rates: Mapping[str, Mapping[str, float | str | Decimal]] | None = None) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{type(self).__name__}(model={model!r}): give the model name you call")
+        if provider is not None and provider != type(self).provider:  # another that serves the same API
+            if not isinstance(provider, str) or not provider:
+                raise ConfigError(f"{type(self).__name__}(provider={provider!r}): give the id genai-prices knows "
+                                  "the provider by, as in provider='deepseek'")
+            if rates is None:
+                _check_provider(provider)
+            self.provider = provider
         self.model = self._name(model)
         self.batch = batch
         self.rates = None if rates is None else _rates(rates)
@@ -557,7 +564,10 @@ class _Adapter:
 
 
 class AnthropicAdapter(_Adapter):
-    """Prices Anthropic ``Message`` responses; ``judge`` asks through ``client.messages.create``."""
+    """Prices Anthropic ``Message`` responses; ``judge`` asks through ``client.messages.create``.
+
+    ``provider="aws"`` (Bedrock, with the model id it bills, ``us.anthropic.claude-...-v1:0``) prices a reply
+    served there at the prices genai-prices lists for it."""
 
     provider = "anthropic"
     geo_multipliers = {"us": Decimal("1.1")}  # US-only inference (inference_geo="us")
@@ -632,18 +642,6 @@ class OpenAIAdapter(_Adapter):
     those prices."""
 
     provider = "openai"
-
-    def __init__(self, model: str, *, provider: str = "openai",
-                 rates: Mapping[str, float | str | Decimal] | None = None, batch: bool = False,
-                 model_rates: Mapping[str, Mapping[str, float | str | Decimal]] | None = None) -> None:
-        if not isinstance(provider, str) or not provider:
-            raise ConfigError(f"OpenAIAdapter(provider={provider!r}): give the id genai-prices knows the provider "
-                              "by, as in provider='deepseek'")
-        if provider != type(self).provider:
-            if rates is None:
-                _check_provider(provider)
-            self.provider = provider
-        super().__init__(model, rates=rates, batch=batch, model_rates=model_rates)
 
     def usage(self, response: Any) -> TokenUsage:
         usage = openai_usage(response)

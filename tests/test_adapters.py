@@ -1398,3 +1398,16 @@ def test_a_judge_of_another_provider_asks_with_max_tokens_which_they_take(tmp_pa
     assert run.status == "completed" and asked[0]["max_tokens"] == 8 and "max_completion_tokens" not in asked[0]
     p = _listed_prices("deepseek-chat", "deepseek")
     assert run.history[0].metrics["cost_items"]["judge"] == str((100 * p["input"] + 1 * p["output"]) / M)
+
+
+def test_a_claude_reply_served_by_bedrock_is_priced_at_bedrock_s_listed_prices():
+    """AnthropicBedrock returns the same Message, naming Bedrock's model id, which genai-prices lists under aws (at
+    its regional price): it was a CostUnknown on every call."""
+    model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    reply = message({"input_tokens": 1_000, "output_tokens": 100}, model=model)
+    with pytest.raises(loomc.CostUnknown, match="whose prices are not known"):
+        AnthropicAdapter("claude-sonnet-4-5").cost_from_response(reply)
+    bedrock = AnthropicAdapter(model, provider="aws")
+    assert repr(bedrock) == f"AnthropicAdapter({model!r}, provider='aws')"
+    p = _listed_prices(model, "aws")
+    assert p["input"] > 0 and bedrock.cost_from_response(reply) == (1_000 * p["input"] + 100 * p["output"]) / M
