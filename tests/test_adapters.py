@@ -1341,10 +1341,12 @@ def test_image_generation_and_code_interpreter_calls_are_named_as_unpriced():
 
 
 def _listed_prices(model: str, provider: str) -> dict[str, Decimal]:
-    """Dollars per million tokens that genai-prices lists for ``model`` at ``provider``, by kind."""
+    """Dollars per million tokens that genai-prices lists for ``model`` at ``provider``, by kind (a tiered price's
+    base: below its first tier)."""
     from genai_prices import Usage, calc_price
     price = calc_price(Usage(input_tokens=0, output_tokens=0), model, provider_id=provider).model_price
-    return {kind: Decimal(str(getattr(price, f"{kind}_mtok") or 0)) for kind in ("input", "cache_read", "output")}
+    listed = {kind: getattr(price, f"{kind}_mtok") or 0 for kind in ("input", "cache_read", "output")}
+    return {kind: Decimal(str(getattr(value, "base", value))) for kind, value in listed.items()}
 
 
 def test_an_openai_compatible_provider_is_priced_at_its_own_listed_prices():
@@ -1401,13 +1403,19 @@ def test_a_judge_of_another_provider_asks_with_max_tokens_which_they_take(tmp_pa
 
 
 def test_a_claude_reply_served_by_bedrock_is_priced_at_bedrock_s_listed_prices():
-    """AnthropicBedrock returns the same Message, naming Bedrock's model id, which genai-prices lists under aws (at
-    its regional price): it was a CostUnknown on every call."""
+    """AnthropicBedrock returns the same Message, which names the model as Anthropic does; genai-prices lists it under
+    aws by Bedrock's id, at its regional price. Under the Anthropic adapter a reply of Bedrock's id was a CostUnknown,
+    and one of Anthropic's name priced at Anthropic's prices, below Bedrock's."""
     model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
-    reply = message({"input_tokens": 1_000, "output_tokens": 100}, model=model)
-    with pytest.raises(loomc.CostUnknown, match="whose prices are not known"):
-        AnthropicAdapter("claude-sonnet-4-5").cost_from_response(reply)
+    reply = Message.model_validate({**message({"input_tokens": 1_000, "output_tokens": 100}).model_dump(),
+                                    "id": f"msg_bdrk_{next(IDS)}", "model": "claude-sonnet-4-5-20250929"})
     bedrock = AnthropicAdapter(model, provider="aws")
     assert repr(bedrock) == f"AnthropicAdapter({model!r}, provider='aws')"
     p = _listed_prices(model, "aws")
-    assert p["input"] > 0 and bedrock.cost_from_response(reply) == (1_000 * p["input"] + 100 * p["output"]) / M
+    standard = _listed_prices("claude-sonnet-4-5", "anthropic")
+    assert p["input"] > standard["input"]  # Bedrock's regional endpoints cost more: this tells the two apart
+    assert bedrock.cost_from_response(reply) == (1_000 * p["input"] + 100 * p["output"]) / M
+    opus = Message.model_validate({**reply.model_dump(), "id": f"msg_bdrk_{next(IDS)}",
+                                   "model": "claude-opus-4-1-20250805"})  # a call that asked for a stronger model
+    p = _listed_prices("claude-opus-4-1-20250805", "aws")
+    assert bedrock.cost_from_response(opus) == (1_000 * p["input"] + 100 * p["output"]) / M
