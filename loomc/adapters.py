@@ -651,6 +651,10 @@ class OpenAIAdapter(_Adapter):
 
     def _priced_reply(self, response: Any, batched: bool, model: str) -> Priced:
         self._warn_unpriced(_get(response, "output"))
+        if self.provider == "openrouter":
+            billed = _openrouter_bill(response)
+            if billed is not None:
+                return billed, None
         return super()._priced_reply(response, batched, model)
 
     apis = ("chat", "responses")
@@ -837,6 +841,23 @@ def _genai_prices() -> Any:
         raise ConfigError('pricing by model name needs genai-prices: pip install "loomc[adapters]", '
                           "or pass rates={...} in dollars per million tokens") from None
     return genai_prices
+
+
+def _openrouter_bill(response: Any) -> Decimal | None:
+    """What OpenRouter says a reply cost (``usage.cost``, in dollars, where the request asked for it with
+    ``usage={"include": True}``), with, for a call on your own key (BYOK), what the provider billed that key; None
+    where it does not say. It is what was billed, which a price list only estimates: OpenRouter routes a model to
+    providers at different prices."""
+    usage = _get(response, "usage")
+    cost = _get(usage, "cost")
+    if cost is None:
+        return None
+    billed = to_decimal(cost, "OpenRouter's usage.cost")
+    if _get(usage, "is_byok"):
+        upstream = _get(_get(usage, "cost_details"), "upstream_inference_cost")
+        if upstream is not None:
+            billed += to_decimal(upstream, "OpenRouter's usage.cost_details.upstream_inference_cost")
+    return billed
 
 
 def _check_provider(provider: str) -> None:

@@ -1419,3 +1419,21 @@ def test_a_claude_reply_served_by_bedrock_is_priced_at_bedrock_s_listed_prices()
                                    "model": "claude-opus-4-1-20250805"})  # a call that asked for a stronger model
     p = _listed_prices("claude-opus-4-1-20250805", "aws")
     assert bedrock.cost_from_response(opus) == (1_000 * p["input"] + 100 * p["output"]) / M
+
+
+def test_an_openrouter_reply_is_charged_what_openrouter_says_it_billed():
+    """OpenRouter routes a model to providers at different prices: a reply that says what it cost (usage.cost, asked
+    for with usage={"include": True}) is charged that, and a call on your own key (BYOK) what that key was billed
+    too; one that does not say is priced at OpenRouter's listed prices."""
+    router = OpenAIAdapter("anthropic/claude-sonnet-4.5", provider="openrouter")
+    tokens = {"prompt_tokens": 1_000, "completion_tokens": 100, "total_tokens": 1_100}
+    said = chat({**tokens, "cost": 0.0123}, model="anthropic/claude-sonnet-4.5")
+    assert router.cost_from_response(said) == Decimal("0.0123")
+    own_key = chat({**tokens, "cost": 0.0005, "is_byok": True, "cost_details": {"upstream_inference_cost": 0.0105}},
+                   model="anthropic/claude-sonnet-4.5")
+    assert router.cost_from_response(own_key) == Decimal("0.0110")
+    p = _listed_prices("anthropic/claude-sonnet-4.5", "openrouter")
+    silent = chat(tokens, model="anthropic/claude-sonnet-4.5")
+    assert router.cost_from_response(silent) == (1_000 * p["input"] + 100 * p["output"]) / M
+    assert OpenAIAdapter("gpt-4o").cost_from_response(chat({**tokens, "cost": 99.0})) == (
+        1_000 * GPT4O["input"] + 100 * GPT4O["output"]) / M  # only OpenRouter's word is taken
