@@ -177,8 +177,7 @@ class SQLiteStore:
             if not create:
                 raise StoreError(f"no loomc database at {self.path}; run a loop first, or give the path of "
                                  "an existing one (--db, $LOOMC_DB)")
-            _make_folder(self.path.parent, "the checkpoint database",
-                         "pass checkpoint= (or --db, or $LOOMC_DB) a path in a writable directory")
+            self._make_own_folder()
         kind = filesystem_type(self.path.parent)
         if kind in NETWORK_FILESYSTEMS:
             warn_at_caller(f"{self.path} is on a network filesystem ({kind}). SQLite's WAL mode, which loomc "
@@ -392,8 +391,7 @@ class SQLiteStore:
             if spare is None or old is None or _file_id(self._fspath) == old:
                 return
             if not self._leases:  # no run of this process is live in it: deleted (or replaced) on purpose
-                _make_folder(self.path.parent, "the checkpoint database",
-                             "pass checkpoint= (or --db, or $LOOMC_DB) a path in a writable directory")
+                self._make_own_folder()
                 self._keep_spare()  # the file at the path, or a new one
                 return
             # A barrier: a write that found the path in place before it changed ends first, and no write after it
@@ -434,11 +432,16 @@ class SQLiteStore:
             except StoreError:
                 pass  # the next write finds it again, and says so
 
+    def _make_own_folder(self) -> Path:
+        """Make the folder of the store's file, if it is not there (StoreError if it cannot be made)."""
+        _make_folder(self.path.parent, "the checkpoint database",
+                     "pass checkpoint= (or --db, or $LOOMC_DB) a path in a writable directory")
+        return self.path.parent
+
     def _write_back(self, conn: sqlite3.Connection, lineage: list[str]) -> tuple[int, int] | None:
         """Write the file ``conn`` reads back at the store's path, with ``lineage`` (the files it comes from) in
         its ``loomc_meta``: its runs and steps, or None if another thread or process put a file there first."""
-        folder = self.path.parent
-        _make_folder(folder, "the checkpoint database written back", "give checkpoint= a writable directory")
+        folder = self._make_own_folder()
         draft = folder / f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.restoring"
         draft.unlink(missing_ok=True)
         try:
@@ -880,9 +883,10 @@ def _lineage(conn: sqlite3.Connection) -> list[str]:
 
 
 def _lineage_at(path: str) -> list[str]:
-    """The lineage of the file at ``path`` (see ``_lineage``); none for a file that SQLite or loomc cannot read."""
+    """The lineage of the file at ``path`` (see ``_lineage``); none for a file that SQLite or loomc cannot read,
+    or none there (it is never created)."""
     try:
-        conn = sqlite3.connect(path, isolation_level=None)
+        conn = sqlite3.connect(f"{Path(path).as_uri()}?mode=rw", uri=True, isolation_level=None)
         try:
             return _lineage(conn)
         finally:
