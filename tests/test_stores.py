@@ -1053,6 +1053,9 @@ def test_a_file_deleted_during_a_run_is_written_back_and_the_run_goes_on_in_it(t
     record = fresh.get_run("r1")
     assert record.status == "budget_exhausted" and record.steps == 6
     assert record.total_cost == Decimal("1.60")  # 6 x $0.25, and the $0.10 charged after the deletion
+    (note,) = record.notes  # as `loomc show` prints it
+    assert re.fullmatch(r"its checkpoint file was deleted \(or moved away\) at \S+ while it ran; its process "
+                        r"\(\S+\) wrote the file back from its open connection, and the run went on in it", note)
     fresh.close()
 
 

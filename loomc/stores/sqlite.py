@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from loomc.errors import (PRUNED_METRIC, ConfigError, CorruptStore, RunLocked, RunNotFound, StepConflict,
-                          StoreBusy, StoreError, counted, warn_at_caller)
+                          StoreBusy, StoreError, counted, iso, warn_at_caller)
 from loomc.history import History, Step, _new_tuple
 from loomc.policy import steps_to_keep
 from loomc.stores.base import (_DRIVING, RunRecord, StoredStep, Totals, lease_lost, locked_message, may_take,
@@ -398,7 +398,9 @@ class SQLiteStore:
             # finds it so (the check is under this lock): from here on the old file holds all it will ever hold.
             _transaction(spare, _nothing)
             if _file_id(self._fspath) is None:
-                written = self._write_back(spare, [*_lineage(spare), _file_name(old)])
+                with self._guard:
+                    live = {run_id: held[0] for run_id, held in self._leases.items()}
+                written = self._write_back(spare, [*_lineage(spare), _file_name(old)], live)
             if written is None and _file_name(old) not in _lineage_at(self._fspath):
                 saved = self.path.with_name(f"{self.path.stem}.recovered-{time.strftime('%Y%m%dT%H%M%S')}-"
                                             f"{os.getpid()}{self.path.suffix}")
@@ -438,14 +440,20 @@ class SQLiteStore:
                      "pass checkpoint= (or --db, or $LOOMC_DB) a path in a writable directory")
         return self.path.parent
 
-    def _write_back(self, conn: sqlite3.Connection, lineage: list[str]) -> tuple[int, int] | None:
+    def _write_back(self, conn: sqlite3.Connection, lineage: list[str],
+                    live: dict[str, str]) -> tuple[int, int] | None:
         """Write the file ``conn`` reads back at the store's path, with ``lineage`` (the files it comes from) in
-        its ``loomc_meta``: its runs and steps, or None if another thread or process put a file there first."""
+        its ``loomc_meta`` and a note on each run ``live`` in this process (run id -> owner), which ``loomc show``
+        prints: its runs and steps, or None if another thread or process put a file there first."""
         folder = self._make_own_folder()
         draft = folder / f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.restoring"
         draft.unlink(missing_ok=True)
+        when = iso(time.time())
+        notes = {run_id: f"its checkpoint file was deleted (or moved away) at {when} while it ran; its process "
+                         f"({owner}) wrote the file back from its open connection, and the run went on in it"
+                 for run_id, owner in live.items()}
         try:
-            counts = _copy(conn, draft, lineage)
+            counts = _copy(conn, draft, lineage, notes)
             try:
                 os.link(draft, self.path)  # never over a file put there meanwhile
             except FileExistsError:
@@ -841,10 +849,12 @@ class SQLiteStore:
         return out
 
 
-def _copy(conn: sqlite3.Connection, target: Path, lineage: list[str] | None = None) -> tuple[int, int]:
+def _copy(conn: sqlite3.Connection, target: Path, lineage: list[str] | None = None,
+          notes: dict[str, str] | None = None) -> tuple[int, int]:
     """Copy the database ``conn`` reads to the new file ``target``, as one consistent snapshot (SQLite's
     online backup, which reads through ``conn``, its write-ahead log included): its runs and steps.
-    ``lineage``, if given, is recorded in the copy's ``loomc_meta`` (see ``_lineage``)."""
+    ``lineage``, if given, is recorded in the copy's ``loomc_meta`` (see ``_lineage``), and ``notes`` (run id ->
+    note) added to those runs' notes."""
     try:
         copy = sqlite3.connect(target, isolation_level=None)
         try:
@@ -852,6 +862,11 @@ def _copy(conn: sqlite3.Connection, target: Path, lineage: list[str] | None = No
             if lineage is not None:
                 copy.execute("INSERT OR REPLACE INTO loomc_meta (key, value) VALUES ('written_back_from', ?)",
                              (json.dumps(lineage),))
+            for run_id, note in (notes or {}).items():
+                row = copy.execute("SELECT notes FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is not None:
+                    copy.execute("UPDATE runs SET notes = ? WHERE id = ?",
+                                 (json.dumps([*json.loads(row[0] or "[]"), note]), run_id))
             runs, steps = copy.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)"
                                        ).fetchone()
             copy.execute("PRAGMA journal_mode = WAL")  # as loomc opens every file
