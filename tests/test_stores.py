@@ -1234,3 +1234,39 @@ def test_threads_writing_a_deleted_file_go_on_in_the_one_written_back_once(tmp_p
     assert {i: (r.status, r.state) for i, r in runs.items()} == {i: ("budget_exhausted", 10) for i in range(8)}
     for i in range(8):
         assert _steps_in(db, f"t{i}") == list(range(10))
+
+
+_RELEASED: Any = None  # in a pool's worker: the barrier the workers pass together
+
+
+def _hold_at(barrier: Any) -> None:
+    global _RELEASED
+    _RELEASED = barrier
+
+
+def _open_and_run_when_released(path: str) -> str:
+    """In a pool's worker: wait for the others, then open a new checkpoint file and run a loop in it."""
+    work = loop(budget=Budget(iterations=2), checkpoint=path)(_next)
+    _RELEASED.wait(timeout=60)
+    try:
+        return f"state {work.run(0).state}"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _next(s: int) -> int:
+    return s + 1
+
+
+def test_processes_released_together_all_make_one_new_file_and_run_in_it(tmp_path):
+    """Each read the new file and then asked for it whole to put it in WAL mode: SQLite answered all but one
+    "database is locked" at once, without waiting, and such a process stopped with StoreBusy before its first step
+    (two processes released together: 1 try in 2)."""
+    from concurrent.futures import ProcessPoolExecutor
+    spawn = multiprocessing.get_context("spawn")
+    released = spawn.Barrier(4)
+    with ProcessPoolExecutor(4, mp_context=spawn, initializer=_hold_at, initargs=(released,)) as pool:
+        for trial in range(40):
+            path = str(tmp_path / f"new-{trial}.db")
+            assert list(pool.map(_open_and_run_when_released, [path] * 4)) == ["state 2"] * 4
+            assert len(SQLiteStore(path).list_runs()) == 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -264,7 +265,7 @@ class SQLiteStore:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _wal_mode(conn)
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: SQLite refused WAL mode ({mode}); use a local disk")
             conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
@@ -875,6 +876,26 @@ def _copy(conn: sqlite3.Connection, target: Path, lineage: list[str] | None = No
     except sqlite3.Error as e:
         raise _store_error(str(target), e) from e
     return runs, steps
+
+
+def _wal_mode(conn: sqlite3.Connection) -> str:
+    """Put the file ``conn`` opened in WAL mode; the mode it is in then.
+
+    Processes that make a new file at once each read it and then ask for it whole to make the
+    change: SQLite answers all but one "database is locked" at once, without waiting, as waiting
+    could never end. Each of those asks again, after a short pause, for as long as the busy
+    timeout. (Two processes released together made a new file in 1 try out of 2, and one of them
+    stopped with StoreBusy before its first step.)
+    """
+    deadline, pause = time.monotonic() + BUSY_TIMEOUT_MS / 1000, 0.002
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause * (0.5 + random.random()))  # apart, so that the next tries do not meet again
+        pause = min(pause * 2, 0.05)
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
