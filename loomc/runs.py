@@ -63,9 +63,8 @@ class Run:
         """A Run sent to another process (a process pool's worker returns one): its policy goes as it is if it
         pickles, else as :class:`PolicyText` (a lambda predicate does not pickle, and made the whole Run fail to
         come back)."""
-        return Run, (self.id, self.status, self.reason, self.state, self.history,
-                              portable_policy(self.policy), portable_error(self.error), self._notices,
-                              self.active_seconds)
+        return Run, (self.id, self.status, self.reason, self.state, self.history, portable_policy(self.policy),
+                     portable_error(self.error), self._notices, self.active_seconds)
 
     def _repr_html_(self) -> str:
         from loomc.notebook import run_html

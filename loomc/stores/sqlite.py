@@ -870,7 +870,7 @@ def _copy(conn: sqlite3.Connection, target: Path, lineage: list[str] | None = No
                                  (json.dumps([*json.loads(row[0] or "[]"), note]), run_id))
             runs, steps = copy.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)"
                                        ).fetchone()
-            copy.execute("PRAGMA journal_mode = WAL")  # as loomc opens every file
+            _wal_mode(copy)  # as loomc opens every file
         finally:
             copy.close()
     except sqlite3.Error as e:
