@@ -55,7 +55,7 @@ def test_a_change_past_the_models_token_limit_is_seen(model):
     bread = "Sourdough bread needs flour, water, salt and a lively starter; bake it hot in a covered pot. " * 3
     assert len(model.tokenizer(intro, add_special_tokens=False, verbose=False)["input_ids"]) > model.max_seq_length
     whole = model.encode([intro + ship, intro + bread], normalize_embeddings=True)
-    assert cosine_distance(*whole) == 0.0  # the model alone never sees the endings
+    assert cosine_distance(*whole) < 1e-6  # the model alone never sees the endings (equal but for rounding)
     run = run_texts([intro + ship, intro + bread, intro + bread, "unused"], model=model)
     assert run.status == "completed" and len(run.history) == 3, run.reason
     assert run.history[1].metrics[DISTANCE] > 0.05 and run.history[2].metrics[DISTANCE] < 1e-6
