@@ -74,25 +74,27 @@ def shown_status(status: str, owner: str | None, lease_expires: float | None) ->
     return "crashed" if status == "running" and unheld(owner, lease_expires, time.time()) else status
 
 
-def _gone(run: RunRecord, n: int, last_events: Sequence[str] = (), began: bool = True) -> str:
+def _gone(run: RunRecord, n: int, last: StoredStep | None = None, began: bool = True) -> str:
     """Why no process drives a crashed run, which stopped during step ``n``: its process died here, its
-    lease ran out, or nobody owns it. ``last_events`` are step ``n - 1``'s: one that ended the run means the
+    lease ran out, or nobody owns it. ``last`` is step ``n - 1``: one that ended the run means the
     process died after it, in no call, and so does a backoff wait, unless step ``n``'s call ``began`` (a
-    write-ahead charge for it says so)."""
+    write-ahead charge for it says so). A call it died in says how long it was seen running."""
     if run.owner is None:
         return f"no process drives it: it stopped during step {n}"
+    seen = run.seen_in_call(last)
+    when = f", {took(seen[1])} into its call (last seen {iso(run.seen_at or 0)})" if seen and seen[1] > 0 else ""
     if owner_is_dead(run.owner):
-        idle = in_no_call(last_events, began)
+        idle = in_no_call(last.events if last is not None else (), began)
         if idle is not None and idle in ENDING_EVENTS:
             return (f"its process ({clean(run.owner)}) died after step {n - 1} ended the run ({idle}), before the "
                     "run was marked so")
         if idle is not None:
             return (f"its process ({clean(run.owner)}) died in the backoff wait after step {n - 1} ({idle}), "
                     f"before step {n}'s call")
-        return f"its process ({clean(run.owner)}) died during step {n}"
+        return f"its process ({clean(run.owner)}) died during step {n}{when}"
     here = _still_here(run.owner)
     if here is None:
-        return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n} (it ran out at "
+        return (f"its process ({clean(run.owner)}) stopped renewing its lease during step {n}{when} (it ran out at "
                 f"{iso(run.lease_expires or 0)}): it died, on another host or in a container, or it hangs")
     pid, state, how, _ = here
     go_on = f"`kill -CONT {pid}` (or `fg` in its shell) lets it go on; " if state == "T" else ""
@@ -267,7 +269,7 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
         else f"`{command('export', run.id, '--json', db=db)}` has it"
     stopped = shorten(run.reason or ("still running" if run.status == "running" else "-"), where)
     if status == "crashed":
-        gone = _gone(run, len(steps), steps[-1].events if steps else (), began=len(steps) in (pending or {}))
+        gone = _gone(run, len(steps), steps[-1] if steps else None, began=len(steps) in (pending or {}))
         stopped = f"{gone}; {what_next(run, through_parent, db)}"
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent, db)}"
@@ -277,7 +279,12 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
             f"Policy: {clean(run.policy)}",
             f"Spent: {spent} in {counted(len(steps), 'step')}, {counted(run.attempts, 'attempt')}"]
     if wall is not None:  # the time it has had against that cap, as the dollars against theirs
-        head.append(wall.active_against(run.active_seconds))
+        dead = run.seen_in_call(steps[-1] if steps else None) if status == "crashed" else None
+        if dead is not None and dead[1] > 0:  # a resume counts the call its process died in
+            head.append(f"{wall.active_against(run.active_seconds + dead[1])}, {took(dead[1])} of it in the call "
+                        "its process died in")
+        else:
+            head.append(wall.active_against(run.active_seconds))
     items = spend_by_item(steps, clean)
     if items:
         head.append(f"By item: {items}")
@@ -436,6 +443,7 @@ def _follow(store: Any, run: RunRecord, steps: list[StoredStep]) -> int:
     """Print each step of ``run`` as it commits (``steps``: those printed already) until no process drives it,
     then how it stopped; the exit status, as ``loomc resume`` gives it (0 completed, 2 otherwise)."""
     spent, seen = sum((s.cost for s in steps), Decimal(0)), len(steps)
+    last = steps[-1] if steps else None
     while True:
         status = shown_status(run.status, run.owner, run.lease_expires)
         new = store.load_steps(run.id, with_states=False, start=seen)  # after the status: none is missed
@@ -443,13 +451,14 @@ def _follow(store: Any, run: RunRecord, steps: list[StoredStep]) -> int:
             for row in step_rows(new, store.children(run.id), spent):
                 click.echo(row)
             spent += sum((s.cost for s in new), Decimal(0))
+            last = new[-1]
             seen += len(new)
         if status != "running":
             break
         time.sleep(FOLLOW_EVERY)
         store.reread()  # a file deleted while the run goes on is written back: read on there
         run = store.get_run(run.id)
-    stopped = _gone(run, seen) if status == "crashed" else run.reason or status
+    stopped = _gone(run, seen, last) if status == "crashed" else run.reason or status
     click.echo(f"Stopped: {paint(status, STATUS_COLORS.get(status))}: {clean(stopped)}; spent {dollars(spent)} "
                f"in {counted(seen, 'step')}")
     return 0 if status == "completed" else 2

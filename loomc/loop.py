@@ -31,10 +31,11 @@ from loomc.backtrack import Backtracker
 from loomc.budget import (DEFAULT_BUDGET, Budget, NoCostWarning, ParentCap, ParentClock, budget_from_repr, raised,
                           top_level, with_unreported_spend)
 from loomc.errors import (CheckpointDecodeError, ConfigError, LoomcError, PolicyTypeError, RunAlreadyFinished,
-                          RunAtImport, RunNotFound, StepConflict, counted, dollars, loomc_command, warn_at_caller)
+                          RunAtImport, RunNotFound, StepConflict, counted, dollars, loomc_command, took,
+                          warn_at_caller)
 from loomc.context import current_run, forked_from, refuse_when_stopping
 from loomc.history import IN_STORE, ZERO, History, Step, detached, stored_state
-from loomc.interpreter import _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
+from loomc.interpreter import ENDING_EVENTS, _abandon, _ended, exhaust, in_no_call, steps, steps_async, stored
 from loomc.policy import (AnyOf, Policies, Policy, Role, Signal, _current_step, as_policy, bound_name,
                           check_measures, check_one_argument, either, home_module, loop_name, name_of, never,
                           score_readers, unwrapped)
@@ -44,7 +45,7 @@ from loomc.stores import check_store_spec, default_path, open_store, sqlite_at
 from loomc.stores.base import (_DRIVING, CheckpointStore, Drive, RunRecord, StoredStep, Totals, new_run_id,
                                offload, open_parent_step, owner_is_dead, process_of)
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 SPEC_VERSION = "1"
 
 
@@ -578,7 +579,7 @@ class LoopRunner:
             self.store.create_run(RunRecord(
                 id=run_id, status="running", spec_hash=self.spec_hash, fn_path=self.fn_path,
                 policy=repr(self.policy), state_type=state_type, initial_state=initial_json, created_at=now,
-                updated_at=now, owner=drive.owner, lease_expires=now + self.lease_seconds,
+                updated_at=now, owner=drive.owner, lease_expires=now + self.lease_seconds, seen_at=now,
                 parent_run_id=None if parent is None else parent.id,
                 parent_step=None if parent is None else parent.in_flight))
         except StepConflict as e:
@@ -659,7 +660,8 @@ class LoopRunner:
             # ended here, its step recorded, but could not release the run) died in the step it was making.
             died = before.status == "running" and before.owner is not None \
                 and process_of(before.owner) != process_of(drive.owner)
-            live.history = self._settle_interrupted(record, live.history, drive.owner, died)
+            live.history, lost = self._settle_interrupted(before, live.history, drive.owner, died)
+            live.prior_active += lost
             if parent is not None:
                 parent.spend(live.history.total_cost)  # what the child spent before the crash
         except BaseException:  # a resume that cannot start leaves the run as it was
@@ -691,25 +693,32 @@ class LoopRunner:
         return self._live(run_id, policy, history, initial, record.initial_state, source, state_type, drive,
                           record.active_seconds, parent)
 
-    def _settle_interrupted(self, record: RunRecord, history: History, owner: str, died: bool) -> History:
+    def _settle_interrupted(self, record: RunRecord, history: History, owner: str,
+                            died: bool) -> tuple[History, float]:
         """The step a process died in (``died``), or that charged before a failed commit, becomes a failed
-        step, ``interrupted``: a call of fn, counted against the iteration cap, with what it charged.
+        step, ``interrupted``: a call of fn, counted against the iteration cap, with what it charged and the
+        time it was seen running (``RunRecord.seen_in_call``). Also that time, which counts against the
+        wall-clock cap: ``record`` is the run as the dead process left it.
 
         Charges are recorded under the number of the step in flight, and a commit removes its step's
         charges, so only the next step number can have any. The child runs that step started are
         counted in it too: the next call is a new step, which starts children of its own. A step that
         charged nothing but started children is left to be made again instead, so that it reuses them
-        and no child is paid for twice. A process that died after the step that ended its run (see
-        ``in_no_call``), or in the backoff wait before its next call (and no marker that the wait ended), was
-        in no call either: nothing is recorded.
+        and no child is paid for twice (its time still counts). A process that died after the step that ended
+        its run (see ``in_no_call``) was in no call, and nothing is recorded or counted; nor is a step for one
+        that died in the backoff wait before its next call (and no marker that the wait ended), whose time in
+        the wait counts.
         """
         n = len(history)
+        seen = record.seen_in_call(history[-1] if history else None) if died else None
+        lost = seen[1] if seen is not None else 0.0
         charged = self.store.pending_charges(record.id).get(n)  # $0: the marker that a backoff wait ended
         if not charged:
             if not died or any(c.parent_step == n for c in self.store.children(record.id)):
-                return history  # the call is made again as step n, and reuses the children it started
-            if history and in_no_call(history[-1].events, began=charged is not None):
-                return history  # it died after the step that ended the run, or in the wait after it: in no call
+                return history, lost  # the call is made again as step n, and reuses the children it started
+            idle = in_no_call(history[-1].events, began=charged is not None) if history else None
+            if idle is not None:  # it died after the step that ended the run, or in the wait after it: in no call
+                return history, 0.0 if idle in ENDING_EVENTS else lost
             cost, error = ZERO, ("Interrupted: the process died during this step, which charged nothing "
                                  "(its cost is unknown)")
         else:
@@ -718,12 +727,15 @@ class LoopRunner:
             spent = dollars(cost) if not children else \
                 f"{dollars(cost)} ({dollars(charged)} charged, {dollars(children)} in child runs)"
             error = f"Interrupted: the process died during this step after spending {spent}"
-        step = Step(n, None, cost=cost, error=error, started_at=time.time(), events=("interrupted",))
+        if lost > 0:
+            error += f"; it was seen running for {took(lost)}, which counts as active time"
+        step = Step(n, None, cost=cost, error=error, started_at=seen[0] if seen else time.time(), duration=lost,
+                    events=("interrupted",))
         history = history.append(step)
         self.store.commit_step(record.id, stored(step), Totals(history.total_cost, len(history),
-                                                               record.active_seconds),
+                                                               record.active_seconds + lost),
                                owner, self.lease_seconds)
-        return history
+        return history, lost
 
     @contextlib.contextmanager
     def _watched(self, live: LiveRun) -> Iterator[LiveRun]:

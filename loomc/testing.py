@@ -76,6 +76,15 @@ class StoreConformance:
         assert (got.id, got.status, got.spec_hash, got.fn_path, got.initial_state) == \
             ("r1", "running", "h", "m:f", '{"x": 0}')
 
+    def test_the_time_its_process_was_last_seen_is_kept_and_a_claim_sets_it(self, store: CheckpointStore) -> None:
+        """``seen_at``: a resume counts a call whose process died as active time from its start until then, so a
+        claim sets it to the claim's own time (``updated_at``): time from before the claim never counts."""
+        store.create_run(make_run("r1", seen_at=1234.5).replace(lease_expires=time.time() - 1))
+        assert store.get_run("r1").seen_at == 1234.5
+        claimed = store.claim_run("r1", OTHER, 600)
+        for got in (claimed, store.get_run("r1")):
+            assert got.seen_at == got.updated_at and got.seen_at > 1234.5
+
     def test_an_unknown_run_is_named_in_the_error(self, store: CheckpointStore) -> None:
         with pytest.raises(RunNotFound, match="nope"):
             store.get_run("nope")

@@ -1640,6 +1640,82 @@ def test_a_live_run_keeps_its_lease_through_a_step_longer_than_the_lease(tmp_pat
     assert SQLiteStore(db).get_run("long").total_cost == Decimal("0.75")
 
 
+_DIES_IN_A_LONG_CALL = """\
+import pathlib, sys, time
+import loomc, loomc.stores.sqlite
+from loomc import Budget, LastGood, loop
+
+loomc.stores.sqlite.HEARTBEAT_SECONDS = 0.2  # seen alive every 0.2 s (5 s by default)
+db, killed_in = sys.argv[1], sys.argv[2]
+
+
+@loop(budget=Budget(wall_clock=2 if killed_in == "call" else 10, iterations=5), backtrack=LastGood(wait=8),
+      checkpoint=db)
+def slow(s):
+    if s == 1 and not pathlib.Path(db + ".resumed").exists():
+        pathlib.Path(db + ".in-step").touch()
+        if killed_in == "wait":
+            raise RuntimeError("429: rate limited")  # then it waits 8 s, and is killed in the wait
+        time.sleep(60)  # killed in here
+    return s + 1
+
+
+if sys.argv[3] == "run":
+    slow.run(0, run_id="dies")
+else:
+    try:
+        slow.resume("dies")
+    except loomc.BudgetExhausted as e:
+        print(e)
+"""
+
+
+@pytest.mark.parametrize("killed_in", ["call", "wait"])
+def test_the_time_a_dead_process_was_seen_in_its_call_counts_against_the_wall_clock_on_resume(tmp_path, killed_in):
+    """Regression: the time of a call whose process died was not counted on resume, so under wall_clock='1h' a
+    step killed 50 minutes in (out of memory, a spot machine taken back) gave the resumed run the whole hour
+    again. The lease keeper now writes every few seconds that its process is alive, and a resume counts the call
+    until then: here 2.8 s seen under a 2-second cap, so the resume makes no further call. So for a process
+    killed in a backoff wait, whose wait is active time: no step is recorded for it, but its time counts, and is
+    stored with the next step."""
+    from click.testing import CliRunner
+    from loomc.cli import main
+    db = tmp_path / "c.db"
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES_IN_A_LONG_CALL)
+    proc = subprocess.Popen([sys.executable, str(script), str(db), killed_in, "run"])
+    try:
+        wait_for_file(f"{db}.in-step")
+        time.sleep(3.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    shown = CliRunner().invoke(main, ["show", "dies", "--db", str(db)]).output
+    if killed_in == "call":
+        into = re.search(r"died during step 1, (\d+\.\d+)s into its call \(last seen 20\d\d-", shown)
+        assert into and 2.0 < float(into[1]) <= 3.5, shown
+        assert re.search(r"Active: [\d.]+s of the 2s cap, [\d.]+s of it in the call its process died in", shown), shown
+    else:
+        assert "died in the backoff wait after step 1 (wait 8s), before step 2's call" in shown, shown
+    (tmp_path / "c.db.resumed").touch()
+    out = subprocess.run([sys.executable, str(script), str(db), killed_in, "resume"], capture_output=True,
+                         text=True, timeout=60)
+    steps = SQLiteStore(db).load_steps("dies", with_states=False)
+    if killed_in == "wait":  # no step for the wait; the resume's calls go on under the 10-second cap
+        assert out.stdout.startswith("run dies stopped, budget exhausted: iterations: 5 of 5 calls made"), out
+        assert [s.n for s in steps] == [0, 1, 2, 3, 4] and steps[1].events[-1] == "wait 8s"
+        assert [s.error for s in steps[2:]] == [None] * 3  # no interrupted step
+        assert 2.0 < SQLiteStore(db).get_run("dies").active_seconds < 3.5 + sum(s.duration for s in steps)
+        return
+    assert out.stdout.startswith("run dies stopped, budget exhausted: wall_clock: "), out
+    assert [(s.n, s.events) for s in steps] == [(0, ()), (1, ("interrupted",))]
+    dead = steps[1]
+    assert 2.0 < dead.duration <= 3.5 and f"it was seen running for {dead.duration:.2f}s" in dead.error, dead
+    assert steps[0].started_at + steps[0].duration <= dead.started_at < dead.started_at + dead.duration < time.time()
+    run = SQLiteStore(db).get_run("dies")
+    assert run.active_seconds >= steps[0].duration + dead.duration
+
+
 _SUSPENDED_JOB = """\
 import asyncio, os, pathlib, sys, time
 import loomc

@@ -103,7 +103,21 @@ def test_a_schema_2_database_is_migrated_with_every_column_of_its_runs_and_steps
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("version", [1, 2])
+def test_a_schema_3_database_gains_the_time_its_runs_were_last_seen(tmp_path):
+    path = tmp_path / "v3.db"
+    conn = create_old_database(path, 3)
+    conn.execute("INSERT INTO runs (id, status, created_at, updated_at, owner) VALUES ('r3', 'running', 1, 2, 'me')")
+    conn.close()
+    store = SQLiteStore(path)
+    run = store.get_run("r3")
+    assert (run.status, run.updated_at, run.owner, run.seen_at) == ("running", 2.0, "me", None)
+    assert run.seen_in_call(None) is None  # nothing to count a dead call's time by
+    conn = store._conn()
+    assert conn.execute("SELECT value FROM loomc_meta WHERE key = 'reads_with'").fetchone() == (READS_WITH,)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_several_processes_migrating_one_old_file_at_once_all_succeed(tmp_path, version):
     path = tmp_path / "old.db"
     conn = create_old_database(path, version)

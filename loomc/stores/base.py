@@ -40,6 +40,16 @@ class StoredStep(NamedTuple):
     events: tuple[str, ...] = ()
 
 
+class Timed(Protocol):
+    """A step as far as its timing goes (a :class:`StoredStep`, or a ``Step`` of a history)."""
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def duration(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """A run as a store keeps it."""
@@ -63,9 +73,23 @@ class RunRecord:
     parent_step: int | None = None
     owner: str | None = None
     lease_expires: float | None = None
+    #: When the process driving the run was last seen alive (wall clock): at its claim, then every few
+    #: seconds while it runs. A resume after that process died counts the call it died in as active time up
+    #: to then. ``None``: the store keeps no such time (the call's time is then not counted).
+    seen_at: float | None = None
 
     def replace(self, **changes: Any) -> RunRecord:
         return dataclasses.replace(self, **changes)
+
+    def seen_in_call(self, last: Timed | None) -> tuple[float, float] | None:
+        """For a run whose process died in a call: when that call began, and how long it was seen running (until
+        ``seen_at``). ``last`` is the step before it (``None``: there is none); the call began when that step
+        ended, or at the drive's claim (``updated_at``) if that came later. ``None`` where the store keeps no
+        ``seen_at``."""
+        if self.seen_at is None:
+            return None
+        began = max(self.updated_at, 0.0 if last is None else last.started_at + last.duration)
+        return began, max(0.0, self.seen_at - began)
 
 
 class Totals(NamedTuple):

@@ -52,7 +52,7 @@ class MemoryStore:
             if not may_take(run, owner, now, take_over):
                 raise RunLocked(locked_message(run, now, self))
             run = run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
-                              attempts=run.attempts + 1, updated_at=now, policy=policy or run.policy,
+                              attempts=run.attempts + 1, updated_at=now, seen_at=now, policy=policy or run.policy,
                               notes=run.notes + ((note,) if note else ()))
             self._runs[run_id] = run
             return run

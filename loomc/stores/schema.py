@@ -14,10 +14,10 @@ from typing import Any
 from loomc.errors import SchemaTooNew, StoreError
 
 #: The schema this loomc writes. 1 is the original loomc 0.2 layout.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The oldest loomc that reads this schema, written into the file (``loomc_meta``) so that an older
 #: loomc refusing it can say which version it needs. Raise it with every new schema version.
-READS_WITH = "0.3.0"
+READS_WITH = "0.4.0"
 
 _META_TABLE = "CREATE TABLE loomc_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 _META = "INSERT OR REPLACE INTO loomc_meta (key, value) VALUES ('reads_with', ?)"
@@ -99,7 +99,11 @@ DROP TABLE runs_v1;
 DROP TABLE steps_v1;
 """
 
-MIGRATIONS = {1: _MIGRATE_1_TO_2, 2: _META_TABLE}
+# Schema 4 adds runs.seen_at: when the process that drives the run was last seen alive (its claim, then a
+# heartbeat every few seconds), so that a resume counts the time of a call that process died in.
+_SEEN_AT = "ALTER TABLE runs ADD COLUMN seen_at REAL"
+
+MIGRATIONS = {1: _MIGRATE_1_TO_2, 2: _META_TABLE, 3: _SEEN_AT}
 
 
 def refuse_newer(conn: sqlite3.Connection, version: int, path: Any) -> None:
@@ -149,9 +153,9 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 def create_old_database(path: str | os.PathLike[str], version: int) -> sqlite3.Connection:
-    """An empty database in an older schema (1: the original loomc 0.2 layout; 2), for migration tests."""
+    """An empty database in an older schema (1: the original loomc 0.2 layout; 2; 3), for migration tests."""
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript({1: _V1, 2: _V2}[version])
+    conn.executescript({1: _V1, 2: _V2, 3: f"{_V2};{_META_TABLE};{_META.replace('?', repr('0.3.0'))}"}[version])
     if version > 1:  # loomc 0.2 never set user_version
         conn.execute(f"PRAGMA user_version = {version}")
     return conn

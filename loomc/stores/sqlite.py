@@ -40,6 +40,8 @@ from loomc.stores.schema import SCHEMA_VERSION, refuse_newer, upgrade
 BUSY_TIMEOUT_MS = 60_000
 #: The longest the lease keeper waits before it looks at the leases again (see _keep_leases).
 KEEPER_LOOKS_SECONDS = 5.0
+#: How often the lease keeper writes that this process is alive into the runs it drives (``seen_at``).
+HEARTBEAT_SECONDS = 5.0
 #: Where Linux lists the mounted filesystems, with their types.
 MOUNTS = "/proc/self/mounts"
 #: Filesystem types that reach the file over a network: SQLite's WAL index is shared memory, which
@@ -100,7 +102,7 @@ _LATEST = "(SELECT max(step_n) FROM steps WHERE run_id = r.id)"
 _RUN_COLUMNS = ("r.id, r.status, r.spec_hash, r.fn_path, r.policy, r.state_type, r.created_at, r.updated_at, "
                 "coalesce(s.cum_cost, r.total_cost), coalesce(s.step_n + 1, r.steps), "
                 "coalesce(s.active_seconds, r.active_seconds), r.attempts, r.reason, r.notes, r.parent_run_id, "
-                "r.parent_step, r.owner, r.lease_expires")
+                "r.parent_step, r.owner, r.lease_expires, r.seen_at")
 # A finished run's row already holds its totals (finishing copies them): only live or killed
 # runs (status 'running') look up their latest step.
 _RUNS_FROM = f"FROM runs r LEFT JOIN steps s ON r.status = 'running' AND s.run_id = r.id AND s.step_n = {_LATEST}"
@@ -211,6 +213,7 @@ class SQLiteStore:
         # charges still go in (the money is spent), then raise LeaseLost: the drive stops making paid calls.
         self._lost: dict[str, str] = {}
         self._keeper: threading.Thread | None = None  # renews the leases of live runs (_keep_leases)
+        self._beat_due = 0.0  # when the keeper next writes seen_at into the runs this process drives (_beat)
         self._wake = threading.Event()
         # A connection no thread uses, to the file the path named when it was opened (_spare_file, as device and
         # inode): a deleted file is written back from it, whichever thread finds it gone (see _relocate).
@@ -473,12 +476,12 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO runs (id, status, spec_hash, fn_path, policy, state_type, initial_state, "
                     "created_at, updated_at, total_cost, steps, active_seconds, attempts, reason, notes, "
-                    "parent_run_id, parent_step, owner, lease_expires) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "parent_run_id, parent_step, owner, lease_expires, seen_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run.id, run.status, run.spec_hash, run.fn_path, run.policy, run.state_type,
                      run.initial_state, run.created_at, run.updated_at, str(run.total_cost), run.steps,
                      run.active_seconds, run.attempts, run.reason, json.dumps(list(run.notes)),
-                     run.parent_run_id, run.parent_step, run.owner, run.lease_expires))
+                     run.parent_run_id, run.parent_step, run.owner, run.lease_expires, run.seen_at))
             except sqlite3.IntegrityError:
                 raise StepConflict(f"run {run.id} already exists in {self.path}") from None
         self._write(insert)
@@ -493,10 +496,11 @@ class SQLiteStore:
                 raise RunLocked(locked_message(run, now, self))
             notes = run.notes + ((note,) if note else ())
             conn.execute("UPDATE runs SET owner = ?, lease_expires = ?, status = 'running', attempts = attempts + 1, "
-                         "updated_at = ?, policy = ?, notes = ? WHERE id = ?",
-                         (owner, now + lease_seconds, now, policy or run.policy, json.dumps(list(notes)), run_id))
+                         "updated_at = ?, seen_at = ?, policy = ?, notes = ? WHERE id = ?",
+                         (owner, now + lease_seconds, now, now, policy or run.policy, json.dumps(list(notes)), run_id))
             return run.replace(owner=owner, lease_expires=now + lease_seconds, status="running",
-                               attempts=run.attempts + 1, policy=policy or run.policy, notes=notes, updated_at=now)
+                               attempts=run.attempts + 1, policy=policy or run.policy, notes=notes, updated_at=now,
+                               seen_at=now)
         claimed: RunRecord = self._write(claim)
         self._hold(run_id, owner, claimed.lease_expires or 0.0)
         return claimed
@@ -512,6 +516,7 @@ class SQLiteStore:
             self._leases[run_id] = _held(owner, seconds)
             self._lost.pop(run_id, None)
             if self._keeper is None:
+                self._beat_due = time.time() + HEARTBEAT_SECONDS  # the claim or commit was a sign of life
                 self._keeper = threading.Thread(target=_keep_leases, args=(weakref.ref(self), self._wake),
                                                 name="loomc-leases", daemon=True)
                 self._keeper.start()
@@ -528,8 +533,8 @@ class SQLiteStore:
             if owner in _DRIVING:  # a drive that is over (or another process's owner) is not kept
                 try:
                     kept = self._write(lambda conn: conn.execute(
-                        "UPDATE runs SET lease_expires = ? WHERE id = ? AND owner = ?",
-                        (time.time() + seconds, run_id, owner)).rowcount == 1)
+                        "UPDATE runs SET lease_expires = ?, seen_at = ? WHERE id = ? AND owner = ?",
+                        (time.time() + seconds, time.time(), run_id, owner)).rowcount == 1)
                 except (sqlite3.Error, StoreError):  # the file is busy or gone: try again shortly
                     kept = None
             with self._guard:
@@ -545,6 +550,25 @@ class SQLiteStore:
                         self._lost[run_id] = owner
         dues = [held[1] for held in list(self._leases.values())]  # a snapshot: other threads add and drop leases
         return min(dues, default=now + 3600.0) - time.time()
+
+    def _beat(self) -> float:
+        """Every HEARTBEAT_SECONDS, write into the runs this process drives that it is alive (``seen_at``), all in
+        one transaction: a resume after it dies counts the call it died in as active time up to then (a step of
+        ten minutes killed at minute nine used to count nothing against wall_clock). The seconds until the next."""
+        now = time.time()
+        if now < self._beat_due:
+            return self._beat_due - now
+        with self._guard:
+            driven = [(now, run_id, held[0]) for run_id, held in list(self._leases.items())
+                      if held[0] in _DRIVING]
+        if driven:
+            try:
+                self._write(lambda conn: conn.executemany("UPDATE runs SET seen_at = ? WHERE id = ? AND owner = ?",
+                                                          driven))
+            except (sqlite3.Error, StoreError):  # the file is busy or gone: try again shortly
+                return 1.0
+        self._beat_due = now + HEARTBEAT_SECONDS
+        return HEARTBEAT_SECONDS
 
     def commit_step(self, run_id: str, step: StoredStep, totals: Totals, owner: str | None,
                     lease_seconds: float) -> None:
@@ -1095,7 +1119,7 @@ def _keep_leases(ref: weakref.ref[SQLiteStore], wake: threading.Event) -> None:
                 if not store._leases:
                     store._keeper = None
                     return
-            wait = store._renew_leases()
+            wait = min(store._renew_leases(), store._beat())
             store._watch_file()
             del store
             # A wait is timed on the monotonic clock, which stops while the machine sleeps: look again at
@@ -1124,12 +1148,12 @@ if hasattr(os, "register_at_fork"):
 
 def _run_record(row: Any, initial_state: str = "null") -> RunRecord:
     (id_, status, spec_hash, fn_path, policy, state_type, created, updated, total, steps, active,
-     attempts, reason, notes, parent, parent_step, owner, lease) = row[:18]
+     attempts, reason, notes, parent, parent_step, owner, lease, seen) = row[:19]
     return RunRecord(id=id_, status=status, spec_hash=spec_hash, fn_path=fn_path, policy=policy,
                      state_type=state_type, initial_state=initial_state, created_at=created, updated_at=updated,
                      total_cost=Decimal(total), steps=steps, active_seconds=active, attempts=attempts,
                      reason=reason, notes=tuple(json.loads(notes or "[]")), parent_run_id=parent,
-                     parent_step=parent_step, owner=owner, lease_expires=lease)
+                     parent_step=parent_step, owner=owner, lease_expires=lease, seen_at=seen)
 
 
 def _step_select(blob: str) -> str:
