@@ -103,6 +103,17 @@ def _gone(run: RunRecord, n: int, last: StoredStep | None = None, began: bool = 
             "charge or commit")
 
 
+def _in_step(run: RunRecord, n: int, last: StoredStep | None) -> str:
+    """What a live run is doing: how long it has been in step ``n`` (its call, or a backoff wait before it), and
+    when its process last said it was alive (the lease keeper's heartbeat), for a run that looks stuck."""
+    seen = run.seen_in_call(last)
+    if seen is None:
+        return "still running"
+    now = time.time()
+    return (f"still running, in step {n} for {took(max(now - seen[0], 0.01))}; its process was last seen alive "
+            f"{took(max(now - max(run.seen_at or 0.0, seen[0]), 0.01))} ago")  # a claim or a commit is a sign too
+
+
 # What a process of this machine that let its lease run out is doing, by its /proc state: said whole (loomc show)
 # and briefly (loomc runs --why).
 _DOING = {"T": ("is stopped (Ctrl-Z, or SIGSTOP)", "its process is stopped (Ctrl-Z, SIGSTOP)"),
@@ -271,6 +282,8 @@ def show_table(run: RunRecord, steps: list[StoredStep], children: Sequence[RunRe
     if status == "crashed":
         gone = _gone(run, len(steps), steps[-1] if steps else None, began=len(steps) in (pending or {}))
         stopped = f"{gone}; {what_next(run, through_parent, db)}"
+    elif status == "running":
+        stopped = _in_step(run, len(steps), steps[-1] if steps else None)
     elif status in ("failed", "cancelled", "stalled", "budget_exhausted"):
         stopped = f"{stopped}; {what_next(run, through_parent, db)}"
     head = [f"Run: {clean(run.id)}  Loop: {loop_label(run.fn_path)}  "

@@ -740,6 +740,22 @@ def test_a_run_whose_process_is_stopped_says_so_rather_than_that_it_died(tmp_pat
     assert proc.returncode == 0 and out.strip() == "budget_exhausted", err  # let go on, it finished the run
 
 
+def test_show_tells_how_long_a_live_run_has_been_in_its_step_and_when_its_process_was_last_seen(tmp_path):
+    """A run that looks stuck: `loomc show` used to say only "still running". It now says how long the step in
+    flight has taken so far, and when the process last said it was alive."""
+    db = tmp_path / "live.db"
+    proc = start_long_step(tmp_path, db, "live", 4.0)  # its 1-second lease is renewed every half second
+    try:
+        time.sleep(1.6)
+        shown = invoke("show", "live", "--db", str(db)).output.splitlines()[1]
+    finally:
+        out, err = proc.communicate(timeout=60)
+    took = re.fullmatch(r"Stopped: still running, in step 1 for (\d\.\d\d)s; its process was last seen alive "
+                        r"(\d\.\d\d)s ago", shown)
+    assert took and 1.5 <= float(took[1]) < 4.0 and float(took[2]) <= 1.0, shown
+    assert out.strip() == "budget_exhausted", err
+
+
 @pytest.mark.parametrize("zone", ["UTC0", "CET-1CEST,M3.5.0,M10.5.0/3", "IST-5:30", "LMT+0:44:30"])
 def test_the_runs_listing_writes_each_time_as_strftime_does(monkeypatch, zone):
     """The listing formats each minute once; a zone whose offset has seconds (Monrovia's until 1972) and a
@@ -1317,7 +1333,8 @@ def test_runs_no_process_drives_are_crashed_wherever_they_died_and_prune_can_del
                                          f"`loomc resume {db_flag(db)} elsewhere` continues it")
     assert stopped["ownerless"] == ("Stopped: no process drives it: it stopped during step 2; `loomc resume "
                                     f"{db_flag(db)} ownerless` continues it")
-    assert stopped["held"] == "Stopped: still running"
+    assert re.fullmatch(r"Stopped: still running, in step 2 for \S+; its process was last seen alive \S+ ago",
+                        stopped["held"]), stopped["held"]
     dry = invoke("prune", "--db", db, "--older-than", "30d", "--status", "crashed")
     assert dry.exit_code == 0 and dry.output.startswith("Would delete 3 runs, 6 steps and "), dry.output
     done = invoke("prune", "--db", db, "--older-than", "30d", "--status", "crashed", "--yes")
