@@ -109,7 +109,8 @@ class CheckpointStore(Protocol):
 
     def claim_run(self, run_id: str, owner: str, lease_seconds: float, *,
                   policy: str | None = None, note: str | None = None, take_over: bool = False) -> RunRecord:
-        """Take the lease on a run to resume it; count the attempt; status becomes running.
+        """Take the lease on a run to resume it; count the attempt; status becomes running; ``updated_at`` and
+        ``seen_at`` become now (see :meth:`RunRecord.seen_in_call`).
 
         Raises RunNotFound, or RunLocked while another live owner holds it. ``take_over=True``
         takes it from an owner in another process whatever its lease (the caller knows it is gone).
