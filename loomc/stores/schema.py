@@ -155,7 +155,9 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 def create_old_database(path: str | os.PathLike[str], version: int) -> sqlite3.Connection:
     """An empty database in an older schema (1: the original loomc 0.2 layout; 2; 3), for migration tests."""
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript({1: _V1, 2: _V2, 3: f"{_V2};{_META_TABLE};{_META.replace('?', repr('0.3.0'))}"}[version])
+    conn.executescript({1: _V1, 2: _V2, 3: f"{_V2};{_META_TABLE}"}[version])
+    if version == 3:  # as loomc 0.3.0 made it
+        conn.execute(_META, ("0.3.0",))
     if version > 1:  # loomc 0.2 never set user_version
         conn.execute(f"PRAGMA user_version = {version}")
     return conn

@@ -534,7 +534,7 @@ class SQLiteStore:
                 try:
                     kept = self._write(lambda conn: conn.execute(
                         "UPDATE runs SET lease_expires = ?, seen_at = ? WHERE id = ? AND owner = ?",
-                        (time.time() + seconds, time.time(), run_id, owner)).rowcount == 1)
+                        ((at := time.time()) + seconds, at, run_id, owner)).rowcount == 1)  # timed under the lock
                 except (sqlite3.Error, StoreError):  # the file is busy or gone: try again shortly
                     kept = None
             with self._guard:
